@@ -1,0 +1,307 @@
+//! A connection's bounded queue of outgoing frames. Sans-IO: the writer task drains it, the hub
+//! and the command handlers fill it, and a `std::task::Waker` links the two.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+
+/// `Out::slot` of a frame that belongs to no subscription (replies, control frames).
+pub const NO_SLOT: u16 = u16::MAX;
+
+/// One queued frame.
+#[derive(Clone, Debug)]
+pub struct Out {
+    /// Complete bytes to write (shared with every other subscriber of the same message).
+    pub frame: Bytes,
+    /// The connection's subscription slot the frame belongs to, or [`NO_SLOT`].
+    pub slot: u16,
+    /// The message's seq (0 for frames that are not messages).
+    pub seq: u64,
+}
+
+impl Out {
+    /// A frame that belongs to no subscription.
+    pub fn control(frame: Bytes) -> Self {
+        Self {
+            frame,
+            slot: NO_SLOT,
+            seq: 0,
+        }
+    }
+}
+
+/// Whether the outbox still takes frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutboxState {
+    /// Accepting.
+    Open,
+    /// Passed its byte limit: the queue was dropped, the connection must be closed as a slow
+    /// consumer (and the client resumes from its last seq).
+    Overflowed,
+    /// Closing: only the frames already queued (ending with the close frame) go out.
+    Closing,
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct Outbox {
+    inner: RefCell<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    queue: VecDeque<Out>,
+    /// Bytes queued and not yet written.
+    bytes: usize,
+    /// Bytes of the front frame already written.
+    front_written: usize,
+    limit: usize,
+    waker: Option<Waker>,
+    state: OutboxState,
+}
+
+/// Most frames gathered into one vectored write.
+const MAX_IOV: usize = 64;
+
+impl Outbox {
+    /// An empty outbox that holds at most `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            inner: RefCell::new(Inner {
+                queue: VecDeque::new(),
+                bytes: 0,
+                front_written: 0,
+                limit,
+                waker: None,
+                state: OutboxState::Open,
+            }),
+        }
+    }
+
+    /// Queues a frame. Returns false if it was not taken: the outbox is closing, or it was
+    /// full, in which case it is now [`OutboxState::Overflowed`] (and stays so).
+    pub fn push(&self, out: Out) -> bool {
+        let mut inner = self.inner.borrow_mut();
+        if inner.state != OutboxState::Open {
+            return false;
+        }
+        if inner.bytes + out.frame.len() > inner.limit {
+            drop(inner);
+            self.mark_overflowed();
+            return false;
+        }
+        inner.bytes += out.frame.len();
+        inner.queue.push_back(out);
+        wake(&mut inner);
+        true
+    }
+
+    /// Queues `frame` (a close frame or the end of a stream) as the last thing to go out: after
+    /// it the outbox takes nothing. Frames already queued stay ahead of it unless `flush` is
+    /// false, in which case they are dropped.
+    pub fn close_with(&self, frame: Bytes, flush: bool) {
+        let mut inner = self.inner.borrow_mut();
+        if inner.state == OutboxState::Closing {
+            return;
+        }
+        if !flush || inner.state == OutboxState::Overflowed {
+            // Keep a partly written front frame: cutting it would corrupt the stream.
+            let keep = usize::from(inner.front_written > 0);
+            inner.queue.truncate(keep);
+            inner.bytes =
+                inner.queue.iter().map(|o| o.frame.len()).sum::<usize>() - inner.front_written;
+        }
+        inner.state = OutboxState::Closing;
+        inner.bytes += frame.len();
+        inner.queue.push_back(Out::control(frame));
+        wake(&mut inner);
+    }
+
+    /// Marks the outbox overflowed (its reader lost messages another way, e.g. its shard fell
+    /// behind the ring): same outcome as passing the byte limit.
+    pub fn mark_overflowed(&self) {
+        let mut inner = self.inner.borrow_mut();
+        if inner.state == OutboxState::Open {
+            inner.state = OutboxState::Overflowed;
+            let keep = usize::from(inner.front_written > 0);
+            inner.queue.truncate(keep);
+            inner.bytes =
+                inner.queue.iter().map(|o| o.frame.len()).sum::<usize>() - inner.front_written;
+            wake(&mut inner);
+        }
+    }
+
+    /// The state.
+    pub fn state(&self) -> OutboxState {
+        self.inner.borrow().state
+    }
+
+    /// Bytes waiting.
+    pub fn queued_bytes(&self) -> usize {
+        self.inner.borrow().bytes
+    }
+
+    /// Whether nothing is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.inner.borrow().queue.is_empty()
+    }
+
+    /// Registers `cx`'s waker to be woken on the next push, unless there is something to
+    /// do already (queued frames, or an overflow to act on): then `Ready(())`.
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut inner = self.inner.borrow_mut();
+        if !inner.queue.is_empty() || inner.state == OutboxState::Overflowed {
+            return Poll::Ready(());
+        }
+        if !inner
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            inner.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Calls `write` with the queued frames (at most 64) as I/O slices, once, and consumes as
+    /// many bytes as it reports written. This is the write-coalescing point: every frame queued
+    /// since the last wake-up goes out in one vectored write.
+    pub fn write_with<E>(
+        &self,
+        write: impl FnOnce(&[IoSlice<'_>]) -> Poll<Result<usize, E>>,
+    ) -> Poll<Result<Written, E>> {
+        let mut inner = self.inner.borrow_mut();
+        let n = {
+            let mut slices: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
+            let mut count = 0;
+            for (i, out) in inner.queue.iter().take(MAX_IOV).enumerate() {
+                let skip = if i == 0 { inner.front_written } else { 0 };
+                slices[count] = IoSlice::new(&out.frame[skip..]);
+                count += 1;
+            }
+            if count == 0 {
+                return Poll::Ready(Ok(Written::default()));
+            }
+            match write(&slices[..count]) {
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        };
+        Poll::Ready(Ok(inner.consume(n)))
+    }
+
+    /// Pops whole frames (for transports that copy, like SSE bodies) while `f` accepts them.
+    pub fn drain_into(&self, mut f: impl FnMut(&Out)) -> usize {
+        let mut inner = self.inner.borrow_mut();
+        let mut n = 0;
+        while let Some(out) = inner.queue.pop_front() {
+            inner.bytes -= out.frame.len() - inner.front_written;
+            inner.front_written = 0;
+            f(&out);
+            n += 1;
+        }
+        n
+    }
+}
+
+/// What one write consumed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Bytes written.
+    pub bytes: usize,
+    /// Frames completed by this write.
+    pub frames: usize,
+    /// Whether the queue is now empty and the outbox closing (the close frame went out).
+    pub finished: bool,
+}
+
+impl Inner {
+    fn consume(&mut self, mut n: usize) -> Written {
+        let mut w = Written {
+            bytes: n,
+            ..Written::default()
+        };
+        self.bytes -= n;
+        while n > 0 {
+            let Some(front) = self.queue.front() else {
+                break;
+            };
+            let left = front.frame.len() - self.front_written;
+            if n >= left {
+                n -= left;
+                self.front_written = 0;
+                self.queue.pop_front();
+                w.frames += 1;
+            } else {
+                self.front_written += n;
+                n = 0;
+            }
+        }
+        w.finished = self.queue.is_empty() && self.state == OutboxState::Closing;
+        w
+    }
+}
+
+fn wake(inner: &mut Inner) {
+    if let Some(w) = inner.waker.take() {
+        w.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: usize) -> Out {
+        Out::control(Bytes::from(vec![b'x'; n]))
+    }
+
+    fn write_all(o: &Outbox, max: usize) -> Written {
+        match o.write_with::<()>(|iov| {
+            Poll::Ready(Ok(iov.iter().map(|s| s.len()).sum::<usize>().min(max)))
+        }) {
+            Poll::Ready(Ok(w)) => w,
+            _ => Written::default(),
+        }
+    }
+
+    #[test]
+    fn overflow_drops_the_queue_and_refuses_more() {
+        let o = Outbox::new(100);
+        assert!(o.push(frame(60)));
+        assert!(!o.push(frame(60)));
+        assert_eq!(o.state(), OutboxState::Overflowed);
+        assert_eq!(o.queued_bytes(), 0);
+        assert!(!o.push(frame(1)));
+    }
+
+    #[test]
+    fn partial_writes_resume_mid_frame() {
+        let o = Outbox::new(1000);
+        o.push(frame(10));
+        o.push(frame(10));
+        let w = write_all(&o, 15);
+        assert_eq!((w.bytes, w.frames), (15, 1));
+        assert_eq!(o.queued_bytes(), 5);
+        let w = write_all(&o, 100);
+        assert_eq!((w.bytes, w.frames), (5, 1));
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn close_keeps_a_partly_written_frame() {
+        let o = Outbox::new(1000);
+        o.push(frame(10));
+        o.push(frame(10));
+        write_all(&o, 4);
+        o.close_with(Bytes::from_static(b"close"), false);
+        let w = write_all(&o, 100);
+        assert_eq!(w.bytes, 6 + 5);
+        assert!(w.finished);
+        assert!(!o.push(frame(1)));
+    }
+}

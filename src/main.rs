@@ -1,0 +1,83 @@
+//! The `relay` binary: parses the command line, sets up logging and signals, runs the server.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use relay::config::{Config, LogFormat, ServeArgs};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// relay: an ultra-low-latency real-time edge relay (WebSocket and SSE fan-out with
+/// resumable per-channel sequences).
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the relay. Every option can also be set as RELAY_<OPTION> in the environment or in
+    /// the --config TOML file; precedence is flag > environment > file > default.
+    Serve(ServeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Cmd::Serve(args) = cli.command;
+    let config = match Config::load(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("relay: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(config.log_format);
+    match serve(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let shards = config.effective_shards();
+    let handle = relay::server::start(config.clone())?;
+    tracing::info!(addr = %handle.local_addr(), shards, "relay started");
+    // The one stdout line: scripts and tests read the bound address from it.
+    println!("listening on http://{}", handle.local_addr());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        anyhow::Ok(())
+    })?;
+    handle.shutdown();
+    handle.join();
+    tracing::info!("stopped");
+    Ok(())
+}

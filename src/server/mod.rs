@@ -1,0 +1,84 @@
+//! Wires everything: binds the shards' listeners, starts one pinned thread per shard, and
+//! shuts down gracefully.
+//!
+//! - [`start`] takes a [`Config`] and returns a [`ServerHandle`] once every shard is listening
+//!   (tests pass port 0 and read [`ServerHandle::local_addr`]).
+//! - [`shard`]: the per-core runtime, accept loop, fan-out pump and sweep.
+//! - [`listener`]: `SO_REUSEPORT` sockets.
+
+pub mod listener;
+pub mod shard;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::config::Config;
+use crate::transport::Node;
+
+/// A running server.
+pub struct ServerHandle {
+    local_addr: SocketAddr,
+    node: Arc<Node>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Binds and starts every shard.
+pub fn start(config: Config) -> io::Result<ServerHandle> {
+    let shards = config.effective_shards();
+    let listeners = listener::bind_shards(config.listen, shards)?;
+    let local_addr = listeners[0].local_addr()?;
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ u64::from(std::process::id()).rotate_left(32);
+    let node = Arc::new(Node::new(config, shards, seed));
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let pin = shards <= cores.len();
+    let mut threads = Vec::with_capacity(shards);
+    for (i, l) in listeners.into_iter().enumerate() {
+        let node = node.clone();
+        let core = if pin { cores.get(i).copied() } else { None };
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("relay-shard-{i}"))
+                .spawn(move || shard::run(node, i, l, core))?,
+        );
+    }
+    Ok(ServerHandle {
+        local_addr,
+        node,
+        threads,
+    })
+}
+
+impl ServerHandle {
+    /// The address every shard listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Starts the graceful shutdown: stop accepting, close WebSockets with 1012, end SSE
+    /// streams. Returns at once; [`ServerHandle::join`] waits for the end.
+    pub fn shutdown(&self) {
+        self.node.shutdown.cancel();
+    }
+
+    /// Waits for every shard to finish (after [`ServerHandle::shutdown`]).
+    pub fn join(mut self) {
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("a shard thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.node.shutdown.cancel();
+    }
+}

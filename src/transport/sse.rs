@@ -1,0 +1,268 @@
+//! Server-Sent Events streams: one hyper response body per stream, fed by the hub through the
+//! stream's outbox and tagged with the multi-channel cursor as it is written.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http_body::{Body as HttpBody, Frame};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use super::http::{error, Body};
+use super::ShardContext;
+use crate::engine::hub::{ConnId, Subscriber};
+use crate::engine::outbox::{Outbox, OutboxState, NO_SLOT};
+use crate::protocol::{sse, ENC_SSE};
+use crate::types::{ChannelName, StreamPosition};
+
+/// Answers `GET /sse?channel=…`.
+pub fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> {
+    let cfg = ctx.config().clone();
+    let mut channels: Vec<ChannelName> = Vec::new();
+    let mut last_event_id: Option<String> = None;
+    for (k, v) in form_pairs(req.uri().query().unwrap_or("")) {
+        match k.as_str() {
+            "channel" => match ChannelName::new(&v) {
+                Ok(c) if !channels.contains(&c) => channels.push(c),
+                Ok(_) => {}
+                Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_channel", &e.to_string()),
+            },
+            "last_event_id" => last_event_id = Some(v),
+            _ => {}
+        }
+    }
+    if let Some(h) = req.headers().get("last-event-id") {
+        match h.to_str() {
+            Ok(s) => last_event_id = Some(s.to_owned()),
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "Last-Event-ID is not ASCII",
+                )
+            }
+        }
+    }
+    if channels.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "give at least one ?channel=",
+        );
+    }
+    if channels.len() > cfg.max_subscriptions {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "too_many_subscriptions",
+            "more channels than --max-subscriptions",
+        );
+    }
+    let resume = match last_event_id.as_deref().filter(|s| !s.trim().is_empty()) {
+        None => None,
+        Some(s) => match sse::parse_cursor(s, cfg.max_subscriptions) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!("Last-Event-ID: {e}"),
+                )
+            }
+        },
+    };
+    // A cursor for another list of channels cannot be matched position by position.
+    let cursor_fits = resume.as_ref().map(|c| c.len() == channels.len());
+
+    let id = ctx.next_conn_id();
+    let outbox = Rc::new(Outbox::new(cfg.max_outbox_bytes));
+    let now = Instant::now();
+    let mut head = BytesMut::new();
+    head.put_slice(&sse::retry(cfg.sse_retry.as_millis()));
+    let mut cursor = Vec::with_capacity(channels.len());
+    let mut listing = String::from("{\"channels\":[");
+    let mut replays = Vec::new();
+    {
+        let mut hub = ctx.hub.borrow_mut();
+        for (i, ch) in channels.iter().enumerate() {
+            let from = match (&resume, cursor_fits) {
+                (Some(c), Some(true)) => Some(c[i]),
+                _ => None,
+            };
+            let sub = Subscriber {
+                outbox: outbox.clone(),
+                encoding: ENC_SSE,
+                slot: i as u16,
+                after: 0,
+            };
+            let s = hub.subscribe(id, ch, from, sub, now);
+            let reason = match (cursor_fits, s.gap) {
+                (Some(false), _) => Some("bad_cursor"),
+                (_, Some(g)) => Some(g.as_str()),
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                head.put_slice(&sse::gap(ch, reason, s.position));
+            }
+            // The stream starts where the client is: its resume point when recovered.
+            let start = match from {
+                Some(p) if s.recovered => p,
+                _ => s.position,
+            };
+            cursor.push(start);
+            if i > 0 {
+                listing.push(',');
+            }
+            listing.push_str(&format!(
+                "{{\"channel\":\"{ch}\",\"epoch\":\"{}\",\"seq\":{},\"recovered\":{}}}",
+                s.position.epoch, start.seq, s.recovered
+            ));
+            replays.push((i, s.replay));
+        }
+    }
+    listing.push_str("]}");
+    sse::write_id(&cursor, &mut head);
+    head.put_slice(&sse::event("subscribed", &listing)[..]);
+    for (slot, pubs) in replays {
+        for p in pubs {
+            let frame = p.frame(ENC_SSE, |p| sse::message(&channels[slot], p.seq, &p.data));
+            outbox.push(crate::engine::outbox::Out {
+                frame,
+                slot: slot as u16,
+                seq: p.seq,
+            });
+        }
+    }
+    let keepalive = tokio::time::sleep(cfg.sse_keepalive);
+    let body = SseBody {
+        shutdown: Box::pin(ctx.node.shutdown.clone().cancelled_owned()),
+        ctx,
+        id,
+        channels,
+        cursor,
+        outbox,
+        head: Some(head.freeze()),
+        keepalive: Box::pin(keepalive),
+        keepalive_every: cfg.sse_keepalive,
+        ended: false,
+    };
+    let mut res = Response::new(Body::Sse(Box::new(body)));
+    let h = res.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
+    res
+}
+
+/// Decodes `application/x-www-form-urlencoded` pairs.
+pub fn form_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    query.split('&').filter(|p| !p.is_empty()).map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (decode_component(k), decode_component(v))
+    })
+}
+
+fn decode_component(s: &str) -> String {
+    let s = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// The body of one event stream.
+pub struct SseBody {
+    ctx: Rc<ShardContext>,
+    id: ConnId,
+    channels: Vec<ChannelName>,
+    cursor: Vec<StreamPosition>,
+    outbox: Rc<Outbox>,
+    head: Option<Bytes>,
+    keepalive: Pin<Box<tokio::time::Sleep>>,
+    keepalive_every: std::time::Duration,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    ended: bool,
+}
+
+impl HttpBody for SseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if let Some(head) = this.head.take() {
+            return Poll::Ready(Some(Ok(Frame::data(head))));
+        }
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if this.shutdown.as_mut().poll(cx).is_ready() {
+            this.ended = true;
+            return Poll::Ready(None);
+        }
+        match this.outbox.state() {
+            // Ending the stream makes the client reconnect with Last-Event-ID and resume.
+            OutboxState::Overflowed => {
+                this.ended = true;
+                return Poll::Ready(None);
+            }
+            OutboxState::Closing if this.outbox.is_empty() => {
+                this.ended = true;
+                return Poll::Ready(None);
+            }
+            _ => {}
+        }
+        let mut buf = BytesMut::new();
+        let cursor = &mut this.cursor;
+        this.outbox.drain_into(|out| {
+            if out.slot != NO_SLOT {
+                if let Some(p) = cursor.get_mut(out.slot as usize) {
+                    p.seq = out.seq;
+                }
+                sse::write_id(cursor, &mut buf);
+            }
+            buf.put_slice(&out.frame);
+        });
+        if !buf.is_empty() {
+            return Poll::Ready(Some(Ok(Frame::data(buf.freeze()))));
+        }
+        if this.keepalive.as_mut().poll(cx).is_ready() {
+            let next = tokio::time::Instant::now() + this.keepalive_every;
+            this.keepalive.as_mut().reset(next);
+            let _ = this.keepalive.as_mut().poll(cx);
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(sse::KEEPALIVE)))));
+        }
+        match this.outbox.poll_ready(cx) {
+            Poll::Ready(()) => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for SseBody {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        if let Ok(mut hub) = self.ctx.hub.try_borrow_mut() {
+            for ch in &self.channels {
+                hub.unsubscribe(self.id, ch, now);
+            }
+        } else {
+            tracing::error!(
+                conn = self.id,
+                "sse stream dropped while the hub was busy; subscriptions leak"
+            );
+        }
+    }
+}
