@@ -93,6 +93,16 @@ impl fmt::Display for Epoch {
     }
 }
 
+/// What a payload is: JSON text (from JSON clients and the HTTP API) or opaque bytes (from
+/// binary clients). Each encoder renders both kinds (see docs/protocol.md).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum DataKind {
+    /// Valid JSON text without raw line breaks.
+    Json,
+    /// Any bytes.
+    Binary,
+}
+
 /// A position in a channel's stream: the last sequence ID seen, in an epoch.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct StreamPosition {

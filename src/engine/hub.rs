@@ -250,7 +250,7 @@ mod tests {
         hubs[0].subscribe(2, &name, None, sub(&b, 1), now);
         hubs[1].subscribe(1, &name, None, sub(&c, 0), now);
         for _ in 0..3 {
-            e.publish(&name, Bytes::new(), now);
+            e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
         }
         assert_eq!(hubs[0].pump().deliveries, 6);
         assert_eq!(hubs[1].pump().deliveries, 3);
@@ -269,11 +269,11 @@ mod tests {
         let a = Rc::new(Outbox::new(1 << 20));
         let b = Rc::new(Outbox::new(1 << 20));
         hub.subscribe(1, &name, None, sub(&a, 0), now);
-        e.publish(&name, Bytes::new(), now);
+        e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
         // b joins before the shard pumped seq 1: it must not get seq 1.
         let s = hub.subscribe(2, &name, None, sub(&b, 0), now);
         assert_eq!(s.position.seq, 1);
-        e.publish(&name, Bytes::new(), now);
+        e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
         hub.pump();
         assert_eq!(frames(&a), ["0:1", "0:2"]);
         assert_eq!(frames(&b), ["0:2"]);
@@ -290,7 +290,7 @@ mod tests {
         hub.subscribe(1, &name, None, sub(&slow, 0), now);
         hub.subscribe(2, &name, None, sub(&fast, 0), now);
         for _ in 0..5 {
-            e.publish(&name, Bytes::new(), now);
+            e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
         }
         let st = hub.pump();
         assert_eq!(slow.state(), OutboxState::Overflowed);
@@ -308,7 +308,11 @@ mod tests {
         hub.subscribe(1, &name, None, sub(&a, 0), now);
         assert!(hub.unsubscribe(1, &name, now));
         assert!(!hub.unsubscribe(1, &name, now));
-        assert_eq!(e.publish(&name, Bytes::new(), now).wake, 0);
+        assert_eq!(
+            e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now)
+                .wake,
+            0
+        );
         hub.pump();
         assert!(a.is_empty());
         assert_eq!(e.channels()[0].subscribers, 0);

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
-use crate::types::{ChannelName, Epoch, StreamPosition};
+use crate::types::{ChannelName, DataKind, Epoch, StreamPosition};
 
 /// Most shards an engine serves (the dirty mask is one `u64`).
 pub const MAX_SHARDS: usize = 64;
@@ -63,17 +63,20 @@ pub struct Publication {
     pub seq: u64,
     /// When it was published (for the history TTL).
     pub at: Instant,
-    /// The payload as published (raw JSON text).
+    /// What the payload is.
+    pub kind: DataKind,
+    /// The payload as published.
     pub data: Bytes,
     frames: [OnceLock<Bytes>; FRAME_SLOTS],
 }
 
 impl Publication {
     /// Creates a publication; exposed for benches and tests.
-    pub fn new(seq: u64, at: Instant, data: Bytes) -> Self {
+    pub fn new(seq: u64, at: Instant, kind: DataKind, data: Bytes) -> Self {
         Self {
             seq,
             at,
+            kind,
             data,
             frames: Default::default(),
         }
@@ -267,12 +270,18 @@ impl Engine {
 
     /// Sequences one message: gives it the next seq, appends it to history and returns the
     /// shards to wake (whose dirty lists now hold the channel).
-    pub fn publish(&self, name: &ChannelName, data: Bytes, now: Instant) -> Published {
+    pub fn publish(
+        &self,
+        name: &ChannelName,
+        kind: DataKind,
+        data: Bytes,
+        now: Instant,
+    ) -> Published {
         let (published, ch) = self.with_channel(name, now, |ch, st| {
             st.top += 1;
             st.last_active = now;
             st.ring
-                .push_back(Arc::new(Publication::new(st.top, now, data.clone())));
+                .push_back(Arc::new(Publication::new(st.top, now, kind, data.clone())));
             self.trim(st, now);
             // Mark under the lock so that a shard that pulls after seeing its bit sees the entry.
             let prev = ch.dirty.fetch_or(st.interest, Ordering::AcqRel);
@@ -553,9 +562,9 @@ mod tests {
     fn seqs_start_at_one_and_increase() {
         let e = engine(10, 1);
         let now = Instant::now();
-        let a = e.publish(&ch("a"), Bytes::from_static(b"1"), now);
-        let b = e.publish(&ch("a"), Bytes::from_static(b"2"), now);
-        let other = e.publish(&ch("b"), Bytes::from_static(b"3"), now);
+        let a = e.publish(&ch("a"), DataKind::Json, Bytes::from_static(b"1"), now);
+        let b = e.publish(&ch("a"), DataKind::Json, Bytes::from_static(b"2"), now);
+        let other = e.publish(&ch("b"), DataKind::Json, Bytes::from_static(b"3"), now);
         assert_eq!((a.seq, b.seq, other.seq), (1, 2, 1));
         assert_eq!(a.epoch, b.epoch);
         assert_ne!(a.epoch, other.epoch);
@@ -568,9 +577,12 @@ mod tests {
         let now = Instant::now();
         let s0 = e.subscribe(0, &ch("a"), None, now);
         let _s2 = e.subscribe(2, &ch("a"), None, now);
-        assert_eq!(e.publish(&ch("a"), Bytes::new(), now).wake, 0b101);
         assert_eq!(
-            e.publish(&ch("a"), Bytes::new(), now).wake,
+            e.publish(&ch("a"), DataKind::Json, Bytes::new(), now).wake,
+            0b101
+        );
+        assert_eq!(
+            e.publish(&ch("a"), DataKind::Json, Bytes::new(), now).wake,
             0,
             "already dirty"
         );
@@ -580,16 +592,19 @@ mod tests {
         let mut pubs = Vec::new();
         assert!(!dirty[0].read_since(s0.position.seq, &mut pubs));
         assert_eq!(pubs.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![1, 2]);
-        assert_eq!(e.publish(&ch("a"), Bytes::new(), now).wake, 0b001);
+        assert_eq!(
+            e.publish(&ch("a"), DataKind::Json, Bytes::new(), now).wake,
+            0b001
+        );
     }
 
     #[test]
     fn resume_recovers_exactly_the_missed_messages() {
         let e = engine(5, 1);
         let now = Instant::now();
-        let first = e.publish(&ch("a"), Bytes::new(), now);
+        let first = e.publish(&ch("a"), DataKind::Json, Bytes::new(), now);
         for _ in 0..3 {
-            e.publish(&ch("a"), Bytes::new(), now);
+            e.publish(&ch("a"), DataKind::Json, Bytes::new(), now);
         }
         let pos = StreamPosition {
             epoch: first.epoch,
@@ -615,9 +630,9 @@ mod tests {
     fn resume_fails_whole_on_gap_epoch_or_future() {
         let e = engine(5, 1);
         let now = Instant::now();
-        let p = e.publish(&ch("a"), Bytes::new(), now);
+        let p = e.publish(&ch("a"), DataKind::Json, Bytes::new(), now);
         for _ in 0..9 {
-            e.publish(&ch("a"), Bytes::new(), now);
+            e.publish(&ch("a"), DataKind::Json, Bytes::new(), now);
         }
         for (pos, reason) in [
             (
@@ -670,8 +685,13 @@ mod tests {
             seed: 1,
         });
         let t0 = Instant::now();
-        e.publish(&ch("a"), Bytes::new(), t0);
-        e.publish(&ch("a"), Bytes::new(), t0 + Duration::from_secs(8));
+        e.publish(&ch("a"), DataKind::Json, Bytes::new(), t0);
+        e.publish(
+            &ch("a"),
+            DataKind::Json,
+            Bytes::new(),
+            t0 + Duration::from_secs(8),
+        );
         let h = e.history(&ch("a"), 0, 100, t0 + Duration::from_secs(12));
         assert!(!h.complete);
         assert_eq!(
@@ -691,11 +711,16 @@ mod tests {
             seed: 1,
         });
         let t0 = Instant::now();
-        let p = e.publish(&ch("a"), Bytes::new(), t0);
+        let p = e.publish(&ch("a"), DataKind::Json, Bytes::new(), t0);
         let sub = e.subscribe(0, &ch("b"), None, t0);
         assert_eq!(e.sweep(t0 + Duration::from_secs(5)), 0);
         assert_eq!(e.sweep(t0 + Duration::from_secs(20)), 1, "b is subscribed");
-        let again = e.publish(&ch("a"), Bytes::new(), t0 + Duration::from_secs(21));
+        let again = e.publish(
+            &ch("a"),
+            DataKind::Json,
+            Bytes::new(),
+            t0 + Duration::from_secs(21),
+        );
         assert_eq!(again.seq, 1);
         assert_ne!(again.epoch, p.epoch);
         e.unsubscribe(0, &sub.channel, t0);
@@ -707,7 +732,7 @@ mod tests {
         let now = Instant::now();
         let s = e.subscribe(0, &ch("a"), None, now);
         for _ in 0..(FANOUT_MIN + 10) {
-            e.publish(&ch("a"), Bytes::new(), now);
+            e.publish(&ch("a"), DataKind::Json, Bytes::new(), now);
         }
         let mut out = Vec::new();
         assert!(s.channel.read_since(0, &mut out));
@@ -718,7 +743,7 @@ mod tests {
 
     #[test]
     fn frames_are_encoded_once() {
-        let p = Publication::new(1, Instant::now(), Bytes::from_static(b"x"));
+        let p = Publication::new(1, Instant::now(), DataKind::Json, Bytes::from_static(b"x"));
         let mut calls = 0;
         for _ in 0..3 {
             let f = p.frame(0, |_| {

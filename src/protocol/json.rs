@@ -10,8 +10,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::de::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
-use super::ws;
-use crate::types::{ChannelName, Epoch, StreamPosition};
+use super::{ws, Command, CommandError, Event, Payload, ReqId, Request};
+use crate::types::{ChannelName, DataKind, Epoch, StreamPosition};
 
 /// A field that distinguishes "absent" from "present, even if `null`".
 #[derive(Default)]
@@ -43,52 +43,6 @@ struct RawCommand<'a> {
     epoch: Option<Cow<'a, str>>,
 }
 
-/// A parsed client command.
-#[derive(Debug)]
-pub enum Command<'a> {
-    /// Subscribe, resuming from a position when given.
-    Subscribe {
-        /// The channel.
-        channel: ChannelName,
-        /// Where the client left off (`since` + `epoch`).
-        resume: Option<StreamPosition>,
-    },
-    /// Unsubscribe.
-    Unsubscribe {
-        /// The channel.
-        channel: ChannelName,
-    },
-    /// Publish `data` (raw JSON) to a channel.
-    Publish {
-        /// The channel.
-        channel: ChannelName,
-        /// The JSON value as sent.
-        data: &'a str,
-    },
-    /// Heartbeat (keeps presence alive; answered with a heartbeat).
-    Heartbeat,
-}
-
-/// A command and its optional id.
-#[derive(Debug)]
-pub struct Request<'a> {
-    /// The client's `id`, echoed in the reply (raw JSON).
-    pub id: Option<&'a str>,
-    /// The command.
-    pub command: Command<'a>,
-}
-
-/// A command that could not be parsed; answered with an `error` event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommandError<'a> {
-    /// The `id`, when it could be read.
-    pub id: Option<&'a str>,
-    /// Machine-readable code (`bad_json`, `unknown_type`, `bad_request`, `invalid_channel`).
-    pub code: &'static str,
-    /// Human text.
-    pub message: Cow<'static, str>,
-}
-
 /// Parses one client command.
 pub fn parse_command(input: &[u8]) -> Result<Request<'_>, CommandError<'_>> {
     let raw: RawCommand<'_> = serde_json::from_slice(input).map_err(|e| CommandError {
@@ -105,7 +59,7 @@ pub fn parse_command(input: &[u8]) -> Result<Request<'_>, CommandError<'_>> {
         },
     })?;
     let id = match raw.id {
-        Raw::Present(v) => Some(v.get()),
+        Raw::Present(v) => Some(ReqId::Json(v.get())),
         Raw::Absent => None,
     };
     let err = |code: &'static str, message: Cow<'static, str>| CommandError { id, code, message };
@@ -139,7 +93,7 @@ pub fn parse_command(input: &[u8]) -> Result<Request<'_>, CommandError<'_>> {
             };
             Command::Publish {
                 channel,
-                data: data.get(),
+                data: Payload::Json(data.get()),
             }
         }
         Some("heartbeat") => Command::Heartbeat,
@@ -178,14 +132,20 @@ pub fn normalize_data(raw: &str) -> Bytes {
 
 /// Builds a text frame holding one JSON object written by `body` (which writes the members
 /// after `{"type":"<ty>"`, each starting with a comma).
-fn event(ty: &str, id: Option<&str>, cap: usize, body: impl FnOnce(&mut BytesMut)) -> Bytes {
+fn event(ty: &str, id: Option<ReqId<'_>>, cap: usize, body: impl FnOnce(&mut BytesMut)) -> Bytes {
     let mut buf = ws::begin_frame(cap + 48);
     buf.put_slice(b"{\"type\":\"");
     buf.put_slice(ty.as_bytes());
     buf.put_u8(b'"');
-    if let Some(id) = id {
-        buf.put_slice(b",\"id\":");
-        buf.put_slice(id.as_bytes());
+    match id {
+        Some(ReqId::Json(raw)) => {
+            buf.put_slice(b",\"id\":");
+            buf.put_slice(raw.as_bytes());
+        }
+        Some(ReqId::Num(n)) => {
+            let _ = write!(buf, ",\"id\":{n}");
+        }
+        None => {}
     }
     body(&mut buf);
     buf.put_u8(b'}');
@@ -198,61 +158,74 @@ fn put_str_field(buf: &mut BytesMut, key: &str, value: &str) {
 }
 
 /// `message` frame: the one every JSON subscriber of the channel receives, encoded once.
-pub fn message(channel: &ChannelName, seq: u64, data: &[u8]) -> Bytes {
+/// A binary payload is embedded as is when it is UTF-8 JSON without line breaks, else as
+/// base64 with `"encoding":"base64"`.
+pub fn message(channel: &ChannelName, seq: u64, kind: DataKind, data: &[u8]) -> Bytes {
     event(
         "message",
         None,
-        channel.as_str().len() + data.len() + 32,
+        channel.as_str().len() + data.len() * 4 / 3 + 64,
         |b| {
             put_str_field(b, "channel", channel.as_str());
             let _ = write!(b, ",\"seq\":{seq},\"data\":");
-            b.put_slice(data);
+            put_data(b, kind, data);
         },
     )
 }
 
-/// `subscribed` frame.
-pub fn subscribed(
-    id: Option<&str>,
-    channel: &ChannelName,
-    pos: StreamPosition,
-    recovered: bool,
-) -> Bytes {
-    event("subscribed", id, channel.as_str().len() + 64, |b| {
-        put_str_field(b, "channel", channel.as_str());
-        put_str_field(b, "epoch", &pos.epoch.to_string());
-        let _ = write!(b, ",\"seq\":{},\"recovered\":{recovered}", pos.seq);
-    })
+/// Writes a payload as a JSON value, adding `,"encoding":"base64"` when it had to be encoded.
+pub fn put_data(b: &mut BytesMut, kind: DataKind, data: &[u8]) {
+    if kind == DataKind::Json || is_embeddable_json(data) {
+        b.put_slice(data);
+    } else {
+        use base64::Engine as _;
+        b.put_u8(b'"');
+        let start = b.len();
+        let n = base64::encoded_len(data.len(), true).unwrap_or(0);
+        b.resize(start + n, 0);
+        let _ = base64::engine::general_purpose::STANDARD.encode_slice(data, &mut b[start..]);
+        b.put_slice(b"\",\"encoding\":\"base64\"");
+    }
 }
 
-/// `published` frame.
-pub fn published(id: Option<&str>, channel: &ChannelName, pos: StreamPosition) -> Bytes {
-    event("published", id, channel.as_str().len() + 64, |b| {
-        put_str_field(b, "channel", channel.as_str());
-        put_str_field(b, "epoch", &pos.epoch.to_string());
-        let _ = write!(b, ",\"seq\":{}", pos.seq);
-    })
+/// Whether binary `data` can be forwarded to JSON clients as is: valid JSON with no raw line
+/// break (so it also fits an SSE line).
+pub fn is_embeddable_json(data: &[u8]) -> bool {
+    !data.iter().any(|&b| b == b'\n' || b == b'\r')
+        && serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok()
 }
 
-/// `unsubscribed` frame.
-pub fn unsubscribed(id: Option<&str>, channel: &ChannelName) -> Bytes {
-    event("unsubscribed", id, channel.as_str().len() + 16, |b| {
-        put_str_field(b, "channel", channel.as_str())
-    })
-}
-
-/// `heartbeat` frame.
-pub fn heartbeat(id: Option<&str>) -> Bytes {
-    event("heartbeat", id, 0, |_| {})
-}
-
-/// `error` frame.
-pub fn error(id: Option<&str>, code: &str, message: &str) -> Bytes {
-    event("error", id, message.len() + 48, |b| {
-        put_str_field(b, "code", code);
-        b.put_slice(b",\"message\":");
-        b.put_slice(json_string(message).as_bytes());
-    })
+/// A complete frame carrying `event`.
+pub fn encode_event(id: Option<ReqId<'_>>, ev: &Event<'_>) -> Bytes {
+    match *ev {
+        Event::Subscribed {
+            channel,
+            position,
+            recovered,
+        } => event("subscribed", id, channel.as_str().len() + 64, |b| {
+            put_str_field(b, "channel", channel.as_str());
+            put_str_field(b, "epoch", &position.epoch.to_string());
+            let _ = write!(b, ",\"seq\":{},\"recovered\":{recovered}", position.seq);
+        }),
+        Event::Published { channel, position } => {
+            event("published", id, channel.as_str().len() + 64, |b| {
+                put_str_field(b, "channel", channel.as_str());
+                put_str_field(b, "epoch", &position.epoch.to_string());
+                let _ = write!(b, ",\"seq\":{}", position.seq);
+            })
+        }
+        Event::Unsubscribed { channel } => {
+            event("unsubscribed", id, channel.as_str().len() + 16, |b| {
+                put_str_field(b, "channel", channel.as_str())
+            })
+        }
+        Event::Heartbeat => event("heartbeat", id, 0, |_| {}),
+        Event::Error { code, message } => event("error", id, message.len() + 48, |b| {
+            put_str_field(b, "code", code);
+            b.put_slice(b",\"message\":");
+            b.put_slice(json_string(message).as_bytes());
+        }),
+    }
 }
 
 /// `s` as a JSON string literal.
@@ -277,7 +250,7 @@ mod tests {
     #[test]
     fn parses_every_command() {
         let r = parse_command(br#"{"type":"subscribe","channel":"a","id":7}"#).unwrap();
-        assert_eq!(r.id, Some("7"));
+        assert_eq!(r.id, Some(ReqId::Json("7")));
         assert!(matches!(r.command, Command::Subscribe { resume: None, .. }));
         let r = parse_command(br#"{"type":"subscribe","channel":"a","since":41,"epoch":"ff"}"#)
             .unwrap();
@@ -294,10 +267,16 @@ mod tests {
         let Command::Publish { data, .. } = r.command else {
             panic!()
         };
-        assert_eq!(data, r#"{"x": [1, "y"]}"#);
-        assert_eq!(r.id, Some("\"q\""));
+        assert_eq!(data, Payload::Json(r#"{"x": [1, "y"]}"#));
+        assert_eq!(r.id, Some(ReqId::Json("\"q\"")));
         let r = parse_command(br#"{"type":"publish","channel":"a","data":null}"#).unwrap();
-        assert!(matches!(r.command, Command::Publish { data: "null", .. }));
+        assert!(matches!(
+            r.command,
+            Command::Publish {
+                data: Payload::Json("null"),
+                ..
+            }
+        ));
         assert!(matches!(
             parse_command(br#"{"type":"heartbeat"}"#).unwrap().command,
             Command::Heartbeat
@@ -328,7 +307,7 @@ mod tests {
             "bad_request"
         );
         let e = parse_command(br#"{"type":"subscribe","id":9}"#).unwrap_err();
-        assert_eq!(e.id, Some("9"));
+        assert_eq!(e.id, Some(ReqId::Json("9")));
     }
 
     #[test]
@@ -339,12 +318,33 @@ mod tests {
             seq: 3,
         };
         let frames = [
-            message(&ch, 42, br#"{"t":"hi"}"#),
-            subscribed(Some("1"), &ch, pos, true),
-            published(Some("\"x\""), &ch, pos),
-            unsubscribed(None, &ch),
-            heartbeat(None),
-            error(Some("2"), "bad_json", "quote \" and \n newline"),
+            message(&ch, 42, DataKind::Json, br#"{"t":"hi"}"#),
+            encode_event(
+                Some(ReqId::Json("1")),
+                &Event::Subscribed {
+                    channel: &ch,
+                    position: pos,
+                    recovered: true,
+                },
+            ),
+            encode_event(
+                Some(ReqId::Json("\"x\"")),
+                &Event::Published {
+                    channel: &ch,
+                    position: pos,
+                },
+            ),
+            encode_event(None, &Event::Unsubscribed { channel: &ch }),
+            encode_event(Some(ReqId::Num(5)), &Event::Heartbeat),
+            encode_event(
+                Some(ReqId::Json("2")),
+                &Event::Error {
+                    code: "bad_json",
+                    message: "quote \" and \n newline",
+                },
+            ),
+            message(&ch, 43, DataKind::Binary, &[0xff, 0x00]),
+            message(&ch, 44, DataKind::Binary, b"[1,2]"),
         ];
         let parsed: Vec<serde_json::Value> = frames
             .iter()
@@ -359,7 +359,12 @@ mod tests {
             serde_json::json!({"type":"subscribed","id":1,"channel":"room:1","epoch":"ab","seq":3,"recovered":true})
         );
         assert_eq!(parsed[2]["id"], "x");
+        assert_eq!(parsed[4]["id"], 5);
         assert_eq!(parsed[5]["message"], "quote \" and \n newline");
+        assert_eq!(parsed[6]["data"], "/wA=");
+        assert_eq!(parsed[6]["encoding"], "base64");
+        assert_eq!(parsed[7]["data"], serde_json::json!([1, 2]));
+        assert!(parsed[7].get("encoding").is_none());
     }
 
     #[test]

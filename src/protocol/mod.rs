@@ -1,27 +1,172 @@
 //! Wire formats, sans-IO: nothing here names a socket, a runtime or hyper.
 //!
 //! - [`ws`]: RFC 6455 frame decoding and encoding.
-//! - [`json`]: the JSON command and event protocol.
+//! - [`json`]: the JSON protocol (`relay.v1.json`, the default).
+//! - [`binary`]: the binary protocol (`relay.v1.bin`).
 //! - [`sse`]: Server-Sent Events formatting and the resume cursor.
+//!
+//! Both WebSocket protocols carry the same [`Command`]s in and [`Event`]s out; a transport picks
+//! a [`Wire`] per connection and never looks inside a codec.
 
+pub mod binary;
 pub mod json;
 pub mod sse;
 pub mod ws;
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 
 use crate::engine::Publication;
-use crate::types::ChannelName;
+use crate::types::{ChannelName, StreamPosition};
 
 /// Frame-cache slot (and hub encoding) of JSON WebSocket subscribers.
 pub const ENC_WS_JSON: usize = 0;
 /// Frame-cache slot of SSE subscribers (the event body after its `id:` line).
 pub const ENC_SSE: usize = 1;
+/// Frame-cache slot of binary WebSocket subscribers.
+pub const ENC_WS_BIN: usize = 2;
+
+/// A command's request id, echoed in its reply in the same protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReqId<'a> {
+    /// A JSON id: the raw JSON value (number or string) as sent.
+    Json(&'a str),
+    /// A binary id.
+    Num(u64),
+}
+
+/// A payload as a client sent it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Payload<'a> {
+    /// Raw JSON text (a JSON client's `data`).
+    Json(&'a str),
+    /// Opaque bytes (a binary client's payload).
+    Bytes(&'a [u8]),
+}
+
+/// A client command, borrowed from its frame.
+#[derive(Debug)]
+pub enum Command<'a> {
+    /// Subscribe, resuming from a position when given.
+    Subscribe {
+        /// The channel.
+        channel: ChannelName,
+        /// Where the client left off (`since` + `epoch`).
+        resume: Option<StreamPosition>,
+    },
+    /// Unsubscribe.
+    Unsubscribe {
+        /// The channel.
+        channel: ChannelName,
+    },
+    /// Publish to a channel.
+    Publish {
+        /// The channel.
+        channel: ChannelName,
+        /// The payload.
+        data: Payload<'a>,
+    },
+    /// Heartbeat (answered with a heartbeat).
+    Heartbeat,
+}
+
+/// A command and its optional id.
+#[derive(Debug)]
+pub struct Request<'a> {
+    /// The client's id, echoed in the reply.
+    pub id: Option<ReqId<'a>>,
+    /// The command.
+    pub command: Command<'a>,
+}
+
+/// A command that could not be decoded; answered with an `error` event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandError<'a> {
+    /// The id, when it could be read.
+    pub id: Option<ReqId<'a>>,
+    /// Machine-readable code (`bad_json`, `unknown_type`, `bad_request`, `invalid_channel`, …).
+    pub code: &'static str,
+    /// Human text.
+    pub message: Cow<'static, str>,
+}
+
+/// A server event other than `message` (messages are encoded once per publication, see
+/// [`encode_publication`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Event<'a> {
+    /// Reply to subscribe.
+    Subscribed {
+        /// The channel.
+        channel: &'a ChannelName,
+        /// Its current position.
+        position: StreamPosition,
+        /// Whether the resume succeeded.
+        recovered: bool,
+    },
+    /// Reply to publish.
+    Published {
+        /// The channel.
+        channel: &'a ChannelName,
+        /// The message's position.
+        position: StreamPosition,
+    },
+    /// Reply to unsubscribe.
+    Unsubscribed {
+        /// The channel.
+        channel: &'a ChannelName,
+    },
+    /// Reply to heartbeat.
+    Heartbeat,
+    /// A refused command.
+    Error {
+        /// Machine-readable code.
+        code: &'a str,
+        /// Human text.
+        message: &'a str,
+    },
+}
+
+/// The protocol spoken on one WebSocket connection, chosen by subprotocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    /// `relay.v1.json`: JSON text frames (the default).
+    Json,
+    /// `relay.v1.bin`: binary frames.
+    Binary,
+}
+
+impl Wire {
+    /// The `Sec-WebSocket-Protocol` name.
+    pub fn subprotocol(self) -> &'static str {
+        match self {
+            Wire::Json => "relay.v1.json",
+            Wire::Binary => "relay.v1.bin",
+        }
+    }
+
+    /// The frame-cache slot of this protocol's `message` frames.
+    pub fn message_encoding(self) -> usize {
+        match self {
+            Wire::Json => ENC_WS_JSON,
+            Wire::Binary => ENC_WS_BIN,
+        }
+    }
+
+    /// A complete WebSocket frame carrying `event`.
+    pub fn encode(self, id: Option<ReqId<'_>>, event: &Event<'_>) -> Bytes {
+        match self {
+            Wire::Json => json::encode_event(id, event),
+            Wire::Binary => binary::encode_event(id, event),
+        }
+    }
+}
 
 /// The hub's encoder: builds the frame of `p` for `encoding`, once per publication.
 pub fn encode_publication(encoding: usize, channel: &ChannelName, p: &Publication) -> Bytes {
     match encoding {
-        ENC_SSE => sse::message(channel, p.seq, &p.data),
-        _ => json::message(channel, p.seq, &p.data),
+        ENC_SSE => sse::message(channel, p.seq, p.kind, &p.data),
+        ENC_WS_BIN => binary::message(channel, p.seq, p.kind, &p.data),
+        _ => json::message(channel, p.seq, p.kind, &p.data),
     }
 }

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::json::json_string;
-use crate::types::{ChannelName, Epoch, StreamPosition};
+use crate::types::{ChannelName, DataKind, Epoch, StreamPosition};
 
 /// A malformed cursor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -58,12 +58,12 @@ pub fn write_id(cursor: &[StreamPosition], out: &mut BytesMut) {
 
 /// The `message` event body (everything after the `id:` line), shared by every SSE subscriber
 /// of the channel. `data` must hold no line break (see `json::normalize_data`).
-pub fn message(channel: &ChannelName, seq: u64, data: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(data.len() + channel.as_str().len() + 64);
+pub fn message(channel: &ChannelName, seq: u64, kind: DataKind, data: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(data.len() * 4 / 3 + channel.as_str().len() + 64);
     b.put_slice(b"event: message\ndata: {\"channel\":\"");
     b.put_slice(channel.as_str().as_bytes());
     let _ = write!(b, "\",\"seq\":{seq},\"data\":");
-    b.put_slice(data);
+    super::json::put_data(&mut b, kind, data);
     b.put_slice(b"}\n\n");
     b.freeze()
 }
@@ -140,7 +140,7 @@ mod tests {
     fn message_event_shape() {
         let ch = ChannelName::new("a").unwrap();
         assert_eq!(
-            &message(&ch, 7, b"[1]")[..],
+            &message(&ch, 7, DataKind::Json, b"[1]")[..],
             b"event: message\ndata: {\"channel\":\"a\",\"seq\":7,\"data\":[1]}\n\n"
         );
     }

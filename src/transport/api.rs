@@ -17,7 +17,7 @@ use super::http::{error, json, Body};
 use super::sse::form_pairs;
 use super::ShardContext;
 use crate::protocol::json::normalize_data;
-use crate::types::ChannelName;
+use crate::types::{ChannelName, DataKind};
 
 /// Most channels in one broadcast.
 pub const MAX_BROADCAST: usize = 100;
@@ -150,10 +150,12 @@ fn publish(ctx: &ShardContext, b: PublishBody<'_>) -> Response<Body> {
         Ok(c) => c,
         Err(res) => return res,
     };
-    let p = ctx
-        .node
-        .engine
-        .publish(&ch, normalize_data(b.data.get()), Instant::now());
+    let p = ctx.node.engine.publish(
+        &ch,
+        DataKind::Json,
+        normalize_data(b.data.get()),
+        Instant::now(),
+    );
     ctx.node.wake(p.wake);
     json(
         StatusCode::OK,
@@ -184,7 +186,10 @@ fn broadcast(ctx: &ShardContext, b: BroadcastBody<'_>) -> Response<Body> {
     let mut out = String::from("{\"results\":[");
     let mut wake = 0;
     for (i, ch) in names.iter().enumerate() {
-        let p = ctx.node.engine.publish(ch, data.clone(), now);
+        let p = ctx
+            .node
+            .engine
+            .publish(ch, DataKind::Json, data.clone(), now);
         wake |= p.wake;
         if i > 0 {
             out.push(',');

@@ -131,7 +131,9 @@ pub fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> {
     head.put_slice(&sse::event("subscribed", &listing)[..]);
     for (slot, pubs) in replays {
         for p in pubs {
-            let frame = p.frame(ENC_SSE, |p| sse::message(&channels[slot], p.seq, &p.data));
+            let frame = p.frame(ENC_SSE, |p| {
+                sse::message(&channels[slot], p.seq, p.kind, &p.data)
+            });
             outbox.push(crate::engine::outbox::Out {
                 frame,
                 slot: slot as u16,

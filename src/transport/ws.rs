@@ -21,10 +21,9 @@ use super::http::{error, Body};
 use super::ShardContext;
 use crate::engine::hub::{ConnId, Subscriber};
 use crate::engine::outbox::{Out, Outbox, OutboxState, Written};
-use crate::protocol::json::{self, Command};
 use crate::protocol::ws::{self as frame, Decoder, Message};
-use crate::protocol::ENC_WS_JSON;
-use crate::types::ChannelName;
+use crate::protocol::{binary, json, Command, Event, Payload, ReqId, Wire};
+use crate::types::{ChannelName, DataKind, StreamPosition};
 
 /// Size of the shard's shared read buffer.
 const SCRATCH: usize = 64 * 1024;
@@ -47,23 +46,18 @@ pub fn upgrade(ctx: Rc<ShardContext>, mut req: Request<Incoming>) -> Response<Bo
             "expected a WebSocket upgrade request",
         );
     }
-    let protocols = req
-        .headers()
-        .get_all("sec-websocket-protocol")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(str::trim))
-        .any(|p| p == "relay.v1.json");
+    let wire = choose_wire(&req);
     let (mut res, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(x) => x,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
     };
-    if protocols {
+    if let Some(wire) = wire {
         res.headers_mut().insert(
             "sec-websocket-protocol",
-            hyper::header::HeaderValue::from_static("relay.v1.json"),
+            hyper::header::HeaderValue::from_static(wire.subprotocol()),
         );
     }
+    let wire = wire.unwrap_or(Wire::Json);
     let shutdown = ctx.node.shutdown.clone();
     tokio::task::spawn_local(async move {
         if shutdown.is_cancelled() {
@@ -81,21 +75,37 @@ pub fn upgrade(ctx: Rc<ShardContext>, mut req: Request<Incoming>) -> Response<Bo
             Ok(parts) => {
                 let mut tcp = parts.io.into_inner();
                 let (rd, wr) = tcp.split();
-                run(ctx, rd, wr, parts.read_buf).await;
+                run(ctx, wire, rd, wr, parts.read_buf).await;
             }
             Err(up) => {
                 let (rd, wr) = tokio::io::split(TokioIo::new(up));
-                run(ctx, rd, wr, Bytes::new()).await;
+                run(ctx, wire, rd, wr, Bytes::new()).await;
             }
         }
     });
     res.map(|_| Body::Empty)
 }
 
+/// The protocol the client asked for, in its order of preference; `None` when it named none we
+/// speak (then JSON, without echoing a subprotocol).
+fn choose_wire(req: &Request<Incoming>) -> Option<Wire> {
+    req.headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(str::trim))
+        .find_map(|p| match p {
+            "relay.v1.json" => Some(Wire::Json),
+            "relay.v1.bin" if binary::AVAILABLE => Some(Wire::Binary),
+            _ => None,
+        })
+}
+
 /// One WebSocket connection's state, apart from its socket and decoder.
 struct Session {
     ctx: Rc<ShardContext>,
     id: ConnId,
+    wire: Wire,
     outbox: Rc<Outbox>,
     subs: Vec<ChannelName>,
     /// Bytes of a frame not yet complete.
@@ -107,7 +117,7 @@ struct Session {
     close_deadline: Option<Instant>,
 }
 
-async fn run<R, W>(ctx: Rc<ShardContext>, mut rd: R, mut wr: W, pre: Bytes)
+async fn run<R, W>(ctx: Rc<ShardContext>, wire: Wire, mut rd: R, mut wr: W, pre: Bytes)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -116,6 +126,7 @@ where
     let mut decoder = Decoder::new(cfg.max_message_size);
     let mut s = Session {
         id: ctx.next_conn_id(),
+        wire,
         outbox: Rc::new(Outbox::new(cfg.max_outbox_bytes)),
         ctx,
         subs: Vec::new(),
@@ -229,8 +240,7 @@ impl Session {
             self.close(frame::CLOSE_GOING_AWAY, "idle timeout", true);
         } else if !self.ping_sent && now >= self.last_inbound + cfg.ping_interval {
             self.ping_sent = true;
-            self.outbox
-                .push(Out::control(frame::frame(frame::OP_PING, b"")));
+            self.push(frame::frame(frame::OP_PING, b""));
         }
         false
     }
@@ -284,52 +294,73 @@ impl Session {
     }
 
     fn on_message(&mut self, msg: Message<'_>) {
-        match msg {
-            Message::Text(text) => self.on_command(text.as_bytes()),
-            Message::Binary(_) => self.reply(json::error(
-                None,
-                "unsupported_frame",
-                "binary frames need the relay.v1.bin subprotocol",
-            )),
-            Message::Ping(p) => self.reply(frame::frame(frame::OP_PONG, p)),
-            Message::Pong(_) => {}
-            Message::Close(code, _) => {
-                let code = code.unwrap_or(frame::CLOSE_NORMAL);
-                self.close(code, "", true);
+        let decoded = match (msg, self.wire) {
+            (Message::Text(text), Wire::Json) => json::parse_command(text.as_bytes()),
+            (Message::Binary(bytes), Wire::Binary) => binary::decode_command(bytes),
+            (Message::Text(_) | Message::Binary(_), wire) => {
+                let message = match wire {
+                    Wire::Json => "binary frames need the relay.v1.bin subprotocol",
+                    Wire::Binary => "text frames need the relay.v1.json subprotocol",
+                };
+                return self.reply(
+                    None,
+                    &Event::Error {
+                        code: "unsupported_frame",
+                        message,
+                    },
+                );
             }
+            (Message::Ping(p), _) => return self.push(frame::frame(frame::OP_PONG, p)),
+            (Message::Pong(_), _) => return,
+            (Message::Close(code, _), _) => {
+                let code = code.unwrap_or(frame::CLOSE_NORMAL);
+                return self.close(code, "", true);
+            }
+        };
+        match decoded {
+            Ok(req) => self.on_command(req.id, req.command),
+            Err(e) => self.reply(
+                e.id,
+                &Event::Error {
+                    code: e.code,
+                    message: &e.message,
+                },
+            ),
         }
     }
 
-    fn reply(&self, frame: Bytes) {
+    fn push(&self, frame: Bytes) {
         self.outbox.push(Out::control(frame));
     }
 
-    fn on_command(&mut self, text: &[u8]) {
-        let req = match json::parse_command(text) {
-            Ok(r) => r,
-            Err(e) => return self.reply(json::error(e.id, e.code, &e.message)),
-        };
-        let id = req.id;
+    fn reply(&self, id: Option<ReqId<'_>>, event: &Event<'_>) {
+        self.push(self.wire.encode(id, event));
+    }
+
+    fn on_command(&mut self, id: Option<ReqId<'_>>, command: Command<'_>) {
         let now = Instant::now();
-        match req.command {
+        let error = |code, message| Event::Error { code, message };
+        match command {
             Command::Subscribe { channel, resume } => {
                 if self.subs.contains(&channel) {
-                    return self.reply(json::error(
+                    return self.reply(
                         id,
-                        "already_subscribed",
-                        "already subscribed to this channel",
-                    ));
+                        &error("already_subscribed", "already subscribed to this channel"),
+                    );
                 }
                 if self.subs.len() >= self.ctx.config().max_subscriptions {
-                    return self.reply(json::error(
+                    return self.reply(
                         id,
-                        "too_many_subscriptions",
-                        "this connection has the most subscriptions allowed",
-                    ));
+                        &error(
+                            "too_many_subscriptions",
+                            "this connection has the most subscriptions allowed",
+                        ),
+                    );
                 }
+                let encoding = self.wire.message_encoding();
                 let sub = Subscriber {
                     outbox: self.outbox.clone(),
-                    encoding: ENC_WS_JSON,
+                    encoding,
                     slot: self.subs.len() as u16,
                     after: 0,
                 };
@@ -339,9 +370,18 @@ impl Session {
                     .borrow_mut()
                     .subscribe(self.id, &channel, resume, sub, now);
                 self.subs.push(channel.clone());
-                self.reply(json::subscribed(id, &channel, s.position, s.recovered));
+                self.reply(
+                    id,
+                    &Event::Subscribed {
+                        channel: &channel,
+                        position: s.position,
+                        recovered: s.recovered,
+                    },
+                );
                 for p in &s.replay {
-                    let frame = p.frame(ENC_WS_JSON, |p| json::message(&channel, p.seq, &p.data));
+                    let frame = p.frame(encoding, |p| {
+                        crate::protocol::encode_publication(encoding, &channel, p)
+                    });
                     if !self.outbox.push(Out {
                         frame,
                         slot: 0,
@@ -359,32 +399,34 @@ impl Session {
                     .unsubscribe(self.id, &channel, now)
                 {
                     self.subs.retain(|c| c != &channel);
-                    self.reply(json::unsubscribed(id, &channel));
+                    self.reply(id, &Event::Unsubscribed { channel: &channel });
                 } else {
-                    self.reply(json::error(
+                    self.reply(
                         id,
-                        "not_subscribed",
-                        "not subscribed to this channel",
-                    ));
+                        &error("not_subscribed", "not subscribed to this channel"),
+                    );
                 }
             }
             Command::Publish { channel, data } => {
-                let p = self
-                    .ctx
-                    .node
-                    .engine
-                    .publish(&channel, json::normalize_data(data), now);
+                let (kind, bytes) = match data {
+                    Payload::Json(raw) => (DataKind::Json, json::normalize_data(raw)),
+                    Payload::Bytes(b) => (DataKind::Binary, Bytes::copy_from_slice(b)),
+                };
+                let p = self.ctx.node.engine.publish(&channel, kind, bytes, now);
                 self.ctx.node.wake(p.wake);
-                self.reply(json::published(
+                let position = StreamPosition {
+                    epoch: p.epoch,
+                    seq: p.seq,
+                };
+                self.reply(
                     id,
-                    &channel,
-                    crate::types::StreamPosition {
-                        epoch: p.epoch,
-                        seq: p.seq,
+                    &Event::Published {
+                        channel: &channel,
+                        position,
                     },
-                ));
+                );
             }
-            Command::Heartbeat => self.reply(json::heartbeat(id)),
+            Command::Heartbeat => self.reply(id, &Event::Heartbeat),
         }
     }
 
