@@ -12,13 +12,40 @@ if ! command -v cargo >/dev/null; then
 fi
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt || true
 
+# The cluster tests (tests/cluster_*.rs) start their own redis-server and nats-server.
+if ! command -v redis-server >/dev/null || ! command -v nats-server >/dev/null; then
+  log "installing redis-server and nats-server (cluster tests)"
+  if command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq redis-server nats-server >/dev/null
+  else
+    echo "redis-server and nats-server are needed by the cluster tests" >&2
+  fi
+fi
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
 log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
+# tests/deploy.rs validates deploy/k8s against the Kubernetes schemas with kubernetes-validate.
+log "pip install kubernetes-validate (deploy manifest checks)"
+timeout 300 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore kubernetes-validate
+
 log "cargo test"
 cargo test --all-targets
+
+# The JS/TS client: unit tests (node --test) and the browser test in headless Chromium against
+# the relay binary that cargo test just built (target/debug/relay).
+log "JS client (bash clients/js/test.sh)"
+bash clients/js/test.sh
+
+# Every cargo-fuzz target for a bounded time (FUZZ_SECONDS each, default 30; 0 skips): a crash
+# fails the run. Stable toolchain: fuzz/run.sh sets RUSTC_BOOTSTRAP=1 and installs cargo-fuzz.
+fuzz_secs="${FUZZ_SECONDS:-30}"
+if [ "$fuzz_secs" -gt 0 ]; then
+  log "fuzz: each target for ${fuzz_secs}s (bash fuzz/run.sh)"
+  bash fuzz/run.sh "$fuzz_secs"
+fi
 
 log "all checks passed"

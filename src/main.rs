@@ -25,7 +25,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     let Cmd::Serve(args) = cli.command;
     let config = match Config::load(&args) {
         Ok(c) => c,
@@ -42,6 +42,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Parses the command line; `relay --help` also lists every `serve` option.
+fn parse_cli() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let mut cmd = Cli::command();
+    let serve_help = cmd
+        .find_subcommand_mut("serve")
+        .map(|c| c.render_help().to_string())
+        .unwrap_or_default();
+    let cmd = cmd.after_help(format!("`relay serve` options:\n\n{serve_help}"));
+    let matches = cmd.get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 fn init_tracing(format: LogFormat) {
@@ -62,7 +75,11 @@ fn serve(config: Config) -> anyhow::Result<()> {
     let handle = relay::server::start(config.clone())?;
     tracing::info!(addr = %handle.local_addr(), shards, "relay started");
     // The one stdout line: scripts and tests read the bound address from it.
-    println!("listening on http://{}", handle.local_addr());
+    let scheme = if config.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -70,9 +87,22 @@ fn serve(config: Config) -> anyhow::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        // With TLS, SIGHUP reloads the certificate; installed before the listening line so
+        // that a reload right after start cannot kill the process.
+        let mut hup = match config.tls_cert {
+            Some(_) => Some(signal(SignalKind::hangup())?),
+            None => None,
+        };
+        println!("listening on {scheme}://{}", handle.local_addr());
+        loop {
+            tokio::select! {
+                _ = term.recv() => break tracing::info!("SIGTERM: shutting down"),
+                _ = int.recv() => break tracing::info!("SIGINT: shutting down"),
+                Some(()) = async { hup.as_mut()?.recv().await } => match handle.reload_tls() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate"),
+                },
+            }
         }
         anyhow::Ok(())
     })?;

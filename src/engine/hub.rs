@@ -12,19 +12,27 @@ use std::time::Instant;
 use bytes::Bytes;
 use indexmap::IndexMap;
 
-use super::outbox::{Out, Outbox};
-use super::{Channel, Engine, Publication, Subscribed, FRAME_SLOTS};
+use super::outbox::{Out, Outbox, OutboxState};
+use super::presence::{PresenceError, PresenceEvent};
+use super::{Channel, Engine, Join, Publication, SlowPolicy, Subscribed, FRAME_SLOTS};
 use crate::types::{ChannelName, StreamPosition};
 
-/// Builds the frame of a publication for one encoding (an index below [`FRAME_SLOTS`]). The
-/// hub calls it at most once per publication and encoding, whatever the number of subscribers.
-pub type Encoder = fn(encoding: usize, channel: &ChannelName, publication: &Publication) -> Bytes;
+/// Builds frames for one encoding (an index below [`FRAME_SLOTS`]). The hub calls each at most
+/// once per publication (or presence event) and encoding, whatever the number of subscribers.
+#[derive(Clone, Copy)]
+pub struct Encoder {
+    /// A message.
+    pub publication: fn(encoding: usize, channel: &ChannelName, p: &Publication) -> Bytes,
+    /// A presence join or leave.
+    pub presence: fn(encoding: usize, channel: &ChannelName, e: &PresenceEvent) -> Bytes,
+    /// A gap notice: the subscriber missed messages `from..=to` (slow-consumer `drop` policy).
+    pub gap: fn(encoding: usize, channel: &ChannelName, from: u64, to: u64) -> Bytes,
+}
 
 /// Identifies a connection within its shard.
 pub type ConnId = u64;
 
 /// One local subscription.
-#[derive(Debug)]
 pub struct Subscriber {
     /// Where its frames go.
     pub outbox: Rc<Outbox>,
@@ -33,13 +41,42 @@ pub struct Subscriber {
     /// The connection's own index for this subscription (SSE cursors use it).
     pub slot: u16,
     /// It has everything up to this seq already (from `subscribed` and its replay).
-    pub after: u64,
+    after: u64,
+    /// It gets presence events after this presence seq.
+    pafter: u64,
+    /// `drop` policy: messages it missed while its outbox was full, to announce.
+    gap: Option<(u64, u64)>,
+    /// `conflate` policy: the latest message it could not take yet.
+    stash: Option<Arc<Publication>>,
+}
+
+impl Subscriber {
+    /// A subscription writing to `outbox` in `encoding`, known to its connection as `slot`.
+    pub fn new(outbox: Rc<Outbox>, encoding: usize, slot: u16) -> Self {
+        Self {
+            outbox,
+            encoding,
+            slot,
+            after: 0,
+            pafter: 0,
+            gap: None,
+            stash: None,
+        }
+    }
+
+    fn pending(&self) -> bool {
+        self.gap.is_some() || self.stash.is_some()
+    }
 }
 
 struct Local {
     channel: Arc<Channel>,
     /// Everything up to this seq was delivered on this shard.
     cursor: u64,
+    /// Presence events up to this presence seq were delivered on this shard.
+    pcursor: u64,
+    /// The channel's generation the cursor belongs to (see [`Engine::reset`]).
+    generation: u64,
     subs: IndexMap<ConnId, Subscriber>,
 }
 
@@ -54,6 +91,10 @@ pub struct PumpStats {
     pub deliveries: usize,
     /// Subscribers that overflowed or lagged past the ring.
     pub slow: usize,
+    /// Messages skipped for full outboxes under the `drop` or `conflate` policy.
+    pub skipped: usize,
+    /// Age of the oldest publication pulled (publish → queued), if any.
+    pub oldest_age: Option<std::time::Duration>,
 }
 
 /// See the module docs.
@@ -64,6 +105,7 @@ pub struct Hub {
     channels: HashMap<ChannelName, Local>,
     dirty: Vec<Arc<Channel>>,
     pubs: Vec<Arc<Publication>>,
+    events: Vec<Arc<PresenceEvent>>,
 }
 
 impl Hub {
@@ -76,6 +118,7 @@ impl Hub {
             channels: HashMap::new(),
             dirty: Vec::new(),
             pubs: Vec::new(),
+            events: Vec::new(),
         }
     }
 
@@ -89,50 +132,94 @@ impl Hub {
         self.shard
     }
 
-    /// Subscribes connection `conn`. The caller queues its reply and `replay` into the outbox
-    /// right away (before yielding), so that they precede every live message, which start after
-    /// `position.seq`.
+    /// Subscribes connection `conn` (and adds it to the channel's presence when `join` is
+    /// given and the channel has presence). The caller queues its reply and `replay` into the
+    /// outbox right away (before yielding), so that they precede every live message, which
+    /// start after `position.seq`; and wakes `wake`.
     pub fn subscribe(
         &mut self,
         conn: ConnId,
         name: &ChannelName,
         resume: Option<StreamPosition>,
+        join: Option<Join>,
         sub: Subscriber,
         now: Instant,
-    ) -> Subscribed {
-        let s = self.engine.subscribe(self.shard, name, resume, now);
+    ) -> Result<Subscribed, PresenceError> {
+        let s = self.engine.subscribe(self.shard, name, resume, join, now)?;
         let local = self.channels.entry(name.clone()).or_insert_with(|| Local {
             channel: s.channel.clone(),
             cursor: s.position.seq,
+            pcursor: s.pseq,
+            generation: s.generation,
             subs: IndexMap::new(),
         });
         if !Arc::ptr_eq(&local.channel, &s.channel) {
             // The sweep replaced the channel while this shard had no subscriber left in it.
             local.channel = s.channel.clone();
             local.cursor = s.position.seq;
+            local.pcursor = s.pseq;
+            local.generation = s.generation;
+        } else if local.generation != s.generation {
+            // The channel was reset (a backplane resync) before this shard pumped: the
+            // subscribers it had are positioned in the old state; they resume.
+            for sub in local.subs.values() {
+                sub.outbox.mark_overflowed();
+            }
+            local.cursor = s.position.seq;
+            local.generation = s.generation;
         }
-        let after = s.position.seq;
-        if let Some(old) = local.subs.insert(conn, Subscriber { after, ..sub }) {
+        let sub = Subscriber {
+            after: s.position.seq,
+            pafter: s.pseq,
+            ..sub
+        };
+        if local.subs.insert(conn, sub).is_some() {
             // A connection subscribes once per channel (transports check); keep counts right.
-            drop(old);
             self.engine.unsubscribe(self.shard, &s.channel, now);
         }
-        s
+        Ok(s)
     }
 
-    /// Unsubscribes `conn` from `name`. Returns false if it was not subscribed.
-    pub fn unsubscribe(&mut self, conn: ConnId, name: &ChannelName, now: Instant) -> bool {
-        let Some(local) = self.channels.get_mut(name) else {
-            return false;
-        };
-        if local.subs.swap_remove(&conn).is_none() {
-            return false;
-        }
-        self.engine.unsubscribe(self.shard, &local.channel, now);
+    /// The shared channel `name` if this shard has subscribers in it.
+    pub fn channel(&self, name: &ChannelName) -> Option<&Arc<Channel>> {
+        self.channels.get(name).map(|l| &l.channel)
+    }
+
+    /// Unsubscribes `conn` from `name`. Returns the channel, or `None` if it was not
+    /// subscribed.
+    pub fn unsubscribe(
+        &mut self,
+        conn: ConnId,
+        name: &ChannelName,
+        now: Instant,
+    ) -> Option<Arc<Channel>> {
+        let local = self.channels.get_mut(name)?;
+        local.subs.swap_remove(&conn)?;
+        let channel = local.channel.clone();
+        self.engine.unsubscribe(self.shard, &channel, now);
         if local.subs.is_empty() {
             self.channels.remove(name);
         }
-        true
+        Some(channel)
+    }
+
+    /// Sends what connection `conn` deferred for lack of room (gap notices, conflated messages)
+    /// in its subscriptions `names`, as far as its outbox now has room. Writers call it when
+    /// [`Outbox::take_deferred`] says so.
+    pub fn flush(&mut self, conn: ConnId, names: &[ChannelName]) -> PumpStats {
+        let mut stats = PumpStats::default();
+        for name in names {
+            let Some(local) = self.channels.get_mut(name) else {
+                continue;
+            };
+            if let Some(sub) = local.subs.get_mut(&conn) {
+                flush_sub(&mut stats, sub, local.channel.name(), self.encode);
+                if sub.pending() {
+                    sub.outbox.set_deferred();
+                }
+            }
+        }
+        stats
     }
 
     /// Local subscribers of `name`.
@@ -155,8 +242,27 @@ impl Hub {
             }
             stats.channels += 1;
             self.pubs.clear();
-            let lost = channel.read_since(local.cursor, &mut self.pubs);
-            if lost {
+            self.events.clear();
+            let (lost, plost, current) = channel.read_all_since_in(
+                local.cursor,
+                local.pcursor,
+                Some(local.generation),
+                &mut self.pubs,
+                &mut self.events,
+            );
+            if let Err((generation, top)) = current {
+                // The channel adopted a remote state (backplane resync): the positions of this
+                // shard's subscribers no longer connect to it, so each is closed as a slow
+                // consumer and resumes against the new state.
+                for sub in local.subs.values() {
+                    sub.outbox.mark_overflowed();
+                    stats.slow += 1;
+                }
+                local.generation = generation;
+                local.cursor = top;
+                continue;
+            }
+            if lost || plost {
                 // This shard fell behind the ring: every local subscriber has a gap, so each
                 // is closed as a slow consumer and resumes from its own last seq.
                 for sub in local.subs.values() {
@@ -164,37 +270,123 @@ impl Hub {
                     stats.slow += 1;
                 }
             }
+            // Merge in the order things happened: an event recorded at seq N came after
+            // message N and before message N + 1.
+            let mut events = self.events.iter().peekable();
             for p in &self.pubs {
-                let mut frames: [Option<Bytes>; FRAME_SLOTS] = Default::default();
-                for sub in local.subs.values() {
-                    if p.seq <= sub.after {
-                        continue;
-                    }
-                    let enc = sub.encoding % FRAME_SLOTS;
-                    let frame = frames[enc]
-                        .get_or_insert_with(|| {
-                            let encode = self.encode;
-                            p.frame(enc, |p| encode(enc, channel.name(), p))
-                        })
-                        .clone();
-                    let out = Out {
-                        frame,
-                        slot: sub.slot,
-                        seq: p.seq,
-                    };
-                    if sub.outbox.push(out) {
-                        stats.deliveries += 1;
-                    } else if sub.outbox.state() == super::outbox::OutboxState::Overflowed {
-                        stats.slow += 1;
-                    }
+                while let Some(e) = events.next_if(|e| e.seq < p.seq) {
+                    deliver_presence(&mut stats, local, self.encode, e);
                 }
-                local.cursor = p.seq;
+                deliver_publication(&mut stats, local, self.encode, p);
+            }
+            for e in events {
+                deliver_presence(&mut stats, local, self.encode, e);
             }
             stats.publications += self.pubs.len();
+            if let Some(first) = self.pubs.first() {
+                let age = Instant::now().saturating_duration_since(first.at);
+                stats.oldest_age = Some(stats.oldest_age.map_or(age, |a| a.max(age)));
+            }
         }
         self.dirty = dirty;
         self.pubs.clear();
+        self.events.clear();
         stats
+    }
+}
+
+fn deliver_publication(
+    stats: &mut PumpStats,
+    local: &mut Local,
+    encode: Encoder,
+    p: &Arc<Publication>,
+) {
+    let mut frames: [Option<Bytes>; FRAME_SLOTS] = Default::default();
+    let policy = local.channel.policy();
+    let name = local.channel.name();
+    for sub in local.subs.values_mut() {
+        if p.seq <= sub.after {
+            continue;
+        }
+        let enc = sub.encoding % FRAME_SLOTS;
+        let frame = frames[enc]
+            .get_or_insert_with(|| p.frame(enc, |p| (encode.publication)(enc, name, p)))
+            .clone();
+        if policy != SlowPolicy::Disconnect {
+            flush_sub(stats, sub, name, encode);
+            if sub.pending() || !sub.outbox.has_room(frame.len()) {
+                // Skip it (drop: widen the gap; conflate: keep it as the latest) and flush
+                // when the writer frees room.
+                match policy {
+                    SlowPolicy::Drop => {
+                        let from = sub.gap.map_or(p.seq, |(from, _)| from);
+                        sub.gap = Some((from, p.seq));
+                    }
+                    _ => sub.stash = Some(p.clone()),
+                }
+                sub.outbox.set_deferred();
+                stats.skipped += 1;
+                continue;
+            }
+        }
+        let out = Out {
+            frame,
+            slot: sub.slot,
+            seq: p.seq,
+        };
+        deliver(stats, sub, out);
+    }
+    local.cursor = p.seq;
+}
+
+/// Queues what `sub` deferred, in order, as far as its outbox has room.
+fn flush_sub(stats: &mut PumpStats, sub: &mut Subscriber, name: &ChannelName, encode: Encoder) {
+    let enc = sub.encoding % FRAME_SLOTS;
+    if let Some((from, to)) = sub.gap {
+        let notice = (encode.gap)(enc, name, from, to);
+        if !sub.outbox.has_room(notice.len()) {
+            return;
+        }
+        sub.gap = None;
+        deliver(stats, sub, Out::control(notice));
+    }
+    if let Some(p) = &sub.stash {
+        let frame = p.frame(enc, |p| (encode.publication)(enc, name, p));
+        if !sub.outbox.has_room(frame.len()) {
+            return;
+        }
+        let out = Out {
+            frame,
+            slot: sub.slot,
+            seq: p.seq,
+        };
+        sub.stash = None;
+        deliver(stats, sub, out);
+    }
+}
+
+fn deliver_presence(stats: &mut PumpStats, local: &mut Local, encode: Encoder, e: &PresenceEvent) {
+    let mut frames: [Option<Bytes>; FRAME_SLOTS] = Default::default();
+    for sub in local.subs.values() {
+        if e.pseq <= sub.pafter {
+            continue;
+        }
+        let enc = sub.encoding % FRAME_SLOTS;
+        let frame = frames[enc]
+            .get_or_insert_with(|| {
+                e.frame(enc, |e| (encode.presence)(enc, local.channel.name(), e))
+            })
+            .clone();
+        deliver(stats, sub, Out::control(frame));
+    }
+    local.pcursor = e.pseq;
+}
+
+fn deliver(stats: &mut PumpStats, sub: &Subscriber, out: Out) {
+    if sub.outbox.push(out) {
+        stats.deliveries += 1;
+    } else if sub.outbox.state() == OutboxState::Overflowed {
+        stats.slow += 1;
     }
 }
 
@@ -206,9 +398,23 @@ mod tests {
     use crate::engine::EngineConfig;
     use std::time::Duration;
 
-    fn encode(enc: usize, _: &ChannelName, p: &Publication) -> Bytes {
+    fn encode_pub(enc: usize, _: &ChannelName, p: &Publication) -> Bytes {
         Bytes::from(format!("{enc}:{}", p.seq))
     }
+
+    fn encode_presence(_: usize, _: &ChannelName, e: &PresenceEvent) -> Bytes {
+        Bytes::from(format!("{}:{}@{}", e.kind(), e.who.user, e.seq))
+    }
+
+    fn encode_gap(_: usize, _: &ChannelName, from: u64, to: u64) -> Bytes {
+        Bytes::from(format!("gap:{from}-{to}"))
+    }
+
+    const ENC: Encoder = Encoder {
+        publication: encode_pub,
+        presence: encode_presence,
+        gap: encode_gap,
+    };
 
     fn setup(shards: usize) -> Arc<Engine> {
         Arc::new(Engine::new(EngineConfig {
@@ -216,16 +422,19 @@ mod tests {
             history_size: 100,
             history_ttl: Duration::from_secs(60),
             seed: 3,
+            presence: crate::engine::presence::PresenceConfig {
+                patterns: vec!["p:*".into()],
+                ..Default::default()
+            },
+            slow_consumer: vec![
+                ("drop:*".into(), SlowPolicy::Drop),
+                ("last:*".into(), SlowPolicy::Conflate),
+            ],
         }))
     }
 
     fn sub(outbox: &Rc<Outbox>, encoding: usize) -> Subscriber {
-        Subscriber {
-            outbox: outbox.clone(),
-            encoding,
-            slot: 0,
-            after: 0,
-        }
+        Subscriber::new(outbox.clone(), encoding, 0)
     }
 
     fn frames(o: &Outbox) -> Vec<String> {
@@ -235,20 +444,65 @@ mod tests {
     }
 
     #[test]
+    fn a_reset_closes_the_subscribers_positioned_before_it() {
+        use crate::engine::IngestOutcome;
+        use crate::types::DataKind;
+        let e = setup(1);
+        let mut hub = Hub::new(0, e.clone(), ENC);
+        let now = Instant::now();
+        let name = ChannelName::new("r").unwrap();
+        let o1 = Rc::new(Outbox::new(1 << 20));
+        hub.subscribe(1, &name, None, None, sub(&o1, 0), now)
+            .unwrap();
+        e.publish(&name, DataKind::Json, Bytes::new(), now);
+        hub.pump();
+        assert_eq!(frames(&o1), ["0:1"]);
+        let epoch = crate::types::Epoch(77 | 1 << 60);
+        e.reset(&name, epoch, 40, Vec::new(), now);
+        let stats = hub.pump();
+        assert_eq!(stats.slow, 1);
+        assert_eq!(o1.state(), OutboxState::Overflowed, "closed for resume");
+        // A subscriber that comes after the reset is served from the new state.
+        let o2 = Rc::new(Outbox::new(1 << 20));
+        let s = hub
+            .subscribe(2, &name, None, None, sub(&o2, 0), now)
+            .unwrap();
+        assert_eq!(s.position.seq, 40);
+        assert_eq!(
+            e.ingest(&name, epoch, 41, DataKind::Json, Bytes::new(), now, now),
+            IngestOutcome::Appended(1)
+        );
+        hub.pump();
+        assert_eq!(frames(&o2), ["0:41"]);
+        // A reset that the hub has not pumped yet is seen at the next subscribe too.
+        e.reset(&name, epoch, 50, Vec::new(), now);
+        let o3 = Rc::new(Outbox::new(1 << 20));
+        hub.subscribe(3, &name, None, None, sub(&o3, 0), now)
+            .unwrap();
+        assert_eq!(o2.state(), OutboxState::Overflowed);
+        assert_ne!(o3.state(), OutboxState::Overflowed);
+        hub.pump();
+        assert!(frames(&o3).is_empty());
+    }
+
+    #[test]
     fn fan_out_reaches_every_shard_in_order_once() {
         let e = setup(2);
         let now = Instant::now();
         let name = ChannelName::new("c").unwrap();
-        let mut hubs = [
-            Hub::new(0, e.clone(), encode),
-            Hub::new(1, e.clone(), encode),
-        ];
+        let mut hubs = [Hub::new(0, e.clone(), ENC), Hub::new(1, e.clone(), ENC)];
         let a = Rc::new(Outbox::new(1 << 20));
         let b = Rc::new(Outbox::new(1 << 20));
         let c = Rc::new(Outbox::new(1 << 20));
-        hubs[0].subscribe(1, &name, None, sub(&a, 0), now);
-        hubs[0].subscribe(2, &name, None, sub(&b, 1), now);
-        hubs[1].subscribe(1, &name, None, sub(&c, 0), now);
+        hubs[0]
+            .subscribe(1, &name, None, None, sub(&a, 0), now)
+            .unwrap();
+        hubs[0]
+            .subscribe(2, &name, None, None, sub(&b, 1), now)
+            .unwrap();
+        hubs[1]
+            .subscribe(1, &name, None, None, sub(&c, 0), now)
+            .unwrap();
         for _ in 0..3 {
             e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
         }
@@ -265,13 +519,16 @@ mod tests {
         let e = setup(1);
         let now = Instant::now();
         let name = ChannelName::new("c").unwrap();
-        let mut hub = Hub::new(0, e.clone(), encode);
+        let mut hub = Hub::new(0, e.clone(), ENC);
         let a = Rc::new(Outbox::new(1 << 20));
         let b = Rc::new(Outbox::new(1 << 20));
-        hub.subscribe(1, &name, None, sub(&a, 0), now);
+        hub.subscribe(1, &name, None, None, sub(&a, 0), now)
+            .unwrap();
         e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
         // b joins before the shard pumped seq 1: it must not get seq 1.
-        let s = hub.subscribe(2, &name, None, sub(&b, 0), now);
+        let s = hub
+            .subscribe(2, &name, None, None, sub(&b, 0), now)
+            .unwrap();
         assert_eq!(s.position.seq, 1);
         e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
         hub.pump();
@@ -284,11 +541,13 @@ mod tests {
         let e = setup(1);
         let now = Instant::now();
         let name = ChannelName::new("c").unwrap();
-        let mut hub = Hub::new(0, e.clone(), encode);
+        let mut hub = Hub::new(0, e.clone(), ENC);
         let slow = Rc::new(Outbox::new(8));
         let fast = Rc::new(Outbox::new(1 << 20));
-        hub.subscribe(1, &name, None, sub(&slow, 0), now);
-        hub.subscribe(2, &name, None, sub(&fast, 0), now);
+        hub.subscribe(1, &name, None, None, sub(&slow, 0), now)
+            .unwrap();
+        hub.subscribe(2, &name, None, None, sub(&fast, 0), now)
+            .unwrap();
         for _ in 0..5 {
             e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
         }
@@ -303,11 +562,12 @@ mod tests {
         let e = setup(1);
         let now = Instant::now();
         let name = ChannelName::new("c").unwrap();
-        let mut hub = Hub::new(0, e.clone(), encode);
+        let mut hub = Hub::new(0, e.clone(), ENC);
         let a = Rc::new(Outbox::new(1 << 20));
-        hub.subscribe(1, &name, None, sub(&a, 0), now);
-        assert!(hub.unsubscribe(1, &name, now));
-        assert!(!hub.unsubscribe(1, &name, now));
+        hub.subscribe(1, &name, None, None, sub(&a, 0), now)
+            .unwrap();
+        assert!(hub.unsubscribe(1, &name, now).is_some());
+        assert!(hub.unsubscribe(1, &name, now).is_none());
         assert_eq!(
             e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now)
                 .wake,
@@ -316,5 +576,102 @@ mod tests {
         hub.pump();
         assert!(a.is_empty());
         assert_eq!(e.channels()[0].subscribers, 0);
+    }
+
+    #[test]
+    fn presence_events_reach_every_shard_once_per_user() {
+        use crate::engine::presence::{Identity, Liveness};
+        let e = setup(2);
+        let now = Instant::now();
+        let name = ChannelName::new("p:room").unwrap();
+        let mut hubs = [Hub::new(0, e.clone(), ENC), Hub::new(1, e.clone(), ENC)];
+        let live = Arc::new(Liveness::default());
+        let join = |client: &str, user: &str| {
+            Some(Join {
+                who: Identity {
+                    client: client.into(),
+                    user: user.into(),
+                    info: None,
+                },
+                live: live.clone(),
+            })
+        };
+        let a = Rc::new(Outbox::new(1 << 20));
+        let b = Rc::new(Outbox::new(1 << 20));
+        let c = Rc::new(Outbox::new(1 << 20));
+        hubs[0]
+            .subscribe(1, &name, None, join("c1", "alice"), sub(&a, 0), now)
+            .unwrap();
+        hubs[1]
+            .subscribe(1, &name, None, join("c2", "alice"), sub(&b, 0), now)
+            .unwrap();
+        e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
+        hubs[1]
+            .subscribe(2, &name, None, join("c3", "bob"), sub(&c, 0), now)
+            .unwrap();
+        hubs[0].pump();
+        hubs[1].pump();
+        assert_eq!(frames(&a), ["join:alice@0", "0:1", "join:bob@1"]);
+        assert_eq!(
+            frames(&b),
+            ["0:1", "join:bob@1"],
+            "alice joined once, before b"
+        );
+        assert_eq!(frames(&c), ["join:bob@1"]);
+        let ch = hubs[0].channel(&name).unwrap().clone();
+        assert_eq!(
+            e.leave_presence(&ch, "c1"),
+            0,
+            "alice still has c2: no event"
+        );
+        assert_ne!(e.leave_presence(&ch, "c2"), 0);
+        hubs[0].pump();
+        assert_eq!(frames(&a), ["leave:alice@1"]);
+    }
+
+    #[test]
+    fn drop_policy_skips_and_announces_the_gap_before_the_next_message() {
+        let e = setup(1);
+        let now = Instant::now();
+        let name = ChannelName::new("drop:x").unwrap();
+        let mut hub = Hub::new(0, e.clone(), ENC);
+        // Frames "0:N" are 3 bytes, the notice "gap:3-4" 7: room for two frames, or the notice
+        // once the queue is drained.
+        let o = Rc::new(Outbox::new(8));
+        hub.subscribe(1, &name, None, None, sub(&o, 0), now)
+            .unwrap();
+        for _ in 0..4 {
+            e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
+        }
+        let st = hub.pump();
+        assert_eq!((st.deliveries, st.skipped), (2, 2));
+        assert_eq!(o.state(), OutboxState::Open, "drop never disconnects");
+        assert_eq!(frames(&o), ["0:1", "0:2"]);
+        assert!(o.take_deferred());
+        hub.flush(1, std::slice::from_ref(&name));
+        assert_eq!(frames(&o), ["gap:3-4"]);
+        e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
+        hub.pump();
+        assert_eq!(frames(&o), ["0:5"]);
+    }
+
+    #[test]
+    fn conflate_policy_keeps_only_the_latest() {
+        let e = setup(1);
+        let now = Instant::now();
+        let name = ChannelName::new("last:x").unwrap();
+        let mut hub = Hub::new(0, e.clone(), ENC);
+        let o = Rc::new(Outbox::new(3));
+        hub.subscribe(1, &name, None, None, sub(&o, 0), now)
+            .unwrap();
+        for _ in 0..5 {
+            e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
+        }
+        assert_eq!(hub.pump().skipped, 4);
+        assert_eq!(frames(&o), ["0:1"]);
+        assert!(o.take_deferred());
+        hub.flush(1, std::slice::from_ref(&name));
+        assert_eq!(frames(&o), ["0:5"], "the latest, and only it");
+        assert!(!o.take_deferred());
     }
 }

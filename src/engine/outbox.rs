@@ -61,6 +61,9 @@ struct Inner {
     limit: usize,
     waker: Option<Waker>,
     state: OutboxState,
+    /// A subscriber of this connection has a gap notice or a conflated message waiting for
+    /// room (see `Hub::flush`).
+    deferred: bool,
 }
 
 /// Most frames gathered into one vectored write.
@@ -77,6 +80,7 @@ impl Outbox {
                 limit,
                 waker: None,
                 state: OutboxState::Open,
+                deferred: false,
             }),
         }
     }
@@ -132,6 +136,28 @@ impl Outbox {
                 inner.queue.iter().map(|o| o.frame.len()).sum::<usize>() - inner.front_written;
             wake(&mut inner);
         }
+    }
+
+    /// Whether `len` more bytes fit under the limit.
+    pub fn has_room(&self, len: usize) -> bool {
+        let inner = self.inner.borrow();
+        inner.state == OutboxState::Open && inner.bytes + len <= inner.limit
+    }
+
+    /// Notes that a subscriber deferred something until there is room.
+    pub fn set_deferred(&self) {
+        self.inner.borrow_mut().deferred = true;
+    }
+
+    /// Takes the deferred flag once at most half the limit is queued (the writer then asks the
+    /// hub to flush), so a connection that frees a little room does not flush one frame at a time.
+    pub fn take_deferred(&self) -> bool {
+        let mut inner = self.inner.borrow_mut();
+        if inner.deferred && inner.state == OutboxState::Open && inner.bytes <= inner.limit / 2 {
+            inner.deferred = false;
+            return true;
+        }
+        false
     }
 
     /// The state.

@@ -10,7 +10,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::de::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
-use super::{ws, Command, CommandError, Event, Payload, ReqId, Request};
+use super::{ws, ClientPresence, Command, CommandError, Event, Payload, ReqId, Request};
+use crate::engine::presence::{Identity, PresenceEvent};
 use crate::types::{ChannelName, DataKind, Epoch, StreamPosition};
 
 /// A field that distinguishes "absent" from "present, even if `null`".
@@ -41,6 +42,24 @@ struct RawCommand<'a> {
     since: Option<u64>,
     #[serde(borrow, default)]
     epoch: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    presence: Option<RawPresence<'a>>,
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct IdOnly<'a> {
+    #[serde(borrow, default)]
+    id: Raw<'a>,
+}
+
+#[derive(serde::Deserialize)]
+struct RawPresence<'a> {
+    #[serde(borrow, default)]
+    user: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    info: Option<&'a RawValue>,
 }
 
 /// Parses one client command.
@@ -82,6 +101,13 @@ pub fn parse_command(input: &[u8]) -> Result<Request<'_>, CommandError<'_>> {
                     .unwrap_or(Epoch(0)),
                 seq,
             }),
+            presence: match raw.presence {
+                None => None,
+                Some(p) => Some(client_presence(p).map_err(|m| err("bad_request", m.into()))?),
+            },
+        },
+        Some("presence") => Command::Presence {
+            channel: channel()?,
         },
         Some("unsubscribe") => Command::Unsubscribe {
             channel: channel()?,
@@ -97,6 +123,16 @@ pub fn parse_command(input: &[u8]) -> Result<Request<'_>, CommandError<'_>> {
             }
         }
         Some("heartbeat") => Command::Heartbeat,
+        Some(ty @ ("auth" | "refresh")) => {
+            let Some(token) = raw.token else {
+                return Err(err("bad_request", "missing field `token`".into()));
+            };
+            if ty == "auth" {
+                Command::Auth { token }
+            } else {
+                Command::Refresh { token }
+            }
+        }
         Some(other) => {
             return Err(err(
                 "unknown_type",
@@ -106,6 +142,21 @@ pub fn parse_command(input: &[u8]) -> Result<Request<'_>, CommandError<'_>> {
         None => return Err(err("unknown_type", "missing field `type`".into())),
     };
     Ok(Request { id, command })
+}
+
+fn client_presence(p: RawPresence<'_>) -> Result<ClientPresence<'_>, &'static str> {
+    let user = p.user;
+    if user
+        .as_ref()
+        .is_some_and(|u| u.is_empty() || u.len() > super::MAX_USER_LEN)
+    {
+        return Err("presence.user must be 1 to 256 bytes");
+    }
+    let info = p.info.map(|v| v.get());
+    if info.is_some_and(|i| !i.starts_with('{') || i.len() > super::MAX_INFO_LEN) {
+        return Err("presence.info must be a JSON object of at most 4096 bytes");
+    }
+    Ok(ClientPresence { user, info })
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -189,10 +240,12 @@ pub fn put_data(b: &mut BytesMut, kind: DataKind, data: &[u8]) {
 }
 
 /// Whether binary `data` can be forwarded to JSON clients as is: valid JSON with no raw line
-/// break (so it also fits an SSE line).
+/// break (so it also fits an SSE line). UTF-8 is checked first: `from_slice` skips over the
+/// bytes of a string it ignores without validating them.
 pub fn is_embeddable_json(data: &[u8]) -> bool {
     !data.iter().any(|&b| b == b'\n' || b == b'\r')
-        && serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok()
+        && std::str::from_utf8(data)
+            .is_ok_and(|s| serde_json::from_str::<serde::de::IgnoredAny>(s).is_ok())
 }
 
 /// A complete frame carrying `event`.
@@ -220,12 +273,86 @@ pub fn encode_event(id: Option<ReqId<'_>>, ev: &Event<'_>) -> Bytes {
             })
         }
         Event::Heartbeat => event("heartbeat", id, 0, |_| {}),
+        Event::PresenceState {
+            channel,
+            seq,
+            members,
+        } => event(
+            "presence_state",
+            id,
+            channel.as_str().len() + 64 * members.len() + 64,
+            |b| {
+                put_str_field(b, "channel", channel.as_str());
+                let _ = write!(b, ",\"seq\":{seq},\"members\":[");
+                for (i, m) in members.iter().enumerate() {
+                    if i > 0 {
+                        b.put_u8(b',');
+                    }
+                    b.put_u8(b'{');
+                    put_identity(b, m);
+                    b.put_u8(b'}');
+                }
+                b.put_u8(b']');
+            },
+        ),
         Event::Error { code, message } => event("error", id, message.len() + 48, |b| {
             put_str_field(b, "code", code);
             b.put_slice(b",\"message\":");
             b.put_slice(json_string(message).as_bytes());
         }),
     }
+}
+
+/// Reply to `auth`: `{"type":"authenticated","id":…,"user":…,"exp":…}`.
+pub fn authenticated(id: Option<ReqId<'_>>, user: &str, exp: u64) -> Bytes {
+    event("authenticated", id, user.len() + 48, |b| {
+        b.put_slice(b",\"user\":");
+        b.put_slice(json_string(user).as_bytes());
+        let _ = write!(b, ",\"exp\":{exp}");
+    })
+}
+
+/// Reply to `refresh`: `{"type":"refreshed","id":…,"exp":…}`.
+pub fn refreshed(id: Option<ReqId<'_>>, exp: u64) -> Bytes {
+    event("refreshed", id, 32, |b| {
+        let _ = write!(b, ",\"exp\":{exp}");
+    })
+}
+
+/// Pushed when the connection's token expires: `{"type":"token_expired","deadline_ms":…}`;
+/// the client must `refresh` within `deadline_ms` or be closed with 4003.
+pub fn token_expired(deadline_ms: u128) -> Bytes {
+    event("token_expired", None, 32, |b| {
+        let _ = write!(b, ",\"deadline_ms\":{deadline_ms}");
+    })
+}
+
+/// Writes `"client":…,"user":…[,"info":…]` (no leading comma).
+pub fn put_identity(b: &mut BytesMut, who: &Identity) {
+    let _ = write!(b, "\"client\":\"{}\",\"user\":", who.client);
+    b.put_slice(json_string(&who.user).as_bytes());
+    if let Some(info) = &who.info {
+        b.put_slice(b",\"info\":");
+        b.put_slice(info);
+    }
+}
+
+/// The `presence` event frame (join or leave), encoded once per event.
+pub fn presence(channel: &ChannelName, e: &PresenceEvent) -> Bytes {
+    event("presence", None, channel.as_str().len() + 128, |b| {
+        put_str_field(b, "channel", channel.as_str());
+        let _ = write!(b, ",\"seq\":{},\"event\":\"{}\",", e.seq, e.kind());
+        put_identity(b, &e.who);
+    })
+}
+
+/// The `gap` frame: this subscriber missed messages `from..=to` of the channel (slow consumer
+/// under the `drop` policy); they can be fetched from history.
+pub fn gap(channel: &ChannelName, from: u64, to: u64) -> Bytes {
+    event("gap", None, channel.as_str().len() + 48, |b| {
+        put_str_field(b, "channel", channel.as_str());
+        let _ = write!(b, ",\"from\":{from},\"to\":{to}");
+    })
 }
 
 /// `s` as a JSON string literal.
@@ -293,7 +420,8 @@ mod tests {
     fn errors_have_codes_and_keep_the_id() {
         let code = |s: &[u8]| parse_command(s).unwrap_err().code;
         assert_eq!(code(b"{nope"), "bad_json");
-        assert_eq!(code(b"[1,2]"), "bad_request");
+        assert_eq!(code(b"[1,2]"), "bad_json");
+        assert_eq!(code(b" \"x\""), "bad_json");
         assert_eq!(code(br#"{"type":"dance"}"#), "unknown_type");
         assert_eq!(code(br#"{"channel":"a"}"#), "unknown_type");
         assert_eq!(code(br#"{"type":"subscribe"}"#), "bad_request");
@@ -306,6 +434,8 @@ mod tests {
             code(br#"{"type":"subscribe","channel":"a","since":-1}"#),
             "bad_request"
         );
+        let e = parse_command(br#"{"type":"subscribe","channel":5,"id":"q"}"#).unwrap_err();
+        assert_eq!((e.code, e.id), ("bad_request", Some(ReqId::Json("\"q\""))));
         let e = parse_command(br#"{"type":"subscribe","id":9}"#).unwrap_err();
         assert_eq!(e.id, Some(ReqId::Json("9")));
     }

@@ -17,6 +17,7 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 
+use crate::engine::presence::{Identity, PresenceEvent};
 use crate::engine::Publication;
 use crate::types::{ChannelName, StreamPosition};
 
@@ -34,6 +35,35 @@ pub enum ReqId<'a> {
     Json(&'a str),
     /// A binary id.
     Num(u64),
+}
+
+/// A [`ReqId`] that owns its text, for replies sent after the frame is gone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OwnedReqId {
+    /// A JSON id.
+    Json(Box<str>),
+    /// A binary id.
+    Num(u64),
+}
+
+impl ReqId<'_> {
+    /// An owned copy.
+    pub fn to_owned_id(&self) -> OwnedReqId {
+        match *self {
+            ReqId::Json(s) => OwnedReqId::Json(s.into()),
+            ReqId::Num(n) => OwnedReqId::Num(n),
+        }
+    }
+}
+
+impl OwnedReqId {
+    /// Borrows it back.
+    pub fn as_req_id(&self) -> ReqId<'_> {
+        match self {
+            OwnedReqId::Json(s) => ReqId::Json(s),
+            OwnedReqId::Num(n) => ReqId::Num(*n),
+        }
+    }
 }
 
 /// A payload as a client sent it.
@@ -54,6 +84,8 @@ pub enum Command<'a> {
         channel: ChannelName,
         /// Where the client left off (`since` + `epoch`).
         resume: Option<StreamPosition>,
+        /// Identity the client claims for presence (allowed by `--client-presence`).
+        presence: Option<ClientPresence<'a>>,
     },
     /// Unsubscribe.
     Unsubscribe {
@@ -69,7 +101,36 @@ pub enum Command<'a> {
     },
     /// Heartbeat (answered with a heartbeat).
     Heartbeat,
+    /// Presence query: the channel's current members.
+    Presence {
+        /// The channel.
+        channel: ChannelName,
+    },
+    /// Authenticate a connection opened without `?token=` (JSON protocol).
+    Auth {
+        /// The JWT.
+        token: Cow<'a, str>,
+    },
+    /// Replace the connection's token before (or soon after) it expires (JSON protocol).
+    Refresh {
+        /// The new JWT, for the same subject.
+        token: Cow<'a, str>,
+    },
 }
+
+/// A presence identity given in a subscribe command.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientPresence<'a> {
+    /// User id (1..=256 bytes).
+    pub user: Option<Cow<'a, str>>,
+    /// Info: a raw JSON object (at most 4 KiB).
+    pub info: Option<&'a str>,
+}
+
+/// Longest presence user id.
+pub const MAX_USER_LEN: usize = 256;
+/// Largest presence info object.
+pub const MAX_INFO_LEN: usize = 4096;
 
 /// A command and its optional id.
 #[derive(Debug)]
@@ -118,6 +179,15 @@ pub enum Event<'a> {
     },
     /// Reply to heartbeat.
     Heartbeat,
+    /// Reply to a presence query.
+    PresenceState {
+        /// The channel.
+        channel: &'a ChannelName,
+        /// The channel's message seq.
+        seq: u64,
+        /// The members.
+        members: &'a [Identity],
+    },
     /// A refused command.
     Error {
         /// Machine-readable code.
@@ -170,3 +240,28 @@ pub fn encode_publication(encoding: usize, channel: &ChannelName, p: &Publicatio
         _ => json::message(channel, p.seq, p.kind, &p.data),
     }
 }
+
+/// The hub's encoder for presence events, once per event and encoding.
+pub fn encode_presence(encoding: usize, channel: &ChannelName, e: &PresenceEvent) -> Bytes {
+    match encoding {
+        ENC_SSE => sse::presence(channel, e),
+        ENC_WS_BIN => binary::presence(channel, e),
+        _ => json::presence(channel, e),
+    }
+}
+
+/// The hub's encoder for gap notices (slow-consumer `drop` policy).
+pub fn encode_gap(encoding: usize, channel: &ChannelName, from: u64, to: u64) -> Bytes {
+    match encoding {
+        ENC_SSE => sse::dropped(channel, from, to),
+        ENC_WS_BIN => binary::gap(channel, from, to),
+        _ => json::gap(channel, from, to),
+    }
+}
+
+/// The encoders, for the hub.
+pub const ENCODER: crate::engine::hub::Encoder = crate::engine::hub::Encoder {
+    publication: encode_publication,
+    presence: encode_presence,
+    gap: encode_gap,
+};

@@ -68,6 +68,17 @@ pub fn message(channel: &ChannelName, seq: u64, kind: DataKind, data: &[u8]) -> 
     b.freeze()
 }
 
+/// The `presence` event (no `id:`: it does not move the cursor).
+pub fn presence(channel: &ChannelName, e: &crate::engine::presence::PresenceEvent) -> Bytes {
+    let mut b = BytesMut::with_capacity(160);
+    b.put_slice(b"event: presence\ndata: {\"channel\":\"");
+    b.put_slice(channel.as_str().as_bytes());
+    let _ = write!(b, "\",\"seq\":{},\"event\":\"{}\",", e.seq, e.kind());
+    super::json::put_identity(&mut b, &e.who);
+    b.put_slice(b"}\n\n");
+    b.freeze()
+}
+
 /// A named event with a one-line JSON `data`.
 pub fn event(name: &str, data: &str) -> Bytes {
     Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
@@ -82,6 +93,16 @@ pub fn gap(channel: &ChannelName, reason: &str, pos: StreamPosition) -> Bytes {
             json_string(reason),
             pos.epoch,
             pos.seq
+        ),
+    )
+}
+
+/// The `gap` event of a slow reader under the `drop` policy: it missed `from..=to`.
+pub fn dropped(channel: &ChannelName, from: u64, to: u64) -> Bytes {
+    event(
+        "gap",
+        &format!(
+            "{{\"channel\":\"{channel}\",\"reason\":\"dropped\",\"from\":{from},\"to\":{to}}}"
         ),
     )
 }

@@ -27,6 +27,7 @@ pub struct ServerHandle {
 
 /// Binds and starts every shard.
 pub fn start(config: Config) -> io::Result<ServerHandle> {
+    crate::metrics::install();
     let shards = config.effective_shards();
     let listeners = listener::bind_shards(config.listen, shards)?;
     let local_addr = listeners[0].local_addr()?;
@@ -35,7 +36,10 @@ pub fn start(config: Config) -> io::Result<ServerHandle> {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
         ^ u64::from(std::process::id()).rotate_left(32);
-    let node = Arc::new(Node::new(config, shards, seed));
+    let mut node = Node::new(config, shards, seed);
+    node.start_backplane(seed)?;
+    let node = Arc::new(node);
+    node.security_ready()?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let pin = shards <= cores.len();
     let mut threads = Vec::with_capacity(shards);
@@ -59,6 +63,15 @@ impl ServerHandle {
     /// The address every shard listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Reloads the TLS certificate and key from their files: new connections get them, open
+    /// ones keep theirs. A no-op without TLS; on error the old ones stay.
+    pub fn reload_tls(&self) -> Result<(), crate::tls::TlsError> {
+        match &self.node.tls {
+            Some(tls) => tls.reload(),
+            None => Ok(()),
+        }
     }
 
     /// Starts the graceful shutdown: stop accepting, close WebSockets with 1012, end SSE

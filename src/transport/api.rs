@@ -15,7 +15,8 @@ use serde_json::value::RawValue;
 
 use super::http::{error, json, Body};
 use super::sse::form_pairs;
-use super::ShardContext;
+use super::{PublishError, ShardContext};
+use crate::auth::{Grants, Perm};
 use crate::protocol::json::normalize_data;
 use crate::types::{ChannelName, DataKind};
 
@@ -24,29 +25,43 @@ pub const MAX_BROADCAST: usize = 100;
 
 /// Routes `/api/*`.
 pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> {
-    if !authorized(&ctx.config().api_keys, &req) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong API key (Authorization: Bearer <key>)",
-        );
-    }
+    let g = match grants(&ctx, &req) {
+        Ok(g) => g,
+        Err(res) => return res,
+    };
+    let g = &g;
     let path = req.uri().path().to_owned();
     match (req.method().clone(), path.as_str()) {
         (Method::POST, "/api/publish") => match read_body(&ctx, req).await {
-            Ok(b) => parse(&b).map_or_else(|res| res, |body| publish(&ctx, body)),
+            Ok(b) => match parse(&b) {
+                Ok(body) => publish(&ctx, g, body).await,
+                Err(res) => res,
+            },
             Err(res) => res,
         },
         (Method::POST, "/api/broadcast") => match read_body(&ctx, req).await {
-            Ok(b) => parse(&b).map_or_else(|res| res, |body| broadcast(&ctx, body)),
+            Ok(b) => match parse(&b) {
+                Ok(body) => broadcast(&ctx, g, body).await,
+                Err(res) => res,
+            },
             Err(res) => res,
         },
+        (Method::GET, "/api/channels") if !g.is_all() => {
+            forbidden("listing channels needs an API key")
+        }
         (Method::GET, "/api/channels") => channels(&ctx),
-        (Method::GET, p) if p.starts_with("/api/history/") => history(
-            &ctx,
-            &p["/api/history/".len()..],
-            req.uri().query().unwrap_or(""),
-        ),
+        (Method::GET, p) if p.starts_with("/api/presence/") => {
+            presence(&ctx, g, &p["/api/presence/".len()..])
+        }
+        (Method::GET, p) if p.starts_with("/api/history/") => {
+            history(
+                &ctx,
+                g,
+                &p["/api/history/".len()..],
+                req.uri().query().unwrap_or(""),
+            )
+            .await
+        }
         (_, "/api/publish" | "/api/broadcast" | "/api/channels") => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -54,6 +69,43 @@ pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<B
         ),
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such API path"),
     }
+}
+
+/// What the request may do: everything with an API key (or with neither API keys nor JWT auth
+/// configured); with JWT auth, what its bearer token grants, or what anonymous clients may.
+// The error is the response itself, built once per refused request: boxing it buys nothing.
+#[allow(clippy::result_large_err)]
+fn grants(ctx: &ShardContext, req: &Request<Incoming>) -> Result<Grants, Response<Body>> {
+    let cfg = ctx.config();
+    let bearer = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let unauthorized = |message: &str| {
+        crate::limits::refused(crate::limits::Cause::Unauthorized, "api");
+        error(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    };
+    if bearer.is_some() && !cfg.api_keys.is_empty() && authorized(&cfg.api_keys, req) {
+        return Ok(Grants::all());
+    }
+    match (&ctx.node.auth, bearer) {
+        (Some(auth), Some(token)) => auth
+            .verify(token)
+            .map(|p| p.grants)
+            .map_err(|e| unauthorized(&format!("not an API key, and not a valid token: {e}"))),
+        (Some(_), None) => Ok(ctx.node.anonymous_grants()),
+        (None, _) if cfg.api_keys.is_empty() => Ok(Grants::all()),
+        (None, _) => Err(unauthorized(
+            "missing or wrong API key (Authorization: Bearer <key>)",
+        )),
+    }
+}
+
+/// The 403 of a request its grants do not allow.
+fn forbidden(message: &str) -> Response<Body> {
+    crate::limits::refused(crate::limits::Cause::Forbidden, "api");
+    error(StatusCode::FORBIDDEN, "forbidden", message)
 }
 
 /// Whether the request carries one of `keys` (always, when there are none). Every key is
@@ -103,6 +155,7 @@ struct BroadcastBody<'a> {
 async fn read_body(ctx: &ShardContext, req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
     let max = ctx.config().max_message_size;
     let too_large = || {
+        crate::limits::refused(crate::limits::Cause::MessageTooLarge, "http body");
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
@@ -129,6 +182,8 @@ async fn read_body(ctx: &ShardContext, req: Request<Incoming>) -> Result<Bytes, 
 }
 
 /// Parses a JSON body: `bad_json` when it is not JSON, `bad_request` when fields are wrong.
+// The error side is the ready-made error response of a cold path; boxing it buys nothing.
+#[allow(clippy::result_large_err)]
 fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Response<Body>> {
     serde_json::from_slice(bytes).map_err(|e| {
         let code = if e.is_data() {
@@ -140,23 +195,35 @@ fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Response<Body>> {
     })
 }
 
+#[allow(clippy::result_large_err)]
 fn channel(name: &str) -> Result<ChannelName, Response<Body>> {
     ChannelName::new(name)
         .map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_channel", &e.to_string()))
 }
 
-fn publish(ctx: &ShardContext, b: PublishBody<'_>) -> Response<Body> {
+/// The 503 of a publish that could not be sequenced.
+fn unavailable(e: &PublishError) -> Response<Body> {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        &e.to_string(),
+    )
+}
+
+async fn publish(ctx: &ShardContext, g: &Grants, b: PublishBody<'_>) -> Response<Body> {
     let ch = match channel(&b.channel) {
         Ok(c) => c,
         Err(res) => return res,
     };
-    let p = ctx.node.engine.publish(
-        &ch,
-        DataKind::Json,
-        normalize_data(b.data.get()),
-        Instant::now(),
-    );
-    ctx.node.wake(p.wake);
+    if !g.allows(Perm::Publish, ch.as_str()) {
+        return forbidden("no publish permission on this channel");
+    }
+    let data = normalize_data(b.data.get());
+    let p = match ctx.node.publish(&ch, DataKind::Json, data).await {
+        Ok(p) => p,
+        Err(e) => return unavailable(&e),
+    };
+    ctx.metrics.published.increment(1);
     json(
         StatusCode::OK,
         format!(
@@ -166,7 +233,7 @@ fn publish(ctx: &ShardContext, b: PublishBody<'_>) -> Response<Body> {
     )
 }
 
-fn broadcast(ctx: &ShardContext, b: BroadcastBody<'_>) -> Response<Body> {
+async fn broadcast(ctx: &ShardContext, g: &Grants, b: BroadcastBody<'_>) -> Response<Body> {
     if b.channels.is_empty() || b.channels.len() > MAX_BROADCAST {
         return error(
             StatusCode::BAD_REQUEST,
@@ -177,20 +244,22 @@ fn broadcast(ctx: &ShardContext, b: BroadcastBody<'_>) -> Response<Body> {
     let mut names = Vec::with_capacity(b.channels.len());
     for c in &b.channels {
         match channel(c) {
+            Ok(c) if !g.allows(Perm::Publish, c.as_str()) => {
+                return forbidden(&format!("no publish permission on {c}"))
+            }
             Ok(c) => names.push(c),
             Err(res) => return res,
         }
     }
     let data = normalize_data(b.data.get());
-    let now = Instant::now();
     let mut out = String::from("{\"results\":[");
-    let mut wake = 0;
     for (i, ch) in names.iter().enumerate() {
-        let p = ctx
-            .node
-            .engine
-            .publish(ch, DataKind::Json, data.clone(), now);
-        wake |= p.wake;
+        // Channels published before a failure stay published; the error says which failed.
+        let p = match ctx.node.publish(ch, DataKind::Json, data.clone()).await {
+            Ok(p) => p,
+            Err(e) => return unavailable(&e),
+        };
+        ctx.metrics.published.increment(1);
         if i > 0 {
             out.push(',');
         }
@@ -200,17 +269,19 @@ fn broadcast(ctx: &ShardContext, b: BroadcastBody<'_>) -> Response<Body> {
             p.seq, p.epoch
         );
     }
-    ctx.node.wake(wake);
     out.push_str("]}");
     json(StatusCode::OK, out)
 }
 
-fn history(ctx: &ShardContext, name: &str, query: &str) -> Response<Body> {
+async fn history(ctx: &ShardContext, g: &Grants, name: &str, query: &str) -> Response<Body> {
     let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
     let ch = match channel(&name) {
         Ok(c) => c,
         Err(res) => return res,
     };
+    if !g.allows(Perm::History, ch.as_str()) {
+        return forbidden("no history permission on this channel");
+    }
     let max = ctx.config().history_size;
     let (mut since, mut limit) = (0u64, max);
     for (k, v) in form_pairs(query) {
@@ -228,7 +299,11 @@ fn history(ctx: &ShardContext, name: &str, query: &str) -> Response<Body> {
             _ => {}
         }
     }
-    let h = ctx.node.engine.history(&ch, since, limit, Instant::now());
+    // From where history lives: this node's rings, or the backplane's.
+    let h = match ctx.node.history(&ch, since, limit).await {
+        Ok(h) => h,
+        Err(e) => return unavailable(&e),
+    };
     let mut out = format!(
         "{{\"channel\":\"{ch}\",\"epoch\":\"{}\",\"seq\":{},\"complete\":{},\"messages\":[",
         h.position.epoch, h.position.seq, h.complete
@@ -243,6 +318,50 @@ fn history(ctx: &ShardContext, name: &str, query: &str) -> Response<Body> {
     }
     out.push_str("]}");
     json(StatusCode::OK, out)
+}
+
+/// `GET /api/presence/{channel}` and `GET /api/presence/{channel}/stats`.
+fn presence(ctx: &ShardContext, g: &Grants, rest: &str) -> Response<Body> {
+    let (name, stats) = match rest.strip_suffix("/stats") {
+        Some(name) => (name, true),
+        None => (rest, false),
+    };
+    let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+    let ch = match channel(&name) {
+        Ok(c) => c,
+        Err(res) => return res,
+    };
+    if !g.allows(Perm::Presence, ch.as_str()) {
+        return forbidden("no presence permission on this channel");
+    }
+    let Some(p) = ctx.node.engine.presence(&ch, Instant::now()) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "presence_disabled",
+            "this channel has no presence (see --presence-channels)",
+        );
+    };
+    if stats {
+        return json(
+            StatusCode::OK,
+            format!(
+                "{{\"channel\":\"{ch}\",\"clients\":{},\"users\":{}}}",
+                p.stats.clients, p.stats.users
+            ),
+        );
+    }
+    let mut b = bytes::BytesMut::new();
+    let _ = write!(b, "{{\"channel\":\"{ch}\",\"seq\":{},\"members\":[", p.seq);
+    for (i, m) in p.members.iter().enumerate() {
+        if i > 0 {
+            b.extend_from_slice(b",");
+        }
+        b.extend_from_slice(b"{");
+        crate::protocol::json::put_identity(&mut b, m);
+        b.extend_from_slice(b"}");
+    }
+    b.extend_from_slice(b"]}");
+    json(StatusCode::OK, String::from_utf8_lossy(&b).into_owned())
 }
 
 fn channels(ctx: &ShardContext) -> Response<Body> {

@@ -58,12 +58,96 @@ impl http_body::Body for Body {
     }
 }
 
-/// Routes one request.
+/// Routes one request. Every response names the shard that served it (`x-relay-shard`), which
+/// is how tests and operators see the kernel's `SO_REUSEPORT` spread.
 pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> {
+    let shard = HeaderValue::from(ctx.shard);
+    let origin = req.headers().get(hyper::header::ORIGIN).cloned();
+    let path = req.uri().path();
+    let guarded = path == "/ws" || path == "/sse" || path.starts_with("/api/");
+    let mut res = match origin.as_ref() {
+        Some(o) if guarded && !origin_allowed(&ctx.config().allowed_origins, o) => {
+            crate::limits::refused(crate::limits::Cause::Origin, o.to_str().unwrap_or("?"));
+            error(
+                StatusCode::FORBIDDEN,
+                "forbidden_origin",
+                "this Origin is not allowed here (see --allowed-origin)",
+            )
+        }
+        Some(_) if guarded && req.method() == Method::OPTIONS => preflight(),
+        _ => route(ctx.clone(), req).await,
+    };
+    if let (true, Some(o)) = (guarded, origin) {
+        if res.status() != StatusCode::FORBIDDEN || ctx.config().allowed_origins.is_empty() {
+            cors(&ctx.config().allowed_origins, o, &mut res);
+        }
+    }
+    res.headers_mut().insert("x-relay-shard", shard);
+    res
+}
+
+/// Whether a browser page of `origin` may use the relay: any when the list is empty.
+fn origin_allowed(allowed: &[String], origin: &HeaderValue) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    allowed
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+}
+
+/// CORS headers for an allowed `origin`: `*` when every origin is allowed, else the origin
+/// itself (and `Vary: Origin`, so caches keep one answer per origin).
+fn cors(allowed: &[String], origin: HeaderValue, res: &mut Response<Body>) {
+    let h = res.headers_mut();
+    if allowed.is_empty() || allowed.iter().any(|a| a == "*") {
+        h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
+    } else {
+        h.insert("access-control-allow-origin", origin);
+        h.append(hyper::header::VARY, HeaderValue::from_static("origin"));
+    }
+}
+
+/// The answer to a CORS preflight (`OPTIONS`) of an allowed origin.
+fn preflight() -> Response<Body> {
+    let mut res = Response::new(Body::Empty);
+    *res.status_mut() = StatusCode::NO_CONTENT;
+    let h = res.headers_mut();
+    h.insert(
+        "access-control-allow-methods",
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    h.insert(
+        "access-control-allow-headers",
+        HeaderValue::from_static("authorization, content-type, last-event-id"),
+    );
+    h.insert("access-control-max-age", HeaderValue::from_static("600"));
+    res
+}
+
+async fn route(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/ws") => ws::upgrade(ctx, req),
-        (&Method::GET, "/sse") => sse::open(ctx, req),
+        (&Method::GET, "/sse") => sse::open(ctx, req).await,
+        (&Method::GET, "/metrics") => match crate::metrics::render() {
+            Some(text) => {
+                let mut res = Response::new(Body::Full(Full::new(Bytes::from(text))));
+                res.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                res
+            }
+            None => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "metrics are not enabled",
+            ),
+        },
         (&Method::GET, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
         (&Method::GET, "/readyz") => {
             if ctx.node.shutdown.is_cancelled() {
@@ -71,6 +155,12 @@ pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<B
                     StatusCode::SERVICE_UNAVAILABLE,
                     "shutting_down",
                     "the node is shutting down",
+                )
+            } else if !ctx.node.is_ready() {
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "backplane_unavailable",
+                    "the backplane cannot be reached: publishes fail until it is back",
                 )
             } else {
                 json(StatusCode::OK, r#"{"status":"ready"}"#.into())
@@ -82,6 +172,9 @@ pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<B
             "method_not_allowed",
             "use GET",
         ),
+        (&Method::GET, p) if ctx.config().demo && super::demo::is_demo_path(p) => {
+            super::demo::serve(p)
+        }
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such path"),
     }
 }

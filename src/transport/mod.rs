@@ -5,6 +5,7 @@
 //! without locks; publishes go through the shared engine and wake the shards it names.
 
 pub mod api;
+pub mod demo;
 pub mod http;
 pub mod sse;
 pub mod ws;
@@ -14,11 +15,15 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::engine::hub::{ConnId, Hub};
-use crate::engine::{mask_iter, Engine, ShardMask};
+use bytes::Bytes;
+
+use crate::engine::{mask_iter, Engine, Published, ShardMask};
 use crate::protocol;
+use crate::types::{ChannelName, DataKind};
 
 /// What all shards share.
 pub struct Node {
@@ -27,9 +32,17 @@ pub struct Node {
     /// The channel table.
     pub engine: Arc<Engine>,
     /// One fan-out wake-up per shard.
-    pub wakers: Box<[Notify]>,
+    pub wakers: Arc<[Notify]>,
+    /// Where messages are sequenced: this node (`memory`) or a shared backplane.
+    pub backplane: Arc<dyn crate::backplane::Backplane>,
     /// Cancelled when the node starts shutting down.
     pub shutdown: CancellationToken,
+    /// JWT verifier and config grants; `None`: auth off.
+    pub auth: Option<crate::auth::Auth>,
+    /// Open connections per client IP, over all shards.
+    pub ips: Arc<crate::limits::IpLimiter>,
+    /// TLS config, reloadable; `None`: plain TCP.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl Node {
@@ -40,13 +53,141 @@ impl Node {
             history_size: config.history_size,
             history_ttl: config.history_ttl,
             seed,
+            presence: crate::engine::presence::PresenceConfig {
+                patterns: config.presence_channels.clone(),
+                timeout: config.presence_timeout,
+                max_members: config.presence_max_members,
+            },
+            slow_consumer: config.slow_consumer.clone(),
         });
+        // Config::validate loaded both already; an error here (a file changed since) leaves
+        // the field `None`, which `Node::security_ready` turns into a refusal to start.
+        let auth = crate::auth::Auth::from_config(&config).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "JWT auth setup failed");
+            None
+        });
+        let tls = crate::tls::Tls::from_config(&config).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "TLS setup failed");
+            None
+        });
+        let engine = Arc::new(engine);
+        let wakers = crate::backplane::Wakers::new(shards);
+        let backplane = Arc::new(crate::backplane::memory::MemoryBackplane::new(
+            engine.clone(),
+            wakers.clone(),
+        ));
         Self {
+            backplane,
+            ips: crate::limits::IpLimiter::new(config.max_connections_per_ip),
+            auth,
+            tls,
             config,
-            engine: Arc::new(engine),
-            wakers: (0..shards).map(|_| Notify::new()).collect(),
+            engine,
+            wakers: wakers.0,
             shutdown: CancellationToken::new(),
         }
+    }
+
+    /// Fails when auth or TLS is configured but could not be set up (never serve open or in
+    /// clear text by mistake).
+    pub fn security_ready(&self) -> std::io::Result<()> {
+        if self.config.auth_enabled() && self.auth.is_none() {
+            return Err(std::io::Error::other(
+                "JWT auth is configured but not set up",
+            ));
+        }
+        if self.config.tls_cert.is_some() && self.tls.is_none() {
+            return Err(std::io::Error::other("TLS is configured but not set up"));
+        }
+        Ok(())
+    }
+
+    /// What a client without a token may do: everything with auth off.
+    pub fn anonymous_grants(&self) -> crate::auth::Grants {
+        match &self.auth {
+            Some(a) => a.anonymous(),
+            None => crate::auth::Grants::all(),
+        }
+    }
+
+    /// Sequences one message and starts its fan-out. The one way transports publish: where the
+    /// sequence lives (this node, or a backplane shared by several) is decided here.
+    pub async fn publish(
+        &self,
+        channel: &ChannelName,
+        kind: DataKind,
+        data: Bytes,
+    ) -> Result<Published, PublishError> {
+        match self.backplane.publish(channel, kind, data).await {
+            Ok((epoch, seq)) => Ok(Published {
+                epoch,
+                seq,
+                wake: 0,
+            }),
+            Err(e) => Err(PublishError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Starts the backplane the config names (`memory` needs nothing). Call once, before the
+    /// node is shared.
+    pub fn start_backplane(&mut self, seed: u64) -> std::io::Result<()> {
+        use crate::config::BackplaneKind;
+        match self.config.backplane {
+            BackplaneKind::Memory => Ok(()),
+            BackplaneKind::Redis => {
+                let settings = crate::backplane::redis::RedisSettings {
+                    url: self.config.redis_url.clone(),
+                    history_size: self.config.history_size,
+                    history_ttl: self.config.history_ttl,
+                    node_id: self.config.node_id.clone(),
+                    seed,
+                    presence_timeout: self.config.presence_timeout,
+                };
+                self.backplane = crate::backplane::redis::RedisBackplane::start(
+                    settings,
+                    self.engine.clone(),
+                    crate::backplane::Wakers(self.wakers.clone()),
+                    self.shutdown.clone(),
+                )?;
+                Ok(())
+            }
+            BackplaneKind::Nats => Err(std::io::Error::other(
+                "the nats backplane is not available in this build",
+            )),
+        }
+    }
+
+    /// What a subscriber of `channel` must wait for before it is added to a hub: `None` when
+    /// the channel is in sync on this node (always in memory mode: subscribe at once).
+    pub fn join(
+        &self,
+        channel: &ChannelName,
+    ) -> Option<crate::backplane::BoxFuture<Result<(), PublishError>>> {
+        let f = self.backplane.join(channel)?;
+        Some(Box::pin(async move {
+            f.await
+                .map_err(|e| PublishError::Unavailable(e.to_string()))
+        }))
+    }
+
+    /// Reads history after `since`, at most `limit`, from where history lives (the engine in
+    /// memory mode, the backplane otherwise).
+    pub async fn history(
+        &self,
+        channel: &ChannelName,
+        since: u64,
+        limit: usize,
+    ) -> Result<crate::engine::History, PublishError> {
+        self.backplane
+            .history(channel, since, limit)
+            .await
+            .map_err(|e| PublishError::Unavailable(e.to_string()))
+    }
+
+    /// Whether the node can take publishes (`/readyz`): not shutting down, and its backplane
+    /// reachable.
+    pub fn is_ready(&self) -> bool {
+        !self.shutdown.is_cancelled() && self.backplane.is_ready()
     }
 
     /// Wakes the shards in `mask` to pump their hubs.
@@ -59,6 +200,14 @@ impl Node {
     }
 }
 
+/// Why a publish was refused: the message was not sequenced, and nobody will receive it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PublishError {
+    /// The backplane that sequences messages cannot be reached (HTTP 503, WS `unavailable`).
+    #[error("the message cannot be sequenced now: {0}")]
+    Unavailable(String),
+}
+
 /// One shard's transport state. See the module docs.
 pub struct ShardContext {
     /// The shared node.
@@ -67,17 +216,24 @@ pub struct ShardContext {
     pub shard: usize,
     /// This shard's subscribers.
     pub hub: RefCell<Hub>,
+    /// This shard's metric handles.
+    pub metrics: crate::metrics::ShardMetrics,
+    /// Every connection task of the shard (HTTP connections and upgraded WebSocket sessions):
+    /// shutdown waits for them, up to the timeout.
+    pub tracker: TaskTracker,
     next_conn: Cell<ConnId>,
 }
 
 impl ShardContext {
     /// The context of shard `shard`.
     pub fn new(node: Arc<Node>, shard: usize) -> Self {
-        let hub = Hub::new(shard, node.engine.clone(), protocol::encode_publication);
+        let hub = Hub::new(shard, node.engine.clone(), protocol::ENCODER);
         Self {
             node,
             shard,
             hub: RefCell::new(hub),
+            tracker: TaskTracker::new(),
+            metrics: crate::metrics::ShardMetrics::new(),
             next_conn: Cell::new(1),
         }
     }

@@ -23,7 +23,7 @@ use crate::protocol::{sse, ENC_SSE};
 use crate::types::{ChannelName, StreamPosition};
 
 /// Answers `GET /sse?channel=…`.
-pub fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> {
+pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> {
     let cfg = ctx.config().clone();
     let mut channels: Vec<ChannelName> = Vec::new();
     let mut last_event_id: Option<String> = None;
@@ -57,7 +57,26 @@ pub fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> {
             "give at least one ?channel=",
         );
     }
+    let auth = match super::ws::connection_auth(&ctx, &req) {
+        Ok(a) => a,
+        Err(e) => {
+            crate::limits::refused(crate::limits::Cause::Unauthorized, &e.to_string());
+            return error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string());
+        }
+    };
+    if let Some(ch) = channels
+        .iter()
+        .find(|c| !auth.grants.allows(crate::auth::Perm::Subscribe, c.as_str()))
+    {
+        crate::limits::refused(crate::limits::Cause::Forbidden, "sse subscribe");
+        return error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            &format!("no subscribe permission on {ch}"),
+        );
+    }
     if channels.len() > cfg.max_subscriptions {
+        crate::limits::refused(crate::limits::Cause::TooManySubscriptions, "sse");
         return error(
             StatusCode::BAD_REQUEST,
             "too_many_subscriptions",
@@ -80,11 +99,24 @@ pub fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> {
     // A cursor for another list of channels cannot be matched position by position.
     let cursor_fits = resume.as_ref().map(|c| c.len() == channels.len());
 
+    // A backplane brings each channel in sync on this node first (never waits in memory mode).
+    for ch in &channels {
+        if let Some(wait) = ctx.node.join(ch) {
+            if let Err(e) = wait.await {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    &e.to_string(),
+                );
+            }
+        }
+    }
     let id = ctx.next_conn_id();
     let outbox = Rc::new(Outbox::new(cfg.max_outbox_bytes));
     let now = Instant::now();
     let mut head = BytesMut::new();
     head.put_slice(&sse::retry(cfg.sse_retry.as_millis()));
+    let mut gaps = BytesMut::new();
     let mut cursor = Vec::with_capacity(channels.len());
     let mut listing = String::from("{\"channels\":[");
     let mut replays = Vec::new();
@@ -95,20 +127,26 @@ pub fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> {
                 (Some(c), Some(true)) => Some(c[i]),
                 _ => None,
             };
-            let sub = Subscriber {
-                outbox: outbox.clone(),
-                encoding: ENC_SSE,
-                slot: i as u16,
-                after: 0,
+            let sub = Subscriber::new(outbox.clone(), ENC_SSE, i as u16);
+            // SSE subscribers receive presence events but are not members: they cannot send
+            // heartbeats. Without a join, subscribing cannot fail.
+            let Ok(s) = hub.subscribe(id, ch, from, None, sub, now) else {
+                for done in &channels[..i] {
+                    hub.unsubscribe(id, done, now);
+                }
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "cannot subscribe",
+                );
             };
-            let s = hub.subscribe(id, ch, from, sub, now);
             let reason = match (cursor_fits, s.gap) {
                 (Some(false), _) => Some("bad_cursor"),
                 (_, Some(g)) => Some(g.as_str()),
                 _ => None,
             };
             if let Some(reason) = reason {
-                head.put_slice(&sse::gap(ch, reason, s.position));
+                gaps.put_slice(&sse::gap(ch, reason, s.position));
             }
             // The stream starts where the client is: its resume point when recovered.
             let start = match from {
@@ -121,7 +159,7 @@ pub fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> {
             }
             listing.push_str(&format!(
                 "{{\"channel\":\"{ch}\",\"epoch\":\"{}\",\"seq\":{},\"recovered\":{}}}",
-                s.position.epoch, start.seq, s.recovered
+                s.position.epoch, s.position.seq, s.recovered
             ));
             replays.push((i, s.replay));
         }
@@ -129,6 +167,7 @@ pub fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> {
     listing.push_str("]}");
     sse::write_id(&cursor, &mut head);
     head.put_slice(&sse::event("subscribed", &listing)[..]);
+    head.put_slice(&gaps);
     for (slot, pubs) in replays {
         for p in pubs {
             let frame = p.frame(ENC_SSE, |p| {
@@ -141,6 +180,10 @@ pub fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> {
             });
         }
     }
+    let m = &ctx.metrics;
+    m.sse_accepted.increment(1);
+    m.sse_connections.increment(1.0);
+    m.subscriptions.increment(channels.len() as f64);
     let keepalive = tokio::time::sleep(cfg.sse_keepalive);
     let body = SseBody {
         shutdown: Box::pin(ctx.node.shutdown.clone().cancelled_owned()),
@@ -153,6 +196,9 @@ pub fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> {
         keepalive: Box::pin(keepalive),
         keepalive_every: cfg.sse_keepalive,
         ended: false,
+        expires: auth
+            .exp
+            .map(|exp| Box::pin(tokio::time::sleep_until(super::ws::instant_of(exp).into()))),
     };
     let mut res = Response::new(Body::Sse(Box::new(body)));
     let h = res.headers_mut();
@@ -190,6 +236,8 @@ pub struct SseBody {
     keepalive_every: std::time::Duration,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     ended: bool,
+    /// The token's expiry: the stream ends then, with a `token_expired` event.
+    expires: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl HttpBody for SseBody {
@@ -207,6 +255,14 @@ impl HttpBody for SseBody {
         if this.ended {
             return Poll::Ready(None);
         }
+        if this
+            .expires
+            .as_mut()
+            .is_some_and(|e| e.as_mut().poll(cx).is_ready())
+        {
+            this.ended = true;
+            return Poll::Ready(Some(Ok(Frame::data(sse::event("token_expired", "{}")))));
+        }
         if this.shutdown.as_mut().poll(cx).is_ready() {
             this.ended = true;
             return Poll::Ready(None);
@@ -214,6 +270,7 @@ impl HttpBody for SseBody {
         match this.outbox.state() {
             // Ending the stream makes the client reconnect with Last-Event-ID and resume.
             OutboxState::Overflowed => {
+                this.ctx.metrics.slow.increment(1);
                 this.ended = true;
                 return Poll::Ready(None);
             }
@@ -234,6 +291,12 @@ impl HttpBody for SseBody {
             }
             buf.put_slice(&out.frame);
         });
+        if this.outbox.take_deferred() {
+            if let Ok(mut hub) = this.ctx.hub.try_borrow_mut() {
+                let stats = hub.flush(this.id, &this.channels);
+                this.ctx.metrics.pumped(&stats);
+            }
+        }
         if !buf.is_empty() {
             return Poll::Ready(Some(Ok(Frame::data(buf.freeze()))));
         }
@@ -255,6 +318,9 @@ impl HttpBody for SseBody {
 
 impl Drop for SseBody {
     fn drop(&mut self) {
+        let m = &self.ctx.metrics;
+        m.sse_connections.decrement(1.0);
+        m.subscriptions.decrement(self.channels.len() as f64);
         let now = Instant::now();
         if let Ok(mut hub) = self.ctx.hub.try_borrow_mut() {
             for ch in &self.channels {

@@ -4,10 +4,12 @@
 
 use std::cell::RefCell;
 use std::future::poll_fn;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{ready, Poll};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -19,10 +21,13 @@ use tokio::net::TcpStream;
 
 use super::http::{error, Body};
 use super::ShardContext;
+use crate::auth::Perm;
 use crate::engine::hub::{ConnId, Subscriber};
 use crate::engine::outbox::{Out, Outbox, OutboxState, Written};
+use crate::engine::presence::{Identity, Liveness};
+use crate::engine::Join;
 use crate::protocol::ws::{self as frame, Decoder, Message};
-use crate::protocol::{binary, json, Command, Event, Payload, ReqId, Wire};
+use crate::protocol::{binary, json, ClientPresence, Command, Event, Payload, ReqId, Wire};
 use crate::types::{ChannelName, DataKind, StreamPosition};
 
 /// Size of the shard's shared read buffer.
@@ -47,6 +52,14 @@ pub fn upgrade(ctx: Rc<ShardContext>, mut req: Request<Incoming>) -> Response<Bo
         );
     }
     let wire = choose_wire(&req);
+    let auth = match connection_auth(&ctx, &req) {
+        Ok(a) => a,
+        Err(e) => {
+            crate::limits::refused(crate::limits::Cause::Unauthorized, &e.to_string());
+            return error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string());
+        }
+    };
+    let guard = req.extensions_mut().remove::<Arc<crate::limits::IpGuard>>();
     let (mut res, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(x) => x,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
@@ -59,7 +72,8 @@ pub fn upgrade(ctx: Rc<ShardContext>, mut req: Request<Incoming>) -> Response<Bo
     }
     let wire = wire.unwrap_or(Wire::Json);
     let shutdown = ctx.node.shutdown.clone();
-    tokio::task::spawn_local(async move {
+    let tracker = ctx.tracker.clone();
+    tracker.spawn_local(async move {
         if shutdown.is_cancelled() {
             return;
         }
@@ -75,13 +89,15 @@ pub fn upgrade(ctx: Rc<ShardContext>, mut req: Request<Incoming>) -> Response<Bo
             Ok(parts) => {
                 let mut tcp = parts.io.into_inner();
                 let (rd, wr) = tcp.split();
-                run(ctx, wire, rd, wr, parts.read_buf).await;
+                run(ctx, wire, auth, rd, wr, parts.read_buf).await;
             }
             Err(up) => {
+                // TLS (and anything else hyper may hand us): its own buffer comes first.
                 let (rd, wr) = tokio::io::split(TokioIo::new(up));
-                run(ctx, wire, rd, wr, Bytes::new()).await;
+                run(ctx, wire, auth, rd, wr, Bytes::new()).await;
             }
         }
+        drop(guard);
     });
     res.map(|_| Body::Empty)
 }
@@ -101,10 +117,121 @@ fn choose_wire(req: &Request<Incoming>) -> Option<Wire> {
         })
 }
 
+/// Close code: no valid token (a bad `auth` command, or none within `--auth-timeout`).
+pub const CLOSE_UNAUTHORIZED: u16 = 4001;
+/// Close code: the token expired and no `refresh` came within `--auth-timeout`.
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4003;
+/// Close code: inbound messages persistently over `--rate-limit`.
+pub const CLOSE_RATE_LIMITED: u16 = 4029;
+
+/// Who a connection is and what it may do.
+pub(crate) struct ConnAuth {
+    /// What the connection may do.
+    pub grants: crate::auth::Grants,
+    /// The token's subject; `None`: anonymous.
+    pub user: Option<Arc<str>>,
+    /// Presence info from the token.
+    pub info: Option<Bytes>,
+    /// Token expiry, Unix seconds.
+    pub exp: Option<u64>,
+}
+
+impl ConnAuth {
+    fn anonymous(ctx: &ShardContext) -> ConnAuth {
+        ConnAuth {
+            grants: ctx.node.anonymous_grants(),
+            user: None,
+            info: None,
+            exp: None,
+        }
+    }
+
+    fn from_principal(p: crate::auth::Principal) -> ConnAuth {
+        ConnAuth {
+            grants: p.grants,
+            user: Some(p.sub),
+            info: p.info,
+            exp: Some(p.exp),
+        }
+    }
+}
+
+/// The token of a request: `?token=`, else `Authorization: Bearer`.
+pub(crate) fn request_token(req: &Request<Incoming>) -> Option<String> {
+    let query = req.uri().query().unwrap_or("");
+    super::sse::form_pairs(query)
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v)
+        .or_else(|| {
+            req.headers()
+                .get(hyper::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(|v| v.trim().to_owned())
+        })
+}
+
+/// The connection's auth from its request: anonymous without a token (or with auth off), the
+/// token's principal with one, an error for a bad one.
+pub(crate) fn connection_auth(
+    ctx: &ShardContext,
+    req: &Request<Incoming>,
+) -> Result<ConnAuth, crate::auth::TokenError> {
+    let Some(auth) = &ctx.node.auth else {
+        return Ok(ConnAuth::anonymous(ctx));
+    };
+    match request_token(req) {
+        None => Ok(ConnAuth::anonymous(ctx)),
+        Some(t) => auth.verify(&t).map(ConnAuth::from_principal),
+    }
+}
+
+/// When Unix time `exp` comes, as an `Instant` (at most a year away).
+pub(crate) fn instant_of(exp: u64) -> Instant {
+    let left = exp
+        .saturating_sub(crate::auth::unix_now())
+        .min(365 * 24 * 3600);
+    Instant::now() + Duration::from_secs(left)
+}
+
+/// The reply to a publish: `published`, or an `unavailable` error when it was not sequenced.
+fn publish_reply(
+    ctx: &ShardContext,
+    wire: Wire,
+    id: Option<ReqId<'_>>,
+    channel: &ChannelName,
+    r: Result<crate::engine::Published, super::PublishError>,
+) -> Bytes {
+    match r {
+        Ok(p) => {
+            ctx.metrics.published.increment(1);
+            let position = StreamPosition {
+                epoch: p.epoch,
+                seq: p.seq,
+            };
+            wire.encode(id, &Event::Published { channel, position })
+        }
+        Err(e) => wire.encode(
+            id,
+            &Event::Error {
+                code: "unavailable",
+                message: &e.to_string(),
+            },
+        ),
+    }
+}
+
 /// One WebSocket connection's state, apart from its socket and decoder.
 struct Session {
     ctx: Rc<ShardContext>,
     id: ConnId,
+    /// The client id presence shows.
+    client: Arc<str>,
+    /// Touched on every read; presence sweeps read it.
+    live: Arc<Liveness>,
+    /// Whether the connection ends cleanly (close handshake, or closed by us): then it leaves
+    /// presence at once; otherwise (vanished) at the presence timeout.
+    clean: bool,
     wire: Wire,
     outbox: Rc<Outbox>,
     subs: Vec<ChannelName>,
@@ -115,17 +242,65 @@ struct Session {
     /// No more reading: the peer closed, broke the protocol, or we are closing.
     read_closed: bool,
     close_deadline: Option<Instant>,
+    auth: ConnAuth,
+    /// Close with 4001 at this time unless an `auth` command comes.
+    auth_deadline: Option<Instant>,
+    /// When the token expires (then `token_expired` is sent and `refresh_deadline` set).
+    expiry: Option<Instant>,
+    /// Close with 4003 at this time unless a `refresh` comes.
+    refresh_deadline: Option<Instant>,
+    /// Inbound message rate; `None`: no limit.
+    bucket: Option<crate::limits::TokenBucket>,
+    /// Subscribes waiting for the backplane to bring their channel in sync (never in memory
+    /// mode).
+    joining: Vec<PendingJoin>,
 }
 
-async fn run<R, W>(ctx: Rc<ShardContext>, wire: Wire, mut rd: R, mut wr: W, pre: Bytes)
-where
+/// A subscribe that waits for [`super::Node::join`] before it is added to the hub.
+struct PendingJoin {
+    wait: crate::backplane::BoxFuture<Result<(), super::PublishError>>,
+    id: Option<crate::protocol::OwnedReqId>,
+    channel: ChannelName,
+    resume: Option<StreamPosition>,
+    join: Option<Join>,
+}
+
+/// The first pending join to complete, taken out of the list.
+async fn poll_joins(
+    joining: &mut Vec<PendingJoin>,
+) -> (PendingJoin, Result<(), super::PublishError>) {
+    poll_fn(|cx| {
+        for i in 0..joining.len() {
+            if let Poll::Ready(r) = joining[i].wait.as_mut().poll(cx) {
+                return Poll::Ready((joining.swap_remove(i), r));
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+async fn run<R, W>(
+    ctx: Rc<ShardContext>,
+    wire: Wire,
+    auth: ConnAuth,
+    mut rd: R,
+    mut wr: W,
+    pre: Bytes,
+) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let cfg = ctx.config().clone();
     let mut decoder = Decoder::new(cfg.max_message_size);
+    let id = ctx.next_conn_id();
+    let live = Arc::new(Liveness::default());
+    live.touch(ctx.node.engine.millis(Instant::now()));
     let mut s = Session {
-        id: ctx.next_conn_id(),
+        client: ctx.node.engine.client_id(ctx.shard, id),
+        live,
+        clean: false,
+        id,
         wire,
         outbox: Rc::new(Outbox::new(cfg.max_outbox_bytes)),
         ctx,
@@ -135,7 +310,24 @@ where
         ping_sent: false,
         read_closed: false,
         close_deadline: None,
+        auth_deadline: None,
+        expiry: auth.exp.map(instant_of),
+        refresh_deadline: None,
+        bucket: (cfg.rate_limit > 0).then(|| {
+            crate::limits::TokenBucket::new(cfg.rate_limit, cfg.rate_burst, Instant::now())
+        }),
+        auth,
+        joining: Vec::new(),
     };
+    // A client that may do nothing without a token must authenticate in time.
+    if let Some(a) = &s.ctx.node.auth {
+        if s.auth.user.is_none() && !a.anonymous_allowed() {
+            s.auth_deadline = Some(Instant::now() + cfg.auth_timeout);
+        }
+    }
+    let m = &s.ctx.metrics;
+    m.ws_accepted.increment(1);
+    m.ws_connections.increment(1.0);
     if !pre.is_empty() {
         s.on_read(&mut decoder, &mut pre.to_vec());
     }
@@ -157,8 +349,16 @@ where
                     let _ = wr.shutdown().await;
                     break;
                 }
-                Ok(WriteEvent::Wrote(_)) => {}
+                Ok(WriteEvent::Wrote(w)) => {
+                    s.ctx.metrics.bytes_written.increment(w.bytes as u64);
+                    s.ctx.metrics.frames_per_write.record(w.frames as f64);
+                    if s.outbox.take_deferred() {
+                        let stats = s.ctx.hub.borrow_mut().flush(s.id, &s.subs);
+                        s.ctx.metrics.pumped(&stats);
+                    }
+                }
                 Ok(WriteEvent::Overflowed) => {
+                    s.ctx.metrics.slow.increment(1);
                     tracing::debug!(conn = s.id, "slow consumer closed");
                     s.close(frame::CLOSE_SLOW_CONSUMER, "slow consumer: resume from your last seq", false);
                 }
@@ -171,6 +371,7 @@ where
                 }
                 Ok(n) => {
                     s.last_inbound = Instant::now();
+                    s.live.touch(s.ctx.node.engine.millis(s.last_inbound));
                     s.ping_sent = false;
                     SCRATCH_BUF.with(|b| {
                         let mut b = b.borrow_mut();
@@ -178,6 +379,13 @@ where
                     });
                 }
             },
+            (p, r) = poll_joins(&mut s.joining), if !s.joining.is_empty() => {
+                let id = p.id.as_ref().map(|i| i.as_req_id());
+                match r {
+                    Ok(()) => s.subscribe_now(id, p.channel, p.resume, p.join, Instant::now()),
+                    Err(e) => s.reply(id, &Event::Error { code: "unavailable", message: &e.to_string() }),
+                }
+            }
             _ = &mut timer => {
                 if s.on_timer(&cfg) {
                     break;
@@ -186,6 +394,7 @@ where
         }
     }
     s.leave();
+    s.ctx.metrics.ws_connections.decrement(1.0);
 }
 
 enum WriteEvent {
@@ -223,11 +432,15 @@ impl Session {
         if let Some(d) = self.close_deadline {
             return d;
         }
-        if self.ping_sent {
+        let keepalive = if self.ping_sent {
             self.last_inbound + cfg.idle_timeout
         } else {
             self.last_inbound + cfg.ping_interval
-        }
+        };
+        [self.auth_deadline, self.expiry, self.refresh_deadline]
+            .into_iter()
+            .flatten()
+            .fold(keepalive, Instant::min)
     }
 
     /// Returns true when the session must end now.
@@ -235,6 +448,9 @@ impl Session {
         let now = Instant::now();
         if self.close_deadline.is_some_and(|d| now >= d) {
             return true;
+        }
+        if self.on_auth_timer(now, cfg) {
+            return false;
         }
         if now >= self.last_inbound + cfg.idle_timeout {
             self.close(frame::CLOSE_GOING_AWAY, "idle timeout", true);
@@ -245,8 +461,41 @@ impl Session {
         false
     }
 
+    /// Auth deadlines; true when the session is now closing.
+    fn on_auth_timer(&mut self, now: Instant, cfg: &crate::config::Config) -> bool {
+        use crate::limits::{refused, Cause};
+        if self.auth_deadline.is_some_and(|d| now >= d) {
+            refused(Cause::Unauthorized, "no auth command in time");
+            self.close(CLOSE_UNAUTHORIZED, "authentication timeout", true);
+            return true;
+        }
+        if self.refresh_deadline.is_some_and(|d| now >= d) {
+            refused(Cause::TokenExpired, "no refresh in time");
+            self.close(CLOSE_TOKEN_EXPIRED, "token expired", true);
+            return true;
+        }
+        if self.expiry.is_some_and(|d| now >= d) {
+            self.expiry = None;
+            if self.wire == Wire::Json {
+                self.refresh_deadline = Some(now + cfg.auth_timeout);
+                self.push(json::token_expired(cfg.auth_timeout.as_millis()));
+            } else {
+                // The binary protocol has no refresh: reconnect with a new token and resume.
+                refused(Cause::TokenExpired, "binary connection");
+                self.close(CLOSE_TOKEN_EXPIRED, "token expired", true);
+                return true;
+            }
+        }
+        false
+    }
+
     /// Queues a close frame; the session ends once it is written (or after a grace period).
+    /// Every close but the slow-consumer one is clean (presence leaves at once); a slow
+    /// consumer is expected back with a resume, so its presence waits for the timeout.
     fn close(&mut self, code: u16, reason: &str, flush: bool) {
+        if code != frame::CLOSE_SLOW_CONSUMER && self.close_deadline.is_none() {
+            self.clean = true;
+        }
         if self.close_deadline.is_none() {
             self.close_deadline = Some(Instant::now() + CLOSE_GRACE);
         }
@@ -285,6 +534,10 @@ impl Session {
                     pos += n;
                 }
                 Err(e) => {
+                    if e.close_code() == frame::CLOSE_TOO_BIG {
+                        crate::limits::refused(crate::limits::Cause::MessageTooLarge, "websocket");
+                    }
+                    self.ctx.metrics.protocol_errors.increment(1);
                     tracing::debug!(conn = self.id, error = %e, "websocket protocol error");
                     self.close(e.close_code(), &e.to_string(), true);
                 }
@@ -294,6 +547,29 @@ impl Session {
     }
 
     fn on_message(&mut self, msg: Message<'_>) {
+        if let (Some(bucket), false) = (
+            self.bucket.as_mut(),
+            matches!(msg, Message::Close(..) | Message::Pong(_)),
+        ) {
+            use crate::limits::{refused, Cause, Verdict};
+            match bucket.take(Instant::now()) {
+                Verdict::Ok => {}
+                Verdict::Refuse => {
+                    refused(Cause::RateLimited, "inbound message rate");
+                    return self.reply(
+                        None,
+                        &Event::Error {
+                            code: "rate_limited",
+                            message: "too many messages: slow down (--rate-limit)",
+                        },
+                    );
+                }
+                Verdict::Close => {
+                    refused(Cause::RateClosed, "inbound message rate");
+                    return self.close(CLOSE_RATE_LIMITED, "rate limit exceeded", true);
+                }
+            }
+        }
         let decoded = match (msg, self.wire) {
             (Message::Text(text), Wire::Json) => json::parse_command(text.as_bytes()),
             (Message::Binary(bytes), Wire::Binary) => binary::decode_command(bytes),
@@ -341,14 +617,26 @@ impl Session {
         let now = Instant::now();
         let error = |code, message| Event::Error { code, message };
         match command {
-            Command::Subscribe { channel, resume } => {
-                if self.subs.contains(&channel) {
+            Command::Subscribe {
+                channel,
+                resume,
+                presence,
+            } => {
+                if !self.auth.grants.allows(Perm::Subscribe, channel.as_str()) {
+                    return self.forbidden(id, Perm::Subscribe);
+                }
+                if self.subs.contains(&channel) || self.joining.iter().any(|j| j.channel == channel)
+                {
                     return self.reply(
                         id,
                         &error("already_subscribed", "already subscribed to this channel"),
                     );
                 }
-                if self.subs.len() >= self.ctx.config().max_subscriptions {
+                if self.subs.len() + self.joining.len() >= self.ctx.config().max_subscriptions {
+                    crate::limits::refused(
+                        crate::limits::Cause::TooManySubscriptions,
+                        "websocket subscribe",
+                    );
                     return self.reply(
                         id,
                         &error(
@@ -357,48 +645,39 @@ impl Session {
                         ),
                     );
                 }
-                let encoding = self.wire.message_encoding();
-                let sub = Subscriber {
-                    outbox: self.outbox.clone(),
-                    encoding,
-                    slot: self.subs.len() as u16,
-                    after: 0,
+                let join = match self.presence_identity(&channel, presence) {
+                    Ok(join) => join,
+                    Err(message) => return self.reply(id, &error("forbidden", message)),
                 };
-                let s = self
-                    .ctx
-                    .hub
-                    .borrow_mut()
-                    .subscribe(self.id, &channel, resume, sub, now);
-                self.subs.push(channel.clone());
-                self.reply(
-                    id,
-                    &Event::Subscribed {
-                        channel: &channel,
-                        position: s.position,
-                        recovered: s.recovered,
-                    },
-                );
-                for p in &s.replay {
-                    let frame = p.frame(encoding, |p| {
-                        crate::protocol::encode_publication(encoding, &channel, p)
+                if let Some(wait) = self.ctx.node.join(&channel) {
+                    // The backplane brings the channel in sync first; the session loop
+                    // subscribes when it has (or answers `unavailable`).
+                    self.joining.push(PendingJoin {
+                        wait,
+                        id: id.map(|i| i.to_owned_id()),
+                        channel,
+                        resume,
+                        join,
                     });
-                    if !self.outbox.push(Out {
-                        frame,
-                        slot: 0,
-                        seq: p.seq,
-                    }) {
-                        break;
-                    }
+                    return;
                 }
+                self.subscribe_now(id, channel, resume, join, now);
             }
             Command::Unsubscribe { channel } => {
-                if self
+                if let Some(i) = self.joining.iter().position(|j| j.channel == channel) {
+                    self.joining.swap_remove(i);
+                    return self.reply(id, &Event::Unsubscribed { channel: &channel });
+                }
+                let left = self
                     .ctx
                     .hub
                     .borrow_mut()
-                    .unsubscribe(self.id, &channel, now)
-                {
+                    .unsubscribe(self.id, &channel, now);
+                if let Some(ch) = left {
                     self.subs.retain(|c| c != &channel);
+                    self.ctx.metrics.subscriptions.decrement(1.0);
+                    let wake = self.ctx.node.engine.leave_presence(&ch, &self.client);
+                    self.ctx.node.wake(wake);
                     self.reply(id, &Event::Unsubscribed { channel: &channel });
                 } else {
                     self.reply(
@@ -408,34 +687,263 @@ impl Session {
                 }
             }
             Command::Publish { channel, data } => {
+                if !self.auth.grants.allows(Perm::Publish, channel.as_str()) {
+                    return self.forbidden(id, Perm::Publish);
+                }
                 let (kind, bytes) = match data {
                     Payload::Json(raw) => (DataKind::Json, json::normalize_data(raw)),
                     Payload::Bytes(b) => (DataKind::Binary, Bytes::copy_from_slice(b)),
                 };
-                let p = self.ctx.node.engine.publish(&channel, kind, bytes, now);
-                self.ctx.node.wake(p.wake);
-                let position = StreamPosition {
-                    epoch: p.epoch,
-                    seq: p.seq,
-                };
-                self.reply(
-                    id,
-                    &Event::Published {
-                        channel: &channel,
-                        position,
-                    },
-                );
+                let node = self.ctx.node.clone();
+                let mut publish = Box::pin(async move {
+                    let r = node.publish(&channel, kind, bytes).await;
+                    (channel, r)
+                });
+                // A node that sequences locally answers at once: reply in order, inline. A
+                // backplane round trip finishes in a task and replies when it is done.
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                match publish.as_mut().poll(&mut cx) {
+                    Poll::Ready((channel, r)) => {
+                        self.push(publish_reply(&self.ctx, self.wire, id, &channel, r))
+                    }
+                    Poll::Pending => {
+                        let id = id.map(|i| i.to_owned_id());
+                        let (ctx, outbox, wire) =
+                            (self.ctx.clone(), self.outbox.clone(), self.wire);
+                        self.ctx.tracker.spawn_local(async move {
+                            let (channel, r) = publish.await;
+                            let id = id.as_ref().map(|i| i.as_req_id());
+                            outbox.push(Out::control(publish_reply(&ctx, wire, id, &channel, r)));
+                        });
+                    }
+                }
             }
             Command::Heartbeat => self.reply(id, &Event::Heartbeat),
+            Command::Presence { channel }
+                if !self.auth.grants.allows(Perm::Presence, channel.as_str()) =>
+            {
+                self.forbidden(id, Perm::Presence)
+            }
+            Command::Auth { token } => self.on_auth(id, &token),
+            Command::Refresh { token } => self.on_refresh(id, &token),
+            Command::Presence { channel } => match self.ctx.node.engine.presence(&channel, now) {
+                Some(p) => self.reply(
+                    id,
+                    &Event::PresenceState {
+                        channel: &channel,
+                        seq: p.seq,
+                        members: &p.members,
+                    },
+                ),
+                None => self.reply(
+                    id,
+                    &error("presence_disabled", "this channel has no presence"),
+                ),
+            },
         }
     }
 
-    /// Releases every subscription.
+    /// Answers a command the grants do not allow.
+    fn forbidden(&self, id: Option<ReqId<'_>>, perm: Perm) {
+        crate::limits::refused(crate::limits::Cause::Forbidden, perm.as_str());
+        let message = match perm {
+            Perm::Subscribe => "no subscribe permission on this channel",
+            Perm::Publish => "no publish permission on this channel",
+            Perm::Presence => "no presence permission on this channel",
+            Perm::History => "no history permission on this channel",
+        };
+        self.reply(
+            id,
+            &Event::Error {
+                code: "forbidden",
+                message,
+            },
+        );
+    }
+
+    /// `{"type":"auth","token":…}`: authenticates a connection opened without a token. A bad
+    /// token closes the connection (4001) after the error.
+    fn on_auth(&mut self, id: Option<ReqId<'_>>, token: &str) {
+        let Some(auth) = &self.ctx.node.auth else {
+            return self.reply(
+                id,
+                &Event::Error {
+                    code: "bad_request",
+                    message: "auth is off on this node",
+                },
+            );
+        };
+        if self.auth.user.is_some() {
+            return self.reply(
+                id,
+                &Event::Error {
+                    code: "bad_request",
+                    message: "already authenticated: use refresh",
+                },
+            );
+        }
+        match auth.verify(token) {
+            Ok(p) => {
+                let reply = json::authenticated(id, &p.sub, p.exp);
+                self.auth = ConnAuth::from_principal(p);
+                self.auth_deadline = None;
+                self.expiry = self.auth.exp.map(instant_of);
+                self.push(reply);
+            }
+            Err(e) => {
+                crate::limits::refused(crate::limits::Cause::Unauthorized, &e.to_string());
+                self.reply(
+                    id,
+                    &Event::Error {
+                        code: "unauthorized",
+                        message: &e.to_string(),
+                    },
+                );
+                self.close(CLOSE_UNAUTHORIZED, "invalid token", true);
+            }
+        }
+    }
+
+    /// `{"type":"refresh","token":…}`: a new token for the same subject; its grants and expiry
+    /// replace the old ones. A bad one gets an error and changes nothing.
+    fn on_refresh(&mut self, id: Option<ReqId<'_>>, token: &str) {
+        let (Some(auth), Some(user)) = (&self.ctx.node.auth, &self.auth.user) else {
+            return self.reply(
+                id,
+                &Event::Error {
+                    code: "bad_request",
+                    message: "nothing to refresh: the connection has no token",
+                },
+            );
+        };
+        fn err<'a>(code: &'a str, message: &'a str) -> Event<'a> {
+            Event::Error { code, message }
+        }
+        match auth.verify(token) {
+            Ok(p) if p.sub != *user => {
+                crate::limits::refused(crate::limits::Cause::Forbidden, "refresh subject");
+                self.reply(
+                    id,
+                    &err("forbidden", "a refresh token must have the same subject"),
+                )
+            }
+            Ok(p) => {
+                let reply = json::refreshed(id, p.exp);
+                self.auth = ConnAuth::from_principal(p);
+                self.expiry = self.auth.exp.map(instant_of);
+                self.refresh_deadline = None;
+                self.push(reply);
+            }
+            Err(e) => {
+                crate::limits::refused(crate::limits::Cause::Unauthorized, &e.to_string());
+                self.reply(id, &err("unauthorized", &e.to_string()))
+            }
+        }
+    }
+
+    /// Adds the subscription to the hub and queues `subscribed` and the replay.
+    fn subscribe_now(
+        &mut self,
+        id: Option<ReqId<'_>>,
+        channel: ChannelName,
+        resume: Option<StreamPosition>,
+        join: Option<Join>,
+        now: Instant,
+    ) {
+        let error = |code, message| Event::Error { code, message };
+        let encoding = self.wire.message_encoding();
+        let sub = Subscriber::new(self.outbox.clone(), encoding, self.subs.len() as u16);
+        let s = match self
+            .ctx
+            .hub
+            .borrow_mut()
+            .subscribe(self.id, &channel, resume, join, sub, now)
+        {
+            Ok(s) => s,
+            Err(e) => return self.reply(id, &error("presence_full", &e.to_string())),
+        };
+        self.ctx.node.wake(s.wake);
+        self.ctx.metrics.subscriptions.increment(1.0);
+        self.subs.push(channel.clone());
+        self.reply(
+            id,
+            &Event::Subscribed {
+                channel: &channel,
+                position: s.position,
+                recovered: s.recovered,
+            },
+        );
+        for p in &s.replay {
+            let frame = p.frame(encoding, |p| {
+                crate::protocol::encode_publication(encoding, &channel, p)
+            });
+            if !self.outbox.push(Out {
+                frame,
+                slot: 0,
+                seq: p.seq,
+            }) {
+                break;
+            }
+        }
+    }
+
+    /// The presence member to add when subscribing to `channel`: `None` when the channel has
+    /// no presence; an error when the client claims an identity it may not.
+    fn presence_identity(
+        &self,
+        channel: &ChannelName,
+        claimed: Option<ClientPresence<'_>>,
+    ) -> Result<Option<Join>, &'static str> {
+        if !self.ctx.node.engine.has_presence(channel) {
+            return Ok(None);
+        }
+        let claimed = claimed.unwrap_or_default();
+        let claims = claimed.user.is_some() || claimed.info.is_some();
+        if claims && self.ctx.node.auth.is_some() {
+            return Err("presence identity comes from the token here (JWT auth is on)");
+        }
+        if claims && !self.ctx.config().client_presence {
+            return Err("presence identity comes from the server here (--client-presence false)");
+        }
+        if let Some(user) = &self.auth.user {
+            return Ok(Some(Join {
+                who: Identity {
+                    client: self.client.clone(),
+                    user: user.clone(),
+                    info: self.auth.info.clone(),
+                },
+                live: self.live.clone(),
+            }));
+        }
+        Ok(Some(Join {
+            who: Identity {
+                client: self.client.clone(),
+                user: claimed
+                    .user
+                    .map_or_else(|| self.client.clone(), |u| Arc::from(&*u)),
+                info: claimed.info.map(json::normalize_data),
+            },
+            live: self.live.clone(),
+        }))
+    }
+
+    /// Releases every subscription; leaves presence at once if the connection ended cleanly.
     fn leave(&mut self) {
         let now = Instant::now();
+        let mut wake = 0;
         let mut hub = self.ctx.hub.borrow_mut();
+        self.ctx
+            .metrics
+            .subscriptions
+            .decrement(self.subs.len() as f64);
         for ch in self.subs.drain(..) {
-            hub.unsubscribe(self.id, &ch, now);
+            if let Some(channel) = hub.unsubscribe(self.id, &ch, now) {
+                if self.clean {
+                    wake |= self.ctx.node.engine.leave_presence(&channel, &self.client);
+                }
+            }
         }
+        drop(hub);
+        self.ctx.node.wake(wake);
     }
 }

@@ -1,0 +1,714 @@
+//! Connection auth (JWT) and channel permissions. Pure: no sockets, no runtime, no clock but
+//! the one `jsonwebtoken` reads for `exp`/`nbf`.
+//!
+//! - [`Auth`] verifies tokens: HS256 with `--jwt-secret`, RS256/ES256 (and their longer
+//!   variants, and EdDSA) with `--jwt-public-key` PEM files. The algorithm of a token must be one
+//!   its key is for: `alg: none` never verifies, and an HS256 token is refused unless a shared
+//!   secret is configured (so an RSA public key can never be used as an HMAC secret).
+//!   `exp` and `sub` are required; `exp`, `nbf`, `aud` (`--jwt-audience`) and `iss`
+//!   (`--jwt-issuer`) are checked with [`LEEWAY_SECS`] of leeway.
+//! - [`Grants`] says what a connection may do on which channel: the token's `channels` claim,
+//!   plus the config rules (`--allow` for every token holder, with `{sub}` standing for the
+//!   token's subject; `--allow-anonymous` for everyone). Grants are checked when a command
+//!   arrives (subscribe, publish, presence query, history), never per delivered message.
+//!
+//! **Invariant:** with no key configured ([`Auth::from_config`] returns `None`) everything is
+//! allowed, as before auth existed; with a key, nothing is allowed that no rule names.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::config::Config;
+
+/// Leeway for `exp` and `nbf`, seconds (clock skew between the token issuer and the node).
+pub const LEEWAY_SECS: u64 = 5;
+/// Longest token accepted, bytes (checked before decoding).
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+/// Most channel patterns a token may grant (all permissions together).
+pub const MAX_TOKEN_PATTERNS: usize = 256;
+/// Longest channel pattern, bytes.
+pub const MAX_PATTERN_LEN: usize = 256;
+
+/// One permission on a channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Perm {
+    /// Subscribe (WebSocket `subscribe`, SSE), resume included.
+    Subscribe = 1,
+    /// Publish (WebSocket `publish`, `POST /api/publish`, `/api/broadcast`).
+    Publish = 2,
+    /// Query presence (WebSocket `presence`, `GET /api/presence/…`).
+    Presence = 4,
+    /// Read history (`GET /api/history/…`).
+    History = 8,
+}
+
+impl Perm {
+    /// The name used in rules, claims and errors.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Perm::Subscribe => "subscribe",
+            Perm::Publish => "publish",
+            Perm::Presence => "presence",
+            Perm::History => "history",
+        }
+    }
+}
+
+/// A set of [`Perm`]s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Perms(u8);
+
+impl Perms {
+    /// Every permission.
+    pub const ALL: Perms = Perms(15);
+
+    /// Whether `p` is in the set.
+    pub fn contains(self, p: Perm) -> bool {
+        self.0 & p as u8 != 0
+    }
+
+    /// Parses `subscribe,history` or `all`.
+    pub fn parse(s: &str) -> Result<Perms, String> {
+        let mut bits = 0;
+        for name in s.split(['+', ',', '|']).map(str::trim) {
+            bits |= match name {
+                "subscribe" => Perm::Subscribe as u8,
+                "publish" => Perm::Publish as u8,
+                "presence" => Perm::Presence as u8,
+                "history" => Perm::History as u8,
+                "all" | "*" => Perms::ALL.0,
+                other => {
+                    return Err(format!(
+                        "{other:?} is not subscribe, publish, presence, history or all"
+                    ))
+                }
+            };
+        }
+        Ok(Perms(bits))
+    }
+}
+
+/// A channel pattern: literal bytes, `*` (any run of characters, none included) and `{sub}`
+/// (the token's subject, matched literally: a `*` in a subject is no wildcard).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pattern {
+    parts: Vec<Part>,
+    text: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Part {
+    Lit(String),
+    Star,
+    Sub,
+}
+
+impl Pattern {
+    /// Parses a pattern (at most [`MAX_PATTERN_LEN`] bytes, not empty).
+    pub fn parse(s: &str) -> Result<Pattern, String> {
+        if s.is_empty() || s.len() > MAX_PATTERN_LEN {
+            return Err(format!("a pattern is 1 to {MAX_PATTERN_LEN} bytes"));
+        }
+        let mut parts = Vec::new();
+        let mut lit = String::new();
+        let mut rest = s;
+        while let Some(c) = rest.chars().next() {
+            if let Some(after) = rest.strip_prefix("{sub}") {
+                if !lit.is_empty() {
+                    parts.push(Part::Lit(std::mem::take(&mut lit)));
+                }
+                parts.push(Part::Sub);
+                rest = after;
+                continue;
+            }
+            if c == '*' {
+                if !lit.is_empty() {
+                    parts.push(Part::Lit(std::mem::take(&mut lit)));
+                }
+                if parts.last() != Some(&Part::Star) {
+                    parts.push(Part::Star);
+                }
+            } else {
+                lit.push(c);
+            }
+            rest = &rest[c.len_utf8()..];
+        }
+        if !lit.is_empty() {
+            parts.push(Part::Lit(lit));
+        }
+        Ok(Pattern {
+            parts,
+            text: s.to_owned(),
+        })
+    }
+
+    /// Whether the pattern names `{sub}`.
+    pub fn uses_sub(&self) -> bool {
+        self.parts.contains(&Part::Sub)
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether `channel` matches, with `{sub}` standing for `sub` (no subject: a pattern with
+    /// `{sub}` matches nothing).
+    pub fn matches(&self, channel: &str, sub: Option<&str>) -> bool {
+        // Literal groups between stars, `{sub}` spliced in.
+        let mut groups: Vec<String> = vec![String::new()];
+        for p in &self.parts {
+            match p {
+                Part::Lit(l) => groups.last_mut().map_or((), |g| g.push_str(l)),
+                Part::Sub => match sub {
+                    Some(s) => groups.last_mut().map_or((), |g| g.push_str(s)),
+                    None => return false,
+                },
+                Part::Star => groups.push(String::new()),
+            }
+        }
+        let (Some(first), Some(last)) = (groups.first(), groups.last()) else {
+            return false;
+        };
+        if groups.len() == 1 {
+            return channel == first;
+        }
+        if channel.len() < first.len() + last.len()
+            || !channel.starts_with(first.as_str())
+            || !channel.ends_with(last.as_str())
+        {
+            return false;
+        }
+        let mut middle = &channel[first.len()..channel.len() - last.len()];
+        for g in &groups[1..groups.len() - 1] {
+            match middle.find(g.as_str()) {
+                Some(at) => middle = &middle[at + g.len()..],
+                None => return false,
+            }
+        }
+        true
+    }
+}
+
+/// Permissions on the channels matching a pattern.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// What is allowed.
+    pub perms: Perms,
+    /// Where.
+    pub pattern: Pattern,
+}
+
+impl Rule {
+    /// Parses `PERMS=PATTERN`, e.g. `subscribe,history=public:*` or `all=user:{sub}`.
+    pub fn parse(s: &str) -> Result<Rule, String> {
+        let (perms, pattern) = s
+            .trim()
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?} is not PERMS=PATTERN (e.g. subscribe=public:*)"))?;
+        Ok(Rule {
+            perms: Perms::parse(perms)?,
+            pattern: Pattern::parse(pattern.trim())?,
+        })
+    }
+
+    /// The rule as written.
+    pub fn to_text(&self) -> String {
+        let mut names = Vec::new();
+        for p in [
+            Perm::Subscribe,
+            Perm::Publish,
+            Perm::Presence,
+            Perm::History,
+        ] {
+            if self.perms.contains(p) {
+                names.push(p.as_str());
+            }
+        }
+        format!("{}={}", names.join(","), self.pattern.as_str())
+    }
+}
+
+/// What one connection (or one API request) may do.
+#[derive(Clone, Debug)]
+pub struct Grants {
+    all: bool,
+    sub: Option<Arc<str>>,
+    own: Arc<[Rule]>,
+    common: Arc<[Rule]>,
+}
+
+impl Grants {
+    /// Everything, everywhere (auth off, or an API key).
+    pub fn all() -> Grants {
+        Grants {
+            all: true,
+            sub: None,
+            own: Arc::from(Vec::new()),
+            common: Arc::from(Vec::new()),
+        }
+    }
+
+    /// Only what `common` names, for a connection without a subject.
+    pub fn anonymous(common: Arc<[Rule]>) -> Grants {
+        Grants {
+            all: false,
+            sub: None,
+            own: Arc::from(Vec::new()),
+            common,
+        }
+    }
+
+    /// Whether everything is allowed.
+    pub fn is_all(&self) -> bool {
+        self.all
+    }
+
+    /// Whether `perm` is allowed on `channel`.
+    pub fn allows(&self, perm: Perm, channel: &str) -> bool {
+        if self.all {
+            return true;
+        }
+        let sub = self.sub.as_deref();
+        self.own
+            .iter()
+            .chain(self.common.iter())
+            .any(|r| r.perms.contains(perm) && r.pattern.matches(channel, sub))
+    }
+}
+
+/// A verified token.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    /// The user id (`sub`).
+    pub sub: Arc<str>,
+    /// Presence info (`info` claim, a JSON object), normalized.
+    pub info: Option<Bytes>,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+    /// What the token (with the config rules) allows.
+    pub grants: Grants,
+}
+
+/// Why a token was refused. The message is safe to show the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Larger than [`MAX_TOKEN_LEN`].
+    #[error("token too long")]
+    TooLong,
+    /// Not a JWT, or its claims have the wrong shape.
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    /// The header names an algorithm no configured key is for (`none` included).
+    #[error("token algorithm not accepted")]
+    Algorithm,
+    /// The signature does not verify.
+    #[error("invalid token signature")]
+    Signature,
+    /// `exp` is past.
+    #[error("token expired")]
+    Expired,
+    /// `nbf` is in the future.
+    #[error("token not valid yet")]
+    NotYetValid,
+    /// `aud` does not name `--jwt-audience`.
+    #[error("wrong token audience")]
+    Audience,
+    /// `iss` is not `--jwt-issuer`.
+    #[error("wrong token issuer")]
+    Issuer,
+}
+
+/// A key setting that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthSetupError {
+    /// A key file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A key file holds no RSA, EC or Ed25519 public key.
+    #[error("{0}: not an RSA, EC or Ed25519 public key in PEM")]
+    Key(std::path::PathBuf),
+    /// A config rule uses `{sub}` where there is no subject.
+    #[error("allow_anonymous rule {0:?} uses {{sub}}, but anonymous clients have no subject")]
+    AnonymousSub(String),
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+    #[serde(default)]
+    info: Option<serde_json::Value>,
+    #[serde(default)]
+    channels: ClaimGrants,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct ClaimGrants {
+    subscribe: Vec<String>,
+    publish: Vec<String>,
+    presence: Vec<String>,
+    history: Vec<String>,
+    all: Vec<String>,
+}
+
+/// The token verifier and the config rules. Built once per node.
+pub struct Auth {
+    keys: Vec<(DecodingKey, &'static [Algorithm])>,
+    audience: Option<String>,
+    issuer: Option<String>,
+    allow: Arc<[Rule]>,
+    anonymous: Arc<[Rule]>,
+}
+
+const HS: &[Algorithm] = &[Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
+const RSA: &[Algorithm] = &[
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+];
+const EC: &[Algorithm] = &[Algorithm::ES256, Algorithm::ES384];
+const ED: &[Algorithm] = &[Algorithm::EdDSA];
+
+impl Auth {
+    /// The verifier of `cfg`, or `None` when no JWT key is configured (auth off).
+    pub fn from_config(cfg: &Config) -> Result<Option<Auth>, AuthSetupError> {
+        let mut keys = Vec::new();
+        if let Some(secret) = &cfg.jwt_secret {
+            keys.push((DecodingKey::from_secret(secret.as_bytes()), HS));
+        }
+        for path in &cfg.jwt_public_keys {
+            let pem = std::fs::read(path).map_err(|source| AuthSetupError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let key = if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
+                (k, RSA)
+            } else if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
+                (k, EC)
+            } else if let Ok(k) = DecodingKey::from_ed_pem(&pem) {
+                (k, ED)
+            } else {
+                return Err(AuthSetupError::Key(path.clone()));
+            };
+            keys.push(key);
+        }
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        if let Some(r) = cfg.allow_anonymous.iter().find(|r| r.pattern.uses_sub()) {
+            return Err(AuthSetupError::AnonymousSub(r.to_text()));
+        }
+        Ok(Some(Auth {
+            keys,
+            audience: cfg.jwt_audience.clone(),
+            issuer: cfg.jwt_issuer.clone(),
+            allow: Arc::from(cfg.allow.clone()),
+            anonymous: Arc::from(cfg.allow_anonymous.clone()),
+        }))
+    }
+
+    /// What a client without a token may do.
+    pub fn anonymous(&self) -> Grants {
+        Grants::anonymous(self.anonymous.clone())
+    }
+
+    /// Whether anonymous clients may do anything at all.
+    pub fn anonymous_allowed(&self) -> bool {
+        !self.anonymous.is_empty()
+    }
+
+    /// Verifies `token` and returns who it names and what it grants.
+    pub fn verify(&self, token: &str) -> Result<Principal, TokenError> {
+        let token = token.trim();
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(TokenError::TooLong);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
+            // `alg` is `none` or unknown.
+            ErrorKind::Json(_) => TokenError::Algorithm,
+            _ => TokenError::Malformed(e.to_string()),
+        })?;
+        let mut last = TokenError::Algorithm;
+        for (key, algs) in &self.keys {
+            if !algs.contains(&header.alg) {
+                continue;
+            }
+            let mut v = Validation::new(header.alg);
+            v.leeway = LEEWAY_SECS;
+            v.validate_nbf = true;
+            // `aud` and `iss` are checked only when present: a configured one is required.
+            let mut required = vec!["exp", "sub"];
+            match &self.audience {
+                Some(a) => {
+                    v.set_audience(&[a]);
+                    required.push("aud");
+                }
+                None => v.validate_aud = false,
+            }
+            if let Some(i) = &self.issuer {
+                v.set_issuer(&[i]);
+                required.push("iss");
+            }
+            v.set_required_spec_claims(&required);
+            match jsonwebtoken::decode::<Claims>(token, key, &v) {
+                Ok(data) => return self.principal(data.claims),
+                Err(e) => {
+                    last = match e.kind() {
+                        ErrorKind::InvalidSignature => TokenError::Signature,
+                        ErrorKind::ExpiredSignature => TokenError::Expired,
+                        ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+                        ErrorKind::InvalidAudience => TokenError::Audience,
+                        ErrorKind::InvalidIssuer => TokenError::Issuer,
+                        ErrorKind::InvalidAlgorithm => TokenError::Algorithm,
+                        ErrorKind::MissingRequiredClaim(c) => {
+                            TokenError::Malformed(format!("missing claim {c}"))
+                        }
+                        _ => TokenError::Malformed(e.to_string()),
+                    };
+                    // Another key of the same kind may still verify it (key rotation).
+                    if last != TokenError::Signature {
+                        return Err(last);
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn principal(&self, c: Claims) -> Result<Principal, TokenError> {
+        let malformed = |m: &str| TokenError::Malformed(m.to_owned());
+        if c.sub.is_empty() || c.sub.len() > crate::protocol::MAX_USER_LEN {
+            return Err(malformed("sub must be 1 to 256 bytes"));
+        }
+        let info = match c.info {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v @ serde_json::Value::Object(_)) => {
+                let text = v.to_string();
+                if text.len() > crate::protocol::MAX_INFO_LEN {
+                    return Err(malformed("info is larger than 4096 bytes"));
+                }
+                Some(Bytes::from(text))
+            }
+            Some(_) => return Err(malformed("info must be a JSON object")),
+        };
+        let g = c.channels;
+        let total =
+            g.subscribe.len() + g.publish.len() + g.presence.len() + g.history.len() + g.all.len();
+        if total > MAX_TOKEN_PATTERNS {
+            return Err(malformed("too many channel patterns"));
+        }
+        let mut own = Vec::with_capacity(total);
+        for (perms, list) in [
+            (Perms(Perm::Subscribe as u8), g.subscribe),
+            (Perms(Perm::Publish as u8), g.publish),
+            (Perms(Perm::Presence as u8), g.presence),
+            (Perms(Perm::History as u8), g.history),
+            (Perms::ALL, g.all),
+        ] {
+            for p in list {
+                let pattern = Pattern::parse(&p).map_err(|e| malformed(&e))?;
+                own.push(Rule { perms, pattern });
+            }
+        }
+        let sub: Arc<str> = Arc::from(c.sub);
+        // What every token holder may do, then what anyone may.
+        let common: Vec<Rule> = self
+            .allow
+            .iter()
+            .chain(self.anonymous.iter())
+            .cloned()
+            .collect();
+        Ok(Principal {
+            grants: Grants {
+                all: false,
+                sub: Some(sub.clone()),
+                own: Arc::from(own),
+                common: Arc::from(common),
+            },
+            sub,
+            info,
+            exp: c.exp,
+        })
+    }
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde_json::json;
+
+    fn auth(cfg: Config) -> Auth {
+        Auth::from_config(&cfg).unwrap().unwrap()
+    }
+
+    fn hs_cfg() -> Config {
+        Config {
+            jwt_secret: Some("s3cret".into()),
+            ..Config::default()
+        }
+    }
+
+    fn token(claims: serde_json::Value, secret: &str) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn patterns() {
+        let p = |s| Pattern::parse(s).unwrap();
+        assert!(p("room:*").matches("room:1", None));
+        assert!(p("room:*").matches("room:", None));
+        assert!(!p("room:*").matches("roo", None));
+        assert!(p("*").matches("anything", None));
+        assert!(p("a*b*c").matches("aXXbYYc", None));
+        assert!(!p("a*b*c").matches("aXXcYYb", None));
+        assert!(p("exact").matches("exact", None));
+        assert!(!p("exact").matches("exact2", None));
+        assert!(p("user:{sub}").matches("user:alice", Some("alice")));
+        assert!(!p("user:{sub}").matches("user:bob", Some("alice")));
+        assert!(!p("user:{sub}").matches("user:alice", None));
+        // A subject is literal: `*` in it is no wildcard.
+        assert!(!p("user:{sub}").matches("user:anything", Some("*")));
+        assert!(p("user:{sub}:*").matches("user:al:inbox", Some("al")));
+        assert!(Pattern::parse("").is_err());
+    }
+
+    #[test]
+    fn rules_and_perms() {
+        let r = Rule::parse("subscribe,history=public:*").unwrap();
+        assert!(r.perms.contains(Perm::Subscribe) && r.perms.contains(Perm::History));
+        assert!(!r.perms.contains(Perm::Publish));
+        assert_eq!(r.to_text(), "subscribe,history=public:*");
+        assert_eq!(Rule::parse("all=x").unwrap().perms, Perms::ALL);
+        assert!(Rule::parse("read=x").is_err());
+        assert!(Rule::parse("subscribe").is_err());
+    }
+
+    #[test]
+    fn grants_from_token_and_config() {
+        let a = auth(Config {
+            allow: vec![Rule::parse("all=user:{sub}").unwrap()],
+            allow_anonymous: vec![Rule::parse("subscribe=public:*").unwrap()],
+            ..hs_cfg()
+        });
+        let t = token(
+            json!({"sub":"alice","exp":unix_now()+60,"info":{"n":1},
+                   "channels":{"subscribe":["room:*"],"publish":["room:1"]}}),
+            "s3cret",
+        );
+        let p = a.verify(&t).unwrap();
+        assert_eq!(&*p.sub, "alice");
+        assert_eq!(p.info.as_deref(), Some(&b"{\"n\":1}"[..]));
+        let g = &p.grants;
+        assert!(g.allows(Perm::Subscribe, "room:9"));
+        assert!(g.allows(Perm::Publish, "room:1"));
+        assert!(!g.allows(Perm::Publish, "room:2"));
+        assert!(!g.allows(Perm::History, "room:1"));
+        assert!(!g.allows(Perm::Presence, "room:1"));
+        assert!(g.allows(Perm::History, "user:alice"));
+        assert!(!g.allows(Perm::Subscribe, "user:bob"));
+        assert!(g.allows(Perm::Subscribe, "public:x"));
+        let anon = a.anonymous();
+        assert!(anon.allows(Perm::Subscribe, "public:x"));
+        assert!(!anon.allows(Perm::Publish, "public:x"));
+        assert!(!anon.allows(Perm::Subscribe, "room:1"));
+    }
+
+    #[test]
+    fn bad_tokens_are_refused() {
+        let a = auth(Config {
+            jwt_audience: Some("relay".into()),
+            jwt_issuer: Some("me".into()),
+            ..hs_cfg()
+        });
+        let now = unix_now();
+        let ok = json!({"sub":"a","exp":now+60,"aud":"relay","iss":"me"});
+        assert!(a.verify(&token(ok.clone(), "s3cret")).is_ok());
+        assert_eq!(
+            a.verify(&token(ok, "other")).unwrap_err(),
+            TokenError::Signature
+        );
+        let expired = json!({"sub":"a","exp":now-60,"aud":"relay","iss":"me"});
+        assert_eq!(
+            a.verify(&token(expired, "s3cret")).unwrap_err(),
+            TokenError::Expired
+        );
+        let aud = json!({"sub":"a","exp":now+60,"aud":"other","iss":"me"});
+        assert_eq!(
+            a.verify(&token(aud, "s3cret")).unwrap_err(),
+            TokenError::Audience
+        );
+        let no_aud = json!({"sub":"a","exp":now+60,"iss":"me"});
+        assert!(a.verify(&token(no_aud, "s3cret")).is_err());
+        let no_iss = json!({"sub":"a","exp":now+60,"aud":"relay"});
+        assert!(a.verify(&token(no_iss, "s3cret")).is_err());
+        let iss = json!({"sub":"a","exp":now+60,"aud":"relay","iss":"you"});
+        assert_eq!(
+            a.verify(&token(iss, "s3cret")).unwrap_err(),
+            TokenError::Issuer
+        );
+        let nbf = json!({"sub":"a","exp":now+600,"nbf":now+300,"aud":"relay","iss":"me"});
+        assert_eq!(
+            a.verify(&token(nbf, "s3cret")).unwrap_err(),
+            TokenError::NotYetValid
+        );
+        let no_exp = json!({"sub":"a","aud":"relay","iss":"me"});
+        assert!(matches!(
+            a.verify(&token(no_exp, "s3cret")).unwrap_err(),
+            TokenError::Malformed(_)
+        ));
+        // alg: none, with the signature stripped.
+        let b64 = |v: &serde_json::Value| {
+            use base64::Engine;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let none = format!(
+            "{}.{}.",
+            b64(&json!({"alg":"none","typ":"JWT"})),
+            b64(&json!({"sub":"a","exp":now+60,"aud":"relay","iss":"me"}))
+        );
+        assert_eq!(a.verify(&none).unwrap_err(), TokenError::Algorithm);
+        assert!(a.verify("not a token").is_err());
+        assert_eq!(
+            a.verify(&"x".repeat(MAX_TOKEN_LEN + 1)).unwrap_err(),
+            TokenError::TooLong
+        );
+    }
+
+    #[test]
+    fn no_key_means_auth_off() {
+        assert!(Auth::from_config(&Config::default()).unwrap().is_none());
+        let bad = Config {
+            allow_anonymous: vec![Rule::parse("subscribe=u:{sub}").unwrap()],
+            ..hs_cfg()
+        };
+        assert!(Auth::from_config(&bad).is_err());
+    }
+}

@@ -1,0 +1,154 @@
+//! Backplanes: where a channel's sequence and history live when several relay nodes serve the
+//! same channels.
+//!
+//! A [`Backplane`] sequences publishes (gives each message its `(epoch, seq)`), carries every
+//! message to every node that has local subscribers in its channel, and keeps the history that
+//! any node can serve a resume from. The node keeps its own engine (rings, hubs, outboxes) as a
+//! local replica of the channels it has subscribers in: [`Engine::ingest`] appends what the
+//! backplane delivers, [`Engine::reset`] adopts the backplane's state when the local replica
+//! cannot be brought up to date message by message.
+//!
+//! - [`memory::MemoryBackplane`]: one node, the engine is the sequencer (the default).
+//! - [`redis::RedisBackplane`]: Redis (one Lua script per publish; pub/sub fan-out; streams as
+//!   history). See `docs/ARCHITECTURE.md`, section *Backplane*.
+//!
+//! [`Engine::ingest`]: crate::engine::Engine::ingest
+//! [`Engine::reset`]: crate::engine::Engine::reset
+
+pub mod memory;
+pub mod redis;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::engine::{mask_iter, History, ShardMask};
+use crate::types::{ChannelName, DataKind, Epoch};
+
+/// A boxed, sendable future (what trait objects can return).
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Why a backplane operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackplaneError {
+    /// The backplane cannot be reached now (down, reconnecting, timed out).
+    #[error("backplane unavailable: {0}")]
+    Unavailable(String),
+    /// The backplane answered something this node does not understand.
+    #[error("backplane protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Where sequencing and cross-node fan-out happen. See the module docs.
+///
+/// Methods return boxed futures so that the trait can be used as `Arc<dyn Backplane>`; a
+/// future that needs no I/O is ready at its first poll (transports rely on this to answer
+/// inline in memory mode).
+pub trait Backplane: Send + Sync {
+    /// `memory`, `redis` or `nats`.
+    fn kind(&self) -> &'static str;
+
+    /// Sequences one message: returns its channel's epoch and its seq. Local fan-out follows
+    /// (at once in memory mode; when the message comes back from the backplane otherwise).
+    fn publish(
+        &self,
+        channel: &ChannelName,
+        kind: DataKind,
+        data: Bytes,
+    ) -> BoxFuture<Result<(Epoch, u64), BackplaneError>>;
+
+    /// Called before a subscriber is added on this node. `None` when the local channel is
+    /// already in sync (subscribe at once); otherwise a future that completes once this node
+    /// receives the channel and its local state matches the backplane's.
+    fn join(&self, channel: &ChannelName) -> Option<BoxFuture<Result<(), BackplaneError>>>;
+
+    /// Called when the last local subscriber of `channel` left. The backplane may stop
+    /// receiving the channel (at once or after a grace period).
+    fn leave(&self, channel: &ChannelName);
+
+    /// Reads history after `since`, at most `limit`.
+    fn history(
+        &self,
+        channel: &ChannelName,
+        since: u64,
+        limit: usize,
+    ) -> BoxFuture<Result<History, BackplaneError>>;
+
+    /// Whether the node can sequence publishes now (`/readyz`).
+    fn is_ready(&self) -> bool;
+}
+
+/// Wakes the shards of a node (the fan-out pump of each).
+#[derive(Clone)]
+pub struct Wakers(pub Arc<[Notify]>);
+
+impl Wakers {
+    /// `shards` wakers.
+    pub fn new(shards: usize) -> Self {
+        Wakers((0..shards).map(|_| Notify::new()).collect())
+    }
+
+    /// Wakes the shards in `mask`.
+    pub fn wake(&self, mask: ShardMask) {
+        for shard in mask_iter(mask) {
+            if let Some(n) = self.0.get(shard) {
+                n.notify_one();
+            }
+        }
+    }
+}
+
+/// Wall-clock milliseconds since the UNIX epoch.
+pub fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The local `Instant` of a wall-clock time `ms` (clamped to now: the future is now).
+pub fn instant_of(ms: u64, now: Instant, now_ms: u64) -> Instant {
+    let age = Duration::from_millis(now_ms.saturating_sub(ms));
+    now.checked_sub(age).unwrap_or(now)
+}
+
+/// Full-jitter exponential backoff: a random delay in `[0, min(cap, base * 2^attempt)]`.
+pub fn backoff(attempt: u32, base: Duration, cap: Duration, random: u64) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.min(20));
+    let ceiling = exp.min(cap).as_millis() as u64;
+    Duration::from_millis(if ceiling == 0 {
+        0
+    } else {
+        random % (ceiling + 1)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_bounded_by_the_cap_and_grows() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(2);
+        for attempt in 0..40 {
+            for r in [0, 1, 99, 12345, u64::MAX] {
+                assert!(backoff(attempt, base, cap, r) <= cap);
+            }
+        }
+        assert!(backoff(0, base, cap, u64::MAX - 5) <= base);
+        assert_eq!(backoff(3, base, cap, 800), Duration::from_millis(800));
+    }
+
+    #[test]
+    fn instants_of_wall_times() {
+        let now = Instant::now();
+        assert_eq!(instant_of(1000, now, 1000), now);
+        assert_eq!(instant_of(2000, now, 1000), now, "future clamps to now");
+        assert_eq!(instant_of(0, now, 250) + Duration::from_millis(250), now);
+    }
+}

@@ -1,0 +1,914 @@
+//! relay-bench: the load generator of relay (issue 5), and of the comparators it is measured
+//! against (nginx + Nchan, a Node `ws` relay: `--target`).
+//!
+//! Scenarios: `fanout` (S subscribers on C channels, open-loop publish rate R), `max` (steps R up
+//! until loss or p99 passes a bound), `sse` (fanout over SSE), `idle` (server RSS per idle
+//! subscribed connection), `connect` (WebSocket handshakes per second), `hold` (subscribers that
+//! only count, for autocannon runs). It speaks WebSocket and HTTP by hand over tokio sockets on one
+//! thread: pin it with `taskset`. It reports its own CPU and says when it was the bottleneck.
+//!
+//! Loopback only: every address it connects to must be in 127.0.0.0/8.
+
+#[path = "relay_bench/procfs.rs"]
+mod procfs;
+#[path = "relay_bench/publish.rs"]
+mod publish;
+#[path = "relay_bench/subs.rs"]
+mod subs;
+#[path = "relay_bench/wire.rs"]
+mod wire;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+use procfs::CpuMeter;
+use publish::{Mode, PubSpec, Publisher};
+use subs::{Groups, Stats, SubSpec, Target};
+
+#[derive(Parser)]
+#[command(
+    name = "relay-bench",
+    version,
+    about = "Load generator for relay and its comparators"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// S subscribers on C channels, an open-loop publisher at R msg/s for D: deliveries/s, loss,
+    /// duplicates, reordering, latency percentiles, server CPU and RSS.
+    Fanout(LoadArgs),
+    /// Steps the publish rate up (×factor per step) until loss, a closed subscriber, a publisher
+    /// that cannot keep the rate, or p99 > --p99-max; reports the best step.
+    Max(MaxArgs),
+    /// Fan-out over SSE subscribers (`--step-up` to search the maximum like `max`).
+    Sse(SseArgs),
+    /// N idle subscribed WebSocket connections: server RSS per connection and its slope.
+    Idle(IdleArgs),
+    /// WebSocket handshakes per second (connect, upgrade, close handshake), bounded.
+    Connect(ConnectArgs),
+    /// Subscribers that only read and count (prints `ready` once subscribed), e.g. while
+    /// autocannon publishes.
+    Hold(HoldArgs),
+    /// Internal: a worker process holding part of the connections (see --procs).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        spec: String,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Server kind (URL shapes and message framing differ).
+    #[arg(long, value_enum, default_value = "relay")]
+    target: Target,
+    /// Server address (loopback only).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// Server process(es) whose CPU and RSS to report (repeatable; e.g. nginx's worker).
+    #[arg(long = "server-pid")]
+    server_pid: Vec<u32>,
+    /// Also print one `RESULT {json}` line.
+    #[arg(long)]
+    json: bool,
+    /// Channel name prefix (default: a fresh one per run, so no history is replayed).
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Spread subscriber source addresses over 127.0.0.1..=127.0.0.N (0: kernel's choice).
+    #[arg(long, default_value_t = 32)]
+    src_ips: u32,
+    /// Worker processes holding the subscribers (0: one per 15,000 connections, at least 1).
+    #[arg(long, default_value_t = 0)]
+    procs: u32,
+    /// Connection setups in flight at once.
+    #[arg(long, default_value_t = 256)]
+    concurrency: u32,
+}
+
+#[derive(Args, Clone)]
+struct LoadArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Subscribers.
+    #[arg(long, default_value_t = 1000)]
+    subs: u32,
+    /// Channels (subscriber i is on channel i mod C; publishes go round-robin).
+    #[arg(long, default_value_t = 1)]
+    channels: u32,
+    /// Publishes per second (all channels together).
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Bytes of `data` in each publish (it carries a timestamp and a sequence).
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// How long to publish (per step for `max`).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Publish over the HTTP API or as WebSocket commands [default: ws for relay, else http].
+    #[arg(long, value_enum)]
+    publish: Option<Mode>,
+    /// Publisher connections [default: 8 for http, 1 for ws].
+    #[arg(long)]
+    publishers: Option<u32>,
+    /// Record the latency of one message in N (per subscriber).
+    #[arg(long, default_value_t = 1)]
+    sample: u32,
+}
+
+#[derive(Args, Clone)]
+struct MaxArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// First step's publish rate (publishes/s).
+    #[arg(long, default_value_t = 100.0)]
+    start_rate: f64,
+    /// Rate multiplier per step.
+    #[arg(long, default_value_t = 1.5)]
+    factor: f64,
+    /// A step fails when its p99 passes this.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    p99_max: Duration,
+    #[arg(long, default_value_t = 20)]
+    max_steps: u32,
+    /// Extra steps between the best passing and the first failing rate (geometric midpoint).
+    #[arg(long, default_value_t = 2)]
+    refine: u32,
+    /// Run a failed step again this many times before taking the failure (a transient hiccup
+    /// of a shared machine should not end the search); not when subscribers were closed.
+    #[arg(long, default_value_t = 1)]
+    retry: u32,
+}
+
+#[derive(Args, Clone)]
+struct SseArgs {
+    #[command(flatten)]
+    max: MaxArgs,
+    /// Step the rate up like `max` instead of one fixed-rate run.
+    #[arg(long)]
+    step_up: bool,
+}
+
+#[derive(Args, Clone)]
+struct IdleArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Connections in total.
+    #[arg(long, default_value_t = 19_000)]
+    conns: u32,
+    /// Measure RSS after each of this many equal steps.
+    #[arg(long, default_value_t = 4)]
+    steps: u32,
+    /// Channels (connection i subscribes to channel i mod C).
+    #[arg(long, default_value_t = 1)]
+    channels: u32,
+    /// Wait this long after each step before reading RSS.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    settle: Duration,
+}
+
+#[derive(Args, Clone)]
+struct ConnectArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Stop after this many handshakes.
+    #[arg(long, default_value_t = 200_000)]
+    count: u64,
+    /// Handshake loops running at once.
+    #[arg(long, default_value_t = 64)]
+    parallel: u32,
+}
+
+#[derive(Args, Clone)]
+struct HoldArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value_t = 1000)]
+    subs: u32,
+    #[arg(long, default_value_t = 1)]
+    channels: u32,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    #[arg(long)]
+    sse: bool,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        match cli.cmd {
+            Cmd::Fanout(a) => run_load(&max_of(a), false, false).await,
+            Cmd::Max(a) => run_load(&a, false, true).await,
+            Cmd::Sse(a) => run_load(&a.max, true, a.step_up).await,
+            Cmd::Idle(a) => run_idle(&a).await,
+            Cmd::Connect(a) => run_connect(&a).await,
+            Cmd::Hold(a) => run_hold(&a).await,
+            Cmd::Worker { spec } => subs::worker_main(serde_json::from_str(&spec)?).await,
+        }
+    })
+}
+
+fn max_of(load: LoadArgs) -> MaxArgs {
+    MaxArgs {
+        start_rate: load.rate,
+        load,
+        factor: 1.5,
+        p99_max: Duration::from_secs(3600),
+        max_steps: 1,
+        refine: 0,
+        retry: 0,
+    }
+}
+
+fn check_loopback(addr: &SocketAddr) -> Result<()> {
+    if !addr.ip().is_loopback() {
+        bail!("relay-bench only targets loopback addresses (127.0.0.0/8, ::1), not {addr}");
+    }
+    Ok(())
+}
+
+fn default_prefix() -> String {
+    format!("b{}x", subs::now_ns() / 1_000_000 % 100_000_000)
+}
+
+fn procs_for(c: &Common, conns: u32) -> u32 {
+    if c.procs > 0 {
+        c.procs
+    } else {
+        conns.div_ceil(15_000).max(1)
+    }
+}
+
+fn server_pids(c: &Common) -> Vec<String> {
+    c.server_pid.iter().map(u32::to_string).collect()
+}
+
+fn self_pids(groups: &Groups) -> Vec<String> {
+    let mut v = vec![std::process::id().to_string()];
+    v.extend(groups.worker_pids());
+    v
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+fn human(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2} M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1} k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+/// One measured fan-out step.
+struct StepResult {
+    rate: f64,
+    achieved: f64,
+    expected: u64,
+    delivered: u64,
+    per_sec: f64,
+    loss: u64,
+    stats: Stats,
+    pub_errors: u64,
+    max_lag: Duration,
+    lat: [u64; 6],
+    server_cpu: Option<f64>,
+    server_rss: Option<u64>,
+    self_cpu: Option<f64>,
+    /// Cores used by everything else on the machine during the step (noise).
+    other_cpu: Option<f64>,
+}
+
+impl StepResult {
+    fn passed(&self, p99_max: Duration) -> bool {
+        self.loss == 0
+            && self.stats.closed == 0
+            && self.stats.dups == 0
+            && self.pub_errors == 0
+            && self.achieved >= 0.95 * self.rate
+            && self.lat[2] <= p99_max.as_micros() as u64
+    }
+
+    fn bench_bound(&self) -> bool {
+        self.self_cpu.is_some_and(|c| c >= 0.9)
+    }
+
+    fn line(&self) -> String {
+        let cpu = |c: Option<f64>| c.map_or("-".into(), |c| format!("{:.0}%", c * 100.0));
+        format!(
+            "rate {:>8.0}/s (sent {:>8.0}/s, lag max {:>5.1} ms) | delivered {:>9}/s ({} of {}) \
+             loss {} dup {} reorder {} seq-gap {} closed {} pub-err {} | \
+             p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2} ms | server cpu {} rss {} MiB | \
+             bench cpu {} other {}{}",
+            self.rate,
+            self.achieved,
+            self.max_lag.as_secs_f64() * 1e3,
+            human(self.per_sec),
+            self.delivered,
+            self.expected,
+            self.loss,
+            self.stats.dups,
+            self.stats.reordered,
+            self.stats.seq_gaps,
+            self.stats.closed,
+            self.pub_errors,
+            ms(self.lat[0]),
+            ms(self.lat[1]),
+            ms(self.lat[2]),
+            ms(self.lat[3]),
+            ms(self.lat[4]),
+            cpu(self.server_cpu),
+            self.server_rss
+                .map_or("-".into(), |r| format!("{:.1}", mib(r))),
+            cpu(self.self_cpu),
+            cpu(self.other_cpu),
+            if self.bench_bound() {
+                "  <-- relay-bench saturated its core: this step is bench-bound"
+            } else {
+                ""
+            },
+        )
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "rate": self.rate, "sent_per_sec": self.achieved, "expected": self.expected,
+            "delivered": self.delivered, "deliveries_per_sec": self.per_sec, "loss": self.loss,
+            "dups": self.stats.dups, "reordered": self.stats.reordered,
+            "seq_gaps": self.stats.seq_gaps, "closed": self.stats.closed,
+            "close_codes": self.stats.close_codes, "errors": self.stats.errors,
+            "pub_errors": self.pub_errors, "max_lag_ms": self.max_lag.as_secs_f64() * 1e3,
+            "p50_ms": ms(self.lat[0]), "p90_ms": ms(self.lat[1]), "p99_ms": ms(self.lat[2]),
+            "p999_ms": ms(self.lat[3]), "max_ms": ms(self.lat[4]), "samples": self.lat[5],
+            "server_cpu": self.server_cpu, "server_rss": self.server_rss,
+            "bench_cpu": self.self_cpu, "bench_bound": self.bench_bound(),
+            "other_cpu": self.other_cpu,
+        })
+    }
+}
+
+async fn run_load(a: &MaxArgs, sse: bool, stepping: bool) -> Result<()> {
+    let l = &a.load;
+    let c = &l.common;
+    check_loopback(&c.addr)?;
+    let prefix = c.prefix.clone().unwrap_or_else(default_prefix);
+    let mode = l.publish.unwrap_or(match c.target {
+        Target::Relay => Mode::Ws,
+        _ => Mode::Http,
+    });
+    let publishers = l.publishers.unwrap_or(match mode {
+        Mode::Http => 8,
+        Mode::Ws => 1,
+    });
+    let spec = SubSpec {
+        target: c.target,
+        addr: c.addr,
+        sse,
+        prefix: prefix.clone(),
+        channels: l.channels.max(1),
+        src_ips: c.src_ips,
+        sample: l.sample.max(1),
+        concurrency: c.concurrency,
+    };
+    let groups = Groups::new(spec, procs_for(c, l.subs))?;
+    let t0 = Instant::now();
+    let opened = groups.open(0, l.subs).await?;
+    println!(
+        "{:?} {} subscribers on {} channel(s): {} subscribed, {} failed in {:.2} s{}",
+        c.target,
+        if sse { "SSE" } else { "WebSocket" },
+        l.channels,
+        opened.open,
+        opened.failed,
+        t0.elapsed().as_secs_f64(),
+        opened
+            .first_error
+            .as_ref()
+            .map_or(String::new(), |e| format!(" (first error: {e})")),
+    );
+    if opened.open == 0 {
+        bail!("no subscriber could subscribe");
+    }
+    let mut publisher = Publisher::connect(PubSpec {
+        target: c.target,
+        addr: c.addr,
+        mode,
+        conns: publishers,
+        channels: l.channels.max(1),
+        payload: l.payload,
+        prefix,
+    })
+    .await?;
+    println!(
+        "publishing over {mode:?} ({publishers} connection(s)), payload {} B, {} per step",
+        l.payload,
+        humantime::format_duration(l.duration)
+    );
+    // Subscriber counts per channel (for the expected deliveries).
+    let per_channel: Vec<u64> = (0..l.channels.max(1))
+        .map(|ch| u64::from((0..l.subs).filter(|i| i % l.channels.max(1) == ch).count() as u32))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    groups.stats(true).await?;
+
+    let mut results: Vec<StepResult> = Vec::new();
+    let mut best: Option<usize> = None;
+    let mut fail_rate: Option<f64> = None;
+    let mut rate = if stepping { a.start_rate } else { l.rate };
+    let mut steps = 0;
+    let mut refines = 0;
+    loop {
+        let mut tries = 0;
+        let r = loop {
+            let r = step(&groups, &mut publisher, c, rate, l.duration, &per_channel).await?;
+            println!("step {:>2}: {}", steps + 1, r.line());
+            if !stepping || r.passed(a.p99_max) || r.stats.closed > 0 || tries >= a.retry {
+                break r;
+            }
+            tries += 1;
+            println!("step {:>2}: failed, running it again", steps + 1);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let passed = r.passed(a.p99_max);
+        let closed = r.stats.closed > 0;
+        results.push(r);
+        steps += 1;
+        if !stepping {
+            break;
+        }
+        if passed {
+            best = Some(results.len() - 1);
+        } else {
+            fail_rate = Some(rate);
+        }
+        if closed {
+            println!("subscribers were closed: stopping here");
+            break;
+        }
+        rate = match (passed, fail_rate) {
+            (true, None) if steps < a.max_steps => rate * a.factor,
+            (_, Some(f)) if refines < a.refine => {
+                refines += 1;
+                let lo = best.map_or(a.start_rate / a.factor, |b| results[b].rate);
+                (lo * f).sqrt()
+            }
+            _ => break,
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let summary = if stepping {
+        match best {
+            Some(b) => {
+                let r = &results[b];
+                println!(
+                    "BEST: {} deliveries/s at {:.0} publishes/s to {} subscribers, p99 {:.2} ms \
+                     (bound {} ms){}",
+                    human(r.per_sec),
+                    r.rate,
+                    opened.open,
+                    ms(r.lat[2]),
+                    a.p99_max.as_millis(),
+                    if r.bench_bound() {
+                        "; relay-bench was saturated at this step: a lower bound"
+                    } else {
+                        ""
+                    }
+                );
+                r.json()
+            }
+            None => {
+                println!("BEST: no step passed");
+                serde_json::Value::Null
+            }
+        }
+    } else {
+        results
+            .last()
+            .map_or(serde_json::Value::Null, StepResult::json)
+    };
+    let stats = groups.stats(false).await?;
+    if let Some(e) = stats.first_error.as_ref() {
+        println!("first error seen by a subscriber: {e}");
+    }
+    if let Some(e) = publisher.first_error() {
+        println!("first publisher error: {e}");
+    }
+    if c.json {
+        let out = json!({
+            "scenario": if stepping { "max" } else { "fanout" },
+            "transport": if sse { "sse" } else { "ws" },
+            "target": c.target, "subs": l.subs, "subscribed": opened.open,
+            "channels": l.channels, "payload": l.payload, "publish": format!("{mode:?}"),
+            "p99_max_ms": a.p99_max.as_secs_f64() * 1e3,
+            "best": summary,
+            "steps": results.iter().map(StepResult::json).collect::<Vec<_>>(),
+        });
+        println!("RESULT {out}");
+    }
+    Ok(())
+}
+
+async fn step(
+    groups: &Groups,
+    publisher: &mut Publisher,
+    c: &Common,
+    rate: f64,
+    dur: Duration,
+    per_channel: &[u64],
+) -> Result<StepResult> {
+    let server = server_pids(c);
+    let me = self_pids(groups);
+    let acked0 = publisher.acked_per_channel();
+    let server_cpu = CpuMeter::start(&server);
+    let self_cpu = CpuMeter::start(&me);
+    let machine = procfs::MachineMeter::start();
+    let p = publisher.run(rate, dur).await?;
+    // CPU over the publishing window (not the drain after it).
+    let server_cpu = server_cpu.cores();
+    let self_cpu = self_cpu.cores();
+    let other_cpu = machine
+        .cores()
+        .map(|m| (m - server_cpu.unwrap_or(0.0) - self_cpu.unwrap_or(0.0)).max(0.0));
+    publisher.settle(Duration::from_secs(3)).await;
+    let acked1 = publisher.acked_per_channel();
+    let expected: u64 = acked1
+        .iter()
+        .zip(&acked0)
+        .zip(per_channel)
+        .map(|((a1, a0), n)| (a1 - a0) * n)
+        .sum();
+    // Drain: until everything expected arrived, or nothing moved for 500 ms (at most 5 s).
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut last = u64::MAX;
+    let mut last_move = Instant::now();
+    while Instant::now() < until {
+        let s = groups.stats(false).await?;
+        let got = s.received - s.dups;
+        if got >= expected {
+            break;
+        }
+        if got != last {
+            last = got;
+            last_move = Instant::now();
+        } else if last_move.elapsed() > Duration::from_millis(500) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = groups.stats(true).await?;
+    let h = stats.histogram()?;
+    let delivered = stats.received - stats.dups;
+    let secs = p.elapsed.as_secs_f64().max(1e-9);
+    Ok(StepResult {
+        rate,
+        achieved: p.sent as f64 / secs,
+        expected,
+        delivered,
+        per_sec: delivered as f64 / dur.as_secs_f64().max(1e-9),
+        loss: expected.saturating_sub(delivered),
+        pub_errors: p.errors,
+        max_lag: p.max_lag,
+        lat: [
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.9),
+            h.value_at_quantile(0.99),
+            h.value_at_quantile(0.999),
+            h.max(),
+            h.len(),
+        ],
+        stats,
+        server_cpu,
+        server_rss: procfs::rss_sum(&server),
+        self_cpu,
+        other_cpu,
+    })
+}
+
+async fn run_idle(a: &IdleArgs) -> Result<()> {
+    let c = &a.common;
+    check_loopback(&c.addr)?;
+    let server = server_pids(c);
+    if server.is_empty() {
+        bail!("idle needs --server-pid (its RSS is the measurement)");
+    }
+    let spec = SubSpec {
+        target: c.target,
+        addr: c.addr,
+        sse: false,
+        prefix: c.prefix.clone().unwrap_or_else(default_prefix),
+        channels: a.channels.max(1),
+        src_ips: c.src_ips,
+        sample: 1,
+        concurrency: c.concurrency,
+    };
+    let procs = procs_for(c, a.conns);
+    let groups = Groups::new(spec, procs)?;
+    tokio::time::sleep(a.settle).await;
+    let rss0 = procfs::rss_sum(&server).ok_or_else(|| anyhow!("cannot read the server's RSS"))?;
+    println!(
+        "{:?}: {} idle subscribed WebSocket connections on {} channel(s), {} worker process(es); \
+         server RSS before: {:.1} MiB",
+        c.target,
+        a.conns,
+        a.channels,
+        procs,
+        mib(rss0)
+    );
+    let mut points: Vec<(f64, f64)> = vec![(0.0, rss0 as f64)];
+    let mut open = 0u64;
+    let mut cur = 0u32;
+    let mut rows = Vec::new();
+    let t0 = Instant::now();
+    for k in 1..=a.steps.max(1) {
+        let target = (u64::from(a.conns) * u64::from(k) / u64::from(a.steps.max(1))) as u32;
+        let s = groups.open(cur, target).await?;
+        cur = target;
+        open += s.open;
+        if let Some(e) = &s.first_error {
+            println!("  {} failed (first error: {e})", s.failed);
+        }
+        tokio::time::sleep(a.settle).await;
+        let now = groups.stats(false).await?;
+        let rss = procfs::rss_sum(&server).ok_or_else(|| anyhow!("server gone"))?;
+        let (pn, pr) = points[points.len() - 1];
+        let per = (rss as f64 - rss0 as f64) / now.open.max(1) as f64;
+        let step_slope = (rss as f64 - pr) / (now.open as f64 - pn).max(1.0);
+        println!(
+            "  {:>6} open: server RSS {:>8.1} MiB, {:>7.0} B/conn since start, {:>7.0} B/conn \
+             over this step",
+            now.open,
+            mib(rss),
+            per,
+            step_slope
+        );
+        rows.push(json!({"open": now.open, "rss": rss, "per_conn": per, "step_slope": step_slope}));
+        points.push((now.open as f64, rss as f64));
+    }
+    let elapsed = t0.elapsed();
+    let last = points[points.len() - 1];
+    let per_conn = (last.1 - rss0 as f64) / last.0.max(1.0);
+    let slope = least_squares(&points[1..]).unwrap_or(per_conn);
+    let stats = groups.stats(false).await?;
+    println!(
+        "RSS per idle connection at {} connections: {:.0} B (slope {:.0} B/conn); {} failed, \
+         {} closed by the server; set-up {:.2} s",
+        stats.open,
+        per_conn,
+        slope,
+        stats.failed,
+        stats.closed,
+        elapsed.as_secs_f64()
+    );
+    if c.json {
+        let out = json!({
+            "scenario": "idle", "target": c.target, "conns": a.conns, "open": stats.open,
+            "opened": open, "failed": stats.failed, "closed": stats.closed, "channels": a.channels,
+            "rss_before": rss0, "rss_after": last.1, "per_conn": per_conn, "slope": slope,
+            "steps": rows,
+        });
+        println!("RESULT {out}");
+    }
+    Ok(())
+}
+
+/// Slope of the least-squares line through the points.
+fn least_squares(p: &[(f64, f64)]) -> Option<f64> {
+    if p.len() < 2 {
+        return None;
+    }
+    let n = p.len() as f64;
+    let mx = p.iter().map(|q| q.0).sum::<f64>() / n;
+    let my = p.iter().map(|q| q.1).sum::<f64>() / n;
+    let sxy: f64 = p.iter().map(|q| (q.0 - mx) * (q.1 - my)).sum();
+    let sxx: f64 = p.iter().map(|q| (q.0 - mx) * (q.0 - mx)).sum();
+    (sxx > 0.0).then(|| sxy / sxx)
+}
+
+async fn run_connect(a: &ConnectArgs) -> Result<()> {
+    use std::cell::{Cell, RefCell};
+    use std::rc::Rc;
+    let c = &a.common;
+    check_loopback(&c.addr)?;
+    let server = server_pids(c);
+    let prefix = c.prefix.clone().unwrap_or_else(default_prefix);
+    let path = match c.target {
+        Target::Relay => "/ws".to_string(),
+        Target::Node => "/".to_string(),
+        Target::Nchan => format!("/sub/{prefix}0"),
+    };
+    let req = Rc::new(wire::upgrade_request(&c.addr.to_string(), &path));
+    let counter = Rc::new(Cell::new(0u64));
+    let ok = Rc::new(Cell::new(0u64));
+    let failed = Rc::new(Cell::new(0u64));
+    let first_err: Rc<RefCell<Option<String>>> = Rc::new(RefCell::new(None));
+    let hist = Rc::new(RefCell::new(subs::new_hist()?));
+    let start = Instant::now();
+    let end = start + a.duration;
+    let server_cpu = CpuMeter::start(&server);
+    let self_cpu = CpuMeter::start(&[std::process::id().to_string()]);
+    let machine = procfs::MachineMeter::start();
+    let mut tasks = Vec::new();
+    for _ in 0..a.parallel.max(1) {
+        let (req, counter, ok, failed, first_err, hist) = (
+            req.clone(),
+            counter.clone(),
+            ok.clone(),
+            failed.clone(),
+            first_err.clone(),
+            hist.clone(),
+        );
+        let (addr, src_ips, count) = (c.addr, c.src_ips, a.count);
+        tasks.push(tokio::task::spawn_local(async move {
+            while Instant::now() < end && counter.get() < count {
+                let i = counter.get();
+                counter.set(i + 1);
+                let r = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    handshake(addr, src_ips, i as u32, &req),
+                )
+                .await
+                .map_err(|_| anyhow!("timed out"))
+                .and_then(|r| r);
+                match r {
+                    Ok(us) => {
+                        ok.set(ok.get() + 1);
+                        hist.borrow_mut().saturating_record(us.max(1));
+                    }
+                    Err(e) => {
+                        failed.set(failed.get() + 1);
+                        first_err.borrow_mut().get_or_insert(format!("{e:#}"));
+                        // Back off a little on errors (e.g. port exhaustion).
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let server_cpu = server_cpu.cores();
+    let self_cpu = self_cpu.cores();
+    let other_cpu = machine
+        .cores()
+        .map(|m| (m - server_cpu.unwrap_or(0.0) - self_cpu.unwrap_or(0.0)).max(0.0));
+    let h = hist.borrow();
+    let rate = ok.get() as f64 / elapsed;
+    println!(
+        "{:?}: {} handshakes in {:.2} s = {}/s ({} failed{}); upgrade latency p50 {:.2} p99 {:.2} \
+         max {:.2} ms; server cpu {}, bench cpu {}, other {}{}",
+        c.target,
+        ok.get(),
+        elapsed,
+        human(rate),
+        failed.get(),
+        first_err
+            .borrow()
+            .as_ref()
+            .map_or(String::new(), |e| format!(", first: {e}")),
+        ms(h.value_at_quantile(0.5)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.max()),
+        server_cpu.map_or("-".into(), |c| format!("{:.0}%", c * 100.0)),
+        self_cpu.map_or("-".into(), |c| format!("{:.0}%", c * 100.0)),
+        other_cpu.map_or("-".into(), |c| format!("{:.0}%", c * 100.0)),
+        if self_cpu.is_some_and(|c| c >= 0.9) {
+            "  <-- relay-bench saturated its core: bench-bound"
+        } else {
+            ""
+        }
+    );
+    if c.json {
+        let out = json!({
+            "scenario": "connect", "target": c.target, "ok": ok.get(), "failed": failed.get(),
+            "secs": elapsed, "per_sec": rate, "p50_ms": ms(h.value_at_quantile(0.5)),
+            "p99_ms": ms(h.value_at_quantile(0.99)), "server_cpu": server_cpu,
+            "bench_cpu": self_cpu, "bench_bound": self_cpu.is_some_and(|c| c >= 0.9),
+            "other_cpu": other_cpu,
+        });
+        println!("RESULT {out}");
+    }
+    Ok(())
+}
+
+/// Connect, upgrade, close handshake; returns µs from connect to the 101.
+async fn handshake(addr: SocketAddr, src_ips: u32, i: u32, req: &str) -> Result<u64> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    if src_ips > 0 {
+        let ip = subs::src_ip(i % src_ips);
+        sock.bind(SocketAddr::new(ip.into(), 0))
+            .with_context(|| format!("bind {ip}"))?;
+    }
+    let t = Instant::now();
+    let mut s = sock.connect(addr).await.context("connect")?;
+    s.set_nodelay(true)?;
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::with_capacity(512);
+    let mut tmp = [0u8; 2048];
+    let end = loop {
+        if let Some(e) = wire::head_end(&buf) {
+            break e;
+        }
+        let n = s.read(&mut tmp).await?;
+        if n == 0 {
+            bail!("closed during the handshake");
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = wire::parse_head(&buf[..end])?;
+    if head.status != 101 {
+        bail!("status {}", head.status);
+    }
+    let us = t.elapsed().as_micros() as u64;
+    let mut close = Vec::new();
+    wire::close_frame(&mut close);
+    s.write_all(&close).await?;
+    // Wait for the server's close frame (or EOF), briefly.
+    let mut rest = buf.split_off(end);
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            let mut off = 0;
+            while let Ok(Some(f)) = wire::parse_frame(&rest[off..]) {
+                if f.opcode == wire::OP_CLOSE {
+                    return;
+                }
+                off += f.len;
+            }
+            rest.drain(..off);
+            match s.read(&mut tmp).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => rest.extend_from_slice(&tmp[..n]),
+            }
+        }
+    })
+    .await;
+    Ok(us)
+}
+
+async fn run_hold(a: &HoldArgs) -> Result<()> {
+    let c = &a.common;
+    check_loopback(&c.addr)?;
+    let spec = SubSpec {
+        target: c.target,
+        addr: c.addr,
+        sse: a.sse,
+        prefix: c.prefix.clone().unwrap_or_else(default_prefix),
+        channels: a.channels.max(1),
+        src_ips: c.src_ips,
+        sample: 1,
+        concurrency: c.concurrency,
+    };
+    let groups = Groups::new(spec, procs_for(c, a.subs))?;
+    let s = groups.open(0, a.subs).await?;
+    println!("ready {} subscribed, {} failed", s.open, s.failed);
+    let me = self_pids(&groups);
+    let self_cpu = CpuMeter::start(&me);
+    let t = Instant::now();
+    tokio::time::sleep(a.duration).await;
+    let st = groups.stats(false).await?;
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = self_cpu.cores();
+    let got = st.received + st.foreign;
+    println!(
+        "hold: {} messages in {:.1} s = {}/s delivered; {} closed {:?}; errors {}; bench cpu {}",
+        got,
+        secs,
+        human(got as f64 / secs),
+        st.closed,
+        st.close_codes,
+        st.errors,
+        cpu.map_or("-".into(), |c| format!("{:.0}%", c * 100.0)),
+    );
+    if c.json {
+        let out = json!({
+            "scenario": "hold", "target": c.target, "subscribed": s.open, "messages": got,
+            "per_sec": got as f64 / secs, "closed": st.closed, "close_codes": st.close_codes,
+            "bench_cpu": cpu,
+        });
+        println!("RESULT {out}");
+    }
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! CPU time and RSS of processes, read from /proc (the server's, relay-bench's own, its workers').
+
+use std::time::Instant;
+
+/// Clock ticks per second of /proc/<pid>/stat times (`getconf CLK_TCK`, 100 on Linux).
+fn clk_tck() -> f64 {
+    static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TCK.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// utime + stime of a process (all its threads, dead ones included), in seconds.
+pub fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split(' ');
+    // rest starts at field 3 (state); utime is field 14, stime field 15.
+    let utime: f64 = fields.nth(11)?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) / clk_tck())
+}
+
+/// Resident set size in bytes.
+pub fn rss_bytes(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Sum of the RSS of a set of processes.
+pub fn rss_sum(pids: &[String]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|p| rss_bytes(p)).sum()
+}
+
+/// Busy time of the whole machine (all CPUs, every process), in seconds.
+pub fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait.
+    let total: f64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4).unwrap_or(&0.0);
+    Some((total - idle) / clk_tck())
+}
+
+/// Cores used by the whole machine over a window.
+pub struct MachineMeter {
+    start_busy: Option<f64>,
+    start: Instant,
+}
+
+impl MachineMeter {
+    pub fn start() -> Self {
+        Self {
+            start_busy: machine_busy_seconds(),
+            start: Instant::now(),
+        }
+    }
+
+    pub fn cores(&self) -> Option<f64> {
+        let now = machine_busy_seconds()?;
+        let start = self.start_busy?;
+        let dt = self.start.elapsed().as_secs_f64();
+        (dt > 0.0).then(|| (now - start) / dt)
+    }
+}
+
+/// CPU used by a set of processes over a window, as a share of one core (1.0 = one full core).
+pub struct CpuMeter {
+    pids: Vec<String>,
+    start_cpu: f64,
+    start: Instant,
+}
+
+impl CpuMeter {
+    pub fn start(pids: &[String]) -> Self {
+        let start_cpu = pids.iter().filter_map(|p| cpu_seconds(p)).sum();
+        Self {
+            pids: pids.to_vec(),
+            start_cpu,
+            start: Instant::now(),
+        }
+    }
+
+    /// Cores used since `start` (None without a process to watch).
+    pub fn cores(&self) -> Option<f64> {
+        if self.pids.is_empty() {
+            return None;
+        }
+        let now: f64 = self.pids.iter().filter_map(|p| cpu_seconds(p)).sum();
+        let dt = self.start.elapsed().as_secs_f64();
+        (dt > 0.0).then(|| (now - self.start_cpu) / dt)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_process() {
+        let me = std::process::id().to_string();
+        assert!(cpu_seconds(&me).is_some());
+        assert!(rss_bytes(&me).is_some_and(|r| r > 0));
+    }
+}

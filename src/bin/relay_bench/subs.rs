@@ -1,0 +1,755 @@
+//! Subscriber groups: many WebSocket or SSE subscriber connections on one single-threaded runtime,
+//! their receive path, and the worker processes (`relay-bench worker`) that hold a share of the
+//! connections when one process may not open them all (20,000 open files per process here).
+//!
+//! The receive path: one task per connection waits for readability, reads into a buffer shared by
+//! every connection of the process (only an incomplete frame is kept per connection), walks the
+//! frames in place, and takes `"seq":` and the payload stamp by substring search. The clock is read
+//! once per read, not per message.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::wire::{self, Dechunk, Finders};
+
+/// Which server relay-bench talks to (URL shapes and message framing differ).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// relay: `GET /ws` + JSON subscribe, `GET /sse?channel=`, `POST /api/publish`.
+    Relay,
+    /// nginx + Nchan: `ws://…/sub/CH`, `GET /sub/CH` (EventSource), `POST /pub?id=CH`.
+    Nchan,
+    /// The Node `ws` relay in benches/node-relay: JSON subscribe on `/`, `POST /api/publish`.
+    Node,
+}
+
+/// Everything a subscriber connection needs to know (also sent to worker processes as JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubSpec {
+    pub target: Target,
+    pub addr: SocketAddr,
+    pub sse: bool,
+    /// Channel `i` is named `{prefix}{i}`.
+    pub prefix: String,
+    pub channels: u32,
+    /// Source addresses 127.0.0.1 ..= 127.0.0.{src_ips} (0: let the kernel choose).
+    pub src_ips: u32,
+    /// Record the latency of one message in `sample` per connection.
+    pub sample: u32,
+    /// Connections set up at once.
+    pub concurrency: u32,
+}
+
+impl SubSpec {
+    pub fn channel(&self, i: u32) -> String {
+        format!("{}{}", self.prefix, i % self.channels.max(1))
+    }
+}
+
+/// Counters of a group, mergeable across processes.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Stats {
+    /// Connections subscribed and open.
+    pub open: u64,
+    /// Connection setups that failed.
+    pub failed: u64,
+    /// Messages carrying a relay-bench stamp (duplicates included).
+    pub received: u64,
+    /// Messages without a stamp (e.g. autocannon's bodies).
+    pub foreign: u64,
+    /// Same publisher sequence seen again.
+    pub dups: u64,
+    /// Publisher sequence lower than one already seen.
+    pub reordered: u64,
+    /// Holes in the server's per-channel `seq` (relay and node only).
+    pub seq_gaps: u64,
+    /// Server `seq` not above the previous one.
+    pub seq_back: u64,
+    /// Connections the server closed (or that failed) after setup.
+    pub closed: u64,
+    pub close_codes: BTreeMap<u16, u64>,
+    /// Error events, gap events and protocol errors.
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// Bytes read.
+    pub bytes: u64,
+    /// Reads done.
+    pub reads: u64,
+    /// Latency histogram in µs as (value, count) pairs.
+    pub lat_us: Vec<(u64, u64)>,
+}
+
+impl Stats {
+    pub fn merge(&mut self, o: Stats) {
+        self.open += o.open;
+        self.failed += o.failed;
+        self.received += o.received;
+        self.foreign += o.foreign;
+        self.dups += o.dups;
+        self.reordered += o.reordered;
+        self.seq_gaps += o.seq_gaps;
+        self.seq_back += o.seq_back;
+        self.closed += o.closed;
+        for (k, v) in o.close_codes {
+            *self.close_codes.entry(k).or_default() += v;
+        }
+        self.errors += o.errors;
+        if self.first_error.is_none() {
+            self.first_error = o.first_error;
+        }
+        self.bytes += o.bytes;
+        self.reads += o.reads;
+        self.lat_us.extend(o.lat_us);
+    }
+
+    pub fn histogram(&self) -> Result<Histogram<u64>> {
+        let mut h = new_hist()?;
+        for &(v, n) in &self.lat_us {
+            h.saturating_record_n(v, n);
+        }
+        Ok(h)
+    }
+}
+
+pub fn new_hist() -> Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).map_err(|e| anyhow!("histogram: {e}"))
+}
+
+/// Nanoseconds since the Unix epoch (the clock every process of the machine shares).
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// The live counters of a group (one per process; shared by its connection tasks).
+struct Agg {
+    stats: Stats,
+    hist: Histogram<u64>,
+}
+
+impl Agg {
+    fn error(&mut self, e: impl std::fmt::Display) {
+        self.stats.errors += 1;
+        if self.stats.first_error.is_none() {
+            self.stats.first_error = Some(e.to_string());
+        }
+    }
+}
+
+/// Read buffer shared by every connection of the process.
+const SHARED_BUF: usize = 256 * 1024;
+
+/// A group of subscriber connections in this process.
+pub struct Group {
+    spec: Arc<SubSpec>,
+    agg: Rc<RefCell<Agg>>,
+    buf: Rc<RefCell<Vec<u8>>>,
+    finders: Rc<Finders>,
+}
+
+impl Group {
+    pub fn new(spec: SubSpec) -> Result<Self> {
+        Ok(Self {
+            spec: Arc::new(spec),
+            agg: Rc::new(RefCell::new(Agg {
+                stats: Stats::default(),
+                hist: new_hist()?,
+            })),
+            buf: Rc::new(RefCell::new(vec![0; SHARED_BUF])),
+            finders: Rc::new(Finders::default()),
+        })
+    }
+
+    /// Opens (and subscribes) connections `from..to`; returns once each is ready or has failed.
+    /// Must run inside a `LocalSet`.
+    pub async fn open(&self, from: u32, to: u32) -> Stats {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Result<()>>();
+        let sem = Arc::new(Semaphore::new(self.spec.concurrency.max(1) as usize));
+        for i in from..to {
+            let tx = tx.clone();
+            let sem = sem.clone();
+            let spec = self.spec.clone();
+            let agg = self.agg.clone();
+            let buf = self.buf.clone();
+            let finders = self.finders.clone();
+            tokio::task::spawn_local(async move {
+                let permit = sem.acquire_owned().await;
+                let setup = tokio::time::timeout(Duration::from_secs(15), Conn::setup(&spec, i))
+                    .await
+                    .map_err(|_| anyhow!("setup timed out"))
+                    .and_then(|r| r);
+                let conn = match setup {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                let mut conn = conn;
+                conn.ready_tx = Some((tx, permit));
+                let res = conn.run(&spec, &agg, &buf, &finders).await;
+                let mut a = agg.borrow_mut();
+                match conn.ready_tx.take() {
+                    // Never became ready: a failed setup.
+                    Some((tx, _)) => {
+                        let _ = tx.send(Err(res.err().unwrap_or_else(|| anyhow!("closed"))));
+                    }
+                    None => {
+                        a.stats.open = a.stats.open.saturating_sub(1);
+                        a.stats.closed += 1;
+                        *a.stats.close_codes.entry(conn.close_code).or_default() += 1;
+                        if let Err(e) = res {
+                            a.error(format!("connection {i}: {e:#}"));
+                        }
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut out = Stats::default();
+        for _ in from..to {
+            match rx.recv().await {
+                Some(Ok(())) => out.open += 1,
+                Some(Err(e)) => {
+                    out.failed += 1;
+                    if out.first_error.is_none() {
+                        out.first_error = Some(format!("{e:#}"));
+                    }
+                }
+                None => break,
+            }
+        }
+        let mut a = self.agg.borrow_mut();
+        a.stats.failed += out.failed;
+        if a.stats.first_error.is_none() {
+            a.stats.first_error.clone_from(&out.first_error);
+        }
+        out
+    }
+
+    /// The counters so far; `reset` zeroes the per-step ones (not `open`/`failed`).
+    pub fn stats(&self, reset: bool) -> Stats {
+        let mut a = self.agg.borrow_mut();
+        let mut s = a.stats.clone();
+        s.lat_us = a
+            .hist
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect();
+        if reset {
+            let keep = Stats {
+                open: a.stats.open,
+                failed: a.stats.failed,
+                ..Stats::default()
+            };
+            a.stats = keep;
+            a.hist.reset();
+        }
+        s
+    }
+}
+
+/// Where a connection reports that it is subscribed, with the setup slot it holds until then.
+type ReadyTx = (
+    mpsc::UnboundedSender<Result<()>>,
+    Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>,
+);
+
+/// One subscriber connection.
+struct Conn {
+    stream: TcpStream,
+    /// An incomplete frame / event / chunk line left from the last read.
+    partial: Vec<u8>,
+    /// SSE: the chunked-body decoder (None when the body is not chunked).
+    dechunk: Option<Dechunk>,
+    /// SSE: decoded bytes of an incomplete event.
+    ev: Vec<u8>,
+    /// Last publisher sequence seen, per publisher.
+    last: Vec<u64>,
+    /// Last server seq seen (0: none yet).
+    last_seq: u64,
+    nmsg: u32,
+    ready: bool,
+    /// Told once the connection is subscribed; holds the setup permit until then.
+    ready_tx: Option<ReadyTx>,
+    /// Frames to send (pongs, close replies).
+    out: Vec<u8>,
+    close_code: u16,
+    closing: bool,
+}
+
+impl Conn {
+    async fn setup(spec: &SubSpec, i: u32) -> Result<Conn> {
+        let sock = TcpSocket::new_v4()?;
+        if spec.src_ips > 0 {
+            let ip = src_ip(i % spec.src_ips);
+            sock.bind(SocketAddr::new(ip.into(), 0))
+                .with_context(|| format!("bind {ip}"))?;
+        }
+        let mut stream = sock
+            .connect(spec.addr)
+            .await
+            .with_context(|| format!("connect {}", spec.addr))?;
+        stream.set_nodelay(true)?;
+        let host = spec.addr.to_string();
+        let ch = spec.channel(i);
+        let req = match (spec.target, spec.sse) {
+            (Target::Relay, false) => wire::upgrade_request(&host, "/ws"),
+            (Target::Node, false) => wire::upgrade_request(&host, "/"),
+            (Target::Nchan, false) => wire::upgrade_request(&host, &format!("/sub/{ch}")),
+            (Target::Relay, true) => sse_request(&host, &format!("/sse?channel={ch}")),
+            (Target::Nchan, true) => sse_request(&host, &format!("/sub/{ch}")),
+            (Target::Node, true) => bail!("the node relay has no SSE endpoint"),
+        };
+        stream.write_all(req.as_bytes()).await?;
+        let mut head = Vec::with_capacity(512);
+        let end = loop {
+            if let Some(end) = wire::head_end(&head) {
+                break end;
+            }
+            if head.len() > 16 * 1024 {
+                bail!("response head too long");
+            }
+            let mut tmp = [0u8; 4096];
+            let n = stream.read(&mut tmp).await?;
+            if n == 0 {
+                bail!("closed during the handshake");
+            }
+            head.extend_from_slice(&tmp[..n]);
+        };
+        let h = wire::parse_head(&head[..end])?;
+        let want = if spec.sse { 200 } else { 101 };
+        if h.status != want {
+            bail!("status {} (expected {want})", h.status);
+        }
+        let mut conn = Conn {
+            stream,
+            partial: head[end..].to_vec(),
+            dechunk: (spec.sse && h.chunked).then(Dechunk::default),
+            ev: Vec::new(),
+            last: Vec::new(),
+            last_seq: 0,
+            nmsg: 0,
+            ready: spec.target == Target::Nchan,
+            ready_tx: None,
+            out: Vec::new(),
+            close_code: 0,
+            closing: false,
+        };
+        if !spec.sse && spec.target != Target::Nchan {
+            let cmd = format!(r#"{{"type":"subscribe","channel":"{ch}"}}"#);
+            let mut f = Vec::new();
+            wire::client_frame(wire::OP_TEXT, cmd.as_bytes(), &mut f);
+            conn.stream.write_all(&f).await?;
+        }
+        Ok(conn)
+    }
+
+    fn signal_ready(&mut self, agg: &RefCell<Agg>) {
+        if self.ready {
+            if let Some((tx, _permit)) = self.ready_tx.take() {
+                agg.borrow_mut().stats.open += 1;
+                let _ = tx.send(Ok(()));
+            }
+        }
+    }
+
+    async fn run(
+        &mut self,
+        spec: &SubSpec,
+        agg: &RefCell<Agg>,
+        buf: &RefCell<Vec<u8>>,
+        finders: &Finders,
+    ) -> Result<()> {
+        // Bytes that came with the handshake response.
+        if !self.partial.is_empty() {
+            let data = std::mem::take(&mut self.partial);
+            let used = self.process(spec, &data, now_ns(), &mut agg.borrow_mut(), finders)?;
+            self.partial.extend_from_slice(&data[used..]);
+        }
+        self.signal_ready(agg);
+        loop {
+            if !self.out.is_empty() {
+                let out = std::mem::take(&mut self.out);
+                self.stream.write_all(&out).await?;
+            }
+            if self.closing {
+                return Ok(());
+            }
+            self.stream.readable().await?;
+            let mut budget = 16;
+            loop {
+                let drained = {
+                    let mut b = buf.borrow_mut();
+                    let p = self.partial.len();
+                    if p + 4096 > b.len() {
+                        b.resize(p + SHARED_BUF, 0);
+                    }
+                    b[..p].copy_from_slice(&self.partial);
+                    let space = b.len() - p;
+                    // A short read means the socket's queue was empty when read: report
+                    // WouldBlock to tokio so it clears the readiness now, instead of spending a
+                    // second read() on EAGAIN. (Edge-triggered: data arriving later raises a new
+                    // edge, and tokio only clears a readiness it has not seen change.)
+                    let mut got = 0;
+                    let res = self.stream.try_io(Interest::READABLE, || {
+                        got = self.stream.try_read(&mut b[p..])?;
+                        if got > 0 && got < space {
+                            return Err(std::io::ErrorKind::WouldBlock.into());
+                        }
+                        Ok(())
+                    });
+                    match res {
+                        Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {
+                            return Err(e.into())
+                        }
+                        _ if got == 0 => match res {
+                            Ok(()) => return Ok(()), // EOF
+                            Err(_) => break,         // nothing to read
+                        },
+                        _ => {
+                            let total = p + got;
+                            let mut a = agg.borrow_mut();
+                            a.stats.bytes += got as u64;
+                            a.stats.reads += 1;
+                            let used =
+                                self.process(spec, &b[..total], now_ns(), &mut a, finders)?;
+                            self.partial.clear();
+                            self.partial.extend_from_slice(&b[used..total]);
+                            res.is_err()
+                        }
+                    }
+                };
+                self.signal_ready(agg);
+                if drained || !self.out.is_empty() || self.closing {
+                    break;
+                }
+                budget -= 1;
+                if budget == 0 {
+                    tokio::task::yield_now().await;
+                    break;
+                }
+            }
+            self.signal_ready(agg);
+        }
+    }
+
+    /// Handles every complete frame or event in `data`; returns the bytes used.
+    fn process(
+        &mut self,
+        spec: &SubSpec,
+        data: &[u8],
+        now: u64,
+        agg: &mut Agg,
+        f: &Finders,
+    ) -> Result<usize> {
+        if spec.sse {
+            return self.process_sse(spec, data, now, agg, f);
+        }
+        let mut off = 0;
+        while let Some(fr) = wire::parse_frame(&data[off..])? {
+            off += fr.len;
+            match fr.opcode {
+                wire::OP_TEXT | wire::OP_BINARY | wire::OP_CONT => {
+                    self.on_message(spec, fr.payload, now, agg, f);
+                }
+                wire::OP_PING => wire::client_frame(wire::OP_PONG, fr.payload, &mut self.out),
+                wire::OP_PONG => {}
+                wire::OP_CLOSE => {
+                    self.close_code = wire::close_code(fr.payload).unwrap_or(1005);
+                    wire::close_frame(&mut self.out);
+                    self.closing = true;
+                    return Ok(off);
+                }
+                op => bail!("opcode {op}"),
+            }
+        }
+        Ok(off)
+    }
+
+    fn on_message(&mut self, spec: &SubSpec, msg: &[u8], now: u64, agg: &mut Agg, f: &Finders) {
+        if spec.target == Target::Nchan {
+            self.delivery(spec, None, f.stamp(msg), now, agg);
+            return;
+        }
+        if msg.starts_with(br#"{"type":"message""#) {
+            let (seq, stamp) = f.message(msg);
+            self.delivery(spec, seq, stamp, now, agg);
+        } else if msg.starts_with(br#"{"type":"subscribed""#) {
+            self.ready = true;
+        } else if msg.starts_with(br#"{"type":"error""#) || msg.starts_with(br#"{"type":"gap""#) {
+            agg.error(String::from_utf8_lossy(msg));
+        }
+    }
+
+    fn delivery(
+        &mut self,
+        spec: &SubSpec,
+        seq: Option<u64>,
+        stamp: Option<wire::Stamp>,
+        now: u64,
+        agg: &mut Agg,
+    ) {
+        let st = &mut agg.stats;
+        if let Some(seq) = seq {
+            if self.last_seq != 0 {
+                if seq > self.last_seq + 1 {
+                    st.seq_gaps += seq - self.last_seq - 1;
+                } else if seq <= self.last_seq {
+                    st.seq_back += 1;
+                }
+            }
+            self.last_seq = self.last_seq.max(seq);
+        }
+        let Some(stamp) = stamp else {
+            st.foreign += 1;
+            return;
+        };
+        st.received += 1;
+        let p = stamp.p as usize;
+        if self.last.len() <= p {
+            self.last.resize(p + 1, 0);
+        }
+        let last = &mut self.last[p];
+        if stamp.s > *last {
+            *last = stamp.s;
+        } else if stamp.s == *last {
+            st.dups += 1;
+        } else {
+            st.reordered += 1;
+        }
+        self.nmsg = self.nmsg.wrapping_add(1);
+        if self.nmsg % spec.sample.max(1) == 0 {
+            let us = now.saturating_sub(stamp.t) / 1000;
+            agg.hist.saturating_record(us.max(1));
+        }
+    }
+
+    fn process_sse(
+        &mut self,
+        spec: &SubSpec,
+        data: &[u8],
+        now: u64,
+        agg: &mut Agg,
+        f: &Finders,
+    ) -> Result<usize> {
+        let used = match &mut self.dechunk {
+            Some(d) => {
+                let used = d.feed(data, &mut self.ev)?;
+                if d.done {
+                    self.closing = true;
+                }
+                used
+            }
+            None => {
+                self.ev.extend_from_slice(data);
+                data.len()
+            }
+        };
+        let mut start = 0;
+        let ev = std::mem::take(&mut self.ev);
+        while let Some(end) = memchr::memmem::find(&ev[start..], b"\n\n") {
+            let block = &ev[start..start + end];
+            start += end + 2;
+            self.on_event(spec, block, now, agg, f);
+        }
+        self.ev = ev;
+        self.ev.drain(..start);
+        Ok(used)
+    }
+
+    fn on_event(&mut self, spec: &SubSpec, block: &[u8], now: u64, agg: &mut Agg, f: &Finders) {
+        let event = line_value(block, b"event: ");
+        let data = line_value(block, b"data: ").unwrap_or_default();
+        match event {
+            Some(b"subscribed") => self.ready = true,
+            Some(b"gap") => agg.error(String::from_utf8_lossy(block)),
+            Some(b"message") | None if !data.is_empty() => {
+                let (seq, stamp) = match spec.target {
+                    Target::Nchan => (None, f.stamp(data)),
+                    _ => f.message(data),
+                };
+                self.delivery(spec, seq, stamp, now, agg);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The value of the first line of an SSE event block that starts with `name`.
+fn line_value<'a>(block: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    block
+        .split(|&b| b == b'\n')
+        .find_map(|l| l.strip_prefix(name))
+}
+
+/// The `n`th loopback source address: 127.0.0.1, 127.0.0.2, … (250 per third octet).
+pub fn src_ip(n: u32) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, (n / 250) as u8, (1 + n % 250) as u8)
+}
+
+fn sse_request(host: &str, path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker processes.
+
+/// A group of subscribers, here or spread over worker processes.
+pub enum Groups {
+    Local(Group),
+    Remote(Vec<Worker>),
+}
+
+pub struct Worker {
+    pid: u32,
+    tx: mpsc::UnboundedSender<(String, oneshot::Sender<Result<String>>)>,
+    _child: std::process::Child,
+}
+
+impl Groups {
+    /// `procs` ≤ 1: in this process; otherwise `procs` re-executions of this binary.
+    pub fn new(spec: SubSpec, procs: u32) -> Result<Self> {
+        if procs <= 1 {
+            return Ok(Groups::Local(Group::new(spec)?));
+        }
+        let exe = std::env::current_exe()?;
+        let json = serde_json::to_string(&spec)?;
+        let mut workers = Vec::new();
+        for _ in 0..procs {
+            let mut child = std::process::Command::new(&exe)
+                .args(["worker", "--spec", &json])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .context("spawn a worker")?;
+            let pid = child.id();
+            let mut stdin = child.stdin.take().ok_or_else(|| anyhow!("worker stdin"))?;
+            let stdout = child
+                .stdout
+                .take()
+                .ok_or_else(|| anyhow!("worker stdout"))?;
+            let (tx, mut rx) =
+                mpsc::unbounded_channel::<(String, oneshot::Sender<Result<String>>)>();
+            std::thread::spawn(move || {
+                let mut lines = std::io::BufReader::new(stdout).lines();
+                while let Some((cmd, reply)) = rx.blocking_recv() {
+                    let res = writeln!(stdin, "{cmd}")
+                        .and_then(|()| stdin.flush())
+                        .map_err(anyhow::Error::from)
+                        .and_then(|()| match lines.next() {
+                            Some(Ok(l)) => Ok(l),
+                            Some(Err(e)) => Err(e.into()),
+                            None => Err(anyhow!("worker {pid} exited")),
+                        });
+                    let _ = reply.send(res);
+                }
+            });
+            workers.push(Worker {
+                pid,
+                tx,
+                _child: child,
+            });
+        }
+        Ok(Groups::Remote(workers))
+    }
+
+    pub fn worker_pids(&self) -> Vec<String> {
+        match self {
+            Groups::Local(_) => Vec::new(),
+            Groups::Remote(w) => w.iter().map(|w| w.pid.to_string()).collect(),
+        }
+    }
+
+    async fn ask_all(workers: &[Worker], cmds: Vec<String>) -> Result<Stats> {
+        let mut waits = Vec::new();
+        for (w, cmd) in workers.iter().zip(cmds) {
+            let (tx, rx) = oneshot::channel();
+            w.tx.send((cmd, tx))
+                .map_err(|_| anyhow!("worker {} gone", w.pid))?;
+            waits.push(rx);
+        }
+        let mut total = Stats::default();
+        for rx in waits {
+            let line = rx.await.map_err(|_| anyhow!("worker gone"))??;
+            total.merge(serde_json::from_str(&line).context("worker reply")?);
+        }
+        Ok(total)
+    }
+
+    /// Opens connections `from..to` (split evenly over the workers).
+    pub async fn open(&self, from: u32, to: u32) -> Result<Stats> {
+        match self {
+            Groups::Local(g) => Ok(g.open(from, to).await),
+            Groups::Remote(ws) => {
+                let k = ws.len() as u32;
+                let n = to.saturating_sub(from);
+                let cmds = (0..k)
+                    .map(|j| {
+                        let a = from + n * j / k;
+                        let b = from + n * (j + 1) / k;
+                        format!("open {a} {b}")
+                    })
+                    .collect();
+                Self::ask_all(ws, cmds).await
+            }
+        }
+    }
+
+    pub async fn stats(&self, reset: bool) -> Result<Stats> {
+        match self {
+            Groups::Local(g) => Ok(g.stats(reset)),
+            Groups::Remote(ws) => {
+                let cmd = if reset { "reset" } else { "stats" };
+                Self::ask_all(ws, vec![cmd.to_string(); ws.len()]).await
+            }
+        }
+    }
+}
+
+/// `relay-bench worker --spec JSON`: holds a share of a group's connections, driven over stdin
+/// (`open FROM TO`, `stats`, `reset`, one JSON line back for each); exits when stdin closes.
+pub async fn worker_main(spec: SubSpec) -> Result<()> {
+    let group = Group::new(spec)?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(l) = line else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stdout = std::io::stdout();
+    while let Some(line) = rx.recv().await {
+        let mut words = line.split_whitespace();
+        let reply = match words.next() {
+            Some("open") => {
+                let a: u32 = words.next().unwrap_or("0").parse()?;
+                let b: u32 = words.next().unwrap_or("0").parse()?;
+                group.open(a, b).await
+            }
+            Some("stats") => group.stats(false),
+            Some("reset") => group.stats(true),
+            _ => break,
+        };
+        writeln!(stdout, "{}", serde_json::to_string(&reply)?)?;
+        stdout.flush()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,396 @@
+//! Presence: who is in a channel. Sans-IO, driven by `now` (as milliseconds on the engine's
+//! clock).
+//!
+//! - Members are connections (`client`) of a `user`; events are per user: `join` when a user's
+//!   first connection arrives, `leave` when its last one goes.
+//! - Liveness costs one atomic store per heartbeat (or any inbound frame): each connection owns a
+//!   [`Liveness`] shared with every channel it is a member of. Nothing else happens per beat.
+//! - The sweep, every `--presence-sweep`, removes members whose liveness is older than the
+//!   timeout: a vanished client leaves at the first sweep after its timeout, never before.
+//! - Events go into a small ring per channel, with a presence sequence (`pseq`) that shards use as
+//!   their cursor, and carry the channel's message seq at the time so clients can order them
+//!   against messages.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::FRAME_SLOTS;
+
+/// Presence settings.
+#[derive(Clone, Debug)]
+pub struct PresenceConfig {
+    /// Channel patterns with presence (`*` matches any run of characters).
+    pub patterns: Vec<String>,
+    /// A member whose liveness is older than this leaves.
+    pub timeout: Duration,
+    /// Most members per channel.
+    pub max_members: usize,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            patterns: Vec::new(),
+            timeout: Duration::from_secs(45),
+            max_members: 10_000,
+        }
+    }
+}
+
+/// Events kept per channel for shards to pull.
+const EVENT_RING: usize = 1024;
+
+/// Whether `name` matches the glob `pattern` (`*` = any run of characters, possibly empty).
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ni));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == n[ni] {
+            pi += 1;
+            ni += 1;
+        } else if let Some((sp, sn)) = star {
+            pi = sp + 1;
+            ni = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&b| b == b'*')
+}
+
+/// A connection's last sign of life, in engine milliseconds. Shared by the connection (which
+/// stores into it) and every presence set it is in (which reads it in the sweep).
+#[derive(Debug, Default)]
+pub struct Liveness(AtomicU64);
+
+impl Liveness {
+    /// Records life at `ms`.
+    pub fn touch(&self, ms: u64) {
+        self.0.store(ms, Ordering::Relaxed);
+    }
+
+    /// The last sign of life.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Who a member is.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    /// The connection's id (unique per node).
+    pub client: Arc<str>,
+    /// The user id; a connection without one is a user of its own (its client id).
+    pub user: Arc<str>,
+    /// Optional info (raw JSON object).
+    pub info: Option<Bytes>,
+}
+
+/// A presence change, shared like a publication.
+pub struct PresenceEvent {
+    /// Position in the channel's presence sequence (shard cursors).
+    pub pseq: u64,
+    /// The channel's message seq when it happened.
+    pub seq: u64,
+    /// `true` for join, `false` for leave.
+    pub join: bool,
+    /// Who.
+    pub who: Identity,
+    frames: [OnceLock<Bytes>; FRAME_SLOTS],
+}
+
+impl PresenceEvent {
+    /// A new event; exposed for benches and tests.
+    pub fn new(pseq: u64, seq: u64, join: bool, who: Identity) -> Self {
+        Self {
+            pseq,
+            seq,
+            join,
+            who,
+            frames: Default::default(),
+        }
+    }
+
+    /// The encoded frame for `slot`, built once (see `Publication::frame`).
+    pub fn frame(&self, slot: usize, encode: impl FnOnce(&PresenceEvent) -> Bytes) -> Bytes {
+        self.frames[slot % FRAME_SLOTS]
+            .get_or_init(|| encode(self))
+            .clone()
+    }
+
+    /// `"join"` or `"leave"`.
+    pub fn kind(&self) -> &'static str {
+        if self.join {
+            "join"
+        } else {
+            "leave"
+        }
+    }
+}
+
+struct Member {
+    who: Identity,
+    live: Arc<Liveness>,
+    /// Connected to another node (known through a backplane), not to this one.
+    remote: bool,
+}
+
+/// Why a member could not join.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PresenceError {
+    /// The channel has `max_members` members.
+    #[error("the channel's presence is full")]
+    Full,
+}
+
+/// One channel's presence set.
+#[derive(Default)]
+pub struct Presence {
+    members: HashMap<Arc<str>, Member>,
+    users: HashMap<Arc<str>, u32>,
+    events: VecDeque<Arc<PresenceEvent>>,
+    pseq: u64,
+}
+
+/// Counts of a presence set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PresenceStats {
+    /// Connections.
+    pub clients: usize,
+    /// Distinct users.
+    pub users: usize,
+}
+
+impl Presence {
+    /// The last presence sequence number (shards start their cursor here).
+    pub fn pseq(&self) -> u64 {
+        self.pseq
+    }
+
+    /// Adds a member. Returns whether an event was recorded (the user's first connection).
+    pub fn join(
+        &mut self,
+        who: Identity,
+        live: Arc<Liveness>,
+        seq: u64,
+        max: usize,
+    ) -> Result<bool, PresenceError> {
+        self.join_member(who, live, seq, max, false)
+    }
+
+    /// [`Presence::join`] of a member connected to this node (`remote == false`) or to
+    /// another node of a cluster (`remote == true`, known through the backplane).
+    pub fn join_member(
+        &mut self,
+        who: Identity,
+        live: Arc<Liveness>,
+        seq: u64,
+        max: usize,
+        remote: bool,
+    ) -> Result<bool, PresenceError> {
+        if self.members.contains_key(&who.client) {
+            return Ok(false);
+        }
+        if self.members.len() >= max {
+            return Err(PresenceError::Full);
+        }
+        let count = self.users.entry(who.user.clone()).or_insert(0);
+        *count += 1;
+        let first = *count == 1;
+        self.members.insert(
+            who.client.clone(),
+            Member {
+                who: who.clone(),
+                live,
+                remote,
+            },
+        );
+        if first {
+            self.record(true, who, seq);
+        }
+        Ok(first)
+    }
+
+    /// Removes a member. Returns whether an event was recorded (the user's last connection).
+    pub fn leave(&mut self, client: &str, seq: u64) -> bool {
+        let Some(m) = self.members.remove(client) else {
+            return false;
+        };
+        let last = match self.users.get_mut(&m.who.user) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                self.users.remove(&m.who.user);
+                true
+            }
+        };
+        if last {
+            self.record(false, m.who, seq);
+        }
+        last
+    }
+
+    /// Removes the members not seen since `deadline_ms`. Returns how many events it recorded.
+    pub fn sweep(&mut self, deadline_ms: u64, seq: u64) -> usize {
+        let gone: Vec<Arc<str>> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.live.get() < deadline_ms)
+            .map(|(c, _)| c.clone())
+            .collect();
+        gone.iter().filter(|c| self.leave(c, seq)).count()
+    }
+
+    fn record(&mut self, join: bool, who: Identity, seq: u64) {
+        self.pseq += 1;
+        self.events
+            .push_back(Arc::new(PresenceEvent::new(self.pseq, seq, join, who)));
+        while self.events.len() > EVENT_RING {
+            self.events.pop_front();
+        }
+    }
+
+    /// Appends the events after `cursor` to `out`; returns whether some were already gone.
+    pub fn read_since(&self, cursor: u64, out: &mut Vec<Arc<PresenceEvent>>) -> bool {
+        let Some(first) = self.events.front().map(|e| e.pseq) else {
+            return cursor < self.pseq;
+        };
+        let start = (cursor + 1).saturating_sub(first) as usize;
+        out.extend(self.events.range(start.min(self.events.len())..).cloned());
+        cursor + 1 < first
+    }
+
+    /// The members, sorted by user then client.
+    pub fn members(&self) -> Vec<Identity> {
+        let mut v: Vec<Identity> = self.members.values().map(|m| m.who.clone()).collect();
+        v.sort_by(|a, b| (&a.user, &a.client).cmp(&(&b.user, &b.client)));
+        v
+    }
+
+    /// The members connected to this node (not the remote ones), unsorted.
+    pub fn local_members(&self) -> Vec<Identity> {
+        self.members
+            .values()
+            .filter(|m| !m.remote)
+            .map(|m| m.who.clone())
+            .collect()
+    }
+
+    /// The client ids of the remote members.
+    pub fn remote_clients(&self) -> Vec<Arc<str>> {
+        self.members
+            .iter()
+            .filter(|(_, m)| m.remote)
+            .map(|(c, _)| c.clone())
+            .collect()
+    }
+
+    /// Counts.
+    pub fn stats(&self) -> PresenceStats {
+        PresenceStats {
+            clients: self.members.len(),
+            users: self.users.len(),
+        }
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn who(client: &str, user: &str) -> Identity {
+        Identity {
+            client: client.into(),
+            user: user.into(),
+            info: None,
+        }
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("presence:*", "presence:room"));
+        assert!(!glob_match("presence:*", "room"));
+        assert!(glob_match("a*b*c", "a-x-b-y-c"));
+        assert!(!glob_match("a*b*c", "a-x-c"));
+        assert!(glob_match("exact", "exact"));
+        assert!(!glob_match("exact", "exact2"));
+    }
+
+    #[test]
+    fn events_are_per_user() {
+        let mut p = Presence::default();
+        let live = Arc::new(Liveness::default());
+        assert_eq!(p.join(who("c1", "alice"), live.clone(), 0, 10), Ok(true));
+        assert_eq!(p.join(who("c2", "alice"), live.clone(), 0, 10), Ok(false));
+        assert_eq!(p.join(who("c3", "bob"), live.clone(), 1, 10), Ok(true));
+        assert_eq!(
+            p.stats(),
+            PresenceStats {
+                clients: 3,
+                users: 2
+            }
+        );
+        assert!(!p.leave("c1", 2));
+        assert!(p.leave("c2", 2));
+        assert!(!p.leave("c2", 2), "already gone");
+        let mut ev = Vec::new();
+        p.read_since(0, &mut ev);
+        let got: Vec<_> = ev.iter().map(|e| (e.kind(), &*e.who.user, e.seq)).collect();
+        assert_eq!(
+            got,
+            [
+                ("join", "alice", 0),
+                ("join", "bob", 1),
+                ("leave", "alice", 2)
+            ]
+        );
+        ev.clear();
+        p.read_since(2, &mut ev);
+        assert_eq!(ev.len(), 1);
+    }
+
+    #[test]
+    fn sweep_removes_only_the_silent() {
+        let mut p = Presence::default();
+        let quiet = Arc::new(Liveness::default());
+        let busy = Arc::new(Liveness::default());
+        quiet.touch(1_000);
+        busy.touch(1_000);
+        p.join(who("q", "q"), quiet, 0, 10).ok();
+        p.join(who("b", "b"), busy.clone(), 0, 10).ok();
+        busy.touch(50_000);
+        assert_eq!(
+            p.sweep(1_000, 0),
+            0,
+            "exactly at the deadline is still alive"
+        );
+        assert_eq!(p.sweep(20_000, 0), 1);
+        assert_eq!(p.members().len(), 1);
+        assert_eq!(&*p.members()[0].client, "b");
+    }
+
+    #[test]
+    fn full_is_refused() {
+        let mut p = Presence::default();
+        let live = Arc::new(Liveness::default());
+        p.join(who("a", "a"), live.clone(), 0, 1).ok();
+        assert_eq!(p.join(who("b", "b"), live, 0, 1), Err(PresenceError::Full));
+    }
+}

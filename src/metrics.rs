@@ -1,0 +1,195 @@
+//! Prometheus metrics at `GET /metrics`, through the `metrics` facade with the Prometheus
+//! exporter used as a recorder only (we serve the text ourselves).
+//!
+//! Handles are resolved once per shard ([`ShardMetrics`]): the hot path pays one atomic
+//! operation per pump or per write, never a registry lookup, and never anything per subscriber.
+
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder (once; later calls are no-ops).
+pub fn install() {
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full("relay_frames_per_write".into()),
+                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
+            )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".into()),
+                    &[
+                        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+                        0.05, 0.1, 0.25, 0.5, 1.0,
+                    ],
+                )
+            });
+        let recorder = match builder {
+            Ok(b) => b.build_recorder(),
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics disabled");
+                return None;
+            }
+        };
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics shows only ours");
+        }
+        describe();
+        Some(handle)
+    });
+}
+
+/// The exposition text, or `None` when metrics are not installed.
+pub fn render() -> Option<String> {
+    HANDLE.get().and_then(|h| h.as_ref()).map(|h| {
+        h.run_upkeep();
+        h.render()
+    })
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(
+        "relay_connections",
+        "Open client connections, by transport (ws, sse)."
+    );
+    describe_gauge!(
+        "relay_subscriptions",
+        "Channel subscriptions of open connections."
+    );
+    describe_counter!(
+        "relay_messages_published_total",
+        "Messages published (HTTP API and WebSocket)."
+    );
+    describe_counter!(
+        "relay_messages_delivered_total",
+        "Frames queued to subscribers (messages, presence events, notices)."
+    );
+    describe_counter!(
+        "relay_messages_skipped_total",
+        "Messages skipped for slow subscribers under the drop or conflate policy."
+    );
+    describe_counter!(
+        "relay_slow_consumers_total",
+        "Connections closed (WebSocket 4008) or ended (SSE) as slow consumers."
+    );
+    describe_counter!(
+        "relay_bytes_written_total",
+        Unit::Bytes,
+        "Bytes written to WebSocket clients."
+    );
+    describe_histogram!(
+        "relay_frames_per_write",
+        "Frames coalesced into one vectored socket write."
+    );
+    describe_histogram!(
+        "relay_fanout_latency_seconds",
+        Unit::Seconds,
+        "From publish to queued on subscribers' outboxes (oldest message of each fan-out pass)."
+    );
+    describe_counter!(
+        "relay_protocol_errors_total",
+        "WebSocket connections closed for breaking RFC 6455."
+    );
+    describe_gauge!(
+        "relay_backplane_up",
+        "1 while the backplane (redis) is connected, 0 while it is down or reconnecting."
+    );
+    describe_counter!(
+        "relay_backplane_reconnects_total",
+        "Connections to the backplane made again after a loss."
+    );
+    describe_counter!(
+        "relay_backplane_resyncs_total",
+        "Channel syncs with the backplane (joins, gaps, reconnects)."
+    );
+    describe_histogram!(
+        "relay_backplane_publish_seconds",
+        Unit::Seconds,
+        "Time to sequence one publish in the backplane (one round trip)."
+    );
+    describe_counter!(
+        "relay_connections_total",
+        "Connections accepted, by transport."
+    );
+    describe_counter!(
+        "relay_refused_total",
+        "Refusals by cause: ip_limit, handshake_timeout, header_too_large, message_too_large, \
+         rate_limited, rate_closed, origin, unauthorized, forbidden, token_expired, \
+         too_many_subscriptions, tls."
+    );
+}
+
+/// One shard's resolved handles.
+pub struct ShardMetrics {
+    /// Open WebSocket connections.
+    pub ws_connections: Gauge,
+    /// Open SSE streams.
+    pub sse_connections: Gauge,
+    /// WebSocket connections accepted.
+    pub ws_accepted: Counter,
+    /// SSE streams opened.
+    pub sse_accepted: Counter,
+    /// Subscriptions.
+    pub subscriptions: Gauge,
+    /// Messages published.
+    pub published: Counter,
+    /// Frames queued to subscribers.
+    pub delivered: Counter,
+    /// Messages skipped (drop/conflate).
+    pub skipped: Counter,
+    /// Slow consumers cut off.
+    pub slow: Counter,
+    /// Bytes written to WebSocket clients.
+    pub bytes_written: Counter,
+    /// Frames per vectored write.
+    pub frames_per_write: Histogram,
+    /// Publish → queued latency.
+    pub fanout_latency: Histogram,
+    /// Protocol violations.
+    pub protocol_errors: Counter,
+}
+
+impl ShardMetrics {
+    /// Resolves the handles (no-ops when no recorder is installed).
+    pub fn new() -> Self {
+        Self {
+            ws_connections: gauge!("relay_connections", "transport" => "ws"),
+            sse_connections: gauge!("relay_connections", "transport" => "sse"),
+            ws_accepted: counter!("relay_connections_total", "transport" => "ws"),
+            sse_accepted: counter!("relay_connections_total", "transport" => "sse"),
+            subscriptions: gauge!("relay_subscriptions"),
+            published: counter!("relay_messages_published_total"),
+            delivered: counter!("relay_messages_delivered_total"),
+            skipped: counter!("relay_messages_skipped_total"),
+            slow: counter!("relay_slow_consumers_total"),
+            bytes_written: counter!("relay_bytes_written_total"),
+            frames_per_write: histogram!("relay_frames_per_write"),
+            fanout_latency: histogram!("relay_fanout_latency_seconds"),
+            protocol_errors: counter!("relay_protocol_errors_total"),
+        }
+    }
+
+    /// Records a pump or flush.
+    pub fn pumped(&self, st: &crate::engine::hub::PumpStats) {
+        if st.deliveries > 0 {
+            self.delivered.increment(st.deliveries as u64);
+        }
+        if st.skipped > 0 {
+            self.skipped.increment(st.skipped as u64);
+        }
+        if let Some(age) = st.oldest_age {
+            self.fanout_latency.record(age.as_secs_f64());
+        }
+    }
+}
+
+impl Default for ShardMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,76 @@
+//! Graceful shutdown (docs/protocol.md, "Shutdown").
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use tokio::time::Instant;
+
+async fn graceful(sig: &str) {
+    let mut relay = Relay::start(&["--shutdown-timeout", "5s"]);
+    let mut ws = Ws::connect(&relay.ws_url()).await;
+    ws.subscribe("s").await;
+    let mut sse = Sse::connect(&relay.http("/sse?channel=s")).await;
+    sse.expect_event("subscribed").await;
+    relay.publish("s", json!(1)).await;
+    ws.expect_message("s", 1).await;
+    sse.expect_message("s", 1).await;
+
+    let t0 = Instant::now();
+    relay.signal(sig);
+    assert_eq!(
+        ws.expect_close().await,
+        1012,
+        "WebSocket close code on SIG{sig}"
+    );
+    assert!(
+        sse.expect_end(Duration::from_secs(5)).await,
+        "SSE stream did not end on SIG{sig}"
+    );
+    drop(ws);
+    drop(sse);
+    let status = relay
+        .wait_exit(Duration::from_secs(6))
+        .await
+        .unwrap_or_else(|| panic!("relay still running 6 s after SIG{sig}"));
+    assert!(status.success(), "exit status after SIG{sig}: {status:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "with every client gone the node must not wait out --shutdown-timeout ({:?})",
+        t0.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_clients_1012_and_exits_cleanly() {
+    graceful("TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_closes_clients_1012_and_exits_cleanly() {
+    graceful("INT").await;
+}
+
+/// A client that never answers the close handshake cannot hold the node past the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stubborn_client_bounded_by_shutdown_timeout() {
+    let mut relay = Relay::start(&["--shutdown-timeout", "1s"]);
+    let mut raw = RawWs::connect(relay.addr()).await;
+    raw.send_json(json!({"type":"subscribe","channel":"s"}))
+        .await;
+    assert_subscribed(&raw.recv_json().await, "s");
+
+    let t0 = Instant::now();
+    relay.signal("TERM");
+    let status = relay.wait_exit(Duration::from_secs(4)).await;
+    assert!(
+        status.is_some(),
+        "relay still running {:?} after SIGTERM with --shutdown-timeout 1s",
+        t0.elapsed()
+    );
+    // The stubborn client was sent a 1012 close frame all the same.
+    assert_eq!(raw.expect_close_code(RECV_TIMEOUT).await, Some(1012));
+}
