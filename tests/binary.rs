@@ -420,3 +420,19 @@ async fn binary_errors_keep_the_connection_open() {
     .await;
     assert_eq!(bin.recv().await, Got::Heartbeat { id: Some(99) });
 }
+
+#[tokio::test]
+async fn binary_payloads_read_back_as_json_from_the_history_api() {
+    let relay = Relay::start(&[]);
+    let mut bin = BinWs::connect(&relay).await;
+    bin.publish("hist:bin", 1, &[0xff, 0x00, 0x7f]).await; // not JSON: base64
+    bin.publish("hist:bin", 2, br#"{"ok":true}"#).await; // JSON text: the value
+    let h = relay.history("hist:bin", "?since=0").await;
+    assert_eq!(
+        h["messages"],
+        json!([
+            {"seq": 1, "data": "/wB/", "encoding": "base64"},
+            {"seq": 2, "data": {"ok": true}},
+        ])
+    );
+}

@@ -9,8 +9,8 @@ use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use relay::protocol::binary::{self, Body, Frame, Member, Members, PresenceClaim};
 use relay::protocol::json;
-use serde_json::value::RawValue;
 use relay::types::{is_channel_byte, ChannelName, DataKind, Epoch, StreamPosition};
+use serde_json::value::RawValue;
 
 /// A valid channel name: 1 to 200 bytes of the allowed set.
 fn channel(u: &mut Unstructured<'_>, buf: &mut String) -> Result<()> {
@@ -52,7 +52,11 @@ fn check_frame(u: &mut Unstructured<'_>) -> Result<()> {
     let body = match u.int_in_range(0..=13u8)? {
         0 => Body::Subscribe {
             channel: ch,
-            resume: if u.arbitrary()? { Some(position(u)?) } else { None },
+            resume: if u.arbitrary()? {
+                Some(position(u)?)
+            } else {
+                None
+            },
             presence: if u.arbitrary()? {
                 let user = opt_text(u)?.filter(|s| s.len() <= 256);
                 let info = opt_text(u)?.filter(|s| s.len() <= 4096);

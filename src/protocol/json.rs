@@ -64,8 +64,21 @@ struct RawPresence<'a> {
 
 /// Parses one client command.
 pub fn parse_command(input: &[u8]) -> Result<Request<'_>, CommandError<'_>> {
+    if input.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(CommandError {
+            id: None,
+            code: "bad_json",
+            message: "a command is one JSON object".into(),
+        });
+    }
     let raw: RawCommand<'_> = serde_json::from_slice(input).map_err(|e| CommandError {
-        id: None,
+        // A field of the wrong type fails the whole command: still echo the id if it reads.
+        id: serde_json::from_slice::<IdOnly<'_>>(input)
+            .ok()
+            .and_then(|r| match r.id {
+                Raw::Present(v) => Some(ReqId::Json(v.get())),
+                Raw::Absent => None,
+            }),
         code: if e.is_data() {
             "bad_request"
         } else {

@@ -313,7 +313,11 @@ async fn history(ctx: &ShardContext, g: &Grants, name: &str, query: &str) -> Res
             out.push(',');
         }
         let _ = write!(out, "{{\"seq\":{},\"data\":", p.seq);
-        out.push_str(&String::from_utf8_lossy(&p.data));
+        // Binary payloads become their JSON value or base64 (+ "encoding"), as on every JSON
+        // surface; the buffer only ever holds valid UTF-8 JSON.
+        let mut data = bytes::BytesMut::new();
+        crate::protocol::json::put_data(&mut data, p.kind, &p.data);
+        out.push_str(&String::from_utf8_lossy(&data));
         out.push('}');
     }
     out.push_str("]}");
