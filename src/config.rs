@@ -105,7 +105,7 @@ pub enum BackplaneKind {
     Memory,
     /// Redis: sequence, history and fan-out through one Redis (see `docs/ARCHITECTURE.md`).
     Redis,
-    /// NATS with JetStream (not available yet: refused at startup).
+    /// NATS: JetStream for sequence and history, core NATS for fan-out.
     Nats,
 }
 
@@ -757,10 +757,9 @@ impl Config {
                 }
             }
             BackplaneKind::Nats => {
-                return invalid(
-                    "backplane",
-                    "nats is not available in this build yet; use memory or redis",
-                );
+                if !(self.nats_url.starts_with("nats://") || self.nats_url.starts_with("tls://")) {
+                    return invalid("nats_url", "must start with nats:// or tls://");
+                }
             }
         }
         if self.history_size > 1_000_000 {

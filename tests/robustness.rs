@@ -80,7 +80,7 @@ async fn ws_bad_input_keeps_connection_and_others_flowing() {
         let ok = v["type"] == "error"
             && v["code"] == json!(code)
             && v["message"].is_string()
-            && id.as_ref().map_or(true, |id| &v["id"] == id);
+            && id.as_ref().is_none_or(|id| &v["id"] == id);
         if !ok {
             wrong.push(format!(
                 "{frame} -> {v} (expected error {code}, id {})",

@@ -11,11 +11,15 @@
 //! - [`memory::MemoryBackplane`]: one node, the engine is the sequencer (the default).
 //! - [`redis::RedisBackplane`]: Redis (one Lua script per publish; pub/sub fan-out; streams as
 //!   history). See `docs/ARCHITECTURE.md`, section *Backplane*.
+//! - [`nats::NatsBackplane`]: NATS (JetStream stream with optimistic concurrency for the seq
+//!   and history; core NATS republish for fan-out).
 //!
 //! [`Engine::ingest`]: crate::engine::Engine::ingest
 //! [`Engine::reset`]: crate::engine::Engine::reset
 
 pub mod memory;
+pub mod nats;
+pub mod presence;
 pub mod redis;
 
 use std::future::Future;

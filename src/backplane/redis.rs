@@ -36,7 +36,7 @@
 //! [`Engine::ingest`]: crate::engine::Engine::ingest
 //! [`Engine::reset`]: crate::engine::Engine::reset
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -52,8 +52,8 @@ use parking_lot::Mutex;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::presence::{decode_member, encode_member, Mirror, PresenceOp};
 use super::{backoff, instant_of, wall_ms, Backplane, BackplaneError, BoxFuture, Wakers};
-use crate::engine::presence::{Identity, Liveness};
 use crate::engine::{Engine, History, IngestOutcome, Publication, RemoteEntry};
 use crate::types::{ChannelName, DataKind, Epoch, StreamPosition};
 
@@ -230,14 +230,8 @@ struct Chan {
     waiters: Vec<oneshot::Sender<Result<(), BackplaneError>>>,
     last_join: Instant,
     idle_ticks: u32,
-    /// Presence channel: the local members this node wrote to Redis.
-    advertised: HashSet<Arc<str>>,
-    /// Presence channel: members of other nodes, with the liveness Redis reports for them.
-    remote: HashMap<Arc<str>, Arc<Liveness>>,
-    /// When the local members' expiries were last pushed forward.
-    refreshed: Option<Instant>,
-    /// When the member list was last read back from Redis.
-    reconciled: Option<Instant>,
+    /// Presence channel: what this node wrote, and the other nodes' members it mirrors.
+    presence: Mirror,
 }
 
 impl Chan {
@@ -251,10 +245,7 @@ impl Chan {
             waiters: Vec::new(),
             last_join: now,
             idle_ticks: 0,
-            advertised: HashSet::new(),
-            remote: HashMap::new(),
-            refreshed: None,
-            reconciled: None,
+            presence: Mirror::default(),
         }
     }
 
@@ -300,38 +291,6 @@ fn presence_keys(ch: &ChannelName) -> Vec<String> {
         format!("relay:{{{ch}}}:pres"),
         format!("relay:{{{ch}}}:pexp"),
     ]
-}
-
-/// A member as stored in Redis: `<len>:<node><len>:<user><info>`.
-fn encode_member(node: &str, who: &Identity) -> Bytes {
-    let mut b = Vec::with_capacity(node.len() + who.user.len() + 16);
-    b.extend_from_slice(format!("{}:{node}{}:", node.len(), who.user.len()).as_bytes());
-    b.extend_from_slice(who.user.as_bytes());
-    if let Some(info) = &who.info {
-        b.extend_from_slice(info);
-    }
-    Bytes::from(b)
-}
-
-/// Parses [`encode_member`] back: `(node, identity)`.
-fn decode_member(client: &str, b: &[u8]) -> Option<(String, Identity)> {
-    fn field(b: &[u8]) -> Option<(&str, &[u8])> {
-        let colon = memchr::memchr(b':', b)?;
-        let len: usize = std::str::from_utf8(&b[..colon]).ok()?.parse().ok()?;
-        let rest = &b[colon + 1..];
-        let s = std::str::from_utf8(rest.get(..len)?).ok()?;
-        Some((s, &rest[len..]))
-    }
-    let (node, rest) = field(b)?;
-    let (user, info) = field(rest)?;
-    Some((
-        node.to_owned(),
-        Identity {
-            client: Arc::from(client),
-            user: Arc::from(user),
-            info: (!info.is_empty()).then(|| Bytes::copy_from_slice(info)),
-        },
-    ))
 }
 
 fn kind_code(kind: DataKind) -> &'static str {
@@ -525,9 +484,7 @@ impl Inner {
         c.synced = false;
         c.sync_id += 1;
         // Write this node's members again and read the others' (Redis may have lost them).
-        c.advertised.clear();
-        c.refreshed = None;
-        c.reconciled = None;
+        c.presence.restart();
         self.metrics.resyncs.increment(1);
         let id = c.sync_id;
         let me = self.clone();
@@ -749,35 +706,13 @@ impl Inner {
         let Some(c) = chans.get_mut(name) else {
             return;
         };
+        let me = self.settings.node_id.as_str();
         let wake = match op {
-            b"P+" => {
-                let Some((node, who)) = parts.next().and_then(|b| decode_member(client, b)) else {
-                    return;
-                };
-                if node == self.settings.node_id {
-                    return;
-                }
-                let ms = self.engine.millis(now);
-                if let Some(live) = c.remote.get(&who.client) {
-                    live.touch(ms);
-                    return;
-                }
-                let live = Arc::new(Liveness::default());
-                live.touch(ms);
-                c.remote.insert(who.client.clone(), live.clone());
-                self.engine.presence_remote(name, who, Some(live), now)
-            }
-            b"P-" => {
-                let Some(_) = c.remote.remove(client) else {
-                    return;
-                };
-                let who = Identity {
-                    client: Arc::from(client),
-                    user: Arc::from(client),
-                    info: None,
-                };
-                self.engine.presence_remote(name, who, None, now)
-            }
+            b"P+" => match parts.next().and_then(|b| decode_member(client, b)) {
+                Some((node, who)) => c.presence.joined(&self.engine, name, me, &node, who, now),
+                None => 0,
+            },
+            b"P-" => c.presence.left(&self.engine, name, client, now),
             _ => 0,
         };
         drop(chans);
@@ -1019,9 +954,6 @@ async fn maintenance(inner: Arc<Inner>, stop: CancellationToken) {
     }
 }
 
-/// One presence change to write: `+` joined here, `-` left here, `~` still here.
-type PresenceOp = (&'static str, Identity);
-
 impl Inner {
     /// One maintenance pass under the channel lock: leave idle channels, join forgotten
     /// ones, and list the presence work to do (done after, without the lock).
@@ -1044,14 +976,7 @@ impl Inner {
         let mut wake = 0;
         for name in idle {
             if let Some(c) = chans.remove(&name) {
-                for client in c.remote.into_keys() {
-                    let who = Identity {
-                        user: client.clone(),
-                        client,
-                        info: None,
-                    };
-                    wake |= self.engine.presence_remote(&name, who, None, now);
-                }
+                wake |= c.presence.clear(&self.engine, &name, now);
             }
             let _ = self.ctl.send(Ctl::Unsubscribe(name));
         }
@@ -1068,55 +993,22 @@ impl Inner {
         self.presence_work(&mut chans, now)
     }
 
-    fn presence_every(&self) -> Duration {
-        (self.settings.presence_timeout / 4).max(Duration::from_millis(250))
-    }
-
     /// What each synced presence channel must write to (and read from) Redis now.
     fn presence_work(
         &self,
         chans: &mut HashMap<ChannelName, Chan>,
         now: Instant,
     ) -> Vec<(ChannelName, Vec<PresenceOp>, bool)> {
-        let every = self.presence_every();
-        let due = |t: Option<Instant>| t.is_none_or(|t| now.saturating_duration_since(t) >= every);
-        let mut work = Vec::new();
-        for (name, c) in chans.iter_mut() {
-            if !c.synced || !self.engine.has_presence(name) {
-                continue;
-            }
-            let local = self.engine.presence_local(name);
-            let current: HashSet<Arc<str>> = local.iter().map(|w| w.client.clone()).collect();
-            let mut ops: Vec<PresenceOp> = Vec::new();
-            for client in c.advertised.difference(&current) {
-                let who = Identity {
-                    client: client.clone(),
-                    user: client.clone(),
-                    info: None,
-                };
-                ops.push(("-", who));
-            }
-            let refresh = due(c.refreshed);
-            for w in local {
-                if !c.advertised.contains(&w.client) {
-                    ops.push(("+", w));
-                } else if refresh {
-                    ops.push(("~", w));
-                }
-            }
-            if refresh {
-                c.refreshed = Some(now);
-            }
-            let reconcile = due(c.reconciled);
-            if reconcile {
-                c.reconciled = Some(now);
-            }
-            c.advertised = current;
-            if !ops.is_empty() || reconcile {
-                work.push((name.clone(), ops, reconcile));
-            }
-        }
-        work
+        let timeout = self.settings.presence_timeout;
+        chans
+            .iter_mut()
+            .filter(|(name, c)| c.synced && self.engine.has_presence(name))
+            .filter_map(|(name, c)| {
+                c.presence
+                    .plan(&self.engine, name, timeout, now)
+                    .map(|(ops, reconcile)| (name.clone(), ops, reconcile))
+            })
+            .collect()
     }
 
     /// Writes this node's presence changes for `name` and, when `reconcile`, adopts the
@@ -1159,8 +1051,7 @@ impl Inner {
             Err(e) => {
                 tracing::warn!(channel = %name, error = %e, "backplane: presence update failed");
                 if let Some(c) = self.chans.lock().get_mut(name) {
-                    c.advertised.clear();
-                    c.refreshed = None;
+                    c.presence.restart();
                 }
             }
         }
@@ -1180,76 +1071,33 @@ impl Inner {
                 }
             }
         }
-        let mut members: HashMap<Arc<str>, (Identity, u64)> = HashMap::new();
+        let mut members = HashMap::new();
         let mut it = hash.into_array().into_iter();
         while let (Some(client), Some(enc)) = (it.next(), it.next()) {
             let (Some(client), Some(enc)) = (client.as_string(), enc.as_bytes()) else {
                 continue;
             };
-            let Some((node, who)) = decode_member(&client, enc) else {
+            let (Some((node, who)), Some(&exp)) =
+                (decode_member(&client, enc), expiries.get(&client))
+            else {
                 continue;
             };
-            if node == self.settings.node_id {
-                continue;
-            }
-            if let Some(&exp) = expiries.get(&client) {
-                members.insert(who.client.clone(), (who, exp));
-            }
+            members.insert(who.client.clone(), (node, who, exp));
         }
-        let timeout_ms = self.settings.presence_timeout.as_millis() as u64;
-        let every_ms = self.presence_every().as_millis() as u64;
         let now = Instant::now();
-        let now_ms = wall_ms();
-        let engine_now = self.engine.millis(now);
         let mut chans = self.chans.lock();
         let Some(c) = chans.get_mut(name) else {
             return;
         };
-        // Members the engine's sweep removed (silent past the timeout) are no longer known.
-        let known: HashSet<Arc<str>> = self
-            .engine
-            .presence_remote_clients(name)
-            .into_iter()
-            .collect();
-        c.remote.retain(|client, _| known.contains(client));
-        let mut wake = 0;
-        for (client, (who, exp)) in members.iter() {
-            let seen = self
-                .engine
-                .millis(instant_of(exp.saturating_sub(timeout_ms), now, now_ms));
-            match c.remote.get(client) {
-                Some(live) => {
-                    if seen > live.get() {
-                        live.touch(seen);
-                    }
-                }
-                None => {
-                    let live = Arc::new(Liveness::default());
-                    live.touch(seen);
-                    c.remote.insert(client.clone(), live.clone());
-                    wake |= self
-                        .engine
-                        .presence_remote(name, who.clone(), Some(live), now);
-                }
-            }
-        }
-        let gone: Vec<Arc<str>> = c
-            .remote
-            .iter()
-            .filter(|(client, live)| {
-                !members.contains_key(*client) && live.get() + every_ms < engine_now
-            })
-            .map(|(client, _)| client.clone())
-            .collect();
-        for client in gone {
-            c.remote.remove(&client);
-            let who = Identity {
-                user: client.clone(),
-                client,
-                info: None,
-            };
-            wake |= self.engine.presence_remote(name, who, None, now);
-        }
+        let wake = c.presence.reconcile(
+            &self.engine,
+            name,
+            &self.settings.node_id,
+            members,
+            self.settings.presence_timeout,
+            now,
+            wall_ms(),
+        );
         drop(chans);
         self.wakers.wake(wake);
     }

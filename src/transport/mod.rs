@@ -151,9 +151,23 @@ impl Node {
                 )?;
                 Ok(())
             }
-            BackplaneKind::Nats => Err(std::io::Error::other(
-                "the nats backplane is not available in this build",
-            )),
+            BackplaneKind::Nats => {
+                let settings = crate::backplane::nats::NatsSettings {
+                    url: self.config.nats_url.clone(),
+                    history_size: self.config.history_size,
+                    history_ttl: self.config.history_ttl,
+                    node_id: self.config.node_id.clone(),
+                    seed,
+                    presence_timeout: self.config.presence_timeout,
+                };
+                self.backplane = crate::backplane::nats::NatsBackplane::start(
+                    settings,
+                    self.engine.clone(),
+                    crate::backplane::Wakers(self.wakers.clone()),
+                    self.shutdown.clone(),
+                )?;
+                Ok(())
+            }
         }
     }
 

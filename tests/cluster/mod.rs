@@ -1,0 +1,746 @@
+//! Scenarios shared by the cluster tests (`cluster_redis.rs`, `cluster_nats.rs`): several
+//! relay processes on one backplane server, which each test starts on a free loopback port and
+//! kills when done.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::common::{Relay, Ws};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+/// The backplane server a cluster test runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Redis,
+    Nats,
+}
+
+impl Kind {
+    fn program(self) -> &'static str {
+        match self {
+            Kind::Redis => "redis-server",
+            Kind::Nats => "nats-server",
+        }
+    }
+
+    /// The server binary: on the PATH, or in /usr/sbin (Debian's nats-server).
+    fn binary(self) -> Option<String> {
+        let name = self.program();
+        let on_path = Command::new(name)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if on_path {
+            return Some(name.to_owned());
+        }
+        ["/usr/sbin", "/usr/bin", "/usr/local/bin"]
+            .iter()
+            .map(|d| format!("{d}/{name}"))
+            .find(|p| std::path::Path::new(p).exists())
+    }
+
+    /// Whether the test can run: the server is installed. In CI (which installs it through
+    /// scripts/test.sh) a missing server fails instead.
+    pub fn available(self) -> bool {
+        if self.binary().is_some() {
+            return true;
+        }
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{} is not installed (scripts/test.sh installs it)",
+            self.program()
+        );
+        eprintln!(
+            "{} is not installed: skipping (scripts/test.sh installs it)",
+            self.program()
+        );
+        false
+    }
+}
+
+/// A redis-server or nats-server (JetStream, file storage in a temporary directory) child on a
+/// loopback port; killed (SIGKILL) on drop, its directory removed.
+pub struct Server {
+    kind: Kind,
+    child: Option<Child>,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+impl Server {
+    pub fn start(kind: Kind) -> Server {
+        let dir = std::env::temp_dir().join(format!(
+            "relay-cluster-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = Server {
+            kind,
+            child: None,
+            port: free_port(),
+            dir,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let bin = self.kind.binary().expect("server binary");
+        let port = self.port.to_string();
+        let mut cmd = Command::new(bin);
+        match self.kind {
+            Kind::Redis => cmd.args([
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]),
+            Kind::Nats => cmd.args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-sd",
+                self.dir.to_str().unwrap(),
+            ]),
+        };
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn the backplane server");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} did not listen on {} within 10 s",
+                self.kind.program(),
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The relay flags that point a node at this server.
+    pub fn flags(&self) -> Vec<String> {
+        match self.kind {
+            Kind::Redis => vec![
+                "--backplane".into(),
+                "redis".into(),
+                "--redis-url".into(),
+                format!("redis://127.0.0.1:{}", self.port),
+            ],
+            Kind::Nats => vec![
+                "--backplane".into(),
+                "nats".into(),
+                "--nats-url".into(),
+                format!("nats://127.0.0.1:{}", self.port),
+            ],
+        }
+    }
+
+    /// SIGKILL. Redis has no persistence (it comes back empty); NATS keeps its JetStream
+    /// directory (it comes back with its streams).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Starts again on the same port with no data (NATS loses its JetStream directory; Redis
+    /// never keeps any).
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        std::fs::create_dir_all(&self.dir).unwrap();
+        self.spawn();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A relay node on `server`, ready (its `/readyz` says so).
+pub async fn node(server: &Server, id: &str, extra: &[&str]) -> Relay {
+    let flags = server.flags();
+    let mut args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    args.extend_from_slice(&["--node-id", id]);
+    args.extend_from_slice(extra);
+    let r = Relay::start(&args);
+    wait_ready(&r, Duration::from_secs(15)).await;
+    r
+}
+
+async fn wait_ready(r: &Relay, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, _) = r.get("/readyz").await;
+        if status == 200 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node not ready within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_not_ready(r: &Relay, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, _) = r.get("/readyz").await;
+        if status == 503 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node still ready {within:?} after redis died"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Publishes over HTTP; returns `(status, body)`.
+async fn publish(r: &Relay, channel: &str, data: Value) -> (u16, Value) {
+    r.post("/api/publish", &json!({"channel": channel, "data": data}))
+        .await
+}
+
+/// Reads `n` messages of `channel` and returns `(seq, data)` in arrival order.
+async fn collect(ws: &mut Ws, channel: &str, n: usize, within: Duration) -> Vec<(u64, Value)> {
+    let deadline = Instant::now() + within;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(v) = ws.recv_json_within(left).await else {
+            panic!(
+                "got {} of {n} messages within {within:?}: {:?}",
+                out.len(),
+                out.iter().map(|(s, _)| *s).collect::<Vec<_>>()
+            );
+        };
+        if v["type"] == "message" && v["channel"] == json!(channel) {
+            out.push((v["seq"].as_u64().unwrap(), v["data"].clone()));
+        }
+    }
+    out
+}
+
+pub async fn three_nodes_deliver_every_message_in_one_order_with_one_seq_space(kind: Kind) {
+    let redis = Server::start(kind);
+    let nodes = [
+        node(&redis, "n1", &[]).await,
+        node(&redis, "n2", &[]).await,
+        node(&redis, "n3", &[]).await,
+    ];
+    // Two subscribers per node.
+    let mut subs = Vec::new();
+    for n in &nodes {
+        for _ in 0..2 {
+            let mut ws = Ws::connect(&n.ws_url()).await;
+            let s = ws.subscribe("room").await;
+            assert_eq!(s["seq"], 0, "a fresh channel: {s}");
+            subs.push(ws);
+        }
+    }
+    let mut epoch = None;
+    for i in 0..30u64 {
+        let n = &nodes[i as usize % 3];
+        let (status, body) = publish(n, "room", json!({"i": i, "via": i % 3})).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["seq"], i + 1, "one seq space across nodes: {body}");
+        let e = body["epoch"].as_str().unwrap().to_owned();
+        assert_eq!(epoch.get_or_insert(e.clone()), &e, "one epoch across nodes");
+    }
+    for ws in &mut subs {
+        let got = collect(ws, "room", 30, Duration::from_secs(10)).await;
+        let want: Vec<(u64, Value)> = (0..30u64)
+            .map(|i| (i + 1, json!({"i": i, "via": i % 3})))
+            .collect();
+        assert_eq!(got, want, "every node delivers every message, in one order");
+    }
+    // A node with no subscriber serves history from Redis.
+    let h = nodes[2].history("room", "?since=25").await;
+    assert_eq!(h["epoch"], json!(epoch.unwrap()));
+    assert_eq!(h["seq"], 30);
+    assert_eq!(h["complete"], true);
+    let seqs: Vec<u64> = h["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [26, 27, 28, 29, 30]);
+}
+
+pub async fn concurrent_publishers_on_different_nodes_make_no_gaps_or_repeats(kind: Kind) {
+    let redis = Server::start(kind);
+    let nodes = [
+        node(&redis, "a", &[]).await,
+        node(&redis, "b", &[]).await,
+        node(&redis, "c", &[]).await,
+    ];
+    let mut subs = Vec::new();
+    for n in &nodes {
+        let mut ws = Ws::connect(&n.ws_url()).await;
+        ws.subscribe("busy").await;
+        subs.push(ws);
+    }
+    const PUBLISHERS: u64 = 10;
+    const EACH: u64 = 20;
+    let mut tasks = Vec::new();
+    for p in 0..PUBLISHERS {
+        let url = nodes[p as usize % 3].http("/api/publish");
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut seqs = Vec::new();
+            for k in 0..EACH {
+                let r = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    client
+                        .post(&url)
+                        .json(&json!({"channel": "busy", "data": {"p": p, "k": k}}))
+                        .send(),
+                )
+                .await
+                .expect("publish timed out")
+                .expect("publish");
+                assert_eq!(r.status().as_u16(), 200);
+                let v: Value = r.json().await.unwrap();
+                seqs.push((v["seq"].as_u64().unwrap(), p, k));
+            }
+            seqs
+        }));
+    }
+    let mut by_seq = BTreeMap::new();
+    for t in tasks {
+        for (seq, p, k) in t.await.unwrap() {
+            assert!(
+                by_seq.insert(seq, json!({"p": p, "k": k})).is_none(),
+                "seq {seq} given twice"
+            );
+        }
+    }
+    let total = PUBLISHERS * EACH;
+    assert_eq!(
+        by_seq.keys().copied().collect::<Vec<_>>(),
+        (1..=total).collect::<Vec<_>>(),
+        "publish replies: no gap, no repeat"
+    );
+    let want: Vec<(u64, Value)> = by_seq.into_iter().collect();
+    for ws in &mut subs {
+        let got = collect(ws, "busy", total as usize, Duration::from_secs(20)).await;
+        assert_eq!(
+            got, want,
+            "every node: the same messages under the same seqs"
+        );
+    }
+}
+
+pub async fn a_client_resumes_on_another_node_after_its_node_is_killed(kind: Kind) {
+    let redis = Server::start(kind);
+    let a = node(&redis, "a", &[]).await;
+    let b = node(&redis, "b", &[]).await;
+    let mut ws = Ws::connect(&a.ws_url()).await;
+    let s = ws.subscribe("resume").await;
+    let epoch = s["epoch"].as_str().unwrap().to_owned();
+    for i in 1..=5 {
+        publish(&b, "resume", json!(i)).await;
+    }
+    let got = collect(&mut ws, "resume", 5, Duration::from_secs(5)).await;
+    assert_eq!(got.last().unwrap().0, 5);
+    a.signal("KILL");
+    drop(ws);
+    for i in 6..=10 {
+        let (status, _) = publish(&b, "resume", json!(i)).await;
+        assert_eq!(status, 200);
+    }
+    let mut ws = Ws::connect(&b.ws_url()).await;
+    let s = ws.subscribe_resume("resume", 5, &epoch).await;
+    assert_eq!(s["recovered"], true, "{s}");
+    assert_eq!(s["seq"], 10);
+    let got = collect(&mut ws, "resume", 5, Duration::from_secs(5)).await;
+    assert_eq!(
+        got,
+        (6..=10u64).map(|i| (i, json!(i))).collect::<Vec<_>>(),
+        "exactly the missed messages"
+    );
+    publish(&b, "resume", json!(11)).await;
+    assert_eq!(ws.expect_message("resume", 11).await, json!(11));
+    // Nothing more: no duplicate.
+    assert!(ws
+        .recv_json_within(Duration::from_millis(300))
+        .await
+        .is_none());
+    // A node that never had the channel resumes too (joining it first).
+    let c = node(&redis, "c", &[]).await;
+    let mut ws = Ws::connect(&c.ws_url()).await;
+    let s = ws.subscribe_resume("resume", 8, &epoch).await;
+    assert_eq!(s["recovered"], true, "{s}");
+    let got = collect(&mut ws, "resume", 3, Duration::from_secs(5)).await;
+    assert_eq!(got.iter().map(|m| m.0).collect::<Vec<_>>(), [9, 10, 11]);
+}
+
+/// What one resuming subscriber saw: runs of messages, each started by a `subscribed`.
+#[derive(Debug, Default)]
+struct Seen {
+    /// `(epoch, recovered, seqs)` per connection.
+    runs: Vec<(String, bool, Vec<u64>)>,
+    closes: Vec<u16>,
+}
+
+/// Subscribes to `channel` on `url`, and on every close (4008 after a backplane resync, or
+/// anything else) reconnects and resumes from the last position, until `stop` or 30 s.
+async fn resuming_subscriber(
+    url: String,
+    channel: &'static str,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Seen {
+    let mut seen = Seen::default();
+    let mut pos: Option<(String, u64)> = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    'connections: while Instant::now() < deadline && !*stop.borrow() {
+        let Ok(Ok((mut ws, _))) = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio_tungstenite::connect_async(&url),
+        )
+        .await
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let sub = match &pos {
+            Some((epoch, seq)) => {
+                json!({"type": "subscribe", "channel": channel, "since": seq, "epoch": epoch})
+            }
+            None => json!({"type": "subscribe", "channel": channel}),
+        };
+        if futures_util::SinkExt::send(&mut ws, Message::Text(sub.to_string().into()))
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        loop {
+            if *stop.borrow() && Instant::now() > deadline {
+                break 'connections;
+            }
+            let next = tokio::time::timeout(Duration::from_millis(200), ws.next()).await;
+            let msg = match next {
+                Err(_) => {
+                    if *stop.borrow() {
+                        break 'connections;
+                    }
+                    continue;
+                }
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(_))) | Ok(None) => continue 'connections,
+            };
+            match msg {
+                Message::Text(t) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    match v["type"].as_str() {
+                        Some("subscribed") => {
+                            let epoch = v["epoch"].as_str().unwrap().to_owned();
+                            let recovered = v["recovered"] == true;
+                            if !recovered {
+                                pos = Some((epoch.clone(), v["seq"].as_u64().unwrap()));
+                            }
+                            seen.runs.push((epoch, recovered, Vec::new()));
+                        }
+                        Some("message") => {
+                            let seq = v["seq"].as_u64().unwrap();
+                            if let Some(run) = seen.runs.last_mut() {
+                                run.2.push(seq);
+                            }
+                            if let Some(p) = pos.as_mut() {
+                                p.1 = seq;
+                            }
+                        }
+                        Some("error") => {
+                            // `unavailable` while redis is down: try again shortly.
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            continue 'connections;
+                        }
+                        _ => {}
+                    }
+                }
+                Message::Close(f) => {
+                    seen.closes.push(f.map_or(1005, |f| u16::from(f.code)));
+                    continue 'connections;
+                }
+                _ => {}
+            }
+        }
+    }
+    seen
+}
+
+/// Checks a subscriber's runs: seqs increase by exactly one inside a run and across resumes
+/// that said `recovered:true`; a break is only allowed where `recovered:false` said so.
+fn assert_gap_free(who: &str, seen: &Seen) {
+    let mut last: Option<(String, u64)> = None;
+    for (epoch, recovered, seqs) in &seen.runs {
+        let mut prev = match (&last, recovered) {
+            (Some((e, s)), true) => {
+                assert_eq!(e, epoch, "{who}: recovered across epochs: {seen:?}");
+                Some(*s)
+            }
+            _ => None,
+        };
+        for &s in seqs {
+            if let Some(p) = prev {
+                assert_eq!(s, p + 1, "{who}: gap or repeat in {seen:?}");
+            }
+            prev = Some(s);
+        }
+        if let Some(p) = prev {
+            last = Some((epoch.clone(), p));
+        } else if !recovered {
+            last = None;
+        }
+    }
+}
+
+pub async fn server_killed_and_restarted_mid_stream_nodes_recover_without_loss_or_repeats(
+    kind: Kind,
+    empty: bool,
+) {
+    let mut redis = Server::start(kind);
+    let a = node(&redis, "a", &[]).await;
+    let b = node(&redis, "b", &[]).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let subs: Vec<_> = [&a, &b, &a, &b]
+        .iter()
+        .map(|n| tokio::spawn(resuming_subscriber(n.ws_url(), "live", stop_rx.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut ok_before = 0;
+    for i in 0..20 {
+        let n = if i % 2 == 0 { &a } else { &b };
+        let (status, body) = publish(n, "live", json!(i)).await;
+        assert_eq!(status, 200, "{body}");
+        ok_before += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    redis.kill();
+    wait_not_ready(&a, Duration::from_secs(10)).await;
+    wait_not_ready(&b, Duration::from_secs(10)).await;
+    for n in [&a, &b] {
+        let (status, body) = publish(n, "live", json!("during")).await;
+        assert_eq!(
+            status, 503,
+            "a publish that cannot be sequenced fails: {body}"
+        );
+        assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    }
+    // Local subscribers stay connected meanwhile.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    if empty {
+        redis.restart_empty();
+    } else {
+        redis.restart();
+    }
+    wait_ready(&a, Duration::from_secs(15)).await;
+    wait_ready(&b, Duration::from_secs(15)).await;
+    // Give the nodes a moment to resync their channels (and close subscribers for resume).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut after = Vec::new();
+    for i in 0..20 {
+        let n = if i % 2 == 0 { &a } else { &b };
+        let (status, body) = publish(n, "live", json!(100 + i)).await;
+        assert_eq!(status, 200, "{body}");
+        after.push((
+            body["epoch"].as_str().unwrap().to_owned(),
+            body["seq"].as_u64().unwrap(),
+        ));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop_tx.send(true).unwrap();
+    let (last_epoch, last_seq) = after.last().cloned().unwrap();
+    for (i, t) in subs.into_iter().enumerate() {
+        let seen = t.await.unwrap();
+        let who = format!("subscriber {i}");
+        assert_gap_free(&who, &seen);
+        // Everything published after recovery arrived.
+        let (epoch, _, seqs) = seen.runs.last().unwrap();
+        assert_eq!(
+            epoch, &last_epoch,
+            "{who}: ends in the current epoch: {seen:?}"
+        );
+        let all_in_epoch: Vec<u64> = seen
+            .runs
+            .iter()
+            .filter(|r| &r.0 == epoch)
+            .flat_map(|r| r.2.iter().copied())
+            .collect();
+        for (_, s) in &after {
+            assert!(all_in_epoch.contains(s), "{who}: lost seq {s}: {seen:?}");
+        }
+        assert_eq!(seqs.last(), Some(&last_seq), "{who}: {seen:?}");
+        if kind == Kind::Redis || empty {
+            // The server came back empty: the history before the outage is gone, so the
+            // resume after it says so explicitly.
+            assert!(
+                seen.runs.iter().skip(1).any(|r| !r.1),
+                "{who}: an explicit recovered:false after the restart: {seen:?}"
+            );
+        }
+        assert!(ok_before > 0);
+    }
+}
+
+/// Members, sorted, from `GET /api/presence/{channel}` on `r`.
+async fn members(r: &Relay, channel: &str) -> Vec<String> {
+    let (status, body) = r.get(&format!("/api/presence/{channel}")).await;
+    assert_eq!(status, 200, "{body}");
+    let mut users: Vec<String> = body["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["user"].as_str().unwrap().to_owned())
+        .collect();
+    users.sort();
+    users
+}
+
+async fn wait_members(r: &Relay, channel: &str, want: &[&str], within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = members(r, channel).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "members {got:?}, want {want:?} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn presence_spans_nodes_and_a_killed_nodes_members_leave_within_the_timeout(kind: Kind) {
+    let redis = Server::start(kind);
+    let opts = [
+        "--presence-channels",
+        "presence:*",
+        "--heartbeat-interval",
+        "500ms",
+        "--presence-timeout",
+        "2s",
+        "--presence-sweep",
+        "200ms",
+    ];
+    let a = node(&redis, "a", &opts).await;
+    let b = node(&redis, "b", &opts).await;
+    let c = node(&redis, "c", &opts).await;
+    let ch = "presence:lobby";
+    let mut clients = Vec::new();
+    for (n, user) in [(&a, "alice"), (&b, "bob"), (&c, "carol")] {
+        let mut ws = Ws::connect(&n.ws_url()).await;
+        ws.send_json(json!({"type":"subscribe","channel":ch,"presence":{"user":user}}))
+            .await;
+        let v = ws.recv_json().await;
+        assert_eq!(v["type"], "subscribed", "{v}");
+        clients.push(ws);
+    }
+    for n in [&a, &b, &c] {
+        wait_members(n, ch, &["alice", "bob", "carol"], Duration::from_secs(5)).await;
+    }
+    // Alice (on a) sees bob and carol join through the backplane.
+    let mut joined = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while joined.len() < 3 && Instant::now() < deadline {
+        if let Some(v) = clients[0]
+            .recv_json_within(Duration::from_millis(200))
+            .await
+        {
+            if v["type"] == "presence" && v["event"] == "join" {
+                joined.push(v["user"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    joined.sort();
+    assert_eq!(joined, ["alice", "bob", "carol"]);
+
+    // Keep alice and bob alive with heartbeats while c is killed.
+    c.signal("KILL");
+    let killed = Instant::now();
+    let (keep_a, keep_b) = {
+        let mut it = clients.drain(..2);
+        (it.next().unwrap(), it.next().unwrap())
+    };
+    let beat = |mut ws: Ws| {
+        tokio::spawn(async move {
+            let mut left = Vec::new();
+            let end = Instant::now() + Duration::from_secs(6);
+            let mut next_beat = Instant::now();
+            while Instant::now() < end {
+                if Instant::now() >= next_beat {
+                    ws.send_json(json!({"type":"heartbeat"})).await;
+                    next_beat = Instant::now() + Duration::from_millis(300);
+                }
+                let wait = next_beat.saturating_duration_since(Instant::now());
+                if let Some(v) = ws.recv_json_within(wait).await {
+                    if v["type"] == "presence" && v["event"] == "leave" {
+                        left.push((v["user"].as_str().unwrap().to_owned(), Instant::now()));
+                    }
+                }
+            }
+            left
+        })
+    };
+    let (ha, hb) = (beat(keep_a), beat(keep_b));
+    wait_members(&a, ch, &["alice", "bob"], Duration::from_secs(5)).await;
+    wait_members(&b, ch, &["alice", "bob"], Duration::from_secs(5)).await;
+    let gone_after = killed.elapsed();
+    assert!(
+        gone_after < Duration::from_millis(2000 + 1500),
+        "carol left {gone_after:?} after her node died (timeout 2 s)"
+    );
+    for h in [ha, hb] {
+        let left = h.await.unwrap();
+        assert_eq!(
+            left.iter().map(|(u, _)| u.as_str()).collect::<Vec<_>>(),
+            ["carol"],
+            "only carol leaves, once"
+        );
+    }
+}

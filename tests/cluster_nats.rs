@@ -1,0 +1,61 @@
+//! Several relay processes on one backplane server (`--backplane nats`): one order and one seq
+//! space per channel across nodes, resume on another node after a SIGKILL, a server outage
+//! mid-stream, cross-node presence. Each test starts its own server on a free loopback port
+//! and kills it when done (scenarios in `tests/cluster/mod.rs`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cluster;
+mod common;
+
+use cluster::Kind;
+
+const KIND: Kind = Kind::Nats;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_deliver_every_message_in_one_order_with_one_seq_space() {
+    if KIND.available() {
+        cluster::three_nodes_deliver_every_message_in_one_order_with_one_seq_space(KIND).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_on_different_nodes_make_no_gaps_or_repeats() {
+    if KIND.available() {
+        cluster::concurrent_publishers_on_different_nodes_make_no_gaps_or_repeats(KIND).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resumes_on_another_node_after_its_node_is_killed() {
+    if KIND.available() {
+        cluster::a_client_resumes_on_another_node_after_its_node_is_killed(KIND).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_killed_and_restarted_mid_stream_nodes_recover_without_loss_or_repeats() {
+    if KIND.available() {
+        cluster::server_killed_and_restarted_mid_stream_nodes_recover_without_loss_or_repeats(
+            KIND, false,
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_spans_nodes_and_a_killed_nodes_members_leave_within_the_timeout() {
+    if KIND.available() {
+        cluster::presence_spans_nodes_and_a_killed_nodes_members_leave_within_the_timeout(KIND)
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restarted_without_its_data_nodes_start_new_epochs_and_say_recovered_false() {
+    if KIND.available() {
+        cluster::server_killed_and_restarted_mid_stream_nodes_recover_without_loss_or_repeats(
+            KIND, true,
+        )
+        .await;
+    }
+}
