@@ -156,3 +156,20 @@ mod tests {
         assert_eq!(instant_of(0, now, 250) + Duration::from_millis(250), now);
     }
 }
+
+/// What a remote backplane needs to know.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The server's URL: `redis://host:port[/db]` or `nats://host:port`.
+    pub url: String,
+    /// Messages kept per channel.
+    pub history_size: usize,
+    /// How long a message stays in history.
+    pub history_ttl: std::time::Duration,
+    /// This node's id (logs).
+    pub node_id: String,
+    /// Seeds epoch candidates and jitter.
+    pub seed: u64,
+    /// A presence member not refreshed for this long leaves (`--presence-timeout`).
+    pub presence_timeout: std::time::Duration,
+}

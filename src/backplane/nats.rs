@@ -64,30 +64,13 @@ const PUBLISH_ATTEMPTS: usize = 100;
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
-/// Settings of the NATS backplane.
-#[derive(Clone, Debug)]
-pub struct NatsSettings {
-    /// `nats://host:port`.
-    pub url: String,
-    /// Messages kept per channel.
-    pub history_size: usize,
-    /// How long a message stays in history.
-    pub history_ttl: Duration,
-    /// This node's id (logs).
-    pub node_id: String,
-    /// Seeds epoch candidates and jitter.
-    pub seed: u64,
-    /// A presence member not refreshed for this long leaves (`--presence-timeout`).
-    pub presence_timeout: Duration,
-}
-
 /// See the module docs.
 pub struct NatsBackplane {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    settings: NatsSettings,
+    settings: super::Settings,
     engine: Arc<Engine>,
     wakers: Wakers,
     rt: tokio::runtime::Handle,
@@ -260,7 +243,7 @@ impl NatsBackplane {
     /// Starts the backplane on its own thread and runtime; connects (and reconnects) until
     /// `stop`. Returns at once; the node is not ready until connected with the stream in place.
     pub fn start(
-        settings: NatsSettings,
+        settings: super::Settings,
         engine: Arc<Engine>,
         wakers: Wakers,
         stop: CancellationToken,

@@ -160,23 +160,6 @@ local top = tonumber(redis.call('HGET', KEYS[1], 'top') or '0')
 return {e, top, redis.call('XRANGE', KEYS[2], '(' .. ARGV[1] .. '-1', '+', 'COUNT', ARGV[2])}
 "#;
 
-/// Settings of the Redis backplane.
-#[derive(Clone, Debug)]
-pub struct RedisSettings {
-    /// `redis://host:port[/db]`.
-    pub url: String,
-    /// Messages kept per channel (stream `MAXLEN`).
-    pub history_size: usize,
-    /// How long a message stays in history.
-    pub history_ttl: Duration,
-    /// This node's id (logs).
-    pub node_id: String,
-    /// Seeds epoch candidates.
-    pub seed: u64,
-    /// A presence member not refreshed for this long leaves (`--presence-timeout`).
-    pub presence_timeout: Duration,
-}
-
 /// See the module docs.
 pub struct RedisBackplane {
     inner: Arc<Inner>,
@@ -197,7 +180,7 @@ struct Metrics {
 }
 
 struct Inner {
-    settings: RedisSettings,
+    settings: super::Settings,
     engine: Arc<Engine>,
     wakers: Wakers,
     rt: tokio::runtime::Handle,
@@ -384,7 +367,7 @@ impl RedisBackplane {
     /// reconnects) to Redis until `stop` is cancelled. Returns at once; the node is not ready
     /// until the first connection succeeds.
     pub fn start(
-        settings: RedisSettings,
+        settings: super::Settings,
         engine: Arc<Engine>,
         wakers: Wakers,
         stop: CancellationToken,

@@ -128,6 +128,18 @@ impl Node {
         }
     }
 
+    /// The backplane settings for the server at `url`.
+    fn backplane_settings(&self, url: &str, seed: u64) -> crate::backplane::Settings {
+        crate::backplane::Settings {
+            url: url.to_owned(),
+            history_size: self.config.history_size,
+            history_ttl: self.config.history_ttl,
+            node_id: self.config.node_id.clone(),
+            seed,
+            presence_timeout: self.config.presence_timeout,
+        }
+    }
+
     /// Starts the backplane the config names (`memory` needs nothing). Call once, before the
     /// node is shared.
     pub fn start_backplane(&mut self, seed: u64) -> std::io::Result<()> {
@@ -135,14 +147,7 @@ impl Node {
         match self.config.backplane {
             BackplaneKind::Memory => Ok(()),
             BackplaneKind::Redis => {
-                let settings = crate::backplane::redis::RedisSettings {
-                    url: self.config.redis_url.clone(),
-                    history_size: self.config.history_size,
-                    history_ttl: self.config.history_ttl,
-                    node_id: self.config.node_id.clone(),
-                    seed,
-                    presence_timeout: self.config.presence_timeout,
-                };
+                let settings = self.backplane_settings(&self.config.redis_url, seed);
                 self.backplane = crate::backplane::redis::RedisBackplane::start(
                     settings,
                     self.engine.clone(),
@@ -152,14 +157,7 @@ impl Node {
                 Ok(())
             }
             BackplaneKind::Nats => {
-                let settings = crate::backplane::nats::NatsSettings {
-                    url: self.config.nats_url.clone(),
-                    history_size: self.config.history_size,
-                    history_ttl: self.config.history_ttl,
-                    node_id: self.config.node_id.clone(),
-                    seed,
-                    presence_timeout: self.config.presence_timeout,
-                };
+                let settings = self.backplane_settings(&self.config.nats_url, seed);
                 self.backplane = crate::backplane::nats::NatsBackplane::start(
                     settings,
                     self.engine.clone(),
