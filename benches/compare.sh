@@ -7,12 +7,15 @@
 # Each server runs alone, fresh for each scenario, pinned to CPU 0 (`taskset -c $SERVER_CPU`):
 # relay as `relay serve --shards 1`, nginx + Nchan with `worker_processes 1`, the Node `ws` relay
 # of benches/node-relay. The load (relay-bench, autocannon) runs pinned to CPU 1. Every run is
-# bounded (`timeout`); the whole script takes about 10 minutes with every scenario.
+# bounded (`timeout`); the whole script takes about 15 minutes with every scenario on a quiet
+# machine (longer while it waits for other work to stop: see QUIET_WAIT and STEP_QUIET).
 #
 # Scenarios: max1k max10k steady sse idle connect autocannon (see benches/RESULTS.md).
 # Environment: OUT (results folder, default target/compare/<time>), SCENARIOS, COMPARATORS,
 # NO_BUILD=1 (use the binaries already in target/release), RELAY_BIN, BENCH_BIN, STEP (per-step
-# duration of the max searches, default 3s), IDLE_CONNS (default 19000), SERVER_CPU, LOAD_CPU.
+# duration of the max searches, default 3s), STEP_QUIET (relay-bench --quiet-wait: how long each
+# step may wait for other work on the machine to stop, default 60s), IDLE_CONNS (default 19000),
+# QUIET_WAIT / QUIET_BUSY (the same before each run: 180 s, 0.15 core), SERVER_CPU, LOAD_CPU.
 #
 # Installs what it needs: nginx + libnginx-mod-nchan (apt), jq (apt), ws + autocannon (npm,
 # into benches/node-relay/node_modules). Writes $OUT/summary.md (the table with ratios) and one
@@ -26,10 +29,12 @@ COMPARATORS=${COMPARATORS:-"nchan node"}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 STEP=${STEP:-3s}
+STEP_QUIET=${STEP_QUIET:-60s}
 IDLE_CONNS=${IDLE_CONNS:-19000}
 OUT=${OUT:-$ROOT/target/compare/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 LOG=$OUT/compare.log
+export RUST_BACKTRACE=0 RUST_LIB_BACKTRACE=0
 exec > >(tee -a "$LOG") 2>&1
 
 say() { printf '\n== %s\n' "$*"; }
@@ -78,7 +83,7 @@ cat "$OUT/machine.txt"
 
 # ---------------------------------------------------------------------------------------------
 # Servers. start_<target> sets ADDR, PID (the process to measure) and KILL (the process to end).
-ADDR= PID= KILL=
+ADDR= PID= KILL= NSTART=0
 
 wait_line() { # file, seconds: waits for "listening on http://ADDR" and prints ADDR
   local f=$1 i a
@@ -96,17 +101,19 @@ wait_line() { # file, seconds: waits for "listening on http://ADDR" and prints A
 }
 
 start_relay() {
-  taskset -c "$SERVER_CPU" "$RELAY" serve --shards 1 --listen 127.0.0.1:0 \
-    >"$OUT/relay.out" 2>"$OUT/relay.err" &
+  local f=$OUT/servers/relay.$((++NSTART))
+  mkdir -p "$OUT/servers"
+  taskset -c "$SERVER_CPU" "$RELAY" serve --shards 1 --listen 127.0.0.1:0 >"$f.out" 2>"$f.err" &
   PID=$! KILL=$!
-  ADDR=$(wait_line "$OUT/relay.out" 10)
+  ADDR=$(wait_line "$f.out" 10)
 }
 
 start_node() {
-  taskset -c "$SERVER_CPU" node "$ROOT/benches/node-relay/server.js" 0 127.0.0.1 \
-    >"$OUT/node.out" 2>"$OUT/node.err" &
+  local f=$OUT/servers/node.$((++NSTART))
+  mkdir -p "$OUT/servers"
+  taskset -c "$SERVER_CPU" node "$ROOT/benches/node-relay/server.js" 0 127.0.0.1 >"$f.out" 2>"$f.err" &
   PID=$! KILL=$!
-  ADDR=$(wait_line "$OUT/node.out" 10)
+  ADDR=$(wait_line "$f.out" 10)
 }
 
 free_port() {
@@ -126,7 +133,7 @@ worker_rlimit_nofile 20000;
 daemon off;
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
-events { worker_connections 19990; multi_accept on; }
+events { worker_connections 40000; multi_accept on; }
 http {
   access_log off;
   client_body_temp_path $dir/body;
@@ -175,8 +182,9 @@ stop_server() {
 }
 trap stop_server EXIT
 
-# Waits (at most QUIET_WAIT seconds, default 180) until the machine is quiet: less than 0.15 core
-# busy over one second (other work on this 2-core machine, e.g. a compiler, skews every figure).
+# Waits (at most QUIET_WAIT seconds, default 180) until the machine is quiet: less than QUIET_BUSY
+# (default 0.15) core busy over one second (other work on this 2-core machine, e.g. a compiler,
+# skews every figure).
 busy_cores() {
   local a b
   a=$(awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat)
@@ -188,7 +196,7 @@ wait_quiet() {
   local t0=$SECONDS b
   while :; do
     b=$(busy_cores)
-    if awk -v b="$b" 'BEGIN { exit !(b < 0.15) }'; then
+    if awk -v b="$b" -v q="${QUIET_BUSY:-0.15}" 'BEGIN { exit !(b < q) }'; then
       echo "machine quiet (busy $b cores)"
       return 0
     fi
@@ -198,6 +206,18 @@ wait_quiet() {
     fi
     sleep 2
   done
+}
+
+# Each handshake leaves a TIME_WAIT socket; a table full of them (up to tcp_max_tw_buckets) slows
+# the next run's connects. Before a connect run, wait (at most 75 s) for them to expire.
+wait_timewait() {
+  local i n
+  for ((i = 0; i < 75; i++)); do
+    n=$(ss -tan state time-wait 2>/dev/null | tail -n +2 | wc -l || echo 0)
+    [ "${n:-0}" -lt 2000 ] && break
+    sleep 1
+  done
+  echo "TIME_WAIT sockets before the run: ${n:-?}"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +238,14 @@ bench() {
 # Per-target start rates of the max searches (publishes/s), so each reaches its limit in a few
 # steps.
 rate1k() { case $1 in relay) echo 300 ;; *) echo 8 ;; esac; }
-rate10k() { case $1 in relay) echo 30 ;; *) echo 1 ;; esac; }
+rate10k() { case $1 in relay) echo 20 ;; *) echo 1 ;; esac; }
+
+core_ticks() { # busy and total ticks of the server's and the load's CPU
+  awk -v s="cpu$SERVER_CPU" -v l="cpu$LOAD_CPU" '
+    $1 == s { sb = $2+$3+$4+$7+$8+$9; st = sb+$5+$6 }
+    $1 == l { lb = $2+$3+$4+$7+$8+$9; lt = lb+$5+$6 }
+    END { print sb, lb, st, lt }' /proc/stat
+}
 
 autocannon_run() { # name target subs
   local name=$1 target=$2 subs=$3 url body hold_pid=
@@ -240,9 +267,16 @@ autocannon_run() { # name target subs
     for ((i = 0; i < 200; i++)); do grep -q '^ready' "$OUT/$name.$target.hold.log" && break; sleep 0.05; done
     head -1 "$OUT/$name.$target.hold.log"
   fi
+  local c0 c1
+  c0=$(core_ticks)
   timeout 30 taskset -c "$LOAD_CPU" "$AUTOCANNON" -c 16 -d 5 -m POST \
     -H 'content-type: application/json' -b "$body" -j "$url" \
     >"$OUT/$name.$target.json" 2>"$OUT/$name.$target.err" || echo "(autocannon ended with $?)"
+  c1=$(core_ticks)
+  # Busy share of the server's and the load's core over the autocannon run (includes its
+  # start-up): a load core near 100% means autocannon (one Node process) was the limit.
+  echo "$c0 $c1" | awk '{ printf "core busy: server CPU %.0f%%, load CPU %.0f%%\n", ($5-$1)/($7-$3)*100, ($6-$2)/($8-$4)*100 }' |
+    tee "$OUT/$name.$target.cores"
   jq -r '"requests/s \(.requests.average) (non-2xx \(.non2xx), errors \(.errors), timeouts \(.timeouts)), latency p50 \(.latency.p50) p99 \(.latency.p99) ms"' \
     "$OUT/$name.$target.json" || cat "$OUT/$name.$target.err"
   if [ -n "$hold_pid" ]; then
@@ -256,17 +290,21 @@ for s in $SCENARIOS; do
   for t in relay $COMPARATORS; do
     case $s in
       max1k)
-        bench max1k "$t" 150 max --subs 1000 --p99-max 50ms --duration "$STEP" --start-rate "$(rate1k "$t")" --sample 4 ;;
+        bench max1k "$t" 400 max --subs 1000 --p99-max 50ms --duration "$STEP" \
+          --start-rate "$(rate1k "$t")" --sample 4 --quiet-wait "$STEP_QUIET" ;;
       max10k)
-        bench max10k "$t" 200 max --subs 10000 --p99-max 500ms --duration "$STEP" --start-rate "$(rate10k "$t")" --sample 4 ;;
+        bench max10k "$t" 400 max --subs 10000 --p99-max 500ms --duration "$STEP" \
+          --start-rate "$(rate10k "$t")" --sample 4 --quiet-wait "$STEP_QUIET" ;;
       steady)
-        bench steady "$t" 60 fanout --subs 1000 --rate 20 --duration 10s ;;
+        bench steady "$t" 120 fanout --subs 1000 --rate 20 --duration 10s --quiet-wait "$STEP_QUIET" ;;
       sse)
         [ "$t" = node ] && continue # the Node relay has no SSE endpoint
-        bench sse "$t" 150 sse --step-up --subs 1000 --p99-max 50ms --duration "$STEP" --start-rate "$(rate1k "$t")" --sample 4 ;;
+        bench sse "$t" 400 sse --step-up --subs 1000 --p99-max 50ms --duration "$STEP" \
+          --start-rate "$(rate1k "$t")" --sample 4 --quiet-wait "$STEP_QUIET" ;;
       idle)
         bench idle "$t" 240 idle --conns "$IDLE_CONNS" --steps 4 --procs 2 ;;
       connect)
+        wait_timewait
         bench connect "$t" 60 connect --duration 5s --parallel 64 ;;
       autocannon)
         autocannon_run ac0 "$t" 0
@@ -325,6 +363,10 @@ fmt() { awk -v a="$1" -v d="${2:-0}" 'BEGIN { if (a == "") print "-"; else print
   row ac0 '.latency.p99' 'HTTP publish p99 ms' 0 '≤ Nchan'
   row ac1k '.requests.average' 'HTTP publish req/s, 1,000 subscribers' 0 '≥ 2× Nchan'
   row ac1k '.latency.p99' 'HTTP publish p99 ms' 0 '≤ Nchan'
+  echo
+  for f in "$OUT"/ac*.cores; do
+    [ -e "$f" ] && echo "- autocannon $(basename "$f" .cores): $(cat "$f")"
+  done
   echo
   echo "Ratios are relay / comparator (for latency and memory, lower is better for relay)."
   echo "Logs and RESULT json: $OUT"

@@ -291,7 +291,10 @@ async fn run<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let cfg = ctx.config().clone();
+    // Borrowed through the shared node (one `Arc` per session), not cloned: a `Config` holds
+    // vectors and strings, which every idle connection would otherwise carry.
+    let node = ctx.node.clone();
+    let cfg = &node.config;
     let mut decoder = Decoder::new(cfg.max_message_size);
     let id = ctx.next_conn_id();
     let live = Arc::new(Liveness::default());
@@ -331,11 +334,14 @@ async fn run<R, W>(
     if !pre.is_empty() {
         s.on_read(&mut decoder, &mut pre.to_vec());
     }
+    // `pre` is a slice of hyper's read buffer (about 8 KiB): holding it for the session's life
+    // would pin that buffer to every idle connection.
+    drop(pre);
     let shutdown = s.ctx.node.shutdown.clone();
     let timer = tokio::time::sleep(cfg.ping_interval);
     tokio::pin!(timer);
     loop {
-        let deadline = s.next_deadline(&cfg);
+        let deadline = s.next_deadline(cfg);
         if timer.deadline() != deadline.into() {
             timer.as_mut().reset(deadline.into());
         }
@@ -387,7 +393,7 @@ async fn run<R, W>(
                 }
             }
             _ = &mut timer => {
-                if s.on_timer(&cfg) {
+                if s.on_timer(cfg) {
                     break;
                 }
             }

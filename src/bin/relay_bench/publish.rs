@@ -24,6 +24,10 @@ pub enum Mode {
     Ws,
 }
 
+/// Most publishes per second sent on one WebSocket publisher connection (more connections are
+/// opened as the rate grows).
+const WS_PER_CONN: f64 = 500.0;
+
 #[derive(Debug, Clone)]
 pub struct PubSpec {
     pub target: Target,
@@ -91,6 +95,8 @@ struct HttpPub {
 struct WsPub {
     id: u32,
     seq: u64,
+    /// Set by the reader when the server closed the connection.
+    dead: Rc<Cell<bool>>,
     write: OwnedWriteHalf,
     out: Vec<u8>,
     cmd: Vec<u8>,
@@ -139,6 +145,10 @@ impl Publisher {
         self.shared.first_error.borrow().clone()
     }
 
+    pub fn conns(&self) -> usize {
+        self.conns.len()
+    }
+
     pub fn totals(&self) -> (u64, u64, u64) {
         let acked = self.shared.acked.borrow().iter().sum();
         (self.shared.sent.get(), acked, self.shared.errors.get())
@@ -150,6 +160,26 @@ impl Publisher {
         let (sent0, _, err0) = self.totals();
         self.shared.next.set(0);
         self.shared.lag.set(Duration::ZERO);
+        if self.spec.mode == Mode::Ws {
+            // relay limits inbound messages per connection (--rate-limit, 1000/s by default):
+            // keep each publisher connection at WS_PER_CONN publishes/s or less.
+            let want = ((rate / WS_PER_CONN).ceil() as usize).max(self.conns.len());
+            for slot in &mut self.conns {
+                if let Some(PubConn::Ws(w)) = slot {
+                    if w.dead.get() {
+                        let id = w.id;
+                        *slot = Some(PubConn::Ws(
+                            WsPub::connect(&self.spec, id, self.shared.clone()).await?,
+                        ));
+                    }
+                }
+            }
+            while self.conns.len() < want {
+                let id = self.conns.len() as u32;
+                let c = WsPub::connect(&self.spec, id, self.shared.clone()).await?;
+                self.conns.push(Some(PubConn::Ws(c)));
+            }
+        }
         let start = Instant::now();
         let end = start + dur;
         let n = self.conns.len() as f64;
@@ -334,6 +364,15 @@ impl HttpPub {
     }
 }
 
+/// Marks a publisher connection dead when its reader ends.
+struct DeadOnDrop(Rc<Cell<bool>>);
+
+impl Drop for DeadOnDrop {
+    fn drop(&mut self) {
+        self.0.set(true);
+    }
+}
+
 async fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<usize> {
     let mut tmp = [0u8; 4096];
     let n = s.read(&mut tmp).await?;
@@ -366,8 +405,11 @@ impl WsPub {
         }
         let (mut read, write) = s.into_split();
         let mut partial = buf.split_off(end);
+        let dead = Rc::new(Cell::new(false));
+        let dead2 = dead.clone();
         // Reader: counts `published` replies by their `id` (the channel index).
         tokio::task::spawn_local(async move {
+            let _dead = DeadOnDrop(dead2);
             let f = Finders::default();
             let mut tmp = vec![0u8; 64 * 1024];
             loop {
@@ -407,6 +449,7 @@ impl WsPub {
         Ok(Self {
             id,
             seq: 0,
+            dead,
             write,
             out: Vec::with_capacity(64 * 1024),
             cmd: Vec::with_capacity(512),

@@ -344,7 +344,9 @@ impl Conn {
             ev: Vec::new(),
             last: Vec::new(),
             last_seq: 0,
-            nmsg: 0,
+            // Offset per connection, so that sampling one message in N still samples when each
+            // connection gets fewer than N messages.
+            nmsg: i,
             ready: spec.target == Target::Nchan,
             ready_tx: None,
             out: Vec::new(),
