@@ -241,6 +241,11 @@ struct Session {
     ping_sent: bool,
     /// No more reading: the peer closed, broke the protocol, or we are closing.
     read_closed: bool,
+    /// Our close frame is written and our side shut down: read and discard until the client
+    /// closes too (or the close grace ends), as RFC 6455 asks. Dropping the socket with unread
+    /// input would make the kernel reset the connection, and the client could lose the close
+    /// frame and its code.
+    draining: bool,
     close_deadline: Option<Instant>,
     auth: ConnAuth,
     /// Close with 4001 at this time unless an `auth` command comes.
@@ -312,6 +317,7 @@ async fn run<R, W>(
         last_inbound: Instant::now(),
         ping_sent: false,
         read_closed: false,
+        draining: false,
         close_deadline: None,
         auth_deadline: None,
         expiry: auth.exp.map(instant_of),
@@ -353,7 +359,7 @@ async fn run<R, W>(
             r = write_some(&mut wr, &s.outbox) => match r {
                 Ok(WriteEvent::Wrote(w)) if w.finished => {
                     let _ = wr.shutdown().await;
-                    break;
+                    s.draining = true;
                 }
                 Ok(WriteEvent::Wrote(w)) => {
                     s.ctx.metrics.bytes_written.increment(w.bytes as u64);
@@ -370,11 +376,13 @@ async fn run<R, W>(
                 }
                 Err(_) => break,
             },
-            r = read_some(&mut rd), if !s.read_closed => match r {
+            r = read_some(&mut rd), if !s.read_closed || s.draining => match r {
                 Ok(0) | Err(_) => {
-                    // The peer went away without a close frame: nothing more to send it.
+                    // The peer is gone: it finished the close handshake we started (draining),
+                    // or it went away without one; either way nothing more can reach it.
                     break;
                 }
+                Ok(_) if s.draining => {}
                 Ok(n) => {
                     s.last_inbound = Instant::now();
                     s.live.touch(s.ctx.node.engine.millis(s.last_inbound));
