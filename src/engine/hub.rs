@@ -252,23 +252,16 @@ impl Hub {
             );
             if let Err((generation, top)) = current {
                 // The channel adopted a remote state (backplane resync): the positions of this
-                // shard's subscribers no longer connect to it, so each is closed as a slow
-                // consumer and resumes against the new state.
-                for sub in local.subs.values() {
-                    sub.outbox.mark_overflowed();
-                    stats.slow += 1;
-                }
+                // shard's subscribers no longer connect to it; they resume against the new state.
+                close_for_resume(&mut stats, local);
                 local.generation = generation;
                 local.cursor = top;
                 continue;
             }
             if lost || plost {
                 // This shard fell behind the ring: every local subscriber has a gap, so each
-                // is closed as a slow consumer and resumes from its own last seq.
-                for sub in local.subs.values() {
-                    sub.outbox.mark_overflowed();
-                    stats.slow += 1;
-                }
+                // resumes from its own last seq.
+                close_for_resume(&mut stats, local);
             }
             // Merge in the order things happened: an event recorded at seq N came after
             // message N and before message N + 1.
@@ -292,6 +285,15 @@ impl Hub {
         self.pubs.clear();
         self.events.clear();
         stats
+    }
+}
+
+/// Closes every local subscriber of the channel as a slow consumer, so that it reconnects and
+/// resumes from its own last seq: the one answer to a gap this shard cannot fill.
+fn close_for_resume(stats: &mut PumpStats, local: &Local) {
+    for sub in local.subs.values() {
+        sub.outbox.mark_overflowed();
+        stats.slow += 1;
     }
 }
 
