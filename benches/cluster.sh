@@ -2,7 +2,7 @@
 # Cluster benchmark (issue 6): single-node memory mode vs 2 nodes on one Redis.
 # Delivered msg/s and publish→deliver latency, measured by relay-bench on loopback.
 #
-#   cargo build --release --bin relay --bin relay-bench
+#   cargo build --release -p relay -p relay-bench
 #   bash benches/cluster.sh [SUBS] [RATE] [DURATION]
 #   BACKPLANE=nats bash benches/cluster.sh ...   # the same on nats-server -js
 #

@@ -60,8 +60,8 @@ fi
 AUTOCANNON=$ROOT/benches/node-relay/node_modules/.bin/autocannon
 
 if [ "${NO_BUILD:-0}" != 1 ]; then
-  say "cargo build --release --bin relay --bin relay-bench"
-  cargo build --release --bin relay --bin relay-bench
+  say "cargo build --release -p relay -p relay-bench"
+  cargo build --release -p relay -p relay-bench
 fi
 # Copies, so a concurrent rebuild cannot change the binaries under a run.
 mkdir -p "$OUT/bin"

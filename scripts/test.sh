@@ -25,15 +25,15 @@ fi
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
-log "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets -- -D warnings
+log "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
 
 # tests/deploy.rs validates deploy/k8s against the Kubernetes schemas with kubernetes-validate.
 log "pip install kubernetes-validate (deploy manifest checks)"
 timeout 300 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore kubernetes-validate
 
-log "cargo test"
-cargo test --all-targets
+log "cargo test --workspace"
+cargo test --workspace --all-targets
 
 # The JS/TS client: unit tests (node --test) and the browser test in headless Chromium against
 # the relay binary that cargo test just built (target/debug/relay).

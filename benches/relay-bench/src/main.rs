@@ -9,13 +9,9 @@
 //!
 //! Loopback only: every address it connects to must be in 127.0.0.0/8.
 
-#[path = "relay_bench/procfs.rs"]
 mod procfs;
-#[path = "relay_bench/publish.rs"]
 mod publish;
-#[path = "relay_bench/subs.rs"]
 mod subs;
-#[path = "relay_bench/wire.rs"]
 mod wire;
 
 use std::net::SocketAddr;
