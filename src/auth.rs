@@ -390,7 +390,7 @@ impl Auth {
         if let Some(secret) = &cfg.jwt_secret {
             keys.push((DecodingKey::from_secret(secret.as_bytes()), HS));
         }
-        for path in &cfg.jwt_public_keys {
+        for path in &cfg.jwt_public_key {
             let pem = std::fs::read(path).map_err(|source| AuthSetupError::Read {
                 path: path.clone(),
                 source,

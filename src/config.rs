@@ -1,279 +1,154 @@
 //! Settings: `relay serve` flags, `RELAY_*` environment variables and a TOML file, with
-//! precedence flag > env > file > default. Pure data plus validation.
+//! precedence flag > env > file > default. Plain data plus validation; reads no files (`main`
+//! reads the TOML file, the server reads key and certificate files when it starts).
+//!
+//! Every setting is written once, as one field of [`Config`]: its name (`--history-size`,
+//! `RELAY_HISTORY_SIZE`, file key `history_size`), type, parser, default and `--help` text. A
+//! file value goes through the same parser as the flag, so `64KiB` or `5m` mean the same
+//! everywhere.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use clap::parser::ValueSource;
+use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
 
+use crate::auth::Rule;
 use crate::engine::SlowPolicy;
 
-/// Every setting of a running node, validated.
-#[derive(Clone, Debug, PartialEq)]
+/// Every setting of a node. The doc comment of a field is its `--help` text.
+///
+/// To add a setting, add a field here: `#[arg(long, env = "RELAY_<NAME>", value_name = …,
+/// default_value = …)]`, a parser (`value_parser = parse_duration` or `parse_bytes`) for
+/// durations and sizes, and a check in [`Config::validate`] when it has a range. The flag, the
+/// variable and the file key follow from that field; list it in `deploy/relay.toml` and in
+/// README's table.
+#[derive(Clone, Debug, PartialEq, clap::Args)]
 pub struct Config {
     /// Address to listen on.
+    #[arg(
+        long,
+        env = "RELAY_LISTEN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
     pub listen: SocketAddr,
-    /// Shards (threads with their own runtime and listener); 0 in input means one per core.
+    /// Shards: threads, each with its own runtime and SO_REUSEPORT listener, pinned to a core;
+    /// 0 for one per usable core.
+    #[arg(long, env = "RELAY_SHARDS", value_name = "N", default_value_t = 0)]
     pub shards: usize,
-    /// API keys for `/api/*`; empty means the API is open.
-    pub api_keys: Vec<String>,
-    /// Messages kept per channel.
-    pub history_size: usize,
-    /// How long a message stays in history.
-    pub history_ttl: Duration,
-    /// Largest inbound message (WebSocket message or HTTP body), bytes.
-    pub max_message_size: usize,
-    /// Most channels one connection may subscribe to.
-    pub max_subscriptions: usize,
-    /// Most bytes queued for one connection before it is a slow consumer.
-    pub max_outbox_bytes: usize,
-    /// How long shutdown waits for connections to close.
-    pub shutdown_timeout: Duration,
-    /// Ping a WebSocket client after this long without inbound traffic.
-    pub ping_interval: Duration,
-    /// Close a WebSocket client after this long without inbound traffic.
-    pub idle_timeout: Duration,
-    /// SSE keep-alive comment period.
-    pub sse_keepalive: Duration,
-    /// SSE `retry:` hint.
-    pub sse_retry: Duration,
-    /// Log format.
-    pub log_format: LogFormat,
-    /// Channel patterns with presence (`*` wildcard).
-    pub presence_channels: Vec<String>,
-    /// How often clients are expected to send a heartbeat.
-    pub heartbeat_interval: Duration,
-    /// A presence member silent for this long leaves.
-    pub presence_timeout: Duration,
-    /// How often silent members are looked for.
-    pub presence_sweep: Duration,
-    /// Most presence members per channel.
-    pub presence_max_members: usize,
-    /// Whether subscribers may give their own presence `user`/`info` (until auth provides them).
-    pub client_presence: bool,
-    /// Slow-consumer policy by channel pattern, first match wins (default disconnect).
-    pub slow_consumer: Vec<(String, SlowPolicy)>,
-    /// Where messages are sequenced: this node alone, or a backplane shared by several nodes.
-    pub backplane: BackplaneKind,
-    /// Redis URL for `--backplane redis`.
-    pub redis_url: String,
-    /// NATS URL for `--backplane nats`.
-    pub nats_url: String,
-    /// This node's id in a cluster (logs, presence); generated when not given.
-    pub node_id: String,
-    /// Serve the demo page (`GET /`, `/demo`) and the JS client (`/demo/relay.js`).
-    pub demo: bool,
-    /// HS256 shared secret for JWT connection auth (`None` and no public key: auth off).
-    pub jwt_secret: Option<String>,
-    /// PEM public keys (RSA, EC or Ed25519) for JWT connection auth.
-    pub jwt_public_keys: Vec<PathBuf>,
-    /// Required `aud` claim.
-    pub jwt_audience: Option<String>,
-    /// Required `iss` claim.
-    pub jwt_issuer: Option<String>,
-    /// What every token holder may do besides its grants (`{sub}` is its subject).
-    pub allow: Vec<crate::auth::Rule>,
-    /// What clients without a token may do when auth is on.
-    pub allow_anonymous: Vec<crate::auth::Rule>,
-    /// Time for the first `auth` command, and for a `refresh` after the token expired.
-    pub auth_timeout: Duration,
-    /// Browser origins allowed (WebSocket `Origin`, CORS); empty: any.
-    pub allowed_origins: Vec<String>,
-    /// TLS certificate chain (PEM); with `tls_key`, serve TLS on the listen port.
-    pub tls_cert: Option<PathBuf>,
-    /// TLS private key (PEM).
-    pub tls_key: Option<PathBuf>,
-    /// Most open connections from one IP address, over all shards (0: no limit).
-    pub max_connections_per_ip: usize,
-    /// Time for a new connection to finish its TLS handshake and first request headers.
-    pub handshake_timeout: Duration,
-    /// Largest request head (request line and headers), bytes.
-    pub max_header_size: usize,
-    /// Inbound WebSocket messages per second per connection (0: no limit).
-    pub rate_limit: u32,
-    /// Inbound WebSocket messages a connection may send at once above the rate.
-    pub rate_burst: u32,
-}
-
-/// Which backplane sequences messages (`--backplane`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum BackplaneKind {
-    /// One node: the node's own engine sequences (no cluster).
-    #[default]
-    Memory,
-    /// Redis: sequence, history and fan-out through one Redis (see `docs/ARCHITECTURE.md`).
-    Redis,
-    /// NATS: JetStream for sequence and history, core NATS for fan-out.
-    Nats,
-}
-
-/// Log output format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Human,
-    /// One JSON object per line.
-    Json,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            shards: 0,
-            api_keys: Vec::new(),
-            history_size: 1000,
-            history_ttl: Duration::from_secs(300),
-            max_message_size: 64 * 1024,
-            max_subscriptions: 128,
-            max_outbox_bytes: 1024 * 1024,
-            shutdown_timeout: Duration::from_secs(10),
-            ping_interval: Duration::from_secs(25),
-            idle_timeout: Duration::from_secs(60),
-            sse_keepalive: Duration::from_secs(15),
-            sse_retry: Duration::from_millis(1000),
-            log_format: LogFormat::Human,
-            presence_channels: Vec::new(),
-            heartbeat_interval: Duration::from_secs(15),
-            presence_timeout: Duration::from_secs(45),
-            presence_sweep: Duration::from_secs(10),
-            presence_max_members: 10_000,
-            client_presence: true,
-            slow_consumer: Vec::new(),
-            backplane: BackplaneKind::Memory,
-            redis_url: "redis://127.0.0.1:6379".to_owned(),
-            nats_url: "nats://127.0.0.1:4222".to_owned(),
-            node_id: String::new(),
-            demo: false,
-            jwt_secret: None,
-            jwt_public_keys: Vec::new(),
-            jwt_audience: None,
-            jwt_issuer: None,
-            allow: Vec::new(),
-            allow_anonymous: Vec::new(),
-            auth_timeout: Duration::from_secs(10),
-            allowed_origins: Vec::new(),
-            tls_cert: None,
-            tls_key: None,
-            max_connections_per_ip: 1000,
-            handshake_timeout: Duration::from_secs(10),
-            max_header_size: 16 * 1024,
-            rate_limit: 1000,
-            rate_burst: 2000,
-        }
-    }
-}
-
-/// Options of `relay serve`, as given on the command line or in the environment. Every field
-/// is optional so that the file and the defaults can fill what is absent.
-#[derive(Clone, Debug, Default, clap::Args)]
-pub struct ServeArgs {
-    /// TOML config file (keys are the long flag names with `_`, e.g. `history_size = 500`).
-    #[arg(long, env = "RELAY_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Address to listen on [default: 127.0.0.1:8080].
-    #[arg(long, env = "RELAY_LISTEN", value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
-    /// Shards: threads, each with its own runtime and SO_REUSEPORT listener, pinned to a core
-    /// [default: number of usable cores].
-    #[arg(long, env = "RELAY_SHARDS", value_name = "N")]
-    pub shards: Option<usize>,
     /// API key for /api/* (repeatable; comma-separated in RELAY_API_KEY). Without any, the API
     /// is open.
+    #[arg(long, env = "RELAY_API_KEY", value_name = "KEY", value_delimiter = ',')]
+    pub api_key: Vec<String>,
+    /// Messages kept per channel for resume and history.
     #[arg(
-        long = "api-key",
-        env = "RELAY_API_KEY",
-        value_name = "KEY",
-        value_delimiter = ','
+        long,
+        env = "RELAY_HISTORY_SIZE",
+        value_name = "N",
+        default_value_t = 1000
     )]
-    pub api_keys: Vec<String>,
-    /// Messages kept per channel for resume and history [default: 1000].
-    #[arg(long, env = "RELAY_HISTORY_SIZE", value_name = "N")]
-    pub history_size: Option<usize>,
-    /// How long a message stays in history, e.g. 300s, 5m [default: 300s].
-    #[arg(long, env = "RELAY_HISTORY_TTL", value_name = "DURATION", value_parser = parse_duration)]
-    pub history_ttl: Option<Duration>,
-    /// Largest inbound WebSocket message or HTTP body, e.g. 65536, 64KiB [default: 64KiB].
-    #[arg(long, env = "RELAY_MAX_MESSAGE_SIZE", value_name = "BYTES", value_parser = parse_bytes)]
-    pub max_message_size: Option<usize>,
-    /// Most channels per connection [default: 128].
-    #[arg(long, env = "RELAY_MAX_SUBSCRIPTIONS", value_name = "N")]
-    pub max_subscriptions: Option<usize>,
-    /// Bytes queued for one connection before it is closed as a slow consumer (4008)
-    /// [default: 1MiB].
-    #[arg(long, env = "RELAY_MAX_OUTBOX_BYTES", value_name = "BYTES", value_parser = parse_bytes)]
-    pub max_outbox_bytes: Option<usize>,
-    /// How long shutdown waits for clients to go [default: 10s].
-    #[arg(long, env = "RELAY_SHUTDOWN_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
-    pub shutdown_timeout: Option<Duration>,
-    /// Ping a WebSocket client after this long without traffic [default: 25s].
-    #[arg(long, env = "RELAY_PING_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
-    pub ping_interval: Option<Duration>,
-    /// Close a WebSocket client after this long without traffic (1001) [default: 60s].
-    #[arg(long, env = "RELAY_IDLE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
-    pub idle_timeout: Option<Duration>,
-    /// SSE keep-alive comment period [default: 15s].
-    #[arg(long, env = "RELAY_SSE_KEEPALIVE", value_name = "DURATION", value_parser = parse_duration)]
-    pub sse_keepalive: Option<Duration>,
-    /// SSE reconnect hint sent as `retry:` [default: 1s].
-    #[arg(long, env = "RELAY_SSE_RETRY", value_name = "DURATION", value_parser = parse_duration)]
-    pub sse_retry: Option<Duration>,
-    /// Log format [default: human]. Log level: RUST_LOG (default info).
-    #[arg(long, env = "RELAY_LOG_FORMAT", value_name = "FORMAT")]
-    pub log_format: Option<LogFormat>,
-    /// Channels with presence, as a glob (repeatable; comma-separated in the environment), e.g.
-    /// `presence:*`, or `*` for all [default: none].
+    pub history_size: usize,
+    /// How long a message stays in history, e.g. 300s, 5m.
+    #[arg(long, env = "RELAY_HISTORY_TTL", value_name = "DURATION", value_parser = parse_duration, default_value = "300s")]
+    pub history_ttl: Duration,
+    /// Largest inbound WebSocket message or HTTP body, e.g. 65536, 64KiB.
+    #[arg(long, env = "RELAY_MAX_MESSAGE_SIZE", value_name = "BYTES", value_parser = parse_bytes, default_value = "64KiB")]
+    pub max_message_size: usize,
+    /// Most channels per connection.
     #[arg(
-        long = "presence-channels",
+        long,
+        env = "RELAY_MAX_SUBSCRIPTIONS",
+        value_name = "N",
+        default_value_t = 128
+    )]
+    pub max_subscriptions: usize,
+    /// Bytes queued for one connection before it is closed as a slow consumer (4008).
+    #[arg(long, env = "RELAY_MAX_OUTBOX_BYTES", value_name = "BYTES", value_parser = parse_bytes, default_value = "1MiB")]
+    pub max_outbox_bytes: usize,
+    /// How long shutdown waits for clients to go.
+    #[arg(long, env = "RELAY_SHUTDOWN_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    pub shutdown_timeout: Duration,
+    /// Ping a WebSocket client after this long without traffic.
+    #[arg(long, env = "RELAY_PING_INTERVAL", value_name = "DURATION", value_parser = parse_duration, default_value = "25s")]
+    pub ping_interval: Duration,
+    /// Close a WebSocket client after this long without traffic (1001).
+    #[arg(long, env = "RELAY_IDLE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "60s")]
+    pub idle_timeout: Duration,
+    /// SSE keep-alive comment period.
+    #[arg(long, env = "RELAY_SSE_KEEPALIVE", value_name = "DURATION", value_parser = parse_duration, default_value = "15s")]
+    pub sse_keepalive: Duration,
+    /// SSE reconnect hint sent as `retry:`.
+    #[arg(long, env = "RELAY_SSE_RETRY", value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
+    pub sse_retry: Duration,
+    /// Log format. Log level: RUST_LOG (default info).
+    #[arg(long, env = "RELAY_LOG_FORMAT", value_name = "FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    /// Channels with presence, as a glob (repeatable; comma-separated in the environment), e.g.
+    /// `presence:*`, or `*` for all [default: none; `presence:*` with --demo].
+    #[arg(
+        long,
         env = "RELAY_PRESENCE_CHANNELS",
         value_name = "PATTERN",
         value_delimiter = ','
     )]
     pub presence_channels: Vec<String>,
-    /// How often clients should send {"type":"heartbeat"} [default: 15s].
-    #[arg(long, env = "RELAY_HEARTBEAT_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
-    pub heartbeat_interval: Option<Duration>,
-    /// A presence member that sent nothing for this long leaves [default: 45s].
-    #[arg(long, env = "RELAY_PRESENCE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
-    pub presence_timeout: Option<Duration>,
-    /// How often silent presence members are removed [default: 10s].
-    #[arg(long, env = "RELAY_PRESENCE_SWEEP", value_name = "DURATION", value_parser = parse_duration)]
-    pub presence_sweep: Option<Duration>,
-    /// Most presence members per channel [default: 10000].
-    #[arg(long, env = "RELAY_PRESENCE_MAX_MEMBERS", value_name = "N")]
-    pub presence_max_members: Option<usize>,
+    /// How often clients should send {"type":"heartbeat"}.
+    #[arg(long, env = "RELAY_HEARTBEAT_INTERVAL", value_name = "DURATION", value_parser = parse_duration, default_value = "15s")]
+    pub heartbeat_interval: Duration,
+    /// A presence member that sent nothing for this long leaves.
+    #[arg(long, env = "RELAY_PRESENCE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "45s")]
+    pub presence_timeout: Duration,
+    /// How often silent presence members are removed.
+    #[arg(long, env = "RELAY_PRESENCE_SWEEP", value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    pub presence_sweep: Duration,
+    /// Most presence members per channel.
+    #[arg(
+        long,
+        env = "RELAY_PRESENCE_MAX_MEMBERS",
+        value_name = "N",
+        default_value_t = 10_000
+    )]
+    pub presence_max_members: usize,
     /// Whether subscribers may set their presence user and info in the subscribe command
-    /// [default: true].
+    /// [default: true; false with JWT auth, where identity comes from the token].
     #[arg(long, env = "RELAY_CLIENT_PRESENCE", value_name = "BOOL")]
     pub client_presence: Option<bool>,
     /// What to do with a subscriber whose outbox is full: `disconnect` (close 4008, it resumes),
     /// `drop` (skip, then send a gap notice) or `conflate` (keep only the latest message), for
     /// every channel (`drop`) or by pattern (`ticker:*=conflate`); repeatable, first match wins
     /// [default: disconnect].
-    #[arg(long = "slow-consumer", env = "RELAY_SLOW_CONSUMER", value_name = "[PATTERN=]POLICY", value_delimiter = ',', value_parser = parse_slow_consumer)]
+    #[arg(long, env = "RELAY_SLOW_CONSUMER", value_name = "[PATTERN=]POLICY", value_delimiter = ',', value_parser = parse_slow_consumer)]
     pub slow_consumer: Vec<(String, SlowPolicy)>,
     /// Where messages are sequenced: `memory` (this node alone), `redis` or `nats` (a cluster
-    /// of nodes sharing channels, sequence and history) [default: memory].
-    #[arg(long, env = "RELAY_BACKPLANE", value_name = "KIND")]
-    pub backplane: Option<BackplaneKind>,
-    /// Redis URL for --backplane redis [default: redis://127.0.0.1:6379].
-    #[arg(long, env = "RELAY_REDIS_URL", value_name = "URL")]
-    pub redis_url: Option<String>,
-    /// NATS URL for --backplane nats [default: nats://127.0.0.1:4222].
-    #[arg(long, env = "RELAY_NATS_URL", value_name = "URL")]
-    pub nats_url: Option<String>,
+    /// of nodes sharing channels, sequence and history).
+    #[arg(long, env = "RELAY_BACKPLANE", value_name = "KIND", value_enum, default_value_t = BackplaneKind::Memory)]
+    pub backplane: BackplaneKind,
+    /// Redis URL for --backplane redis.
+    #[arg(
+        long,
+        env = "RELAY_REDIS_URL",
+        value_name = "URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+    /// NATS URL for --backplane nats.
+    #[arg(
+        long,
+        env = "RELAY_NATS_URL",
+        value_name = "URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
     /// This node's id in a cluster (logs, presence) [default: generated at start].
     #[arg(long, env = "RELAY_NODE_ID", value_name = "ID")]
     pub node_id: Option<String>,
     /// Serve a demo page at / (live cursors and presence in the channel `presence:demo`) and the
     /// JS client at /demo/relay.js; makes `presence:*` presence channels unless
-    /// --presence-channels is given [default: false].
-    #[arg(long, env = "RELAY_DEMO", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    pub demo: Option<bool>,
+    /// --presence-channels is given.
+    #[arg(long, env = "RELAY_DEMO", value_name = "BOOL", action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", default_value_t = false)]
+    pub demo: bool,
     /// JWT auth: HS256 shared secret. Setting it (or --jwt-public-key) turns auth on; prefer
     /// RELAY_JWT_SECRET to keep it out of `ps` [default: none, auth off].
     #[arg(
@@ -286,12 +161,12 @@ pub struct ServeArgs {
     /// JWT auth: PEM public key file (RSA for RS256, EC for ES256, or Ed25519); repeatable for
     /// rotation (comma-separated in the environment). Turns auth on.
     #[arg(
-        long = "jwt-public-key",
+        long,
         env = "RELAY_JWT_PUBLIC_KEY",
         value_name = "FILE",
         value_delimiter = ','
     )]
-    pub jwt_public_keys: Vec<PathBuf>,
+    pub jwt_public_key: Vec<PathBuf>,
     /// JWT auth: the `aud` a token must name [default: not checked].
     #[arg(long, env = "RELAY_JWT_AUDIENCE", value_name = "AUD")]
     pub jwt_audience: Option<String>,
@@ -301,25 +176,25 @@ pub struct ServeArgs {
     /// JWT auth: what every token holder may do besides its token's grants, as PERMS=PATTERN
     /// (PERMS: subscribe, publish, presence, history, all, joined by `+`; `{sub}` in the
     /// pattern is the token's subject), e.g. `all=user:{sub}`; repeatable [default: none].
-    #[arg(long = "allow", env = "RELAY_ALLOW", value_name = "PERMS=PATTERN", value_delimiter = ',', value_parser = crate::auth::Rule::parse)]
-    pub allow: Vec<crate::auth::Rule>,
+    #[arg(long, env = "RELAY_ALLOW", value_name = "PERMS=PATTERN", value_delimiter = ',', value_parser = Rule::parse)]
+    pub allow: Vec<Rule>,
     /// JWT auth: what clients without a token may do, as PERMS=PATTERN, e.g.
     /// `subscribe+history=public:*`; repeatable [default: nothing].
-    #[arg(long = "allow-anonymous", env = "RELAY_ALLOW_ANONYMOUS", value_name = "PERMS=PATTERN", value_delimiter = ',', value_parser = crate::auth::Rule::parse)]
-    pub allow_anonymous: Vec<crate::auth::Rule>,
+    #[arg(long, env = "RELAY_ALLOW_ANONYMOUS", value_name = "PERMS=PATTERN", value_delimiter = ',', value_parser = Rule::parse)]
+    pub allow_anonymous: Vec<Rule>,
     /// JWT auth: time for a WebSocket client without ?token= to send {"type":"auth"} (when
-    /// anonymous clients may do nothing), and for a refresh after its token expired [default: 10s].
-    #[arg(long, env = "RELAY_AUTH_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
-    pub auth_timeout: Option<Duration>,
+    /// anonymous clients may do nothing), and for a refresh after its token expired.
+    #[arg(long, env = "RELAY_AUTH_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    pub auth_timeout: Duration,
     /// Browser origin allowed to connect (WebSocket Origin, CORS for SSE and the API), e.g.
     /// `https://app.example.com`; repeatable. Others get 403 [default: any origin].
     #[arg(
-        long = "allowed-origin",
+        long,
         env = "RELAY_ALLOWED_ORIGIN",
         value_name = "ORIGIN",
         value_delimiter = ','
     )]
-    pub allowed_origins: Vec<String>,
+    pub allowed_origin: Vec<String>,
     /// TLS certificate chain, PEM. With --tls-key, the port serves TLS (wss://, https with
     /// HTTP/1.1 and h2); SIGHUP reloads both files [default: plain TCP].
     #[arg(long, env = "RELAY_TLS_CERT", value_name = "FILE")]
@@ -327,114 +202,79 @@ pub struct ServeArgs {
     /// TLS private key, PEM (PKCS#8, PKCS#1 or SEC1).
     #[arg(long, env = "RELAY_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
-    /// Most open connections from one IP address, over all shards; 0 for no limit
-    /// [default: 1000].
-    #[arg(long, env = "RELAY_MAX_CONNECTIONS_PER_IP", value_name = "N")]
-    pub max_connections_per_ip: Option<usize>,
+    /// Most open connections from one IP address, over all shards; 0 for no limit.
+    #[arg(
+        long,
+        env = "RELAY_MAX_CONNECTIONS_PER_IP",
+        value_name = "N",
+        default_value_t = 1000
+    )]
+    pub max_connections_per_ip: usize,
     /// Time for a new connection to finish its TLS handshake and send its first request
-    /// headers (slowloris defence) [default: 10s].
-    #[arg(long, env = "RELAY_HANDSHAKE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
-    pub handshake_timeout: Option<Duration>,
-    /// Largest request head (request line + headers); larger gets 431 [default: 16KiB, at
-    /// least 8KiB].
-    #[arg(long, env = "RELAY_MAX_HEADER_SIZE", value_name = "BYTES", value_parser = parse_bytes)]
-    pub max_header_size: Option<usize>,
+    /// headers (slowloris defence).
+    #[arg(long, env = "RELAY_HANDSHAKE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    pub handshake_timeout: Duration,
+    /// Largest request head (request line + headers), at least 8KiB; larger gets 431.
+    #[arg(long, env = "RELAY_MAX_HEADER_SIZE", value_name = "BYTES", value_parser = parse_bytes, default_value = "16KiB")]
+    pub max_header_size: usize,
     /// Inbound WebSocket messages per second per connection; excess gets `rate_limited`,
-    /// persistent excess a close 4029; 0 for no limit [default: 1000].
-    #[arg(long, env = "RELAY_RATE_LIMIT", value_name = "PER_SECOND")]
-    pub rate_limit: Option<u32>,
-    /// Inbound WebSocket messages a connection may send at once [default: 2000].
-    #[arg(long, env = "RELAY_RATE_BURST", value_name = "N")]
-    pub rate_burst: Option<u32>,
+    /// persistent excess a close 4029; 0 for no limit.
+    #[arg(
+        long,
+        env = "RELAY_RATE_LIMIT",
+        value_name = "PER_SECOND",
+        default_value_t = 1000
+    )]
+    pub rate_limit: u32,
+    /// Inbound WebSocket messages a connection may send at once.
+    #[arg(
+        long,
+        env = "RELAY_RATE_BURST",
+        value_name = "N",
+        default_value_t = 2000
+    )]
+    pub rate_burst: u32,
 }
 
-/// The TOML file: the same keys as the flags (with `_`), all optional.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct FileConfig {
-    /// See [`Config::listen`].
-    pub listen: Option<SocketAddr>,
-    /// See [`Config::shards`].
-    pub shards: Option<usize>,
-    /// See [`Config::api_keys`].
-    pub api_keys: Option<Vec<String>>,
-    /// See [`Config::history_size`].
-    pub history_size: Option<usize>,
-    /// See [`Config::history_ttl`], e.g. `"300s"`.
-    pub history_ttl: Option<String>,
-    /// See [`Config::max_message_size`], a number or e.g. `"64KiB"`.
-    pub max_message_size: Option<toml::Value>,
-    /// See [`Config::max_subscriptions`].
-    pub max_subscriptions: Option<usize>,
-    /// See [`Config::max_outbox_bytes`].
-    pub max_outbox_bytes: Option<toml::Value>,
-    /// See [`Config::shutdown_timeout`].
-    pub shutdown_timeout: Option<String>,
-    /// See [`Config::ping_interval`].
-    pub ping_interval: Option<String>,
-    /// See [`Config::idle_timeout`].
-    pub idle_timeout: Option<String>,
-    /// See [`Config::sse_keepalive`].
-    pub sse_keepalive: Option<String>,
-    /// See [`Config::sse_retry`].
-    pub sse_retry: Option<String>,
-    /// See [`Config::log_format`].
-    pub log_format: Option<LogFormat>,
-    /// See [`Config::presence_channels`].
-    pub presence_channels: Option<Vec<String>>,
-    /// See [`Config::heartbeat_interval`].
-    pub heartbeat_interval: Option<String>,
-    /// See [`Config::presence_timeout`].
-    pub presence_timeout: Option<String>,
-    /// See [`Config::presence_sweep`].
-    pub presence_sweep: Option<String>,
-    /// See [`Config::presence_max_members`].
-    pub presence_max_members: Option<usize>,
-    /// See [`Config::client_presence`].
-    pub client_presence: Option<bool>,
-    /// See [`Config::slow_consumer`]: `["drop"]` or `["ticker:*=conflate", "disconnect"]`.
-    pub slow_consumer: Option<Vec<String>>,
-    /// See [`Config::backplane`]: `"memory"`, `"redis"` or `"nats"`.
-    pub backplane: Option<BackplaneKind>,
-    /// See [`Config::redis_url`].
-    pub redis_url: Option<String>,
-    /// See [`Config::nats_url`].
-    pub nats_url: Option<String>,
-    /// See [`Config::node_id`].
-    pub node_id: Option<String>,
-    /// See [`Config::demo`].
-    pub demo: Option<bool>,
-    /// See [`Config::jwt_secret`].
-    pub jwt_secret: Option<String>,
-    /// See [`Config::jwt_public_keys`].
-    pub jwt_public_keys: Option<Vec<PathBuf>>,
-    /// See [`Config::jwt_audience`].
-    pub jwt_audience: Option<String>,
-    /// See [`Config::jwt_issuer`].
-    pub jwt_issuer: Option<String>,
-    /// See [`Config::allow`]: `["all=user:{sub}"]`.
-    pub allow: Option<Vec<String>>,
-    /// See [`Config::allow_anonymous`]: `["subscribe+history=public:*"]`.
-    pub allow_anonymous: Option<Vec<String>>,
-    /// See [`Config::auth_timeout`].
-    pub auth_timeout: Option<String>,
-    /// See [`Config::allowed_origins`].
-    pub allowed_origins: Option<Vec<String>>,
-    /// See [`Config::tls_cert`].
-    pub tls_cert: Option<PathBuf>,
-    /// See [`Config::tls_key`].
-    pub tls_key: Option<PathBuf>,
-    /// See [`Config::max_connections_per_ip`].
-    pub max_connections_per_ip: Option<usize>,
-    /// See [`Config::handshake_timeout`].
-    pub handshake_timeout: Option<String>,
-    /// See [`Config::max_header_size`].
-    pub max_header_size: Option<toml::Value>,
-    /// See [`Config::rate_limit`].
-    pub rate_limit: Option<u32>,
-    /// See [`Config::rate_burst`].
-    pub rate_burst: Option<u32>,
+/// Options of `relay serve`: the config file and the settings.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeArgs {
+    /// TOML config file (keys are the long flag names with `_`, e.g. `history_size = 500`).
+    #[arg(long, env = "RELAY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The settings, from flags and environment (the file is applied by [`Config::load`]).
+    #[command(flatten)]
+    pub settings: Config,
 }
+
+/// Which backplane sequences messages (`--backplane`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum BackplaneKind {
+    /// One node: the node's own engine sequences (no cluster).
+    #[default]
+    Memory,
+    /// Redis: sequence, history and fan-out through one Redis (see `docs/ARCHITECTURE.md`).
+    Redis,
+    /// NATS: JetStream for sequence and history, core NATS for fan-out.
+    Nats,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// File keys from before the keys were the flag names, and the setting each stands for.
+const OLD_KEYS: [(&str, &str); 3] = [
+    ("api_keys", "api_key"),
+    ("jwt_public_keys", "jwt_public_key"),
+    ("allowed_origins", "allowed_origin"),
+];
 
 /// A setting that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -447,13 +287,23 @@ pub enum ConfigError {
         /// Why.
         source: std::io::Error,
     },
-    /// The file is not valid TOML for these keys.
+    /// The file is not TOML.
     #[error("config file {path}: {source}")]
     Parse {
         /// The file.
         path: PathBuf,
         /// Why.
         source: Box<toml::de::Error>,
+    },
+    /// A key of the file names no setting, or its value is not one the setting takes.
+    #[error("config file {path}: {key}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The key as written in the file.
+        key: String,
+        /// Why.
+        reason: String,
     },
     /// A value is out of range or malformed.
     #[error("invalid {key}: {reason}")]
@@ -465,269 +315,112 @@ pub enum ConfigError {
     },
 }
 
-/// Parses `POLICY` (every channel) or `PATTERN=POLICY`.
-pub fn parse_slow_consumer(s: &str) -> Result<(String, SlowPolicy), String> {
-    let (pattern, policy) = s.trim().rsplit_once('=').unwrap_or(("*", s.trim()));
-    let policy = SlowPolicy::parse(policy.trim())
-        .ok_or_else(|| format!("{policy:?} is not disconnect, drop or conflate"))?;
-    if pattern.is_empty() {
-        return Err("empty channel pattern".into());
+impl Default for Config {
+    /// The defaults written on the fields (no environment, no file).
+    fn default() -> Self {
+        Config::command(|a| a.env(None))
+            .try_get_matches_from(["relay"])
+            .and_then(|m| Config::from_arg_matches(&m))
+            // The defaults are constants; the unit tests parse them.
+            .unwrap_or_else(|e| panic!("the defaults of Config do not parse: {e}"))
     }
-    Ok((pattern.to_owned(), policy))
-}
-
-/// Parses `300s`, `5m`, `250ms`, `1h 30m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (try e.g. 300s, 5m, 250ms)"))
-}
-
-/// Parses `65536`, `64KiB`, `64k`, `1MiB`, `1MB`.
-pub fn parse_bytes(s: &str) -> Result<usize, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: usize = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (try 65536 or 64KiB)"))?;
-    let mul: usize = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB, GiB)")),
-    };
-    n.checked_mul(mul)
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
-
-fn file_duration(key: &'static str, v: Option<String>) -> Result<Option<Duration>, ConfigError> {
-    v.map(|s| parse_duration(&s).map_err(|reason| ConfigError::Invalid { key, reason }))
-        .transpose()
-}
-
-fn file_bytes(key: &'static str, v: Option<toml::Value>) -> Result<Option<usize>, ConfigError> {
-    let invalid = |reason: String| ConfigError::Invalid { key, reason };
-    match v {
-        None => Ok(None),
-        Some(toml::Value::Integer(n)) => usize::try_from(n)
-            .map(Some)
-            .map_err(|_| invalid(format!("{n} is out of range"))),
-        Some(toml::Value::String(s)) => parse_bytes(&s).map(Some).map_err(invalid),
-        Some(other) => Err(invalid(format!(
-            "expected a number or a string, got {other}"
-        ))),
-    }
-}
-
-/// Flag rules, else the file's (parsed), else none.
-fn file_rules(
-    key: &'static str,
-    args: &[crate::auth::Rule],
-    file: Option<Vec<String>>,
-) -> Result<Vec<crate::auth::Rule>, ConfigError> {
-    if !args.is_empty() {
-        return Ok(args.to_vec());
-    }
-    file.unwrap_or_default()
-        .iter()
-        .map(|s| crate::auth::Rule::parse(s))
-        .collect::<Result<_, _>>()
-        .map_err(|reason| ConfigError::Invalid { key, reason })
-}
-
-/// A node id for a node started without `--node-id`: unlikely to repeat across processes.
-fn generated_node_id() -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let seed = t ^ u64::from(std::process::id()).rotate_left(40);
-    format!("{:016x}", crate::engine::mix_public(seed, 0x1D))
 }
 
 impl Config {
-    /// Builds the config from parsed flags/env (`args`) over the file named by `args.config`.
-    pub fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
-        let file = match &args.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
+    /// The settings given as flags and environment variables (`cli`, parsed by clap into
+    /// `matches`, the `serve` subcommand's), over those of the TOML `file` (path and text), over
+    /// the defaults; then the defaults that depend on other settings, and validation.
+    pub fn load(
+        cli: Config,
+        matches: &ArgMatches,
+        file: Option<(&Path, &str)>,
+    ) -> Result<Config, ConfigError> {
+        let mut config = cli;
+        if let Some((path, text)) = file {
+            let given = |id: &str| {
+                matches!(
+                    matches.value_source(id),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                )
+            };
+            config.apply_file(path, text, given)?;
+        }
+        if config.demo && config.presence_channels.is_empty() {
+            // The demo page's channel needs presence.
+            config.presence_channels = vec!["presence:*".to_owned()];
+        }
+        config.node_id.get_or_insert_with(generated_node_id);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The defaults with the settings of a TOML file (path and text) applied, not validated:
+    /// checks that a file parses.
+    pub fn from_file(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        config.apply_file(path, text, |_| false)?;
+        Ok(config)
+    }
+
+    /// The settings' arguments alone, each changed by `adjust`.
+    fn command(adjust: impl FnMut(Arg) -> Arg) -> Command {
+        Config::augment_args(Command::new("relay").disable_help_flag(true)).mut_args(adjust)
+    }
+
+    /// Checks every key of the TOML `text` and sets its setting, unless `keep` says the
+    /// setting was given as a flag or environment variable (which wins). An unknown key or a
+    /// bad value is refused by its name in the file.
+    fn apply_file(
+        &mut self,
+        path: &Path,
+        text: &str,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<(), ConfigError> {
+        let table: toml::Table = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        // A file value goes through its flag's own parser. Without defaults, so that parsing one
+        // key sets that setting alone; without the environment; without splitting at commas,
+        // since a list is a TOML array.
+        let cmd = Config::command(|a| a.env(None).default_value(None).value_delimiter(None));
+        for (key, value) in table {
+            let invalid = |reason: String| ConfigError::File {
+                path: path.to_owned(),
+                key: key.clone(),
+                reason,
+            };
+            let id = OLD_KEYS
+                .iter()
+                .find(|(old, _)| *old == key)
+                .map_or(key.as_str(), |(_, id)| id);
+            let arg = cmd
+                .get_arguments()
+                .find(|a| a.get_id() == id)
+                .ok_or_else(|| {
+                    invalid("no such setting (keys are the flag names with `_`)".into())
                 })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                    path: path.clone(),
-                    source: Box::new(source),
-                })?
+            let list = matches!(arg.get_action(), ArgAction::Append);
+            let flag = arg.get_long().unwrap_or(id);
+            let argv = file_values(value, list)
+                .map_err(invalid)?
+                .into_iter()
+                .map(|v| format!("--{flag}={v}"));
+            // Parsed even when a flag wins, so that a mistake in the file never goes unseen.
+            let matches = cmd
+                .clone()
+                .try_get_matches_from(std::iter::once("relay".to_owned()).chain(argv))
+                .map_err(|e| invalid(clap_reason(&e)))?;
+            if !keep(id) {
+                self.update_from_arg_matches(&matches)
+                    .map_err(|e| invalid(clap_reason(&e)))?;
             }
-            None => FileConfig::default(),
-        };
-        Self::merge(args, file)
+        }
+        Ok(())
     }
 
-    /// Flag/env values over file values over defaults, then validation.
-    pub fn merge(args: &ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
-        let d = Config::default();
-        let c = Config {
-            listen: args.listen.or(file.listen).unwrap_or(d.listen),
-            shards: args.shards.or(file.shards).unwrap_or(d.shards),
-            api_keys: if args.api_keys.is_empty() {
-                file.api_keys.unwrap_or_default()
-            } else {
-                args.api_keys.clone()
-            },
-            history_size: args
-                .history_size
-                .or(file.history_size)
-                .unwrap_or(d.history_size),
-            history_ttl: args
-                .history_ttl
-                .or(file_duration("history_ttl", file.history_ttl)?)
-                .unwrap_or(d.history_ttl),
-            max_message_size: args
-                .max_message_size
-                .or(file_bytes("max_message_size", file.max_message_size)?)
-                .unwrap_or(d.max_message_size),
-            max_subscriptions: args
-                .max_subscriptions
-                .or(file.max_subscriptions)
-                .unwrap_or(d.max_subscriptions),
-            max_outbox_bytes: args
-                .max_outbox_bytes
-                .or(file_bytes("max_outbox_bytes", file.max_outbox_bytes)?)
-                .unwrap_or(d.max_outbox_bytes),
-            shutdown_timeout: args
-                .shutdown_timeout
-                .or(file_duration("shutdown_timeout", file.shutdown_timeout)?)
-                .unwrap_or(d.shutdown_timeout),
-            ping_interval: args
-                .ping_interval
-                .or(file_duration("ping_interval", file.ping_interval)?)
-                .unwrap_or(d.ping_interval),
-            idle_timeout: args
-                .idle_timeout
-                .or(file_duration("idle_timeout", file.idle_timeout)?)
-                .unwrap_or(d.idle_timeout),
-            sse_keepalive: args
-                .sse_keepalive
-                .or(file_duration("sse_keepalive", file.sse_keepalive)?)
-                .unwrap_or(d.sse_keepalive),
-            sse_retry: args
-                .sse_retry
-                .or(file_duration("sse_retry", file.sse_retry)?)
-                .unwrap_or(d.sse_retry),
-            log_format: args.log_format.or(file.log_format).unwrap_or(d.log_format),
-            presence_channels: match (&args.presence_channels, file.presence_channels) {
-                (a, _) if !a.is_empty() => a.clone(),
-                (_, Some(f)) if !f.is_empty() => f,
-                // The demo's channel needs presence.
-                _ if args.demo.or(file.demo).unwrap_or(d.demo) => vec!["presence:*".to_owned()],
-                _ => Vec::new(),
-            },
-            heartbeat_interval: args
-                .heartbeat_interval
-                .or(file_duration(
-                    "heartbeat_interval",
-                    file.heartbeat_interval,
-                )?)
-                .unwrap_or(d.heartbeat_interval),
-            presence_timeout: args
-                .presence_timeout
-                .or(file_duration("presence_timeout", file.presence_timeout)?)
-                .unwrap_or(d.presence_timeout),
-            presence_sweep: args
-                .presence_sweep
-                .or(file_duration("presence_sweep", file.presence_sweep)?)
-                .unwrap_or(d.presence_sweep),
-            presence_max_members: args
-                .presence_max_members
-                .or(file.presence_max_members)
-                .unwrap_or(d.presence_max_members),
-            client_presence: args
-                .client_presence
-                .or(file.client_presence)
-                // With JWT auth, presence identity comes from the token.
-                .unwrap_or(
-                    d.client_presence
-                        && args.jwt_secret.is_none()
-                        && file.jwt_secret.is_none()
-                        && args.jwt_public_keys.is_empty()
-                        && file.jwt_public_keys.as_ref().is_none_or(Vec::is_empty),
-                ),
-            slow_consumer: if args.slow_consumer.is_empty() {
-                file.slow_consumer
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|s| parse_slow_consumer(s))
-                    .collect::<Result<_, _>>()
-                    .map_err(|reason| ConfigError::Invalid {
-                        key: "slow_consumer",
-                        reason,
-                    })?
-            } else {
-                args.slow_consumer.clone()
-            },
-            backplane: args.backplane.or(file.backplane).unwrap_or(d.backplane),
-            redis_url: args
-                .redis_url
-                .clone()
-                .or(file.redis_url)
-                .unwrap_or(d.redis_url),
-            nats_url: args
-                .nats_url
-                .clone()
-                .or(file.nats_url)
-                .unwrap_or(d.nats_url),
-            node_id: args
-                .node_id
-                .clone()
-                .or(file.node_id)
-                .unwrap_or_else(generated_node_id),
-            demo: args.demo.or(file.demo).unwrap_or(d.demo),
-            jwt_secret: args.jwt_secret.clone().or(file.jwt_secret),
-            jwt_public_keys: if args.jwt_public_keys.is_empty() {
-                file.jwt_public_keys.unwrap_or_default()
-            } else {
-                args.jwt_public_keys.clone()
-            },
-            jwt_audience: args.jwt_audience.clone().or(file.jwt_audience),
-            jwt_issuer: args.jwt_issuer.clone().or(file.jwt_issuer),
-            allow: file_rules("allow", &args.allow, file.allow)?,
-            allow_anonymous: file_rules(
-                "allow_anonymous",
-                &args.allow_anonymous,
-                file.allow_anonymous,
-            )?,
-            auth_timeout: args
-                .auth_timeout
-                .or(file_duration("auth_timeout", file.auth_timeout)?)
-                .unwrap_or(d.auth_timeout),
-            allowed_origins: if args.allowed_origins.is_empty() {
-                file.allowed_origins.unwrap_or_default()
-            } else {
-                args.allowed_origins.clone()
-            },
-            tls_cert: args.tls_cert.clone().or(file.tls_cert),
-            tls_key: args.tls_key.clone().or(file.tls_key),
-            max_connections_per_ip: args
-                .max_connections_per_ip
-                .or(file.max_connections_per_ip)
-                .unwrap_or(d.max_connections_per_ip),
-            handshake_timeout: args
-                .handshake_timeout
-                .or(file_duration("handshake_timeout", file.handshake_timeout)?)
-                .unwrap_or(d.handshake_timeout),
-            max_header_size: args
-                .max_header_size
-                .or(file_bytes("max_header_size", file.max_header_size)?)
-                .unwrap_or(d.max_header_size),
-            rate_limit: args.rate_limit.or(file.rate_limit).unwrap_or(d.rate_limit),
-            rate_burst: args.rate_burst.or(file.rate_burst).unwrap_or(d.rate_burst),
-        };
-        c.validate()?;
-        Ok(c)
-    }
-
-    /// Checks ranges and relations between settings.
+    /// Checks ranges and relations between settings (no files: the server reads the key and
+    /// certificate files when it starts).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: &str| {
             Err(ConfigError::Invalid {
@@ -738,13 +431,13 @@ impl Config {
         if self.shards > crate::engine::MAX_SHARDS {
             return invalid("shards", "at most 64");
         }
-        if self.node_id.is_empty()
-            || self.node_id.len() > 64
-            || !self
-                .node_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
-        {
+        if self.node_id.as_ref().is_some_and(|id| {
+            id.is_empty()
+                || id.len() > 64
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        }) {
             return invalid("node_id", "1 to 64 characters from A-Z a-z 0-9 - _ . :");
         }
         match self.backplane {
@@ -795,34 +488,33 @@ impl Config {
         if self.presence_channels.iter().any(|p| p.is_empty()) {
             return invalid("presence_channels", "a pattern must not be empty");
         }
-        if self.api_keys.iter().any(|k| k.is_empty()) {
+        if self.api_key.iter().any(|k| k.is_empty()) {
             return invalid("api_key", "must not be empty");
         }
-        self.validate_security()?;
-        Ok(())
+        self.validate_security()
     }
 
-    /// Checks the auth, TLS and limit settings; loads the key and certificate files so that a
-    /// bad one stops the start instead of the first connection.
+    /// Checks the auth, TLS and limit settings.
     fn validate_security(&self) -> Result<(), ConfigError> {
-        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
         if self.jwt_secret.as_ref().is_some_and(|s| s.len() < 16) {
-            return invalid("jwt_secret", "must be at least 16 bytes".into());
+            return invalid("jwt_secret", "must be at least 16 bytes");
         }
         if self.auth_timeout.is_zero() {
-            return invalid("auth_timeout", "must be > 0".into());
+            return invalid("auth_timeout", "must be > 0");
         }
-        let auth = match crate::auth::Auth::from_config(self) {
-            Ok(a) => a,
-            Err(e) => return invalid("jwt", e.to_string()),
-        };
-        if auth.is_some() && self.client_presence {
+        if self.auth_enabled() && self.client_presence == Some(true) {
             return invalid(
                 "client_presence",
-                "cannot be true with JWT auth: presence identity comes from the token".into(),
+                "cannot be true with JWT auth: presence identity comes from the token",
             );
         }
-        if auth.is_none()
+        if !self.auth_enabled()
             && (self.jwt_audience.is_some()
                 || self.jwt_issuer.is_some()
                 || !self.allow.is_empty()
@@ -830,44 +522,48 @@ impl Config {
         {
             return invalid(
                 "jwt",
-                "jwt_audience, jwt_issuer, allow and allow_anonymous need jwt_secret or jwt_public_key"
-                    .into(),
+                "jwt_audience, jwt_issuer, allow and allow_anonymous need jwt_secret or jwt_public_key",
             );
         }
         if self
-            .allowed_origins
+            .allowed_origin
             .iter()
             .any(|o| o.is_empty() || o.ends_with('/'))
         {
             return invalid(
                 "allowed_origin",
-                "an origin is scheme://host[:port], without a trailing slash".into(),
+                "an origin is scheme://host[:port], without a trailing slash",
             );
         }
-        match (&self.tls_cert, &self.tls_key) {
-            (Some(_), Some(_)) => {
-                if let Err(e) = crate::tls::load(self) {
-                    return invalid("tls", e.to_string());
-                }
-            }
-            (None, None) => {}
-            _ => return invalid("tls", "give both tls_cert and tls_key".into()),
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return invalid("tls", "give both tls_cert and tls_key");
         }
         if self.handshake_timeout.is_zero() {
-            return invalid("handshake_timeout", "must be > 0".into());
+            return invalid("handshake_timeout", "must be > 0");
         }
         if !(8 * 1024..=1024 * 1024).contains(&self.max_header_size) {
-            return invalid("max_header_size", "must be between 8KiB and 1MiB".into());
+            return invalid("max_header_size", "must be between 8KiB and 1MiB");
         }
         if self.rate_limit > 0 && self.rate_burst == 0 {
-            return invalid("rate_burst", "must be at least 1".into());
+            return invalid("rate_burst", "must be at least 1");
         }
         Ok(())
     }
 
     /// Whether JWT connection auth is on.
     pub fn auth_enabled(&self) -> bool {
-        self.jwt_secret.is_some() || !self.jwt_public_keys.is_empty()
+        self.jwt_secret.is_some() || !self.jwt_public_key.is_empty()
+    }
+
+    /// Whether subscribers may set their own presence user and info: as set, else unless JWT
+    /// auth is on (then identity comes from the token).
+    pub fn client_presence(&self) -> bool {
+        self.client_presence.unwrap_or(!self.auth_enabled())
+    }
+
+    /// This node's id in a cluster: as set, else the one [`Config::load`] generated.
+    pub fn node_id(&self) -> &str {
+        self.node_id.as_deref().unwrap_or_default()
     }
 
     /// The number of shards to run: the setting, or one per usable core.
@@ -883,10 +579,99 @@ impl Config {
     }
 }
 
+/// A file value as the arguments its flag would be given: one per item of a list.
+fn file_values(value: toml::Value, list: bool) -> Result<Vec<String>, String> {
+    let scalar = |v: toml::Value| match v {
+        toml::Value::String(s) => Ok(s),
+        toml::Value::Integer(n) => Ok(n.to_string()),
+        toml::Value::Boolean(b) => Ok(b.to_string()),
+        other => Err(format!(
+            "expected a string, an integer or a boolean, not {}",
+            other.type_str()
+        )),
+    };
+    match value {
+        toml::Value::Array(items) if list => items.into_iter().map(scalar).collect(),
+        toml::Value::Array(_) => Err("expected one value, not a list".into()),
+        _ if list => Err("expected a list, e.g. [\"a\", \"b\"]".into()),
+        v => Ok(vec![scalar(v)?]),
+    }
+}
+
+/// What a clap error says about a value, without the `error:` prefix and the usage hint.
+fn clap_reason(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let text = text.split("\n\nFor more information").next().unwrap_or("");
+    text.trim_start_matches("error: ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Parses `POLICY` (every channel) or `PATTERN=POLICY`.
+pub fn parse_slow_consumer(s: &str) -> Result<(String, SlowPolicy), String> {
+    let (pattern, policy) = s.trim().rsplit_once('=').unwrap_or(("*", s.trim()));
+    let policy = SlowPolicy::parse(policy.trim())
+        .ok_or_else(|| format!("{policy:?} is not disconnect, drop or conflate"))?;
+    if pattern.is_empty() {
+        return Err("empty channel pattern".into());
+    }
+    Ok((pattern.to_owned(), policy))
+}
+
+/// Parses `300s`, `5m`, `250ms`, `1h 30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (try e.g. 300s, 5m, 250ms)"))
+}
+
+/// Parses `65536`, `64KiB`, `64k`, `1MiB`, `1MB`.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (try 65536 or 64KiB)"))?;
+    let mul: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// A node id for a node started without `--node-id`: unlikely to repeat across processes.
+fn generated_node_id() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let seed = t ^ u64::from(std::process::id()).rotate_left(40);
+    format!("{:016x}", crate::engine::mix_public(seed, 0x1D))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// `relay serve ARGS` with the config file TEXT, loaded as `main` does, without the
+    /// environment (tests/config.rs runs the binary with environment variables).
+    fn load(args: &[&str], text: &str) -> Result<Config, ConfigError> {
+        let cmd = ServeArgs::augment_args(Command::new("serve")).mut_args(|a| a.env(None));
+        let matches = cmd
+            .try_get_matches_from(std::iter::once("serve").chain(args.iter().copied()))
+            .unwrap();
+        let cli = ServeArgs::from_arg_matches(&matches).unwrap().settings;
+        Config::load(cli, &matches, Some((Path::new("test.toml"), text)))
+    }
+
+    fn from_file(text: &str) -> Config {
+        Config::from_file(Path::new("test.toml"), text).unwrap()
+    }
 
     #[test]
     fn sizes_and_durations() {
@@ -900,30 +685,239 @@ mod tests {
     }
 
     #[test]
-    fn flag_beats_file_beats_default() {
-        let file: FileConfig = toml::from_str(
-            "history_size = 3\nhistory_ttl = \"9s\"\nmax_message_size = \"2KiB\"\napi_keys = [\"f\"]",
-        )
-        .unwrap();
-        let args = ServeArgs {
-            history_size: Some(5),
-            ..ServeArgs::default()
-        };
-        let c = Config::merge(&args, file.clone()).unwrap();
-        assert_eq!(c.history_size, 5);
-        assert_eq!(c.history_ttl, Duration::from_secs(9));
-        assert_eq!(c.max_message_size, 2048);
-        assert_eq!(c.api_keys, ["f"]);
-        assert_eq!(c.max_subscriptions, 128);
-        let c = Config::merge(&ServeArgs::default(), file).unwrap();
-        assert_eq!(c.history_size, 3);
+    fn the_defaults_are_the_documented_ones_and_valid() {
+        let d = Config::default();
+        assert_eq!(d.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
+        assert_eq!(d.shards, 0);
+        assert_eq!(d.history_size, 1000);
+        assert_eq!(d.history_ttl, Duration::from_secs(300));
+        assert_eq!(d.max_message_size, 64 * 1024);
+        assert_eq!(d.max_outbox_bytes, 1 << 20);
+        assert_eq!(d.sse_retry, Duration::from_millis(1000));
+        assert_eq!(d.log_format, LogFormat::Human);
+        assert_eq!(d.backplane, BackplaneKind::Memory);
+        assert_eq!(d.redis_url, "redis://127.0.0.1:6379");
+        assert_eq!(d.max_header_size, 16 * 1024);
+        assert_eq!((d.rate_limit, d.rate_burst), (1000, 2000));
+        assert!(!d.demo && d.client_presence() && d.api_key.is_empty());
+        d.validate().unwrap();
+        // Loading nothing gives the defaults and a generated node id.
+        let loaded = load(&[], "").unwrap();
+        assert_eq!(loaded.node_id().len(), 16);
+        assert_eq!(
+            Config {
+                node_id: None,
+                ..loaded
+            },
+            d
+        );
     }
 
     #[test]
-    fn unknown_file_keys_and_bad_values_are_refused() {
-        assert!(toml::from_str::<FileConfig>("histroy_size = 3").is_err());
-        let file: FileConfig =
-            toml::from_str("idle_timeout = \"1s\"\nping_interval = \"2s\"").unwrap();
-        assert!(Config::merge(&ServeArgs::default(), file).is_err());
+    fn every_setting_is_named_once_for_flag_env_and_file() {
+        let cmd = Config::command(|a| a);
+        let mut n = 0;
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            assert_eq!(arg.get_long(), Some(id.replace('_', "-").as_str()), "{id}");
+            let env = format!("RELAY_{}", id.to_ascii_uppercase());
+            assert_eq!(arg.get_env(), Some(std::ffi::OsStr::new(&env)), "{id}");
+            n += 1;
+        }
+        assert_eq!(n, 41);
+    }
+
+    #[test]
+    fn flag_beats_file_beats_default() {
+        let file = "history_size = 3\nhistory_ttl = \"9s\"\nmax_message_size = \"2KiB\"\n\
+                    api_key = [\"f\"]\nallowed_origin = [\"https://file.example\"]";
+        let c = load(
+            &[
+                "--history-size",
+                "5",
+                "--allowed-origin",
+                "https://a,https://b",
+            ],
+            file,
+        )
+        .unwrap();
+        assert_eq!(c.history_size, 5);
+        assert_eq!(c.history_ttl, Duration::from_secs(9));
+        assert_eq!(c.max_message_size, 2048);
+        assert_eq!(c.api_key, ["f"]);
+        // A list flag replaces the file's list whole.
+        assert_eq!(c.allowed_origin, ["https://a", "https://b"]);
+        assert_eq!(c.max_subscriptions, 128);
+        let c = load(&[], file).unwrap();
+        assert_eq!(c.history_size, 3);
+        assert_eq!(c.allowed_origin, ["https://file.example"]);
+        // A flag given with its default value still beats the file.
+        let c = load(&["--history-size", "1000"], file).unwrap();
+        assert_eq!(c.history_size, 1000);
+    }
+
+    #[test]
+    fn the_old_plural_file_keys_still_work() {
+        let new = "api_key = [\"k\"]\njwt_public_key = [\"/k.pem\"]\n\
+                   allowed_origin = [\"https://app.example\"]";
+        let old = "api_keys = [\"k\"]\njwt_public_keys = [\"/k.pem\"]\n\
+                   allowed_origins = [\"https://app.example\"]";
+        let c = from_file(old);
+        assert_eq!(c, from_file(new));
+        assert_eq!(c.api_key, ["k"]);
+        assert_eq!(c.jwt_public_key, [PathBuf::from("/k.pem")]);
+        assert_eq!(c.allowed_origin, ["https://app.example"]);
+        // An old key is the same setting: a flag beats it too.
+        let c = load(&["--api-key", "flag"], "api_keys = [\"file\"]").unwrap();
+        assert_eq!(c.api_key, ["flag"]);
+    }
+
+    #[test]
+    fn file_values_parse_like_flags() {
+        let file = from_file(
+            "max_message_size = \"2KiB\"\nmax_outbox_bytes = 8192\nhistory_ttl = \"5m\"\n\
+             slow_consumer = [\"ticker:*=conflate\", \"drop\"]\ndemo = true\n\
+             allow = [\"subscribe,history=public:*\"]\nlog_format = \"json\"\n\
+             client_presence = false\njwt_secret = \"-starts-with-a-dash\"",
+        );
+        let flags = load(
+            &[
+                "--max-message-size=2KiB",
+                "--max-outbox-bytes=8192",
+                "--history-ttl=5m",
+                "--slow-consumer=ticker:*=conflate,drop",
+                "--demo",
+                "--allow=subscribe+history=public:*",
+                "--log-format=json",
+                "--client-presence=false",
+                "--jwt-secret=-starts-with-a-dash",
+            ],
+            "",
+        )
+        .unwrap();
+        assert_eq!(file.max_message_size, 2048);
+        assert_eq!(file.history_ttl, Duration::from_secs(300));
+        assert_eq!(
+            file.slow_consumer,
+            [
+                ("ticker:*".to_owned(), SlowPolicy::Conflate),
+                ("*".to_owned(), SlowPolicy::Drop)
+            ]
+        );
+        // A list item in the file is never split at commas.
+        assert_eq!(file.allow.len(), 1);
+        let same = |c: &Config| {
+            (
+                c.max_message_size,
+                c.max_outbox_bytes,
+                c.history_ttl,
+                c.slow_consumer.clone(),
+                c.demo,
+                c.allow.clone(),
+                c.log_format,
+                c.client_presence,
+                c.jwt_secret.clone(),
+            )
+        };
+        assert_eq!(same(&file), same(&flags));
+    }
+
+    #[test]
+    fn unknown_file_keys_and_bad_values_are_refused_by_name() {
+        for (text, key) in [
+            ("histroy_size = 3", "histroy_size"),
+            ("history-size = 3", "history-size"),
+            ("config = \"other.toml\"", "config"),
+            ("history_size = \"lots\"", "history_size"),
+            ("history_size = [3]", "history_size"),
+            ("history_size = 1.5", "history_size"),
+            ("api_key = \"k\"", "api_key"),
+            ("api_keys = [1.5]", "api_keys"),
+            ("max_message_size = \"12 parsecs\"", "max_message_size"),
+            ("history_ttl = \"soon\"", "history_ttl"),
+            ("log_format = \"xml\"", "log_format"),
+            ("allow = [\"read=x\"]", "allow"),
+            ("slow_consumer = [\"later\"]", "slow_consumer"),
+        ] {
+            let e = load(&[], text).unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::File { key: k, .. } if k == key),
+                "{text}: {e}"
+            );
+            assert!(e
+                .to_string()
+                .starts_with(&format!("config file test.toml: {key}: ")));
+        }
+        // A mistake in the file is refused even when a flag wins over the key.
+        assert!(load(&["--history-size", "3"], "histroy_size = 3").is_err());
+        assert!(load(&["--history-size", "3"], "history_size = \"lots\"").is_err());
+        assert!(load(&["--listen", "127.0.0.1:0"], "listen = 8080").is_err());
+        assert!(matches!(
+            load(&[], "history_size = "),
+            Err(ConfigError::Parse { .. })
+        ));
+        let e = load(&[], "idle_timeout = \"1s\"\nping_interval = \"2s\"").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid idle_timeout: must be longer than ping_interval (> 0)"
+        );
+    }
+
+    #[test]
+    fn some_defaults_follow_other_settings() {
+        // --demo turns on presence for its channel, unless the channels are chosen.
+        assert_eq!(
+            load(&["--demo"], "").unwrap().presence_channels,
+            ["presence:*"]
+        );
+        assert_eq!(
+            load(&[], "demo = true\npresence_channels = []")
+                .unwrap()
+                .presence_channels,
+            ["presence:*"]
+        );
+        let c = load(&["--demo", "--presence-channels", "room:*"], "").unwrap();
+        assert_eq!(c.presence_channels, ["room:*"]);
+        // With JWT auth, presence identity comes from the token.
+        let secret = "--jwt-secret=0123456789abcdef";
+        assert!(!load(&[secret], "").unwrap().client_presence());
+        assert!(!load(&[secret, "--client-presence", "false"], "")
+            .unwrap()
+            .client_presence());
+        let e = load(
+            &["--client-presence", "true"],
+            "jwt_secret = \"0123456789abcdef\"",
+        );
+        assert!(matches!(
+            e,
+            Err(ConfigError::Invalid {
+                key: "client_presence",
+                ..
+            })
+        ));
+        // A node id is generated unless given; an empty one is refused.
+        assert_eq!(
+            load(&["--node-id", "edge-1"], "").unwrap().node_id(),
+            "edge-1"
+        );
+        assert_ne!(load(&[], "").unwrap().node_id(), "");
+        assert!(load(&[], "node_id = \"\"").is_err());
+    }
+
+    #[test]
+    fn validation_needs_no_files() {
+        // Key and certificate files are read by the server when it starts, not here.
+        let c = load(
+            &[
+                "--jwt-public-key=/nonexistent/key.pem",
+                "--tls-cert=/nonexistent/cert.pem",
+                "--tls-key=/nonexistent/key.pem",
+            ],
+            "",
+        )
+        .unwrap();
+        assert!(c.auth_enabled());
+        let e = load(&["--tls-cert=/c.pem"], "").unwrap_err();
+        assert_eq!(e.to_string(), "invalid tls: give both tls_cert and tls_key");
     }
 }

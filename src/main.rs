@@ -2,8 +2,9 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use relay::config::{Config, LogFormat, ServeArgs};
+use clap::{ArgMatches, Parser, Subcommand};
+use relay::config::{Config, ConfigError, LogFormat, ServeArgs};
+use relay::server::{ServerHandle, StartError};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -25,9 +26,8 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let cli = parse_cli();
-    let Cmd::Serve(args) = cli.command;
-    let config = match Config::load(&args) {
+    let (args, matches) = parse_cli();
+    let config = match load_config(args, &matches) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("relay: {e}");
@@ -35,7 +35,19 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(config.log_format);
-    match serve(config) {
+    let handle = match relay::server::start(config.clone()) {
+        Ok(h) => h,
+        // A key or certificate file that cannot be used is a configuration mistake.
+        Err(StartError::Config(e)) => {
+            eprintln!("relay: {e}");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match serve(&config, handle) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -44,8 +56,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// Parses the command line; `relay --help` also lists every `serve` option.
-fn parse_cli() -> Cli {
+/// Parses the command line; `relay --help` also lists every `serve` option. Returns the
+/// `serve` options and their matches (which say where each value came from).
+fn parse_cli() -> (ServeArgs, ArgMatches) {
     use clap::{CommandFactory, FromArgMatches};
     let mut cmd = Cli::command();
     let serve_help = cmd
@@ -54,7 +67,29 @@ fn parse_cli() -> Cli {
         .unwrap_or_default();
     let cmd = cmd.after_help(format!("`relay serve` options:\n\n{serve_help}"));
     let matches = cmd.get_matches();
-    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let Cmd::Serve(args) = cli.command;
+    // `serve` is the only subcommand, and clap requires one.
+    let serve = matches
+        .subcommand_matches("serve")
+        .cloned()
+        .unwrap_or_default();
+    (args, serve)
+}
+
+/// The settings: flags and environment over the `--config` file over the defaults.
+fn load_config(args: ServeArgs, matches: &ArgMatches) -> Result<Config, ConfigError> {
+    let text = match &args.config {
+        Some(path) => Some(
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    let file = args.config.as_deref().zip(text.as_deref());
+    Config::load(args.settings, matches, file)
 }
 
 fn init_tracing(format: LogFormat) {
@@ -70,9 +105,9 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
+/// Runs the started server until SIGTERM or SIGINT, then shuts it down.
+fn serve(config: &Config, handle: ServerHandle) -> anyhow::Result<()> {
     let shards = config.effective_shards();
-    let handle = relay::server::start(config.clone())?;
     tracing::info!(addr = %handle.local_addr(), shards, "relay started");
     // The one stdout line: scripts and tests read the bound address from it.
     let scheme = if config.tls_cert.is_some() {

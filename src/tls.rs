@@ -34,17 +34,6 @@ pub enum TlsError {
     /// rustls refused the certificate and key (e.g. they do not match).
     #[error("certificate/key: {0}")]
     Rustls(#[from] rustls::Error),
-    /// `--tls-cert` or `--tls-key` is missing.
-    #[error("give both tls_cert and tls_key")]
-    Missing,
-}
-
-/// Builds the server config from the PEM files `cfg` names.
-pub fn load(cfg: &Config) -> Result<Arc<ServerConfig>, TlsError> {
-    let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
-        return Err(TlsError::Missing);
-    };
-    build(cert, key)
 }
 
 fn build(cert: &PathBuf, key: &PathBuf) -> Result<Arc<ServerConfig>, TlsError> {

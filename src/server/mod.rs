@@ -1,8 +1,9 @@
 //! Wires everything: binds the shards' listeners, starts one pinned thread per shard, and
 //! shuts down gracefully.
 //!
-//! - [`start`] takes a [`Config`] and returns a [`ServerHandle`] once every shard is listening
-//!   (tests pass port 0 and read [`ServerHandle::local_addr`]).
+//! - [`start`] takes a [`Config`], reads the JWT key and TLS files it names, and returns a
+//!   [`ServerHandle`] once every shard is listening (tests pass port 0 and read
+//!   [`ServerHandle::local_addr`]).
 //! - [`shard`]: the per-core runtime, accept loop, fan-out pump and sweep.
 //! - [`listener`]: `SO_REUSEPORT` sockets.
 
@@ -15,8 +16,19 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::transport::Node;
+
+/// Why the server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A file a setting names cannot be used: a JWT public key, the TLS certificate or key.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Binding a listener or starting a thread failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
 
 /// A running server.
 pub struct ServerHandle {
@@ -25,9 +37,17 @@ pub struct ServerHandle {
     threads: Vec<JoinHandle<()>>,
 }
 
-/// Binds and starts every shard.
-pub fn start(config: Config) -> io::Result<ServerHandle> {
+/// Reads the key and certificate files, then binds and starts every shard.
+pub fn start(config: Config) -> Result<ServerHandle, StartError> {
     crate::metrics::install();
+    // Before anything is bound: a bad file stops the start, so the node never serves without
+    // auth or in clear text by mistake.
+    let invalid = |key, e: &dyn std::fmt::Display| ConfigError::Invalid {
+        key,
+        reason: e.to_string(),
+    };
+    let auth = crate::auth::Auth::from_config(&config).map_err(|e| invalid("jwt", &e))?;
+    let tls = crate::tls::Tls::from_config(&config).map_err(|e| invalid("tls", &e))?;
     let shards = config.effective_shards();
     let listeners = listener::bind_shards(config.listen, shards)?;
     let local_addr = listeners[0].local_addr()?;
@@ -36,10 +56,9 @@ pub fn start(config: Config) -> io::Result<ServerHandle> {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
         ^ u64::from(std::process::id()).rotate_left(32);
-    let mut node = Node::new(config, shards, seed);
+    let mut node = Node::new(config, shards, seed, auth, tls);
     node.start_backplane(seed)?;
     let node = Arc::new(node);
-    node.security_ready()?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let pin = shards <= cores.len();
     let mut threads = Vec::with_capacity(shards);

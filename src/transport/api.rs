@@ -86,7 +86,7 @@ fn grants(ctx: &ShardContext, req: &Request<Incoming>) -> Result<Grants, Respons
         crate::limits::refused(crate::limits::Cause::Unauthorized, "api");
         error(StatusCode::UNAUTHORIZED, "unauthorized", message)
     };
-    if bearer.is_some() && !cfg.api_keys.is_empty() && authorized(&cfg.api_keys, req) {
+    if bearer.is_some() && !cfg.api_key.is_empty() && authorized(&cfg.api_key, req) {
         return Ok(Grants::all());
     }
     match (&ctx.node.auth, bearer) {
@@ -95,7 +95,7 @@ fn grants(ctx: &ShardContext, req: &Request<Incoming>) -> Result<Grants, Respons
             .map(|p| p.grants)
             .map_err(|e| unauthorized(&format!("not an API key, and not a valid token: {e}"))),
         (Some(_), None) => Ok(ctx.node.anonymous_grants()),
-        (None, _) if cfg.api_keys.is_empty() => Ok(Grants::all()),
+        (None, _) if cfg.api_key.is_empty() => Ok(Grants::all()),
         (None, _) => Err(unauthorized(
             "missing or wrong API key (Authorization: Bearer <key>)",
         )),

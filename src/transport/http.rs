@@ -66,7 +66,7 @@ pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<B
     let path = req.uri().path();
     let guarded = path == "/ws" || path == "/sse" || path.starts_with("/api/");
     let mut res = match origin.as_ref() {
-        Some(o) if guarded && !origin_allowed(&ctx.config().allowed_origins, o) => {
+        Some(o) if guarded && !origin_allowed(&ctx.config().allowed_origin, o) => {
             crate::limits::refused(crate::limits::Cause::Origin, o.to_str().unwrap_or("?"));
             error(
                 StatusCode::FORBIDDEN,
@@ -78,8 +78,8 @@ pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<B
         _ => route(ctx.clone(), req).await,
     };
     if let (true, Some(o)) = (guarded, origin) {
-        if res.status() != StatusCode::FORBIDDEN || ctx.config().allowed_origins.is_empty() {
-            cors(&ctx.config().allowed_origins, o, &mut res);
+        if res.status() != StatusCode::FORBIDDEN || ctx.config().allowed_origin.is_empty() {
+            cors(&ctx.config().allowed_origin, o, &mut res);
         }
     }
     res.headers_mut().insert("x-relay-shard", shard);

@@ -46,8 +46,15 @@ pub struct Node {
 }
 
 impl Node {
-    /// A node for `config` with `shards` shards.
-    pub fn new(config: Config, shards: usize, seed: u64) -> Self {
+    /// A node for `config` with `shards` shards, with the JWT verifier and TLS state the
+    /// server loaded from the files `config` names.
+    pub fn new(
+        config: Config,
+        shards: usize,
+        seed: u64,
+        auth: Option<crate::auth::Auth>,
+        tls: Option<Arc<crate::tls::Tls>>,
+    ) -> Self {
         let engine = Engine::new(crate::engine::EngineConfig {
             shards,
             history_size: config.history_size,
@@ -59,16 +66,6 @@ impl Node {
                 max_members: config.presence_max_members,
             },
             slow_consumer: config.slow_consumer.clone(),
-        });
-        // Config::validate loaded both already; an error here (a file changed since) leaves
-        // the field `None`, which `Node::security_ready` turns into a refusal to start.
-        let auth = crate::auth::Auth::from_config(&config).unwrap_or_else(|e| {
-            tracing::error!(error = %e, "JWT auth setup failed");
-            None
-        });
-        let tls = crate::tls::Tls::from_config(&config).unwrap_or_else(|e| {
-            tracing::error!(error = %e, "TLS setup failed");
-            None
         });
         let engine = Arc::new(engine);
         let wakers = crate::backplane::Wakers::new(shards);
@@ -86,20 +83,6 @@ impl Node {
             wakers: wakers.0,
             shutdown: CancellationToken::new(),
         }
-    }
-
-    /// Fails when auth or TLS is configured but could not be set up (never serve open or in
-    /// clear text by mistake).
-    pub fn security_ready(&self) -> std::io::Result<()> {
-        if self.config.auth_enabled() && self.auth.is_none() {
-            return Err(std::io::Error::other(
-                "JWT auth is configured but not set up",
-            ));
-        }
-        if self.config.tls_cert.is_some() && self.tls.is_none() {
-            return Err(std::io::Error::other("TLS is configured but not set up"));
-        }
-        Ok(())
     }
 
     /// What a client without a token may do: everything with auth off.
@@ -134,7 +117,7 @@ impl Node {
             url: url.to_owned(),
             history_size: self.config.history_size,
             history_ttl: self.config.history_ttl,
-            node_id: self.config.node_id.clone(),
+            node_id: self.config.node_id().to_owned(),
             seed,
             presence_timeout: self.config.presence_timeout,
         }

@@ -916,7 +916,7 @@ impl Session {
         if claims && self.ctx.node.auth.is_some() {
             return Err("presence identity comes from the token here (JWT auth is on)");
         }
-        if claims && !self.ctx.config().client_presence {
+        if claims && !self.ctx.config().client_presence() {
             return Err("presence identity comes from the server here (--client-presence false)");
         }
         if let Some(user) = &self.auth.user {
