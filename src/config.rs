@@ -724,7 +724,8 @@ mod tests {
             assert_eq!(arg.get_env(), Some(std::ffi::OsStr::new(&env)), "{id}");
             n += 1;
         }
-        assert_eq!(n, 41);
+        // The 41 settings of issue 13; more may come, none may go silently.
+        assert!(n >= 41, "{n} settings");
     }
 
     #[test]
