@@ -94,10 +94,19 @@ impl Perms {
 
 /// A channel pattern: literal bytes, `*` (any run of characters, none included) and `{sub}`
 /// (the token's subject, matched literally: a `*` in a subject is no wildcard).
+///
+/// `{sub}` must own its place: it is preceded by the start or a separator (a channel character
+/// that is not a letter or digit) and followed by the end or a separator, and no `*` comes before
+/// it. A subject that contains one of the separators around `{sub}` is never substituted (see
+/// [`Grants`]), so the subject is the whole run between them and no subject can reach another
+/// subject's channels: with `user:{sub}:*`, subject `alice` has `user:alice:…` and subject
+/// `alice:x` has no `{sub}` channel at all, instead of sharing `user:alice:x:…` with alice.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pattern {
     parts: Vec<Part>,
     text: String,
+    /// The ASCII characters next to a `{sub}` (bit per character).
+    delims: u128,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,9 +149,11 @@ impl Pattern {
         if !lit.is_empty() {
             parts.push(Part::Lit(lit));
         }
+        let delims = sub_delimiters(&parts)?;
         Ok(Pattern {
             parts,
             text: s.to_owned(),
+            delims,
         })
     }
 
@@ -194,6 +205,49 @@ impl Pattern {
     }
 }
 
+/// The separators around each `{sub}` of a pattern, after checking where `{sub}` stands.
+fn sub_delimiters(parts: &[Part]) -> Result<u128, String> {
+    const PLACE: &str = "{sub} must stand between separators (the start or end of the \
+                         pattern, or a character such as : / . - that is not a letter or digit), \
+                         with no * before it";
+    let mut delims = 0u128;
+    let mut star_seen = false;
+    for (i, p) in parts.iter().enumerate() {
+        match p {
+            Part::Star => star_seen = true,
+            Part::Lit(_) => {}
+            Part::Sub => {
+                if star_seen {
+                    return Err(PLACE.into());
+                }
+                let before = match i.checked_sub(1).map(|j| &parts[j]) {
+                    None => None,
+                    Some(Part::Lit(l)) => Some(l.chars().next_back()),
+                    Some(_) => return Err(PLACE.into()),
+                };
+                let after = match parts.get(i + 1) {
+                    None => None,
+                    Some(Part::Lit(l)) => Some(l.chars().next()),
+                    Some(_) => return Err(PLACE.into()),
+                };
+                for c in [before, after].into_iter().flatten().flatten() {
+                    if c.is_ascii_alphanumeric() || !c.is_ascii() {
+                        return Err(PLACE.into());
+                    }
+                    delims |= 1u128 << (c as u32);
+                }
+            }
+        }
+    }
+    Ok(delims)
+}
+
+/// Whether `sub` holds none of the characters in `delims`.
+fn sub_fits(sub: &str, delims: u128) -> bool {
+    sub.bytes()
+        .all(|b| b >= 128 || delims & (1u128 << u32::from(b)) == 0)
+}
+
 /// Permissions on the channels matching a pattern.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
@@ -237,6 +291,9 @@ impl Rule {
 #[derive(Clone, Debug)]
 pub struct Grants {
     all: bool,
+    /// What `{sub}` stands for: the token's subject, or `None` (then `{sub}` patterns match
+    /// nothing) when there is no subject or it holds a separator that some `{sub}` pattern of
+    /// this token or of `--allow` puts next to `{sub}`.
     sub: Option<Arc<str>>,
     own: Arc<[Rule]>,
     common: Arc<[Rule]>,
@@ -345,11 +402,49 @@ pub enum AuthSetupError {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
-    exp: u64,
+    exp: NumericDate,
+    /// Checked by jsonwebtoken when it is a number; parsed here as well so that a `nbf` that
+    /// is not a number refuses the token (jsonwebtoken alone would skip the check).
+    #[serde(default)]
+    #[allow(dead_code)]
+    nbf: Option<NumericDate>,
     #[serde(default)]
     info: Option<serde_json::Value>,
     #[serde(default)]
     channels: ClaimGrants,
+}
+
+/// A JWT NumericDate (RFC 7519 §2): seconds since the Unix epoch, a JSON number (a fraction is
+/// dropped). Strings, negative numbers and anything else are refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct NumericDate(u64);
+
+impl<'de> Deserialize<'de> for NumericDate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = NumericDate;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NumericDate (a non-negative number of seconds)")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<NumericDate, E> {
+                Ok(NumericDate(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<NumericDate, E> {
+                u64::try_from(v)
+                    .map(NumericDate)
+                    .map_err(|_| E::custom("a NumericDate cannot be negative"))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<NumericDate, E> {
+                if v.is_finite() && (0.0..1.8e19).contains(&v) {
+                    Ok(NumericDate(v as u64))
+                } else {
+                    Err(E::custom("a NumericDate must be a non-negative number"))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -369,6 +464,8 @@ pub struct Auth {
     issuer: Option<String>,
     allow: Arc<[Rule]>,
     anonymous: Arc<[Rule]>,
+    /// The separators around `{sub}` in the `--allow` rules.
+    allow_delims: u128,
 }
 
 const HS: &[Algorithm] = &[Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
@@ -418,6 +515,7 @@ impl Auth {
             issuer: cfg.jwt_issuer.clone(),
             allow: Arc::from(cfg.allow.clone()),
             anonymous: Arc::from(cfg.allow_anonymous.clone()),
+            allow_delims: cfg.allow.iter().fold(0, |d, r| d | r.pattern.delims),
         }))
     }
 
@@ -512,6 +610,7 @@ impl Auth {
             return Err(malformed("too many channel patterns"));
         }
         let mut own = Vec::with_capacity(total);
+        let mut delims = self.allow_delims;
         for (perms, list) in [
             (Perms(Perm::Subscribe as u8), g.subscribe),
             (Perms(Perm::Publish as u8), g.publish),
@@ -521,6 +620,7 @@ impl Auth {
         ] {
             for p in list {
                 let pattern = Pattern::parse(&p).map_err(|e| malformed(&e))?;
+                delims |= pattern.delims;
                 own.push(Rule { perms, pattern });
             }
         }
@@ -532,16 +632,19 @@ impl Auth {
             .chain(self.anonymous.iter())
             .cloned()
             .collect();
+        // A subject holding a separator of its `{sub}` patterns could stand for part of
+        // another subject's channel names: it gets no `{sub}` channel at all.
+        let sub_grants = sub_fits(&sub, delims).then(|| sub.clone());
         Ok(Principal {
             grants: Grants {
                 all: false,
-                sub: Some(sub.clone()),
+                sub: sub_grants,
                 own: Arc::from(own),
                 common: Arc::from(common),
             },
             sub,
             info,
-            exp: c.exp,
+            exp: c.exp.0,
         })
     }
 }
@@ -699,6 +802,87 @@ mod tests {
         assert_eq!(
             a.verify(&"x".repeat(MAX_TOKEN_LEN + 1)).unwrap_err(),
             TokenError::TooLong
+        );
+    }
+
+    #[test]
+    fn sub_stands_between_separators() {
+        for ok in ["user:{sub}", "{sub}", "user:{sub}:*", "{sub}/inbox", "a.{sub}.b"] {
+            assert!(Pattern::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in ["user{sub}", "{sub}x", "{sub}*", "*{sub}", "*:{sub}", "{sub}{sub}"] {
+            assert!(Pattern::parse(bad).is_err(), "{bad}");
+        }
+        assert!(Rule::parse("all=u-{sub}").is_ok());
+        assert!(Rule::parse("all=room*:{sub}").is_err());
+    }
+
+    #[test]
+    fn a_subject_cannot_reach_another_subjects_channels() {
+        let a = auth(Config {
+            allow: vec![
+                Rule::parse("all=user:{sub}").unwrap(),
+                Rule::parse("all=user:{sub}:*").unwrap(),
+            ],
+            ..hs_cfg()
+        });
+        let grants = |sub: &str| {
+            let t = token(json!({"sub": sub, "exp": unix_now() + 60}), "s3cret");
+            a.verify(&t).unwrap().grants
+        };
+        let alice = grants("alice");
+        assert!(alice.allows(Perm::Subscribe, "user:alice"));
+        assert!(alice.allows(Perm::Subscribe, "user:alice:inbox"));
+        assert!(!alice.allows(Perm::Subscribe, "user:alicex"));
+        // `alice:x` holds the separator `:`, so `user:alice:x` (which alice's namespace
+        // `user:alice:*` covers) is not also hers: `{sub}` stands for nothing.
+        let other = a.verify(&token(
+            json!({"sub": "alice:x", "exp": unix_now() + 60}),
+            "s3cret",
+        ));
+        let other = other.unwrap();
+        assert_eq!(&*other.sub, "alice:x", "the token stays valid");
+        assert!(!other.grants.allows(Perm::Subscribe, "user:alice:x"));
+        assert!(!other.grants.allows(Perm::Subscribe, "user:alice:x:inbox"));
+        assert!(!other.grants.allows(Perm::Subscribe, "user:alice"));
+        // A separator only matters where a pattern puts it next to `{sub}`.
+        let mail = grants("bob@example.com");
+        assert!(mail.allows(Perm::Publish, "user:bob@example.com"));
+        // The token's own `{sub}` patterns count too.
+        let t = token(
+            json!({"sub": "a.b", "exp": unix_now() + 60, "channels": {"all": ["t.{sub}"]}}),
+            "s3cret",
+        );
+        assert!(!a.verify(&t).unwrap().grants.allows(Perm::Subscribe, "t.a.b"));
+    }
+
+    #[test]
+    fn dates_must_be_numbers() {
+        let a = auth(hs_cfg());
+        let now = unix_now();
+        let verify = |claims| a.verify(&token(claims, "s3cret"));
+        assert!(matches!(
+            verify(json!({"sub":"a","exp":now+60,"nbf":"yesterday"})),
+            Err(TokenError::Malformed(_))
+        ));
+        assert!(matches!(
+            verify(json!({"sub":"a","exp":"tomorrow"})),
+            Err(TokenError::Malformed(_))
+        ));
+        assert!(matches!(
+            verify(json!({"sub":"a","exp":now+60,"nbf":{"t":1}})),
+            Err(TokenError::Malformed(_))
+        ));
+        assert!(matches!(
+            verify(json!({"sub":"a","exp":-5})),
+            Err(TokenError::Malformed(_))
+        ));
+        // Fractions are NumericDates too (RFC 7519 §2).
+        let p = verify(json!({"sub":"a","exp":(now + 60) as f64 + 0.5,"nbf":now as f64 - 0.5}));
+        assert_eq!(p.unwrap().exp, now + 60);
+        assert_eq!(
+            verify(json!({"sub":"a","exp":now+600,"nbf":(now + 300) as f64})).unwrap_err(),
+            TokenError::NotYetValid
         );
     }
 

@@ -51,6 +51,9 @@ pub fn upgrade(ctx: Rc<ShardContext>, mut req: Request<Incoming>) -> Response<Bo
             "expected a WebSocket upgrade request",
         );
     }
+    if let Err(res) = check_handshake(&req) {
+        return res;
+    }
     let wire = choose_wire(&req);
     let auth = match connection_auth(&ctx, &req) {
         Ok(a) => a,
@@ -100,6 +103,43 @@ pub fn upgrade(ctx: Rc<ShardContext>, mut req: Request<Incoming>) -> Response<Bo
         drop(guard);
     });
     res.map(|_| Body::Empty)
+}
+
+/// The RFC 6455 rules fastwebsockets leaves to us: a version other than 13 gets 426 with
+/// `Sec-WebSocket-Version: 13` (§4.2.2), so a client can retry with one we speak; a
+/// `Sec-WebSocket-Key` that is not the base64 of 16 bytes (or appears twice) gets 400 (§4.2.1).
+// The error is the response itself, built once per refused handshake: boxing it buys nothing.
+#[allow(clippy::result_large_err)]
+fn check_handshake(req: &Request<Incoming>) -> Result<(), Response<Body>> {
+    use base64::Engine;
+    let h = req.headers();
+    if h.get("sec-websocket-version").map(|v| v.as_bytes()) != Some(b"13") {
+        let mut res = error(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported_version",
+            "this server speaks WebSocket version 13 (RFC 6455)",
+        );
+        res.headers_mut().insert(
+            "sec-websocket-version",
+            hyper::header::HeaderValue::from_static("13"),
+        );
+        return Err(res);
+    }
+    let mut keys = h.get_all("sec-websocket-key").iter();
+    let key_ok = match (keys.next(), keys.next()) {
+        (Some(k), None) => base64::engine::general_purpose::STANDARD
+            .decode(k.as_bytes())
+            .is_ok_and(|nonce| nonce.len() == 16),
+        _ => false,
+    };
+    if !key_ok {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "Sec-WebSocket-Key must be given once, as the base64 of 16 bytes",
+        ));
+    }
+    Ok(())
 }
 
 /// The protocol the client asked for, in its order of preference; `None` when it named none we
