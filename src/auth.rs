@@ -807,10 +807,23 @@ mod tests {
 
     #[test]
     fn sub_stands_between_separators() {
-        for ok in ["user:{sub}", "{sub}", "user:{sub}:*", "{sub}/inbox", "a.{sub}.b"] {
+        for ok in [
+            "user:{sub}",
+            "{sub}",
+            "user:{sub}:*",
+            "{sub}/inbox",
+            "a.{sub}.b",
+        ] {
             assert!(Pattern::parse(ok).is_ok(), "{ok}");
         }
-        for bad in ["user{sub}", "{sub}x", "{sub}*", "*{sub}", "*:{sub}", "{sub}{sub}"] {
+        for bad in [
+            "user{sub}",
+            "{sub}x",
+            "{sub}*",
+            "*{sub}",
+            "*:{sub}",
+            "{sub}{sub}",
+        ] {
             assert!(Pattern::parse(bad).is_err(), "{bad}");
         }
         assert!(Rule::parse("all=u-{sub}").is_ok());
@@ -853,7 +866,11 @@ mod tests {
             json!({"sub": "a.b", "exp": unix_now() + 60, "channels": {"all": ["t.{sub}"]}}),
             "s3cret",
         );
-        assert!(!a.verify(&t).unwrap().grants.allows(Perm::Subscribe, "t.a.b"));
+        assert!(!a
+            .verify(&t)
+            .unwrap()
+            .grants
+            .allows(Perm::Subscribe, "t.a.b"));
     }
 
     #[test]

@@ -202,12 +202,13 @@ pub struct Config {
     /// TLS private key, PEM (PKCS#8, PKCS#1 or SEC1).
     #[arg(long, env = "RELAY_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
-    /// Most open connections from one IP address, over all shards; 0 for no limit.
+    /// Most open connections from one client address, over all shards (the client behind a
+    /// trusted proxy, see --trusted-proxies); more get 429; 0 for no limit.
     #[arg(
         long,
         env = "RELAY_MAX_CONNECTIONS_PER_IP",
         value_name = "N",
-        default_value_t = 1000
+        default_value_t = 10_000
     )]
     pub max_connections_per_ip: usize,
     /// Time for a new connection to finish its TLS handshake and send its first request
@@ -234,6 +235,51 @@ pub struct Config {
         default_value_t = 2000
     )]
     pub rate_burst: u32,
+    /// Time to receive a whole HTTP request body once its headers are in; a slower one gets
+    /// 408 and the connection is closed.
+    #[arg(long, env = "RELAY_BODY_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    pub body_timeout: Duration,
+    /// A connection whose client reads nothing of what we send for this long is reset (an HTTP
+    /// response, an SSE stream or a WebSocket that the client stopped reading).
+    #[arg(long, env = "RELAY_WRITE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "15s")]
+    pub write_timeout: Duration,
+    /// An HTTP keep-alive connection must send its next request's headers within this long
+    /// after a response; an HTTP/2 connection that moves no bytes for this long is closed.
+    /// Keep it longer than the idle timeout of a load balancer in front (often 60 s).
+    #[arg(long, env = "RELAY_KEEPALIVE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "75s")]
+    pub keepalive_timeout: Duration,
+    /// On SIGTERM, answer /readyz with 503 for this long while serving as usual, so that load
+    /// balancers stop sending new clients; then close WebSockets (1012), end SSE streams and
+    /// the listeners (SIGINT skips it).
+    #[arg(long, env = "RELAY_DRAIN_PERIOD", value_name = "DURATION", value_parser = parse_duration, default_value = "5s")]
+    pub drain_period: Duration,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) from a load balancer,
+    /// which names the client; a connection without one is closed.
+    #[arg(long, env = "RELAY_PROXY_PROTOCOL", value_name = "BOOL", action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", default_value_t = false)]
+    pub proxy_protocol: bool,
+    /// Peers whose X-Forwarded-For / Forwarded headers name the client (CIDR networks or
+    /// addresses, repeatable): `private` (loopback, private and link-local networks, where load
+    /// balancers and ingresses live), or `none` to trust nobody.
+    #[arg(long, env = "RELAY_TRUSTED_PROXIES", value_name = "CIDR", value_delimiter = ',', value_parser = crate::proxy::TrustedNet::parse, default_value = "private")]
+    pub trusted_proxies: Vec<crate::proxy::TrustedNet>,
+    /// HTTP API requests per second from one client address without an API key (burst: twice
+    /// as many); more get 429 with Retry-After; 0 for no limit.
+    #[arg(
+        long,
+        env = "RELAY_API_RATE_LIMIT",
+        value_name = "PER_SECOND",
+        default_value_t = 100
+    )]
+    pub api_rate_limit: u32,
+    /// HTTP API requests per second per API key (burst: twice as many); more get 429 with
+    /// Retry-After; 0 for no limit.
+    #[arg(
+        long,
+        env = "RELAY_API_KEY_RATE_LIMIT",
+        value_name = "PER_SECOND",
+        default_value_t = 0
+    )]
+    pub api_key_rate_limit: u32,
 }
 
 /// Options of `relay serve`: the config file and the settings.
@@ -546,6 +592,34 @@ impl Config {
         }
         if self.rate_limit > 0 && self.rate_burst == 0 {
             return invalid("rate_burst", "must be at least 1");
+        }
+        self.validate_edge()
+    }
+
+    /// Checks the HTTP time bounds, drain and proxy settings.
+    fn validate_edge(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.body_timeout.is_zero() {
+            return invalid("body_timeout", "must be > 0");
+        }
+        if self.write_timeout.is_zero() {
+            return invalid("write_timeout", "must be > 0");
+        }
+        // An HTTP/2 connection carrying only SSE streams moves bytes once per keep-alive.
+        if self.keepalive_timeout <= self.sse_keepalive {
+            return invalid("keepalive_timeout", "must be longer than sse_keepalive");
+        }
+        if self.trusted_proxies.len() > 1
+            && self
+                .trusted_proxies
+                .contains(&crate::proxy::TrustedNet::None)
+        {
+            return invalid("trusted_proxies", "`none` cannot be given with networks");
         }
         Ok(())
     }

@@ -11,6 +11,8 @@
 //! - [`auth`]: JWT verification and channel grants (pure).
 //! - [`limits`]: connections per IP (shared by the shards), per-connection rate limit, and
 //!   the refusal counter.
+//! - [`proxy`]: the client behind load balancers: PROXY protocol headers, trusted
+//!   `X-Forwarded-For` / `Forwarded`.
 //! - [`tls`]: rustls server config with ALPN, swapped on SIGHUP.
 //! - [`metrics`]: Prometheus metrics, resolved per shard.
 //! - [`transport`]: hyper services over the engine: `/ws`, `/sse`, `/api`, health.
@@ -26,6 +28,7 @@ pub mod engine;
 pub mod limits;
 pub mod metrics;
 pub mod protocol;
+pub mod proxy;
 pub mod server;
 pub mod tls;
 pub mod transport;

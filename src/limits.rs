@@ -1,16 +1,19 @@
 //! Limits against abuse: open connections per client IP (shared by every shard), the inbound
-//! message rate of one connection (token bucket), and the refusal counter and its log.
+//! message rate of one connection and the HTTP API request rate per key and per client IP
+//! (token buckets), the refusal counter and its log, and the throttled log of accept errors.
 //!
 //! **Invariants:** an [`IpGuard`] exists for every connection counted and gives its slot back
 //! when dropped, so the count per IP is exactly the connections alive; a refusal is counted in
-//! `relay_refused_total{cause}` every time and logged once per cause for the process.
+//! `relay_refused_total{cause}` every time and logged once per cause for the process; an accept
+//! error is counted every time and logged at most once per cause every
+//! [`ACCEPT_LOG_INTERVAL`]; the API limiter tracks at most [`MAX_TRACKED_IPS`] addresses.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -41,9 +44,17 @@ pub enum Cause {
     TooManySubscriptions,
     /// A TLS handshake that failed.
     Tls,
+    /// A request body not received within `--body-timeout` (HTTP 408).
+    BodyTimeout,
+    /// A connection that took nothing we wrote for `--write-timeout` (reset).
+    WriteTimeout,
+    /// An API request over `--api-rate-limit` or `--api-key-rate-limit` (HTTP 429).
+    ApiRateLimited,
+    /// A connection without a valid PROXY protocol header while `--proxy-protocol` is on.
+    ProxyProtocol,
 }
 
-const CAUSES: usize = 12;
+const CAUSES: usize = 16;
 
 impl Cause {
     /// The label value.
@@ -61,6 +72,10 @@ impl Cause {
             Cause::TokenExpired => "token_expired",
             Cause::TooManySubscriptions => "too_many_subscriptions",
             Cause::Tls => "tls",
+            Cause::BodyTimeout => "body_timeout",
+            Cause::WriteTimeout => "write_timeout",
+            Cause::ApiRateLimited => "api_rate_limited",
+            Cause::ProxyProtocol => "proxy_protocol",
         }
     }
 }
@@ -77,6 +92,85 @@ pub fn refused(cause: Cause, detail: &str) {
             detail,
             "refused (logged once per cause; see relay_refused_total for the count)"
         );
+    }
+}
+
+/// How often an accept error of one cause may be logged.
+pub const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Why `accept` failed: the `cause` label of `relay_accept_errors_total`.
+const ACCEPT_CAUSES: [&str; 4] = ["emfile", "enfile", "enomem", "other"];
+
+static ACCEPT_LOG: [Throttle; 4] = [const { Throttle::new() }; 4];
+
+/// Counts a failed `accept` and logs it, at most once per cause every
+/// [`ACCEPT_LOG_INTERVAL`] with the count of those not logged since (out of file descriptors,
+/// every accept fails at once on every shard: a line per failure would flood the log).
+pub fn accept_failed(shard: usize, e: &std::io::Error) {
+    // Linux errno values: EMFILE, ENFILE, ENOMEM and ENOBUFS.
+    let i = match e.raw_os_error() {
+        Some(24) => 0,
+        Some(23) => 1,
+        Some(12 | 105) => 2,
+        _ => 3,
+    };
+    let cause = ACCEPT_CAUSES[i];
+    metrics::counter!("relay_accept_errors_total", "cause" => cause).increment(1);
+    if let Some(suppressed) = ACCEPT_LOG[i].check(clock_millis(), ACCEPT_LOG_INTERVAL) {
+        tracing::warn!(
+            shard,
+            cause,
+            error = %e,
+            suppressed,
+            "accept failed (logged at most once per cause every 10 s; see relay_accept_errors_total)"
+        );
+    }
+}
+
+/// Milliseconds since the first call (never 0): a clock for [`Throttle`].
+fn clock_millis() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+}
+
+/// Lets one event through per interval, shared by threads, and counts the others.
+pub struct Throttle {
+    last: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl Throttle {
+    /// A throttle that lets the first event through.
+    pub const fn new() -> Throttle {
+        Throttle {
+            last: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether an event at `now_ms` (> 0) goes through: then `Some(events held back since the
+    /// last one through)`.
+    pub fn check(&self, now_ms: u64, every: Duration) -> Option<u64> {
+        let every = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
+        let last = self.last.load(Ordering::Relaxed);
+        let due = last == 0 || now_ms >= last.saturating_add(every);
+        if due
+            && self
+                .last
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle::new()
     }
 }
 
@@ -158,6 +252,47 @@ pub enum Verdict {
     Close,
 }
 
+/// Tokens refilled at `rate` per second up to `burst`; the rate and burst are kept by the
+/// owner, so that a bucket per client costs two words.
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn full(burst: f64, now: Instant) -> Bucket {
+        Bucket {
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Refills for the time since the last call; returns the seconds elapsed.
+    fn refill(&mut self, rate: f64, burst: f64, now: Instant) -> f64 {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * rate).min(burst);
+        dt
+    }
+
+    /// Takes a token, or says how long until there is one.
+    fn take(&mut self, rate: f64, burst: f64, now: Instant) -> Result<(), Duration> {
+        self.refill(rate, burst, now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
+        }
+    }
+
+    /// Whether the bucket would be full at `now` (so forgetting it changes nothing).
+    fn is_full(&self, rate: f64, burst: f64, now: Instant) -> bool {
+        self.tokens + now.saturating_duration_since(self.last).as_secs_f64() * rate >= burst
+    }
+}
+
 /// A token bucket of `rate` messages per second holding at most `burst`, plus a tally of
 /// refusals that drains at half the rate: when the tally passes `burst` the sender is not
 /// bursting but persistently over the limit (more than 1.5 times the rate), and is closed.
@@ -165,9 +300,8 @@ pub enum Verdict {
 pub struct TokenBucket {
     rate: f64,
     burst: f64,
-    tokens: f64,
+    bucket: Bucket,
     strikes: f64,
-    last: Instant,
 }
 
 impl TokenBucket {
@@ -177,9 +311,8 @@ impl TokenBucket {
         TokenBucket {
             rate: f64::from(rate),
             burst,
-            tokens: burst,
+            bucket: Bucket::full(burst, now),
             strikes: 0.0,
-            last: now,
         }
     }
 
@@ -188,12 +321,10 @@ impl TokenBucket {
         if self.rate <= 0.0 {
             return Verdict::Ok;
         }
-        let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        let dt = self.bucket.refill(self.rate, self.burst, now);
         self.strikes = (self.strikes - dt * self.rate / 2.0).max(0.0);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.bucket.tokens >= 1.0 {
+            self.bucket.tokens -= 1.0;
             return Verdict::Ok;
         }
         self.strikes += 1.0;
@@ -202,6 +333,109 @@ impl TokenBucket {
         } else {
             Verdict::Refuse
         }
+    }
+}
+
+/// Most client addresses the API limiter tracks at once; more (a flood from a whole IPv6
+/// range, or many proxies' worth of clients) share one bucket until the sweep frees room.
+pub const MAX_TRACKED_IPS: usize = 65_536;
+
+/// Who an API request is counted against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApiClient {
+    /// The holder of the `n`th `--api-key`.
+    Key(usize),
+    /// A client without an API key, by its address.
+    Ip(IpAddr),
+    /// Not limited: a request from a trusted proxy that names no client.
+    Unknown,
+}
+
+/// HTTP API request rates: a token bucket per API key (`--api-key-rate-limit`) and per
+/// client address (`--api-rate-limit`, for requests without an API key; IPv6 clients by their
+/// /64, the block one subscriber gets), each of `rate` requests per second and a burst of
+/// twice that. Shared by every shard, like [`IpLimiter`].
+pub struct ApiLimiter {
+    ip_rate: f64,
+    key_rate: f64,
+    ips: [Mutex<HashMap<IpAddr, Bucket>>; IP_PARTS],
+    /// The bucket of the clients that find the table full.
+    overflow: Mutex<Bucket>,
+    keys: Box<[Mutex<Bucket>]>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl ApiLimiter {
+    /// A limiter of `ip_rate` requests per second per client address and `key_rate` per API
+    /// key, for `keys` keys (0: no limit).
+    pub fn new(ip_rate: u32, key_rate: u32, keys: usize, now: Instant) -> ApiLimiter {
+        let (ip_rate, key_rate) = (f64::from(ip_rate), f64::from(key_rate));
+        ApiLimiter {
+            ips: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            overflow: Mutex::new(Bucket::full(2.0 * ip_rate, now)),
+            keys: (0..keys)
+                .map(|_| Mutex::new(Bucket::full(2.0 * key_rate, now)))
+                .collect(),
+            ip_rate,
+            key_rate,
+            hasher: Default::default(),
+        }
+    }
+
+    /// Takes a token for one request of `who` at `now`, or says when to retry.
+    pub fn check(&self, who: ApiClient, now: Instant) -> Result<(), Duration> {
+        match who {
+            ApiClient::Unknown => Ok(()),
+            ApiClient::Key(_) if self.key_rate <= 0.0 => Ok(()),
+            ApiClient::Key(i) => match self.keys.get(i) {
+                Some(b) => b.lock().take(self.key_rate, 2.0 * self.key_rate, now),
+                None => Ok(()),
+            },
+            ApiClient::Ip(_) if self.ip_rate <= 0.0 => Ok(()),
+            ApiClient::Ip(ip) => {
+                let (rate, burst) = (self.ip_rate, 2.0 * self.ip_rate);
+                let ip = rate_key(ip);
+                let part = &self.ips[(self.hasher.hash_one(ip) as usize) % IP_PARTS];
+                let mut map = part.lock();
+                if let Some(b) = map.get_mut(&ip) {
+                    return b.take(rate, burst, now);
+                }
+                if map.len() >= MAX_TRACKED_IPS / IP_PARTS {
+                    drop(map);
+                    return self.overflow.lock().take(rate, burst, now);
+                }
+                let mut b = Bucket::full(burst, now);
+                let r = b.take(rate, burst, now);
+                map.insert(ip, b);
+                r
+            }
+        }
+    }
+
+    /// Forgets the clients whose bucket has refilled (they are as good as new): keeps the table
+    /// to the clients of the last few seconds.
+    pub fn sweep(&self, now: Instant) {
+        let (rate, burst) = (self.ip_rate, 2.0 * self.ip_rate);
+        for part in &self.ips {
+            part.lock().retain(|_, b| !b.is_full(rate, burst, now));
+        }
+    }
+
+    /// Client addresses tracked.
+    pub fn tracked(&self) -> usize {
+        self.ips.iter().map(|p| p.lock().len()).sum()
+    }
+}
+
+/// The address a rate is kept for: IPv4 as is, IPv6 by its /64 (an IPv4-mapped address as
+/// IPv4).
+fn rate_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
     }
 }
 
@@ -250,5 +484,71 @@ mod tests {
         assert_eq!(last, Verdict::Close);
         let mut free = TokenBucket::new(0, 1, t0);
         assert!((0..1000).all(|_| free.take(t0) == Verdict::Ok));
+    }
+
+    #[test]
+    fn api_rates_per_key_and_per_address() {
+        let t0 = Instant::now();
+        let l = ApiLimiter::new(10, 100, 2, t0);
+        let ip: IpAddr = "203.0.113.9".parse().unwrap();
+        // A burst of twice the rate, then a wait of one token's time.
+        assert!((0..20).all(|_| l.check(ApiClient::Ip(ip), t0).is_ok()));
+        let wait = l.check(ApiClient::Ip(ip), t0).unwrap_err();
+        assert!((Duration::from_millis(99)..=Duration::from_millis(101)).contains(&wait));
+        assert!(l.check(ApiClient::Ip(ip), t0 + wait).is_ok());
+        // Another address, a key and an unknown client are counted apart.
+        assert!(l
+            .check(ApiClient::Ip("203.0.113.10".parse().unwrap()), t0)
+            .is_ok());
+        assert!((0..200).all(|_| l.check(ApiClient::Key(1), t0).is_ok()));
+        assert!(l.check(ApiClient::Key(1), t0).is_err());
+        assert!(l.check(ApiClient::Key(0), t0).is_ok());
+        assert!((0..1000).all(|_| l.check(ApiClient::Unknown, t0).is_ok()));
+        // IPv6 clients share their /64.
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        assert!((0..20).all(|_| l.check(ApiClient::Ip(a), t0).is_ok()));
+        assert!(l.check(ApiClient::Ip(b), t0).is_err());
+        assert!(l
+            .check(ApiClient::Ip("2001:db8:1:3::1".parse().unwrap()), t0)
+            .is_ok());
+        // Refilled buckets are forgotten.
+        assert_eq!(l.tracked(), 4);
+        l.sweep(t0 + Duration::from_secs(3));
+        assert_eq!(l.tracked(), 0);
+        // Rate 0: no limit.
+        let free = ApiLimiter::new(0, 0, 1, t0);
+        assert!((0..1000).all(|_| free.check(ApiClient::Ip(ip), t0).is_ok()
+            && free.check(ApiClient::Key(0), t0).is_ok()));
+    }
+
+    #[test]
+    fn the_api_limiter_table_is_bounded() {
+        let t0 = Instant::now();
+        let l = ApiLimiter::new(1, 0, 0, t0);
+        for i in 0..(MAX_TRACKED_IPS as u32 * 2) {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            let _ = l.check(ApiClient::Ip(ip), t0);
+        }
+        assert!(l.tracked() <= MAX_TRACKED_IPS);
+        // The clients that found it full share one bucket: some of them are refused.
+        let refused = (0..10u32)
+            .filter(|i| {
+                let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0b00_0000 + i));
+                l.check(ApiClient::Ip(ip), t0).is_err()
+            })
+            .count();
+        assert!(refused > 0);
+    }
+
+    #[test]
+    fn a_throttle_lets_one_through_per_interval() {
+        let t = Throttle::new();
+        let every = Duration::from_secs(10);
+        assert_eq!(t.check(1, every), Some(0));
+        assert_eq!(t.check(2, every), None);
+        assert_eq!(t.check(9_000, every), None);
+        assert_eq!(t.check(10_001, every), Some(2));
+        assert_eq!(t.check(10_002, every), None);
     }
 }

@@ -129,16 +129,28 @@ fn serve(config: &Config, handle: ServerHandle) -> anyhow::Result<()> {
             None => None,
         };
         println!("listening on {scheme}://{}", handle.local_addr());
-        loop {
+        let drain = loop {
             tokio::select! {
-                _ = term.recv() => break tracing::info!("SIGTERM: shutting down"),
-                _ = int.recv() => break tracing::info!("SIGINT: shutting down"),
+                _ = term.recv() => break true,
+                _ = int.recv() => break false,
                 Some(()) = async { hup.as_mut()?.recv().await } => match handle.reload_tls() {
                     Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
                     Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate"),
                 },
             }
+        };
+        if drain && !config.drain_period.is_zero() {
+            // Load balancers see /readyz fail and stop sending new clients here; the clients
+            // already here are told to go only then, so that they reconnect elsewhere.
+            tracing::info!(period = ?config.drain_period, "SIGTERM: draining (/readyz 503)");
+            handle.drain();
+            tokio::select! {
+                _ = tokio::time::sleep(config.drain_period) => {}
+                _ = term.recv() => tracing::info!("SIGTERM again: drain cut short"),
+                _ = int.recv() => tracing::info!("SIGINT: drain cut short"),
+            }
         }
+        tracing::info!("shutting down: closing listeners, WebSockets (1012) and SSE streams");
         anyhow::Ok(())
     })?;
     handle.shutdown();

@@ -500,3 +500,83 @@ async fn sse_stream_ends_at_token_expiry() {
     assert_eq!(ev.event, "token_expired");
     assert!(sse.expect_end(Duration::from_secs(3)).await);
 }
+
+/// `exp` and `nbf` are NumericDates: a token whose `nbf` (or `exp`) is a string, which
+/// jsonwebtoken alone would let through unchecked, is refused on every door.
+#[tokio::test]
+async fn dates_that_are_not_numbers_are_refused() {
+    let relay = Relay::start_with(
+        &["--allow-anonymous", "subscribe=public:*"],
+        &[("RELAY_JWT_SECRET", SECRET)],
+    );
+    let future_nbf = hs(json!({"sub":"a","exp":now()+600,"nbf":"2999-01-01"}));
+    let text_exp = hs(json!({"sub":"a","exp":"never"}));
+    for t in [&future_nbf, &text_exp] {
+        assert_eq!(
+            ws_refused(&format!("{}?token={t}", relay.ws_url())).await,
+            401
+        );
+        assert_http_error(
+            &get_bearer(&relay, "/api/history/public:x", Some(t)).await,
+            401,
+            "unauthorized",
+        );
+        let sse = Sse::request(
+            &relay.http(&format!("/sse?channel=public:x&token={t}")),
+            &[],
+        )
+        .await;
+        assert_eq!(sse.status().as_u16(), 401);
+    }
+    // A numeric one in the future is refused as not valid yet; a past one is fine.
+    let later = hs(json!({"sub":"a","exp":now()+600,"nbf":now()+300}));
+    assert_eq!(
+        ws_refused(&format!("{}?token={later}", relay.ws_url())).await,
+        401
+    );
+    let fine = hs(json!({"sub":"a","exp":now()+600,"nbf":now()-5}));
+    ws_with(&relay, &fine).await.subscribe("public:x").await;
+}
+
+/// `{sub}` stands for a whole subject between separators: with `user:{sub}:*`, the subject
+/// `alice:x` (which holds the separator `:`) gets no `{sub}` channel, so it cannot reach alice's
+/// namespace `user:alice:*`, and alice's token is hers alone.
+#[tokio::test]
+async fn a_subject_with_separators_cannot_reach_another_subjects_channels() {
+    let relay = Relay::start_with(
+        &["--allow", "all=user:{sub}:*", "--allow", "all=user:{sub}"],
+        &[("RELAY_JWT_SECRET", SECRET)],
+    );
+    let mut alice = ws_with(&relay, &token("alice", 60, json!({}))).await;
+    alice.subscribe("user:alice").await;
+    alice.subscribe("user:alice:x:inbox").await;
+    let r = send_recv(
+        &mut alice,
+        json!({"type":"subscribe","channel":"user:alicex:inbox"}),
+    )
+    .await;
+    assert_forbidden(&r);
+    let mut other = ws_with(&relay, &token("alice:x", 60, json!({}))).await;
+    for ch in ["user:alice:x:inbox", "user:alice:x", "user:alice"] {
+        let r = send_recv(&mut other, json!({"type":"subscribe","channel":ch})).await;
+        assert_forbidden(&r);
+    }
+    // Its token is valid all the same: other rules still apply to it.
+    let r = send_recv(&mut other, json!({"type":"heartbeat"})).await;
+    assert_eq!(r["type"], "heartbeat");
+}
+
+/// A rule where `{sub}` does not stand between separators is refused at start.
+#[test]
+fn a_sub_pattern_that_could_overlap_is_refused_at_start() {
+    for rule in ["all=user{sub}", "all=u:{sub}*", "subscribe=*:{sub}"] {
+        let out = common::run_bin(
+            &["serve", "--listen", "127.0.0.1:0", "--allow", rule],
+            &[("RELAY_JWT_SECRET", SECRET)],
+            Duration::from_secs(10),
+        );
+        assert_eq!(out.status.code(), Some(2), "{rule}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("{sub}"), "{rule}: {err}");
+    }
+}

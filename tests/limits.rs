@@ -8,7 +8,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{assert_http_error, read_resp, RawWs, Relay, Sse, Ws};
+use common::{assert_http_error, metrics, read_resp, refused_count, RawWs, Relay, Sse, Ws};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -33,19 +33,6 @@ async fn closed_within(s: &mut TcpStream, d: Duration) -> bool {
             Ok(Ok(_)) => continue,
         }
     }
-}
-
-async fn metrics(relay: &Relay) -> String {
-    let (_, v) = relay.get("/metrics").await;
-    v.as_str().unwrap_or_default().to_owned()
-}
-
-fn refused_count(text: &str, cause: &str) -> u64 {
-    let key = format!("relay_refused_total{{cause=\"{cause}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
 }
 
 /// The status of a WebSocket upgrade with `Origin: origin`.
@@ -125,7 +112,15 @@ async fn origin_allow_list() {
 
 #[tokio::test]
 async fn connections_per_ip_are_capped_across_shards() {
-    let relay = Relay::start(&["--max-connections-per-ip", "4", "--shards", "2"]);
+    // Loopback peers are trusted proxies by default (`private`): count them as clients here.
+    let relay = Relay::start(&[
+        "--max-connections-per-ip",
+        "4",
+        "--shards",
+        "2",
+        "--trusted-proxies",
+        "none",
+    ]);
     let addr = relay.addr();
     // Four WebSocket sessions from 127.0.0.3, spread over both shards by the kernel.
     let mut held = Vec::new();

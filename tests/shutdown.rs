@@ -10,7 +10,8 @@ use serde_json::json;
 use tokio::time::Instant;
 
 async fn graceful(sig: &str) {
-    let mut relay = Relay::start(&["--shutdown-timeout", "5s"]);
+    // No drain period: the close starts at the signal (tests/edge.rs covers the drain).
+    let mut relay = Relay::start(&["--shutdown-timeout", "5s", "--drain-period", "0s"]);
     let mut ws = Ws::connect(&relay.ws_url()).await;
     ws.subscribe("s").await;
     let mut sse = Sse::connect(&relay.http("/sse?channel=s")).await;
@@ -57,7 +58,7 @@ async fn sigint_closes_clients_1012_and_exits_cleanly() {
 /// A client that never answers the close handshake cannot hold the node past the timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stubborn_client_bounded_by_shutdown_timeout() {
-    let mut relay = Relay::start(&["--shutdown-timeout", "1s"]);
+    let mut relay = Relay::start(&["--shutdown-timeout", "1s", "--drain-period", "0s"]);
     let mut raw = RawWs::connect(relay.addr()).await;
     raw.send_json(json!({"type":"subscribe","channel":"s"}))
         .await;

@@ -93,6 +93,12 @@ impl ServerHandle {
         }
     }
 
+    /// Starts the drain period: `/readyz` answers 503 (so that load balancers stop sending new
+    /// clients) while everything else is served as usual; [`ServerHandle::shutdown`] ends it.
+    pub fn drain(&self) {
+        self.node.drain();
+    }
+
     /// Starts the graceful shutdown: stop accepting, close WebSockets with 1012, end SSE
     /// streams. Returns at once; [`ServerHandle::join`] waits for the end.
     pub fn shutdown(&self) {

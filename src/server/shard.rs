@@ -15,8 +15,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::task::LocalSet;
 
-use crate::limits::{refused, Cause, IpGuard};
-use crate::transport::{http, Node, ShardContext};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::limits::{refused, Cause};
+use crate::transport::io::TimedIo;
+use crate::transport::{http, Node, Peer, ShardContext};
 
 /// Runs shard `index` until shutdown completes.
 pub fn run(
@@ -82,7 +86,10 @@ async fn serve(node: Arc<Node>, index: usize, listener: StdListener) {
             presence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = history.tick() => { node.engine.sweep(Instant::now()); }
+                    _ = history.tick() => {
+                        node.engine.sweep(Instant::now());
+                        node.api.sweep(Instant::now());
+                    }
                     _ = presence.tick() => {
                         let wake = node.engine.sweep_presence(Instant::now());
                         node.wake(wake);
@@ -96,22 +103,20 @@ async fn serve(node: Arc<Node>, index: usize, listener: StdListener) {
     loop {
         tokio::select! {
             r = listener.accept() => match r {
-                Ok((stream, peer)) => match node.ips.try_acquire(peer.ip()) {
-                    Some(guard) => {
-                        let _ = stream.set_nodelay(true);
-                        tracker.spawn_local(serve_connection(ctx.clone(), stream, Arc::new(guard)));
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    if node.config.proxy_protocol {
+                        // The client is known once the PROXY header is read.
+                        tracker.spawn_local(serve_proxied(ctx.clone(), stream, peer.ip()));
+                    } else if let Some(peer) = admit(&node, &stream, peer.ip()) {
+                        let io = TimedIo::new(stream, node.config.write_timeout);
+                        let deadline = tokio::time::Instant::now() + node.config.handshake_timeout;
+                        tracker.spawn_local(serve_connection(ctx.clone(), io, peer, deadline));
                     }
-                    None => {
-                        refused(Cause::IpLimit, &peer.ip().to_string());
-                        if node.tls.is_none() {
-                            // Best effort, never waits: the socket is closed right after.
-                            let _ = stream.try_write(TOO_MANY_CONNECTIONS);
-                        }
-                    }
-                },
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(shard = index, error = %e, "accept failed");
+                    crate::limits::accept_failed(index, &e);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
@@ -136,6 +141,48 @@ async fn serve(node: Arc<Node>, index: usize, listener: StdListener) {
 const TOO_MANY_CONNECTIONS: &[u8] =
     b"HTTP/1.1 429 Too Many Requests\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
+/// Takes the connection's per-IP slot: none for a trusted proxy (its requests take slots for
+/// the clients they name); `None` when `ip` has too many connections (then the client is told
+/// so, best effort, and the socket closed).
+fn admit(node: &Node, stream: &tokio::net::TcpStream, ip: IpAddr) -> Option<Peer> {
+    if node.trusted.contains(ip) {
+        return Some(Peer { ip, guard: None });
+    }
+    match node.ips.try_acquire(crate::proxy::canonical(ip)) {
+        Some(guard) => Some(Peer {
+            ip,
+            guard: Some(Arc::new(guard)),
+        }),
+        None => {
+            refused(Cause::IpLimit, &ip.to_string());
+            if node.tls.is_none() {
+                // Never waits: the socket is closed right after.
+                let _ = stream.try_write(TOO_MANY_CONNECTIONS);
+            }
+            None
+        }
+    }
+}
+
+/// Serves a connection that starts with a PROXY protocol header (`--proxy-protocol`): the
+/// header must come within `--handshake-timeout`, and names the client that per-IP limits
+/// count.
+async fn serve_proxied(ctx: Rc<ShardContext>, stream: tokio::net::TcpStream, tcp_peer: IpAddr) {
+    let cfg = ctx.config();
+    let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
+    let mut io = TimedIo::new(stream, cfg.write_timeout);
+    let source = match tokio::time::timeout_at(deadline, io.read_proxy_header()).await {
+        Ok(Ok(source)) => source,
+        Ok(Err(e)) => return refused(Cause::ProxyProtocol, &e.to_string()),
+        Err(_) => return refused(Cause::HandshakeTimeout, "PROXY protocol header"),
+    };
+    // No source: the proxy's own connection (a health check), counted as the proxy.
+    let ip = source.unwrap_or(tcp_peer);
+    if let Some(peer) = admit(&ctx.node, io.tcp(), ip) {
+        serve_connection(ctx, io, peer, deadline).await;
+    }
+}
+
 /// Runs hyper's per-stream tasks of an HTTP/2 connection on the shard's `LocalSet`: our
 /// bodies hold shard-local `Rc`s, so they cannot move to another thread.
 #[derive(Clone, Copy)]
@@ -149,33 +196,43 @@ impl<F: std::future::Future + 'static> hyper::rt::Executor<F> for LocalExec {
 
 /// Serves one accepted connection: the TLS handshake when TLS is on (then HTTP/2 or
 /// HTTP/1.1 by ALPN), else HTTP/1.1. The TLS handshake and the first request's headers must
-/// be done within `--handshake-timeout`; `guard` holds the connection's per-IP slot and goes
-/// with it into an upgraded WebSocket session.
+/// be done by `deadline` (`--handshake-timeout`); every request carries `peer`, whose per-IP
+/// slot goes with it into an upgraded WebSocket session.
 async fn serve_connection(
     ctx: Rc<ShardContext>,
-    stream: tokio::net::TcpStream,
-    guard: Arc<IpGuard>,
+    mut io: TimedIo,
+    peer: Peer,
+    deadline: tokio::time::Instant,
 ) {
-    let deadline = tokio::time::Instant::now() + ctx.config().handshake_timeout;
     let started = Rc::new(Cell::new(false));
     let svc_ctx = ctx.clone();
     let svc_started = started.clone();
     let svc = service_fn(move |mut req| {
         svc_started.set(true);
-        req.extensions_mut().insert(guard.clone());
+        req.extensions_mut().insert(peer.clone());
         let ctx = svc_ctx.clone();
         async move { Ok::<_, Infallible>(http::handle(ctx, req).await) }
     });
     let Some(tls) = ctx.node.tls.clone() else {
-        return serve_http1(&ctx, TokioIo::new(stream), svc, &started, deadline).await;
+        return serve_http1(&ctx, TokioIo::new(io), svc, &started, deadline).await;
     };
-    let stream = match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
+    // Known only after the handshake, and cheap: counted on every TLS connection.
+    let activity = io.track_activity();
+    let stream = match tokio::time::timeout_at(deadline, tls.acceptor().accept(io)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return refused(Cause::Tls, &e.to_string()),
         Err(_) => return refused(Cause::HandshakeTimeout, "TLS handshake"),
     };
     if stream.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
-        serve_h2(&ctx, TokioIo::new(stream), svc, &started, deadline).await
+        serve_h2(
+            &ctx,
+            TokioIo::new(stream),
+            svc,
+            &started,
+            deadline,
+            activity,
+        )
+        .await
     } else {
         serve_http1(&ctx, TokioIo::new(stream), svc, &started, deadline).await
     }
@@ -193,9 +250,11 @@ async fn serve_http1<I, S>(
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let cfg = ctx.config();
+    // hyper starts this timer when the connection goes idle after a response, so it is the
+    // keep-alive timeout (the first request has the stricter `deadline` below).
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(cfg.handshake_timeout)
+        .header_read_timeout(cfg.keepalive_timeout)
         .max_buf_size(cfg.max_header_size)
         .serve_connection(io, svc)
         .with_upgrades();
@@ -208,10 +267,9 @@ async fn serve_http1<I, S>(
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
+                    // A timeout here is the keep-alive timeout: no refusal.
                     if e.is_parse_too_large() {
                         refused(Cause::HeaderTooLarge, &e.to_string());
-                    } else if e.is_timeout() {
-                        refused(Cause::HandshakeTimeout, "request headers");
                     }
                     tracing::debug!(error = %e, "http connection error");
                 }
@@ -238,6 +296,7 @@ async fn serve_h2<I, S>(
     svc: S,
     started: &Cell<bool>,
     deadline: tokio::time::Instant,
+    activity: Arc<AtomicU64>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
     S: hyper::service::HttpService<hyper::body::Incoming, ResBody = http::Body>,
@@ -255,6 +314,10 @@ async fn serve_h2<I, S>(
     let first_request = tokio::time::sleep_until(deadline);
     tokio::pin!(first_request);
     let mut armed = true;
+    // Idle: no byte moved for a whole keep-alive period (so between one and two of them).
+    let mut idle = tokio::time::interval(cfg.keepalive_timeout);
+    idle.tick().await;
+    let mut moved = activity.load(Ordering::Relaxed);
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -262,6 +325,15 @@ async fn serve_h2<I, S>(
                     tracing::debug!(error = %e, "h2 connection error");
                 }
                 return;
+            }
+            _ = idle.tick() => {
+                let now = activity.load(Ordering::Relaxed);
+                if now == moved {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(cfg.shutdown_timeout, conn).await;
+                    return;
+                }
+                moved = now;
             }
             _ = &mut first_request, if armed => {
                 if !started.get() {

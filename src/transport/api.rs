@@ -25,7 +25,11 @@ pub const MAX_BROADCAST: usize = 100;
 
 /// Routes `/api/*`.
 pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> {
-    let g = match grants(&ctx, &req) {
+    let key = api_key(&ctx.config().api_key, &req);
+    if let Err(res) = within_rate(&ctx, &req, key) {
+        return res;
+    }
+    let g = match grants(&ctx, &req, key.is_some()) {
         Ok(g) => g,
         Err(res) => return res,
     };
@@ -75,7 +79,11 @@ pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<B
 /// configured); with JWT auth, what its bearer token grants, or what anonymous clients may.
 // The error is the response itself, built once per refused request: boxing it buys nothing.
 #[allow(clippy::result_large_err)]
-fn grants(ctx: &ShardContext, req: &Request<Incoming>) -> Result<Grants, Response<Body>> {
+fn grants(
+    ctx: &ShardContext,
+    req: &Request<Incoming>,
+    has_key: bool,
+) -> Result<Grants, Response<Body>> {
     let cfg = ctx.config();
     let bearer = req
         .headers()
@@ -86,7 +94,7 @@ fn grants(ctx: &ShardContext, req: &Request<Incoming>) -> Result<Grants, Respons
         crate::limits::refused(crate::limits::Cause::Unauthorized, "api");
         error(StatusCode::UNAUTHORIZED, "unauthorized", message)
     };
-    if bearer.is_some() && !cfg.api_key.is_empty() && authorized(&cfg.api_key, req) {
+    if has_key {
         return Ok(Grants::all());
     }
     match (&ctx.node.auth, bearer) {
@@ -108,23 +116,59 @@ fn forbidden(message: &str) -> Response<Body> {
     error(StatusCode::FORBIDDEN, "forbidden", message)
 }
 
-/// Whether the request carries one of `keys` (always, when there are none). Every key is
-/// compared in full, in constant time, so timing tells nothing about a key.
-fn authorized(keys: &[String], req: &Request<Incoming>) -> bool {
-    if keys.is_empty() {
-        return true;
-    }
-    let Some(given) = req
+/// Which of `keys` the request's bearer is, if any. Every key is compared in full, in constant
+/// time, so timing tells nothing about a key.
+fn api_key(keys: &[String], req: &Request<Incoming>) -> Option<usize> {
+    let given = req
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
-    keys.iter().fold(false, |ok, k| {
-        ok | ct_eq(k.as_bytes(), given.trim().as_bytes())
+        .and_then(|v| v.strip_prefix("Bearer "))?
+        .trim();
+    keys.iter().enumerate().fold(None, |found, (i, k)| {
+        if ct_eq(k.as_bytes(), given.as_bytes()) {
+            Some(i)
+        } else {
+            found
+        }
     })
+}
+
+/// Counts the request against its API key's rate, or its client address's when it has no key;
+/// the 429 (with `Retry-After`) of one over it.
+// The error is the response itself, built once per refused request: boxing it buys nothing.
+#[allow(clippy::result_large_err)]
+fn within_rate(
+    ctx: &ShardContext,
+    req: &Request<Incoming>,
+    key: Option<usize>,
+) -> Result<(), Response<Body>> {
+    use crate::limits::ApiClient;
+    let who = match key {
+        Some(i) => ApiClient::Key(i),
+        None => req
+            .extensions()
+            .get::<super::Peer>()
+            .and_then(|p| ctx.node.client(p, req.headers()))
+            .map_or(ApiClient::Unknown, ApiClient::Ip),
+    };
+    let Err(wait) = ctx.node.api.check(who, Instant::now()) else {
+        return Ok(());
+    };
+    let (flag, detail) = match who {
+        ApiClient::Ip(ip) => ("--api-rate-limit", ip.to_string()),
+        _ => ("--api-key-rate-limit", "api key".to_owned()),
+    };
+    crate::limits::refused(crate::limits::Cause::ApiRateLimited, &detail);
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let mut res = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        &format!("too many API requests ({flag}): retry after {secs} s"),
+    );
+    res.headers_mut()
+        .insert(hyper::header::RETRY_AFTER, secs.max(1).into());
+    Err(res)
 }
 
 /// Constant-time equality (for equal lengths; lengths are not secret).
@@ -170,14 +214,33 @@ async fn read_body(ctx: &ShardContext, req: Request<Incoming>) -> Result<Bytes, 
     if declared.is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), max).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(_) => Err(error(
+    let timeout = ctx.config().body_timeout;
+    let body = Limited::new(req.into_body(), max).collect();
+    match tokio::time::timeout(timeout, body).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(_)) => Err(error(
             StatusCode::BAD_REQUEST,
             "bad_request",
             "could not read the body",
         )),
+        Err(_) => {
+            // A slow body holds the connection: it is closed after this answer.
+            crate::limits::refused(crate::limits::Cause::BodyTimeout, "http body");
+            let mut res = error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                &format!(
+                    "the body did not arrive within {} ms (--body-timeout)",
+                    timeout.as_millis()
+                ),
+            );
+            res.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+            Err(res)
+        }
     }
 }
 

@@ -150,11 +150,11 @@ async fn route(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> 
         },
         (&Method::GET, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
         (&Method::GET, "/readyz") => {
-            if ctx.node.shutdown.is_cancelled() {
+            if ctx.node.is_leaving() {
                 error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "shutting_down",
-                    "the node is shutting down",
+                    "the node is draining or shutting down",
                 )
             } else if !ctx.node.is_ready() {
                 error(
@@ -177,6 +177,26 @@ async fn route(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> 
         }
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such path"),
     }
+}
+
+/// The per-IP slot a WebSocket or SSE request holds while it lasts ([`super::Node::stream_slot`]),
+/// or the 429 of a client that has too many connections.
+// The error is the response itself, built once per refused request: boxing it buys nothing.
+#[allow(clippy::result_large_err)]
+pub fn stream_slot<B>(
+    ctx: &ShardContext,
+    req: &Request<B>,
+) -> Result<Option<std::sync::Arc<crate::limits::IpGuard>>, Response<Body>> {
+    ctx.node
+        .stream_slot(req.extensions().get::<super::Peer>(), req.headers())
+        .map_err(|ip| {
+            crate::limits::refused(crate::limits::Cause::IpLimit, &ip.to_string());
+            error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                "this address has the most connections allowed (--max-connections-per-ip)",
+            )
+        })
 }
 
 /// A JSON response.

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod demo;
 pub mod http;
+pub mod io;
 pub mod sse;
 pub mod ws;
 
@@ -43,6 +44,23 @@ pub struct Node {
     pub ips: Arc<crate::limits::IpLimiter>,
     /// TLS config, reloadable; `None`: plain TCP.
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// HTTP API request rates per key and per client address, over all shards.
+    pub api: crate::limits::ApiLimiter,
+    /// Peers whose forwarding headers name the client (`--trusted-proxies`).
+    pub trusted: crate::proxy::TrustedProxies,
+    /// Set on SIGTERM: `/readyz` answers 503 for the drain period, while everything else is
+    /// served as usual.
+    draining: std::sync::atomic::AtomicBool,
+}
+
+/// The other end of an HTTP connection, in every request's extensions.
+#[derive(Clone)]
+pub struct Peer {
+    /// The TCP peer, or the client its PROXY protocol header names.
+    pub ip: std::net::IpAddr,
+    /// The connection's per-IP slot; `None` from a trusted proxy, whose WebSocket and SSE
+    /// requests each take a slot for the client they name ([`Node::stream_slot`]).
+    pub guard: Option<Arc<crate::limits::IpGuard>>,
 }
 
 impl Node {
@@ -76,12 +94,60 @@ impl Node {
         Self {
             backplane,
             ips: crate::limits::IpLimiter::new(config.max_connections_per_ip),
+            api: crate::limits::ApiLimiter::new(
+                config.api_rate_limit,
+                config.api_key_rate_limit,
+                config.api_key.len(),
+                std::time::Instant::now(),
+            ),
+            trusted: crate::proxy::TrustedProxies::new(&config.trusted_proxies),
+            draining: Default::default(),
             auth,
             tls,
             config,
             engine,
             wakers: wakers.0,
             shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// Starts the drain period: `/readyz` answers 503 from now on.
+    pub fn drain(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the node is draining or shutting down (`/readyz` 503).
+    pub fn is_leaving(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed) || self.shutdown.is_cancelled()
+    }
+
+    /// The address a request from `peer` is counted as: see [`crate::proxy::forwarded_client`].
+    pub fn client(&self, peer: &Peer, headers: &hyper::HeaderMap) -> Option<std::net::IpAddr> {
+        crate::proxy::forwarded_client(peer.ip, headers, &self.trusted)
+    }
+
+    /// The per-IP slot a long-lived request (WebSocket, SSE stream) holds while it lasts: its
+    /// connection's, or, from a trusted proxy, one for the client the request names (none
+    /// when it names none). `Err(client)`: that client has `--max-connections-per-ip` open.
+    pub fn stream_slot(
+        &self,
+        peer: Option<&Peer>,
+        headers: &hyper::HeaderMap,
+    ) -> Result<Option<Arc<crate::limits::IpGuard>>, std::net::IpAddr> {
+        let Some(peer) = peer else {
+            return Ok(None);
+        };
+        if let Some(g) = &peer.guard {
+            return Ok(Some(g.clone()));
+        }
+        match self.client(peer, headers) {
+            None => Ok(None),
+            Some(ip) => self
+                .ips
+                .try_acquire(ip)
+                .map(|g| Some(Arc::new(g)))
+                .ok_or(ip),
         }
     }
 
@@ -182,7 +248,7 @@ impl Node {
     /// Whether the node can take publishes (`/readyz`): not shutting down, and its backplane
     /// reachable.
     pub fn is_ready(&self) -> bool {
-        !self.shutdown.is_cancelled() && self.backplane.is_ready()
+        !self.is_leaving() && self.backplane.is_ready()
     }
 
     /// Wakes the shards in `mask` to pump their hubs.

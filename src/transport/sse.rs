@@ -75,6 +75,10 @@ pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bod
             &format!("no subscribe permission on {ch}"),
         );
     }
+    let slot = match super::http::stream_slot(&ctx, &req) {
+        Ok(s) => s,
+        Err(res) => return res,
+    };
     if channels.len() > cfg.max_subscriptions {
         crate::limits::refused(crate::limits::Cause::TooManySubscriptions, "sse");
         return error(
@@ -195,7 +199,9 @@ pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bod
         head: Some(head.freeze()),
         keepalive: Box::pin(keepalive),
         keepalive_every: cfg.sse_keepalive,
+        retry: cfg.sse_retry,
         ended: false,
+        _slot: slot,
         expires: auth
             .exp
             .map(|exp| Box::pin(tokio::time::sleep_until(super::ws::instant_of(exp).into()))),
@@ -234,8 +240,13 @@ pub struct SseBody {
     head: Option<Bytes>,
     keepalive: Pin<Box<tokio::time::Sleep>>,
     keepalive_every: std::time::Duration,
+    /// `--sse-retry`: on shutdown the stream ends with a `retry:` spread below it.
+    retry: std::time::Duration,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     ended: bool,
+    /// The client's per-IP slot when it came through a trusted proxy (else the connection
+    /// holds it).
+    _slot: Option<std::sync::Arc<crate::limits::IpGuard>>,
     /// The token's expiry: the stream ends then, with a `token_expired` event.
     expires: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -264,8 +275,12 @@ impl HttpBody for SseBody {
             return Poll::Ready(Some(Ok(Frame::data(sse::event("token_expired", "{}")))));
         }
         if this.shutdown.as_mut().poll(cx).is_ready() {
+            // The node is going: reconnect elsewhere, each stream after its own delay below
+            // `--sse-retry`, so that its clients do not all arrive at once.
             this.ended = true;
-            return Poll::Ready(None);
+            let spread = this.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+            let ms = spread % (this.retry.as_millis() as u64).max(1);
+            return Poll::Ready(Some(Ok(Frame::data(sse::retry(u128::from(ms))))));
         }
         match this.outbox.state() {
             // Ending the stream makes the client reconnect with Last-Event-ID and resume.

@@ -17,7 +17,8 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+
+use super::io::TimedIo;
 
 use super::http::{error, Body};
 use super::ShardContext;
@@ -62,7 +63,10 @@ pub fn upgrade(ctx: Rc<ShardContext>, mut req: Request<Incoming>) -> Response<Bo
             return error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string());
         }
     };
-    let guard = req.extensions_mut().remove::<Arc<crate::limits::IpGuard>>();
+    let guard = match super::http::stream_slot(&ctx, &req) {
+        Ok(g) => g,
+        Err(res) => return res,
+    };
     let (mut res, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(x) => x,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
@@ -88,11 +92,17 @@ pub fn upgrade(ctx: Rc<ShardContext>, mut req: Request<Incoming>) -> Response<Bo
             }
         };
         let upgraded = ws.into_inner().into_inner();
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
+        match upgraded.downcast::<TokioIo<TimedIo>>() {
             Ok(parts) => {
-                let mut tcp = parts.io.into_inner();
-                let (rd, wr) = tcp.split();
-                run(ctx, wire, auth, rd, wr, parts.read_buf).await;
+                let mut io = parts.io.into_inner();
+                let (unread, rd, wr) = io.split();
+                // Bytes read past a PROXY header come before hyper's.
+                let pre = if unread.is_empty() {
+                    parts.read_buf
+                } else {
+                    [unread, parts.read_buf].concat().into()
+                };
+                run(ctx, wire, auth, rd, wr, pre).await;
             }
             Err(up) => {
                 // TLS (and anything else hyper may hand us): its own buffer comes first.

@@ -342,6 +342,27 @@ pub async fn read_resp(resp: reqwest::Response) -> (u16, Value) {
     (status, v)
 }
 
+/// The Prometheus text of `/metrics`.
+pub async fn metrics(relay: &Relay) -> String {
+    let (_, v) = relay.get("/metrics").await;
+    v.as_str().unwrap_or_default().to_owned()
+}
+
+/// The value of the sample `series` (name and labels, as printed) in Prometheus text; 0 when
+/// absent.
+pub fn metric(text: &str, series: &str) -> u64 {
+    let key = format!("{series} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// `relay_refused_total{cause}` in Prometheus text.
+pub fn refused_count(text: &str, cause: &str) -> u64 {
+    metric(text, &format!("relay_refused_total{{cause=\"{cause}\"}}"))
+}
+
 /// Assert an HTTP error response: `status` and `{"error":{"code":code,"message":"…"}}`.
 pub fn assert_http_error(resp: &(u16, Value), status: u16, code: &str) {
     let (s, body) = resp;

@@ -1,0 +1,305 @@
+//! The socket of an accepted connection, with the bounds that hyper does not keep: a write
+//! that makes no progress for `--write-timeout` fails (and the socket is reset), the bytes read
+//! past a PROXY protocol header are served first, and, for HTTP/2, reads and writes are counted
+//! so that an idle connection can be found.
+//!
+//! **Invariant:** a client that stops reading holds nothing of ours past `--write-timeout`:
+//! hyper's buffered response, an SSE stream or a WebSocket session's outbox go with the socket.
+
+use std::future::Future;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::time::Sleep;
+
+use crate::proxy::{parse_proxy_header, ProxyHeaderError};
+
+/// The deadline of a stalled write: armed when a write cannot proceed, cleared by any
+/// progress.
+pub struct WriteDeadline {
+    timeout: Duration,
+    /// Boxed only while a write waits: an idle connection pays one word.
+    stall: Option<Pin<Box<Sleep>>>,
+}
+
+impl WriteDeadline {
+    /// A deadline of `timeout` (zero: none).
+    pub fn new(timeout: Duration) -> WriteDeadline {
+        WriteDeadline {
+            timeout,
+            stall: None,
+        }
+    }
+
+    /// Passes on the result of a write, flush or shutdown; one that has stayed pending for the
+    /// whole timeout becomes a `TimedOut` error, and `tcp` is set to reset when it closes (so
+    /// the kernel drops its unsent bytes at once instead of retrying them for minutes).
+    fn check<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        tcp: &TcpStream,
+        r: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if r.is_ready() || self.timeout.is_zero() {
+            self.stall = None;
+            return r;
+        }
+        let timeout = self.timeout;
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if stall.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.stall = None;
+        let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+        crate::limits::refused(
+            crate::limits::Cause::WriteTimeout,
+            "the client stopped reading",
+        );
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "write timeout: the client read nothing",
+        )))
+    }
+}
+
+/// An accepted TCP connection. See the module docs.
+pub struct TimedIo {
+    tcp: TcpStream,
+    /// Read past the PROXY header: the connection's first bytes.
+    pre: Bytes,
+    write: WriteDeadline,
+    /// Counts reads and writes that moved bytes (HTTP/2 idle detection only).
+    activity: Option<Arc<AtomicU64>>,
+}
+
+impl TimedIo {
+    /// `tcp` with writes bounded by `write_timeout`.
+    pub fn new(tcp: TcpStream, write_timeout: Duration) -> TimedIo {
+        TimedIo {
+            tcp,
+            pre: Bytes::new(),
+            write: WriteDeadline::new(write_timeout),
+            activity: None,
+        }
+    }
+
+    /// The socket.
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// Reads the connection's PROXY protocol header: the client's address, or `None` for the
+    /// proxy's own connections. What came after the header is read next.
+    pub async fn read_proxy_header(&mut self) -> Result<Option<IpAddr>, ProxyHeaderError> {
+        let mut buf = BytesMut::with_capacity(256);
+        loop {
+            let n = self
+                .tcp
+                .read_buf(&mut buf)
+                .await
+                .map_err(|e| ProxyHeaderError::Malformed(e.to_string()))?;
+            if n == 0 {
+                return Err(ProxyHeaderError::Missing);
+            }
+            if let Some(h) = parse_proxy_header(&buf)? {
+                buf.advance(h.len);
+                self.pre = buf.freeze();
+                return Ok(h.source);
+            }
+        }
+    }
+
+    /// Starts counting the reads and writes that move bytes.
+    pub fn track_activity(&mut self) -> Arc<AtomicU64> {
+        self.activity.get_or_insert_with(Default::default).clone()
+    }
+
+    /// Splits the connection for a WebSocket session: the bytes not yet read (served before
+    /// the read half), the read half, and the write half with this connection's deadline.
+    pub fn split(&mut self) -> (Bytes, ReadHalf<'_>, TimedWrite<'_>) {
+        let pre = std::mem::take(&mut self.pre);
+        let write = WriteDeadline::new(self.write.timeout);
+        let (rd, wr) = self.tcp.split();
+        (pre, rd, TimedWrite { wr, write })
+    }
+
+    fn moved(&self) {
+        if let Some(a) = &self.activity {
+            a.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl AsyncRead for TimedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.pre.is_empty() {
+            let n = this.pre.len().min(buf.remaining());
+            buf.put_slice(&this.pre[..n]);
+            this.pre.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.tcp).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.moved();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for TimedIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.tcp).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.moved();
+        }
+        this.write.check(cx, &this.tcp, r)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.moved();
+        }
+        this.write.check(cx, &this.tcp, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.tcp).poll_flush(cx);
+        this.write.check(cx, &this.tcp, r)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.tcp).poll_shutdown(cx);
+        this.write.check(cx, &this.tcp, r)
+    }
+}
+
+/// The write half of a WebSocket session's connection, with its write deadline.
+pub struct TimedWrite<'a> {
+    wr: WriteHalf<'a>,
+    write: WriteDeadline,
+}
+
+impl AsyncWrite for TimedWrite<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.wr).poll_write(cx, data);
+        this.write.check(cx, this.wr.as_ref(), r)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.wr).poll_write_vectored(cx, bufs);
+        this.write.check(cx, this.wr.as_ref(), r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.wr.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.wr).poll_flush(cx);
+        this.write.check(cx, this.wr.as_ref(), r)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.wr).poll_shutdown(cx);
+        this.write.check(cx, this.wr.as_ref(), r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (s, c)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_nobody_reads_fails_after_the_timeout() {
+        let (server, _client) = pair().await;
+        let mut io = TimedIo::new(server, Duration::from_secs(5));
+        let chunk = vec![0u8; 1 << 20];
+        let t0 = tokio::time::Instant::now();
+        let err = loop {
+            if let Err(e) = io.write_all(&chunk).await {
+                break e;
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(t0.elapsed() >= Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn bytes_after_the_proxy_header_are_read_first() {
+        let (server, mut client) = pair().await;
+        client
+            .write_all(b"PROXY TCP4 203.0.113.7 10.0.0.1 1000 80\r\nGET /")
+            .await
+            .unwrap();
+        let mut io = TimedIo::new(server, Duration::from_secs(5));
+        let src = io.read_proxy_header().await.unwrap();
+        assert_eq!(src, Some("203.0.113.7".parse().unwrap()));
+        client.write_all(b" HTTP/1.1").await.unwrap();
+        let mut got = vec![0u8; 14];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"GET / HTTP/1.1");
+    }
+
+    #[tokio::test]
+    async fn a_connection_without_a_proxy_header_is_refused() {
+        let (server, mut client) = pair().await;
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut io = TimedIo::new(server, Duration::from_secs(5));
+        assert_eq!(io.read_proxy_header().await, Err(ProxyHeaderError::Missing));
+    }
+}
