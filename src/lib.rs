@@ -9,8 +9,8 @@
 //! - [`protocol`]: sans-IO wire codecs: WebSocket framing, JSON commands and events, SSE.
 //! - [`config`]: the settings, from flags, environment and TOML file.
 //! - [`auth`]: JWT verification and channel grants (pure).
-//! - [`limits`]: connections per IP (shared by the shards), per-connection rate limit, and
-//!   the refusal counter.
+//! - [`limits`]: connections per client address (shared by the shards), per-connection and
+//!   HTTP API rate limits, the refusal counter, and the throttled accept error log.
 //! - [`proxy`]: the client behind load balancers: PROXY protocol headers, trusted
 //!   `X-Forwarded-For` / `Forwarded`.
 //! - [`tls`]: rustls server config with ALPN, swapped on SIGHUP.

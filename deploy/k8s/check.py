@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks the Kubernetes manifests of deploy/k8s: schema validation with kubernetes-validate
 (PyPI; strict: unknown fields are errors) when it is installed, and, always, the properties the
-deployment relies on (probe paths, preStop drain, PDB, Service, Redis, backplane args).
+deployment relies on (probe paths, drain period, PDB, Service, Redis, backplane args).
 
     pip install kubernetes-validate && python3 deploy/k8s/check.py
 Exits non-zero on any failure; prints what it checked.
@@ -61,18 +61,22 @@ def main():
         fail("readiness probe must be GET /readyz")
     if c["livenessProbe"]["httpGet"]["path"] != "/healthz":
         fail("liveness probe must be GET /healthz")
-    pre = c["lifecycle"]["preStop"]
-    sleep = pre.get("sleep", {}).get("seconds") or (pre.get("exec", {}).get("command", [None, 0])[1:] or [0])[0]
-    if not sleep or int(sleep) <= 0:
-        fail("preStop must sleep before SIGTERM")
+    def seconds(flag):
+        arg = next((a for a in c["args"] if a.startswith(flag + "=")), None) or fail(f"relay args lack {flag}=")
+        return int(arg.split("=")[1].rstrip("s"))
+    drain = seconds("--drain-period")
+    if drain <= 0:
+        fail("--drain-period must keep serving a while after SIGTERM, until endpoints drop the pod")
+    # relay drains itself; a preStop sleep would only add to it.
+    pre = c.get("lifecycle", {}).get("preStop", {})
+    sleep = pre.get("sleep", {}).get("seconds", 0)
     args = " ".join(c["args"])
     for want in ["--backplane redis", "--redis-url redis://redis:6379", "--listen=0.0.0.0:8080"]:
         if want not in args:
             fail(f"relay args lack {want!r}: {args}")
-    shutdown = next(a for a in c["args"] if a.startswith("--shutdown-timeout="))
     grace = spec["terminationGracePeriodSeconds"]
-    if int(sleep) + int(shutdown.split("=")[1].rstrip("s")) > grace:
-        fail("terminationGracePeriodSeconds must cover the preStop sleep and --shutdown-timeout")
+    if int(sleep) + drain + seconds("--shutdown-timeout") > grace:
+        fail("terminationGracePeriodSeconds must cover --drain-period and --shutdown-timeout")
     labels = dep["spec"]["selector"]["matchLabels"]
     pdb = by.get(("PodDisruptionBudget", "relay")) or fail("no PodDisruptionBudget relay")
     if pdb["spec"]["selector"]["matchLabels"] != labels:
@@ -82,7 +86,7 @@ def main():
         fail("the Service does not select the relay pods")
     if not by.get(("Deployment", "redis")) or not by.get(("Service", "redis")):
         fail("no Redis Deployment + Service")
-    print("k8s check: probes /readyz + /healthz, preStop drain, PDB, Service, Redis: ok")
+    print("k8s check: probes /readyz + /healthz, drain period, PDB, Service, Redis: ok")
 
 
 if __name__ == "__main__":
