@@ -239,17 +239,19 @@ async fn an_idle_keep_alive_connection_closes_at_the_keepalive_timeout() {
 // Item 8: operator safety
 // ---------------------------------------------------------------------------------------------
 
-/// `relay serve` with `args`, stdout piped, stderr piped.
-fn spawn_serve(args: &[&str]) -> Child {
-    Command::new(BIN)
-        .arg("serve")
-        .args(args)
-        .env("RUST_LOG", "warn")
+/// Starts `cmd` with warnings logged and stdout and stderr piped.
+fn spawn_piped(cmd: &mut Command) -> Child {
+    cmd.env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+/// `relay serve` with `args`.
+fn spawn_serve(args: &[&str]) -> Child {
+    spawn_piped(Command::new(BIN).arg("serve").args(args))
 }
 
 /// Whether `child` printed its listening line within `d` (false if it exited first).
@@ -648,16 +650,12 @@ async fn the_api_is_rate_limited_per_key() {
 /// per cause per interval, and the node serves again once descriptors are free.
 #[tokio::test]
 async fn accept_errors_are_logged_once_per_cause_per_interval() {
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg("ulimit -n 64 && exec \"$0\" serve --listen 127.0.0.1:0 --shards 2")
-        .arg(BIN)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_piped(
+        Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -n 64 && exec \"$0\" serve --listen 127.0.0.1:0 --shards 2")
+            .arg(BIN),
+    );
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();

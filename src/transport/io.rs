@@ -40,17 +40,22 @@ impl WriteDeadline {
         }
     }
 
-    /// Passes on the result of a write, flush or shutdown; one that has stayed pending for the
-    /// whole timeout becomes a `TimedOut` error, and `tcp` is set to reset when it closes (so
-    /// the kernel drops its unsent bytes at once instead of retrying them for minutes).
+    /// Passes on the result of a write (`write: true`), flush or shutdown; pending with no
+    /// write done for the whole timeout, it becomes a `TimedOut` error, and `tcp` is set to
+    /// reset when it closes (so the kernel drops its unsent bytes at once instead of retrying
+    /// them for minutes). Only a write that went through is progress: a flush of a socket is
+    /// ready whether or not the peer reads.
     fn check<T>(
         &mut self,
         cx: &mut Context<'_>,
         tcp: &TcpStream,
         r: Poll<io::Result<T>>,
+        write: bool,
     ) -> Poll<io::Result<T>> {
         if r.is_ready() || self.timeout.is_zero() {
-            self.stall = None;
+            if write {
+                self.stall = None;
+            }
             return r;
         }
         let timeout = self.timeout;
@@ -174,7 +179,7 @@ impl AsyncWrite for TimedIo {
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             this.moved();
         }
-        this.write.check(cx, &this.tcp, r)
+        this.write.check(cx, &this.tcp, r, true)
     }
 
     fn poll_write_vectored(
@@ -187,7 +192,7 @@ impl AsyncWrite for TimedIo {
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             this.moved();
         }
-        this.write.check(cx, &this.tcp, r)
+        this.write.check(cx, &this.tcp, r, true)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -197,13 +202,13 @@ impl AsyncWrite for TimedIo {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.tcp).poll_flush(cx);
-        this.write.check(cx, &this.tcp, r)
+        this.write.check(cx, &this.tcp, r, false)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.tcp).poll_shutdown(cx);
-        this.write.check(cx, &this.tcp, r)
+        this.write.check(cx, &this.tcp, r, false)
     }
 }
 
@@ -221,7 +226,7 @@ impl AsyncWrite for TimedWrite<'_> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.wr).poll_write(cx, data);
-        this.write.check(cx, this.wr.as_ref(), r)
+        this.write.check(cx, this.wr.as_ref(), r, true)
     }
 
     fn poll_write_vectored(
@@ -231,7 +236,7 @@ impl AsyncWrite for TimedWrite<'_> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.wr).poll_write_vectored(cx, bufs);
-        this.write.check(cx, this.wr.as_ref(), r)
+        this.write.check(cx, this.wr.as_ref(), r, true)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -241,13 +246,13 @@ impl AsyncWrite for TimedWrite<'_> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.wr).poll_flush(cx);
-        this.write.check(cx, this.wr.as_ref(), r)
+        this.write.check(cx, this.wr.as_ref(), r, false)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.wr).poll_shutdown(cx);
-        this.write.check(cx, this.wr.as_ref(), r)
+        this.write.check(cx, this.wr.as_ref(), r, false)
     }
 }
 

@@ -38,7 +38,7 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 /** Starts the relay; resolves with its address once it printed `listening on http://ADDR`. */
 function startRelay(listen = "127.0.0.1:0") {
-  const proc = spawn(RELAY, ["serve", "--listen", listen, "--demo", "--shutdown-timeout", "3s", "--sse-retry", "300ms"], {
+  const proc = spawn(RELAY, ["serve", "--listen", listen, "--demo", "--drain-period", "1s", "--shutdown-timeout", "3s", "--sse-retry", "300ms"], {
     stdio: ["ignore", "pipe", "pipe"],
     env: { ...process.env, RUST_LOG: process.env.RUST_LOG || "warn" },
   });
