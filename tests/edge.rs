@@ -325,12 +325,14 @@ async fn sigterm_drains_with_readyz_503_then_closes() {
     sse.expect_event("subscribed").await;
     let t0 = Instant::now();
     relay.signal("TERM");
+    // The signal is handled on the node's own time: wait for the drain to begin.
+    while relay.get("/readyz").await.0 == 200 {
+        assert!(t0.elapsed() < Duration::from_secs(1), "/readyz still 200 after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut seq = 0;
     while t0.elapsed() < Duration::from_millis(1500) {
-        let ready = relay.get("/readyz").await;
-        if seq > 0 || ready.0 == 503 {
-            assert_http_error(&ready, 503, "shutting_down");
-        }
+        assert_http_error(&relay.get("/readyz").await, 503, "shutting_down");
         assert_eq!(relay.get("/healthz").await.0, 200);
         seq = relay.publish_seq("s", json!("during the drain")).await;
         ws.expect_message("s", seq).await;
