@@ -327,7 +327,10 @@ async fn sigterm_drains_with_readyz_503_then_closes() {
     relay.signal("TERM");
     // The signal is handled on the node's own time: wait for the drain to begin.
     while relay.get("/readyz").await.0 == 200 {
-        assert!(t0.elapsed() < Duration::from_secs(1), "/readyz still 200 after SIGTERM");
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "/readyz still 200 after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut seq = 0;

@@ -1,11 +1,13 @@
 //! One shard: a thread pinned to a core, running a `current_thread` runtime with a `LocalSet`.
 //! It accepts on its own listener, serves its connections, pumps its hub when the engine wakes
-//! it, and (shard 0) sweeps expired history.
+//! it, and (shard 0) sweeps expired history and refilled API rate buckets.
 
 use std::cell::Cell;
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::net::TcpListener as StdListener;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,9 +16,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::task::LocalSet;
-
-use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::limits::{refused, Cause};
 use crate::transport::io::TimedIo;

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::net::tcp::WriteHalf;
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
@@ -130,13 +130,11 @@ impl TimedIo {
         self.activity.get_or_insert_with(Default::default).clone()
     }
 
-    /// Splits the connection for a WebSocket session: the bytes not yet read (served before
-    /// the read half), the read half, and the write half with this connection's deadline.
-    pub fn split(&mut self) -> (Bytes, ReadHalf<'_>, TimedWrite<'_>) {
-        let pre = std::mem::take(&mut self.pre);
-        let write = WriteDeadline::new(self.write.timeout);
-        let (rd, wr) = self.tcp.split();
-        (pre, rd, TimedWrite { wr, write })
+    /// The socket, the bytes read but not yet served, and the write timeout: what an upgraded
+    /// WebSocket session keeps (it splits the socket and wraps the write half in a
+    /// [`TimedWrite`]), and nothing else, since it lives as long as the session.
+    pub fn into_parts(self) -> (TcpStream, Bytes, Duration) {
+        (self.tcp, self.pre, self.write.timeout)
     }
 
     fn moved(&self) {
@@ -216,6 +214,16 @@ impl AsyncWrite for TimedIo {
 pub struct TimedWrite<'a> {
     wr: WriteHalf<'a>,
     write: WriteDeadline,
+}
+
+impl<'a> TimedWrite<'a> {
+    /// `wr` with writes bounded by `timeout`.
+    pub fn new(wr: WriteHalf<'a>, timeout: Duration) -> TimedWrite<'a> {
+        TimedWrite {
+            wr,
+            write: WriteDeadline::new(timeout),
+        }
+    }
 }
 
 impl AsyncWrite for TimedWrite<'_> {

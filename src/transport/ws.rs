@@ -18,7 +18,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::io::TimedIo;
+use super::io::{TimedIo, TimedWrite};
 
 use super::http::{error, Body};
 use super::ShardContext;
@@ -94,8 +94,9 @@ pub fn upgrade(ctx: Rc<ShardContext>, mut req: Request<Incoming>) -> Response<Bo
         let upgraded = ws.into_inner().into_inner();
         match upgraded.downcast::<TokioIo<TimedIo>>() {
             Ok(parts) => {
-                let mut io = parts.io.into_inner();
-                let (unread, rd, wr) = io.split();
+                let (mut tcp, unread, timeout) = parts.io.into_inner().into_parts();
+                let (rd, wr) = tcp.split();
+                let wr = TimedWrite::new(wr, timeout);
                 // Bytes read past a PROXY header come before hyper's.
                 let pre = if unread.is_empty() {
                     parts.read_buf
