@@ -23,8 +23,7 @@ fn bench(c: &mut Criterion) {
             history_size: 1000,
             history_ttl: Duration::from_secs(300),
             seed: 9,
-            presence: Default::default(),
-            slow_consumer: Vec::new(),
+            ..Default::default()
         }));
         let mut hub = Hub::new(0, engine.clone(), ENCODER);
         let name = ChannelName::new("bench").unwrap();
@@ -38,7 +37,9 @@ fn bench(c: &mut Criterion) {
         g.throughput(Throughput::Elements(n as u64));
         g.bench_function(format!("publish_to_{n}"), |b| {
             b.iter(|| {
-                engine.publish(&name, DataKind::Json, payload.clone(), now);
+                engine
+                    .publish(&name, DataKind::Json, payload.clone(), now)
+                    .unwrap();
                 let st = hub.pump();
                 assert_eq!(st.deliveries, n);
                 for o in &outboxes {

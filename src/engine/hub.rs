@@ -13,8 +13,10 @@ use bytes::Bytes;
 use indexmap::IndexMap;
 
 use super::outbox::{Out, Outbox, OutboxState};
-use super::presence::{PresenceError, PresenceEvent};
-use super::{Channel, Engine, Join, Publication, SlowPolicy, Subscribed, FRAME_SLOTS};
+use super::presence::PresenceEvent;
+use super::{
+    Channel, Engine, Join, Publication, SlowPolicy, SubscribeError, Subscribed, FRAME_SLOTS,
+};
 use crate::types::{ChannelName, StreamPosition};
 
 /// Builds frames for one encoding (an index below [`FRAME_SLOTS`]). The hub calls each at most
@@ -32,6 +34,9 @@ pub struct Encoder {
 /// Identifies a connection within its shard.
 pub type ConnId = u64;
 
+/// Most publications a replay reads from the ring under one lock.
+const REPLAY_PAGE: usize = 256;
+
 /// One local subscription.
 pub struct Subscriber {
     /// Where its frames go.
@@ -48,6 +53,9 @@ pub struct Subscriber {
     gap: Option<(u64, u64)>,
     /// `conflate` policy: the latest message it could not take yet.
     stash: Option<Arc<Publication>>,
+    /// While it resumes: the last seq its replay queued. Live delivery skips it (`after` is
+    /// `u64::MAX`) until the replay, paged out of the ring as its outbox drains, catches up.
+    replay: Option<u64>,
 }
 
 impl Subscriber {
@@ -61,11 +69,17 @@ impl Subscriber {
             pafter: 0,
             gap: None,
             stash: None,
+            replay: None,
         }
     }
 
     fn pending(&self) -> bool {
-        self.gap.is_some() || self.stash.is_some()
+        self.gap.is_some() || self.stash.is_some() || self.replay.is_some()
+    }
+
+    /// Whether it is still replaying a resume.
+    pub fn replaying(&self) -> bool {
+        self.replay.is_some()
     }
 }
 
@@ -93,6 +107,8 @@ pub struct PumpStats {
     pub slow: usize,
     /// Messages skipped for full outboxes under the `drop` or `conflate` policy.
     pub skipped: usize,
+    /// Messages queued from resume replays.
+    pub replayed: usize,
     /// Age of the oldest publication pulled (publish → queued), if any.
     pub oldest_age: Option<std::time::Duration>,
 }
@@ -133,9 +149,10 @@ impl Hub {
     }
 
     /// Subscribes connection `conn` (and adds it to the channel's presence when `join` is
-    /// given and the channel has presence). The caller queues its reply and `replay` into the
-    /// outbox right away (before yielding), so that they precede every live message, which
-    /// start after `position.seq`; and wakes `wake`.
+    /// given and the channel has presence). The caller queues its reply right away (before
+    /// yielding), then calls [`Hub::flush`] for the channel, which queues the first page of a
+    /// resume's replay; live messages follow the replay (or start after `position.seq`).
+    /// Wake `wake`.
     pub fn subscribe(
         &mut self,
         conn: ConnId,
@@ -144,7 +161,7 @@ impl Hub {
         join: Option<Join>,
         sub: Subscriber,
         now: Instant,
-    ) -> Result<Subscribed, PresenceError> {
+    ) -> Result<Subscribed, SubscribeError> {
         let s = self.engine.subscribe(self.shard, name, resume, join, now)?;
         let local = self.channels.entry(name.clone()).or_insert_with(|| Local {
             channel: s.channel.clone(),
@@ -169,8 +186,13 @@ impl Hub {
             local.generation = s.generation;
         }
         let sub = Subscriber {
-            after: s.position.seq,
+            after: if s.replay_after.is_some() {
+                u64::MAX
+            } else {
+                s.position.seq
+            },
             pafter: s.pseq,
+            replay: s.replay_after,
             ..sub
         };
         if local.subs.insert(conn, sub).is_some() {
@@ -203,17 +225,22 @@ impl Hub {
         Some(channel)
     }
 
-    /// Sends what connection `conn` deferred for lack of room (gap notices, conflated messages)
-    /// in its subscriptions `names`, as far as its outbox now has room. Writers call it when
-    /// [`Outbox::take_deferred`] says so.
+    /// Sends what connection `conn` deferred for lack of room (the next page of a resume's
+    /// replay, gap notices, conflated messages) in its subscriptions `names`, as far as its
+    /// outbox now has room. Writers call it when [`Outbox::take_deferred`] says so.
     pub fn flush(&mut self, conn: ConnId, names: &[ChannelName]) -> PumpStats {
         let mut stats = PumpStats::default();
         for name in names {
             let Some(local) = self.channels.get_mut(name) else {
                 continue;
             };
+            let (channel, cursor, generation) = (&local.channel, local.cursor, local.generation);
             if let Some(sub) = local.subs.get_mut(&conn) {
-                flush_sub(&mut stats, sub, local.channel.name(), self.encode);
+                if sub.replay.is_some() {
+                    replay_page(&mut stats, channel, cursor, generation, sub, self.encode);
+                } else {
+                    flush_sub(&mut stats, sub, channel.name(), self.encode);
+                }
                 if sub.pending() {
                     sub.outbox.set_deferred();
                 }
@@ -285,6 +312,69 @@ impl Hub {
         self.pubs.clear();
         self.events.clear();
         stats
+    }
+}
+
+/// Queues the next part of `sub`'s replay: the publications after its replay cursor, from the
+/// ring, while its outbox is at most half full (the other half stays free for replies and
+/// presence events), and at least one when it is empty. Once the replay reaches what this
+/// shard has delivered (`cursor`), the subscriber goes live from there. A replay that no longer
+/// connects (history expired or evicted meanwhile, or the channel was reset) closes the
+/// subscriber for resume: never a silent skip.
+fn replay_page(
+    stats: &mut PumpStats,
+    channel: &Channel,
+    cursor: u64,
+    generation: u64,
+    sub: &mut Subscriber,
+    encode: Encoder,
+) {
+    let Some(mut at) = sub.replay else {
+        return;
+    };
+    let half = sub.outbox.limit() / 2;
+    let enc = sub.encoding % FRAME_SLOTS;
+    let mut page = Vec::new();
+    loop {
+        page.clear();
+        if !channel.read_page(at, generation, REPLAY_PAGE, &mut page) {
+            sub.replay = None;
+            sub.outbox.mark_overflowed();
+            stats.slow += 1;
+            return;
+        }
+        for p in &page {
+            let frame = p.frame(enc, |p| (encode.publication)(enc, channel.name(), p));
+            let queued = sub.outbox.queued_bytes();
+            if queued > 0 && queued + frame.len() > half {
+                sub.replay = Some(at);
+                return;
+            }
+            let out = Out {
+                frame,
+                slot: sub.slot,
+                seq: p.seq,
+            };
+            if !sub.outbox.push(out) {
+                sub.replay = None;
+                stats.slow += 1;
+                return;
+            }
+            at = p.seq;
+            stats.deliveries += 1;
+            stats.replayed += 1;
+        }
+        if page.len() < REPLAY_PAGE {
+            break;
+        }
+    }
+    // Everything up to the ring's top is queued, so at least what this shard delivered: live
+    // delivery takes over after it.
+    if at >= cursor {
+        sub.replay = None;
+        sub.after = at;
+    } else {
+        sub.replay = Some(at);
     }
 }
 
@@ -432,6 +522,7 @@ mod tests {
                 ("drop:*".into(), SlowPolicy::Drop),
                 ("last:*".into(), SlowPolicy::Conflate),
             ],
+            ..Default::default()
         }))
     }
 
@@ -456,7 +547,7 @@ mod tests {
         let o1 = Rc::new(Outbox::new(1 << 20));
         hub.subscribe(1, &name, None, None, sub(&o1, 0), now)
             .unwrap();
-        e.publish(&name, DataKind::Json, Bytes::new(), now);
+        e.publish(&name, DataKind::Json, Bytes::new(), now).unwrap();
         hub.pump();
         assert_eq!(frames(&o1), ["0:1"]);
         let epoch = crate::types::Epoch(77 | 1 << 60);
@@ -506,7 +597,8 @@ mod tests {
             .subscribe(1, &name, None, None, sub(&c, 0), now)
             .unwrap();
         for _ in 0..3 {
-            e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
+            e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now)
+                .unwrap();
         }
         assert_eq!(hubs[0].pump().deliveries, 6);
         assert_eq!(hubs[1].pump().deliveries, 3);
@@ -526,13 +618,15 @@ mod tests {
         let b = Rc::new(Outbox::new(1 << 20));
         hub.subscribe(1, &name, None, None, sub(&a, 0), now)
             .unwrap();
-        e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
+        e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now)
+            .unwrap();
         // b joins before the shard pumped seq 1: it must not get seq 1.
         let s = hub
             .subscribe(2, &name, None, None, sub(&b, 0), now)
             .unwrap();
         assert_eq!(s.position.seq, 1);
-        e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
+        e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now)
+            .unwrap();
         hub.pump();
         assert_eq!(frames(&a), ["0:1", "0:2"]);
         assert_eq!(frames(&b), ["0:2"]);
@@ -551,7 +645,8 @@ mod tests {
         hub.subscribe(2, &name, None, None, sub(&fast, 0), now)
             .unwrap();
         for _ in 0..5 {
-            e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
+            e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now)
+                .unwrap();
         }
         let st = hub.pump();
         assert_eq!(slow.state(), OutboxState::Overflowed);
@@ -572,6 +667,7 @@ mod tests {
         assert!(hub.unsubscribe(1, &name, now).is_none());
         assert_eq!(
             e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now)
+                .unwrap()
                 .wake,
             0
         );
@@ -607,7 +703,8 @@ mod tests {
         hubs[1]
             .subscribe(1, &name, None, join("c2", "alice"), sub(&b, 0), now)
             .unwrap();
-        e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
+        e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now)
+            .unwrap();
         hubs[1]
             .subscribe(2, &name, None, join("c3", "bob"), sub(&c, 0), now)
             .unwrap();
@@ -643,7 +740,8 @@ mod tests {
         hub.subscribe(1, &name, None, None, sub(&o, 0), now)
             .unwrap();
         for _ in 0..4 {
-            e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
+            e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now)
+                .unwrap();
         }
         let st = hub.pump();
         assert_eq!((st.deliveries, st.skipped), (2, 2));
@@ -652,7 +750,8 @@ mod tests {
         assert!(o.take_deferred());
         hub.flush(1, std::slice::from_ref(&name));
         assert_eq!(frames(&o), ["gap:3-4"]);
-        e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
+        e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now)
+            .unwrap();
         hub.pump();
         assert_eq!(frames(&o), ["0:5"]);
     }
@@ -667,7 +766,8 @@ mod tests {
         hub.subscribe(1, &name, None, None, sub(&o, 0), now)
             .unwrap();
         for _ in 0..5 {
-            e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
+            e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now)
+                .unwrap();
         }
         assert_eq!(hub.pump().skipped, 4);
         assert_eq!(frames(&o), ["0:1"]);

@@ -1,9 +1,10 @@
 //! A connection's bounded queue of outgoing frames. Sans-IO: the writer task drains it, the hub
 //! and the command handlers fill it, and a `std::task::Waker` links the two.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
@@ -51,6 +52,10 @@ pub struct Outbox {
     inner: RefCell<Inner>,
 }
 
+/// Bytes held by the outboxes of one shard (frames and queue entries): what the shard reports
+/// to the node's memory meter. Shard-local, so counting costs no atomic operation.
+pub type Gauge = Rc<Cell<usize>>;
+
 #[derive(Debug)]
 struct Inner {
     queue: VecDeque<Out>,
@@ -64,6 +69,9 @@ struct Inner {
     /// A subscriber of this connection has a gap notice or a conflated message waiting for
     /// room (see `Hub::flush`).
     deferred: bool,
+    /// The shard's gauge, and what this outbox has added to it.
+    gauge: Gauge,
+    counted: usize,
 }
 
 /// Most frames gathered into one vectored write.
@@ -72,6 +80,11 @@ const MAX_IOV: usize = 64;
 impl Outbox {
     /// An empty outbox that holds at most `limit` bytes.
     pub fn new(limit: usize) -> Self {
+        Self::with_gauge(limit, Gauge::default())
+    }
+
+    /// [`Outbox::new`], counting what it holds in the shard's `gauge`.
+    pub fn with_gauge(limit: usize, gauge: Gauge) -> Self {
         Self {
             inner: RefCell::new(Inner {
                 queue: VecDeque::new(),
@@ -81,8 +94,15 @@ impl Outbox {
                 waker: None,
                 state: OutboxState::Open,
                 deferred: false,
+                gauge,
+                counted: 0,
             }),
         }
+    }
+
+    /// The byte limit.
+    pub fn limit(&self) -> usize {
+        self.inner.borrow().limit
     }
 
     /// Queues a frame. Returns false if it was not taken: the outbox is closing, or it was
@@ -99,6 +119,7 @@ impl Outbox {
         }
         inner.bytes += out.frame.len();
         inner.queue.push_back(out);
+        inner.count();
         wake(&mut inner);
         true
     }
@@ -121,6 +142,7 @@ impl Outbox {
         inner.state = OutboxState::Closing;
         inner.bytes += frame.len();
         inner.queue.push_back(Out::control(frame));
+        inner.count();
         wake(&mut inner);
     }
 
@@ -134,6 +156,7 @@ impl Outbox {
             inner.queue.truncate(keep);
             inner.bytes =
                 inner.queue.iter().map(|o| o.frame.len()).sum::<usize>() - inner.front_written;
+            inner.count();
             wake(&mut inner);
         }
     }
@@ -230,6 +253,7 @@ impl Outbox {
             f(&out);
             n += 1;
         }
+        inner.count();
         n
     }
 }
@@ -268,7 +292,24 @@ impl Inner {
             }
         }
         w.finished = self.queue.is_empty() && self.state == OutboxState::Closing;
+        self.count();
         w
+    }
+
+    /// Brings the shard's gauge up to date with what this outbox holds: its frames (a frame
+    /// shared with other outboxes is counted in each, so the gauge errs high) and entries.
+    fn count(&mut self) {
+        let now = self.bytes + self.front_written + self.queue.len() * std::mem::size_of::<Out>();
+        self.gauge
+            .set((self.gauge.get() + now).saturating_sub(self.counted));
+        self.counted = now;
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.gauge
+            .set(self.gauge.get().saturating_sub(self.counted));
     }
 }
 
@@ -316,6 +357,24 @@ mod tests {
         let w = write_all(&o, 100);
         assert_eq!((w.bytes, w.frames), (5, 1));
         assert!(o.is_empty());
+    }
+
+    #[test]
+    fn the_shard_gauge_follows_what_outboxes_hold() {
+        let g = Gauge::default();
+        let per = std::mem::size_of::<Out>();
+        let a = Outbox::with_gauge(1000, g.clone());
+        let b = Outbox::with_gauge(1000, g.clone());
+        a.push(frame(10));
+        a.push(frame(20));
+        b.push(frame(5));
+        assert_eq!(g.get(), 35 + 3 * per);
+        write_all(&a, 15);
+        assert_eq!(g.get(), 20 + 5 + 2 * per, "the written frame is gone");
+        b.mark_overflowed();
+        assert_eq!(g.get(), 20 + per);
+        drop(a);
+        assert_eq!(g.get(), 0, "a closed connection gives it all back");
     }
 
     #[test]
