@@ -776,4 +776,98 @@ mod tests {
         assert_eq!(frames(&o), ["0:5"], "the latest, and only it");
         assert!(!o.take_deferred());
     }
+
+    /// Publishes `n` messages to `name`; returns the epoch.
+    fn publish_n(e: &Engine, name: &ChannelName, n: usize) -> crate::types::Epoch {
+        let mut epoch = crate::types::Epoch(0);
+        for _ in 0..n {
+            epoch = e
+                .publish(
+                    name,
+                    crate::types::DataKind::Json,
+                    Bytes::new(),
+                    Instant::now(),
+                )
+                .unwrap()
+                .epoch;
+        }
+        epoch
+    }
+
+    /// Drains `o` as a writer would, then asks the hub for what was deferred; returns the
+    /// frames written.
+    fn drain_and_flush(hub: &mut Hub, o: &Outbox, name: &ChannelName) -> Vec<String> {
+        let got = frames(o);
+        if o.take_deferred() {
+            hub.flush(1, std::slice::from_ref(name));
+        }
+        got
+    }
+
+    #[test]
+    fn a_resume_bigger_than_the_outbox_is_paged_in_as_it_drains() {
+        let e = setup(1);
+        let name = ChannelName::new("r").unwrap();
+        let mut hub = Hub::new(0, e.clone(), ENC);
+        let epoch = publish_n(&e, &name, 90);
+        // Frames "0:N" are 3 to 4 bytes: a 40-byte outbox takes about ten at most, and a page
+        // fills at most half of it.
+        let o = Rc::new(Outbox::new(40));
+        let resume = StreamPosition { epoch, seq: 10 };
+        let s = hub
+            .subscribe(1, &name, Some(resume), None, sub(&o, 0), Instant::now())
+            .unwrap();
+        assert!(s.recovered && s.replay_after == Some(10));
+        hub.flush(1, std::slice::from_ref(&name));
+        let mut got = Vec::new();
+        let mut rounds = 0;
+        while !o.is_empty() {
+            rounds += 1;
+            assert!(o.queued_bytes() <= 40);
+            got.extend(drain_and_flush(&mut hub, &o, &name));
+            if rounds == 3 {
+                // Live messages meanwhile wait for the replay, and follow it.
+                publish_n(&e, &name, 5);
+                hub.pump();
+            }
+        }
+        assert!(rounds > 5, "paged: {rounds}");
+        assert_eq!(o.state(), OutboxState::Open, "never overflowed");
+        let want: Vec<String> = (11..=95).map(|i| format!("0:{i}")).collect();
+        assert_eq!(
+            got, want,
+            "every missed message once, in order, then the live ones"
+        );
+        publish_n(&e, &name, 1);
+        hub.pump();
+        assert_eq!(frames(&o), ["0:96"], "live delivery took over");
+    }
+
+    #[test]
+    fn a_replay_that_history_no_longer_covers_closes_for_resume() {
+        let e = Arc::new(Engine::new(EngineConfig {
+            history_size: 20,
+            ..Default::default()
+        }));
+        let name = ChannelName::new("r").unwrap();
+        let mut hub = Hub::new(0, e.clone(), ENC);
+        let epoch = publish_n(&e, &name, 20);
+        let o = Rc::new(Outbox::new(16));
+        let resume = StreamPosition { epoch, seq: 0 };
+        let s = hub
+            .subscribe(1, &name, Some(resume), None, sub(&o, 0), Instant::now())
+            .unwrap();
+        assert!(s.recovered);
+        hub.flush(1, std::slice::from_ref(&name));
+        assert_eq!(frames(&o), ["0:1", "0:2"]);
+        // The ring moves on past the replay (a burst beyond the fan-out window of 1024).
+        publish_n(&e, &name, 1100);
+        assert!(o.take_deferred());
+        hub.flush(1, std::slice::from_ref(&name));
+        assert_eq!(
+            o.state(),
+            OutboxState::Overflowed,
+            "closed for resume, not skipped"
+        );
+    }
 }

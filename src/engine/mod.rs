@@ -825,7 +825,9 @@ impl Engine {
         };
         self.meter.add(Kind::History, -(freed as i64));
         if !st.ring.is_empty() && !st.in_lru {
+            // Queued at the back: a use from now on gives it a second chance.
             st.in_lru = true;
+            st.recent = false;
             self.lru.lock().push_back(ch.clone());
         }
         if let (false, Some(front)) = (in_history, st.ring.front()) {
@@ -2061,6 +2063,321 @@ mod tests {
             )
             .unwrap();
         assert_eq!(old.gap, Some(GapReason::EpochChanged));
+    }
+
+    fn big(n: usize) -> Bytes {
+        Bytes::from(vec![b'x'; n])
+    }
+
+    #[test]
+    fn history_keeps_its_count_and_bytes_and_the_fanout_window_only_for_its_age() {
+        let e = Engine::new(EngineConfig {
+            history_size: 10,
+            history_max_bytes: 100 << 10,
+            ..Default::default()
+        });
+        let t0 = Instant::now();
+        let a = ch("a");
+        // 200 × 60 KB in one burst: the fan-out window keeps what fits 4 MiB.
+        for _ in 0..200 {
+            e.publish(&a, DataKind::Json, big(60_000), t0).unwrap();
+        }
+        let held = e.meter().bytes(Kind::History);
+        assert!(held <= FANOUT_MAX_BYTES, "{held}");
+        assert!(held > FANOUT_MAX_BYTES / 2, "{held}");
+        // History itself: 100 KiB hold one 60 KB message (10 would fit by count).
+        let h = e.history(&a, 0, 100, t0);
+        assert_eq!(h.publications.len(), 1);
+        assert!(!h.complete);
+        // Once the window closes, only history remains, without another publish.
+        let later = t0 + FANOUT_MIN_AGE + Duration::from_secs(1);
+        e.tick(later);
+        assert_eq!(e.meter().bytes(Kind::History), 60_000 + ENTRY_OVERHEAD);
+        // Small messages: the count bounds.
+        let b = ch("b");
+        for _ in 0..50 {
+            e.publish(&b, DataKind::Json, big(10), later).unwrap();
+        }
+        e.tick(later + FANOUT_MIN_AGE + Duration::from_secs(1));
+        assert_eq!(e.history(&b, 0, 100, later).publications.len(), 10);
+    }
+
+    #[test]
+    fn reads_never_create_channels() {
+        let e = Engine::new(EngineConfig {
+            presence: presence::PresenceConfig {
+                patterns: vec!["*".into()],
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let now = Instant::now();
+        for i in 0..100 {
+            let name = ch(&format!("ghost:{i}"));
+            let h = e.history(&name, 0, 10, now);
+            assert!(h.position.is_none() && h.publications.is_empty() && h.complete);
+            assert!(!e.history(&name, 5, 10, now).complete, "since 5: missed");
+            let p = e.presence(&name, None, 10, 1000).unwrap();
+            assert!(p.members.is_empty() && p.next.is_none());
+            assert_eq!(e.position(&name), None);
+            assert_eq!(e.local_subscribers(&name), 0);
+            assert!(e.presence_local(&name).is_empty());
+            assert_eq!(
+                e.presence_remote(&name, presence_who("c", None), None, now),
+                0
+            );
+        }
+        assert_eq!(e.channel_count(), 0);
+        assert!(e.channels().is_empty());
+        assert_eq!(e.meter().total(), 0);
+    }
+
+    fn presence_who(client: &str, info: Option<usize>) -> Identity {
+        Identity {
+            client: client.into(),
+            user: client.into(),
+            info: info.map(big),
+        }
+    }
+
+    #[test]
+    fn max_channels_refuses_a_new_channel_but_not_an_existing_one() {
+        let e = Engine::new(EngineConfig {
+            max_channels: 2,
+            ..Default::default()
+        });
+        let now = Instant::now();
+        e.publish(&ch("a"), DataKind::Json, Bytes::new(), now)
+            .unwrap();
+        e.subscribe(0, &ch("b"), None, None, now).unwrap();
+        assert_eq!(
+            e.publish(&ch("c"), DataKind::Json, Bytes::new(), now)
+                .unwrap_err(),
+            Overloaded::Channels
+        );
+        assert!(matches!(
+            e.subscribe(0, &ch("c"), None, None, now),
+            Err(SubscribeError::Overloaded(Overloaded::Channels))
+        ));
+        assert!(e
+            .publish(&ch("b"), DataKind::Json, Bytes::new(), now)
+            .is_ok());
+        assert_eq!(e.admit(&ch("a"), now), Ok(()));
+        assert_eq!(e.admit(&ch("c"), now), Err(Overloaded::Channels));
+        assert_eq!(e.channel_count(), 2);
+    }
+
+    #[test]
+    fn expiry_examines_a_bounded_number_of_channels_per_tick() {
+        let e = Engine::new(EngineConfig {
+            history_ttl: Duration::from_secs(1),
+            ..Default::default()
+        });
+        let t0 = Instant::now();
+        let n = 3 * TICK_CHECKS + 100;
+        for i in 0..n {
+            e.publish(&ch(&format!("c{i}")), DataKind::Json, big(10), t0)
+                .unwrap();
+        }
+        assert_eq!(e.channel_count(), n);
+        // Past the TTL and the fan-out window.
+        let mut t = t0 + FANOUT_MIN_AGE + Duration::from_secs(1);
+        let mut ticks = 0;
+        while e.channel_count() > 0 {
+            let s = e.tick(t);
+            assert!(s.checked <= TICK_CHECKS, "{s:?}");
+            ticks += 1;
+            assert!(ticks < 10, "expiry stalled at {}", e.channel_count());
+            t += Duration::from_millis(100);
+        }
+        assert_eq!(
+            ticks, 4,
+            "all due at once: four ticks of at most {TICK_CHECKS}"
+        );
+        assert_eq!(
+            e.meter().total(),
+            0,
+            "forgotten channels give back everything"
+        );
+        assert_eq!(e.stats().expired.load(Ordering::Relaxed), n as u64);
+    }
+
+    #[test]
+    fn eviction_takes_the_least_recently_used_history_first_and_resume_says_evicted() {
+        let e = Engine::new(EngineConfig {
+            max_memory: 16 << 20,
+            ..Default::default()
+        });
+        let t0 = Instant::now();
+        let mut epochs = Vec::new();
+        // 12 channels × 1 MB: 75 % of the budget, no pressure yet.
+        for i in 0..12 {
+            let p = e
+                .publish(&ch(&format!("h{i}")), DataKind::Json, big(1_000_000), t0)
+                .unwrap();
+            epochs.push(p.epoch);
+        }
+        assert_eq!(e.meter().recompute(), Pressure::Normal);
+        // h0 is used again: it is not the least recently used any more.
+        e.publish(&ch("h0"), DataKind::Json, big(10), t0).unwrap();
+        for i in 12..16 {
+            e.publish(&ch(&format!("h{i}")), DataKind::Json, big(1_000_000), t0)
+                .unwrap();
+        }
+        let s = e.tick(t0 + Duration::from_millis(100));
+        assert!(s.evicted > 0);
+        assert!(e.meter().total() <= (16 << 20) * 3 / 4 + (1 << 20));
+        assert_eq!(e.meter().recompute(), Pressure::Normal);
+        let resume = |i: usize| {
+            e.subscribe(
+                0,
+                &ch(&format!("h{i}")),
+                Some(StreamPosition {
+                    epoch: epochs[i],
+                    seq: 0,
+                }),
+                None,
+                t0,
+            )
+            .unwrap()
+        };
+        let s = resume(1);
+        assert_eq!((s.recovered, s.gap), (false, Some(GapReason::Evicted)));
+        let s = resume(0);
+        assert!(s.recovered, "h0 had its second chance");
+        assert!(e.stats().evictions.load(Ordering::Relaxed) >= 4);
+    }
+
+    #[test]
+    fn over_the_budget_publishes_and_subscribes_are_refused_until_memory_returns() {
+        let e = Engine::new(EngineConfig {
+            max_memory: 16 << 20,
+            ..Default::default()
+        });
+        let now = Instant::now();
+        // What eviction cannot free: outboxes (reported by the shards).
+        e.meter().set_shard(0, Kind::Outbox, 17 << 20);
+        assert!(e.overloaded());
+        assert_eq!(
+            e.publish(&ch("a"), DataKind::Json, Bytes::new(), now),
+            Err(Overloaded::Memory)
+        );
+        assert!(matches!(
+            e.subscribe(0, &ch("a"), None, None, now),
+            Err(SubscribeError::Overloaded(Overloaded::Memory))
+        ));
+        e.meter()
+            .set_shard(0, Kind::Outbox, (15 << 20) + (512 << 10));
+        e.tick(now);
+        assert!(e.overloaded(), "still over 95 %");
+        e.meter().set_shard(0, Kind::Outbox, 1 << 20);
+        e.tick(now);
+        assert!(!e.overloaded());
+        assert!(e
+            .publish(&ch("a"), DataKind::Json, Bytes::new(), now)
+            .is_ok());
+    }
+
+    #[test]
+    fn the_presence_info_budget_refuses_info_past_it_and_comes_back() {
+        let e = Engine::new(EngineConfig {
+            presence: presence::PresenceConfig {
+                patterns: vec!["p:*".into()],
+                info_budget: 10_000,
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let now = Instant::now();
+        let join = |c: &str, info| {
+            Some(Join {
+                who: presence_who(c, info),
+                live: Arc::new(Liveness::default()),
+            })
+        };
+        let a = e
+            .subscribe(0, &ch("p:1"), None, join("a", Some(4000)), now)
+            .unwrap();
+        e.subscribe(0, &ch("p:2"), None, join("b", Some(4000)), now)
+            .unwrap();
+        assert!(matches!(
+            e.subscribe(0, &ch("p:1"), None, join("c", Some(4000)), now),
+            Err(SubscribeError::Presence(PresenceError::InfoBudget))
+        ));
+        e.subscribe(0, &ch("p:1"), None, join("d", None), now)
+            .unwrap();
+        assert_eq!(e.presence_info_bytes(), 8000);
+        e.leave_presence(&a.channel, "a");
+        assert_eq!(e.presence_info_bytes(), 4000);
+        e.subscribe(0, &ch("p:1"), None, join("c", Some(4000)), now)
+            .unwrap();
+    }
+
+    #[test]
+    fn presence_memory_returns_once_members_leave_and_their_events_age_out() {
+        let e = Engine::new(EngineConfig {
+            history_ttl: Duration::from_secs(1),
+            presence: presence::PresenceConfig {
+                patterns: vec!["p:*".into()],
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let t0 = Instant::now();
+        let mut subs = Vec::new();
+        for i in 0..50 {
+            let s = e
+                .subscribe(
+                    0,
+                    &ch("p:room"),
+                    None,
+                    Some(Join {
+                        who: presence_who(&format!("c{i}"), Some(4096)),
+                        live: Arc::new(Liveness::default()),
+                    }),
+                    t0,
+                )
+                .unwrap();
+            subs.push(s);
+        }
+        assert!(e.meter().bytes(Kind::Presence) > 2 * 50 * 4096);
+        for (i, s) in subs.iter().enumerate() {
+            e.leave_presence(&s.channel, &format!("c{i}"));
+            e.unsubscribe(0, &s.channel, t0);
+        }
+        assert!(e.meter().bytes(Kind::Presence) > 0, "the leave events");
+        // The events age out, then the idle channel is forgotten: everything comes back.
+        let mut t = Instant::now();
+        for _ in 0..100 {
+            t += Duration::from_millis(200);
+            e.tick(t);
+        }
+        assert_eq!(e.meter().bytes(Kind::Presence), 0);
+        assert_eq!(e.channel_count(), 0);
+        assert_eq!(e.meter().total(), 0);
+    }
+
+    #[test]
+    fn channels_come_in_pages_in_name_order() {
+        let e = engine(10, 1);
+        let now = Instant::now();
+        for i in (0..250).rev() {
+            e.publish(&ch(&format!("c{i:03}")), DataKind::Json, Bytes::new(), now)
+                .unwrap();
+        }
+        let mut after = None;
+        let mut all = Vec::new();
+        loop {
+            let page = e.channels_page(after.as_ref(), 100);
+            assert!(page.channels.len() <= 100);
+            all.extend(page.channels.into_iter().map(|c| c.name));
+            match page.next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        let want: Vec<ChannelName> = (0..250).map(|i| ch(&format!("c{i:03}"))).collect();
+        assert_eq!(all, want);
     }
 
     #[test]
