@@ -28,7 +28,7 @@ pub mod presence;
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -500,7 +500,9 @@ pub struct Engine {
     due_n: AtomicU64,
     /// Channels with history, oldest first, for eviction (second-chance order).
     lru: Mutex<VecDeque<Arc<Channel>>>,
-    evicting: AtomicBool,
+    /// One evicting thread at a time; a publisher over the budget waits for the current
+    /// eviction rather than being refused while it runs.
+    evicting: Mutex<()>,
     /// Channels with presence members (the presence sweep's work list).
     present: Mutex<HashMap<ChannelName, Arc<Channel>>>,
     /// Channels with subscribers on this node, by table part.
@@ -525,7 +527,7 @@ impl Engine {
             expiry: Mutex::default(),
             due_n: AtomicU64::new(0),
             lru: Mutex::default(),
-            evicting: AtomicBool::new(false),
+            evicting: Mutex::new(()),
             present: Mutex::default(),
             subscribed: (0..TABLE_PARTS).map(|_| Mutex::default()).collect(),
             info_bytes: AtomicUsize::new(0),
@@ -1473,9 +1475,8 @@ impl Engine {
     /// its target or `max` channels were examined. A channel with subscribers keeps its
     /// fan-out window. One evicting thread at a time; returns the channels evicted.
     pub fn evict(&self, now: Instant, max: usize) -> usize {
-        if self.evicting.swap(true, Ordering::Acquire) {
-            return 0;
-        }
+        let _one = self.evicting.lock();
+        self.meter.recompute();
         let mut want = self.meter.excess();
         let (mut examined, mut evicted) = (0, 0);
         while want > 0 && examined < max {
@@ -1534,7 +1535,6 @@ impl Engine {
             self.lru.lock().extend(again);
         }
         self.meter.recompute();
-        self.evicting.store(false, Ordering::Release);
         evicted
     }
 }
