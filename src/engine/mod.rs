@@ -503,6 +503,9 @@ pub struct Engine {
     /// One evicting thread at a time; a publisher over the budget waits for the current
     /// eviction rather than being refused while it runs.
     evicting: Mutex<()>,
+    /// Until when (engine ms) publishers over the budget do not try to evict: the last try
+    /// found nothing to evict, so trying again on every refused publish would only cost.
+    evict_idle_until: AtomicU64,
     /// Channels with presence members (the presence sweep's work list).
     present: Mutex<HashMap<ChannelName, Arc<Channel>>>,
     /// Channels with subscribers on this node, by table part.
@@ -528,6 +531,7 @@ impl Engine {
             due_n: AtomicU64::new(0),
             lru: Mutex::default(),
             evicting: Mutex::new(()),
+            evict_idle_until: AtomicU64::new(0),
             present: Mutex::default(),
             subscribed: (0..TABLE_PARTS).map(|_| Mutex::default()).collect(),
             info_bytes: AtomicUsize::new(0),
@@ -721,8 +725,14 @@ impl Engine {
     pub fn admit(&self, name: &ChannelName, now: Instant) -> Result<(), Overloaded> {
         if self.meter.pressure() == Pressure::Refuse {
             // The tick evicts in the background from 85 %; over the budget, make room here
-            // before refusing.
-            self.evict(now, EVICT_INLINE);
+            // before refusing (unless the last try found nothing to evict, just now).
+            let ms = self.millis(now);
+            if ms >= self.evict_idle_until.load(Ordering::Relaxed)
+                && self.evict(now, EVICT_INLINE) == 0
+            {
+                self.evict_idle_until
+                    .store(ms + MIN_RECHECK.as_millis() as u64, Ordering::Relaxed);
+            }
             if self.meter.pressure() == Pressure::Refuse {
                 return Err(Overloaded::Memory);
             }
