@@ -12,7 +12,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use indexmap::IndexMap;
 
-use super::outbox::{Out, Outbox, OutboxState};
+use super::outbox::{Gauge, Out, Outbox, OutboxState};
 use super::presence::PresenceEvent;
 use super::{
     Channel, Engine, Join, Publication, SlowPolicy, SubscribeError, Subscribed, FRAME_SLOTS,
@@ -49,13 +49,24 @@ pub struct Subscriber {
     after: u64,
     /// It gets presence events after this presence seq.
     pafter: u64,
-    /// `drop` policy: messages it missed while its outbox was full, to announce.
-    gap: Option<(u64, u64)>,
+    /// What waits for room in its outbox, if anything.
+    deferred: Deferred,
+}
+
+/// What a subscriber waits to queue until its outbox has room. One at a time: a replay
+/// precedes live delivery (which skips the subscriber meanwhile), and a channel's policy is
+/// either `drop` or `conflate`. One field keeps the subscriber small, which the fan-out loop
+/// over thousands of them feels.
+enum Deferred {
+    /// Nothing.
+    None,
+    /// `drop` policy: the messages `from..=to` it missed while its outbox was full, to announce.
+    Gap(u64, u64),
     /// `conflate` policy: the latest message it could not take yet.
-    stash: Option<Arc<Publication>>,
+    Stash(Arc<Publication>),
     /// While it resumes: the last seq its replay queued. Live delivery skips it (`after` is
     /// `u64::MAX`) until the replay, paged out of the ring as its outbox drains, catches up.
-    replay: Option<u64>,
+    Replay(u64),
 }
 
 impl Subscriber {
@@ -67,19 +78,17 @@ impl Subscriber {
             slot,
             after: 0,
             pafter: 0,
-            gap: None,
-            stash: None,
-            replay: None,
+            deferred: Deferred::None,
         }
     }
 
     fn pending(&self) -> bool {
-        self.gap.is_some() || self.stash.is_some() || self.replay.is_some()
+        !matches!(self.deferred, Deferred::None)
     }
 
     /// Whether it is still replaying a resume.
     pub fn replaying(&self) -> bool {
-        self.replay.is_some()
+        matches!(self.deferred, Deferred::Replay(_))
     }
 }
 
@@ -109,6 +118,9 @@ pub struct PumpStats {
     pub skipped: usize,
     /// Messages queued from resume replays.
     pub replayed: usize,
+    /// Bytes queued into outboxes (frames and entries), added to the shard's gauge once per
+    /// pass rather than once per delivery.
+    pub queued: usize,
     /// Age of the oldest publication pulled (publish → queued), if any.
     pub oldest_age: Option<std::time::Duration>,
 }
@@ -118,6 +130,8 @@ pub struct Hub {
     shard: usize,
     engine: Arc<Engine>,
     encode: Encoder,
+    /// The shard's outbox gauge (what fan-out queues is added once per pass).
+    gauge: Gauge,
     channels: HashMap<ChannelName, Local>,
     dirty: Vec<Arc<Channel>>,
     pubs: Vec<Arc<Publication>>,
@@ -127,10 +141,16 @@ pub struct Hub {
 impl Hub {
     /// The hub of `shard`.
     pub fn new(shard: usize, engine: Arc<Engine>, encode: Encoder) -> Self {
+        Self::with_gauge(shard, engine, encode, Gauge::default())
+    }
+
+    /// [`Hub::new`], counting what it queues in `gauge`, the gauge of the shard's outboxes.
+    pub fn with_gauge(shard: usize, engine: Arc<Engine>, encode: Encoder, gauge: Gauge) -> Self {
         Self {
             shard,
             engine,
             encode,
+            gauge,
             channels: HashMap::new(),
             dirty: Vec::new(),
             pubs: Vec::new(),
@@ -192,7 +212,7 @@ impl Hub {
                 s.position.seq
             },
             pafter: s.pseq,
-            replay: s.replay_after,
+            deferred: s.replay_after.map_or(Deferred::None, Deferred::Replay),
             ..sub
         };
         if local.subs.insert(conn, sub).is_some() {
@@ -236,7 +256,7 @@ impl Hub {
             };
             let (channel, cursor, generation) = (&local.channel, local.cursor, local.generation);
             if let Some(sub) = local.subs.get_mut(&conn) {
-                if sub.replay.is_some() {
+                if sub.replaying() {
                     replay_page(&mut stats, channel, cursor, generation, sub, self.encode);
                 } else {
                     flush_sub(&mut stats, sub, channel.name(), self.encode);
@@ -246,7 +266,13 @@ impl Hub {
                 }
             }
         }
+        self.count(&stats);
         stats
+    }
+
+    /// Adds what a pass queued to the shard's gauge.
+    fn count(&self, stats: &PumpStats) {
+        self.gauge.set(self.gauge.get().wrapping_add(stats.queued));
     }
 
     /// Local subscribers of `name`.
@@ -311,6 +337,7 @@ impl Hub {
         self.dirty = dirty;
         self.pubs.clear();
         self.events.clear();
+        self.count(&stats);
         stats
     }
 }
@@ -329,7 +356,7 @@ fn replay_page(
     sub: &mut Subscriber,
     encode: Encoder,
 ) {
-    let Some(mut at) = sub.replay else {
+    let Deferred::Replay(mut at) = sub.deferred else {
         return;
     };
     let half = sub.outbox.limit() / 2;
@@ -338,7 +365,7 @@ fn replay_page(
     loop {
         page.clear();
         if !channel.read_page(at, generation, REPLAY_PAGE, &mut page) {
-            sub.replay = None;
+            sub.deferred = Deferred::None;
             sub.outbox.mark_overflowed();
             stats.slow += 1;
             return;
@@ -347,7 +374,7 @@ fn replay_page(
             let frame = p.frame(enc, |p| (encode.publication)(enc, channel.name(), p));
             let queued = sub.outbox.queued_bytes();
             if queued > 0 && queued + frame.len() > half {
-                sub.replay = Some(at);
+                sub.deferred = Deferred::Replay(at);
                 return;
             }
             let out = Out {
@@ -355,12 +382,14 @@ fn replay_page(
                 slot: sub.slot,
                 seq: p.seq,
             };
-            if !sub.outbox.push(out) {
-                sub.replay = None;
+            let cost = Outbox::cost(&out);
+            if !sub.outbox.push_uncounted(out) {
+                sub.deferred = Deferred::None;
                 stats.slow += 1;
                 return;
             }
             at = p.seq;
+            stats.queued += cost;
             stats.deliveries += 1;
             stats.replayed += 1;
         }
@@ -371,10 +400,10 @@ fn replay_page(
     // Everything up to the ring's top is queued, so at least what this shard delivered: live
     // delivery takes over after it.
     if at >= cursor {
-        sub.replay = None;
+        sub.deferred = Deferred::None;
         sub.after = at;
     } else {
-        sub.replay = Some(at);
+        sub.deferred = Deferred::Replay(at);
     }
 }
 
@@ -409,13 +438,11 @@ fn deliver_publication(
             if sub.pending() || !sub.outbox.has_room(frame.len()) {
                 // Skip it (drop: widen the gap; conflate: keep it as the latest) and flush
                 // when the writer frees room.
-                match policy {
-                    SlowPolicy::Drop => {
-                        let from = sub.gap.map_or(p.seq, |(from, _)| from);
-                        sub.gap = Some((from, p.seq));
-                    }
-                    _ => sub.stash = Some(p.clone()),
-                }
+                sub.deferred = match (policy, &sub.deferred) {
+                    (SlowPolicy::Drop, Deferred::Gap(from, _)) => Deferred::Gap(*from, p.seq),
+                    (SlowPolicy::Drop, _) => Deferred::Gap(p.seq, p.seq),
+                    _ => Deferred::Stash(p.clone()),
+                };
                 sub.outbox.set_deferred();
                 stats.skipped += 1;
                 continue;
@@ -434,27 +461,20 @@ fn deliver_publication(
 /// Queues what `sub` deferred, in order, as far as its outbox has room.
 fn flush_sub(stats: &mut PumpStats, sub: &mut Subscriber, name: &ChannelName, encode: Encoder) {
     let enc = sub.encoding % FRAME_SLOTS;
-    if let Some((from, to)) = sub.gap {
-        let notice = (encode.gap)(enc, name, from, to);
-        if !sub.outbox.has_room(notice.len()) {
-            return;
-        }
-        sub.gap = None;
-        deliver(stats, sub, Out::control(notice));
-    }
-    if let Some(p) = &sub.stash {
-        let frame = p.frame(enc, |p| (encode.publication)(enc, name, p));
-        if !sub.outbox.has_room(frame.len()) {
-            return;
-        }
-        let out = Out {
-            frame,
+    let out = match &sub.deferred {
+        Deferred::Gap(from, to) => Out::control((encode.gap)(enc, name, *from, *to)),
+        Deferred::Stash(p) => Out {
+            frame: p.frame(enc, |p| (encode.publication)(enc, name, p)),
             slot: sub.slot,
             seq: p.seq,
-        };
-        sub.stash = None;
-        deliver(stats, sub, out);
+        },
+        Deferred::None | Deferred::Replay(_) => return,
+    };
+    if !sub.outbox.has_room(out.frame.len()) {
+        return;
     }
+    sub.deferred = Deferred::None;
+    deliver(stats, sub, out);
 }
 
 fn deliver_presence(stats: &mut PumpStats, local: &mut Local, encode: Encoder, e: &PresenceEvent) {
@@ -475,8 +495,10 @@ fn deliver_presence(stats: &mut PumpStats, local: &mut Local, encode: Encoder, e
 }
 
 fn deliver(stats: &mut PumpStats, sub: &Subscriber, out: Out) {
-    if sub.outbox.push(out) {
+    let cost = Outbox::cost(&out);
+    if sub.outbox.push_uncounted(out) {
         stats.deliveries += 1;
+        stats.queued += cost;
     } else if sub.outbox.state() == OutboxState::Overflowed {
         stats.slow += 1;
     }
@@ -841,6 +863,29 @@ mod tests {
         publish_n(&e, &name, 1);
         hub.pump();
         assert_eq!(frames(&o), ["0:96"], "live delivery took over");
+    }
+
+    #[test]
+    fn the_shard_gauge_counts_what_fan_out_queued_and_writers_took() {
+        let e = setup(1);
+        let g = Gauge::default();
+        let mut hub = Hub::with_gauge(0, e.clone(), ENC, g.clone());
+        let name = ChannelName::new("g").unwrap();
+        let a = Rc::new(Outbox::with_gauge(1 << 20, g.clone()));
+        let b = Rc::new(Outbox::with_gauge(1 << 20, g.clone()));
+        hub.subscribe(1, &name, None, None, sub(&a, 0), Instant::now())
+            .unwrap();
+        hub.subscribe(2, &name, None, None, sub(&b, 0), Instant::now())
+            .unwrap();
+        publish_n(&e, &name, 3);
+        hub.pump();
+        let per = std::mem::size_of::<Out>();
+        assert_eq!(g.get(), 2 * 3 * (3 + per), "six 3-byte frames");
+        frames(&a);
+        assert_eq!(g.get(), 3 * (3 + per));
+        drop(hub);
+        drop(b);
+        assert_eq!(g.get(), 0);
     }
 
     #[test]

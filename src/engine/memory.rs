@@ -82,8 +82,6 @@ const SLOTS: usize = 64;
 #[derive(Default)]
 struct Slot {
     bytes: [AtomicI64; THREAD_KINDS],
-    /// Growth since this slot last summed the total.
-    growth: AtomicI64,
 }
 
 /// See the module docs.
@@ -116,8 +114,8 @@ impl Meter {
     pub fn new(limit: usize, shards: usize) -> Self {
         Self {
             limit,
-            // Sum at least every 1/1024 of the limit per thread, and not more often than every
-            // 16 KiB: the total lags by at most a batch per active thread.
+            // Sum at least every 1/1024 of the limit of growth per thread and kind, and not more
+            // often than every 16 KiB: the total lags by at most a batch per active thread.
             batch: (limit / 1024).max(16 << 10) as i64,
             slots: (0..SLOTS).map(|_| Slot::default()).collect(),
             shards: (0..shards.max(1)).map(|_| Default::default()).collect(),
@@ -136,9 +134,10 @@ impl Meter {
             return;
         }
         let slot = &self.slots[thread_slot()];
-        slot.bytes[kind as usize % THREAD_KINDS].fetch_add(delta, Ordering::Relaxed);
-        if delta > 0 && slot.growth.fetch_add(delta, Ordering::Relaxed) + delta >= self.batch {
-            slot.growth.store(0, Ordering::Relaxed);
+        let before = slot.bytes[kind as usize % THREAD_KINDS].fetch_add(delta, Ordering::Relaxed);
+        // One atomic operation: the total is summed again when this slot's count passes a
+        // multiple of the batch on its way up.
+        if delta > 0 && (before + delta).div_euclid(self.batch) != before.div_euclid(self.batch) {
             self.recompute();
         }
     }

@@ -768,8 +768,9 @@ impl Engine {
             st.last_active = now;
             st.recent = true;
             let cost = st.push(st.top, now, kind, data.clone());
-            self.meter.add(Kind::History, cost as i64);
-            self.trim(ch, st, now);
+            // One meter update for the append and what it pushed out.
+            let freed = self.trim(ch, st, now);
+            self.meter.add(Kind::History, cost as i64 - freed as i64);
             // Mark under the lock so that a shard that pulls after seeing its bit sees the entry.
             let wake = Self::mark_dirty(ch, st);
             (
@@ -818,8 +819,9 @@ impl Engine {
     }
 
     /// Drops what neither window keeps, and makes sure the channel is examined again when its
-    /// oldest entry leaves the fan-out window.
-    fn trim(&self, ch: &Arc<Channel>, st: &mut ChannelState, now: Instant) {
+    /// oldest entry leaves the fan-out window. Returns the bytes freed, for the caller to count
+    /// in the meter (with what it added, in one update).
+    fn trim(&self, ch: &Arc<Channel>, st: &mut ChannelState, now: Instant) -> usize {
         let mut freed = 0;
         let in_history = loop {
             if st.ring.is_empty() {
@@ -835,7 +837,6 @@ impl Engine {
                 freed += cost;
             }
         };
-        self.meter.add(Kind::History, -(freed as i64));
         if !st.ring.is_empty() && !st.in_lru {
             // Queued at the back: a use from now on gives it a second chance.
             st.in_lru = true;
@@ -848,6 +849,7 @@ impl Engine {
             let at = front.at + FANOUT_MIN_AGE + Duration::from_millis(1);
             self.schedule(ch, st, at);
         }
+        freed
     }
 
     /// Queues an examination of `ch` at `at`, unless one is due sooner already.
@@ -1249,8 +1251,8 @@ impl Engine {
             st.last_active = now;
             st.recent = true;
             let cost = st.push(seq, at, kind, data.clone());
-            self.meter.add(Kind::History, cost as i64);
-            self.trim(ch, st, now);
+            let freed = self.trim(ch, st, now);
+            self.meter.add(Kind::History, cost as i64 - freed as i64);
             let wake = Self::mark_dirty(ch, st);
             (IngestOutcome::Appended(wake), Some(ch.clone()))
         });
@@ -1300,8 +1302,8 @@ impl Engine {
             for e in run.into_iter().rev() {
                 added += st.push(e.seq, e.at, e.kind, e.data.clone());
             }
+            freed += self.trim(ch, st, now);
             self.meter.add(Kind::History, added as i64 - freed as i64);
-            self.trim(ch, st, now);
             st.generation += 1;
             st.last_active = now;
             (Self::mark_dirty(ch, st), ch.clone())
@@ -1460,7 +1462,8 @@ impl Engine {
             return false; // A stale entry: the channel is gone or has a sooner one.
         }
         st.next_check = None;
-        self.trim(ch, &mut st, now);
+        let freed = self.trim(ch, &mut st, now);
+        self.meter.add(Kind::History, -(freed as i64));
         if st.presence.is_some() {
             let now_ms = self.millis(now);
             self.presence_op(ch, &mut st, now_ms, |_| ());

@@ -53,7 +53,10 @@ pub struct Outbox {
 }
 
 /// Bytes held by the outboxes of one shard (frames and queue entries): what the shard reports
-/// to the node's memory meter. Shard-local, so counting costs no atomic operation.
+/// to the node's memory meter. Shard-local, so counting costs no atomic operation. Updated with
+/// wrapping arithmetic: the hub counts what fan-out queued once per pass (see
+/// [`Outbox::push_uncounted`]), so the value is exact whenever the shard reads it, between
+/// passes, even if a drop in the middle of a pass briefly went "below zero".
 pub type Gauge = Rc<Cell<usize>>;
 
 #[derive(Debug)]
@@ -69,9 +72,8 @@ struct Inner {
     /// A subscriber of this connection has a gap notice or a conflated message waiting for
     /// room (see `Hub::flush`).
     deferred: bool,
-    /// The shard's gauge, and what this outbox has added to it.
+    /// The shard's gauge, which holds this outbox's [`Inner::footprint`].
     gauge: Gauge,
-    counted: usize,
 }
 
 /// Most frames gathered into one vectored write.
@@ -95,7 +97,6 @@ impl Outbox {
                 state: OutboxState::Open,
                 deferred: false,
                 gauge,
-                counted: 0,
             }),
         }
     }
@@ -108,6 +109,19 @@ impl Outbox {
     /// Queues a frame. Returns false if it was not taken: the outbox is closing, or it was
     /// full, in which case it is now [`OutboxState::Overflowed`] (and stays so).
     pub fn push(&self, out: Out) -> bool {
+        let grown = Self::cost(&out);
+        let taken = self.push_uncounted(out);
+        if taken {
+            let inner = self.inner.borrow();
+            inner.gauge.set(inner.gauge.get().wrapping_add(grown));
+        }
+        taken
+    }
+
+    /// [`Outbox::push`] without counting the frame in the shard's gauge: the caller adds
+    /// [`Outbox::cost`] of what was taken to the gauge before the shard next reads it. For
+    /// fan-out, which counts once per pass rather than once per delivery.
+    pub fn push_uncounted(&self, out: Out) -> bool {
         let mut inner = self.inner.borrow_mut();
         if inner.state != OutboxState::Open {
             return false;
@@ -119,9 +133,13 @@ impl Outbox {
         }
         inner.bytes += out.frame.len();
         inner.queue.push_back(out);
-        inner.count();
         wake(&mut inner);
         true
+    }
+
+    /// What a queued frame adds to the shard's gauge.
+    pub fn cost(out: &Out) -> usize {
+        out.frame.len() + OUT_SIZE
     }
 
     /// Queues `frame` (a close frame or the end of a stream) as the last thing to go out: after
@@ -132,6 +150,7 @@ impl Outbox {
         if inner.state == OutboxState::Closing {
             return;
         }
+        let before = inner.footprint();
         if !flush || inner.state == OutboxState::Overflowed {
             // Keep a partly written front frame: cutting it would corrupt the stream.
             let keep = usize::from(inner.front_written > 0);
@@ -142,7 +161,7 @@ impl Outbox {
         inner.state = OutboxState::Closing;
         inner.bytes += frame.len();
         inner.queue.push_back(Out::control(frame));
-        inner.count();
+        inner.recount(before);
         wake(&mut inner);
     }
 
@@ -151,12 +170,13 @@ impl Outbox {
     pub fn mark_overflowed(&self) {
         let mut inner = self.inner.borrow_mut();
         if inner.state == OutboxState::Open {
+            let before = inner.footprint();
             inner.state = OutboxState::Overflowed;
             let keep = usize::from(inner.front_written > 0);
             inner.queue.truncate(keep);
             inner.bytes =
                 inner.queue.iter().map(|o| o.frame.len()).sum::<usize>() - inner.front_written;
-            inner.count();
+            inner.recount(before);
             wake(&mut inner);
         }
     }
@@ -246,6 +266,7 @@ impl Outbox {
     /// Pops whole frames (for transports that copy, like SSE bodies) while `f` accepts them.
     pub fn drain_into(&self, mut f: impl FnMut(&Out)) -> usize {
         let mut inner = self.inner.borrow_mut();
+        let before = inner.footprint();
         let mut n = 0;
         while let Some(out) = inner.queue.pop_front() {
             inner.bytes -= out.frame.len() - inner.front_written;
@@ -253,7 +274,7 @@ impl Outbox {
             f(&out);
             n += 1;
         }
-        inner.count();
+        inner.recount(before);
         n
     }
 }
@@ -271,6 +292,7 @@ pub struct Written {
 
 impl Inner {
     fn consume(&mut self, mut n: usize) -> Written {
+        let before = self.footprint();
         let mut w = Written {
             bytes: n,
             ..Written::default()
@@ -292,26 +314,33 @@ impl Inner {
             }
         }
         w.finished = self.queue.is_empty() && self.state == OutboxState::Closing;
-        self.count();
+        self.recount(before);
         w
     }
 
-    /// Brings the shard's gauge up to date with what this outbox holds: its frames (a frame
-    /// shared with other outboxes is counted in each, so the gauge errs high) and entries.
-    fn count(&mut self) {
-        let now = self.bytes + self.front_written + self.queue.len() * std::mem::size_of::<Out>();
+    /// What this outbox holds, as counted in the shard's gauge: its frames (a frame shared with
+    /// other outboxes counts in each, so the gauge errs high) and its queue entries.
+    fn footprint(&self) -> usize {
+        self.bytes + self.front_written + self.queue.len() * OUT_SIZE
+    }
+
+    /// Moves the gauge by how the footprint changed since it was `before`.
+    fn recount(&mut self, before: usize) {
+        let now = self.footprint();
         self.gauge
-            .set((self.gauge.get() + now).saturating_sub(self.counted));
-        self.counted = now;
+            .set(self.gauge.get().wrapping_add(now).wrapping_sub(before));
     }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.gauge
-            .set(self.gauge.get().saturating_sub(self.counted));
+            .set(self.gauge.get().wrapping_sub(self.footprint()));
     }
 }
+
+/// Bytes a queued frame costs besides the frame itself.
+const OUT_SIZE: usize = std::mem::size_of::<Out>();
 
 fn wake(inner: &mut Inner) {
     if let Some(w) = inner.waker.take() {
@@ -373,6 +402,19 @@ mod tests {
         assert_eq!(g.get(), 20 + 5 + 2 * per, "the written frame is gone");
         b.mark_overflowed();
         assert_eq!(g.get(), 20 + per);
+        // Fan-out pushes without counting, then counts the pass at once.
+        let c = Outbox::with_gauge(1000, g.clone());
+        let out = frame(7);
+        let cost = Outbox::cost(&out);
+        assert!(c.push_uncounted(out));
+        c.mark_overflowed();
+        g.set(g.get().wrapping_add(cost));
+        assert_eq!(
+            g.get(),
+            20 + per,
+            "a drop before the pass is counted nets out"
+        );
+        drop(c);
         drop(a);
         assert_eq!(g.get(), 0, "a closed connection gives it all back");
     }

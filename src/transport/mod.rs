@@ -287,14 +287,20 @@ pub struct ShardContext {
 impl ShardContext {
     /// The context of shard `shard`.
     pub fn new(node: Arc<Node>, shard: usize) -> Self {
-        let hub = Hub::new(shard, node.engine.clone(), protocol::ENCODER);
+        let outboxes = crate::engine::outbox::Gauge::default();
+        let hub = Hub::with_gauge(
+            shard,
+            node.engine.clone(),
+            protocol::ENCODER,
+            outboxes.clone(),
+        );
         Self {
             node,
             shard,
             hub: RefCell::new(hub),
             tracker: TaskTracker::new(),
             metrics: crate::metrics::ShardMetrics::new(),
-            outboxes: Default::default(),
+            outboxes,
             responses: Default::default(),
             next_conn: Cell::new(1),
         }
