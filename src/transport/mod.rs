@@ -58,6 +58,17 @@ impl Node {
         let max_memory = config
             .max_memory
             .unwrap_or_else(crate::limits::default_memory_budget);
+        match (config.max_memory, max_memory) {
+            (None, 0) => tracing::warn!(
+                "could not read the cgroup or physical memory limit: no memory budget; set --max-memory"
+            ),
+            (Some(0), _) => tracing::warn!("--max-memory 0: no memory budget"),
+            (given, bytes) => tracing::info!(
+                bytes,
+                derived = given.is_none(),
+                "memory budget for what clients make the node hold (--max-memory)"
+            ),
+        }
         let engine = Engine::new(crate::engine::EngineConfig {
             shards,
             history_size: config.history_size,
