@@ -941,8 +941,8 @@ impl Engine {
             let shard = shard % self.cfg.shards;
             let pseq = st.presence.as_ref().map_or(0, |p| p.pseq());
             let top = st.top;
-            let joined = match (st.presence.is_some(), join.take()) {
-                (true, Some(j)) => {
+            let joined = match join.take() {
+                Some(j) if st.presence.is_some() => {
                     let info = j.who.info.as_ref().map_or(0, Bytes::len);
                     if info > 0
                         && self.info_bytes.load(Ordering::Relaxed) + info
@@ -951,7 +951,8 @@ impl Engine {
                         return Err(SubscribeError::Presence(PresenceError::InfoBudget));
                     }
                     let max = self.cfg.presence.max_members;
-                    self.presence_op(ch, st, now_ms, |p| p.join(j.who, j.live, top, max, now_ms))?
+                    self.presence_op(ch, st, now_ms, |p| p.join(j.who, j.live, top, max, now_ms))
+                        .unwrap_or(Ok(false))?
                 }
                 _ => false,
             };
@@ -999,19 +1000,17 @@ impl Engine {
         Ok(s)
     }
 
-    /// Runs `f` on the channel's presence and keeps the books: the memory meter, the node's
-    /// info bytes, the list of channels with members, and the expiry of its events.
+    /// Runs `f` on the channel's presence (`None` when it has none) and keeps the books: the
+    /// memory meter, the node's info bytes, the list of channels with members, and the expiry
+    /// of its events.
     fn presence_op<R>(
         &self,
         ch: &Arc<Channel>,
         st: &mut ChannelState,
         now_ms: u64,
         f: impl FnOnce(&mut Presence) -> R,
-    ) -> R {
-        let Some(p) = st.presence.as_mut() else {
-            // Callers check for presence first; without one there is nothing to do.
-            return f(&mut Presence::default());
-        };
+    ) -> Option<R> {
+        let p = st.presence.as_mut()?;
         let (bytes, info, empty) = (p.bytes(), p.info_bytes(), p.is_empty());
         let r = f(p);
         p.trim_events(now_ms);
@@ -1037,7 +1036,7 @@ impl Engine {
         if let Some(ms) = due {
             self.schedule(ch, st, self.base + Duration::from_millis(ms));
         }
-        r
+        Some(r)
     }
 
     /// Removes `client` from the channel's presence at once (a clean leave). Returns the shards
@@ -1047,8 +1046,9 @@ impl Engine {
         let wake = {
             let mut st = channel.state.lock();
             let seq = st.top;
-            let left = st.presence.is_some()
-                && self.presence_op(channel, &mut st, now_ms, |p| p.leave(client, seq, now_ms));
+            let left = self
+                .presence_op(channel, &mut st, now_ms, |p| p.leave(client, seq, now_ms))
+                .unwrap_or(false);
             if left {
                 Self::mark_dirty(channel, &st)
             } else {
@@ -1071,9 +1071,9 @@ impl Engine {
             let wake = {
                 let mut st = ch.state.lock();
                 let seq = st.top;
-                let left = st.presence.is_some()
-                    && self.presence_op(&ch, &mut st, now_ms, |p| p.sweep(deadline, seq, now_ms))
-                        > 0;
+                let left = self
+                    .presence_op(&ch, &mut st, now_ms, |p| p.sweep(deadline, seq, now_ms))
+                    .is_some_and(|n| n > 0);
                 if left {
                     Self::mark_dirty(&ch, &st)
                 } else {
@@ -1112,16 +1112,15 @@ impl Engine {
         }
         let now_ms = self.millis(now);
         let r = self.with_existing(name, |ch, st| {
-            if st.presence.is_none() {
-                return (0, ch.clone());
-            }
             let seq = st.top;
-            let changed = self.presence_op(ch, st, now_ms, |p| match live {
-                Some(live) => p
-                    .join_member(who, live, seq, usize::MAX, true, now_ms)
-                    .unwrap_or(false),
-                None => p.leave(&who.client, seq, now_ms),
-            });
+            let changed = self
+                .presence_op(ch, st, now_ms, |p| match live {
+                    Some(live) => p
+                        .join_member(who, live, seq, usize::MAX, true, now_ms)
+                        .unwrap_or(false),
+                    None => p.leave(&who.client, seq, now_ms),
+                })
+                .unwrap_or(false);
             let wake = if changed { Self::mark_dirty(ch, st) } else { 0 };
             (wake, ch.clone())
         });
@@ -1464,10 +1463,8 @@ impl Engine {
         st.next_check = None;
         let freed = self.trim(ch, &mut st, now);
         self.meter.add(Kind::History, -(freed as i64));
-        if st.presence.is_some() {
-            let now_ms = self.millis(now);
-            self.presence_op(ch, &mut st, now_ms, |_| ());
-        }
+        // Presence bookkeeping alone trims the events that aged out.
+        self.presence_op(ch, &mut st, self.millis(now), |_| ());
         let idle = now.saturating_duration_since(st.last_active) > self.cfg.history_ttl;
         let nothing = st.ring.is_empty() && st.presence.as_ref().is_none_or(|p| p.is_idle());
         if st.interest == 0 && idle && nothing {
