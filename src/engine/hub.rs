@@ -425,6 +425,8 @@ fn deliver_publication(
     let mut frames: [Option<Bytes>; FRAME_SLOTS] = Default::default();
     let policy = local.channel.policy();
     let name = local.channel.name();
+    // Summed in a local, added to the stats once: the loop over subscribers stays as it was.
+    let mut queued = 0;
     for sub in local.subs.values_mut() {
         if p.seq <= sub.after {
             continue;
@@ -453,8 +455,9 @@ fn deliver_publication(
             slot: sub.slot,
             seq: p.seq,
         };
-        deliver(stats, sub, out);
+        queued += deliver(stats, sub, out);
     }
+    stats.queued += queued;
     local.cursor = p.seq;
 }
 
@@ -474,11 +477,12 @@ fn flush_sub(stats: &mut PumpStats, sub: &mut Subscriber, name: &ChannelName, en
         return;
     }
     sub.deferred = Deferred::None;
-    deliver(stats, sub, out);
+    stats.queued += deliver(stats, sub, out);
 }
 
 fn deliver_presence(stats: &mut PumpStats, local: &mut Local, encode: Encoder, e: &PresenceEvent) {
     let mut frames: [Option<Bytes>; FRAME_SLOTS] = Default::default();
+    let mut queued = 0;
     for sub in local.subs.values() {
         if e.pseq <= sub.pafter {
             continue;
@@ -489,18 +493,24 @@ fn deliver_presence(stats: &mut PumpStats, local: &mut Local, encode: Encoder, e
                 e.frame(enc, |e| (encode.presence)(enc, local.channel.name(), e))
             })
             .clone();
-        deliver(stats, sub, Out::control(frame));
+        queued += deliver(stats, sub, Out::control(frame));
     }
+    stats.queued += queued;
     local.pcursor = e.pseq;
 }
 
-fn deliver(stats: &mut PumpStats, sub: &Subscriber, out: Out) {
+/// Queues `out` for `sub` without counting it in the shard's gauge; returns what the caller
+/// adds to [`PumpStats::queued`] (0 when the outbox did not take it).
+fn deliver(stats: &mut PumpStats, sub: &Subscriber, out: Out) -> usize {
     let cost = Outbox::cost(&out);
     if sub.outbox.push_uncounted(out) {
         stats.deliveries += 1;
-        stats.queued += cost;
-    } else if sub.outbox.state() == OutboxState::Overflowed {
-        stats.slow += 1;
+        cost
+    } else {
+        if sub.outbox.state() == OutboxState::Overflowed {
+            stats.slow += 1;
+        }
+        0
     }
 }
 

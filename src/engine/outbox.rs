@@ -266,15 +266,16 @@ impl Outbox {
     /// Pops whole frames (for transports that copy, like SSE bodies) while `f` accepts them.
     pub fn drain_into(&self, mut f: impl FnMut(&Out)) -> usize {
         let mut inner = self.inner.borrow_mut();
-        let before = inner.footprint();
         let mut n = 0;
+        let mut freed = 0;
         while let Some(out) = inner.queue.pop_front() {
             inner.bytes -= out.frame.len() - inner.front_written;
             inner.front_written = 0;
+            freed += Self::cost(&out);
             f(&out);
             n += 1;
         }
-        inner.recount(before);
+        inner.gauge.set(inner.gauge.get().wrapping_sub(freed));
         n
     }
 }
