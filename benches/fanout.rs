@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use relay::engine::hub::{Hub, Subscriber};
-use relay::engine::outbox::Outbox;
+use relay::engine::outbox::{Gauge, Outbox};
 use relay::engine::{Engine, EngineConfig};
 use relay::protocol::{ENCODER, ENC_WS_JSON};
 use relay::types::{ChannelName, DataKind};
@@ -23,13 +23,16 @@ fn bench(c: &mut Criterion) {
             history_size: 1000,
             history_ttl: Duration::from_secs(300),
             seed: 9,
-            presence: Default::default(),
-            slow_consumer: Vec::new(),
+            ..Default::default()
         }));
-        let mut hub = Hub::new(0, engine.clone(), ENCODER);
+        // One memory gauge for the shard's hub and outboxes, as the server has.
+        let gauge = Gauge::default();
+        let mut hub = Hub::with_gauge(0, engine.clone(), ENCODER, gauge.clone());
         let name = ChannelName::new("bench").unwrap();
         let now = Instant::now();
-        let outboxes: Vec<Rc<Outbox>> = (0..n).map(|_| Rc::new(Outbox::new(1 << 20))).collect();
+        let outboxes: Vec<Rc<Outbox>> = (0..n)
+            .map(|_| Rc::new(Outbox::with_gauge(1 << 20, gauge.clone())))
+            .collect();
         for (i, o) in outboxes.iter().enumerate() {
             let sub = Subscriber::new(o.clone(), ENC_WS_JSON, 0);
             hub.subscribe(i as u64, &name, None, None, sub, now)
@@ -38,7 +41,9 @@ fn bench(c: &mut Criterion) {
         g.throughput(Throughput::Elements(n as u64));
         g.bench_function(format!("publish_to_{n}"), |b| {
             b.iter(|| {
-                engine.publish(&name, DataKind::Json, payload.clone(), now);
+                engine
+                    .publish(&name, DataKind::Json, payload.clone(), now)
+                    .unwrap();
                 let st = hub.pump();
                 assert_eq!(st.deliveries, n);
                 for o in &outboxes {

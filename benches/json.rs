@@ -225,6 +225,7 @@ fn build(raw: Fields<'_>) -> Result<Request<'_>, CommandError<'_>> {
         },
         Some("presence") => Command::Presence {
             channel: channel()?,
+            page: Default::default(),
         },
         Some("unsubscribe") => Command::Unsubscribe {
             channel: channel()?,

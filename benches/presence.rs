@@ -22,8 +22,9 @@ fn engine() -> Engine {
             patterns: vec!["p:*".into()],
             timeout: Duration::from_secs(45),
             max_members: MEMBERS,
+            ..Default::default()
         },
-        slow_consumer: Vec::new(),
+        ..Default::default()
     })
 }
 

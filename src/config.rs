@@ -280,6 +280,30 @@ pub struct Config {
         default_value_t = 0
     )]
     pub api_key_rate_limit: u32,
+    // --- resource bounds (issue 11) ---
+    /// Memory budget for what clients make the node hold (history, presence, channels,
+    /// outboxes, API answers). From 85 % the history of the least recently used channels is
+    /// evicted; over it, new publishes, subscriptions and connections are refused (503,
+    /// `overloaded`, close 1013) until it is back under 95 %. 0 for none [default: half the
+    /// cgroup memory limit, or of physical memory].
+    #[arg(long, env = "RELAY_MAX_MEMORY", value_name = "BYTES", value_parser = parse_bytes)]
+    pub max_memory: Option<usize>,
+    /// Bytes of history kept per channel, as well as --history-size messages.
+    #[arg(long, env = "RELAY_HISTORY_MAX_BYTES", value_name = "BYTES", value_parser = parse_bytes, default_value = "1MiB")]
+    pub history_max_bytes: usize,
+    /// Most channels on the node; a publish or subscribe that would create one more gets
+    /// `overloaded` (503); 0 for no limit.
+    #[arg(
+        long,
+        env = "RELAY_MAX_CHANNELS",
+        value_name = "N",
+        default_value_t = 1_000_000
+    )]
+    pub max_channels: usize,
+    /// Most presence info bytes of all members of the node together; a subscribe with info
+    /// past it gets `overloaded`.
+    #[arg(long, env = "RELAY_PRESENCE_INFO_BUDGET", value_name = "BYTES", value_parser = parse_bytes, default_value = "64MiB")]
+    pub presence_info_budget: usize,
 }
 
 /// Options of `relay serve`: the config file and the settings.
@@ -536,6 +560,9 @@ impl Config {
         }
         if self.api_key.iter().any(|k| k.is_empty()) {
             return invalid("api_key", "must not be empty");
+        }
+        if self.max_memory.is_some_and(|m| m != 0 && m < 16 << 20) {
+            return invalid("max_memory", "must be 0 (no budget) or at least 16MiB");
         }
         self.validate_security()
     }

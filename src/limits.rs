@@ -52,9 +52,15 @@ pub enum Cause {
     ApiRateLimited,
     /// A connection without a valid PROXY protocol header while `--proxy-protocol` is on.
     ProxyProtocol,
+    /// Over the memory budget (`--max-memory`): HTTP 503 / error `overloaded` / close 1013.
+    Memory,
+    /// A new channel past `--max-channels` (HTTP 503 / error `overloaded`).
+    MaxChannels,
+    /// Presence info past `--presence-info-budget` (error `overloaded`).
+    PresenceInfo,
 }
 
-const CAUSES: usize = 16;
+const CAUSES: usize = 19;
 
 impl Cause {
     /// The label value.
@@ -76,6 +82,9 @@ impl Cause {
             Cause::WriteTimeout => "write_timeout",
             Cause::ApiRateLimited => "api_rate_limited",
             Cause::ProxyProtocol => "proxy_protocol",
+            Cause::Memory => "memory",
+            Cause::MaxChannels => "max_channels",
+            Cause::PresenceInfo => "presence_info",
         }
     }
 }
@@ -171,6 +180,34 @@ impl Throttle {
 impl Default for Throttle {
     fn default() -> Self {
         Throttle::new()
+    }
+}
+
+/// The memory budget of a node started without `--max-memory`: half of what the process may
+/// use (the cgroup v2 `memory.max`, the cgroup v1 `memory.limit_in_bytes`, else physical
+/// memory). Half, because the budget counts only what clients grow: the other half is for what
+/// it does not count (connections, encoded frames, kernel socket buffers, allocator slack).
+pub fn default_memory_budget() -> usize {
+    memory_limit().map_or(0, |limit| limit / 2)
+}
+
+/// What the process may use: its cgroup's limit, else physical memory; `None` if unknown.
+fn memory_limit() -> Option<usize> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let physical = read("/proc/meminfo").and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+            .map(|kb| kb.saturating_mul(1024))
+    });
+    // v2: "max" when unlimited; v1: a huge number when unlimited. Either way, never more than
+    // the machine has.
+    let cgroup = read("/sys/fs/cgroup/memory.max")
+        .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    match (cgroup, physical) {
+        (Some(c), Some(p)) => Some(c.min(p)),
+        (c, p) => c.or(p),
     }
 }
 

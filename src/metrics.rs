@@ -43,12 +43,34 @@ pub fn install() {
     });
 }
 
-/// The exposition text, or `None` when metrics are not installed.
-pub fn render() -> Option<String> {
+/// The exposition text, or `None` when metrics are not installed. The engine's own counters
+/// (memory by kind, channels, expiry, eviction) are read here, when scraped, so the engine
+/// keeps plain atomics and never calls into the registry.
+pub fn render(engine: &crate::engine::Engine) -> Option<String> {
     HANDLE.get().and_then(|h| h.as_ref()).map(|h| {
+        observe(engine);
         h.run_upkeep();
         h.render()
     })
+}
+
+fn observe(engine: &crate::engine::Engine) {
+    use crate::engine::memory::Kind;
+    use std::sync::atomic::Ordering::Relaxed;
+    let meter = engine.meter();
+    for kind in Kind::ALL {
+        gauge!("relay_memory_bytes", "kind" => kind.as_str()).set(meter.bytes(kind) as f64);
+    }
+    gauge!("relay_memory_limit_bytes").set(meter.limit() as f64);
+    gauge!("relay_memory_pressure").set(f64::from(meter.pressure() as u8));
+    gauge!("relay_channels").set(engine.channel_count() as f64);
+    gauge!("relay_presence_info_bytes").set(engine.presence_info_bytes() as f64);
+    let s = engine.stats();
+    counter!("relay_history_evictions_total").absolute(s.evictions.load(Relaxed));
+    counter!("relay_history_evicted_bytes_total").absolute(s.evicted_bytes.load(Relaxed));
+    counter!("relay_expiry_checked_total").absolute(s.checked.load(Relaxed));
+    counter!("relay_channels_expired_total").absolute(s.expired.load(Relaxed));
+    gauge!("relay_expiry_checked_per_tick_max").set(s.checked_max.load(Relaxed) as f64);
 }
 
 fn describe() {
@@ -120,7 +142,54 @@ fn describe() {
         "relay_refused_total",
         "Refusals by cause: ip_limit, handshake_timeout, header_too_large, message_too_large, \
          rate_limited, rate_closed, origin, unauthorized, forbidden, token_expired, \
-         too_many_subscriptions, tls."
+         too_many_subscriptions, tls, memory, max_channels, presence_info."
+    );
+    describe_gauge!(
+        "relay_memory_bytes",
+        Unit::Bytes,
+        "What clients made the node hold, by kind: history (payload + per-message overhead), \
+         presence (members, events), channels, outbox (queued frames; a frame shared by several \
+         outboxes counts in each), responses (API answers not yet sent)."
+    );
+    describe_gauge!(
+        "relay_memory_limit_bytes",
+        Unit::Bytes,
+        "The memory budget (--max-memory); 0: none."
+    );
+    describe_gauge!(
+        "relay_memory_pressure",
+        "0 normal, 1 evicting history (over 85 % of the budget), 2 refusing (over the budget)."
+    );
+    describe_gauge!("relay_channels", "Channels on the node.");
+    describe_gauge!(
+        "relay_presence_info_bytes",
+        Unit::Bytes,
+        "Presence info of every member of the node (--presence-info-budget)."
+    );
+    describe_counter!(
+        "relay_history_evictions_total",
+        "Channels whose history was evicted under memory pressure."
+    );
+    describe_counter!(
+        "relay_history_evicted_bytes_total",
+        Unit::Bytes,
+        "History bytes evicted under memory pressure."
+    );
+    describe_counter!(
+        "relay_expiry_checked_total",
+        "Channels examined by the expiry queue."
+    );
+    describe_counter!(
+        "relay_channels_expired_total",
+        "Idle channels forgotten by the expiry queue."
+    );
+    describe_gauge!(
+        "relay_expiry_checked_per_tick_max",
+        "The most channels one expiry tick examined (bounded, whatever the channel count)."
+    );
+    describe_counter!(
+        "relay_messages_replayed_total",
+        "Messages queued from resume replays (paged out of history as outboxes drain)."
     );
 }
 
@@ -152,6 +221,8 @@ pub struct ShardMetrics {
     pub fanout_latency: Histogram,
     /// Protocol violations.
     pub protocol_errors: Counter,
+    /// Messages replayed for resumes.
+    pub replayed: Counter,
 }
 
 impl ShardMetrics {
@@ -171,6 +242,7 @@ impl ShardMetrics {
             frames_per_write: histogram!("relay_frames_per_write"),
             fanout_latency: histogram!("relay_fanout_latency_seconds"),
             protocol_errors: counter!("relay_protocol_errors_total"),
+            replayed: counter!("relay_messages_replayed_total"),
         }
     }
 
@@ -181,6 +253,9 @@ impl ShardMetrics {
         }
         if st.skipped > 0 {
             self.skipped.increment(st.skipped as u64);
+        }
+        if st.replayed > 0 {
+            self.replayed.increment(st.replayed as u64);
         }
         if let Some(age) = st.oldest_age {
             self.fanout_latency.record(age.as_secs_f64());

@@ -23,12 +23,7 @@ async fn scrape(relay: &Relay) -> String {
 
 /// The value of the sample `name` (with its labels, as written), or panic.
 fn value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
+    common::sample(text, name).unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

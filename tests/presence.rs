@@ -33,14 +33,8 @@ async fn presence_event(ws: &mut Ws) -> (String, String, u64) {
     )
 }
 
-async fn close_cleanly(mut ws: Ws) {
-    ws.inner.close(None).await.unwrap();
-    // Drain until the server's close reply so the close handshake completes.
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        use futures_util::StreamExt;
-        while let Some(Ok(_)) = ws.inner.next().await {}
-    })
-    .await;
+async fn close_cleanly(ws: Ws) {
+    ws.close_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

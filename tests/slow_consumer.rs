@@ -91,7 +91,15 @@ async fn read_until(slow: &mut RawWs, last: u64) -> Vec<(String, u64, u64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn drop_policy_skips_and_announces_every_missed_range() {
-    let relay = Relay::start(&["--max-outbox-bytes", "65536", "--slow-consumer", "drop"]);
+    // History must hold the 400 × 16 KiB burst for the last check (the default keeps 1MiB).
+    let relay = Relay::start(&[
+        "--max-outbox-bytes",
+        "65536",
+        "--slow-consumer",
+        "drop",
+        "--history-max-bytes",
+        "16MiB",
+    ]);
     let mut slow = burst(&relay, "feed").await;
     // Reading drains the outbox; the writer then flushes the pending gap notice by itself.
     let mut seen = read_until(&mut slow, N).await;

@@ -35,6 +35,16 @@ fn opt_text<'a>(u: &mut Unstructured<'a>) -> Result<Option<&'a str>> {
     Ok((!s.is_empty()).then_some(s))
 }
 
+/// A page cursor that decodes: at most `MAX_CURSOR_LEN` bytes.
+fn cursor<'a>(u: &mut Unstructured<'a>) -> Result<&'a str> {
+    let s: &str = u.arbitrary()?;
+    let mut end = s.len().min(binary::MAX_CURSOR_LEN);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    Ok(&s[..end])
+}
+
 fn member<'a>(u: &mut Unstructured<'a>) -> Result<Member<'a>> {
     Ok(Member {
         client: u.arbitrary()?,
@@ -71,7 +81,14 @@ fn check_frame(u: &mut Unstructured<'_>) -> Result<()> {
             payload: u.arbitrary()?,
         },
         3 => Body::Heartbeat,
-        4 => Body::Presence { channel: ch },
+        4 => Body::Presence {
+            channel: ch,
+            page: if u.arbitrary()? {
+                Some((u.arbitrary()?, cursor(u)?))
+            } else {
+                None
+            },
+        },
         5 => Body::Subscribed {
             channel: ch,
             position: position(u)?,
@@ -128,6 +145,11 @@ fn check_frame(u: &mut Unstructured<'_>) -> Result<()> {
                 members: Members {
                     count,
                     bytes: &members,
+                },
+                next: if u.arbitrary()? {
+                    Some(cursor(u)?)
+                } else {
+                    None
                 },
             }
         }

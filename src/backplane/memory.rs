@@ -34,9 +34,14 @@ impl Backplane for MemoryBackplane {
         kind: DataKind,
         data: Bytes,
     ) -> BoxFuture<Result<(Epoch, u64), BackplaneError>> {
-        let p = self.engine.publish(channel, kind, data, Instant::now());
-        self.wakers.wake(p.wake);
-        Box::pin(std::future::ready(Ok((p.epoch, p.seq))))
+        let r = match self.engine.publish(channel, kind, data, Instant::now()) {
+            Ok(p) => {
+                self.wakers.wake(p.wake);
+                Ok((p.epoch, p.seq))
+            }
+            Err(o) => Err(BackplaneError::Overloaded(o)),
+        };
+        Box::pin(std::future::ready(r))
     }
 
     fn join(&self, _channel: &ChannelName) -> Option<BoxFuture<Result<(), BackplaneError>>> {
@@ -77,12 +82,10 @@ mod tests {
     #[test]
     fn publishes_sequence_in_the_engine_and_are_ready_at_once() {
         let engine = Arc::new(Engine::new(crate::engine::EngineConfig {
-            shards: 1,
             history_size: 10,
             history_ttl: std::time::Duration::from_secs(60),
             seed: 3,
-            presence: Default::default(),
-            slow_consumer: Vec::new(),
+            ..Default::default()
         }));
         let bp = MemoryBackplane::new(engine.clone(), Wakers::new(1));
         let ch = ChannelName::new("a").unwrap();

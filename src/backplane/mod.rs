@@ -45,6 +45,9 @@ pub enum BackplaneError {
     /// The backplane answered something this node does not understand.
     #[error("backplane protocol error: {0}")]
     Protocol(String),
+    /// The node cannot grow (the memory backplane's engine refused).
+    #[error(transparent)]
+    Overloaded(crate::engine::Overloaded),
 }
 
 /// Where sequencing and cross-node fan-out happen. See the module docs.

@@ -1148,10 +1148,10 @@ impl Backplane for NatsBackplane {
             let complete = since == top
                 || (since < top && publications.first().is_some_and(|p| p.seq == since + 1));
             Ok(History {
-                position: StreamPosition {
+                position: Some(StreamPosition {
                     epoch: last.epoch,
                     seq: top,
-                },
+                }),
                 publications,
                 complete,
             })

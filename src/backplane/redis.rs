@@ -965,11 +965,11 @@ impl Inner {
         }
         self.wakers.wake(wake);
         if self.current().is_some() {
-            for info in self.engine.channels() {
-                if info.subscribers > 0 && !chans.contains_key(&info.name) {
-                    tracing::warn!(channel = %info.name, "backplane: subscribed channel was not received; joining");
-                    chans.insert(info.name.clone(), Chan::new(now));
-                    let _ = self.ctl.send(Ctl::Subscribe(info.name));
+            for name in self.engine.subscribed_channels() {
+                if !chans.contains_key(&name) {
+                    tracing::warn!(channel = %name, "backplane: subscribed channel was not received; joining");
+                    chans.insert(name.clone(), Chan::new(now));
+                    let _ = self.ctl.send(Ctl::Subscribe(name));
                 }
             }
         }
@@ -1228,7 +1228,7 @@ impl Backplane for RedisBackplane {
             let complete = since == top
                 || (since < top && publications.first().is_some_and(|p| p.seq == since + 1));
             Ok(History {
-                position: StreamPosition { epoch, seq: top },
+                position: Some(StreamPosition { epoch, seq: top }),
                 publications,
                 complete,
             })

@@ -12,9 +12,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use indexmap::IndexMap;
 
-use super::outbox::{Out, Outbox, OutboxState};
-use super::presence::{PresenceError, PresenceEvent};
-use super::{Channel, Engine, Join, Publication, SlowPolicy, Subscribed, FRAME_SLOTS};
+use super::outbox::{Gauge, Out, Outbox, OutboxState};
+use super::presence::PresenceEvent;
+use super::{
+    Channel, Engine, Join, Publication, SlowPolicy, SubscribeError, Subscribed, FRAME_SLOTS,
+};
 use crate::types::{ChannelName, StreamPosition};
 
 /// Builds frames for one encoding (an index below [`FRAME_SLOTS`]). The hub calls each at most
@@ -32,6 +34,9 @@ pub struct Encoder {
 /// Identifies a connection within its shard.
 pub type ConnId = u64;
 
+/// Most publications a replay reads from the ring under one lock.
+const REPLAY_PAGE: usize = 256;
+
 /// One local subscription.
 pub struct Subscriber {
     /// Where its frames go.
@@ -44,10 +49,24 @@ pub struct Subscriber {
     after: u64,
     /// It gets presence events after this presence seq.
     pafter: u64,
-    /// `drop` policy: messages it missed while its outbox was full, to announce.
-    gap: Option<(u64, u64)>,
+    /// What waits for room in its outbox, if anything.
+    deferred: Deferred,
+}
+
+/// What a subscriber waits to queue until its outbox has room. One at a time: a replay
+/// precedes live delivery (which skips the subscriber meanwhile), and a channel's policy is
+/// either `drop` or `conflate`. One field keeps the subscriber small, which the fan-out loop
+/// over thousands of them feels.
+enum Deferred {
+    /// Nothing.
+    None,
+    /// `drop` policy: the messages `from..=to` it missed while its outbox was full, to announce.
+    Gap(u64, u64),
     /// `conflate` policy: the latest message it could not take yet.
-    stash: Option<Arc<Publication>>,
+    Stash(Arc<Publication>),
+    /// While it resumes: the last seq its replay queued. Live delivery skips it (`after` is
+    /// `u64::MAX`) until the replay, paged out of the ring as its outbox drains, catches up.
+    Replay(u64),
 }
 
 impl Subscriber {
@@ -59,13 +78,17 @@ impl Subscriber {
             slot,
             after: 0,
             pafter: 0,
-            gap: None,
-            stash: None,
+            deferred: Deferred::None,
         }
     }
 
     fn pending(&self) -> bool {
-        self.gap.is_some() || self.stash.is_some()
+        !matches!(self.deferred, Deferred::None)
+    }
+
+    /// Whether it is still replaying a resume.
+    pub fn replaying(&self) -> bool {
+        matches!(self.deferred, Deferred::Replay(_))
     }
 }
 
@@ -93,6 +116,11 @@ pub struct PumpStats {
     pub slow: usize,
     /// Messages skipped for full outboxes under the `drop` or `conflate` policy.
     pub skipped: usize,
+    /// Messages queued from resume replays.
+    pub replayed: usize,
+    /// Bytes queued into outboxes (frames and entries), added to the shard's gauge once per
+    /// pass rather than once per delivery.
+    pub queued: usize,
     /// Age of the oldest publication pulled (publish → queued), if any.
     pub oldest_age: Option<std::time::Duration>,
 }
@@ -102,6 +130,8 @@ pub struct Hub {
     shard: usize,
     engine: Arc<Engine>,
     encode: Encoder,
+    /// The shard's outbox gauge (what fan-out queues is added once per pass).
+    gauge: Gauge,
     channels: HashMap<ChannelName, Local>,
     dirty: Vec<Arc<Channel>>,
     pubs: Vec<Arc<Publication>>,
@@ -111,10 +141,16 @@ pub struct Hub {
 impl Hub {
     /// The hub of `shard`.
     pub fn new(shard: usize, engine: Arc<Engine>, encode: Encoder) -> Self {
+        Self::with_gauge(shard, engine, encode, Gauge::default())
+    }
+
+    /// [`Hub::new`], counting what it queues in `gauge`, the gauge of the shard's outboxes.
+    pub fn with_gauge(shard: usize, engine: Arc<Engine>, encode: Encoder, gauge: Gauge) -> Self {
         Self {
             shard,
             engine,
             encode,
+            gauge,
             channels: HashMap::new(),
             dirty: Vec::new(),
             pubs: Vec::new(),
@@ -133,9 +169,10 @@ impl Hub {
     }
 
     /// Subscribes connection `conn` (and adds it to the channel's presence when `join` is
-    /// given and the channel has presence). The caller queues its reply and `replay` into the
-    /// outbox right away (before yielding), so that they precede every live message, which
-    /// start after `position.seq`; and wakes `wake`.
+    /// given and the channel has presence). The caller queues its reply right away (before
+    /// yielding), then calls [`Hub::flush`] for the channel, which queues the first page of a
+    /// resume's replay; live messages follow the replay (or start after `position.seq`).
+    /// Wake `wake`.
     pub fn subscribe(
         &mut self,
         conn: ConnId,
@@ -144,7 +181,7 @@ impl Hub {
         join: Option<Join>,
         sub: Subscriber,
         now: Instant,
-    ) -> Result<Subscribed, PresenceError> {
+    ) -> Result<Subscribed, SubscribeError> {
         let s = self.engine.subscribe(self.shard, name, resume, join, now)?;
         let local = self.channels.entry(name.clone()).or_insert_with(|| Local {
             channel: s.channel.clone(),
@@ -169,8 +206,13 @@ impl Hub {
             local.generation = s.generation;
         }
         let sub = Subscriber {
-            after: s.position.seq,
+            after: if s.replay_after.is_some() {
+                u64::MAX
+            } else {
+                s.position.seq
+            },
             pafter: s.pseq,
+            deferred: s.replay_after.map_or(Deferred::None, Deferred::Replay),
             ..sub
         };
         if local.subs.insert(conn, sub).is_some() {
@@ -203,23 +245,34 @@ impl Hub {
         Some(channel)
     }
 
-    /// Sends what connection `conn` deferred for lack of room (gap notices, conflated messages)
-    /// in its subscriptions `names`, as far as its outbox now has room. Writers call it when
-    /// [`Outbox::take_deferred`] says so.
+    /// Sends what connection `conn` deferred for lack of room (the next page of a resume's
+    /// replay, gap notices, conflated messages) in its subscriptions `names`, as far as its
+    /// outbox now has room. Writers call it when [`Outbox::take_deferred`] says so.
     pub fn flush(&mut self, conn: ConnId, names: &[ChannelName]) -> PumpStats {
         let mut stats = PumpStats::default();
         for name in names {
             let Some(local) = self.channels.get_mut(name) else {
                 continue;
             };
+            let (channel, cursor, generation) = (&local.channel, local.cursor, local.generation);
             if let Some(sub) = local.subs.get_mut(&conn) {
-                flush_sub(&mut stats, sub, local.channel.name(), self.encode);
+                if sub.replaying() {
+                    replay_page(&mut stats, channel, cursor, generation, sub, self.encode);
+                } else {
+                    flush_sub(&mut stats, sub, channel.name(), self.encode);
+                }
                 if sub.pending() {
                     sub.outbox.set_deferred();
                 }
             }
         }
+        self.count(&stats);
         stats
+    }
+
+    /// Adds what a pass queued to the shard's gauge.
+    fn count(&self, stats: &PumpStats) {
+        self.gauge.set(self.gauge.get().wrapping_add(stats.queued));
     }
 
     /// Local subscribers of `name`.
@@ -284,7 +337,73 @@ impl Hub {
         self.dirty = dirty;
         self.pubs.clear();
         self.events.clear();
+        self.count(&stats);
         stats
+    }
+}
+
+/// Queues the next part of `sub`'s replay: the publications after its replay cursor, from the
+/// ring, while its outbox is at most half full (the other half stays free for replies and
+/// presence events), and at least one when it is empty. Once the replay reaches what this
+/// shard has delivered (`cursor`), the subscriber goes live from there. A replay that no longer
+/// connects (history expired or evicted meanwhile, or the channel was reset) closes the
+/// subscriber for resume: never a silent skip.
+fn replay_page(
+    stats: &mut PumpStats,
+    channel: &Channel,
+    cursor: u64,
+    generation: u64,
+    sub: &mut Subscriber,
+    encode: Encoder,
+) {
+    let Deferred::Replay(mut at) = sub.deferred else {
+        return;
+    };
+    let half = sub.outbox.limit() / 2;
+    let enc = sub.encoding % FRAME_SLOTS;
+    let mut page = Vec::new();
+    loop {
+        page.clear();
+        if !channel.read_page(at, generation, REPLAY_PAGE, &mut page) {
+            sub.deferred = Deferred::None;
+            sub.outbox.mark_overflowed();
+            stats.slow += 1;
+            return;
+        }
+        for p in &page {
+            let frame = p.frame(enc, |p| (encode.publication)(enc, channel.name(), p));
+            let queued = sub.outbox.queued_bytes();
+            if queued > 0 && queued + frame.len() > half {
+                sub.deferred = Deferred::Replay(at);
+                return;
+            }
+            let out = Out {
+                frame,
+                slot: sub.slot,
+                seq: p.seq,
+            };
+            let cost = Outbox::cost(&out);
+            if !sub.outbox.push_uncounted(out) {
+                sub.deferred = Deferred::None;
+                stats.slow += 1;
+                return;
+            }
+            at = p.seq;
+            stats.queued += cost;
+            stats.deliveries += 1;
+            stats.replayed += 1;
+        }
+        if page.len() < REPLAY_PAGE {
+            break;
+        }
+    }
+    // Everything up to the ring's top is queued, so at least what this shard delivered: live
+    // delivery takes over after it.
+    if at >= cursor {
+        sub.deferred = Deferred::None;
+        sub.after = at;
+    } else {
+        sub.deferred = Deferred::Replay(at);
     }
 }
 
@@ -306,6 +425,8 @@ fn deliver_publication(
     let mut frames: [Option<Bytes>; FRAME_SLOTS] = Default::default();
     let policy = local.channel.policy();
     let name = local.channel.name();
+    // Summed in a local, added to the stats once: the loop over subscribers stays as it was.
+    let mut queued = 0;
     for sub in local.subs.values_mut() {
         if p.seq <= sub.after {
             continue;
@@ -319,13 +440,11 @@ fn deliver_publication(
             if sub.pending() || !sub.outbox.has_room(frame.len()) {
                 // Skip it (drop: widen the gap; conflate: keep it as the latest) and flush
                 // when the writer frees room.
-                match policy {
-                    SlowPolicy::Drop => {
-                        let from = sub.gap.map_or(p.seq, |(from, _)| from);
-                        sub.gap = Some((from, p.seq));
-                    }
-                    _ => sub.stash = Some(p.clone()),
-                }
+                sub.deferred = match (policy, &sub.deferred) {
+                    (SlowPolicy::Drop, Deferred::Gap(from, _)) => Deferred::Gap(*from, p.seq),
+                    (SlowPolicy::Drop, _) => Deferred::Gap(p.seq, p.seq),
+                    _ => Deferred::Stash(p.clone()),
+                };
                 sub.outbox.set_deferred();
                 stats.skipped += 1;
                 continue;
@@ -336,39 +455,34 @@ fn deliver_publication(
             slot: sub.slot,
             seq: p.seq,
         };
-        deliver(stats, sub, out);
+        queued += deliver(stats, sub, out);
     }
+    stats.queued += queued;
     local.cursor = p.seq;
 }
 
 /// Queues what `sub` deferred, in order, as far as its outbox has room.
 fn flush_sub(stats: &mut PumpStats, sub: &mut Subscriber, name: &ChannelName, encode: Encoder) {
     let enc = sub.encoding % FRAME_SLOTS;
-    if let Some((from, to)) = sub.gap {
-        let notice = (encode.gap)(enc, name, from, to);
-        if !sub.outbox.has_room(notice.len()) {
-            return;
-        }
-        sub.gap = None;
-        deliver(stats, sub, Out::control(notice));
-    }
-    if let Some(p) = &sub.stash {
-        let frame = p.frame(enc, |p| (encode.publication)(enc, name, p));
-        if !sub.outbox.has_room(frame.len()) {
-            return;
-        }
-        let out = Out {
-            frame,
+    let out = match &sub.deferred {
+        Deferred::Gap(from, to) => Out::control((encode.gap)(enc, name, *from, *to)),
+        Deferred::Stash(p) => Out {
+            frame: p.frame(enc, |p| (encode.publication)(enc, name, p)),
             slot: sub.slot,
             seq: p.seq,
-        };
-        sub.stash = None;
-        deliver(stats, sub, out);
+        },
+        Deferred::None | Deferred::Replay(_) => return,
+    };
+    if !sub.outbox.has_room(out.frame.len()) {
+        return;
     }
+    sub.deferred = Deferred::None;
+    stats.queued += deliver(stats, sub, out);
 }
 
 fn deliver_presence(stats: &mut PumpStats, local: &mut Local, encode: Encoder, e: &PresenceEvent) {
     let mut frames: [Option<Bytes>; FRAME_SLOTS] = Default::default();
+    let mut queued = 0;
     for sub in local.subs.values() {
         if e.pseq <= sub.pafter {
             continue;
@@ -379,16 +493,24 @@ fn deliver_presence(stats: &mut PumpStats, local: &mut Local, encode: Encoder, e
                 e.frame(enc, |e| (encode.presence)(enc, local.channel.name(), e))
             })
             .clone();
-        deliver(stats, sub, Out::control(frame));
+        queued += deliver(stats, sub, Out::control(frame));
     }
+    stats.queued += queued;
     local.pcursor = e.pseq;
 }
 
-fn deliver(stats: &mut PumpStats, sub: &Subscriber, out: Out) {
-    if sub.outbox.push(out) {
+/// Queues `out` for `sub` without counting it in the shard's gauge; returns what the caller
+/// adds to [`PumpStats::queued`] (0 when the outbox did not take it).
+fn deliver(stats: &mut PumpStats, sub: &Subscriber, out: Out) -> usize {
+    let cost = Outbox::cost(&out);
+    if sub.outbox.push_uncounted(out) {
         stats.deliveries += 1;
-    } else if sub.outbox.state() == OutboxState::Overflowed {
-        stats.slow += 1;
+        cost
+    } else {
+        if sub.outbox.state() == OutboxState::Overflowed {
+            stats.slow += 1;
+        }
+        0
     }
 }
 
@@ -432,6 +554,7 @@ mod tests {
                 ("drop:*".into(), SlowPolicy::Drop),
                 ("last:*".into(), SlowPolicy::Conflate),
             ],
+            ..Default::default()
         }))
     }
 
@@ -456,7 +579,7 @@ mod tests {
         let o1 = Rc::new(Outbox::new(1 << 20));
         hub.subscribe(1, &name, None, None, sub(&o1, 0), now)
             .unwrap();
-        e.publish(&name, DataKind::Json, Bytes::new(), now);
+        e.publish(&name, DataKind::Json, Bytes::new(), now).unwrap();
         hub.pump();
         assert_eq!(frames(&o1), ["0:1"]);
         let epoch = crate::types::Epoch(77 | 1 << 60);
@@ -506,7 +629,8 @@ mod tests {
             .subscribe(1, &name, None, None, sub(&c, 0), now)
             .unwrap();
         for _ in 0..3 {
-            e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
+            e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now)
+                .unwrap();
         }
         assert_eq!(hubs[0].pump().deliveries, 6);
         assert_eq!(hubs[1].pump().deliveries, 3);
@@ -526,13 +650,15 @@ mod tests {
         let b = Rc::new(Outbox::new(1 << 20));
         hub.subscribe(1, &name, None, None, sub(&a, 0), now)
             .unwrap();
-        e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
+        e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now)
+            .unwrap();
         // b joins before the shard pumped seq 1: it must not get seq 1.
         let s = hub
             .subscribe(2, &name, None, None, sub(&b, 0), now)
             .unwrap();
         assert_eq!(s.position.seq, 1);
-        e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
+        e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now)
+            .unwrap();
         hub.pump();
         assert_eq!(frames(&a), ["0:1", "0:2"]);
         assert_eq!(frames(&b), ["0:2"]);
@@ -551,7 +677,8 @@ mod tests {
         hub.subscribe(2, &name, None, None, sub(&fast, 0), now)
             .unwrap();
         for _ in 0..5 {
-            e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
+            e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now)
+                .unwrap();
         }
         let st = hub.pump();
         assert_eq!(slow.state(), OutboxState::Overflowed);
@@ -572,6 +699,7 @@ mod tests {
         assert!(hub.unsubscribe(1, &name, now).is_none());
         assert_eq!(
             e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now)
+                .unwrap()
                 .wake,
             0
         );
@@ -607,7 +735,8 @@ mod tests {
         hubs[1]
             .subscribe(1, &name, None, join("c2", "alice"), sub(&b, 0), now)
             .unwrap();
-        e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
+        e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now)
+            .unwrap();
         hubs[1]
             .subscribe(2, &name, None, join("c3", "bob"), sub(&c, 0), now)
             .unwrap();
@@ -643,7 +772,8 @@ mod tests {
         hub.subscribe(1, &name, None, None, sub(&o, 0), now)
             .unwrap();
         for _ in 0..4 {
-            e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
+            e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now)
+                .unwrap();
         }
         let st = hub.pump();
         assert_eq!((st.deliveries, st.skipped), (2, 2));
@@ -652,7 +782,8 @@ mod tests {
         assert!(o.take_deferred());
         hub.flush(1, std::slice::from_ref(&name));
         assert_eq!(frames(&o), ["gap:3-4"]);
-        e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
+        e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now)
+            .unwrap();
         hub.pump();
         assert_eq!(frames(&o), ["0:5"]);
     }
@@ -667,7 +798,8 @@ mod tests {
         hub.subscribe(1, &name, None, None, sub(&o, 0), now)
             .unwrap();
         for _ in 0..5 {
-            e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now);
+            e.publish(&name, crate::types::DataKind::Json, Bytes::new(), now)
+                .unwrap();
         }
         assert_eq!(hub.pump().skipped, 4);
         assert_eq!(frames(&o), ["0:1"]);
@@ -675,5 +807,122 @@ mod tests {
         hub.flush(1, std::slice::from_ref(&name));
         assert_eq!(frames(&o), ["0:5"], "the latest, and only it");
         assert!(!o.take_deferred());
+    }
+
+    /// Publishes `n` messages to `name`; returns the epoch.
+    fn publish_n(e: &Engine, name: &ChannelName, n: usize) -> crate::types::Epoch {
+        let mut epoch = crate::types::Epoch(0);
+        for _ in 0..n {
+            epoch = e
+                .publish(
+                    name,
+                    crate::types::DataKind::Json,
+                    Bytes::new(),
+                    Instant::now(),
+                )
+                .unwrap()
+                .epoch;
+        }
+        epoch
+    }
+
+    /// Drains `o` as a writer would, then asks the hub for what was deferred; returns the
+    /// frames written.
+    fn drain_and_flush(hub: &mut Hub, o: &Outbox, name: &ChannelName) -> Vec<String> {
+        let got = frames(o);
+        if o.take_deferred() {
+            hub.flush(1, std::slice::from_ref(name));
+        }
+        got
+    }
+
+    #[test]
+    fn a_resume_bigger_than_the_outbox_is_paged_in_as_it_drains() {
+        let e = setup(1);
+        let name = ChannelName::new("r").unwrap();
+        let mut hub = Hub::new(0, e.clone(), ENC);
+        let epoch = publish_n(&e, &name, 90);
+        // Frames "0:N" are 3 to 4 bytes: a 40-byte outbox takes about ten at most, and a page
+        // fills at most half of it.
+        let o = Rc::new(Outbox::new(40));
+        let resume = StreamPosition { epoch, seq: 10 };
+        let s = hub
+            .subscribe(1, &name, Some(resume), None, sub(&o, 0), Instant::now())
+            .unwrap();
+        assert!(s.recovered && s.replay_after == Some(10));
+        hub.flush(1, std::slice::from_ref(&name));
+        let mut got = Vec::new();
+        let mut rounds = 0;
+        while !o.is_empty() {
+            rounds += 1;
+            assert!(o.queued_bytes() <= 40);
+            got.extend(drain_and_flush(&mut hub, &o, &name));
+            if rounds == 3 {
+                // Live messages meanwhile wait for the replay, and follow it.
+                publish_n(&e, &name, 5);
+                hub.pump();
+            }
+        }
+        assert!(rounds > 5, "paged: {rounds}");
+        assert_eq!(o.state(), OutboxState::Open, "never overflowed");
+        let want: Vec<String> = (11..=95).map(|i| format!("0:{i}")).collect();
+        assert_eq!(
+            got, want,
+            "every missed message once, in order, then the live ones"
+        );
+        publish_n(&e, &name, 1);
+        hub.pump();
+        assert_eq!(frames(&o), ["0:96"], "live delivery took over");
+    }
+
+    #[test]
+    fn the_shard_gauge_counts_what_fan_out_queued_and_writers_took() {
+        let e = setup(1);
+        let g = Gauge::default();
+        let mut hub = Hub::with_gauge(0, e.clone(), ENC, g.clone());
+        let name = ChannelName::new("g").unwrap();
+        let a = Rc::new(Outbox::with_gauge(1 << 20, g.clone()));
+        let b = Rc::new(Outbox::with_gauge(1 << 20, g.clone()));
+        hub.subscribe(1, &name, None, None, sub(&a, 0), Instant::now())
+            .unwrap();
+        hub.subscribe(2, &name, None, None, sub(&b, 0), Instant::now())
+            .unwrap();
+        publish_n(&e, &name, 3);
+        hub.pump();
+        let per = std::mem::size_of::<Out>();
+        assert_eq!(g.get(), 2 * 3 * (3 + per), "six 3-byte frames");
+        frames(&a);
+        assert_eq!(g.get(), 3 * (3 + per));
+        drop(hub);
+        drop(b);
+        assert_eq!(g.get(), 0);
+    }
+
+    #[test]
+    fn a_replay_that_history_no_longer_covers_closes_for_resume() {
+        let e = Arc::new(Engine::new(EngineConfig {
+            history_size: 20,
+            ..Default::default()
+        }));
+        let name = ChannelName::new("r").unwrap();
+        let mut hub = Hub::new(0, e.clone(), ENC);
+        let epoch = publish_n(&e, &name, 20);
+        let o = Rc::new(Outbox::new(16));
+        let resume = StreamPosition { epoch, seq: 0 };
+        let s = hub
+            .subscribe(1, &name, Some(resume), None, sub(&o, 0), Instant::now())
+            .unwrap();
+        assert!(s.recovered);
+        hub.flush(1, std::slice::from_ref(&name));
+        assert_eq!(frames(&o), ["0:1", "0:2"]);
+        // The ring moves on past the replay (a burst beyond the fan-out window of 1024).
+        publish_n(&e, &name, 1100);
+        assert!(o.take_deferred());
+        hub.flush(1, std::slice::from_ref(&name));
+        assert_eq!(
+            o.state(),
+            OutboxState::Overflowed,
+            "closed for resume, not skipped"
+        );
     }
 }

@@ -1,9 +1,10 @@
 //! A connection's bounded queue of outgoing frames. Sans-IO: the writer task drains it, the hub
 //! and the command handlers fill it, and a `std::task::Waker` links the two.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
@@ -51,6 +52,13 @@ pub struct Outbox {
     inner: RefCell<Inner>,
 }
 
+/// Bytes held by the outboxes of one shard (frames and queue entries): what the shard reports
+/// to the node's memory meter. Shard-local, so counting costs no atomic operation. Updated with
+/// wrapping arithmetic: the hub counts what fan-out queued once per pass (see
+/// [`Outbox::push_uncounted`]), so the value is exact whenever the shard reads it, between
+/// passes, even if a drop in the middle of a pass briefly went "below zero".
+pub type Gauge = Rc<Cell<usize>>;
+
 #[derive(Debug)]
 struct Inner {
     queue: VecDeque<Out>,
@@ -64,6 +72,8 @@ struct Inner {
     /// A subscriber of this connection has a gap notice or a conflated message waiting for
     /// room (see `Hub::flush`).
     deferred: bool,
+    /// The shard's gauge, which holds this outbox's [`Inner::footprint`].
+    gauge: Gauge,
 }
 
 /// Most frames gathered into one vectored write.
@@ -72,6 +82,11 @@ const MAX_IOV: usize = 64;
 impl Outbox {
     /// An empty outbox that holds at most `limit` bytes.
     pub fn new(limit: usize) -> Self {
+        Self::with_gauge(limit, Gauge::default())
+    }
+
+    /// [`Outbox::new`], counting what it holds in the shard's `gauge`.
+    pub fn with_gauge(limit: usize, gauge: Gauge) -> Self {
         Self {
             inner: RefCell::new(Inner {
                 queue: VecDeque::new(),
@@ -81,13 +96,32 @@ impl Outbox {
                 waker: None,
                 state: OutboxState::Open,
                 deferred: false,
+                gauge,
             }),
         }
+    }
+
+    /// The byte limit.
+    pub fn limit(&self) -> usize {
+        self.inner.borrow().limit
     }
 
     /// Queues a frame. Returns false if it was not taken: the outbox is closing, or it was
     /// full, in which case it is now [`OutboxState::Overflowed`] (and stays so).
     pub fn push(&self, out: Out) -> bool {
+        let grown = Self::cost(&out);
+        let taken = self.push_uncounted(out);
+        if taken {
+            let inner = self.inner.borrow();
+            inner.gauge.set(inner.gauge.get().wrapping_add(grown));
+        }
+        taken
+    }
+
+    /// [`Outbox::push`] without counting the frame in the shard's gauge: the caller adds
+    /// [`Outbox::cost`] of what was taken to the gauge before the shard next reads it. For
+    /// fan-out, which counts once per pass rather than once per delivery.
+    pub fn push_uncounted(&self, out: Out) -> bool {
         let mut inner = self.inner.borrow_mut();
         if inner.state != OutboxState::Open {
             return false;
@@ -103,6 +137,11 @@ impl Outbox {
         true
     }
 
+    /// What a queued frame adds to the shard's gauge.
+    pub fn cost(out: &Out) -> usize {
+        out.frame.len() + OUT_SIZE
+    }
+
     /// Queues `frame` (a close frame or the end of a stream) as the last thing to go out: after
     /// it the outbox takes nothing. Frames already queued stay ahead of it unless `flush` is
     /// false, in which case they are dropped.
@@ -111,6 +150,7 @@ impl Outbox {
         if inner.state == OutboxState::Closing {
             return;
         }
+        let before = inner.footprint();
         if !flush || inner.state == OutboxState::Overflowed {
             // Keep a partly written front frame: cutting it would corrupt the stream.
             let keep = usize::from(inner.front_written > 0);
@@ -121,6 +161,7 @@ impl Outbox {
         inner.state = OutboxState::Closing;
         inner.bytes += frame.len();
         inner.queue.push_back(Out::control(frame));
+        inner.recount(before);
         wake(&mut inner);
     }
 
@@ -129,11 +170,13 @@ impl Outbox {
     pub fn mark_overflowed(&self) {
         let mut inner = self.inner.borrow_mut();
         if inner.state == OutboxState::Open {
+            let before = inner.footprint();
             inner.state = OutboxState::Overflowed;
             let keep = usize::from(inner.front_written > 0);
             inner.queue.truncate(keep);
             inner.bytes =
                 inner.queue.iter().map(|o| o.frame.len()).sum::<usize>() - inner.front_written;
+            inner.recount(before);
             wake(&mut inner);
         }
     }
@@ -224,12 +267,15 @@ impl Outbox {
     pub fn drain_into(&self, mut f: impl FnMut(&Out)) -> usize {
         let mut inner = self.inner.borrow_mut();
         let mut n = 0;
+        let mut freed = 0;
         while let Some(out) = inner.queue.pop_front() {
             inner.bytes -= out.frame.len() - inner.front_written;
             inner.front_written = 0;
+            freed += Self::cost(&out);
             f(&out);
             n += 1;
         }
+        inner.gauge.set(inner.gauge.get().wrapping_sub(freed));
         n
     }
 }
@@ -247,6 +293,7 @@ pub struct Written {
 
 impl Inner {
     fn consume(&mut self, mut n: usize) -> Written {
+        let before = self.footprint();
         let mut w = Written {
             bytes: n,
             ..Written::default()
@@ -268,9 +315,33 @@ impl Inner {
             }
         }
         w.finished = self.queue.is_empty() && self.state == OutboxState::Closing;
+        self.recount(before);
         w
     }
+
+    /// What this outbox holds, as counted in the shard's gauge: its frames (a frame shared with
+    /// other outboxes counts in each, so the gauge errs high) and its queue entries.
+    fn footprint(&self) -> usize {
+        self.bytes + self.front_written + self.queue.len() * OUT_SIZE
+    }
+
+    /// Moves the gauge by how the footprint changed since it was `before`.
+    fn recount(&mut self, before: usize) {
+        let now = self.footprint();
+        self.gauge
+            .set(self.gauge.get().wrapping_add(now).wrapping_sub(before));
+    }
 }
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.gauge
+            .set(self.gauge.get().wrapping_sub(self.footprint()));
+    }
+}
+
+/// Bytes a queued frame costs besides the frame itself.
+const OUT_SIZE: usize = std::mem::size_of::<Out>();
 
 fn wake(inner: &mut Inner) {
     if let Some(w) = inner.waker.take() {
@@ -316,6 +387,37 @@ mod tests {
         let w = write_all(&o, 100);
         assert_eq!((w.bytes, w.frames), (5, 1));
         assert!(o.is_empty());
+    }
+
+    #[test]
+    fn the_shard_gauge_follows_what_outboxes_hold() {
+        let g = Gauge::default();
+        let per = std::mem::size_of::<Out>();
+        let a = Outbox::with_gauge(1000, g.clone());
+        let b = Outbox::with_gauge(1000, g.clone());
+        a.push(frame(10));
+        a.push(frame(20));
+        b.push(frame(5));
+        assert_eq!(g.get(), 35 + 3 * per);
+        write_all(&a, 15);
+        assert_eq!(g.get(), 20 + 5 + 2 * per, "the written frame is gone");
+        b.mark_overflowed();
+        assert_eq!(g.get(), 20 + per);
+        // Fan-out pushes without counting, then counts the pass at once.
+        let c = Outbox::with_gauge(1000, g.clone());
+        let out = frame(7);
+        let cost = Outbox::cost(&out);
+        assert!(c.push_uncounted(out));
+        c.mark_overflowed();
+        g.set(g.get().wrapping_add(cost));
+        assert_eq!(
+            g.get(),
+            20 + per,
+            "a drop before the pass is counted nets out"
+        );
+        drop(c);
+        drop(a);
+        assert_eq!(g.get(), 0, "a closed connection gives it all back");
     }
 
     #[test]

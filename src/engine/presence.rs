@@ -29,6 +29,8 @@ pub struct PresenceConfig {
     pub timeout: Duration,
     /// Most members per channel.
     pub max_members: usize,
+    /// Most info bytes of all the members of the node together.
+    pub info_budget: usize,
 }
 
 impl Default for PresenceConfig {
@@ -37,12 +39,23 @@ impl Default for PresenceConfig {
             patterns: Vec::new(),
             timeout: Duration::from_secs(45),
             max_members: 10_000,
+            info_budget: 64 << 20,
         }
     }
 }
 
-/// Events kept per channel for shards to pull.
+/// Events kept per channel for shards to pull, at most.
 const EVENT_RING: usize = 1024;
+
+/// Events are kept this long at most (milliseconds): long enough for every shard to pull them,
+/// short enough that the identities and info they hold go soon after their members left.
+pub const EVENT_MAX_AGE_MS: u64 = 5_000;
+
+/// Bytes a member costs besides its ids and info (its map entries, its `Arc`s).
+pub const MEMBER_OVERHEAD: usize = 160;
+
+/// Bytes an event costs besides the identity it names.
+pub const EVENT_OVERHEAD: usize = std::mem::size_of::<PresenceEvent>() + 32;
 
 /// Whether `name` matches the glob `pattern` (`*` = any run of characters, possibly empty).
 pub fn glob_match(pattern: &str, name: &str) -> bool {
@@ -105,6 +118,8 @@ pub struct PresenceEvent {
     pub join: bool,
     /// Who.
     pub who: Identity,
+    /// When it happened, in engine milliseconds (the ring drops it after [`EVENT_MAX_AGE_MS`]).
+    pub at_ms: u64,
     frames: [OnceLock<Bytes>; FRAME_SLOTS],
 }
 
@@ -116,8 +131,13 @@ impl PresenceEvent {
             seq,
             join,
             who,
+            at_ms: 0,
             frames: Default::default(),
         }
+    }
+
+    fn cost(&self) -> usize {
+        EVENT_OVERHEAD + identity_len(&self.who)
     }
 
     /// The encoded frame for `slot`, built once (see `Publication::frame`).
@@ -150,6 +170,14 @@ pub enum PresenceError {
     /// The channel has `max_members` members.
     #[error("the channel's presence is full")]
     Full,
+    /// The members of the node hold `--presence-info-budget` bytes of info already.
+    #[error("the node's presence info budget (--presence-info-budget) is used up: join without info or try again later")]
+    InfoBudget,
+}
+
+/// Bytes of an identity's ids and info.
+fn identity_len(who: &Identity) -> usize {
+    who.client.len() + who.user.len() + who.info.as_ref().map_or(0, Bytes::len)
 }
 
 /// One channel's presence set.
@@ -159,6 +187,10 @@ pub struct Presence {
     users: HashMap<Arc<str>, u32>,
     events: VecDeque<Arc<PresenceEvent>>,
     pseq: u64,
+    /// What the members and events cost (see [`Presence::bytes`]).
+    bytes: usize,
+    /// Info bytes of the members.
+    info_bytes: usize,
 }
 
 /// Counts of a presence set.
@@ -176,15 +208,17 @@ impl Presence {
         self.pseq
     }
 
-    /// Adds a member. Returns whether an event was recorded (the user's first connection).
+    /// Adds a member at `now_ms`. Returns whether an event was recorded (the user's first
+    /// connection).
     pub fn join(
         &mut self,
         who: Identity,
         live: Arc<Liveness>,
         seq: u64,
         max: usize,
+        now_ms: u64,
     ) -> Result<bool, PresenceError> {
-        self.join_member(who, live, seq, max, false)
+        self.join_member(who, live, seq, max, false, now_ms)
     }
 
     /// [`Presence::join`] of a member connected to this node (`remote == false`) or to
@@ -196,6 +230,7 @@ impl Presence {
         seq: u64,
         max: usize,
         remote: bool,
+        now_ms: u64,
     ) -> Result<bool, PresenceError> {
         if self.members.contains_key(&who.client) {
             return Ok(false);
@@ -206,6 +241,8 @@ impl Presence {
         let count = self.users.entry(who.user.clone()).or_insert(0);
         *count += 1;
         let first = *count == 1;
+        self.bytes += MEMBER_OVERHEAD + identity_len(&who);
+        self.info_bytes += who.info.as_ref().map_or(0, Bytes::len);
         self.members.insert(
             who.client.clone(),
             Member {
@@ -215,16 +252,19 @@ impl Presence {
             },
         );
         if first {
-            self.record(true, who, seq);
+            self.record(true, who, seq, now_ms);
         }
         Ok(first)
     }
 
-    /// Removes a member. Returns whether an event was recorded (the user's last connection).
-    pub fn leave(&mut self, client: &str, seq: u64) -> bool {
+    /// Removes a member at `now_ms`. Returns whether an event was recorded (the user's last
+    /// connection).
+    pub fn leave(&mut self, client: &str, seq: u64, now_ms: u64) -> bool {
         let Some(m) = self.members.remove(client) else {
             return false;
         };
+        self.bytes -= MEMBER_OVERHEAD + identity_len(&m.who);
+        self.info_bytes -= m.who.info.as_ref().map_or(0, Bytes::len);
         let last = match self.users.get_mut(&m.who.user) {
             Some(n) if *n > 1 => {
                 *n -= 1;
@@ -236,29 +276,83 @@ impl Presence {
             }
         };
         if last {
-            self.record(false, m.who, seq);
+            self.record(false, m.who, seq, now_ms);
         }
+        self.shrink();
         last
     }
 
     /// Removes the members not seen since `deadline_ms`. Returns how many events it recorded.
-    pub fn sweep(&mut self, deadline_ms: u64, seq: u64) -> usize {
+    pub fn sweep(&mut self, deadline_ms: u64, seq: u64, now_ms: u64) -> usize {
         let gone: Vec<Arc<str>> = self
             .members
             .iter()
             .filter(|(_, m)| m.live.get() < deadline_ms)
             .map(|(c, _)| c.clone())
             .collect();
-        gone.iter().filter(|c| self.leave(c, seq)).count()
+        gone.iter().filter(|c| self.leave(c, seq, now_ms)).count()
     }
 
-    fn record(&mut self, join: bool, who: Identity, seq: u64) {
+    fn record(&mut self, join: bool, who: Identity, seq: u64, now_ms: u64) {
         self.pseq += 1;
-        self.events
-            .push_back(Arc::new(PresenceEvent::new(self.pseq, seq, join, who)));
+        let mut event = PresenceEvent::new(self.pseq, seq, join, who);
+        event.at_ms = now_ms;
+        self.bytes += event.cost();
+        self.events.push_back(Arc::new(event));
         while self.events.len() > EVENT_RING {
-            self.events.pop_front();
+            self.pop_event();
         }
+        self.trim_events(now_ms);
+    }
+
+    fn pop_event(&mut self) {
+        if let Some(e) = self.events.pop_front() {
+            self.bytes -= e.cost();
+        }
+    }
+
+    /// Drops the events older than [`EVENT_MAX_AGE_MS`].
+    pub fn trim_events(&mut self, now_ms: u64) {
+        while self
+            .events
+            .front()
+            .is_some_and(|e| now_ms.saturating_sub(e.at_ms) > EVENT_MAX_AGE_MS)
+        {
+            self.pop_event();
+        }
+        self.shrink();
+    }
+
+    /// When the oldest event may be dropped, in engine milliseconds.
+    pub fn events_due(&self) -> Option<u64> {
+        self.events.front().map(|e| e.at_ms + EVENT_MAX_AGE_MS + 1)
+    }
+
+    /// Gives memory back once most members or events are gone: maps keep their capacity
+    /// otherwise, and a crowd that left would stay paid for.
+    fn shrink(&mut self) {
+        if self.members.capacity() > 4 * self.members.len() + 16 {
+            self.members.shrink_to_fit();
+            self.users.shrink_to_fit();
+        }
+        if self.events.capacity() > 4 * self.events.len() + 16 {
+            self.events.shrink_to_fit();
+        }
+    }
+
+    /// What the members and events cost, bytes (ids, info and fixed overheads).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Info bytes of the members.
+    pub fn info_bytes(&self) -> usize {
+        self.info_bytes
+    }
+
+    /// Whether there are neither members nor events.
+    pub fn is_idle(&self) -> bool {
+        self.members.is_empty() && self.events.is_empty()
     }
 
     /// Appends the events after `cursor` to `out`; returns whether some were already gone.
@@ -271,11 +365,46 @@ impl Presence {
         cursor + 1 < first
     }
 
-    /// The members, sorted by user then client.
+    /// The members, sorted by client id.
     pub fn members(&self) -> Vec<Identity> {
-        let mut v: Vec<Identity> = self.members.values().map(|m| m.who.clone()).collect();
-        v.sort_by(|a, b| (&a.user, &a.client).cmp(&(&b.user, &b.client)));
-        v
+        self.members_page(None, usize::MAX, usize::MAX).0
+    }
+
+    /// A page of the members, sorted by client id: those after the client id `after`, at most
+    /// `limit` of them and, past the first, at most `max_bytes` of ids and info. The second
+    /// value is the cursor of the next page (the last client id given), when there is more.
+    pub fn members_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> (Vec<Identity>, Option<Arc<str>>) {
+        let mut v: Vec<&Member> = self
+            .members
+            .values()
+            .filter(|m| after.is_none_or(|a| &*m.who.client > a))
+            .collect();
+        let take = limit.max(1);
+        if v.len() > take {
+            v.select_nth_unstable_by(take, |a, b| a.who.client.cmp(&b.who.client));
+        }
+        let more = v.len() > take;
+        v.truncate(take);
+        v.sort_unstable_by(|a, b| a.who.client.cmp(&b.who.client));
+        let mut out = Vec::with_capacity(v.len());
+        let mut bytes = 0;
+        for m in &v {
+            bytes += identity_len(&m.who);
+            if !out.is_empty() && bytes > max_bytes {
+                break;
+            }
+            out.push(m.who.clone());
+        }
+        let cut = out.len() < v.len();
+        let next = (more || cut)
+            .then(|| out.last().map(|w: &Identity| w.client.clone()))
+            .flatten();
+        (out, next)
     }
 
     /// The members connected to this node (not the remote ones), unsorted.
@@ -337,9 +466,12 @@ mod tests {
     fn events_are_per_user() {
         let mut p = Presence::default();
         let live = Arc::new(Liveness::default());
-        assert_eq!(p.join(who("c1", "alice"), live.clone(), 0, 10), Ok(true));
-        assert_eq!(p.join(who("c2", "alice"), live.clone(), 0, 10), Ok(false));
-        assert_eq!(p.join(who("c3", "bob"), live.clone(), 1, 10), Ok(true));
+        assert_eq!(p.join(who("c1", "alice"), live.clone(), 0, 10, 0), Ok(true));
+        assert_eq!(
+            p.join(who("c2", "alice"), live.clone(), 0, 10, 0),
+            Ok(false)
+        );
+        assert_eq!(p.join(who("c3", "bob"), live.clone(), 1, 10, 0), Ok(true));
         assert_eq!(
             p.stats(),
             PresenceStats {
@@ -347,9 +479,9 @@ mod tests {
                 users: 2
             }
         );
-        assert!(!p.leave("c1", 2));
-        assert!(p.leave("c2", 2));
-        assert!(!p.leave("c2", 2), "already gone");
+        assert!(!p.leave("c1", 2, 0));
+        assert!(p.leave("c2", 2, 0));
+        assert!(!p.leave("c2", 2, 0), "already gone");
         let mut ev = Vec::new();
         p.read_since(0, &mut ev);
         let got: Vec<_> = ev.iter().map(|e| (e.kind(), &*e.who.user, e.seq)).collect();
@@ -373,15 +505,15 @@ mod tests {
         let busy = Arc::new(Liveness::default());
         quiet.touch(1_000);
         busy.touch(1_000);
-        p.join(who("q", "q"), quiet, 0, 10).ok();
-        p.join(who("b", "b"), busy.clone(), 0, 10).ok();
+        p.join(who("q", "q"), quiet, 0, 10, 0).ok();
+        p.join(who("b", "b"), busy.clone(), 0, 10, 0).ok();
         busy.touch(50_000);
         assert_eq!(
-            p.sweep(1_000, 0),
+            p.sweep(1_000, 0, 0),
             0,
             "exactly at the deadline is still alive"
         );
-        assert_eq!(p.sweep(20_000, 0), 1);
+        assert_eq!(p.sweep(20_000, 0, 0), 1);
         assert_eq!(p.members().len(), 1);
         assert_eq!(&*p.members()[0].client, "b");
     }
@@ -390,7 +522,60 @@ mod tests {
     fn full_is_refused() {
         let mut p = Presence::default();
         let live = Arc::new(Liveness::default());
-        p.join(who("a", "a"), live.clone(), 0, 1).ok();
-        assert_eq!(p.join(who("b", "b"), live, 0, 1), Err(PresenceError::Full));
+        p.join(who("a", "a"), live.clone(), 0, 1, 0).ok();
+        assert_eq!(
+            p.join(who("b", "b"), live, 0, 1, 0),
+            Err(PresenceError::Full)
+        );
+    }
+
+    #[test]
+    fn memory_returns_after_members_leave_and_events_age_out() {
+        let mut p = Presence::default();
+        let live = Arc::new(Liveness::default());
+        for i in 0..500 {
+            let w = Identity {
+                client: format!("c{i}").into(),
+                user: format!("u{i}").into(),
+                info: Some(Bytes::from(vec![b'x'; 4096])),
+            };
+            p.join(w, live.clone(), 0, 10_000, 1_000).ok();
+        }
+        assert_eq!(p.info_bytes(), 500 * 4096);
+        assert!(p.bytes() > 2 * 500 * 4096, "members and their join events");
+        for i in 0..500 {
+            p.leave(&format!("c{i}"), 0, 2_000);
+        }
+        assert_eq!(p.info_bytes(), 0);
+        assert!(p.bytes() > 0, "leave events are still there for the shards");
+        assert_eq!(p.events_due(), Some(1_000 + EVENT_MAX_AGE_MS + 1));
+        p.trim_events(2_000 + EVENT_MAX_AGE_MS + 1);
+        assert_eq!(p.bytes(), 0);
+        assert!(p.is_idle());
+        assert!(p.members.capacity() < 64, "the maps gave their room back");
+    }
+
+    #[test]
+    fn member_pages_follow_the_client_order_and_the_byte_cap() {
+        let mut p = Presence::default();
+        let live = Arc::new(Liveness::default());
+        for i in (0..25).rev() {
+            p.join(who(&format!("c{i:02}"), "u"), live.clone(), 0, 100, 0)
+                .ok();
+        }
+        let (page, next) = p.members_page(None, 10, usize::MAX);
+        assert_eq!(page.len(), 10);
+        assert_eq!(&*page[0].client, "c00");
+        assert_eq!(next.as_deref(), Some("c09"));
+        let (page, next) = p.members_page(next.as_deref(), 10, usize::MAX);
+        assert_eq!(&*page[0].client, "c10");
+        let (page, next) = p.members_page(next.as_deref(), 10, usize::MAX);
+        assert_eq!(page.len(), 5);
+        assert_eq!(next, None, "the last page");
+        // Each member is 4 bytes of ids: 12 bytes hold 3; the first always comes.
+        let (page, next) = p.members_page(None, 10, 12);
+        assert_eq!(page.len(), 3);
+        assert_eq!(next.as_deref(), Some("c02"));
+        assert_eq!(p.members_page(None, 10, 1).0.len(), 1);
     }
 }

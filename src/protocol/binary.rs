@@ -43,6 +43,9 @@ pub const HEADER_LEN: usize = 3;
 /// Longest varint: 10 bytes hold 64 bits.
 pub const MAX_VARINT_LEN: usize = 10;
 
+/// Longest presence page cursor (a client id; servers send 16 hex digits).
+pub const MAX_CURSOR_LEN: usize = 256;
+
 /// Type tags (second byte). Commands are `0x01..=0x05`, events `0x81..=0x89`.
 pub mod tag {
     /// Command: subscribe to a channel, maybe resuming.
@@ -110,6 +113,10 @@ pub mod flag {
     pub const PRESENCE: u8 = 0x10;
     /// `presence` event: a join (clear: a leave).
     pub const JOIN: u8 = 0x20;
+    /// `presence` command: a page is asked for (a limit and a cursor follow the channel).
+    pub const PAGE: u8 = 0x40;
+    /// `presence_state`: more members follow; the cursor of the next page follows the members.
+    pub const MORE: u8 = 0x40;
 
     /// The flags `tag` allows.
     pub(super) fn allowed(tag: u8) -> u8 {
@@ -119,6 +126,8 @@ pub mod flag {
             tag::SUBSCRIBED => ID | RECOVERED,
             tag::MESSAGE => JSON,
             tag::PRESENCE_EVENT => JOIN,
+            tag::PRESENCE => ID | PAGE,
+            tag::PRESENCE_STATE => ID | MORE,
             tag::GAP => 0,
             _ => ID,
         }
@@ -203,10 +212,12 @@ pub enum Body<'a> {
     },
     /// `0x04` heartbeat (command).
     Heartbeat,
-    /// `0x05` presence query.
+    /// `0x05` presence query; a page of it with [`flag::PAGE`].
     Presence {
         /// The channel.
         channel: &'a str,
+        /// The most members wanted and the cursor to continue from (empty: the first page).
+        page: Option<(u64, &'a str)>,
     },
     /// `0x81` subscribed.
     Subscribed {
@@ -257,6 +268,8 @@ pub enum Body<'a> {
         seq: u64,
         /// The members.
         members: Members<'a>,
+        /// With [`flag::MORE`]: the cursor of the next page.
+        next: Option<&'a str>,
     },
     /// `0x88` presence event: a join ([`flag::JOIN`]) or a leave.
     PresenceEvent {
@@ -619,8 +632,13 @@ pub fn decode(input: &[u8]) -> Result<Frame<'_>, DecodeError> {
         }
         tag::PRESENCE => {
             let channel = r.channel()?;
+            let page = if flags & flag::PAGE != 0 {
+                Some((r.varint("limit")?, r.text("cursor", MAX_CURSOR_LEN)?))
+            } else {
+                None
+            };
             r.end()?;
-            Body::Presence { channel }
+            Body::Presence { channel, page }
         }
         tag::SUBSCRIBED => {
             let channel = r.channel()?;
@@ -681,14 +699,21 @@ pub fn decode(input: &[u8]) -> Result<Frame<'_>, DecodeError> {
             for _ in 0..count {
                 r.member()?;
             }
+            let members = Members {
+                count,
+                bytes: &input[start..r.pos],
+            };
+            let next = if flags & flag::MORE != 0 {
+                Some(r.text("next", MAX_CURSOR_LEN)?)
+            } else {
+                None
+            };
             r.end()?;
             Body::PresenceState {
                 channel,
                 seq,
-                members: Members {
-                    count,
-                    bytes: &input[start..],
-                },
+                members,
+                next,
             }
         }
         tag::PRESENCE_EVENT => {
@@ -765,8 +790,15 @@ pub fn decode_command(input: &[u8]) -> Result<Request<'_>, CommandError<'_>> {
             data: Payload::Bytes(payload),
         },
         Body::Heartbeat => Command::Heartbeat,
-        Body::Presence { channel: c } => Command::Presence {
+        Body::Presence { channel: c, page } => Command::Presence {
             channel: channel(c)?,
+            page: match page {
+                Some((limit, cursor)) => super::Page {
+                    limit: Some(limit),
+                    cursor: (!cursor.is_empty()).then_some(Cow::Borrowed(cursor)),
+                },
+                None => super::Page::default(),
+            },
         },
         other => return Err(refuse(DecodeError::NotACommand(other.tag()))),
     };
@@ -837,9 +869,10 @@ pub fn encoded_len(frame: &Frame<'_>) -> usize {
                         text_len(p.user.unwrap_or("")) + text_len(p.info.unwrap_or(""))
                     })
             }
-            Body::Unsubscribe { channel }
-            | Body::Unsubscribed { channel }
-            | Body::Presence { channel } => ch(channel),
+            Body::Unsubscribe { channel } | Body::Unsubscribed { channel } => ch(channel),
+            Body::Presence { channel, page } => {
+                ch(channel) + page.map_or(0, |(limit, c)| varint_len(limit) + text_len(c))
+            }
             Body::Publish { channel, payload } => ch(channel) + payload.len(),
             Body::Heartbeat | Body::HeartbeatReply => 0,
             Body::Subscribed {
@@ -857,7 +890,14 @@ pub fn encoded_len(frame: &Frame<'_>) -> usize {
                 channel,
                 seq,
                 members,
-            } => ch(channel) + varint_len(seq) + varint_len(members.count) + members.bytes.len(),
+                next,
+            } => {
+                ch(channel)
+                    + varint_len(seq)
+                    + varint_len(members.count)
+                    + members.bytes.len()
+                    + next.map_or(0, text_len)
+            }
             Body::PresenceEvent {
                 channel,
                 seq,
@@ -893,6 +933,8 @@ pub fn encode<B: BufMut>(frame: &Frame<'_>, out: &mut B) {
         } => flags |= flag::RECOVERED,
         Body::Message { json: true, .. } => flags |= flag::JSON,
         Body::PresenceEvent { join: true, .. } => flags |= flag::JOIN,
+        Body::Presence { page: Some(_), .. } => flags |= flag::PAGE,
+        Body::PresenceState { next: Some(_), .. } => flags |= flag::MORE,
         _ => {}
     }
     out.put_slice(&[VERSION, body.tag(), flags]);
@@ -923,9 +965,14 @@ pub fn encode<B: BufMut>(frame: &Frame<'_>, out: &mut B) {
                 put_text(out, p.info.unwrap_or("").as_bytes());
             }
         }
-        Body::Unsubscribe { channel }
-        | Body::Unsubscribed { channel }
-        | Body::Presence { channel } => put_short(out, channel),
+        Body::Unsubscribe { channel } | Body::Unsubscribed { channel } => put_short(out, channel),
+        Body::Presence { channel, page } => {
+            put_short(out, channel);
+            if let Some((limit, cursor)) = page {
+                put_varint(out, limit);
+                put_text(out, cursor.as_bytes());
+            }
+        }
         Body::Publish { channel, payload } => {
             put_short(out, channel);
             out.put_slice(payload);
@@ -956,11 +1003,15 @@ pub fn encode<B: BufMut>(frame: &Frame<'_>, out: &mut B) {
             channel,
             seq,
             members,
+            next,
         } => {
             put_short(out, channel);
             put_varint(out, seq);
             put_varint(out, members.count);
             out.put_slice(members.bytes);
+            if let Some(next) = next {
+                put_text(out, next.as_bytes());
+            }
         }
         Body::PresenceEvent {
             channel,
@@ -1029,6 +1080,7 @@ pub fn encode_event(id: Option<ReqId<'_>>, ev: &Event<'_>) -> Bytes {
             channel,
             position,
             recovered,
+            ..
         } => Body::Subscribed {
             channel: channel.as_str(),
             position,
@@ -1046,6 +1098,7 @@ pub fn encode_event(id: Option<ReqId<'_>>, ev: &Event<'_>) -> Bytes {
             channel,
             seq,
             members,
+            next,
         } => {
             members_buf = encode_members(members);
             Body::PresenceState {
@@ -1055,6 +1108,7 @@ pub fn encode_event(id: Option<ReqId<'_>>, ev: &Event<'_>) -> Bytes {
                     count: members.len() as u64,
                     bytes: &members_buf,
                 },
+                next,
             }
         }
         Event::Error { code, message } => Body::Error { code, message },
@@ -1591,6 +1645,7 @@ mod tests {
                 channel: &ch,
                 position,
                 recovered: true,
+                reason: None,
             },
         );
         assert_eq!(
@@ -1750,6 +1805,7 @@ mod tests {
                 channel: &ch,
                 seq: 9,
                 members: &members,
+                next: None,
             },
         );
         assert_eq!(
@@ -1780,6 +1836,30 @@ mod tests {
             hex(ws_payload(&f)),
             "01 88 20 01 61 09 02 63 31 02 75 31 07 7b 22 61 22 3a 31 7d"
         );
+        // A page with more after it: flag MORE, then the cursor ("c1") after the members.
+        let f = encode_event(
+            Some(ReqId::Num(3)),
+            &Event::PresenceState {
+                channel: &ch,
+                seq: 9,
+                members: &members[..1],
+                next: Some("c1"),
+            },
+        );
+        assert_eq!(
+            hex(ws_payload(&f)),
+            "01 87 41 03 01 61 09 01 02 63 31 02 75 31 07 7b 22 61 22 3a 31 7d 02 63 31"
+        );
+        // The query of the next page: flag PAGE, then the limit (50) and the cursor.
+        let r = decode_command(&[0x01, 0x05, 0x41, 0x04, 0x01, b'a', 50, 2, b'c', b'1']).unwrap();
+        let Command::Presence { page, .. } = r.command else {
+            panic!()
+        };
+        assert_eq!((page.limit, page.cursor.as_deref()), (Some(50), Some("c1")));
+        let Body::PresenceState { next, .. } = decode(ws_payload(&f)).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(next, Some("c1"));
     }
 
     // ---- property tests: every frame type round-trips, and decoding is canonical ----
@@ -1804,8 +1884,8 @@ mod tests {
             Option<(Option<String>, Option<String>)>,
         ),
         Unsubscribe(String),
-        Presence(String),
-        PresenceState(String, u64, u64, Vec<u8>),
+        Presence(String, Option<(u64, String)>),
+        PresenceState(String, u64, u64, Vec<u8>, Option<String>),
         PresenceEvent(String, u64, bool, OwnedMember),
         Gap(String, u64, u64),
         Publish(String, Vec<u8>),
@@ -1829,14 +1909,18 @@ mod tests {
                         info: info.as_deref(),
                     }),
                 },
-                Owned::Presence(c) => Body::Presence { channel: c },
-                Owned::PresenceState(c, seq, count, bytes) => Body::PresenceState {
+                Owned::Presence(c, page) => Body::Presence {
+                    channel: c,
+                    page: page.as_ref().map(|(l, c)| (*l, c.as_str())),
+                },
+                Owned::PresenceState(c, seq, count, bytes, next) => Body::PresenceState {
                     channel: c,
                     seq: *seq,
                     members: Members {
                         count: *count,
                         bytes,
                     },
+                    next: next.as_deref(),
                 },
                 Owned::Gap(c, from, to) => Body::Gap {
                     channel: c,
@@ -1930,13 +2014,18 @@ mod tests {
                 proptest::option::of((text(), info()))
             )
                 .prop_map(|(c, r, p)| Owned::Subscribe(c, r, p)),
-            channel().prop_map(Owned::Presence),
+            (
+                channel(),
+                proptest::option::of((any::<u64>(), "[a-z0-9]{0,24}"))
+            )
+                .prop_map(|(c, p)| Owned::Presence(c, p)),
             (
                 channel(),
                 any::<u64>(),
-                proptest::collection::vec(member(), 0..20)
+                proptest::collection::vec(member(), 0..20),
+                proptest::option::of("[a-z0-9]{0,24}")
             )
-                .prop_map(|(c, seq, ms)| {
+                .prop_map(|(c, seq, ms, next)| {
                     let mut bytes = Vec::new();
                     for m in &ms {
                         put_member(
@@ -1946,7 +2035,7 @@ mod tests {
                             m.2.as_deref().map(str::as_bytes),
                         );
                     }
-                    Owned::PresenceState(c, seq, ms.len() as u64, bytes)
+                    Owned::PresenceState(c, seq, ms.len() as u64, bytes, next)
                 }),
             (channel(), any::<u64>(), any::<bool>(), member())
                 .prop_map(|(c, seq, j, m)| Owned::PresenceEvent(c, seq, j, m)),

@@ -46,6 +46,10 @@ struct RawCommand<'a> {
     presence: Option<RawPresence<'a>>,
     #[serde(borrow, default)]
     token: Option<Cow<'a, str>>,
+    #[serde(default)]
+    limit: Option<u64>,
+    #[serde(borrow, default)]
+    cursor: Option<Cow<'a, str>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -121,6 +125,10 @@ pub fn parse_command(input: &[u8]) -> Result<Request<'_>, CommandError<'_>> {
         },
         Some("presence") => Command::Presence {
             channel: channel()?,
+            page: super::Page {
+                limit: raw.limit,
+                cursor: raw.cursor,
+            },
         },
         Some("unsubscribe") => Command::Unsubscribe {
             channel: channel()?,
@@ -268,10 +276,14 @@ pub fn encode_event(id: Option<ReqId<'_>>, ev: &Event<'_>) -> Bytes {
             channel,
             position,
             recovered,
-        } => event("subscribed", id, channel.as_str().len() + 64, |b| {
+            reason,
+        } => event("subscribed", id, channel.as_str().len() + 96, |b| {
             put_str_field(b, "channel", channel.as_str());
             put_str_field(b, "epoch", &position.epoch.to_string());
             let _ = write!(b, ",\"seq\":{},\"recovered\":{recovered}", position.seq);
+            if let Some(reason) = reason {
+                put_str_field(b, "reason", reason);
+            }
         }),
         Event::Published { channel, position } => {
             event("published", id, channel.as_str().len() + 64, |b| {
@@ -290,6 +302,7 @@ pub fn encode_event(id: Option<ReqId<'_>>, ev: &Event<'_>) -> Bytes {
             channel,
             seq,
             members,
+            next,
         } => event(
             "presence_state",
             id,
@@ -306,6 +319,10 @@ pub fn encode_event(id: Option<ReqId<'_>>, ev: &Event<'_>) -> Bytes {
                     b.put_u8(b'}');
                 }
                 b.put_u8(b']');
+                if let Some(next) = next {
+                    b.put_slice(b",\"next\":");
+                    b.put_slice(json_string(next).as_bytes());
+                }
             },
         ),
         Event::Error { code, message } => event("error", id, message.len() + 48, |b| {
@@ -421,6 +438,12 @@ mod tests {
             parse_command(br#"{"type":"heartbeat"}"#).unwrap().command,
             Command::Heartbeat
         ));
+        let r =
+            parse_command(br#"{"type":"presence","channel":"p","limit":5,"cursor":"c9"}"#).unwrap();
+        let Command::Presence { page, .. } = r.command else {
+            panic!()
+        };
+        assert_eq!((page.limit, page.cursor.as_deref()), (Some(5), Some("c9")));
         assert!(matches!(
             parse_command(br#"{"type":"unsubscribe","channel":"a","extra":1}"#)
                 .unwrap()
@@ -468,6 +491,7 @@ mod tests {
                     channel: &ch,
                     position: pos,
                     recovered: true,
+                    reason: None,
                 },
             ),
             encode_event(
@@ -488,6 +512,24 @@ mod tests {
             ),
             message(&ch, 43, DataKind::Binary, &[0xff, 0x00]),
             message(&ch, 44, DataKind::Binary, b"[1,2]"),
+            encode_event(
+                None,
+                &Event::Subscribed {
+                    channel: &ch,
+                    position: pos,
+                    recovered: false,
+                    reason: Some("evicted"),
+                },
+            ),
+            encode_event(
+                None,
+                &Event::PresenceState {
+                    channel: &ch,
+                    seq: 3,
+                    members: &[],
+                    next: Some("c\"1"),
+                },
+            ),
         ];
         let parsed: Vec<serde_json::Value> = frames
             .iter()
@@ -508,6 +550,12 @@ mod tests {
         assert_eq!(parsed[6]["encoding"], "base64");
         assert_eq!(parsed[7]["data"], serde_json::json!([1, 2]));
         assert!(parsed[7].get("encoding").is_none());
+        assert_eq!(parsed[8]["recovered"], false);
+        assert_eq!(parsed[8]["reason"], "evicted");
+        assert_eq!(
+            parsed[9],
+            serde_json::json!({"type":"presence_state","channel":"room:1","seq":3,"members":[],"next":"c\"1"})
+        );
     }
 
     #[test]

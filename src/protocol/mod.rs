@@ -101,10 +101,12 @@ pub enum Command<'a> {
     },
     /// Heartbeat (answered with a heartbeat).
     Heartbeat,
-    /// Presence query: the channel's current members.
+    /// Presence query: the channel's current members, one page at a time.
     Presence {
         /// The channel.
         channel: ChannelName,
+        /// Which page.
+        page: Page<'a>,
     },
     /// Authenticate a connection opened without `?token=` (JSON protocol).
     Auth {
@@ -116,6 +118,15 @@ pub enum Command<'a> {
         /// The new JWT, for the same subject.
         token: Cow<'a, str>,
     },
+}
+
+/// Which page of a listing a command asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page<'a> {
+    /// Most items (the server caps it); `None`: the default.
+    pub limit: Option<u64>,
+    /// Where the previous page ended (its `next`); `None`: the first page.
+    pub cursor: Option<Cow<'a, str>>,
 }
 
 /// A presence identity given in a subscribe command.
@@ -164,6 +175,9 @@ pub enum Event<'a> {
         position: StreamPosition,
         /// Whether the resume succeeded.
         recovered: bool,
+        /// Why a resume failed (`epoch_changed`, `history_expired`, `evicted`); `None` when
+        /// none was asked for or it succeeded.
+        reason: Option<&'a str>,
     },
     /// Reply to publish.
     Published {
@@ -185,8 +199,10 @@ pub enum Event<'a> {
         channel: &'a ChannelName,
         /// The channel's message seq.
         seq: u64,
-        /// The members.
+        /// The members of this page.
         members: &'a [Identity],
+        /// The cursor of the next page, when there is more.
+        next: Option<&'a str>,
     },
     /// A refused command.
     Error {

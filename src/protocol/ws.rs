@@ -34,6 +34,8 @@ pub const CLOSE_TOO_BIG: u16 = 1009;
 pub const CLOSE_INTERNAL: u16 = 1011;
 /// Close code: service restart (shutdown; reconnect and resume).
 pub const CLOSE_RESTART: u16 = 1012;
+/// Close code: try again later (RFC 6455 registry): the node is over its memory budget.
+pub const CLOSE_TRY_AGAIN: u16 = 1013;
 /// Close code: slow consumer (reconnect and resume from the last seq).
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 

@@ -1,6 +1,8 @@
 //! One shard: a thread pinned to a core, running a `current_thread` runtime with a `LocalSet`.
 //! It accepts on its own listener, serves its connections, pumps its hub when the engine wakes
-//! it, and (shard 0) sweeps expired history and refilled API rate buckets.
+//! it, reports its outboxes to the memory meter, and (shard 0) runs the engine's upkeep: the
+//! expiry queue, eviction under memory pressure, the presence sweep, and the sweep of refilled
+//! API rate buckets.
 
 use std::cell::Cell;
 use std::convert::Infallible;
@@ -59,17 +61,22 @@ async fn serve(node: Arc<Node>, index: usize, listener: StdListener) {
     let tracker = ctx.tracker.clone();
     let shutdown = node.shutdown.clone();
 
-    // Fan-out: pump the hub whenever the engine marks this shard dirty.
+    // Fan-out: pump the hub whenever the engine marks this shard dirty; report what the
+    // outboxes hold after each pass (growth) and every upkeep tick (what writers drained).
     let pump_ctx = ctx.clone();
     let pump_stop = shutdown.clone();
     tokio::task::spawn_local(async move {
         let waker = &pump_ctx.node.wakers[index];
+        let mut upkeep = tokio::time::interval(UPKEEP);
+        upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = waker.notified() => {
                     let stats = pump_ctx.hub.borrow_mut().pump();
                     pump_ctx.metrics.pumped(&stats);
+                    pump_ctx.report_memory();
                 }
+                _ = upkeep.tick() => pump_ctx.report_memory(),
                 _ = pump_stop.cancelled() => break,
             }
         }
@@ -79,16 +86,18 @@ async fn serve(node: Arc<Node>, index: usize, listener: StdListener) {
         let node = node.clone();
         let stop = shutdown.clone();
         tokio::task::spawn_local(async move {
-            let mut history = tokio::time::interval(Duration::from_secs(1));
-            history.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Expiry and eviction do bounded work per tick (engine::TICK_CHECKS channels), so
+            // their cost does not grow with the number of channels.
+            let mut expiry = tokio::time::interval(UPKEEP);
+            expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut buckets = tokio::time::interval(Duration::from_secs(1));
+            buckets.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut presence = tokio::time::interval(node.config.presence_sweep);
             presence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = history.tick() => {
-                        node.engine.sweep(Instant::now());
-                        node.api.sweep(Instant::now());
-                    }
+                    _ = expiry.tick() => { node.engine.tick(Instant::now()); }
+                    _ = buckets.tick() => { node.api.sweep(Instant::now()); }
                     _ = presence.tick() => {
                         let wake = node.engine.sweep_presence(Instant::now());
                         node.wake(wake);
@@ -135,6 +144,9 @@ async fn serve(node: Arc<Node>, index: usize, listener: StdListener) {
         );
     }
 }
+
+/// How often shards report their outboxes and shard 0 runs the engine's tick.
+const UPKEEP: Duration = Duration::from_millis(100);
 
 /// What a client over `--max-connections-per-ip` gets before its socket is closed.
 const TOO_MANY_CONNECTIONS: &[u8] =

@@ -13,7 +13,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::http::{error, json, Body};
+use super::http::{error, json, json_counted, Body};
+use super::paging;
 use super::sse::form_pairs;
 use super::{PublishError, ShardContext};
 use crate::auth::{Grants, Perm};
@@ -53,10 +54,13 @@ pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<B
         (Method::GET, "/api/channels") if !g.is_all() => {
             forbidden("listing channels needs an API key")
         }
-        (Method::GET, "/api/channels") => channels(&ctx),
-        (Method::GET, p) if p.starts_with("/api/presence/") => {
-            presence(&ctx, g, &p["/api/presence/".len()..])
-        }
+        (Method::GET, "/api/channels") => channels(&ctx, req.uri().query().unwrap_or("")),
+        (Method::GET, p) if p.starts_with("/api/presence/") => presence(
+            &ctx,
+            g,
+            &p["/api/presence/".len()..],
+            req.uri().query().unwrap_or(""),
+        ),
         (Method::GET, p) if p.starts_with("/api/history/") => {
             history(
                 &ctx,
@@ -264,13 +268,34 @@ fn channel(name: &str) -> Result<ChannelName, Response<Body>> {
         .map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_channel", &e.to_string()))
 }
 
-/// The 503 of a publish that could not be sequenced.
+/// The 503 of a publish that could not be sequenced (`unavailable`) or that the node refused
+/// to take (`overloaded`).
 fn unavailable(e: &PublishError) -> Response<Body> {
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        &e.to_string(),
-    )
+    e.count();
+    error(StatusCode::SERVICE_UNAVAILABLE, e.code(), &e.to_string())
+}
+
+/// The `limit` and `cursor` of a listing's query string.
+#[allow(clippy::result_large_err)]
+fn page_query(query: &str) -> Result<(usize, Option<String>), Response<Body>> {
+    let (mut limit, mut cursor) = (None, None);
+    for (k, v) in form_pairs(query) {
+        match k.as_str() {
+            "limit" => match v.parse::<u64>() {
+                Ok(n) => limit = Some(n),
+                Err(_) => {
+                    return Err(error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        "limit must be a whole number",
+                    ))
+                }
+            },
+            "cursor" => cursor = Some(v),
+            _ => {}
+        }
+    }
+    Ok((paging::limit(limit), cursor.filter(|c| !c.is_empty())))
 }
 
 async fn publish(ctx: &ShardContext, g: &Grants, b: PublishBody<'_>) -> Response<Body> {
@@ -345,13 +370,12 @@ async fn history(ctx: &ShardContext, g: &Grants, name: &str, query: &str) -> Res
     if !g.allows(Perm::History, ch.as_str()) {
         return forbidden("no history permission on this channel");
     }
-    let max = ctx.config().history_size;
-    let (mut since, mut limit) = (0u64, max);
+    let (mut since, mut limit) = (0u64, paging::DEFAULT_LIMIT);
     for (k, v) in form_pairs(query) {
         let parsed = v.parse::<u64>();
         match (k.as_str(), parsed) {
             ("since", Ok(n)) => since = n,
-            ("limit", Ok(n)) => limit = (n as usize).min(max),
+            ("limit", Ok(n)) => limit = paging::limit(Some(n)),
             ("since" | "limit", Err(_)) => {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -362,17 +386,32 @@ async fn history(ctx: &ShardContext, g: &Grants, name: &str, query: &str) -> Res
             _ => {}
         }
     }
-    // From where history lives: this node's rings, or the backplane's.
-    let h = match ctx.node.history(&ch, since, limit).await {
+    // From where history lives: this node's rings, or the backplane's. One more than the page
+    // tells whether there is a next one.
+    let h = match ctx.node.history(&ch, since, limit.saturating_add(1)).await {
         Ok(h) => h,
         Err(e) => return unavailable(&e),
     };
-    let mut out = format!(
-        "{{\"channel\":\"{ch}\",\"epoch\":\"{}\",\"seq\":{},\"complete\":{},\"messages\":[",
-        h.position.epoch, h.position.seq, h.complete
-    );
-    for (i, p) in h.publications.iter().enumerate() {
-        if i > 0 {
+    // A channel this node does not have: no messages, and no epoch to name (reading history
+    // does not create a channel).
+    let mut out = match h.position {
+        Some(p) => format!(
+            "{{\"channel\":\"{ch}\",\"epoch\":\"{}\",\"seq\":{},\"complete\":{},\"messages\":[",
+            p.epoch, p.seq, h.complete
+        ),
+        None => format!(
+            "{{\"channel\":\"{ch}\",\"seq\":0,\"complete\":{},\"messages\":[",
+            h.complete
+        ),
+    };
+    let start = out.len();
+    let mut last = None;
+    for p in h.publications.iter().take(limit) {
+        // Past the first message, stop before the page passes its byte cap.
+        if last.is_some() && out.len() - start + p.data.len() > paging::MAX_PAGE_BYTES {
+            break;
+        }
+        if last.is_some() {
             out.push(',');
         }
         let _ = write!(out, "{{\"seq\":{},\"data\":", p.seq);
@@ -382,13 +421,19 @@ async fn history(ctx: &ShardContext, g: &Grants, name: &str, query: &str) -> Res
         crate::protocol::json::put_data(&mut data, p.kind, &p.data);
         out.push_str(&String::from_utf8_lossy(&data));
         out.push('}');
+        last = Some(p.seq);
     }
-    out.push_str("]}");
-    json(StatusCode::OK, out)
+    out.push(']');
+    if let Some(next) = last.filter(|&l| h.publications.iter().any(|p| p.seq > l)) {
+        let _ = write!(out, ",\"next\":{next}");
+    }
+    out.push('}');
+    json_counted(ctx, StatusCode::OK, out)
 }
 
-/// `GET /api/presence/{channel}` and `GET /api/presence/{channel}/stats`.
-fn presence(ctx: &ShardContext, g: &Grants, rest: &str) -> Response<Body> {
+/// `GET /api/presence/{channel}?limit=&cursor=` (a page of members) and
+/// `GET /api/presence/{channel}/stats`.
+fn presence(ctx: &ShardContext, g: &Grants, rest: &str, query: &str) -> Response<Body> {
     let (name, stats) = match rest.strip_suffix("/stats") {
         Some(name) => (name, true),
         None => (rest, false),
@@ -401,7 +446,17 @@ fn presence(ctx: &ShardContext, g: &Grants, rest: &str) -> Response<Body> {
     if !g.allows(Perm::Presence, ch.as_str()) {
         return forbidden("no presence permission on this channel");
     }
-    let Some(p) = ctx.node.engine.presence(&ch, Instant::now()) else {
+    let (limit, cursor) = match page_query(query) {
+        Ok(q) => q,
+        Err(res) => return res,
+    };
+    let page = ctx.node.engine.presence(
+        &ch,
+        cursor.as_deref(),
+        if stats { 0 } else { limit },
+        paging::MAX_PAGE_BYTES,
+    );
+    let Some(p) = page else {
         return error(
             StatusCode::NOT_FOUND,
             "presence_disabled",
@@ -427,13 +482,39 @@ fn presence(ctx: &ShardContext, g: &Grants, rest: &str) -> Response<Body> {
         crate::protocol::json::put_identity(&mut b, m);
         b.extend_from_slice(b"}");
     }
-    b.extend_from_slice(b"]}");
-    json(StatusCode::OK, String::from_utf8_lossy(&b).into_owned())
+    b.extend_from_slice(b"]");
+    if let Some(next) = &p.next {
+        b.extend_from_slice(b",\"next\":");
+        b.extend_from_slice(crate::protocol::json::json_string(next).as_bytes());
+    }
+    b.extend_from_slice(b"}");
+    json_counted(
+        ctx,
+        StatusCode::OK,
+        String::from_utf8_lossy(&b).into_owned(),
+    )
 }
 
-fn channels(ctx: &ShardContext) -> Response<Body> {
+/// `GET /api/channels?limit=&cursor=`: a page of the channels, by name.
+fn channels(ctx: &ShardContext, query: &str) -> Response<Body> {
+    let (limit, cursor) = match page_query(query) {
+        Ok(q) => q,
+        Err(res) => return res,
+    };
+    let after = match cursor.as_deref().map(ChannelName::new) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "cursor must be a channel name (the `next` of the previous page)",
+            )
+        }
+    };
+    let page = ctx.node.engine.channels_page(after.as_ref(), limit);
     let mut out = String::from("{\"channels\":[");
-    for (i, c) in ctx.node.engine.channels().iter().enumerate() {
+    for (i, c) in page.channels.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
@@ -443,6 +524,10 @@ fn channels(ctx: &ShardContext) -> Response<Body> {
             c.name, c.subscribers, c.seq
         );
     }
-    out.push_str("]}");
-    json(StatusCode::OK, out)
+    out.push(']');
+    if let Some(next) = &page.next {
+        let _ = write!(out, ",\"next\":\"{next}\"");
+    }
+    out.push('}');
+    json_counted(ctx, StatusCode::OK, out)
 }

@@ -20,6 +20,8 @@ use super::{api, sse, ws, ShardContext};
 pub enum Body {
     /// A whole body.
     Full(Full<Bytes>),
+    /// A whole body counted in the shard's memory gauge until it is sent (or dropped).
+    Counted(Full<Bytes>, Counted),
     /// No body (101 upgrades).
     Empty,
     /// An event stream.
@@ -35,7 +37,7 @@ impl http_body::Body for Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match self.get_mut() {
-            Body::Full(b) => Pin::new(b).poll_frame(cx),
+            Body::Full(b) | Body::Counted(b, _) => Pin::new(b).poll_frame(cx),
             Body::Empty => Pin::new(&mut Empty::<Bytes>::new()).poll_frame(cx),
             Body::Sse(b) => Pin::new(&mut **b).poll_frame(cx),
         }
@@ -43,7 +45,7 @@ impl http_body::Body for Body {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Body::Full(b) => b.is_end_stream(),
+            Body::Full(b) | Body::Counted(b, _) => b.is_end_stream(),
             Body::Empty => true,
             Body::Sse(_) => false,
         }
@@ -51,11 +53,51 @@ impl http_body::Body for Body {
 
     fn size_hint(&self) -> http_body::SizeHint {
         match self {
-            Body::Full(b) => b.size_hint(),
+            Body::Full(b) | Body::Counted(b, _) => b.size_hint(),
             Body::Empty => http_body::SizeHint::with_exact(0),
             Body::Sse(_) => http_body::SizeHint::default(),
         }
     }
+}
+
+/// Bytes of an answer held for a client, in the shard's gauge of pending responses (what the
+/// memory meter counts as `responses`): added when built, taken back when dropped.
+pub struct Counted {
+    gauge: crate::engine::outbox::Gauge,
+    bytes: usize,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.gauge.set(self.gauge.get().saturating_sub(self.bytes));
+    }
+}
+
+/// A JSON response counted as a pending answer until it is gone (the API's large answers:
+/// history, presence, channels).
+pub fn json_counted(ctx: &ShardContext, status: StatusCode, body: String) -> Response<Body> {
+    let bytes = body.len();
+    ctx.responses.set(ctx.responses.get() + bytes);
+    ctx.report_memory();
+    let counted = Counted {
+        gauge: ctx.responses.clone(),
+        bytes,
+    };
+    let mut res = Response::new(Body::Counted(Full::new(Bytes::from(body)), counted));
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+/// The answer to a new WebSocket or SSE stream while the node is over its memory budget.
+pub fn overloaded() -> Response<Body> {
+    crate::limits::refused(crate::limits::Cause::Memory, "new stream");
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        &crate::engine::Overloaded::Memory.to_string(),
+    )
 }
 
 /// Routes one request. Every response names the shard that served it (`x-relay-shard`), which
@@ -132,8 +174,9 @@ async fn route(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> 
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/ws") => ws::upgrade(ctx, req),
+        (&Method::GET, "/sse") if ctx.node.engine.overloaded() => overloaded(),
         (&Method::GET, "/sse") => sse::open(ctx, req).await,
-        (&Method::GET, "/metrics") => match crate::metrics::render() {
+        (&Method::GET, "/metrics") => match crate::metrics::render(&ctx.node.engine) {
             Some(text) => {
                 let mut res = Response::new(Body::Full(Full::new(Bytes::from(text))));
                 res.headers_mut().insert(

@@ -73,15 +73,33 @@ impl Node {
         auth: Option<crate::auth::Auth>,
         tls: Option<Arc<crate::tls::Tls>>,
     ) -> Self {
+        let max_memory = config
+            .max_memory
+            .unwrap_or_else(crate::limits::default_memory_budget);
+        match (config.max_memory, max_memory) {
+            (None, 0) => tracing::warn!(
+                "could not read the cgroup or physical memory limit: no memory budget; set --max-memory"
+            ),
+            (Some(0), _) => tracing::warn!("--max-memory 0: no memory budget"),
+            (given, bytes) => tracing::info!(
+                bytes,
+                derived = given.is_none(),
+                "memory budget for what clients make the node hold (--max-memory)"
+            ),
+        }
         let engine = Engine::new(crate::engine::EngineConfig {
             shards,
             history_size: config.history_size,
+            history_max_bytes: config.history_max_bytes,
             history_ttl: config.history_ttl,
+            max_channels: config.max_channels,
+            max_memory,
             seed,
             presence: crate::engine::presence::PresenceConfig {
                 patterns: config.presence_channels.clone(),
                 timeout: config.presence_timeout,
                 max_members: config.presence_max_members,
+                info_budget: config.presence_info_budget,
             },
             slow_consumer: config.slow_consumer.clone(),
         });
@@ -160,19 +178,26 @@ impl Node {
     }
 
     /// Sequences one message and starts its fan-out. The one way transports publish: where the
-    /// sequence lives (this node, or a backplane shared by several) is decided here.
+    /// sequence lives (this node, or a backplane shared by several) is decided here. Refused
+    /// when the node cannot grow (memory budget, `--max-channels`).
     pub async fn publish(
         &self,
         channel: &ChannelName,
         kind: DataKind,
         data: Bytes,
     ) -> Result<Published, PublishError> {
+        self.engine
+            .admit(channel, std::time::Instant::now())
+            .map_err(PublishError::Overloaded)?;
         match self.backplane.publish(channel, kind, data).await {
             Ok((epoch, seq)) => Ok(Published {
                 epoch,
                 seq,
                 wake: 0,
             }),
+            Err(crate::backplane::BackplaneError::Overloaded(o)) => {
+                Err(PublishError::Overloaded(o))
+            }
             Err(e) => Err(PublishError::Unavailable(e.to_string())),
         }
     }
@@ -261,12 +286,59 @@ impl Node {
     }
 }
 
+/// Listings (history, presence, channels) answer one page at a time, so that no answer can be
+/// huge: at most `limit` items (default [`DEFAULT_LIMIT`], at most [`MAX_LIMIT`]) and, past
+/// the first item, at most [`MAX_PAGE_BYTES`]; a `next` cursor says where to continue.
+pub mod paging {
+    /// Items per page when the request gives no `limit`.
+    pub const DEFAULT_LIMIT: usize = 100;
+    /// Most items per page.
+    pub const MAX_LIMIT: usize = 1000;
+    /// Most bytes of items per answer (the first item always comes, whatever its size).
+    pub const MAX_PAGE_BYTES: usize = 1 << 20;
+
+    /// The page size for a requested `limit`.
+    pub fn limit(requested: Option<u64>) -> usize {
+        requested.map_or(DEFAULT_LIMIT, |n| {
+            usize::try_from(n).unwrap_or(MAX_LIMIT).min(MAX_LIMIT)
+        })
+    }
+}
+
 /// Why a publish was refused: the message was not sequenced, and nobody will receive it.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PublishError {
     /// The backplane that sequences messages cannot be reached (HTTP 503, WS `unavailable`).
     #[error("the message cannot be sequenced now: {0}")]
     Unavailable(String),
+    /// The node cannot grow (HTTP 503, WS `overloaded`).
+    #[error(transparent)]
+    Overloaded(crate::engine::Overloaded),
+}
+
+impl PublishError {
+    /// The error code clients see.
+    pub fn code(&self) -> &'static str {
+        match self {
+            PublishError::Unavailable(_) => "unavailable",
+            PublishError::Overloaded(_) => "overloaded",
+        }
+    }
+
+    /// Counts a refusal for overload (an unavailable backplane is not a refusal).
+    pub fn count(&self) {
+        if let PublishError::Overloaded(o) = self {
+            crate::limits::refused(overload_cause(*o), "publish");
+        }
+    }
+}
+
+/// The `relay_refused_total` cause of an overload.
+pub fn overload_cause(o: crate::engine::Overloaded) -> crate::limits::Cause {
+    match o {
+        crate::engine::Overloaded::Memory => crate::limits::Cause::Memory,
+        crate::engine::Overloaded::Channels => crate::limits::Cause::MaxChannels,
+    }
 }
 
 /// One shard's transport state. See the module docs.
@@ -282,21 +354,50 @@ pub struct ShardContext {
     /// Every connection task of the shard (HTTP connections and upgraded WebSocket sessions):
     /// shutdown waits for them, up to the timeout.
     pub tracker: TaskTracker,
+    /// Bytes held by this shard's outboxes (see [`ShardContext::report_memory`]).
+    pub outboxes: crate::engine::outbox::Gauge,
+    /// Bytes of HTTP API answers built on this shard and not yet sent.
+    pub responses: crate::engine::outbox::Gauge,
     next_conn: Cell<ConnId>,
 }
 
 impl ShardContext {
     /// The context of shard `shard`.
     pub fn new(node: Arc<Node>, shard: usize) -> Self {
-        let hub = Hub::new(shard, node.engine.clone(), protocol::ENCODER);
+        let outboxes = crate::engine::outbox::Gauge::default();
+        let hub = Hub::with_gauge(
+            shard,
+            node.engine.clone(),
+            protocol::ENCODER,
+            outboxes.clone(),
+        );
         Self {
             node,
             shard,
             hub: RefCell::new(hub),
             tracker: TaskTracker::new(),
             metrics: crate::metrics::ShardMetrics::new(),
+            outboxes,
+            responses: Default::default(),
             next_conn: Cell::new(1),
         }
+    }
+
+    /// An outbox for a new connection, counted in the shard's gauge.
+    pub fn new_outbox(&self) -> std::rc::Rc<crate::engine::outbox::Outbox> {
+        std::rc::Rc::new(crate::engine::outbox::Outbox::with_gauge(
+            self.config().max_outbox_bytes,
+            self.outboxes.clone(),
+        ))
+    }
+
+    /// Tells the node's memory meter what this shard's outboxes and pending answers hold: one
+    /// relaxed store each, after every fan-out pass and on the shard's upkeep tick.
+    pub fn report_memory(&self) {
+        use crate::engine::memory::Kind;
+        let meter = self.node.engine.meter();
+        meter.set_shard(self.shard, Kind::Outbox, self.outboxes.get());
+        meter.set_shard(self.shard, Kind::Responses, self.responses.get());
     }
 
     /// A connection id unique within the shard.

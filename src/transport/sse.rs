@@ -116,14 +116,13 @@ pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bod
         }
     }
     let id = ctx.next_conn_id();
-    let outbox = Rc::new(Outbox::new(cfg.max_outbox_bytes));
+    let outbox = ctx.new_outbox();
     let now = Instant::now();
     let mut head = BytesMut::new();
     head.put_slice(&sse::retry(cfg.sse_retry.as_millis()));
     let mut gaps = BytesMut::new();
     let mut cursor = Vec::with_capacity(channels.len());
     let mut listing = String::from("{\"channels\":[");
-    let mut replays = Vec::new();
     {
         let mut hub = ctx.hub.borrow_mut();
         for (i, ch) in channels.iter().enumerate() {
@@ -133,16 +132,22 @@ pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bod
             };
             let sub = Subscriber::new(outbox.clone(), ENC_SSE, i as u16);
             // SSE subscribers receive presence events but are not members: they cannot send
-            // heartbeats. Without a join, subscribing cannot fail.
-            let Ok(s) = hub.subscribe(id, ch, from, None, sub, now) else {
-                for done in &channels[..i] {
-                    hub.unsubscribe(id, done, now);
+            // heartbeats. Without a join, only an overloaded node refuses.
+            let s = match hub.subscribe(id, ch, from, None, sub, now) {
+                Ok(s) => s,
+                Err(e) => {
+                    for done in &channels[..i] {
+                        hub.unsubscribe(id, done, now);
+                    }
+                    if let crate::engine::SubscribeError::Overloaded(o) = e {
+                        crate::limits::refused(super::overload_cause(o), "sse subscribe");
+                    }
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "overloaded",
+                        &e.to_string(),
+                    );
                 }
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "cannot subscribe",
-                );
             };
             let reason = match (cursor_fits, s.gap) {
                 (Some(false), _) => Some("bad_cursor"),
@@ -165,25 +170,16 @@ pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bod
                 "{{\"channel\":\"{ch}\",\"epoch\":\"{}\",\"seq\":{},\"recovered\":{}}}",
                 s.position.epoch, s.position.seq, s.recovered
             ));
-            replays.push((i, s.replay));
         }
+        // The first page of each replay; the body asks for the next ones as it drains. The
+        // `subscribed` event and the gaps (the head) go out before anything queued.
+        let stats = hub.flush(id, &channels);
+        ctx.metrics.pumped(&stats);
     }
     listing.push_str("]}");
     sse::write_id(&cursor, &mut head);
     head.put_slice(&sse::event("subscribed", &listing)[..]);
     head.put_slice(&gaps);
-    for (slot, pubs) in replays {
-        for p in pubs {
-            let frame = p.frame(ENC_SSE, |p| {
-                sse::message(&channels[slot], p.seq, p.kind, &p.data)
-            });
-            outbox.push(crate::engine::outbox::Out {
-                frame,
-                slot: slot as u16,
-                seq: p.seq,
-            });
-        }
-    }
     let m = &ctx.metrics;
     m.sse_accepted.increment(1);
     m.sse_connections.increment(1.0);

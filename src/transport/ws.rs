@@ -262,13 +262,16 @@ fn publish_reply(
             };
             wire.encode(id, &Event::Published { channel, position })
         }
-        Err(e) => wire.encode(
-            id,
-            &Event::Error {
-                code: "unavailable",
-                message: &e.to_string(),
-            },
-        ),
+        Err(e) => {
+            e.count();
+            wire.encode(
+                id,
+                &Event::Error {
+                    code: e.code(),
+                    message: &e.to_string(),
+                },
+            )
+        }
     }
 }
 
@@ -361,7 +364,7 @@ async fn run<R, W>(
         clean: false,
         id,
         wire,
-        outbox: Rc::new(Outbox::new(cfg.max_outbox_bytes)),
+        outbox: ctx.new_outbox(),
         ctx,
         subs: Vec::new(),
         partial: BytesMut::new(),
@@ -388,6 +391,16 @@ async fn run<R, W>(
     let m = &s.ctx.metrics;
     m.ws_accepted.increment(1);
     m.ws_connections.increment(1.0);
+    if s.ctx.node.engine.overloaded() {
+        // Over the memory budget: no new connection (the browser sees the code, which an HTTP
+        // status before the upgrade would not show it).
+        crate::limits::refused(crate::limits::Cause::Memory, "websocket connection");
+        s.close(
+            frame::CLOSE_TRY_AGAIN,
+            "overloaded: the node is over its memory budget, try again later",
+            true,
+        );
+    }
     if !pre.is_empty() {
         s.on_read(&mut decoder, &mut pre.to_vec());
     }
@@ -784,20 +797,28 @@ impl Session {
                 }
             }
             Command::Heartbeat => self.reply(id, &Event::Heartbeat),
-            Command::Presence { channel }
+            Command::Presence { channel, .. }
                 if !self.auth.grants.allows(Perm::Presence, channel.as_str()) =>
             {
                 self.forbidden(id, Perm::Presence)
             }
             Command::Auth { token } => self.on_auth(id, &token),
             Command::Refresh { token } => self.on_refresh(id, &token),
-            Command::Presence { channel } => match self.ctx.node.engine.presence(&channel, now) {
+            Command::Presence { channel, page } => match self.ctx.node.engine.presence(
+                &channel,
+                page.cursor.as_deref(),
+                super::paging::limit(page.limit),
+                // A page leaves most of the outbox free: a client that reads never overflows
+                // by asking.
+                super::paging::MAX_PAGE_BYTES.min(self.outbox.limit() / 4),
+            ) {
                 Some(p) => self.reply(
                     id,
                     &Event::PresenceState {
                         channel: &channel,
                         seq: p.seq,
                         members: &p.members,
+                        next: p.next.as_deref(),
                     },
                 ),
                 None => self.reply(
@@ -925,7 +946,22 @@ impl Session {
             .subscribe(self.id, &channel, resume, join, sub, now)
         {
             Ok(s) => s,
-            Err(e) => return self.reply(id, &error("presence_full", &e.to_string())),
+            Err(e) => {
+                use crate::engine::presence::PresenceError;
+                use crate::engine::SubscribeError;
+                let code = match e {
+                    SubscribeError::Presence(PresenceError::Full) => "presence_full",
+                    SubscribeError::Presence(PresenceError::InfoBudget) => {
+                        crate::limits::refused(crate::limits::Cause::PresenceInfo, "subscribe");
+                        "overloaded"
+                    }
+                    SubscribeError::Overloaded(o) => {
+                        crate::limits::refused(super::overload_cause(o), "subscribe");
+                        "overloaded"
+                    }
+                };
+                return self.reply(id, &error(code, &e.to_string()));
+            }
         };
         self.ctx.node.wake(s.wake);
         self.ctx.metrics.subscriptions.increment(1.0);
@@ -936,20 +972,17 @@ impl Session {
                 channel: &channel,
                 position: s.position,
                 recovered: s.recovered,
+                reason: s.gap.map(|g| g.as_str()),
             },
         );
-        for p in &s.replay {
-            let frame = p.frame(encoding, |p| {
-                crate::protocol::encode_publication(encoding, &channel, p)
-            });
-            if !self.outbox.push(Out {
-                frame,
-                slot: 0,
-                seq: p.seq,
-            }) {
-                break;
-            }
-        }
+        // The replay follows the reply, a page at a time as the outbox drains (the writer asks
+        // for the next one); live messages follow the replay.
+        let stats = self
+            .ctx
+            .hub
+            .borrow_mut()
+            .flush(self.id, std::slice::from_ref(&channel));
+        self.ctx.metrics.pumped(&stats);
     }
 
     /// The presence member to add when subscribing to `channel`: `None` when the channel has

@@ -294,6 +294,45 @@ impl Drop for Relay {
     }
 }
 
+impl Relay {
+    /// The `/metrics` text.
+    pub async fn scrape(&self) -> String {
+        let resp = self
+            .client()
+            .get(self.http("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics");
+        assert_eq!(resp.status().as_u16(), 200);
+        resp.text().await.expect("metrics body")
+    }
+
+    /// The value of the sample `name` (with its labels, as written, e.g.
+    /// `relay_memory_bytes{kind="history"}`); 0 when the sample is absent (a counter never
+    /// incremented).
+    pub async fn metric(&self, name: &str) -> f64 {
+        sample(&self.scrape().await, name).unwrap_or(0.0)
+    }
+
+    /// The child's resident set size, KiB (`VmRSS` in `/proc/<pid>/status`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+    }
+}
+
+/// The value of the sample `name` in a Prometheus text, if present.
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.trim().parse().expect("a number"))
+}
+
 /// Run the binary with `args` (no `serve` prefix added) to completion, killing it after
 /// `timeout`. Returns its output; panics on timeout.
 pub fn run_bin(args: &[&str], envs: &[(&str, &str)], timeout: Duration) -> Output {
@@ -477,6 +516,16 @@ impl Ws {
                 },
             }
         }
+    }
+
+    /// Close with a close frame and drain until the server's close reply, so the close
+    /// handshake completes (a clean end: presence members leave at once).
+    pub async fn close_cleanly(mut self) {
+        self.inner.close(None).await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(_)) = self.inner.next().await {}
+        })
+        .await;
     }
 
     /// Wait (5 s) for the server's close frame, skipping data frames; returns its code.

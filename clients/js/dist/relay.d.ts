@@ -128,8 +128,9 @@ export interface SubscribedEvent {
 }
 /**
  * A resume failed (`recovered:false`): history no longer covers what was missed (the relay
- * restarted, or the outage outlived `--history-ttl`). The app should reload the channel's state;
- * live messages continue from `seq`.
+ * restarted, the outage outlived `--history-ttl`, or the relay evicted the history under memory
+ * pressure). The app should reload the channel's state; live messages continue from `seq`.
+ * `evicted` is told over JSON WebSocket connections (SSE and binary ones say `history_expired`).
  */
 export interface ResyncEvent {
     channel: string;
@@ -137,7 +138,7 @@ export interface ResyncEvent {
     seq: number;
     previousEpoch: string;
     previousSeq: number;
-    reason: "epoch_changed" | "history_expired";
+    reason: "epoch_changed" | "history_expired" | "evicted";
 }
 /** The server skipped messages `from..=to` (slow consumer, `drop` policy); fetch them from the history API if needed. */
 export interface GapEvent {
@@ -255,6 +256,7 @@ export type ServerEvent = {
     epoch: string;
     seq: number;
     recovered: boolean;
+    reason?: ResyncEvent["reason"];
 } | {
     type: "unsubscribed";
     id?: number | string;

@@ -751,7 +751,7 @@ export class RelayClient {
             case "subscribed":
                 if (typeof e.id === "number")
                     this.pending.delete(e.id);
-                return this.onSubscribed(e.channel, e.epoch, e.seq, e.recovered);
+                return this.onSubscribed(e.channel, e.epoch, e.seq, e.recovered, e.reason);
             case "presence":
                 return this.emit("presence", { channel: e.channel, seq: e.seq, event: e.event, client: e.client, user: e.user, info: e.info });
             case "gap":
@@ -787,7 +787,7 @@ export class RelayClient {
             }
         }
     }
-    onSubscribed(channel, epoch, seq, recovered) {
+    onSubscribed(channel, epoch, seq, recovered, reason) {
         const s = this.subs.get(channel);
         if (!s)
             return;
@@ -809,7 +809,7 @@ export class RelayClient {
                 seq,
                 previousEpoch,
                 previousSeq,
-                reason: previousEpoch !== epoch ? "epoch_changed" : "history_expired",
+                reason: reason ?? (previousEpoch !== epoch ? "epoch_changed" : "history_expired"),
             });
         }
         const ws = s.waiters;

@@ -126,8 +126,9 @@ export interface SubscribedEvent {
 }
 /**
  * A resume failed (`recovered:false`): history no longer covers what was missed (the relay
- * restarted, or the outage outlived `--history-ttl`). The app should reload the channel's state;
- * live messages continue from `seq`.
+ * restarted, the outage outlived `--history-ttl`, or the relay evicted the history under memory
+ * pressure). The app should reload the channel's state; live messages continue from `seq`.
+ * `evicted` is told over JSON WebSocket connections (SSE and binary ones say `history_expired`).
  */
 export interface ResyncEvent {
   channel: string;
@@ -135,7 +136,7 @@ export interface ResyncEvent {
   seq: number;
   previousEpoch: string;
   previousSeq: number;
-  reason: "epoch_changed" | "history_expired";
+  reason: "epoch_changed" | "history_expired" | "evicted";
 }
 /** The server skipped messages `from..=to` (slow consumer, `drop` policy); fetch them from the history API if needed. */
 export interface GapEvent {
@@ -228,7 +229,15 @@ export type Command =
 
 /** An event as the server sends it (codec-neutral). */
 export type ServerEvent =
-  | { type: "subscribed"; id?: number | string; channel: string; epoch: string; seq: number; recovered: boolean }
+  | {
+      type: "subscribed";
+      id?: number | string;
+      channel: string;
+      epoch: string;
+      seq: number;
+      recovered: boolean;
+      reason?: ResyncEvent["reason"];
+    }
   | { type: "unsubscribed"; id?: number | string; channel: string }
   | { type: "published"; id?: number | string; channel: string; epoch: string; seq: number }
   | { type: "heartbeat"; id?: number | string }
@@ -959,7 +968,7 @@ export class RelayClient {
         return this.onMessage(e.channel, e.seq, e.data, e.encoding);
       case "subscribed":
         if (typeof e.id === "number") this.pending.delete(e.id);
-        return this.onSubscribed(e.channel, e.epoch, e.seq, e.recovered);
+        return this.onSubscribed(e.channel, e.epoch, e.seq, e.recovered, e.reason);
       case "presence":
         return this.emit("presence", { channel: e.channel, seq: e.seq, event: e.event, client: e.client, user: e.user, info: e.info });
       case "gap":
@@ -993,7 +1002,13 @@ export class RelayClient {
     }
   }
 
-  private onSubscribed(channel: string, epoch: string, seq: number, recovered: boolean): void {
+  private onSubscribed(
+    channel: string,
+    epoch: string,
+    seq: number,
+    recovered: boolean,
+    reason?: ResyncEvent["reason"],
+  ): void {
     const s = this.subs.get(channel);
     if (!s) return;
     const resumed = s.epoch !== undefined && s.seq !== undefined;
@@ -1013,7 +1028,7 @@ export class RelayClient {
         seq,
         previousEpoch,
         previousSeq,
-        reason: previousEpoch !== epoch ? "epoch_changed" : "history_expired",
+        reason: reason ?? (previousEpoch !== epoch ? "epoch_changed" : "history_expired"),
       });
     }
     const ws = s.waiters;

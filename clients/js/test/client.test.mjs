@@ -221,6 +221,24 @@ test("recovered:false after a resume surfaces a resync and jumps to the new posi
   c.close();
 });
 
+test("a resync says the server's reason when it gives one (evicted history)", async () => {
+  reset();
+  const c = client();
+  const ws = latest();
+  ws.accept();
+  const p = c.subscribe("a");
+  ws.push({ type: "subscribed", id: ws.last().id, channel: "a", epoch: "e", seq: 5, recovered: false });
+  await p;
+  ws.serverClose(1013, "overloaded");
+  await until(() => FakeWS.instances.length === 2, "a reconnect", 60_000);
+  const ws2 = latest();
+  ws2.accept();
+  const resync = c.once("resync", 1000);
+  ws2.push({ type: "subscribed", id: ws2.last().id, channel: "a", epoch: "e", seq: 9, recovered: false, reason: "evicted" });
+  assert.deepEqual(await resync, { channel: "a", epoch: "e", seq: 9, previousEpoch: "e", previousSeq: 5, reason: "evicted" });
+  c.close();
+});
+
 test("a 1012 close reconnects after restartDelayMs, other closes after the backoff", async () => {
   reset();
   const c = client({ random: () => 0.5, restartDelayMs: 40, backoff: { baseMs: 60_000, capMs: 1_000_000 } });

@@ -1,0 +1,274 @@
+//! The node's memory budget (`--max-memory`): what clients can make the node hold, counted by
+//! kind, and the pressure level that follows from it. Sans-IO: plain counters and thresholds.
+//!
+//! - The engine's kinds (history, presence, channels) change under channel locks on every
+//!   thread; each thread adds to its own cache-padded slot (relaxed atomics, no sharing), and
+//!   the total is summed lazily: when a slot has grown by a batch since the last sum, and on
+//!   every maintenance tick.
+//! - The shards' kinds (outboxes, pending HTTP responses) are counted shard-locally without
+//!   atomics and stored here as absolute values (`set_shard`) after each fan-out pass and tick.
+//!
+//! Levels, by the total against the limit: under 85 % [`Pressure::Normal`]; from 85 %
+//! [`Pressure::Evict`] (history of the least recently used channels is evicted down to 75 %);
+//! over 100 % [`Pressure::Refuse`] (new publishes, subscriptions and connections are refused)
+//! until the total is back under 95 %.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicUsize, Ordering};
+
+/// What the bytes are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Messages in channel rings (payload + per-entry overhead).
+    History = 0,
+    /// Presence members (ids, info) and presence events.
+    Presence = 1,
+    /// The channels themselves (a fixed cost per channel).
+    Channels = 2,
+    /// Frames queued in connection outboxes.
+    Outbox = 3,
+    /// HTTP API answers built and not yet sent.
+    Responses = 4,
+}
+
+impl Kind {
+    /// Every kind, in metric order.
+    pub const ALL: [Kind; KINDS] = [
+        Kind::History,
+        Kind::Presence,
+        Kind::Channels,
+        Kind::Outbox,
+        Kind::Responses,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::History => "history",
+            Kind::Presence => "presence",
+            Kind::Channels => "channels",
+            Kind::Outbox => "outbox",
+            Kind::Responses => "responses",
+        }
+    }
+}
+
+/// Number of kinds.
+pub const KINDS: usize = 5;
+/// Kinds counted per thread (the engine's); the others are set per shard.
+const THREAD_KINDS: usize = 3;
+
+/// How full the budget is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Pressure {
+    /// Under the eviction threshold.
+    Normal = 0,
+    /// Evict history of the least recently used channels.
+    Evict = 1,
+    /// Over the budget: refuse what would grow memory.
+    Refuse = 2,
+}
+
+/// Percent of the limit where eviction starts.
+const EVICT_AT: usize = 85;
+/// Percent of the limit eviction brings the total down to.
+const EVICT_TO: usize = 75;
+/// Percent of the limit under which refusing stops.
+const RECOVER_AT: usize = 95;
+/// Thread slots (threads share one when there are more).
+const SLOTS: usize = 64;
+
+#[repr(align(128))]
+#[derive(Default)]
+struct Slot {
+    bytes: [AtomicI64; THREAD_KINDS],
+}
+
+/// See the module docs.
+pub struct Meter {
+    /// 0: no limit.
+    limit: usize,
+    batch: i64,
+    slots: Box<[Slot]>,
+    shards: Box<[[AtomicUsize; KINDS - THREAD_KINDS]]>,
+    level: AtomicU8,
+}
+
+static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static SLOT: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+fn thread_slot() -> usize {
+    SLOT.with(|s| {
+        if s.get() == usize::MAX {
+            s.set(NEXT_SLOT.fetch_add(1, Ordering::Relaxed) % SLOTS);
+        }
+        s.get()
+    })
+}
+
+impl Meter {
+    /// A meter for `limit` bytes (0: no limit) and `shards` shards.
+    pub fn new(limit: usize, shards: usize) -> Self {
+        Self {
+            limit,
+            // Sum at least every 1/1024 of the limit of growth per thread and kind, and not more
+            // often than every 16 KiB: the total lags by at most a batch per active thread.
+            batch: (limit / 1024).max(16 << 10) as i64,
+            slots: (0..SLOTS).map(|_| Slot::default()).collect(),
+            shards: (0..shards.max(1)).map(|_| Default::default()).collect(),
+            level: AtomicU8::new(Pressure::Normal as u8),
+        }
+    }
+
+    /// The budget (0: none).
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Counts `delta` bytes of an engine kind (history, presence, channels).
+    pub fn add(&self, kind: Kind, delta: i64) {
+        if delta == 0 {
+            return;
+        }
+        let slot = &self.slots[thread_slot()];
+        let before = slot.bytes[kind as usize % THREAD_KINDS].fetch_add(delta, Ordering::Relaxed);
+        // One atomic operation: the total is summed again when this slot's count passes a
+        // multiple of the batch on its way up.
+        if delta > 0 && (before + delta).div_euclid(self.batch) != before.div_euclid(self.batch) {
+            self.recompute();
+        }
+    }
+
+    /// Sets shard `shard`'s bytes of a shard kind (outbox, responses).
+    pub fn set_shard(&self, shard: usize, kind: Kind, bytes: usize) {
+        let Some(i) = (kind as usize).checked_sub(THREAD_KINDS) else {
+            return;
+        };
+        let Some(cell) = self.shards.get(shard).and_then(|s| s.get(i)) else {
+            return;
+        };
+        let before = cell.swap(bytes, Ordering::Relaxed);
+        if bytes >= before.saturating_add(self.batch as usize) {
+            self.recompute();
+        }
+    }
+
+    /// Bytes of `kind` over the node.
+    pub fn bytes(&self, kind: Kind) -> usize {
+        let k = kind as usize;
+        if k < THREAD_KINDS {
+            let sum: i64 = self
+                .slots
+                .iter()
+                .map(|s| s.bytes[k].load(Ordering::Relaxed))
+                .sum();
+            sum.max(0) as usize
+        } else {
+            self.shards
+                .iter()
+                .map(|s| s[k - THREAD_KINDS].load(Ordering::Relaxed))
+                .sum()
+        }
+    }
+
+    /// Every kind's bytes added up.
+    pub fn total(&self) -> usize {
+        Kind::ALL.iter().map(|&k| self.bytes(k)).sum()
+    }
+
+    /// The level as last computed.
+    pub fn pressure(&self) -> Pressure {
+        match self.level.load(Ordering::Relaxed) {
+            0 => Pressure::Normal,
+            1 => Pressure::Evict,
+            _ => Pressure::Refuse,
+        }
+    }
+
+    /// Sums the kinds and sets the level; returns it.
+    pub fn recompute(&self) -> Pressure {
+        if self.limit == 0 {
+            return Pressure::Normal;
+        }
+        let total = self.total();
+        let pct = |p: usize| self.limit / 100 * p + self.limit % 100 * p / 100;
+        let level = if total > self.limit
+            || (self.pressure() == Pressure::Refuse && total > pct(RECOVER_AT))
+        {
+            Pressure::Refuse
+        } else if total > pct(EVICT_AT) {
+            Pressure::Evict
+        } else {
+            Pressure::Normal
+        };
+        self.level.store(level as u8, Ordering::Relaxed);
+        level
+    }
+
+    /// How many bytes eviction should free now to bring the total to its target (0 when
+    /// there is no pressure).
+    pub fn excess(&self) -> usize {
+        if self.limit == 0 {
+            return 0;
+        }
+        let target = self.limit / 100 * EVICT_TO;
+        let total = self.total();
+        if total > self.limit / 100 * EVICT_AT || self.pressure() != Pressure::Normal {
+            total.saturating_sub(target)
+        } else {
+            0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_follow_the_total_with_hysteresis() {
+        let m = Meter::new(1 << 20, 2);
+        assert_eq!(m.recompute(), Pressure::Normal);
+        m.add(Kind::History, 800 << 10);
+        assert_eq!(m.recompute(), Pressure::Normal);
+        m.set_shard(1, Kind::Outbox, 100 << 10);
+        assert_eq!(m.pressure(), Pressure::Evict, "a big jump sums at once");
+        m.add(Kind::Presence, 200 << 10);
+        assert_eq!(m.recompute(), Pressure::Refuse);
+        assert_eq!(m.bytes(Kind::Outbox), 100 << 10);
+        m.add(Kind::Presence, -(100 << 10));
+        assert_eq!(m.recompute(), Pressure::Refuse, "not yet under 95 %");
+        m.add(Kind::Presence, -(100 << 10));
+        assert_eq!(m.recompute(), Pressure::Evict);
+        assert!(m.excess() > 0);
+        m.set_shard(1, Kind::Outbox, 0);
+        m.add(Kind::History, -(400 << 10));
+        assert_eq!(m.recompute(), Pressure::Normal);
+        assert_eq!(m.excess(), 0);
+        assert_eq!(m.total(), 400 << 10);
+    }
+
+    #[test]
+    fn growth_sums_by_itself_after_a_batch() {
+        let m = Meter::new(1 << 20, 1);
+        for _ in 0..100 {
+            m.add(Kind::History, 11 << 10);
+        }
+        assert_eq!(
+            m.pressure(),
+            Pressure::Refuse,
+            "no explicit recompute needed"
+        );
+    }
+
+    #[test]
+    fn no_limit_never_presses() {
+        let m = Meter::new(0, 1);
+        m.add(Kind::History, 1 << 40);
+        assert_eq!(m.recompute(), Pressure::Normal);
+        assert_eq!(m.excess(), 0);
+    }
+}
