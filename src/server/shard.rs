@@ -169,6 +169,12 @@ async fn serve_connection(
     let Some(tls) = ctx.node.tls.clone() else {
         return serve_http1(&ctx, TokioIo::new(stream), svc, &started, deadline).await;
     };
+    let mut stream = stream;
+    match tokio::time::timeout_at(deadline, crate::tls::answer_plain_http(&mut stream)).await {
+        Ok(true) => return refused(Cause::Tls, "plain HTTP on the TLS port"),
+        Ok(false) => {}
+        Err(_) => return refused(Cause::HandshakeTimeout, "TLS handshake"),
+    }
     let stream = match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return refused(Cause::Tls, &e.to_string()),

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod demo;
 pub mod http;
+pub mod landing;
 pub mod sse;
 pub mod ws;
 
