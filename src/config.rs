@@ -956,7 +956,7 @@ mod tests {
         // A mistake in the file is refused even when a flag wins over the key.
         assert!(load(&["--history-size", "3"], "histroy_size = 3").is_err());
         assert!(load(&["--history-size", "3"], "history_size = \"lots\"").is_err());
-        assert!(load(&["--listen", "127.0.0.1:0"], "listen = 8080").is_err());
+        assert!(load(&["--listen", "127.0.0.1:0"], "listen = 80800").is_err());
         assert!(matches!(
             load(&[], "history_size = "),
             Err(ConfigError::Parse { .. })

@@ -71,9 +71,10 @@ async fn example_config_parses_validates_and_starts() {
     assert_eq!(status, 200, "{body}");
     let (status, _) = relay.get("/readyz").await;
     assert_eq!(status, 200);
-    // demo = false in the example: no page.
-    let (status, _, _) = get_text(&relay, "/").await;
-    assert_eq!(status, 404);
+    // demo = false in the example: the landing page, not the demo.
+    let (status, _, body) = get_text(&relay, "/").await;
+    assert_eq!(status, 200);
+    assert!(!body.contains("/demo/relay.js"), "{body}");
 }
 
 /// Long flags of `relay serve --help`, without `--help` and `--config`.
@@ -222,17 +223,44 @@ fn fly_toml_and_dockerfile_match_the_binary() {
     assert_eq!(check["path"].as_str(), Some("/readyz"));
     assert_eq!(fly["kill_signal"].as_str(), Some("SIGTERM"));
 
-    // The image must contain every file the binary embeds.
+    // The image must contain every file the binary embeds (include_str!/include_bytes!).
     let docker = read("deploy/Dockerfile");
-    let demo = read("src/transport/demo.rs");
-    for embedded in demo.split("include_str!(\"../../").skip(1) {
-        let file = embedded.split('"').next().unwrap();
-        assert!(
-            docker.contains(&format!("COPY {file}")) || docker.contains("COPY clients clients"),
-            "deploy/Dockerfile does not copy {file} (embedded by src/transport/demo.rs)"
-        );
-        assert!(repo(file).is_file(), "{file} is missing");
+    let copied: Vec<&str> = docker
+        .lines()
+        .filter_map(|l| l.strip_prefix("COPY "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let mut sources = vec![repo("src")];
+    let mut embedded = 0;
+    while let Some(dir) = sources.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                sources.push(path);
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for part in text.split("include_").skip(1) {
+                let Some(arg) = part
+                    .strip_prefix("str!(\"")
+                    .or_else(|| part.strip_prefix("bytes!(\""))
+                else {
+                    continue;
+                };
+                let rel = arg.split('"').next().unwrap();
+                // The path is relative to the file that embeds it.
+                let file = path.parent().unwrap().join(rel).canonicalize().unwrap();
+                let file = file.strip_prefix(repo("")).unwrap().to_str().unwrap().to_owned();
+                assert!(
+                    copied.iter().any(|c| file == *c || file.starts_with(&format!("{c}/"))),
+                    "deploy/Dockerfile does not copy {file} (embedded by {})",
+                    path.display()
+                );
+                embedded += 1;
+            }
+        }
     }
+    assert!(embedded >= 5, "found {embedded} embedded files");
     assert!(docker.contains("EXPOSE 8080") && docker.contains("RELAY_LISTEN=0.0.0.0:8080"));
 }
 
@@ -262,10 +290,12 @@ async fn demo_serves_the_page_and_the_client_with_presence() {
     assert_eq!(status, 200);
     drop(relay);
 
-    // Without --demo there is no page (and RELAY_DEMO / the file key work like the flag).
+    // Without --demo there is no demo (and RELAY_DEMO / the file key work like the flag).
     let relay = Relay::start(&[]);
-    let (status, _, _) = get_text(&relay, "/").await;
-    assert_eq!(status, 404);
+    let (status, _, body) = get_text(&relay, "/").await;
+    assert_eq!(status, 200);
+    assert!(!body.contains("/demo/relay.js"), "{body}");
+    assert_eq!(get_text(&relay, "/demo/relay.js").await.0, 404);
     drop(relay);
     let relay = Relay::start_with(&[], &[("RELAY_DEMO", "true")]);
     let (status, _, _) = get_text(&relay, "/demo/relay.js").await;
