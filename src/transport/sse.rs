@@ -87,9 +87,11 @@ pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bod
             &format!("no subscribe permission on {ch}"),
         );
     }
-    if let Err(e) = ask.check(&ctx, &auth) {
-        crate::limits::refused(crate::limits::Cause::Forbidden, "sse presence claim");
-        return e;
+    if let Err((status, code, message)) = ask.check(&ctx, &auth) {
+        if status == StatusCode::FORBIDDEN {
+            crate::limits::refused(crate::limits::Cause::Forbidden, "sse presence claim");
+        }
+        return error(status, code, message);
     }
     if channels.len() > cfg.max_subscriptions {
         crate::limits::refused(crate::limits::Cause::TooManySubscriptions, "sse");
@@ -298,9 +300,14 @@ impl PresenceAsk {
         self.user.is_some() || self.info.is_some()
     }
 
-    /// Refuses a claim that a WebSocket subscribe could not make either.
-    fn check(&self, ctx: &ShardContext, auth: &super::ws::ConnAuth) -> Result<(), Response<Body>> {
-        let refuse = |status, code, message: &str| Err(error(status, code, message));
+    /// Refuses a claim that a WebSocket subscribe could not make either: the status, code and
+    /// message of the answer.
+    fn check(
+        &self,
+        ctx: &ShardContext,
+        auth: &super::ws::ConnAuth,
+    ) -> Result<(), (StatusCode, &'static str, &'static str)> {
+        let refuse = |status, code, message| Err((status, code, message));
         if !self.claims() {
             return Ok(());
         }
