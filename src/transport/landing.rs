@@ -129,8 +129,10 @@ and resumes after a reconnect with nothing lost.</p>
 <p><b>See it live:</b> restart it with <code>relay serve --demo</code> and open this page in two
 tabs: live cursors and presence.</p>
 <p><b>Try it from a terminal:</b></p>
-<pre>curl -N 'http://{host}/sse?channel=news'                              # one terminal
-curl -X POST http://{host}/api/publish -d '{{"channel":"news","data":"hi"}}'   # another</pre>
+<pre># in one terminal: subscribe
+curl -N 'http://{host}/sse?channel=news'
+# in another: publish
+curl -X POST http://{host}/api/publish -d '{{"channel":"news","data":"hi"}}'</pre>
 <ul>
 {links}</ul>
 </body>
