@@ -351,27 +351,9 @@ fn genconfig_writes_every_option_with_fresh_secrets() {
 
 /// `relay serve --listen LISTEN`: the address it printed (it is killed on return).
 fn bound_address(listen: &str) -> String {
-    use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(BIN)
-        .args(["serve", "--shards", "1", "--listen", listen])
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx.recv_timeout(START_TIMEOUT).unwrap_or_default();
-    let _ = child.kill();
-    let _ = child.wait();
-    line.trim()
-        .trim_start_matches("listening on http://")
-        .to_owned()
+    let lines = first_stdout_lines(&["serve", "--shards", "1", "--listen", listen], 1);
+    let line = lines.first().map_or("", String::as_str);
+    line.trim_start_matches("listening on http://").to_owned()
 }
 
 #[test]

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::time::Duration;
 
@@ -82,35 +81,21 @@ async fn every_page_has_an_icon() {
 
 #[test]
 fn demo_prints_its_url_after_the_listening_line() {
-    let mut child = std::process::Command::new(BIN)
-        .args([
-            "serve",
-            "--demo",
-            "--shards",
-            "1",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().take(2) {
-            let _ = tx.send(line.unwrap_or_default());
-        }
-    });
-    let first = rx.recv_timeout(START_TIMEOUT);
-    let second = rx.recv_timeout(START_TIMEOUT);
-    let _ = child.kill();
-    let _ = child.wait();
-    let first = first.unwrap();
-    let addr = first.strip_prefix("listening on http://").expect(&first);
+    let args = [
+        "serve",
+        "--demo",
+        "--shards",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    let lines = first_stdout_lines(&args, 2);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let addr = lines[0]
+        .strip_prefix("listening on http://")
+        .expect(&lines[0]);
     assert_eq!(
-        second.unwrap(),
+        lines[1],
         format!("demo: open http://{addr}/ in two browser tabs")
     );
 }
