@@ -35,6 +35,18 @@ timeout 300 python3 -m pip install -q --disable-pip-version-check --root-user-ac
 log "cargo test --workspace"
 cargo test --workspace --all-targets
 
+# The container image's build stage (deploy/Dockerfile): built by a container engine where one
+# runs; without one (CI), its COPY and RUN lines run as written in a scratch directory
+# (scripts/dockerfile-build.py), so a file the image needs but does not copy fails here.
+log "Dockerfile build stage (deploy/Dockerfile)"
+if command -v docker >/dev/null && timeout 20 docker info >/dev/null 2>&1; then
+  timeout 3600 docker build --target build -f deploy/Dockerfile .
+elif command -v podman >/dev/null && timeout 20 podman info >/dev/null 2>&1; then
+  timeout 3600 podman build --target build -f deploy/Dockerfile .
+else
+  timeout 3600 python3 scripts/dockerfile-build.py
+fi
+
 # The JS/TS client: unit tests (node --test) and the browser test in headless Chromium against
 # the relay binary that cargo test just built (target/debug/relay).
 log "JS client (bash clients/js/test.sh)"

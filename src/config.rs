@@ -24,15 +24,14 @@ use crate::engine::SlowPolicy;
 /// durations and sizes, and a check in [`Config::validate`] when it has a range. The flag, the
 /// variable and the file key follow from that field; list it in `deploy/relay.toml` and in
 /// README's table.
-#[derive(Clone, Debug, PartialEq, clap::Args)]
+///
+/// `Serialize` is for `relay check-config`, which prints the effective settings (see
+/// `crate::tools::effective_toml`): a new field's type must be `Serialize` too.
+#[derive(Clone, Debug, PartialEq, clap::Args, serde::Serialize)]
 pub struct Config {
-    /// Address to listen on.
-    #[arg(
-        long,
-        env = "RELAY_LISTEN",
-        value_name = "ADDR",
-        default_value = "127.0.0.1:8080"
-    )]
+    /// Address to listen on: IP:PORT, `localhost:PORT` (127.0.0.1), `:PORT` or `*:PORT` (every
+    /// interface, 0.0.0.0), or a bare PORT (127.0.0.1).
+    #[arg(long, env = "RELAY_LISTEN", value_name = "ADDR", value_parser = parse_listen, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Shards: threads, each with its own runtime and SO_REUSEPORT listener, pinned to a core;
     /// 0 for one per usable core.
@@ -120,6 +119,7 @@ pub struct Config {
     /// every channel (`drop`) or by pattern (`ticker:*=conflate`); repeatable, first match wins
     /// [default: disconnect].
     #[arg(long, env = "RELAY_SLOW_CONSUMER", value_name = "[PATTERN=]POLICY", value_delimiter = ',', value_parser = parse_slow_consumer)]
+    #[serde(serialize_with = "crate::tools::serialize_slow_consumer")]
     pub slow_consumer: Vec<(String, SlowPolicy)>,
     /// Where messages are sequenced: `memory` (this node alone), `redis` or `nats` (a cluster
     /// of nodes sharing channels, sequence and history).
@@ -318,7 +318,8 @@ pub struct ServeArgs {
 }
 
 /// Which backplane sequences messages (`--backplane`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BackplaneKind {
     /// One node: the node's own engine sequences (no cluster).
     #[default]
@@ -330,7 +331,8 @@ pub enum BackplaneKind {
 }
 
 /// Log output format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
     #[default]
@@ -405,7 +407,23 @@ impl Config {
         matches: &ArgMatches,
         file: Option<(&Path, &str)>,
     ) -> Result<Config, ConfigError> {
+        let (config, mut problems) = Config::load_all(cli, matches, file);
+        match problems.is_empty() {
+            true => Ok(config),
+            false => Err(problems.swap_remove(0)),
+        }
+    }
+
+    /// Like [`Config::load`], but returns the settings as far as they could be applied with
+    /// every problem found (of the file, then of the settings' ranges and relations), not only
+    /// the first. The settings are good when there is no problem.
+    pub fn load_all(
+        cli: Config,
+        matches: &ArgMatches,
+        file: Option<(&Path, &str)>,
+    ) -> (Config, Vec<ConfigError>) {
         let mut config = cli;
+        let mut problems = Vec::new();
         if let Some((path, text)) = file {
             let given = |id: &str| {
                 matches!(
@@ -413,23 +431,27 @@ impl Config {
                     Some(ValueSource::CommandLine | ValueSource::EnvVariable)
                 )
             };
-            config.apply_file(path, text, given)?;
+            config.apply_file(path, text, given, &mut problems);
         }
         if config.demo && config.presence_channels.is_empty() {
             // The demo page's channel needs presence.
             config.presence_channels = vec!["presence:*".to_owned()];
         }
         config.node_id.get_or_insert_with(generated_node_id);
-        config.validate()?;
-        Ok(config)
+        problems.extend(config.problems());
+        (config, problems)
     }
 
     /// The defaults with the settings of a TOML file (path and text) applied, not validated:
     /// checks that a file parses.
     pub fn from_file(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let mut config = Config::default();
-        config.apply_file(path, text, |_| false)?;
-        Ok(config)
+        let mut problems = Vec::new();
+        config.apply_file(path, text, |_| false, &mut problems);
+        match problems.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(config),
+        }
     }
 
     /// The settings' arguments alone, each changed by `adjust`.
@@ -439,67 +461,96 @@ impl Config {
 
     /// Checks every key of the TOML `text` and sets its setting, unless `keep` says the
     /// setting was given as a flag or environment variable (which wins). An unknown key or a
-    /// bad value is refused by its name in the file.
+    /// bad value is refused by its name in the file: added to `problems`, and the next key
+    /// is checked.
     fn apply_file(
         &mut self,
         path: &Path,
         text: &str,
         keep: impl Fn(&str) -> bool,
-    ) -> Result<(), ConfigError> {
-        let table: toml::Table = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source: Box::new(source),
-        })?;
+        problems: &mut Vec<ConfigError>,
+    ) {
+        let table: toml::Table = match toml::from_str(text) {
+            Ok(t) => t,
+            Err(source) => {
+                return problems.push(ConfigError::Parse {
+                    path: path.to_owned(),
+                    source: Box::new(source),
+                })
+            }
+        };
         // A file value goes through its flag's own parser. Without defaults, so that parsing one
         // key sets that setting alone; without the environment; without splitting at commas,
         // since a list is a TOML array.
         let cmd = Config::command(|a| a.env(None).default_value(None).value_delimiter(None));
         for (key, value) in table {
-            let invalid = |reason: String| ConfigError::File {
-                path: path.to_owned(),
-                key: key.clone(),
-                reason,
-            };
-            let id = OLD_KEYS
-                .iter()
-                .find(|(old, _)| *old == key)
-                .map_or(key.as_str(), |(_, id)| id);
-            let arg = cmd
-                .get_arguments()
-                .find(|a| a.get_id() == id)
-                .ok_or_else(|| {
-                    invalid("no such setting (keys are the flag names with `_`)".into())
-                })?;
-            let list = matches!(arg.get_action(), ArgAction::Append);
-            let flag = arg.get_long().unwrap_or(id);
-            let argv = file_values(value, list)
-                .map_err(invalid)?
-                .into_iter()
-                .map(|v| format!("--{flag}={v}"));
-            // Parsed even when a flag wins, so that a mistake in the file never goes unseen.
-            let matches = cmd
-                .clone()
-                .try_get_matches_from(std::iter::once("relay".to_owned()).chain(argv))
-                .map_err(|e| invalid(clap_reason(&e)))?;
-            if !keep(id) {
-                self.update_from_arg_matches(&matches)
-                    .map_err(|e| invalid(clap_reason(&e)))?;
+            if let Err(e) = self.apply_key(&cmd, path, &key, value, &keep) {
+                problems.push(e);
             }
+        }
+    }
+
+    /// Checks one key of the file and sets its setting unless `keep` says it was given.
+    fn apply_key(
+        &mut self,
+        cmd: &Command,
+        path: &Path,
+        key: &str,
+        value: toml::Value,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<(), ConfigError> {
+        let invalid = |reason: String| ConfigError::File {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            reason,
+        };
+        let id = OLD_KEYS
+            .iter()
+            .find(|(old, _)| *old == key)
+            .map_or(key, |(_, id)| id);
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == id)
+            .ok_or_else(|| invalid("no such setting (keys are the flag names with `_`)".into()))?;
+        let list = matches!(arg.get_action(), ArgAction::Append);
+        let flag = arg.get_long().unwrap_or(id);
+        let argv = file_values(value, list)
+            .map_err(invalid)?
+            .into_iter()
+            .map(|v| format!("--{flag}={v}"));
+        // Parsed even when a flag wins, so that a mistake in the file never goes unseen.
+        let matches = cmd
+            .clone()
+            .try_get_matches_from(std::iter::once("relay".to_owned()).chain(argv))
+            .map_err(|e| invalid(clap_reason(&e)))?;
+        if !keep(id) {
+            self.update_from_arg_matches(&matches)
+                .map_err(|e| invalid(clap_reason(&e)))?;
         }
         Ok(())
     }
 
     /// Checks ranges and relations between settings (no files: the server reads the key and
-    /// certificate files when it starts).
+    /// certificate files when it starts): the first problem of [`Config::problems`].
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, reason: &str| {
-            Err(ConfigError::Invalid {
+        match self.problems().into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Every range or relation between settings that is wrong, in the order of the checks
+    /// (`relay check-config` lists them all).
+    pub fn problems(&self) -> Vec<ConfigError> {
+        let mut problems = Vec::new();
+        let mut invalid = |key, reason: &str| {
+            problems.push(ConfigError::Invalid {
                 key,
                 reason: reason.to_owned(),
             })
         };
         if self.shards > crate::engine::MAX_SHARDS {
-            return invalid("shards", "at most 64");
+            invalid("shards", "at most 64");
         }
         if self.node_id.as_ref().is_some_and(|id| {
             id.is_empty()
@@ -508,7 +559,7 @@ impl Config {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
         }) {
-            return invalid("node_id", "1 to 64 characters from A-Z a-z 0-9 - _ . :");
+            invalid("node_id", "1 to 64 characters from A-Z a-z 0-9 - _ . :");
         }
         match self.backplane {
             BackplaneKind::Memory => {}
@@ -516,75 +567,79 @@ impl Config {
                 if !(self.redis_url.starts_with("redis://")
                     || self.redis_url.starts_with("rediss://"))
                 {
-                    return invalid("redis_url", "must start with redis:// or rediss://");
+                    invalid("redis_url", "must start with redis:// or rediss://");
                 }
             }
             BackplaneKind::Nats => {
                 if !(self.nats_url.starts_with("nats://") || self.nats_url.starts_with("tls://")) {
-                    return invalid("nats_url", "must start with nats:// or tls://");
+                    invalid("nats_url", "must start with nats:// or tls://");
                 }
             }
         }
         if self.history_size > 1_000_000 {
-            return invalid("history_size", "at most 1000000");
+            invalid("history_size", "at most 1000000");
         }
         if !(256..=64 << 20).contains(&self.max_message_size) {
-            return invalid("max_message_size", "must be between 256 bytes and 64MiB");
+            invalid("max_message_size", "must be between 256 bytes and 64MiB");
         }
         if self.max_subscriptions == 0 || self.max_subscriptions > 65_000 {
-            return invalid("max_subscriptions", "must be between 1 and 65000");
+            invalid("max_subscriptions", "must be between 1 and 65000");
         }
         if self.max_outbox_bytes < 4096 {
-            return invalid("max_outbox_bytes", "must be at least 4KiB");
+            invalid("max_outbox_bytes", "must be at least 4KiB");
         }
         if self.ping_interval.is_zero() || self.idle_timeout <= self.ping_interval {
-            return invalid("idle_timeout", "must be longer than ping_interval (> 0)");
+            invalid("idle_timeout", "must be longer than ping_interval (> 0)");
         }
         if self.sse_keepalive.is_zero() {
-            return invalid("sse_keepalive", "must be > 0");
+            invalid("sse_keepalive", "must be > 0");
         }
         if self.presence_timeout <= self.heartbeat_interval || self.heartbeat_interval.is_zero() {
-            return invalid(
+            invalid(
                 "presence_timeout",
                 "must be longer than heartbeat_interval (> 0)",
             );
         }
         if self.presence_sweep.is_zero() {
-            return invalid("presence_sweep", "must be > 0");
+            invalid("presence_sweep", "must be > 0");
         }
         if self.presence_max_members == 0 {
-            return invalid("presence_max_members", "must be at least 1");
+            invalid("presence_max_members", "must be at least 1");
         }
         if self.presence_channels.iter().any(|p| p.is_empty()) {
-            return invalid("presence_channels", "a pattern must not be empty");
+            invalid("presence_channels", "a pattern must not be empty");
         }
         if self.api_key.iter().any(|k| k.is_empty()) {
-            return invalid("api_key", "must not be empty");
+            invalid("api_key", "must not be empty");
         }
         if self.max_memory.is_some_and(|m| m != 0 && m < 16 << 20) {
-            return invalid("max_memory", "must be 0 (no budget) or at least 16MiB");
+            invalid("max_memory", "must be 0 (no budget) or at least 16MiB");
         }
-        self.validate_security()
+        self.security_problems(&mut problems);
+        self.edge_problems(&mut problems);
+        problems
     }
 
     /// Checks the auth, TLS and limit settings.
-    fn validate_security(&self) -> Result<(), ConfigError> {
-        let invalid = |key, reason: &str| {
-            Err(ConfigError::Invalid {
+    fn security_problems(&self, problems: &mut Vec<ConfigError>) {
+        let mut invalid = |key, reason: &str| {
+            problems.push(ConfigError::Invalid {
                 key,
                 reason: reason.to_owned(),
             })
         };
         if self.jwt_secret.as_ref().is_some_and(|s| s.len() < 16) {
-            return invalid("jwt_secret", "must be at least 16 bytes");
+            invalid("jwt_secret", "must be at least 16 bytes");
         }
         if self.auth_timeout.is_zero() {
-            return invalid("auth_timeout", "must be > 0");
+            invalid("auth_timeout", "must be > 0");
         }
         if self.auth_enabled() && self.client_presence == Some(true) {
-            return invalid(
+            invalid(
                 "client_presence",
-                "cannot be true with JWT auth: presence identity comes from the token",
+                "cannot be true with JWT auth (jwt_secret or jwt_public_key is set): presence \
+                 identity comes from the token; remove client_presence from the config file, \
+                 RELAY_CLIENT_PRESENCE and --client-presence, or set it to false",
             );
         }
         if !self.auth_enabled()
@@ -593,7 +648,7 @@ impl Config {
                 || !self.allow.is_empty()
                 || !self.allow_anonymous.is_empty())
         {
-            return invalid(
+            invalid(
                 "jwt",
                 "jwt_audience, jwt_issuer, allow and allow_anonymous need jwt_secret or jwt_public_key",
             );
@@ -603,52 +658,50 @@ impl Config {
             .iter()
             .any(|o| o.is_empty() || o.ends_with('/'))
         {
-            return invalid(
+            invalid(
                 "allowed_origin",
                 "an origin is scheme://host[:port], without a trailing slash",
             );
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
-            return invalid("tls", "give both tls_cert and tls_key");
+            invalid("tls", "give both tls_cert and tls_key");
         }
         if self.handshake_timeout.is_zero() {
-            return invalid("handshake_timeout", "must be > 0");
+            invalid("handshake_timeout", "must be > 0");
         }
         if !(8 * 1024..=1024 * 1024).contains(&self.max_header_size) {
-            return invalid("max_header_size", "must be between 8KiB and 1MiB");
+            invalid("max_header_size", "must be between 8KiB and 1MiB");
         }
         if self.rate_limit > 0 && self.rate_burst == 0 {
-            return invalid("rate_burst", "must be at least 1");
+            invalid("rate_burst", "must be at least 1");
         }
-        self.validate_edge()
     }
 
     /// Checks the HTTP time bounds, drain and proxy settings.
-    fn validate_edge(&self) -> Result<(), ConfigError> {
-        let invalid = |key, reason: &str| {
-            Err(ConfigError::Invalid {
+    fn edge_problems(&self, problems: &mut Vec<ConfigError>) {
+        let mut invalid = |key, reason: &str| {
+            problems.push(ConfigError::Invalid {
                 key,
                 reason: reason.to_owned(),
             })
         };
         if self.body_timeout.is_zero() {
-            return invalid("body_timeout", "must be > 0");
+            invalid("body_timeout", "must be > 0");
         }
         if self.write_timeout.is_zero() {
-            return invalid("write_timeout", "must be > 0");
+            invalid("write_timeout", "must be > 0");
         }
         // An HTTP/2 connection carrying only SSE streams moves bytes once per keep-alive.
         if self.keepalive_timeout <= self.sse_keepalive {
-            return invalid("keepalive_timeout", "must be longer than sse_keepalive");
+            invalid("keepalive_timeout", "must be longer than sse_keepalive");
         }
         if self.trusted_proxies.len() > 1
             && self
                 .trusted_proxies
                 .contains(&crate::proxy::TrustedNet::None)
         {
-            return invalid("trusted_proxies", "`none` cannot be given with networks");
+            invalid("trusted_proxies", "`none` cannot be given with networks");
         }
-        Ok(())
     }
 
     /// Whether JWT connection auth is on.
@@ -720,6 +773,34 @@ pub fn parse_slow_consumer(s: &str) -> Result<(String, SlowPolicy), String> {
     Ok((pattern.to_owned(), policy))
 }
 
+/// Parses a listen address as users write it elsewhere: `IP:PORT` (`[::1]:8080` too),
+/// `localhost:PORT` (127.0.0.1: what browsers and curl reach first), `:PORT` and `*:PORT`
+/// (every interface, as in Go, nginx and Caddy), or a bare `PORT` (the default host,
+/// 127.0.0.1, so that changing the port never opens the node to the network by surprise).
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .map_err(|_| format!("{p:?} is not a port (0 to 65535)"))
+    };
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port(s)?)));
+    }
+    match s.rsplit_once(':') {
+        Some(("" | "*" | "0.0.0.0", p)) => Ok(SocketAddr::from(([0, 0, 0, 0], port(p)?))),
+        Some((host, p)) if host.eq_ignore_ascii_case("localhost") => {
+            Ok(SocketAddr::from(([127, 0, 0, 1], port(p)?)))
+        }
+        _ => Err(format!(
+            "{s:?} is not an address to listen on (try 127.0.0.1:8080, localhost:8080, :8080 \
+             for every interface, or 8080)"
+        )),
+    }
+}
+
 /// Parses `300s`, `5m`, `250ms`, `1h 30m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (try e.g. 300s, 5m, 250ms)"))
@@ -772,6 +853,29 @@ mod tests {
 
     fn from_file(text: &str) -> Config {
         Config::from_file(Path::new("test.toml"), text).unwrap()
+    }
+
+    #[test]
+    fn listen_addresses_as_users_write_them() {
+        let addr = |s: &str| parse_listen(s).map(|a| a.to_string());
+        assert_eq!(addr("127.0.0.1:8080").unwrap(), "127.0.0.1:8080");
+        assert_eq!(addr("[::1]:9000").unwrap(), "[::1]:9000");
+        assert_eq!(addr("localhost:8080").unwrap(), "127.0.0.1:8080");
+        assert_eq!(addr("LOCALHOST:0").unwrap(), "127.0.0.1:0");
+        assert_eq!(addr(":8080").unwrap(), "0.0.0.0:8080");
+        assert_eq!(addr("*:8080").unwrap(), "0.0.0.0:8080");
+        assert_eq!(addr("8080").unwrap(), "127.0.0.1:8080");
+        for bad in [
+            "",
+            ":",
+            "localhost",
+            "80800",
+            ":http",
+            "example.com:80",
+            "1.2.3:4",
+        ] {
+            assert!(parse_listen(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
@@ -953,7 +1057,7 @@ mod tests {
         // A mistake in the file is refused even when a flag wins over the key.
         assert!(load(&["--history-size", "3"], "histroy_size = 3").is_err());
         assert!(load(&["--history-size", "3"], "history_size = \"lots\"").is_err());
-        assert!(load(&["--listen", "127.0.0.1:0"], "listen = 8080").is_err());
+        assert!(load(&["--listen", "127.0.0.1:0"], "listen = 80800").is_err());
         assert!(matches!(
             load(&[], "history_size = "),
             Err(ConfigError::Parse { .. })

@@ -16,6 +16,8 @@
 //! - [`tls`]: rustls server config with ALPN, swapped on SIGHUP.
 //! - [`metrics`]: Prometheus metrics, resolved per shard.
 //! - [`transport`]: hyper services over the engine: `/ws`, `/sse`, `/api`, health.
+//! - [`tools`]: `relay gentoken`, `check-config` and `genconfig` (token claims and signing,
+//!   the effective settings with secrets masked, a config with fresh secrets).
 //! - [`server`]: per-core shards (pinned `current_thread` runtimes with `SO_REUSEPORT`
 //!   listeners), wake-ups and graceful shutdown.
 //!
@@ -31,5 +33,6 @@ pub mod protocol;
 pub mod proxy;
 pub mod server;
 pub mod tls;
+pub mod tools;
 pub mod transport;
 pub mod types;

@@ -144,6 +144,13 @@ impl TrustedNet {
     }
 }
 
+/// Written as it is given (`private`, `none`, a network): `relay check-config` prints it.
+impl serde::Serialize for TrustedNet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl std::fmt::Display for TrustedNet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

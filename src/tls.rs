@@ -20,6 +20,44 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN protocol id of HTTP/1.1.
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 
+/// What a client that speaks plain HTTP to the TLS port gets, instead of a silent drop.
+const PLAIN_HTTP_ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
+connection: close\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 61\r\n\r\n\
+this port speaks TLS: use https:// or wss:// instead of http\n";
+
+/// Whether a client on the TLS port spoke plain HTTP first (a TLS client opens with a
+/// handshake record, byte 0x16; an HTTP request with an upper-case method). If so, answers
+/// [`PLAIN_HTTP_ANSWER`], closes, and returns true. Reads at most 64 KiB for at most a second
+/// (so that closing does not reset the connection before the client reads the answer). The
+/// caller bounds the wait for the first byte (the handshake timeout).
+pub async fn answer_plain_http(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut first = [0u8; 1];
+    match stream.peek(&mut first).await {
+        Ok(1) if first[0].is_ascii_uppercase() => {}
+        _ => return false,
+    }
+    let mut buf = [0u8; 4096];
+    let drain = async {
+        let mut total = 0;
+        while total < 64 * 1024 {
+            let n = match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            total += n;
+            // The request head ends with an empty line; the client waits for the answer then.
+            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
+    let _ = stream.write_all(PLAIN_HTTP_ANSWER).await;
+    let _ = stream.shutdown().await;
+    true
+}
+
 /// Why TLS cannot be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

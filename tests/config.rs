@@ -24,20 +24,14 @@ fn temp_config(name: &str, body: &str) -> PathBuf {
 
 #[test]
 fn help_mentions_the_main_flags() {
-    for args in [&["--help"][..], &["serve", "--help"][..]] {
-        let out = run_bin(args, &[], Duration::from_secs(10));
-        assert!(out.status.success(), "relay {args:?}: {out:?}");
-        let text = String::from_utf8_lossy(&out.stdout);
-        for flag in ["--listen", "--history-size", "--api-key"] {
-            assert!(
-                text.contains(flag),
-                "relay {args:?} does not mention {flag}:\n{text}"
-            );
-        }
-    }
+    // `relay --help` lists the commands (tests/cli.rs); `relay serve --help` every option.
     let out = run_bin(&["serve", "--help"], &[], Duration::from_secs(10));
+    assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     for flag in [
+        "--listen",
+        "--history-size",
+        "--api-key",
         "--shards",
         "--history-ttl",
         "--max-message-size",

@@ -71,9 +71,10 @@ async fn example_config_parses_validates_and_starts() {
     assert_eq!(status, 200, "{body}");
     let (status, _) = relay.get("/readyz").await;
     assert_eq!(status, 200);
-    // demo = false in the example: no page.
-    let (status, _, _) = get_text(&relay, "/").await;
-    assert_eq!(status, 404);
+    // demo = false in the example: the landing page, not the demo.
+    let (status, _, body) = get_text(&relay, "/").await;
+    assert_eq!(status, 200);
+    assert!(!body.contains("/demo/relay.js"), "{body}");
 }
 
 /// Long flags of `relay serve --help`, without `--help` and `--config`.
@@ -222,17 +223,51 @@ fn fly_toml_and_dockerfile_match_the_binary() {
     assert_eq!(check["path"].as_str(), Some("/readyz"));
     assert_eq!(fly["kill_signal"].as_str(), Some("SIGTERM"));
 
-    // The image must contain every file the binary embeds.
+    // The image must contain every file the binary embeds (include_str!/include_bytes!).
     let docker = read("deploy/Dockerfile");
-    let demo = read("src/transport/demo.rs");
-    for embedded in demo.split("include_str!(\"../../").skip(1) {
-        let file = embedded.split('"').next().unwrap();
-        assert!(
-            docker.contains(&format!("COPY {file}")) || docker.contains("COPY clients clients"),
-            "deploy/Dockerfile does not copy {file} (embedded by src/transport/demo.rs)"
-        );
-        assert!(repo(file).is_file(), "{file} is missing");
+    let copied: Vec<&str> = docker
+        .lines()
+        .filter_map(|l| l.strip_prefix("COPY "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let mut sources = vec![repo("src")];
+    let mut embedded = 0;
+    while let Some(dir) = sources.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                sources.push(path);
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for part in text.split("include_").skip(1) {
+                let Some(arg) = part
+                    .strip_prefix("str!(\"")
+                    .or_else(|| part.strip_prefix("bytes!(\""))
+                else {
+                    continue;
+                };
+                let rel = arg.split('"').next().unwrap();
+                // The path is relative to the file that embeds it.
+                let file = path.parent().unwrap().join(rel).canonicalize().unwrap();
+                let file = file
+                    .strip_prefix(repo(""))
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                assert!(
+                    copied
+                        .iter()
+                        .any(|c| file == *c || file.starts_with(&format!("{c}/"))),
+                    "deploy/Dockerfile does not copy {file} (embedded by {})",
+                    path.display()
+                );
+                embedded += 1;
+            }
+        }
     }
+    assert!(embedded >= 5, "found {embedded} embedded files");
     assert!(docker.contains("EXPOSE 8080") && docker.contains("RELAY_LISTEN=0.0.0.0:8080"));
 }
 
@@ -262,12 +297,112 @@ async fn demo_serves_the_page_and_the_client_with_presence() {
     assert_eq!(status, 200);
     drop(relay);
 
-    // Without --demo there is no page (and RELAY_DEMO / the file key work like the flag).
+    // Without --demo there is no demo (and RELAY_DEMO / the file key work like the flag).
     let relay = Relay::start(&[]);
-    let (status, _, _) = get_text(&relay, "/").await;
-    assert_eq!(status, 404);
+    let (status, _, body) = get_text(&relay, "/").await;
+    assert_eq!(status, 200);
+    assert!(!body.contains("/demo/relay.js"), "{body}");
+    assert_eq!(get_text(&relay, "/demo/relay.js").await.0, 404);
     drop(relay);
     let relay = Relay::start_with(&[], &[("RELAY_DEMO", "true")]);
     let (status, _, _) = get_text(&relay, "/demo/relay.js").await;
     assert_eq!(status, 200);
+}
+
+/// Whether python3 with PyYAML runs here (CI installs it; elsewhere the check is skipped).
+fn python_yaml() -> bool {
+    match run("python3", &["-c", "import yaml"], Duration::from_secs(30)) {
+        Some(o) if o.status.success() => true,
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("python3 with PyYAML is required in CI (pip install kubernetes-validate)")
+        }
+        _ => false,
+    }
+}
+
+#[test]
+fn the_release_workflow_builds_both_musl_binaries_and_the_image() {
+    if !python_yaml() {
+        println!("python3 with PyYAML is not installed: release workflow check SKIPPED");
+        return;
+    }
+    // YAML 1.1 reads the key `on` as true.
+    let script = "import json, sys, yaml\n\
+                  d = yaml.safe_load(open(sys.argv[1]))\n\
+                  d['on'] = d.pop(True, d.get('on'))\n\
+                  print(json.dumps(d))";
+    let path = repo(".github/workflows/release.yml");
+    let out = run(
+        "python3",
+        &["-c", script, path.to_str().unwrap()],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert!(out.status.success(), "release.yml does not parse: {out:?}");
+    let wf: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(wf["on"]["push"]["tags"], serde_json::json!(["v*"]), "{wf}");
+    let jobs = &wf["jobs"];
+    assert_eq!(
+        jobs["binaries"]["strategy"]["matrix"]["target"],
+        serde_json::json!(["x86_64-unknown-linux-musl", "aarch64-unknown-linux-musl"])
+    );
+    let steps = |job: &str| jobs[job]["steps"].as_array().unwrap().clone();
+    assert!(steps("binaries").iter().any(|s| s["run"]
+        .as_str()
+        .unwrap_or("")
+        .contains("cargo zigbuild --release --locked --bin relay")));
+    let platforms: Vec<&str> = jobs["image"]["strategy"]["matrix"]["include"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["platform"].as_str().unwrap())
+        .collect();
+    assert_eq!(platforms, ["linux/amd64", "linux/arm64"]);
+    let build = steps("image")
+        .into_iter()
+        .find(|s| {
+            s["uses"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("docker/build-push-action")
+        })
+        .expect("an image build step");
+    assert_eq!(build["with"]["file"], "deploy/Dockerfile");
+    assert_eq!(
+        jobs["release"]["needs"],
+        serde_json::json!(["binaries", "image-manifest"])
+    );
+}
+
+#[test]
+fn the_dockerfile_build_stage_is_what_the_ci_check_runs() {
+    // scripts/test.sh builds this stage (scripts/dockerfile-build.py); here its plan: every
+    // instruction of the stage is one the script carries out, every COPY source exists.
+    let out = run(
+        "python3",
+        &[
+            repo("scripts/dockerfile-build.py").to_str().unwrap(),
+            "--dry-run",
+        ],
+        Duration::from_secs(30),
+    )
+    .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docker = read("deploy/Dockerfile");
+    let runs = docker
+        .split("\nRUN ")
+        .skip(1)
+        .filter(|r| r.contains("cargo build --release --locked --bin relay"))
+        .count();
+    assert_eq!(runs, 2, "the dependency and the binary build steps");
+    assert_eq!(text.matches("== RUN ").count(), 2, "{text}");
+    assert!(
+        text.contains("cargo build --release --locked --bin relay"),
+        "{text}"
+    );
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every check of the JS client: install (npm ci), build (tsc) and check that the committed
-# dist/ (embedded in the relay binary for the demo) matches src/, unit tests (node --test),
-# then the browser test in headless Chromium against a real relay (target/debug/relay).
+# dist/ (embedded in the relay binary for the demo) matches src/, unit tests (node --test; the
+# package test runs `npm pack --dry-run` and checks what would be published), then the browser
+# tests in headless Chromium against a real relay (target/debug/relay).
 # Installs Debian's chromium if it is missing. Every step is bounded in time.
 set -euo pipefail
 cd "$(dirname "$0")"

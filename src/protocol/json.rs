@@ -109,15 +109,38 @@ pub fn parse_command(input: &[u8]) -> Result<Request<'_>, CommandError<'_>> {
     let command = match raw.ty.as_deref() {
         Some("subscribe") => Command::Subscribe {
             channel: channel()?,
-            resume: raw.since.map(|seq| StreamPosition {
-                // A missing or malformed epoch matches no channel: recovered:false.
-                epoch: raw
-                    .epoch
-                    .as_deref()
-                    .and_then(Epoch::parse)
-                    .unwrap_or(Epoch(0)),
-                seq,
-            }),
+            // A seq means nothing without its epoch (the channel may have started afresh since):
+            // resuming takes both, so that a client that forgot one hears so at once instead
+            // of a silent `recovered:false`.
+            resume: match (raw.since, raw.epoch.as_deref()) {
+                (None, None) => None,
+                (Some(seq), Some(e)) => Some(StreamPosition {
+                    epoch: Epoch::parse(e).ok_or_else(|| {
+                        err(
+                            "bad_request",
+                            "`epoch` is not an epoch (the hex string of a `subscribed` or \
+                             `published` reply)"
+                                .into(),
+                        )
+                    })?,
+                    seq,
+                }),
+                (Some(_), None) => {
+                    return Err(err(
+                        "bad_request",
+                        "`since` needs the `epoch` it belongs to (from the `subscribed` or \
+                         `published` reply); to read history from the start use \
+                         GET /api/history/{channel}"
+                            .into(),
+                    ))
+                }
+                (None, Some(_)) => {
+                    return Err(err(
+                        "bad_request",
+                        "`epoch` needs `since`, the last seq seen".into(),
+                    ))
+                }
+            },
             presence: match raw.presence {
                 None => None,
                 Some(p) => Some(client_presence(p).map_err(|m| err("bad_request", m.into()))?),
@@ -470,6 +493,20 @@ mod tests {
             code(br#"{"type":"subscribe","channel":"a","since":-1}"#),
             "bad_request"
         );
+        // Resuming takes both halves of a position.
+        for half in [
+            r#""since":4"#,
+            r#""epoch":"ab""#,
+            r#""since":4,"epoch":"zz""#,
+        ] {
+            let cmd = format!(r#"{{"type":"subscribe","channel":"a","id":3,{half}}}"#);
+            let e = parse_command(cmd.as_bytes()).unwrap_err();
+            assert_eq!(
+                (e.code, e.id),
+                ("bad_request", Some(ReqId::Json("3"))),
+                "{half}"
+            );
+        }
         let e = parse_command(br#"{"type":"subscribe","channel":5,"id":"q"}"#).unwrap_err();
         assert_eq!((e.code, e.id), ("bad_request", Some(ReqId::Json("\"q\""))));
         let e = parse_command(br#"{"type":"subscribe","id":9}"#).unwrap_err();

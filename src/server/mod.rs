@@ -42,12 +42,7 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
     crate::metrics::install();
     // Before anything is bound: a bad file stops the start, so the node never serves without
     // auth or in clear text by mistake.
-    let invalid = |key, e: &dyn std::fmt::Display| ConfigError::Invalid {
-        key,
-        reason: e.to_string(),
-    };
-    let auth = crate::auth::Auth::from_config(&config).map_err(|e| invalid("jwt", &e))?;
-    let tls = crate::tls::Tls::from_config(&config).map_err(|e| invalid("tls", &e))?;
+    let (auth, tls) = read_files(&config).map_err(|mut e| e.swap_remove(0))?;
     let shards = config.effective_shards();
     let listeners = listener::bind_shards(config.listen, shards)?;
     let local_addr = listeners[0].local_addr()?;
@@ -76,6 +71,24 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
         node,
         threads,
     })
+}
+
+/// Reads and checks the JWT keys and the TLS certificate and key that `config` names, as
+/// [`start`] does; every problem, not only the first (`relay check-config` lists them all).
+#[allow(clippy::type_complexity)]
+pub fn read_files(
+    config: &Config,
+) -> Result<(Option<crate::auth::Auth>, Option<Arc<crate::tls::Tls>>), Vec<ConfigError>> {
+    let invalid = |key, e: &dyn std::fmt::Display| ConfigError::Invalid {
+        key,
+        reason: e.to_string(),
+    };
+    let auth = crate::auth::Auth::from_config(config).map_err(|e| invalid("jwt", &e));
+    let tls = crate::tls::Tls::from_config(config).map_err(|e| invalid("tls", &e));
+    match (auth, tls) {
+        (Ok(auth), Ok(tls)) => Ok((auth, tls)),
+        (auth, tls) => Err(auth.err().into_iter().chain(tls.err()).collect()),
+    }
 }
 
 impl ServerHandle {

@@ -227,6 +227,15 @@ async fn serve_connection(
     let Some(tls) = ctx.node.tls.clone() else {
         return serve_http1(&ctx, TokioIo::new(io), svc, &started, deadline).await;
     };
+    // A browser or curl speaking plain HTTP to the TLS port gets an answer saying so (when the
+    // PROXY header left no bytes read ahead, the only case where the socket shows the first).
+    if io.nothing_read_ahead() {
+        match tokio::time::timeout_at(deadline, crate::tls::answer_plain_http(io.tcp_mut())).await {
+            Ok(true) => return refused(Cause::Tls, "plain HTTP on the TLS port"),
+            Ok(false) => {}
+            Err(_) => return refused(Cause::HandshakeTimeout, "TLS handshake"),
+        }
+    }
     // Known only after the handshake, and cheap: counted on every TLS connection.
     let activity = io.track_activity();
     let stream = match tokio::time::timeout_at(deadline, tls.acceptor().accept(io)).await {

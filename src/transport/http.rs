@@ -218,6 +218,9 @@ async fn route(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> 
         (&Method::GET, p) if ctx.config().demo && super::demo::is_demo_path(p) => {
             super::demo::serve(p)
         }
+        (&Method::GET, p) if super::landing::is_landing_path(p) => {
+            super::landing::serve(p, req.headers())
+        }
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such path"),
     }
 }

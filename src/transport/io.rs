@@ -104,6 +104,16 @@ impl TimedIo {
         &self.tcp
     }
 
+    /// The socket, to answer on it before anything is served (plain HTTP on the TLS port).
+    pub fn tcp_mut(&mut self) -> &mut TcpStream {
+        &mut self.tcp
+    }
+
+    /// Whether no bytes were read ahead (past a PROXY header): the socket shows the first.
+    pub fn nothing_read_ahead(&self) -> bool {
+        self.pre.is_empty()
+    }
+
     /// Reads the connection's PROXY protocol header: the client's address, or `None` for the
     /// proxy's own connections. What came after the header is read next.
     pub async fn read_proxy_header(&mut self) -> Result<Option<IpAddr>, ProxyHeaderError> {

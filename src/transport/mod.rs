@@ -8,6 +8,7 @@ pub mod api;
 pub mod demo;
 pub mod http;
 pub mod io;
+pub mod landing;
 pub mod sse;
 pub mod ws;
 

@@ -19,16 +19,23 @@ use super::http::{error, Body};
 use super::ShardContext;
 use crate::engine::hub::{ConnId, Subscriber};
 use crate::engine::outbox::{Outbox, OutboxState, NO_SLOT};
+use crate::engine::presence::{Identity, Liveness};
+use crate::engine::Join;
 use crate::protocol::{sse, ENC_SSE};
 use crate::types::{ChannelName, StreamPosition};
+use std::sync::Arc;
 
 /// Answers `GET /sse?channel=…`.
 pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> {
     let cfg = ctx.config().clone();
     let mut channels: Vec<ChannelName> = Vec::new();
     let mut last_event_id: Option<String> = None;
+    let mut ask = PresenceAsk::default();
     for (k, v) in form_pairs(req.uri().query().unwrap_or("")) {
         match k.as_str() {
+            "presence" => ask.join = !matches!(v.as_str(), "0" | "false" | "no"),
+            "presence_user" => ask.user = Some(v),
+            "presence_info" => ask.info = Some(v),
             "channel" => match ChannelName::new(&v) {
                 Ok(c) if !channels.contains(&c) => channels.push(c),
                 Ok(_) => {}
@@ -51,11 +58,16 @@ pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bod
         }
     }
     if channels.is_empty() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "give at least one ?channel=",
-        );
+        // A cursor holds positions, not names: a resume repeats the channels.
+        let message = match last_event_id {
+            Some(_) => {
+                "give at least one ?channel=: a Last-Event-ID cursor holds one epoch:seq per \
+                 channel, not the channels, so a resume repeats the same ?channel= parameters \
+                 in the same order"
+            }
+            None => "give at least one ?channel=",
+        };
+        return error(StatusCode::BAD_REQUEST, "bad_request", message);
     }
     let auth = match super::ws::connection_auth(&ctx, &req) {
         Ok(a) => a,
@@ -74,6 +86,12 @@ pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bod
             "forbidden",
             &format!("no subscribe permission on {ch}"),
         );
+    }
+    if let Err((status, code, message)) = ask.check(&ctx, &auth) {
+        if status == StatusCode::FORBIDDEN {
+            crate::limits::refused(crate::limits::Cause::Forbidden, "sse presence claim");
+        }
+        return error(status, code, message);
     }
     let slot = match super::http::stream_slot(&ctx, &req) {
         Ok(s) => s,
@@ -118,6 +136,7 @@ pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bod
     let id = ctx.next_conn_id();
     let outbox = ctx.new_outbox();
     let now = Instant::now();
+    let member = ask.identity(&ctx, &auth, id, now);
     let mut head = BytesMut::new();
     head.put_slice(&sse::retry(cfg.sse_retry.as_millis()));
     let mut gaps = BytesMut::new();
@@ -131,24 +150,46 @@ pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bod
                 _ => None,
             };
             let sub = Subscriber::new(outbox.clone(), ENC_SSE, i as u16);
-            // SSE subscribers receive presence events but are not members: they cannot send
-            // heartbeats. Without a join, only an overloaded node refuses.
-            let s = match hub.subscribe(id, ch, from, None, sub, now) {
+            // A stream is a presence member only when it asks (`?presence=1`): its liveness is
+            // the stream itself (see `SseBody::member`).
+            let join = match &member {
+                Some((who, live)) if ctx.node.engine.has_presence(ch) => Some(Join {
+                    who: who.clone(),
+                    live: live.clone(),
+                }),
+                _ => None,
+            };
+            let s = match hub.subscribe(id, ch, from, join, sub, now) {
                 Ok(s) => s,
                 Err(e) => {
+                    let mut wake = 0;
                     for done in &channels[..i] {
-                        hub.unsubscribe(id, done, now);
+                        if let (Some(c), Some((who, _))) = (hub.unsubscribe(id, done, now), &member)
+                        {
+                            wake |= ctx.node.engine.leave_presence(&c, &who.client);
+                        }
                     }
-                    if let crate::engine::SubscribeError::Overloaded(o) = e {
-                        crate::limits::refused(super::overload_cause(o), "sse subscribe");
-                    }
-                    return error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "overloaded",
-                        &e.to_string(),
-                    );
+                    ctx.node.wake(wake);
+                    use crate::engine::presence::PresenceError;
+                    use crate::engine::SubscribeError;
+                    let code = match e {
+                        SubscribeError::Presence(PresenceError::Full) => "presence_full",
+                        SubscribeError::Presence(PresenceError::InfoBudget) => {
+                            crate::limits::refused(
+                                crate::limits::Cause::PresenceInfo,
+                                "sse subscribe",
+                            );
+                            "overloaded"
+                        }
+                        SubscribeError::Overloaded(o) => {
+                            crate::limits::refused(super::overload_cause(o), "sse subscribe");
+                            "overloaded"
+                        }
+                    };
+                    return error(StatusCode::SERVICE_UNAVAILABLE, code, &e.to_string());
                 }
             };
+            ctx.node.wake(s.wake);
             let reason = match (cursor_fits, s.gap) {
                 (Some(false), _) => Some("bad_cursor"),
                 (_, Some(g)) => Some(g.as_str()),
@@ -184,7 +225,12 @@ pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bod
     m.sse_accepted.increment(1);
     m.sse_connections.increment(1.0);
     m.subscriptions.increment(channels.len() as f64);
-    let keepalive = tokio::time::sleep(cfg.sse_keepalive);
+    // A member's stream writes (and so marks itself alive) well within the presence timeout.
+    let keepalive_every = match member {
+        Some(_) => cfg.sse_keepalive.min(cfg.heartbeat_interval),
+        None => cfg.sse_keepalive,
+    };
+    let keepalive = tokio::time::sleep(keepalive_every);
     let body = SseBody {
         shutdown: Box::pin(ctx.node.shutdown.clone().cancelled_owned()),
         ctx,
@@ -194,8 +240,9 @@ pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bod
         outbox,
         head: Some(head.freeze()),
         keepalive: Box::pin(keepalive),
-        keepalive_every: cfg.sse_keepalive,
+        keepalive_every,
         retry: cfg.sse_retry,
+        member: member.map(|(who, live)| (who.client, live)),
         ended: false,
         _slot: slot,
         expires: auth
@@ -245,6 +292,108 @@ pub struct SseBody {
     _slot: Option<std::sync::Arc<crate::limits::IpGuard>>,
     /// The token's expiry: the stream ends then, with a `token_expired` event.
     expires: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Its presence client id and liveness, when the stream is a presence member. Every poll
+    /// marks it alive (the keep-alive polls at least every `min(--sse-keepalive,
+    /// --heartbeat-interval)`); dropping the stream leaves at once.
+    member: Option<(Arc<str>, Arc<Liveness>)>,
+}
+
+/// What a stream asked to be in presence: `?presence=1` (as the token's subject, or as a user
+/// of its own), `presence_user=` and `presence_info=` (a JSON object), as a WebSocket
+/// subscribe's `presence` claim.
+#[derive(Default)]
+struct PresenceAsk {
+    join: bool,
+    user: Option<String>,
+    info: Option<String>,
+}
+
+impl PresenceAsk {
+    fn claims(&self) -> bool {
+        self.user.is_some() || self.info.is_some()
+    }
+
+    /// Refuses a claim that a WebSocket subscribe could not make either: the status, code and
+    /// message of the answer.
+    fn check(
+        &self,
+        ctx: &ShardContext,
+        auth: &super::ws::ConnAuth,
+    ) -> Result<(), (StatusCode, &'static str, &'static str)> {
+        let refuse = |status, code, message| Err((status, code, message));
+        if !self.claims() {
+            return Ok(());
+        }
+        if ctx.node.auth.is_some() || auth.user.is_some() {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "presence identity comes from the token here (JWT auth is on): use ?presence=1",
+            );
+        }
+        if !ctx.config().client_presence() {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "presence identity comes from the server here (--client-presence false)",
+            );
+        }
+        if self
+            .user
+            .as_ref()
+            .is_some_and(|u| u.is_empty() || u.len() > crate::protocol::MAX_USER_LEN)
+        {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "presence_user must be 1 to 256 bytes",
+            );
+        }
+        let object = |i: &str| {
+            i.len() <= crate::protocol::MAX_INFO_LEN
+                && serde_json::from_str::<serde_json::Value>(i).is_ok_and(|v| v.is_object())
+        };
+        if self.info.as_deref().is_some_and(|i| !object(i)) {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "presence_info must be a JSON object of at most 4096 bytes",
+            );
+        }
+        Ok(())
+    }
+
+    /// The member this stream is, if it asked to be one (after [`PresenceAsk::check`]).
+    fn identity(
+        self,
+        ctx: &ShardContext,
+        auth: &super::ws::ConnAuth,
+        id: ConnId,
+        now: Instant,
+    ) -> Option<(Identity, Arc<Liveness>)> {
+        if !self.join && !self.claims() {
+            return None;
+        }
+        let client = ctx.node.engine.client_id(ctx.shard, id);
+        let live = Arc::new(Liveness::default());
+        live.touch(ctx.node.engine.millis(now));
+        let who = match &auth.user {
+            Some(user) => Identity {
+                client,
+                user: user.clone(),
+                info: auth.info.clone(),
+            },
+            None => Identity {
+                user: self.user.map_or_else(|| client.clone(), Arc::from),
+                info: self
+                    .info
+                    .as_deref()
+                    .map(crate::protocol::json::normalize_data),
+                client,
+            },
+        };
+        Some((who, live))
+    }
 }
 
 impl HttpBody for SseBody {
@@ -256,6 +405,9 @@ impl HttpBody for SseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
+        if let Some((_, live)) = &this.member {
+            live.touch(this.ctx.node.engine.millis(Instant::now()));
+        }
         if let Some(head) = this.head.take() {
             return Poll::Ready(Some(Ok(Frame::data(head))));
         }
@@ -334,9 +486,14 @@ impl Drop for SseBody {
         m.subscriptions.decrement(self.channels.len() as f64);
         let now = Instant::now();
         if let Ok(mut hub) = self.ctx.hub.try_borrow_mut() {
+            let mut wake = 0;
             for ch in &self.channels {
-                hub.unsubscribe(self.id, ch, now);
+                let left = hub.unsubscribe(self.id, ch, now);
+                if let (Some(c), Some((client, _))) = (left, &self.member) {
+                    wake |= self.ctx.node.engine.leave_presence(&c, client);
+                }
             }
+            self.ctx.node.wake(wake);
         } else {
             tracing::error!(
                 conn = self.id,

@@ -634,8 +634,18 @@ impl Session {
                 Verdict::Ok => {}
                 Verdict::Refuse => {
                     refused(Cause::RateLimited, "inbound message rate");
+                    // The id lets the client fail that command now instead of at its timeout.
+                    let id = match (&msg, self.wire) {
+                        (Message::Text(t), Wire::Json) => {
+                            json::parse_command(t.as_bytes()).map_or_else(|e| e.id, |r| r.id)
+                        }
+                        (Message::Binary(b), Wire::Binary) => {
+                            binary::decode_command(b).map_or_else(|e| e.id, |r| r.id)
+                        }
+                        _ => None,
+                    };
                     return self.reply(
-                        None,
+                        id,
                         &Event::Error {
                             code: "rate_limited",
                             message: "too many messages: slow down (--rate-limit)",

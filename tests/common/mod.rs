@@ -358,6 +358,37 @@ pub fn run_bin(args: &[&str], envs: &[(&str, &str)], timeout: Duration) -> Outpu
     }
 }
 
+/// Runs the binary with `args`, returns the first `n` lines it prints on stdout (fewer if it
+/// prints fewer within [`START_TIMEOUT`]), and kills it.
+pub fn first_stdout_lines(args: &[&str], n: usize) -> Vec<String> {
+    let mut child = base_command()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn relay binary");
+    let stdout = child.stdout.take().expect("child stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().take(n) {
+            let _ = tx.send(line.unwrap_or_default());
+        }
+    });
+    let deadline = std::time::Instant::now() + START_TIMEOUT;
+    let mut lines = Vec::new();
+    while lines.len() < n {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => lines.push(line),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    lines
+}
+
 /// A reqwest client for loopback API calls: no proxy, bounded per request.
 pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()

@@ -18,7 +18,11 @@
 export type TransportMode = "auto" | "ws" | "sse";
 /** The WebSocket sub-protocol: JSON text frames or the binary protocol. */
 export type WireProtocol = "json" | "binary";
-/** Connection state, as reported by the `state` event and `client.state`. */
+/**
+ * Connection state, as reported by the `state` event and `client.state`: `idle` before the first
+ * `connect()` (with `autoConnect: false`), `connecting`, `open`, `reconnecting`, and `closed`
+ * after `close()` or once it gave up (`backoff.maxAttempts`).
+ */
 export type ConnectionState = "idle" | "connecting" | "open" | "reconnecting" | "closed";
 /** The subset of the WHATWG WebSocket that the client uses (browsers, Node >= 22, `ws`). */
 export interface WebSocketLike {
@@ -208,7 +212,11 @@ export declare class RelayError extends Error {
 }
 /** Options of {@link RelayClient.subscribe}. */
 export interface SubscribeOptions {
-    /** Presence identity on a presence channel (WebSocket only). */
+    /**
+     * Presence identity on a presence channel. Over SSE the stream joins presence
+     * (`presence=1`, with `presence_user`/`presence_info` from the first subscription that has
+     * one): the stream is then a member of every presence channel it carries.
+     */
     presence?: {
         user?: string;
         info?: Record<string, unknown>;
@@ -311,6 +319,11 @@ export declare function epochFromBytes(b: Uint8Array): string;
 export declare function encodeBinary(cmd: Command): Uint8Array;
 /** Decodes a `relay.v1.bin` server frame. Throws {@link RelayError} `bad_frame` on a malformed one. */
 export declare function decodeBinary(frame: Uint8Array): ServerEvent;
+/**
+ * Why no transport can run here (`undefined`: one can): e.g. Node 20, which has neither a
+ * global `WebSocket` nor `EventSource`. Exported for tests.
+ */
+export declare function transportMissing(mode: TransportMode, hasWs: boolean, hasEs: boolean): string | undefined;
 /** Derives the `/ws`, `/sse` and API URLs from a base URL. */
 export declare function relayUrls(base: string, query?: Record<string, string>): {
     ws: string;
@@ -351,7 +364,11 @@ export declare class RelayClient {
     private heartbeatUnanswered;
     private sseReopen;
     private current;
+    /** Events emitted inside the constructor, delivered once listeners can be attached. */
+    private early?;
+    private constructing;
     constructor(options?: RelayOptions);
+    private flushEarly;
     /** Adds a listener; returns a function that removes it. */
     on<K extends keyof RelayEvents>(type: K, fn: Listener<K>): () => void;
     /** Removes a listener. */
@@ -379,6 +396,8 @@ export declare class RelayClient {
     private teardown;
     /** The transport went down: schedule the next attempt (or give up). */
     private down;
+    /** The transport is up: `open` once per change of state (an SSE stream reopened for a new
+     * channel list while open is no new `open`). */
     private opened;
     private openWs;
     private startHeartbeat;

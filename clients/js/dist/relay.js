@@ -268,6 +268,23 @@ function base64ToBytes(s) {
         out[i] = bin.charCodeAt(i);
     return out;
 }
+/**
+ * Why no transport can run here (`undefined`: one can): e.g. Node 20, which has neither a
+ * global `WebSocket` nor `EventSource`. Exported for tests.
+ */
+export function transportMissing(mode, hasWs, hasEs) {
+    const ws = "no WebSocket implementation here (Node 20 has none built in): pass one as options.WebSocket, " +
+        'e.g. `import { WebSocket } from "ws"` (npm install ws), or run on Node >= 22 or in a browser';
+    const es = "no EventSource implementation here (Node has none built in): pass one as options.EventSource " +
+        '(e.g. from the "eventsource" package), or use transport "ws"';
+    if (mode === "ws" && !hasWs)
+        return ws;
+    if (mode === "sse" && !hasEs)
+        return es;
+    if (mode === "auto" && !hasWs && !hasEs)
+        return ws;
+    return undefined;
+}
 /** Derives the `/ws`, `/sse` and API URLs from a base URL. */
 export function relayUrls(base, query = {}) {
     const http = base.replace(/^ws(s?):/i, "http$1:").replace(/\/+$/, "");
@@ -301,6 +318,9 @@ export class RelayClient {
         this.heartbeatUnanswered = false;
         this.sseReopen = false;
         this.current = "idle";
+        /** Events emitted inside the constructor, delivered once listeners can be attached. */
+        this.early = [];
+        this.constructing = true;
         const g = globalThis;
         const url = options.url ?? g.location?.origin;
         if (!url)
@@ -326,12 +346,22 @@ export class RelayClient {
                 maxAttempts: options.backoff?.maxAttempts ?? Infinity,
             },
         };
-        if (this.opts.transport === "ws" && !this.WS)
-            throw new RelayError("bad_request", "no WebSocket: pass options.WebSocket");
-        if (this.opts.transport === "sse" && !this.ES)
-            throw new RelayError("bad_request", "no EventSource: pass options.EventSource");
+        const missing = transportMissing(this.opts.transport, !!this.WS, !!this.ES);
+        if (missing)
+            throw new RelayError("unsupported", missing);
         if (this.opts.autoConnect)
             this.connect();
+        // Like WebSocket and EventSource: what happens while constructing (`state: connecting`,
+        // an SSE client's `open`) is delivered after the constructor returns, to the listeners
+        // attached right after it (and before any later event).
+        this.constructing = false;
+        queueMicrotask(() => this.flushEarly());
+    }
+    flushEarly() {
+        const early = this.early;
+        this.early = undefined;
+        for (const deliver of early ?? [])
+            deliver();
     }
     // --- events ---------------------------------------------------------------------------------
     /** Adds a listener; returns a function that removes it. */
@@ -364,6 +394,11 @@ export class RelayClient {
         });
     }
     emit(type, ev) {
+        if (this.constructing && this.early) {
+            this.early.push(() => this.emit(type, ev));
+            return;
+        }
+        this.flushEarly();
         const set = this.listeners.get(type);
         if (!set)
             return;
@@ -517,8 +552,12 @@ export class RelayClient {
                 this.open();
         }, delayMs);
     }
+    /** The transport is up: `open` once per change of state (an SSE stream reopened for a new
+     * channel list while open is no new `open`). */
     opened(transport) {
         this.attempt = 0;
+        if (this.current === "open")
+            return;
         this.setState("open");
         this.emit("open", { transport, protocol: transport === "sse" ? "sse" : this.wire });
     }
@@ -652,6 +691,15 @@ export class RelayClient {
         const known = channels.map((c) => this.position(c));
         if (known.some((p) => p))
             params.set("last_event_id", known.map((p) => (p ? `${p.epoch}:${p.seq}` : "0:0")).join(","));
+        // One stream, one presence identity: the first subscription's that has one.
+        const presence = [...this.subs.values()].find((s) => s.presence)?.presence;
+        if (presence) {
+            params.set("presence", "1");
+            if (presence.user !== undefined)
+                params.set("presence_user", presence.user);
+            if (presence.info !== undefined)
+                params.set("presence_info", JSON.stringify(presence.info));
+        }
         const url = this.urls.sse + (this.urls.sse.includes("?") ? "&" : "?") + params.toString();
         let es;
         try {

@@ -22,7 +22,11 @@
 export type TransportMode = "auto" | "ws" | "sse";
 /** The WebSocket sub-protocol: JSON text frames or the binary protocol. */
 export type WireProtocol = "json" | "binary";
-/** Connection state, as reported by the `state` event and `client.state`. */
+/**
+ * Connection state, as reported by the `state` event and `client.state`: `idle` before the first
+ * `connect()` (with `autoConnect: false`), `connecting`, `open`, `reconnecting`, and `closed`
+ * after `close()` or once it gave up (`backoff.maxAttempts`).
+ */
 export type ConnectionState = "idle" | "connecting" | "open" | "reconnecting" | "closed";
 
 /** The subset of the WHATWG WebSocket that the client uses (browsers, Node >= 22, `ws`). */
@@ -202,7 +206,11 @@ export class RelayError extends Error {
 
 /** Options of {@link RelayClient.subscribe}. */
 export interface SubscribeOptions {
-  /** Presence identity on a presence channel (WebSocket only). */
+  /**
+   * Presence identity on a presence channel. Over SSE the stream joins presence
+   * (`presence=1`, with `presence_user`/`presence_info` from the first subscription that has
+   * one): the stream is then a member of every presence channel it carries.
+   */
   presence?: { user?: string; info?: Record<string, unknown> };
   /** Resume from a position saved elsewhere (e.g. localStorage). */
   from?: Position;
@@ -476,6 +484,23 @@ function base64ToBytes(s: string): Uint8Array {
   return out;
 }
 
+/**
+ * Why no transport can run here (`undefined`: one can): e.g. Node 20, which has neither a
+ * global `WebSocket` nor `EventSource`. Exported for tests.
+ */
+export function transportMissing(mode: TransportMode, hasWs: boolean, hasEs: boolean): string | undefined {
+  const ws =
+    "no WebSocket implementation here (Node 20 has none built in): pass one as options.WebSocket, " +
+    'e.g. `import { WebSocket } from "ws"` (npm install ws), or run on Node >= 22 or in a browser';
+  const es =
+    "no EventSource implementation here (Node has none built in): pass one as options.EventSource " +
+    '(e.g. from the "eventsource" package), or use transport "ws"';
+  if (mode === "ws" && !hasWs) return ws;
+  if (mode === "sse" && !hasEs) return es;
+  if (mode === "auto" && !hasWs && !hasEs) return ws;
+  return undefined;
+}
+
 /** Derives the `/ws`, `/sse` and API URLs from a base URL. */
 export function relayUrls(base: string, query: Record<string, string> = {}): { ws: string; sse: string; http: string } {
   const http = base.replace(/^ws(s?):/i, "http$1:").replace(/\/+$/, "");
@@ -552,6 +577,9 @@ export class RelayClient {
   private heartbeatUnanswered = false;
   private sseReopen = false;
   private current: ConnectionState = "idle";
+  /** Events emitted inside the constructor, delivered once listeners can be attached. */
+  private early?: (() => void)[] = [];
+  private constructing = true;
 
   constructor(options: RelayOptions = {}) {
     const g = globalThis as unknown as {
@@ -583,9 +611,20 @@ export class RelayClient {
         maxAttempts: options.backoff?.maxAttempts ?? Infinity,
       },
     };
-    if (this.opts.transport === "ws" && !this.WS) throw new RelayError("bad_request", "no WebSocket: pass options.WebSocket");
-    if (this.opts.transport === "sse" && !this.ES) throw new RelayError("bad_request", "no EventSource: pass options.EventSource");
+    const missing = transportMissing(this.opts.transport, !!this.WS, !!this.ES);
+    if (missing) throw new RelayError("unsupported", missing);
     if (this.opts.autoConnect) this.connect();
+    // Like WebSocket and EventSource: what happens while constructing (`state: connecting`,
+    // an SSE client's `open`) is delivered after the constructor returns, to the listeners
+    // attached right after it (and before any later event).
+    this.constructing = false;
+    queueMicrotask(() => this.flushEarly());
+  }
+
+  private flushEarly(): void {
+    const early = this.early;
+    this.early = undefined;
+    for (const deliver of early ?? []) deliver();
   }
 
   // --- events ---------------------------------------------------------------------------------
@@ -618,6 +657,11 @@ export class RelayClient {
     });
   }
   private emit<K extends keyof RelayEvents>(type: K, ev: RelayEvents[K]): void {
+    if (this.constructing && this.early) {
+      this.early.push(() => this.emit(type, ev));
+      return;
+    }
+    this.flushEarly();
     const set = this.listeners.get(type);
     if (!set) return;
     for (const fn of [...set]) {
@@ -763,8 +807,11 @@ export class RelayClient {
     }, delayMs);
   }
 
+  /** The transport is up: `open` once per change of state (an SSE stream reopened for a new
+   * channel list while open is no new `open`). */
   private opened(transport: "ws" | "sse"): void {
     this.attempt = 0;
+    if (this.current === "open") return;
     this.setState("open");
     this.emit("open", { transport, protocol: transport === "sse" ? "sse" : this.wire });
   }
@@ -883,6 +930,13 @@ export class RelayClient {
     for (const c of channels) params.append("channel", c);
     const known = channels.map((c) => this.position(c));
     if (known.some((p) => p)) params.set("last_event_id", known.map((p) => (p ? `${p.epoch}:${p.seq}` : "0:0")).join(","));
+    // One stream, one presence identity: the first subscription's that has one.
+    const presence = [...this.subs.values()].find((s) => s.presence)?.presence;
+    if (presence) {
+      params.set("presence", "1");
+      if (presence.user !== undefined) params.set("presence_user", presence.user);
+      if (presence.info !== undefined) params.set("presence_info", JSON.stringify(presence.info));
+    }
     const url = this.urls.sse + (this.urls.sse.includes("?") ? "&" : "?") + params.toString();
     let es: EventSourceLike;
     try {

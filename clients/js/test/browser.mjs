@@ -258,6 +258,39 @@ await step("auto: falls back to SSE where WebSocket is blocked", async () => {
   await received("auto", "t:auto", 1);
 });
 
+await step("demo page over SSE: live status, each tab in the other's list, cursors, no console errors", async () => {
+  const errors = [];
+  const open = async (query) => {
+    const p = await context.newPage();
+    p.on("console", (m) => m.type() === "error" && errors.push(`${query}: ${m.text()}`));
+    p.on("pageerror", (e) => errors.push(`${query}: ${e}`));
+    await p.goto(`http://${relay.addr}/${query}`);
+    return p;
+  };
+  const sseTab = await open("?transport=sse&name=Sse%20Tab");
+  const wsTab = await open("?transport=ws&name=Ws%20Tab");
+  try {
+    const status = (p, text) =>
+      p.waitForFunction((t) => document.getElementById("status-text").textContent === t, text, { timeout: STEP_MS, polling: 50 });
+    await status(sseTab, "live · sse");
+    await status(wsTab, "live · ws");
+    const listed = (p, name) =>
+      p.waitForFunction((n) => [...document.querySelectorAll("#people li")].some((li) => li.textContent.includes(n)), name, {
+        timeout: STEP_MS,
+        polling: 50,
+      });
+    await listed(wsTab, "Sse Tab");
+    await listed(sseTab, "Ws Tab");
+    // The SSE tab's cursor shows up in the WebSocket tab (published over the HTTP API).
+    for (let i = 0; i < 5; i++) await sseTab.mouse.move(200 + 20 * i, 200 + 10 * i);
+    await wsTab.waitForFunction(() => document.querySelector(".cursor span")?.textContent === "Sse Tab", null, { timeout: STEP_MS, polling: 50 });
+    check(errors.length === 0, `console errors:\n${errors.join("\n")}`);
+  } finally {
+    await sseTab.close();
+    await wsTab.close();
+  }
+});
+
 await step("relay restarted mid-stream: 1012, reconnect, recovered:false surfaced, messages keep coming", async () => {
   const before = (await seqs("ws", "t:main")).length;
   const beforeSse = (await seqs("sse", "t:sse")).length;

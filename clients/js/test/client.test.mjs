@@ -441,3 +441,72 @@ test("auto: falls back to SSE after WebSocket failures; reopening carries the cu
   assert.equal(u.searchParams.get("last_event_id"), "e:4,0:0");
   c.close();
 });
+
+test("state events of the constructor reach listeners attached right after it (the SSE demo)", async () => {
+  FakeES.instances = [];
+  const c = new RelayClient({ url: "http://relay.test:8080", transport: "sse", EventSource: FakeES, heartbeatIntervalMs: 0 });
+  const states = [];
+  const opens = [];
+  c.on("state", (s) => states.push(s.state));
+  c.on("open", (o) => opens.push(o.transport));
+  const sub = c.subscribe("presence:demo", { presence: { user: "u1", info: { name: "A" } } });
+  await until(() => FakeES.instances.length === 1, "the event stream");
+  assert.deepEqual(states, ["connecting", "open"]);
+  // The stream joins presence with the subscription's identity.
+  const u = new URL(FakeES.instances[0].url);
+  assert.deepEqual(u.searchParams.getAll("channel"), ["presence:demo"]);
+  assert.deepEqual(
+    ["presence", "presence_user", "presence_info"].map((k) => u.searchParams.get(k)),
+    ["1", "u1", '{"name":"A"}'],
+  );
+  const es = FakeES.instances[0];
+  es.readyState = 1;
+  es.onopen({});
+  es.emit("subscribed", { channels: [{ channel: "presence:demo", epoch: "e", seq: 0, recovered: false }] });
+  await sub;
+  assert.equal(c.state, "open");
+  // The stream breaks and the browser reconnects it: reconnecting, then open (and `open`) again.
+  es.readyState = 0;
+  es.onerror({});
+  es.readyState = 1;
+  es.onopen({});
+  assert.deepEqual(states, ["connecting", "open", "reconnecting", "open"]);
+  assert.deepEqual(opens, ["sse", "sse"]);
+  c.close();
+});
+
+test("a client that does not connect yet is idle; connect() starts it", async () => {
+  reset();
+  const c = client({ autoConnect: false });
+  assert.equal(c.state, "idle");
+  assert.equal(FakeWS.instances.length, 0);
+  const states = [];
+  c.on("state", (s) => states.push(s.state));
+  c.connect();
+  latest().accept();
+  assert.deepEqual(states, ["connecting", "open"]);
+  c.close();
+});
+
+test("no WebSocket and no EventSource (Node 20): the constructor says what to pass", () => {
+  const saved = { WebSocket: globalThis.WebSocket, EventSource: globalThis.EventSource };
+  delete globalThis.WebSocket;
+  delete globalThis.EventSource;
+  try {
+    for (const transport of ["auto", "ws"]) {
+      assert.throws(
+        () => new RelayClient({ url: "http://relay.test", transport }),
+        (e) => e instanceof RelayError && e.code === "unsupported" && /options\.WebSocket/.test(e.message) && /npm install ws/.test(e.message),
+        transport,
+      );
+    }
+    assert.throws(
+      () => new RelayClient({ url: "http://relay.test", transport: "sse" }),
+      (e) => e instanceof RelayError && e.code === "unsupported" && /options\.EventSource/.test(e.message),
+    );
+    // Given one, it runs.
+    new RelayClient({ url: "http://relay.test", WebSocket: FakeWS, autoConnect: false }).close();
+  } finally {
+    for (const [k, v] of Object.entries(saved)) if (v !== undefined) globalThis[k] = v;
+  }
+});
