@@ -211,8 +211,6 @@ pub struct Subscribed {
     pub presence: bool,
     /// Shards to wake for the join event.
     pub wake: ShardMask,
-    /// Whether this is the channel's only subscriber on this node (it had none before).
-    pub first_on_node: bool,
     /// The channel's generation (see [`Engine::reset`]) at `position`.
     pub generation: u64,
 }
@@ -507,7 +505,6 @@ impl Engine {
                 (Some(p), Some(j)) => p.join(j.who, j.live, top, self.cfg.presence.max_members)?,
                 _ => false,
             };
-            let first_on_node = st.shard_subs.iter().all(|&n| n == 0);
             st.shard_subs[shard] += 1;
             st.interest |= 1 << shard;
             // After the interest update, so that this shard pulls its own join event too.
@@ -537,7 +534,6 @@ impl Engine {
                     pseq,
                     presence: st.presence.is_some(),
                     wake,
-                    first_on_node,
                     generation: st.generation,
                 },
                 ch.clone(),
@@ -1191,7 +1187,7 @@ mod tests {
         let epoch = Epoch(0x1234 | 1 << 60);
         e.reset(&ch("a"), epoch, 0, Vec::new(), now);
         let s = e.subscribe(1, &ch("a"), None, None, now).unwrap();
-        assert!(s.first_on_node);
+        assert_eq!(e.local_subscribers(&ch("a")), 1);
         assert_eq!(s.position, StreamPosition { epoch, seq: 0 });
         let data = || Bytes::from_static(b"x");
         assert_eq!(
@@ -1228,7 +1224,8 @@ mod tests {
                 now,
             )
             .unwrap();
-        assert!(r.recovered && !r.first_on_node);
+        assert!(r.recovered);
+        assert_eq!(e.local_subscribers(&ch("a")), 2);
         assert_eq!(r.replay.iter().map(|p| p.seq).collect::<Vec<_>>(), [2]);
         assert!(!e.unsubscribe(0, &r.channel, now));
         assert!(
