@@ -195,7 +195,7 @@ pub struct Settings {
     pub history_size: usize,
     /// How long a message stays in history.
     pub history_ttl: std::time::Duration,
-    /// This node's id (logs).
+    /// This node's id (logs, and the owner of its presence records in the store).
     pub node_id: String,
     /// Seeds epoch candidates and jitter.
     pub seed: u64,
