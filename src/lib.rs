@@ -3,7 +3,7 @@
 //! # Layout
 //! - [`types`]: leaf values (channel names, epochs, positions).
 //! - [`backplane`]: where sequencing happens when several nodes serve the same channels
-//!   (memory, Redis).
+//!   (memory; Redis and NATS through one replica layer).
 //! - [`engine`]: sans-IO sequencing, history and fan-out bookkeeping (shared channel table +
 //!   per-shard hub + bounded outboxes).
 //! - [`protocol`]: sans-IO wire codecs: WebSocket framing, JSON commands and events, SSE.

@@ -24,10 +24,6 @@ impl MemoryBackplane {
 }
 
 impl Backplane for MemoryBackplane {
-    fn kind(&self) -> &'static str {
-        "memory"
-    }
-
     fn publish(
         &self,
         channel: &ChannelName,
@@ -47,8 +43,6 @@ impl Backplane for MemoryBackplane {
     fn join(&self, _channel: &ChannelName) -> Option<BoxFuture<Result<(), BackplaneError>>> {
         None
     }
-
-    fn leave(&self, _channel: &ChannelName) {}
 
     fn history(
         &self,

@@ -9,10 +9,13 @@
 //! cannot be brought up to date message by message.
 //!
 //! - [`memory::MemoryBackplane`]: one node, the engine is the sequencer (the default).
-//! - [`redis::RedisBackplane`]: Redis (one Lua script per publish; pub/sub fan-out; streams as
-//!   history). See `docs/ARCHITECTURE.md`, section *Backplane*.
-//! - [`nats::NatsBackplane`]: NATS (JetStream stream with optimistic concurrency for the seq
-//!   and history; core NATS republish for fan-out).
+//! - [`replica::Replica`]: the backplane of every remote store. It keeps the engine in step
+//!   with the store (join, ingest, resync, maintenance, presence mirroring) and asks a
+//!   [`replica::Remote`] for what only the store knows how to do:
+//!   - [`redis`]: Redis (one Lua script per publish; pub/sub fan-out; streams as history).
+//!     See `docs/ARCHITECTURE.md`, section *Backplane*.
+//!   - [`nats`]: NATS (JetStream stream with optimistic concurrency for the seq and history;
+//!     core NATS republish for fan-out).
 //!
 //! [`Engine::ingest`]: crate::engine::Engine::ingest
 //! [`Engine::reset`]: crate::engine::Engine::reset
@@ -21,16 +24,18 @@ pub mod memory;
 pub mod nats;
 pub mod presence;
 pub mod redis;
+pub mod replica;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::engine::{mask_iter, History, ShardMask};
+use crate::engine::{mask_iter, mix_public, History, ShardMask};
 use crate::types::{ChannelName, DataKind, Epoch};
 
 /// A boxed, sendable future (what trait objects can return).
@@ -56,9 +61,6 @@ pub enum BackplaneError {
 /// future that needs no I/O is ready at its first poll (transports rely on this to answer
 /// inline in memory mode).
 pub trait Backplane: Send + Sync {
-    /// `memory`, `redis` or `nats`.
-    fn kind(&self) -> &'static str;
-
     /// Sequences one message: returns its channel's epoch and its seq. Local fan-out follows
     /// (at once in memory mode; when the message comes back from the backplane otherwise).
     fn publish(
@@ -70,12 +72,9 @@ pub trait Backplane: Send + Sync {
 
     /// Called before a subscriber is added on this node. `None` when the local channel is
     /// already in sync (subscribe at once); otherwise a future that completes once this node
-    /// receives the channel and its local state matches the backplane's.
+    /// receives the channel and its local state matches the backplane's. The backplane stops
+    /// receiving a channel by itself once it has had no local subscriber for a grace period.
     fn join(&self, channel: &ChannelName) -> Option<BoxFuture<Result<(), BackplaneError>>>;
-
-    /// Called when the last local subscriber of `channel` left. The backplane may stop
-    /// receiving the channel (at once or after a grace period).
-    fn leave(&self, channel: &ChannelName);
 
     /// Reads history after `since`, at most `limit`.
     fn history(
@@ -121,6 +120,36 @@ pub fn wall_ms() -> u64 {
 pub fn instant_of(ms: u64, now: Instant, now_ms: u64) -> Instant {
     let age = Duration::from_millis(now_ms.saturating_sub(ms));
     now.checked_sub(age).unwrap_or(now)
+}
+
+/// Jitter and epoch candidates of one node (seeded splitmix64: spread, never secrecy).
+pub struct Seeds {
+    seed: u64,
+    n: AtomicU64,
+}
+
+impl Seeds {
+    /// Numbers drawn from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            n: AtomicU64::new(0),
+        }
+    }
+
+    /// A number for jitter (mixed with the wall clock, so that restarted nodes differ).
+    pub fn random(&self) -> u64 {
+        mix_public(
+            self.seed ^ wall_ms(),
+            self.n.fetch_add(1, Ordering::Relaxed),
+        )
+    }
+
+    /// An epoch for a channel that has none in the store yet (bit 60 set: never 0, and the
+    /// same width whatever the draw).
+    pub fn epoch(&self) -> Epoch {
+        Epoch(mix_public(self.seed, self.n.fetch_add(1, Ordering::Relaxed)) | 1 << 60)
+    }
 }
 
 /// Full-jitter exponential backoff: a random delay in `[0, min(cap, base * 2^attempt)]`.
@@ -169,7 +198,7 @@ pub struct Settings {
     pub history_size: usize,
     /// How long a message stays in history.
     pub history_ttl: std::time::Duration,
-    /// This node's id (logs).
+    /// This node's id (logs, and the owner of its presence records in the store).
     pub node_id: String,
     /// Seeds epoch candidates and jitter.
     pub seed: u64,

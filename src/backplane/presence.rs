@@ -22,6 +22,9 @@ use crate::types::ChannelName;
 /// One change to write: `+` joined here, `-` left here, `~` still here (refresh).
 pub type PresenceOp = (&'static str, Identity);
 
+/// Members a store lists for a channel: client → (node, identity, expiry in wall-clock ms).
+pub type Members = HashMap<Arc<str>, (String, Identity, u64)>;
+
 /// How often members are refreshed and read back, for a presence timeout.
 pub fn every(timeout: Duration) -> Duration {
     (timeout / 4).max(Duration::from_millis(250))
@@ -172,7 +175,7 @@ impl Mirror {
         engine: &Engine,
         name: &ChannelName,
         me: &str,
-        members: HashMap<Arc<str>, (String, Identity, u64)>,
+        members: Members,
         timeout: Duration,
         now: Instant,
         now_ms: u64,

@@ -347,8 +347,6 @@ pub struct Subscribed {
     pub presence: bool,
     /// Shards to wake for the join event.
     pub wake: ShardMask,
-    /// Whether this is the channel's only subscriber on this node (it had none before).
-    pub first_on_node: bool,
     /// The channel's generation (see [`Engine::reset`]) at `position`.
     pub generation: u64,
 }
@@ -990,7 +988,6 @@ impl Engine {
                     pseq,
                     presence: st.presence.is_some(),
                     wake,
-                    first_on_node,
                     generation: st.generation,
                 },
                 ch.clone(),
@@ -1946,7 +1943,7 @@ mod tests {
         let epoch = Epoch(0x1234 | 1 << 60);
         e.reset(&ch("a"), epoch, 0, Vec::new(), now);
         let s = e.subscribe(1, &ch("a"), None, None, now).unwrap();
-        assert!(s.first_on_node);
+        assert_eq!(e.local_subscribers(&ch("a")), 1);
         assert_eq!(s.position, StreamPosition { epoch, seq: 0 });
         let data = || Bytes::from_static(b"x");
         assert_eq!(
@@ -1983,7 +1980,8 @@ mod tests {
                 now,
             )
             .unwrap();
-        assert!(r.recovered && !r.first_on_node);
+        assert!(r.recovered);
+        assert_eq!(e.local_subscribers(&ch("a")), 2);
         assert_eq!(replay(&r), [2]);
         assert!(!e.unsubscribe(0, &r.channel, now));
         assert!(

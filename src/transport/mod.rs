@@ -223,7 +223,7 @@ impl Node {
             BackplaneKind::Memory => Ok(()),
             BackplaneKind::Redis => {
                 let settings = self.backplane_settings(&self.config.redis_url, seed);
-                self.backplane = crate::backplane::redis::RedisBackplane::start(
+                self.backplane = crate::backplane::redis::start(
                     settings,
                     self.engine.clone(),
                     crate::backplane::Wakers(self.wakers.clone()),
@@ -233,7 +233,7 @@ impl Node {
             }
             BackplaneKind::Nats => {
                 let settings = self.backplane_settings(&self.config.nats_url, seed);
-                self.backplane = crate::backplane::nats::NatsBackplane::start(
+                self.backplane = crate::backplane::nats::start(
                     settings,
                     self.engine.clone(),
                     crate::backplane::Wakers(self.wakers.clone()),

@@ -141,22 +141,26 @@ impl Server {
         }
     }
 
+    /// The server's URL (`redis://…` or `nats://…`, loopback).
+    pub fn url(&self) -> String {
+        match self.kind {
+            Kind::Redis => format!("redis://127.0.0.1:{}", self.port),
+            Kind::Nats => format!("nats://127.0.0.1:{}", self.port),
+        }
+    }
+
     /// The relay flags that point a node at this server.
     pub fn flags(&self) -> Vec<String> {
-        match self.kind {
-            Kind::Redis => vec![
-                "--backplane".into(),
-                "redis".into(),
-                "--redis-url".into(),
-                format!("redis://127.0.0.1:{}", self.port),
-            ],
-            Kind::Nats => vec![
-                "--backplane".into(),
-                "nats".into(),
-                "--nats-url".into(),
-                format!("nats://127.0.0.1:{}", self.port),
-            ],
-        }
+        let (backplane, flag) = match self.kind {
+            Kind::Redis => ("redis", "--redis-url"),
+            Kind::Nats => ("nats", "--nats-url"),
+        };
+        vec![
+            "--backplane".into(),
+            backplane.into(),
+            flag.into(),
+            self.url(),
+        ]
     }
 
     /// SIGKILL. Redis has no persistence (it comes back empty); NATS keeps its JetStream
