@@ -277,8 +277,8 @@ async fn plain_http_to_the_tls_port_gets_an_answer() {
     assert!(answer.contains("use https://"), "{answer:?}");
 }
 
-/// Every error code the server can send, from the source: `code: "…"`, `error(…, "…")` and
-/// the binary decoder's codes.
+/// Every error code the server can send, from the source: `code: "…"`, `error(…, "…")`, the
+/// arms of a `let code = match` and the binary decoder's codes.
 fn codes_in_source() -> std::collections::BTreeSet<String> {
     let mut codes = std::collections::BTreeSet::new();
     let mut files = vec![];
@@ -298,6 +298,12 @@ fn codes_in_source() -> std::collections::BTreeSet<String> {
         // Unit tests name codes too; only the code before them counts.
         let text = text.split("#[cfg(test)]").next().unwrap();
         let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let single = ["forbidden", "unauthorized", "unavailable", "overloaded"];
+        let is_code = |c: &str| {
+            !c.is_empty()
+                && c.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                && (c.contains('_') || single.contains(&c))
+        };
         let mut grab = |marker: &str| {
             for part in flat.split(marker).skip(1) {
                 let Some(rest) = part.strip_prefix('"') else {
@@ -308,8 +314,7 @@ fn codes_in_source() -> std::collections::BTreeSet<String> {
                     .take_while(|c| c.is_ascii_lowercase() || *c == '_')
                     .collect();
                 let whole = rest[code.len()..].starts_with('"');
-                let single = ["forbidden", "unauthorized", "unavailable"];
-                if whole && (code.contains('_') || single.contains(&code.as_str())) {
+                if whole && is_code(&code) {
                     codes.insert(code);
                 }
             }
@@ -324,12 +329,24 @@ fn codes_in_source() -> std::collections::BTreeSet<String> {
             "SERVICE_UNAVAILABLE",
             "TOO_MANY_REQUESTS",
             "CONFLICT",
+            "REQUEST_TIMEOUT",
         ] {
             grab(&format!("StatusCode::{status}, "));
         }
         grab("code: ");
         grab("error(");
         grab("err(");
+        // Codes chosen by a match: `let code = match … { … => "presence_full", … };`.
+        if f.to_string_lossy().contains("/transport/") {
+            for block in flat.split("let code = match").skip(1) {
+                let block = block.split("};").next().unwrap_or("");
+                for literal in block.split('"').skip(1).step_by(2) {
+                    if is_code(literal) {
+                        codes.insert(literal.to_owned());
+                    }
+                }
+            }
+        }
         if f.ends_with("binary.rs") {
             let body = flat.split("pub fn code(&self)").nth(1).unwrap_or("");
             let body = body.split("impl From").next().unwrap_or("");
@@ -352,6 +369,7 @@ fn every_error_code_the_server_sends_is_documented() {
         "backplane_unavailable",
         "bad_frame",
         "presence_full",
+        "overloaded",
     ] {
         assert!(codes.contains(known), "the scan missed {known}: {codes:?}");
     }
