@@ -693,7 +693,15 @@ async fn accept_errors_are_logged_once_per_cause_per_interval() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let failures = metric(&text, "relay_accept_errors_total{cause=\"emfile\"}");
-    assert!(failures >= 5, "accept failures counted: {failures}\n{text}");
+    if failures < 5 {
+        let _ = child.kill();
+        let output = child.wait_with_output().unwrap();
+        panic!(
+            "accept failures counted: {failures}\n{text}\nserver: {:?}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
     let _ = child.kill();
     let output = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&output.stderr);
@@ -702,4 +710,22 @@ async fn accept_errors_are_logged_once_per_cause_per_interval() {
         logged, 1,
         "{failures} failures, logged {logged} times:\n{err}"
     );
+}
+
+/// A node without the descriptors for every shard's runtime refuses to start (exit 1, a line
+/// saying why) instead of serving on some shards while the kernel hands connections to the
+/// listeners of the others.
+#[tokio::test]
+async fn a_node_short_of_descriptors_refuses_to_start() {
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 14 && exec \"$0\" serve --listen 127.0.0.1:0 --shards 2")
+        .arg(BIN)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "stdout {out}\nstderr {err}");
+    assert!(!out.contains("listening on"), "{out}");
+    assert!(err.contains("Too many open files"), "{err}");
 }

@@ -56,14 +56,21 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
     let node = Arc::new(node);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let pin = shards <= cores.len();
+    // Every shard's runtime (its epoll and timer descriptors) exists before any shard serves:
+    // a node short of file descriptors fails to start instead of serving on some shards while
+    // the kernel keeps sending connections to the listeners of the others.
+    let runtimes = (0..shards)
+        .map(|_| shard::runtime())
+        .collect::<Result<Vec<_>, _>>()
+        .inspect_err(|_| node.shutdown.cancel())?;
     let mut threads = Vec::with_capacity(shards);
-    for (i, l) in listeners.into_iter().enumerate() {
+    for (i, (l, rt)) in listeners.into_iter().zip(runtimes).enumerate() {
         let node = node.clone();
         let core = if pin { cores.get(i).copied() } else { None };
         threads.push(
             std::thread::Builder::new()
                 .name(format!("relay-shard-{i}"))
-                .spawn(move || shard::run(node, i, l, core))?,
+                .spawn(move || shard::run(node, i, l, rt, core))?,
         );
     }
     Ok(ServerHandle {

@@ -23,27 +23,24 @@ use crate::limits::{refused, Cause};
 use crate::transport::io::TimedIo;
 use crate::transport::{http, Node, Peer, ShardContext};
 
-/// Runs shard `index` until shutdown completes.
+/// A shard's runtime: built by [`super::start`] before any shard serves.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// Runs shard `index` on `rt` until shutdown completes.
 pub fn run(
     node: Arc<Node>,
     index: usize,
     listener: StdListener,
+    rt: tokio::runtime::Runtime,
     core: Option<core_affinity::CoreId>,
 ) {
     if let Some(core) = core {
         core_affinity::set_for_current(core);
     }
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(shard = index, error = %e, "cannot start the shard's runtime");
-            node.shutdown.cancel();
-            return;
-        }
-    };
     let local = LocalSet::new();
     local.block_on(&rt, serve(node, index, listener));
 }
