@@ -110,6 +110,12 @@ async fn serve(node: Arc<Node>, index: usize, listener: StdListener) {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
+                    // Bytes the kernel holds for a client that reads nothing (an answer already
+                    // handed to the socket, which no write of ours waits on) are bounded by the
+                    // write timeout too: the kernel resets a connection whose data stays
+                    // unacknowledged, zero-window probes included, for that long.
+                    let _ = socket2::SockRef::from(&stream)
+                        .set_tcp_user_timeout(Some(node.config.write_timeout));
                     if node.config.proxy_protocol {
                         // The client is known once the PROXY header is read.
                         tracker.spawn_local(serve_proxied(ctx.clone(), stream, peer.ip()));
