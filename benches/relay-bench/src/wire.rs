@@ -216,6 +216,7 @@ pub struct Finders {
     p: memmem::Finder<'static>,
     s: memmem::Finder<'static>,
     id: memmem::Finder<'static>,
+    epoch: memmem::Finder<'static>,
 }
 
 impl Default for Finders {
@@ -226,6 +227,7 @@ impl Default for Finders {
             p: memmem::Finder::new(b",\"p\":"),
             s: memmem::Finder::new(b",\"s\":"),
             id: memmem::Finder::new(b"\"id\":"),
+            epoch: memmem::Finder::new(b"\"epoch\":\""),
         }
     }
 }
@@ -280,6 +282,13 @@ impl Finders {
     pub fn id(&self, msg: &[u8]) -> Option<u64> {
         let i = self.id.find(msg)? + 5;
         digits(&msg[i..]).map(|(v, _)| v)
+    }
+
+    /// The text of the first `"epoch":"…"` string.
+    pub fn epoch<'a>(&self, msg: &'a [u8]) -> Option<&'a [u8]> {
+        let i = self.epoch.find(msg)? + 9;
+        let n = memchr::memchr(b'"', &msg[i..])?;
+        Some(&msg[i..i + n])
     }
 
     /// The server seq and relay-bench's stamp of a `message` frame or event data. Fast path for
@@ -475,6 +484,11 @@ mod tests {
             Some(Stamp { t: 5, p: 1, s: 2 })
         );
         assert_eq!(f.id(br#"{"type":"published","id":7,"seq":3}"#), Some(7));
+        assert_eq!(
+            f.epoch(br#"{"type":"subscribed","channel":"a","epoch":"9f2c","seq":4}"#),
+            Some(&b"9f2c"[..])
+        );
+        assert_eq!(f.epoch(br#"{"type":"subscribed","epoch":"9f2"#), None);
     }
 
     #[test]
