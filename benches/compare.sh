@@ -16,7 +16,7 @@
 # quiet machine (longer while it waits for other work to stop: see QUIET_WAIT and STEP_QUIET).
 #
 # Scenarios (SCENARIOS; default: all but soak and autocannon): max1k max10k sse steady cost
-# idle connect manych storm storm-redis, and soak (issue 11: relay only, SOAK_DURATION, default 5m)
+# idle connect connect-hold manych storm storm-redis, and soak (issue 11: relay only, SOAK_DURATION, default 5m)
 # and autocannon. See benches/RESULTS.md.
 # Environment: OUT (results folder, default target/compare/<time>), SCENARIOS, COMPARATORS
 # (default uws), UWS_BIN, NO_BUILD=1 (use the binaries already in target/release), RELAY_BIN,
@@ -36,7 +36,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-SCENARIOS=${SCENARIOS:-"max1k max10k sse steady cost idle connect manych storm storm-redis"}
+SCENARIOS=${SCENARIOS:-"max1k max10k sse steady cost idle connect connect-hold manych storm storm-redis"}
 COMPARATORS=${COMPARATORS:-"uws"}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
@@ -402,6 +402,9 @@ for s in $SCENARIOS; do
       connect)
         wait_timewait
         bench connect "$t" 120 connect --count 10000 --duration 60s --parallel 64 ;;
+      connect-hold)
+        wait_timewait
+        bench connect-hold "$t" 120 connect --count 10000 --duration 60s --parallel 64 --hold ;;
       cost)
         # The same fixed load for every server, with every server syscall counted by perf
         # (/proc/<pid>/io counts only the read/write family: not uWS's send/recv).
@@ -500,6 +503,9 @@ fmt() { awk -v a="$1" -v d="${2:-0}" 'BEGIN { if (a == "") print "-"; else print
   row idle '.open' 'connections held' 0 '19000'
   row connect '.per_sec' 'WebSocket handshakes/s (10,000)' 0 ''
   row connect '.bench_cpu' 'relay-bench CPU (cores)' 2 '< 0.9'
+  row connect-hold '.per_sec' '10,000 WebSocket subscribers arriving: handshake + subscribe/s, held open' 0 ''
+  row connect-hold '.p99_ms' 'connect → subscribed p99 ms' 2 ''
+  row connect-hold '.bench_cpu' 'relay-bench CPU (cores)' 2 '< 0.9'
   row manych '.best.rate' 'publishes/s at the best step (10,000 subs over 1,000 channels, p99 < 100 ms)' 0 ''
   row manych '.best.deliveries_per_sec' 'deliveries/s at the best step' 0 'relay ≥ 1.5× uWS'
   row manych '.best.p99_ms' 'p99 ms at the best step' 2 ''

@@ -226,6 +226,10 @@ struct ConnectArgs {
     /// Handshake loops running at once.
     #[arg(long, default_value_t = 64)]
     parallel: u32,
+    /// Subscribe after each handshake and keep the connection open (the rate at which a fleet
+    /// of subscribers can arrive), instead of closing it (at most 19,000: one process).
+    #[arg(long)]
+    hold: bool,
 }
 
 #[derive(Args, Clone)]
@@ -932,7 +936,18 @@ async fn run_connect(a: &ConnectArgs) -> Result<()> {
         Target::Node | Target::Uws => "/".to_string(),
         Target::Nchan => format!("/sub/{prefix}0"),
     };
+    if a.hold && a.count > 19_000 {
+        bail!("--hold keeps every connection open: at most 19,000 (--count)");
+    }
     let req = Rc::new(wire::upgrade_request(&c.addr.to_string(), &path));
+    let subscribe: Option<Rc<Vec<u8>>> = (a.hold && c.target != Target::Nchan).then(|| {
+        let mut f = Vec::new();
+        let cmd = format!(r#"{{"type":"subscribe","channel":"{prefix}0"}}"#);
+        wire::client_frame(wire::OP_TEXT, cmd.as_bytes(), &mut f);
+        Rc::new(f)
+    });
+    let held: Rc<RefCell<Vec<tokio::net::TcpStream>>> = Rc::new(RefCell::new(Vec::new()));
+    let hold = a.hold;
     let counter = Rc::new(Cell::new(0u64));
     let ok = Rc::new(Cell::new(0u64));
     let failed = Rc::new(Cell::new(0u64));
@@ -953,6 +968,7 @@ async fn run_connect(a: &ConnectArgs) -> Result<()> {
             first_err.clone(),
             hist.clone(),
         );
+        let (subscribe, held) = (subscribe.clone(), held.clone());
         let (addr, src_ips, count) = (c.addr, c.src_ips, a.count);
         tasks.push(tokio::task::spawn_local(async move {
             while Instant::now() < end && counter.get() < count {
@@ -960,15 +976,23 @@ async fn run_connect(a: &ConnectArgs) -> Result<()> {
                 counter.set(i + 1);
                 let r = tokio::time::timeout(
                     Duration::from_secs(5),
-                    handshake(addr, src_ips, i as u32, &req),
+                    handshake(
+                        addr,
+                        src_ips,
+                        i as u32,
+                        &req,
+                        hold,
+                        subscribe.as_deref().map(Vec::as_slice),
+                    ),
                 )
                 .await
                 .map_err(|_| anyhow!("timed out"))
                 .and_then(|r| r);
                 match r {
-                    Ok(us) => {
+                    Ok((us, stream)) => {
                         ok.set(ok.get() + 1);
                         hist.borrow_mut().saturating_record(us.max(1));
+                        held.borrow_mut().extend(stream);
                     }
                     Err(e) => {
                         failed.set(failed.get() + 1);
@@ -984,6 +1008,7 @@ async fn run_connect(a: &ConnectArgs) -> Result<()> {
         t.await?;
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let server_rss = procfs::rss_sum(&server);
     let server_cpu = server_cpu.cores();
     let self_cpu = self_cpu.cores();
     let other_cpu = machine
@@ -992,10 +1017,15 @@ async fn run_connect(a: &ConnectArgs) -> Result<()> {
     let h = hist.borrow();
     let rate = ok.get() as f64 / elapsed;
     println!(
-        "{:?}: {} handshakes in {:.2} s = {}/s ({} failed{}); upgrade latency p50 {:.2} p99 {:.2} \
+        "{:?}: {} handshakes{} in {:.2} s = {}/s ({} failed{}); {} latency p50 {:.2} p99 {:.2} \
          max {:.2} ms; server cpu {}, bench cpu {}, other {}{}",
         c.target,
         ok.get(),
+        if hold {
+            " + subscribes, held open"
+        } else {
+            " + close handshakes"
+        },
         elapsed,
         human(rate),
         failed.get(),
@@ -1003,6 +1033,7 @@ async fn run_connect(a: &ConnectArgs) -> Result<()> {
             .borrow()
             .as_ref()
             .map_or(String::new(), |e| format!(", first: {e}")),
+        if hold { "subscribed" } else { "upgrade" },
         ms(h.value_at_quantile(0.5)),
         ms(h.value_at_quantile(0.99)),
         ms(h.max()),
@@ -1017,7 +1048,8 @@ async fn run_connect(a: &ConnectArgs) -> Result<()> {
     );
     if c.json {
         let out = json!({
-            "scenario": "connect", "target": c.target, "ok": ok.get(), "failed": failed.get(),
+            "scenario": "connect", "target": c.target, "hold": hold, "server_rss": server_rss,
+            "ok": ok.get(), "failed": failed.get(),
             "secs": elapsed, "per_sec": rate, "p50_ms": ms(h.value_at_quantile(0.5)),
             "p99_ms": ms(h.value_at_quantile(0.99)), "server_cpu": server_cpu,
             "bench_cpu": self_cpu, "bench_bound": self_cpu.is_some_and(|c| c >= 0.9),
@@ -1028,8 +1060,17 @@ async fn run_connect(a: &ConnectArgs) -> Result<()> {
     Ok(())
 }
 
-/// Connect, upgrade, close handshake; returns µs from connect to the 101.
-async fn handshake(addr: SocketAddr, src_ips: u32, i: u32, req: &str) -> Result<u64> {
+/// Connect, upgrade, then either a close handshake (returns µs from connect to the 101) or,
+/// with `hold`, a subscribe (`subscribe`: the frame; None for Nchan, which subscribes by URL)
+/// and the open stream (µs from connect to the `subscribed` reply).
+async fn handshake(
+    addr: SocketAddr,
+    src_ips: u32,
+    i: u32,
+    req: &str,
+    hold: bool,
+    subscribe: Option<&[u8]>,
+) -> Result<(u64, Option<tokio::net::TcpStream>)> {
     let sock = tokio::net::TcpSocket::new_v4()?;
     if src_ips > 0 {
         let ip = subs::src_ip(i % src_ips);
@@ -1056,12 +1097,36 @@ async fn handshake(addr: SocketAddr, src_ips: u32, i: u32, req: &str) -> Result<
     if head.status != 101 {
         bail!("status {}", head.status);
     }
+    let mut rest = buf.split_off(end);
+    if hold {
+        if let Some(f) = subscribe {
+            s.write_all(f).await?;
+            'reply: loop {
+                let mut off = 0;
+                while let Some(f) = wire::parse_frame(&rest[off..])? {
+                    off += f.len;
+                    if f.payload.starts_with(br#"{"type":"subscribed""#) {
+                        break 'reply;
+                    }
+                    if f.opcode == wire::OP_CLOSE || f.payload.starts_with(br#"{"type":"error""#) {
+                        bail!("subscribe refused: {}", String::from_utf8_lossy(f.payload));
+                    }
+                }
+                rest.drain(..off);
+                let n = s.read(&mut tmp).await?;
+                if n == 0 {
+                    bail!("closed before the subscribe reply");
+                }
+                rest.extend_from_slice(&tmp[..n]);
+            }
+        }
+        return Ok((t.elapsed().as_micros() as u64, Some(s)));
+    }
     let us = t.elapsed().as_micros() as u64;
     let mut close = Vec::new();
     wire::close_frame(&mut close);
     s.write_all(&close).await?;
     // Wait for the server's close frame (or EOF), briefly.
-    let mut rest = buf.split_off(end);
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         loop {
             let mut off = 0;
@@ -1079,7 +1144,7 @@ async fn handshake(addr: SocketAddr, src_ips: u32, i: u32, req: &str) -> Result<
         }
     })
     .await;
-    Ok(us)
+    Ok((us, None))
 }
 
 async fn run_hold(a: &HoldArgs) -> Result<()> {
