@@ -763,8 +763,10 @@ async fn step(
         .zip(per_channel)
         .map(|((a1, a0), n)| (a1 - a0) * n)
         .sum();
-    // Drain: until everything expected arrived, or nothing moved for 500 ms (at most 5 s).
-    let until = Instant::now() + Duration::from_secs(5);
+    // Drain: until everything expected arrived, or nothing moved for 1 s (at most 30 s: an
+    // overloaded server may deliver seconds late, and what arrives after the drain would be
+    // counted in the next step).
+    let until = Instant::now() + Duration::from_secs(30);
     let mut last = u64::MAX;
     let mut last_move = Instant::now();
     while Instant::now() < until {
@@ -776,7 +778,7 @@ async fn step(
         if got != last {
             last = got;
             last_move = Instant::now();
-        } else if last_move.elapsed() > Duration::from_millis(500) {
+        } else if last_move.elapsed() > Duration::from_secs(1) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
