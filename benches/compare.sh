@@ -384,18 +384,24 @@ autocannon_run() { # name target subs
 }
 
 MAXARGS=(--duration "$STEP" --warmup 2s --publish "$PUBLISH" --quiet-wait "$STEP_QUIET")
+# Time limits grow with the quiet waits: a max search may wait STEP_QUIET before each of its
+# steps (and up to three noisy retries).
+QS=$(echo "$STEP_QUIET" | sed 's/m$/*60/; s/s$//')
+QS=$((QS))
+TMAX=$((1200 + 30 * QS))
+TONE=$((300 + 2 * QS))
 for s in $SCENARIOS; do
   for t in relay $COMPARATORS; do
     case $s in
       max1k)
-        bench max1k "$t" 900 max --subs 1000 --p99-max 50ms --start-rate "$RATE1K" "${MAXARGS[@]}" ;;
+        bench max1k "$t" "$TMAX" max --subs 1000 --p99-max 50ms --start-rate "$RATE1K" "${MAXARGS[@]}" ;;
       max10k)
-        bench max10k "$t" 1800 max --subs 10000 --p99-max 500ms --start-rate "$RATE10K" "${MAXARGS[@]}" ;;
+        bench max10k "$t" "$TMAX" max --subs 10000 --p99-max 500ms --start-rate "$RATE10K" "${MAXARGS[@]}" ;;
       sse)
         [ "$t" = relay ] || [ "$t" = nchan ] || continue # the others have no SSE endpoint
-        bench sse "$t" 900 sse --step-up --subs 1000 --p99-max 50ms --start-rate "$RATE1K" "${MAXARGS[@]}" ;;
+        bench sse "$t" "$TMAX" sse --step-up --subs 1000 --p99-max 50ms --start-rate "$RATE1K" "${MAXARGS[@]}" ;;
       steady)
-        bench steady "$t" 120 fanout --subs 1000 --rate 20 --duration 10s --warmup 2s \
+        bench steady "$t" "$TONE" fanout --subs 1000 --rate 20 --duration 10s --warmup 2s \
           --publish "$PUBLISH" --quiet-wait "$STEP_QUIET" ;;
       idle)
         bench idle "$t" 300 idle --points 10000,19000 --procs 2 ;;
@@ -408,10 +414,10 @@ for s in $SCENARIOS; do
       cost)
         # The same fixed load for every server, with every server syscall counted by perf
         # (/proc/<pid>/io counts only the read/write family: not uWS's send/recv).
-        bench cost "$t" 120 fanout --subs 1000 --rate 500 --duration 8s --warmup 2s \
+        bench cost "$t" "$TONE" fanout --subs 1000 --rate 500 --duration 8s --warmup 2s \
           --publish "$PUBLISH" --perf-syscalls --quiet-wait "$STEP_QUIET" ;;
       manych)
-        bench manych "$t" 1800 max --subs 10000 --channels 1000 --p99-max 100ms \
+        bench manych "$t" "$TMAX" max --subs 10000 --channels 1000 --p99-max 100ms \
           --start-rate "$RATEMANY" "${MAXARGS[@]}" ;;
       storm)
         storm_run "$t" storm ;;
