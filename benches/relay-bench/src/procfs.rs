@@ -159,6 +159,21 @@ impl PerfSyscalls {
     }
 }
 
+/// Machine-wide TCP counters of /proc/net/netstat (`TcpExt:`): how many connections the kernel
+/// dropped because a listen queue was full (`ListenOverflows`, `ListenDrops`). A client whose SYN
+/// is dropped retries after the SYN timeout (1 s), so these explain slow storms.
+pub fn listen_drops() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let names: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let values: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let get = |n: &str| -> Option<u64> {
+        let i = names.iter().position(|x| *x == n)?;
+        values.get(i)?.parse().ok()
+    };
+    Some((get("ListenOverflows")?, get("ListenDrops")?))
+}
+
 /// Busy time of the whole machine (all CPUs, every process), in seconds.
 pub fn machine_busy_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
@@ -234,6 +249,7 @@ mod tests {
         assert!(rss_bytes(&me).is_some_and(|r| r > 0));
         assert!(io_syscalls(&me).is_some());
         assert!(ctx_switches(&me).is_some_and(|(v, n)| v + n > 0));
+        assert!(listen_drops().is_some());
         let u = Usage::now(&[me]);
         assert!(u.is_some_and(|u| u.syscalls > 0));
     }

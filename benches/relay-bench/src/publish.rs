@@ -319,7 +319,9 @@ where
         let now = Instant::now().min(end);
         let due = ((now - start).as_secs_f64() * rate) as u64;
         if due > sent {
-            note_lag(sh, start + Duration::from_secs_f64(sent as f64 / rate));
+            // Slot k (from 0) comes due at (k + 1) / rate: the first publish goes out one period
+            // after the start.
+            note_lag(sh, start + Duration::from_secs_f64((sent + 1) as f64 / rate));
             let from = sent;
             sent = due;
             if let Err(e) = send(from, due).await {

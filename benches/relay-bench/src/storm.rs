@@ -209,6 +209,7 @@ pub async fn run(a: &StormArgs) -> Result<()> {
 
     // The storm. The publisher keeps its rate throughout (its publishes fail while no server
     // listens); the subscribers reconnect on their own.
+    let drops0 = procfs::listen_drops();
     let t_term = Instant::now();
     let term_ns = now_ns();
     // Published in 250 ms runs until told to stop, so that it ends cleanly.
@@ -263,6 +264,10 @@ pub async fn run(a: &StormArgs) -> Result<()> {
     let usage = Usage::now(std::slice::from_ref(&server.pid))
         .zip(usage0)
         .map(|(u1, u0)| u1.since(u0));
+    // Machine-wide, but nothing else on the machine should be connecting now.
+    let drops = procfs::listen_drops()
+        .zip(drops0)
+        .map(|((o1, d1), (o0, d0))| (o1.saturating_sub(o0), d1.saturating_sub(d0)));
     let secs = |ns: u64, from: u64| ns.saturating_sub(from) as f64 / 1e9;
     let all_back = back.last_resume_ns;
     let from_term = secs(all_back, term_ns);
@@ -289,8 +294,9 @@ pub async fn run(a: &StormArgs) -> Result<()> {
     println!(
         "STORM: {} of {} resubscribed in {:.2} s from SIGTERM ({:.2} s from the new server's \
          listen): {}/s accepted and resumed; {} recovered, {} not; {} connect retries, {} gave \
-         up; loss {} (seq gaps {}, tail {} at seq {}); duplicates {}; server CPU during the storm \
-         {}; RSS {} MiB before, {} MiB after; publishes {} sent, {} acked, {} failed",
+         up; listen queue overflows {} (drops {}); loss {} (seq gaps {}, tail {} at seq {}); \
+         duplicates {}; server CPU during the storm {}; RSS {} MiB before, {} MiB after; \
+         publishes {} sent, {} acked, {} failed",
         back.resumed,
         a.subs,
         from_term,
@@ -300,6 +306,8 @@ pub async fn run(a: &StormArgs) -> Result<()> {
         end.resumed - end.recovered,
         end.retries,
         end.gave_up,
+        drops.map_or("-".into(), |d| d.0.to_string()),
+        drops.map_or("-".into(), |d| d.1.to_string()),
         loss.map_or(
             "- (not recovered: the history did not survive)".into(),
             |l| l.to_string()
@@ -327,7 +335,8 @@ pub async fn run(a: &StormArgs) -> Result<()> {
             "secs_from_term": from_term, "secs_from_listen": from_listen,
             "accept_per_sec": accept_rate, "recovered": end.recovered,
             "not_recovered": end.resumed - end.recovered, "retries": end.retries,
-            "gave_up": end.gave_up, "loss": loss, "seq_gaps": end.seq_gaps, "tail": tail,
+            "gave_up": end.gave_up, "listen_overflows": drops.map(|d| d.0),
+            "listen_drops": drops.map(|d| d.1), "loss": loss, "seq_gaps": end.seq_gaps, "tail": tail,
             "top": top, "dups": end.dups, "close_codes": end.close_codes,
             "old_exit_ms": took.as_secs_f64() * 1e3, "ready_ms": ready.as_secs_f64() * 1e3,
             "server_cpu_s": usage.map(|u| u.cpu_s), "rss_before": rss_before,
