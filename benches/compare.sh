@@ -20,9 +20,10 @@
 # and autocannon. See benches/RESULTS.md.
 # Environment: OUT (results folder, default target/compare/<time>), SCENARIOS, COMPARATORS
 # (default uws), UWS_BIN, NO_BUILD=1 (use the binaries already in target/release), RELAY_BIN,
-# BENCH_BIN, RELAY_ARGS (more `relay serve` flags for every relay run), SOAK_RELAY_ARGS (flags
-# of the soak's relay, e.g. `--max-memory 512MiB` once it exists; default `--presence-channels
-# presence:*`), SOAK_ARGS (more relay-bench soak flags), PUBLISH (relay-bench --publish shape,
+# BENCH_BIN, RELAY_ARGS (more `relay serve` flags for every relay run but the soak's),
+# SOAK_RELAY_ARGS (all the flags of the soak's relay, e.g. `--max-memory 512MiB`; default
+# `--presence-channels presence:*`), SOAK_ARGS (more relay-bench soak flags), SOAK_ADDRS (client
+# addresses the soak's abusers claim in X-Forwarded-For, default 8), PUBLISH (relay-bench --publish shape,
 # default pipelined), STEP (per-step duration of the max searches, default 8s), STEP_QUIET
 # (relay-bench --quiet-wait: how long each step may wait for other work on the machine to stop,
 # default 60s), QUIET_WAIT / QUIET_BUSY (the same before each run: 300 s, 0.15 core),
@@ -47,6 +48,7 @@ RELAY_ARGS=${RELAY_ARGS:-}
 SOAK_RELAY_ARGS=${SOAK_RELAY_ARGS:---presence-channels presence:*}
 SOAK_DURATION=${SOAK_DURATION:-5m}
 SOAK_ARGS=${SOAK_ARGS:-}
+SOAK_ADDRS=${SOAK_ADDRS:-8}
 if [[ " $COMPARATORS " == *" uws "* ]] && [ -z "${UWS_BIN:-}" ]; then
   echo "COMPARATORS has uws but UWS_BIN is not set: skipping the uWebSockets comparator"
   echo "(build it from uWebSockets' public source as benches/RESULTS.md describes)"
@@ -102,12 +104,26 @@ if [ -n "${UWS_BIN:-}" ]; then
   UWS=$OUT/bin/uws-relay
 fi
 
+# relay's flags in every run: one shard (one core), and no per-IP or per-connection rate limit
+# (every load comes from loopback). Since issue 11, relay also limits API requests per client
+# address (`--api-rate-limit`): off too, so that the publisher is never refused (loopback is a
+# trusted proxy by default, so it is not counted anyway; the flag says so explicitly). Older
+# builds (RELAY_BIN) without the flag run without it.
+RELAY_FLAGS="--shards 1 --max-connections-per-ip 0 --rate-limit 0"
+RELAY_HELP=$("$RELAY" serve --help 2>/dev/null || true)
+has_flag() { grep -q -- "$1" <<<"$RELAY_HELP"; }
+has_flag --api-rate-limit && RELAY_FLAGS="$RELAY_FLAGS --api-rate-limit 0"
+# SIGTERM: since issue 11 relay keeps serving for --drain-period (default 5 s) before it sends
+# 1012. The storm measures the reconnect, not the drain: no drain period (older builds have none).
+STORM_FLAGS=
+has_flag --drain-period && STORM_FLAGS="--drain-period 0"
+
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo -) (dirty: $(git status --porcelain 2>/dev/null | grep -c . || true) files)"
   lscpu | grep -E '^(Model name|CPU\(s\)|Thread|Hypervisor)'
   echo "kernel: $(uname -r)"
-  echo "relay: $(sha256sum "$RELAY" | cut -c1-16) (${RELAY_BIN:-target/release/relay}), flags: --shards 1 --max-connections-per-ip 0 --rate-limit 0 $RELAY_ARGS"
+  echo "relay: $(sha256sum "$RELAY" | cut -c1-16) (${RELAY_BIN:-target/release/relay}), flags: $RELAY_FLAGS $RELAY_ARGS (storm: $STORM_FLAGS)"
   [ -n "${UWS:-}" ] && echo "uws: $(sha256sum "$UWS" | cut -c1-16) ($UWS_BIN)"
   if [[ " $COMPARATORS " == *" nchan "* ]]; then
     echo "nginx: $(nginx -v 2>&1 | sed 's/.*\///'), nchan: $(dpkg-query -W -f='${Version}' libnginx-mod-nchan 2>/dev/null || echo ?)"
@@ -139,9 +155,6 @@ wait_line() { # file, seconds: waits for "listening on http://ADDR" and prints A
   return 1
 }
 
-# relay's flags in every run: one shard (one core), and no per-IP or per-connection rate limit
-# (every load comes from loopback).
-RELAY_FLAGS="--shards 1 --max-connections-per-ip 0 --rate-limit 0"
 EXTRA_RELAY_ARGS=$RELAY_ARGS
 
 start_relay() {
@@ -291,6 +304,24 @@ bench() {
   stop_server
 }
 
+soak_run() { # seconds, relay-bench soak args...
+  local secs=$1 f=$OUT/servers/relay.soak
+  shift
+  wait_quiet
+  mkdir -p "$OUT/servers"
+  set -f
+  # shellcheck disable=SC2086
+  "$RELAY" serve --listen 127.0.0.1:0 $SOAK_RELAY_ARGS >"$f.out" 2>"$f.err" &
+  PID=$! KILL=$!
+  set +f
+  ADDR=$(wait_line "$f.out" 10)
+  say "soak / relay: relay serve $SOAK_RELAY_ARGS; relay-bench soak $* (server pid $PID at $ADDR)"
+  timeout "$secs" "$BENCH" soak "$@" --target relay --addr "$ADDR" --server-pid "$PID" --json 2>&1 |
+    tee "$OUT/soak.relay.log" || echo "(run ended with $?)"
+  grep '^RESULT ' "$OUT/soak.relay.log" | tail -1 | sed 's/^RESULT //' >"$OUT/soak.relay.json" || true
+  stop_server
+}
+
 # Start rates of the max searches (publishes/s): the grids of issue 12's measurement (×1.5 from
 # 20/s at 1,000 subscribers, from 1/s at 10,000, from 100/s for many channels), the same for
 # every server so that their steps are comparable.
@@ -307,7 +338,7 @@ storm_run() {
   wait_timewait
   port=$(free_port)
   case $target in
-    relay) cmd="taskset -c $SERVER_CPU $RELAY serve $RELAY_FLAGS --listen 127.0.0.1:$port $EXTRA_RELAY_ARGS $*" ;;
+    relay) cmd="taskset -c $SERVER_CPU $RELAY serve $RELAY_FLAGS $STORM_FLAGS --listen 127.0.0.1:$port $EXTRA_RELAY_ARGS $*" ;;
     uws) cmd="taskset -c $SERVER_CPU $UWS $port 127.0.0.1" ;;
     *) echo "storm: no $target"; return 0 ;;
   esac
@@ -428,12 +459,14 @@ for s in $SCENARIOS; do
         storm_run relay storm-redis --backplane redis --redis-url "redis://127.0.0.1:$REDIS_PORT"
         stop_redis ;;
       soak)
+        # Issue 11's setting: relay with its default flags (a shard per core, every limit at
+        # its default) plus SOAK_RELAY_ARGS, neither it nor the load pinned; the abusers claim
+        # SOAK_ADDRS client addresses through X-Forwarded-For (so that the per-address limits
+        # apply to them), the normal load is a backend on loopback.
         [ "$t" = relay ] || continue
-        EXTRA_RELAY_ARGS="$RELAY_ARGS $SOAK_RELAY_ARGS"
         # shellcheck disable=SC2086 # flags are words
-        bench soak relay "$(($(echo "$SOAK_DURATION" | sed 's/m$/*60/; s/s$//') + 300))" soak \
-          --duration "$SOAK_DURATION" $SOAK_ARGS
-        EXTRA_RELAY_ARGS=$RELAY_ARGS ;;
+        soak_run "$(($(echo "$SOAK_DURATION" | sed 's/m$/*60/; s/s$//') + 300))" \
+          --duration "$SOAK_DURATION" --abuser-addrs "$SOAK_ADDRS" $SOAK_ARGS ;;
       autocannon)
         autocannon_run ac0 "$t" 0
         autocannon_run ac1k "$t" 1000 ;;

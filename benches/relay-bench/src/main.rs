@@ -103,6 +103,19 @@ pub struct Common {
     /// Connection setups in flight at once.
     #[arg(long, default_value_t = 256)]
     pub concurrency: u32,
+    /// API key the publisher sends (`Authorization: Bearer`; relay's `--api-key`), so that the
+    /// load is counted against the key, not the per-address API rate limit.
+    #[arg(long)]
+    pub api_key: Option<String>,
+}
+
+impl Common {
+    /// The header lines of the load's own HTTP publishes.
+    pub fn publish_headers(&self) -> String {
+        self.api_key
+            .as_ref()
+            .map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"))
+    }
 }
 
 #[derive(Args, Clone)]
@@ -538,6 +551,7 @@ async fn run_load(a: &MaxArgs, sse: bool, stepping: bool) -> Result<()> {
         channels: l.channels.max(1),
         payload: l.payload,
         prefix,
+        headers: c.publish_headers(),
     })
     .await?;
     println!(

@@ -65,6 +65,9 @@ pub struct PubSpec {
     pub channels: u32,
     pub payload: usize,
     pub prefix: String,
+    /// More request header lines for HTTP publishes, each ending in `\r\n` (an
+    /// `Authorization: Bearer` API key, an `X-Forwarded-For`).
+    pub headers: String,
 }
 
 /// Counters shared by the publisher connections (cumulative).
@@ -81,6 +84,8 @@ struct Shared {
     first_error: RefCell<Option<String>>,
     /// Worst lateness against the schedule in this step.
     lag: Cell<Duration>,
+    /// HTTP responses by status.
+    statuses: RefCell<std::collections::BTreeMap<u16, u64>>,
 }
 
 impl Shared {
@@ -94,6 +99,10 @@ impl Shared {
         if f.is_none() {
             *f = Some(e.to_string());
         }
+    }
+
+    fn status(&self, status: u16) {
+        *self.statuses.borrow_mut().entry(status).or_default() += 1;
     }
 
     fn ack(&self, ch: u32, seq: Option<u64>) {
@@ -170,6 +179,11 @@ impl Publisher {
 
     pub fn first_error(&self) -> Option<String> {
         self.shared.first_error.borrow().clone()
+    }
+
+    /// HTTP responses so far, by status.
+    pub fn statuses(&self) -> std::collections::BTreeMap<u16, u64> {
+        self.shared.statuses.borrow().clone()
     }
 
     pub fn conns(&self) -> usize {
@@ -321,7 +335,10 @@ where
         if due > sent {
             // Slot k (from 0) comes due at (k + 1) / rate: the first publish goes out one period
             // after the start.
-            note_lag(sh, start + Duration::from_secs_f64((sent + 1) as f64 / rate));
+            note_lag(
+                sh,
+                start + Duration::from_secs_f64((sent + 1) as f64 / rate),
+            );
             let from = sent;
             sent = due;
             if let Err(e) = send(from, due).await {
@@ -367,9 +384,10 @@ fn http_request(spec: &PubSpec, ch: u32, stamp: Stamp, body: &mut Vec<u8>, out: 
     };
     let _ = write!(
         out,
-        "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+        "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n{}\
          Content-Length: {}\r\n\r\n",
         spec.addr,
+        spec.headers,
         body.len()
     );
     out.extend_from_slice(body);
@@ -438,6 +456,7 @@ async fn read_responses(
             }
             let body = &buf[off + end..off + end + len];
             let ch = in_flight.borrow_mut().pop_front();
+            sh.status(head.status);
             match ch {
                 Some(ch) if (200..300).contains(&head.status) => sh.ack(ch, f.seq(body)),
                 Some(_) => sh.error(format!(
@@ -558,8 +577,14 @@ impl HttpPub {
             self.seq += 1;
             sh.sent.set(sh.sent.get() + 1);
             match tokio::time::timeout(Duration::from_secs(5), self.publish(spec, ch)).await {
-                Ok(Ok((status, seq))) if (200..300).contains(&status) => sh.ack(ch, seq),
-                Ok(Ok((status, _))) => sh.error(format!("publish: HTTP {status}")),
+                Ok(Ok((status, seq))) if (200..300).contains(&status) => {
+                    sh.status(status);
+                    sh.ack(ch, seq);
+                }
+                Ok(Ok((status, _))) => {
+                    sh.status(status);
+                    sh.error(format!("publish: HTTP {status}"));
+                }
                 Ok(Err(e)) => {
                     self.stream = None;
                     sh.error(format!("publish: {e:#}"));
@@ -787,6 +812,7 @@ mod tests {
             channels,
             payload: 64,
             prefix: "t".into(),
+            headers: String::new(),
         }
     }
 

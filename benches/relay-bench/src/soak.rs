@@ -19,6 +19,15 @@
 //! - **slowloris bodies** (`--slowloris` connections sending a `POST /api/publish` with
 //!   `Content-Length: 60000`, one byte every `--slowloris-every`).
 //!
+//! With `--abuser-addrs N` every abusive request carries `X-Forwarded-For: 203.0.113.k` (k in
+//! 1..=N): internet clients arriving through a load balancer on a private address, which relay
+//! trusts by default, so its per-address limits see N attackers. The three request streams
+//! each have their own address (big publishes 1, the slow subscribers' publishes 2, unknown
+//! reads 3), so that what the per-address API limit refuses can be told apart; the connections
+//! (history readers, slow subscribers, presence, slowloris) are spread over 4..=N.
+//! The normal load (and the fill of the history channel) comes from loopback without one, like
+//! a backend on the private network, and sends `--api-key` when given.
+//!
 //! Connections the server closes are counted (`closed`) and opened again at the next period, so
 //! the pressure lasts. Checking whether a connection that never reads was closed does not read
 //! it: tokio's readiness reports the peer's FIN (`is_read_closed`) even with unread bytes.
@@ -96,6 +105,10 @@ pub struct SoakArgs {
     /// A slowloris connection sends one body byte this often.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     slowloris_every: Duration,
+    /// Client addresses the abusers claim in `X-Forwarded-For` (0: none, they come from
+    /// loopback like the normal load).
+    #[arg(long, default_value_t = 0)]
+    abuser_addrs: u32,
 }
 
 /// What the abusers did (cumulative).
@@ -111,6 +124,10 @@ struct Abuse {
     presence_closed: Cell<u64>,
     unknown_ok: Cell<u64>,
     unknown_err: Cell<u64>,
+    /// Answers to the unknown-channel reads, by HTTP status.
+    unknown_status: std::cell::RefCell<std::collections::BTreeMap<u16, u64>>,
+    /// `overloaded` errors the presence connections were sent (refused subscriptions).
+    presence_refused: Cell<u64>,
     loris_open: Cell<u64>,
     loris_closed: Cell<u64>,
     errors: Cell<u64>,
@@ -124,6 +141,26 @@ impl Abuse {
         if f.is_none() {
             *f = Some(e.to_string());
         }
+    }
+}
+
+/// The header line of address `k` (1-based) of `addrs` (empty without --abuser-addrs).
+fn xff(addrs: u32, k: u32) -> String {
+    if addrs == 0 {
+        return String::new();
+    }
+    format!(
+        "X-Forwarded-For: 203.0.113.{}\r\n",
+        1 + (k - 1) % addrs.min(254)
+    )
+}
+
+fn statuses(m: &std::collections::BTreeMap<u16, u64>) -> String {
+    let v: Vec<String> = m.iter().map(|(s, n)| format!("{s}×{n}")).collect();
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(" ")
     }
 }
 
@@ -160,7 +197,16 @@ pub async fn run(a: &SoakArgs) -> Result<()> {
         procs_for(c, a.subs),
     )?;
     let opened = groups.open(0, a.subs).await?;
-    let mut normal = Publisher::connect(pub_spec(c, &format!("{prefix}n"), 1, 64)).await?;
+    let legit = c.publish_headers();
+    let mut normal = Publisher::connect(pub_spec(c, &format!("{prefix}n"), 1, 64, &legit)).await?;
+    // Every abusive connection takes the next address of 4..=N (or 1..=N when N < 4).
+    let mut who = 0u32;
+    let first = if a.abuser_addrs > 3 { 4 } else { 1 };
+    let mut next_xff = || {
+        who += 1;
+        let span = a.abuser_addrs.saturating_sub(first - 1).max(1);
+        xff(a.abuser_addrs, first + (who - 1) % span)
+    };
     println!(
         "soak of {} s: {} normal subscribers ({} failed), {}/s to them; abusers: big {}/s × {} B \
          to new channels, {} history readers over {} × {} B, {} slow subscribers, {} presence \
@@ -192,7 +238,8 @@ pub async fn run(a: &SoakArgs) -> Result<()> {
     let hist_channel = format!("{prefix}hist0");
     if a.history_readers > 0 && a.hist_fill > 0 {
         let mut p =
-            Publisher::connect(pub_spec(c, &format!("{prefix}hist"), 1, a.big_size)).await?;
+            Publisher::connect(pub_spec(c, &format!("{prefix}hist"), 1, a.big_size, &legit))
+                .await?;
         let rate = 1000.0;
         p.run(rate, Duration::from_secs_f64(f64::from(a.hist_fill) / rate))
             .await?;
@@ -203,14 +250,22 @@ pub async fn run(a: &SoakArgs) -> Result<()> {
 
     // Abusers: each a task until `end`.
     let mut tasks = Vec::new();
+    let mut big_task = None;
     if a.big_rate > 0.0 {
         let channels = ((a.big_rate * a.duration.as_secs_f64()).ceil() as u32).max(1);
-        let big = Publisher::connect(pub_spec(c, &format!("{prefix}big"), channels, a.big_size));
-        let slow = Publisher::connect(pub_spec(c, &format!("{prefix}slow"), 1, a.big_size));
+        let (h1, h2) = (xff(a.abuser_addrs, 1), xff(a.abuser_addrs, 2));
+        let big = Publisher::connect(pub_spec(
+            c,
+            &format!("{prefix}big"),
+            channels,
+            a.big_size,
+            &h1,
+        ));
+        let slow = Publisher::connect(pub_spec(c, &format!("{prefix}slow"), 1, a.big_size, &h2));
         let (mut big, mut slow) = (big.await?, slow.await?);
         let (big_rate, slow_rate) = (a.big_rate, a.big_rate / f64::from(a.slow_every.max(1)));
         let abuse = abuse.clone();
-        tasks.push(tokio::task::spawn_local(async move {
+        big_task = Some(tokio::task::spawn_local(async move {
             while Instant::now() < end {
                 let chunk = Duration::from_millis(500).min(end - Instant::now());
                 let (r1, r2) = tokio::join!(big.run(big_rate, chunk), slow.run(slow_rate, chunk));
@@ -220,19 +275,26 @@ pub async fn run(a: &SoakArgs) -> Result<()> {
             }
             let (s1, a1, e1) = big.totals();
             let (s2, a2, e2) = slow.totals();
+            let mut st = big.statuses();
+            for (k, v) in slow.statuses() {
+                *st.entry(k).or_default() += v;
+            }
             println!(
-                "big publishes: {} sent, {} acked, {} errors (first: {})",
+                "big publishes: {} sent, {} acked, {} errors (first: {}); statuses {}",
                 s1 + s2,
                 a1 + a2,
                 e1 + e2,
-                big.first_error().or(slow.first_error()).unwrap_or_default()
+                big.first_error().or(slow.first_error()).unwrap_or_default(),
+                statuses(&st)
             );
+            st
         }));
     }
     for i in 0..a.history_readers {
         let req = format!(
-            "GET /api/history/{hist_channel}?since=0 HTTP/1.1\r\nHost: {}\r\n\r\n",
-            c.addr
+            "GET /api/history/{hist_channel}?since=0 HTTP/1.1\r\nHost: {}\r\n{}\r\n",
+            c.addr,
+            next_xff()
         );
         tasks.push(hold_loop(
             c.addr,
@@ -252,7 +314,7 @@ pub async fn run(a: &SoakArgs) -> Result<()> {
             end,
             a.every,
             Duration::ZERO,
-            Kind::Slow(format!("{prefix}slow0")),
+            Kind::Slow(format!("{prefix}slow0"), next_xff()),
         ));
     }
     for i in 0..a.slowloris {
@@ -263,7 +325,7 @@ pub async fn run(a: &SoakArgs) -> Result<()> {
             end,
             a.slowloris_every,
             Duration::ZERO,
-            Kind::Loris,
+            Kind::Loris(next_xff()),
         ));
     }
     let info = format!(
@@ -282,6 +344,7 @@ pub async fn run(a: &SoakArgs) -> Result<()> {
             end,
             PresenceSpec {
                 prefix: format!("presence:{prefix}m{i}-"),
+                xff: next_xff(),
                 channels: a.presence_per_conn,
                 info: info.clone(),
                 // Lifetimes spread evenly over 0.5–1.5 × the churn period, so that the share
@@ -300,6 +363,7 @@ pub async fn run(a: &SoakArgs) -> Result<()> {
             end,
             a.unknown_rate,
             format!("{prefix}u"),
+            xff(a.abuser_addrs, 3),
         ));
     }
 
@@ -387,6 +451,10 @@ pub async fn run(a: &SoakArgs) -> Result<()> {
     for t in tasks {
         let _ = t.await;
     }
+    let big_statuses = match big_task {
+        Some(t) => t.await.unwrap_or_default(),
+        None => Default::default(),
+    };
     // The normal load's last messages.
     let acked0 = normal.acked_per_channel()[0];
     normal.settle(Duration::from_secs(5)).await;
@@ -407,8 +475,10 @@ pub async fn run(a: &SoakArgs) -> Result<()> {
     let rss_end = procfs::rss_sum(&server);
     println!(
         "SOAK: normal load {} of {} delivered, loss {}, {} closed, {} publish errors; p50 {:.2} \
-         p99 {:.2} p99.9 {:.2} max {:.2} ms; server RSS {} → max {:.1} → end {} MiB; abuser \
-         errors {} (first: {})",
+         p99 {:.2} p99.9 {:.2} max {:.2} ms; server RSS {} → max {:.1} → end {} MiB; abusers: big \
+         publishes {}, unknown-channel reads {}, presence subscriptions refused {}, closed: \
+         history readers {}, slow subscribers {}, presence {}, slowloris {}; abuser errors {} \
+         (first: {})",
         delivered,
         expected,
         loss,
@@ -421,6 +491,13 @@ pub async fn run(a: &SoakArgs) -> Result<()> {
         rss0.map_or("-".into(), |r| format!("{:.1}", mib(r))),
         mib(rss_max),
         rss_end.map_or("-".into(), |r| format!("{:.1}", mib(r))),
+        statuses(&big_statuses),
+        statuses(&abuse.unknown_status.borrow()),
+        abuse.presence_refused.get(),
+        abuse.hist_closed.get(),
+        abuse.slow_closed.get(),
+        abuse.presence_closed.get(),
+        abuse.loris_closed.get(),
         abuse.errors.get(),
         abuse.first_error.borrow().clone().unwrap_or_default()
     );
@@ -433,13 +510,18 @@ pub async fn run(a: &SoakArgs) -> Result<()> {
             "p99_ms": ms(all_lat.value_at_quantile(0.99)),
             "max_ms": ms(all_lat.max()), "rss_before": rss0, "rss_max": rss_max,
             "rss_end": rss_end, "abuser_errors": abuse.errors.get(), "series": rows,
+            "big_statuses": big_statuses, "unknown_statuses": *abuse.unknown_status.borrow(),
+            "presence_refused": abuse.presence_refused.get(),
+            "hist_closed": abuse.hist_closed.get(), "slow_closed": abuse.slow_closed.get(),
+            "presence_closed": abuse.presence_closed.get(),
+            "loris_closed": abuse.loris_closed.get(),
         });
         println!("RESULT {out}");
     }
     Ok(())
 }
 
-fn pub_spec(c: &Common, prefix: &str, channels: u32, payload: usize) -> PubSpec {
+fn pub_spec(c: &Common, prefix: &str, channels: u32, payload: usize, headers: &str) -> PubSpec {
     PubSpec {
         target: c.target,
         addr: c.addr,
@@ -448,6 +530,7 @@ fn pub_spec(c: &Common, prefix: &str, channels: u32, payload: usize) -> PubSpec 
         channels,
         payload,
         prefix: prefix.to_string(),
+        headers: headers.to_string(),
     }
 }
 
@@ -459,9 +542,9 @@ async fn connect(addr: SocketAddr) -> Result<TcpStream> {
 
 /// Connects and upgrades to a WebSocket; returns the stream (bytes after the 101 are dropped:
 /// these connections do not look at what they receive).
-async fn ws_connect(addr: SocketAddr) -> Result<TcpStream> {
+async fn ws_connect(addr: SocketAddr, extra: &str) -> Result<TcpStream> {
     let mut s = connect(addr).await?;
-    s.write_all(wire::upgrade_request(&addr.to_string(), "/ws").as_bytes())
+    s.write_all(wire::upgrade_request_with(&addr.to_string(), "/ws", extra).as_bytes())
         .await?;
     let mut buf = Vec::new();
     let mut tmp = [0u8; 1024];
@@ -501,10 +584,10 @@ async fn peer_closed(s: &TcpStream) -> bool {
 enum Kind {
     /// A history request whose answer is never read.
     History(String),
-    /// A WebSocket subscriber of this channel that never reads.
-    Slow(String),
-    /// A publish whose body comes one byte at a time.
-    Loris,
+    /// A WebSocket subscriber of this channel that never reads (and its header lines).
+    Slow(String, String),
+    /// A publish whose body comes one byte at a time (its header lines).
+    Loris(String),
 }
 
 /// Holds one abusive connection until `end`: opens it (after `delay`), then every `every`
@@ -522,8 +605,8 @@ fn hold_loop(
         tokio::time::sleep_until((Instant::now() + delay).min(end)).await;
         let (open, closed) = match kind {
             Kind::History(_) => (&abuse.hist_open, &abuse.hist_closed),
-            Kind::Slow(_) => (&abuse.slow_open, &abuse.slow_closed),
-            Kind::Loris => (&abuse.loris_open, &abuse.loris_closed),
+            Kind::Slow(..) => (&abuse.slow_open, &abuse.slow_closed),
+            Kind::Loris(_) => (&abuse.loris_open, &abuse.loris_closed),
         };
         while Instant::now() < end {
             let opened = async {
@@ -533,17 +616,17 @@ fn hold_loop(
                         s.write_all(req.as_bytes()).await?;
                         Ok::<_, anyhow::Error>(s)
                     }
-                    Kind::Slow(ch) => {
-                        let mut s = ws_connect(addr).await?;
+                    Kind::Slow(ch, extra) => {
+                        let mut s = ws_connect(addr, extra).await?;
                         let cmd = format!(r#"{{"type":"subscribe","channel":"{ch}"}}"#);
                         s.write_all(&text_frame(&cmd)).await?;
                         Ok(s)
                     }
-                    Kind::Loris => {
+                    Kind::Loris(extra) => {
                         let mut s = connect(addr).await?;
                         let head = format!(
                             "POST /api/publish HTTP/1.1\r\nHost: {addr}\r\nContent-Type: \
-                             application/json\r\nContent-Length: 60000\r\n\r\n{{"
+                             application/json\r\n{extra}Content-Length: 60000\r\n\r\n{{"
                         );
                         s.write_all(head.as_bytes()).await?;
                         Ok(s)
@@ -570,7 +653,7 @@ fn hold_loop(
                     return;
                 }
                 let gone = match kind {
-                    Kind::Loris => s.write_all(b" ").await.is_err() || peer_closed(&s).await,
+                    Kind::Loris(_) => s.write_all(b" ").await.is_err() || peer_closed(&s).await,
                     _ => peer_closed(&s).await,
                 };
                 if gone {
@@ -587,6 +670,8 @@ struct PresenceSpec {
     prefix: String,
     channels: u32,
     info: String,
+    /// Header lines of its upgrade request.
+    xff: String,
     /// How long a connection lives before it vanishes (no close frame) and comes back.
     lifetime: Option<Duration>,
 }
@@ -604,7 +689,9 @@ fn presence_loop(
         let mut gen = 0u32;
         while Instant::now() < end {
             gen += 1;
-            let mut s = match tokio::time::timeout(Duration::from_secs(5), ws_connect(addr)).await {
+            let mut s = match tokio::time::timeout(Duration::from_secs(5), ws_connect(addr, &p.xff))
+                .await
+            {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     abuse.error(format!("presence: {e:#}"));
@@ -630,6 +717,8 @@ fn presence_loop(
                 .set(abuse.presence_members.get() + u64::from(p.channels));
             let until = p.lifetime.map_or(end, |l| (Instant::now() + l).min(end));
             let mut buf = vec![0u8; 16 * 1024];
+            // What may hold the start of an `overloaded` split by the read before.
+            let mut carry = Vec::new();
             let mut beat = tokio::time::interval(Duration::from_secs(10));
             let heartbeat = text_frame(r#"{"type":"heartbeat"}"#);
             let closed = loop {
@@ -637,7 +726,14 @@ fn presence_loop(
                     r = s.read(&mut buf) => match r {
                         Ok(0) | Err(_) => break true,
                         // Pings are answered by nothing: the heartbeats keep it alive.
-                        Ok(_) => {}
+                        Ok(n) => {
+                            const WORD: &[u8] = b"\"overloaded\"";
+                            carry.extend_from_slice(&buf[..n]);
+                            let found = memchr::memmem::find_iter(&carry, WORD).count() as u64;
+                            abuse.presence_refused.set(abuse.presence_refused.get() + found);
+                            let keep = carry.len().min(WORD.len() - 1);
+                            carry.drain(..carry.len() - keep);
+                        }
                     },
                     _ = beat.tick() => {
                         if s.write_all(&heartbeat).await.is_err() {
@@ -674,6 +770,7 @@ fn unknown_loop(
     end: Instant,
     rate: f64,
     prefix: String,
+    extra: String,
 ) -> tokio::task::JoinHandle<()> {
     tokio::task::spawn_local(async move {
         let mut n = 0u64;
@@ -705,6 +802,11 @@ fn unknown_loop(
                             }
                             off += e + len;
                             dec(&in_flight);
+                            *abuse
+                                .unknown_status
+                                .borrow_mut()
+                                .entry(h.status)
+                                .or_default() += 1;
                             if h.status < 500 {
                                 inc(&abuse.unknown_ok);
                             } else {
@@ -740,8 +842,10 @@ fn unknown_loop(
                     sent += 1;
                     n += 1;
                     out.extend_from_slice(
-                        format!("GET /api/history/{prefix}{n} HTTP/1.1\r\nHost: {addr}\r\n\r\n")
-                            .as_bytes(),
+                        format!(
+                            "GET /api/history/{prefix}{n} HTTP/1.1\r\nHost: {addr}\r\n{extra}\r\n"
+                        )
+                        .as_bytes(),
                     );
                     inc(&in_flight);
                 }

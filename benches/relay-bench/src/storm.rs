@@ -195,6 +195,7 @@ pub async fn run(a: &StormArgs) -> Result<()> {
         channels: 1,
         payload: a.payload,
         prefix,
+        headers: a.common.publish_headers(),
     })
     .await?;
     publisher.run(a.rate, a.before).await?;

@@ -102,9 +102,14 @@ pub fn close_code(payload: &[u8]) -> Option<u16> {
 
 /// The upgrade request (a fixed key: relay-bench does not check the accept hash).
 pub fn upgrade_request(host: &str, path: &str) -> String {
+    upgrade_request_with(host, path, "")
+}
+
+/// The upgrade request with more header lines (`extra`, each ending in `\r\n`).
+pub fn upgrade_request_with(host: &str, path: &str, extra: &str) -> String {
     format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
     )
 }
 
