@@ -1097,23 +1097,8 @@ async fn handshake(
     let mut s = sock.connect(addr).await.context("connect")?;
     s.set_nodelay(true)?;
     s.write_all(req.as_bytes()).await?;
-    let mut buf = Vec::with_capacity(512);
+    let mut rest = wire::read_upgrade(&mut s).await?;
     let mut tmp = [0u8; 2048];
-    let end = loop {
-        if let Some(e) = wire::head_end(&buf) {
-            break e;
-        }
-        let n = s.read(&mut tmp).await?;
-        if n == 0 {
-            bail!("closed during the handshake");
-        }
-        buf.extend_from_slice(&tmp[..n]);
-    };
-    let head = wire::parse_head(&buf[..end])?;
-    if head.status != 101 {
-        bail!("status {}", head.status);
-    }
-    let mut rest = buf.split_off(end);
     if hold {
         if let Some(f) = subscribe {
             s.write_all(f).await?;

@@ -546,22 +546,7 @@ async fn ws_connect(addr: SocketAddr, extra: &str) -> Result<TcpStream> {
     let mut s = connect(addr).await?;
     s.write_all(wire::upgrade_request_with(&addr.to_string(), "/ws", extra).as_bytes())
         .await?;
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 1024];
-    let end = loop {
-        if let Some(e) = wire::head_end(&buf) {
-            break e;
-        }
-        let n = s.read(&mut tmp).await?;
-        if n == 0 {
-            bail!("closed during the handshake");
-        }
-        buf.extend_from_slice(&tmp[..n]);
-    };
-    let head = wire::parse_head(&buf[..end])?;
-    if head.status != 101 {
-        bail!("upgrade: status {}", head.status);
-    }
+    wire::read_upgrade(&mut s).await?;
     Ok(s)
 }
 

@@ -113,6 +113,29 @@ pub fn upgrade_request_with(host: &str, path: &str, extra: &str) -> String {
     )
 }
 
+/// Reads a WebSocket upgrade's response head from `s`; fails unless it is a 101. Returns the
+/// bytes that came after the head (the first frames, if any).
+pub async fn read_upgrade<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(512);
+    let mut tmp = [0u8; 2048];
+    let end = loop {
+        if let Some(e) = head_end(&buf) {
+            break e;
+        }
+        let n = s.read(&mut tmp).await?;
+        if n == 0 {
+            bail!("closed during the handshake");
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = parse_head(&buf[..end])?;
+    if head.status != 101 {
+        bail!("upgrade: status {}", head.status);
+    }
+    Ok(buf.split_off(end))
+}
+
 /// Where the head of an HTTP message ends (just past `\r\n\r\n`).
 pub fn head_end(buf: &[u8]) -> Option<usize> {
     memmem::find(buf, b"\r\n\r\n").map(|i| i + 4)
