@@ -210,6 +210,7 @@ async fn route(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> 
             }
         }
         (_, p) if p.starts_with("/api/") => api::handle(ctx, req).await,
+        (_, p) if p == "/admin" || p.starts_with("/admin/") => super::admin::handle(ctx, req).await,
         (_, "/ws" | "/sse" | "/healthz" | "/readyz") => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
