@@ -131,16 +131,20 @@ async fn redis(
             let () = client.set(key(id), rec, Some(px), None, false).await?;
             let () = client.sadd(REDIS_SET, id).await?;
             let ids: Vec<String> = client.smembers(REDIS_SET).await?;
-            let now = Instant::now();
+            // What Redis holds is the roster: a record that expired is a node gone.
+            let mut live = HashMap::new();
             for other in ids.into_iter().take(MAX_NODES) {
                 let rec: Option<String> = client.get(key(&other)).await?;
                 match rec {
-                    Some(rec) => roster.saw(other, rec, now),
+                    Some(rec) => {
+                        live.insert(other, (rec, Instant::now()));
+                    }
                     None => {
                         let () = client.srem(REDIS_SET, other).await?;
                     }
                 }
             }
+            *roster.seen.lock() = live;
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(ANNOUNCE_EVERY) => {}

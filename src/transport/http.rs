@@ -220,7 +220,7 @@ async fn route(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> 
             super::demo::serve(p)
         }
         (&Method::GET, p) if super::landing::is_landing_path(p) => {
-            super::landing::serve(p, req.headers())
+            super::landing::serve(p, req.headers(), ctx.node.admin.is_some())
         }
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such path"),
     }
