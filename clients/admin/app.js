@@ -106,8 +106,8 @@ async function login(ev) {
 }
 
 async function logout() {
+  showLogin(); // stops the polling first
   await fetch("/admin/logout", { method: "POST", credentials: "same-origin" });
-  showLogin();
 }
 
 // ---- status, rates, nodes --------------------------------------------------------------------
@@ -162,6 +162,7 @@ function draw() {
   const h = c.height;
   const pad = 4;
   g.clearRect(0, 0, w, h);
+  c.dataset.samples = String(state.rates.length);
   const max = Math.max(1, ...state.rates.map((r) => Math.max(r.pub, r.del)));
   g.strokeStyle = "#e3e7ef";
   g.lineWidth = 1;
@@ -311,7 +312,7 @@ async function loadPresence(more) {
   }
   state.presNext = p.next || null;
   $("pres-next").hidden = !state.presNext;
-  $("pres-info").textContent = "";
+  $("pres-info").textContent = p.presence === false ? "(not a presence channel: see --presence-channels)" : "";
 }
 
 function closeTail() {

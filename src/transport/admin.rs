@@ -365,7 +365,17 @@ async fn admin_api(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bo
             api::history(&ctx, &all, &p["/admin/api/history/".len()..], &query).await
         }
         (Method::GET, p) if p.starts_with("/admin/api/presence/") => {
-            api::presence(&ctx, &all, &p["/admin/api/presence/".len()..], &query)
+            let rest = &p["/admin/api/presence/".len()..];
+            // The inspector opens any channel: one without presence is an empty answer that
+            // says so, not the API's 404.
+            let name = percent_encoding::percent_decode_str(rest).decode_utf8_lossy();
+            match crate::types::ChannelName::new(&name) {
+                Ok(ch) if !ctx.node.engine.has_presence(&ch) => json_response(
+                    StatusCode::OK,
+                    json!({ "channel": ch.as_str(), "presence": false, "members": [] }).to_string(),
+                ),
+                _ => api::presence(&ctx, &all, rest, &query),
+            }
         }
         (Method::GET, "/admin/api/tail") => {
             if ctx.node.engine.overloaded() {
