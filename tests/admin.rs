@@ -346,6 +346,23 @@ fn a_short_admin_secret_stops_the_start() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("admin_password"));
 }
 
+#[test]
+fn check_config_masks_the_admin_secrets() {
+    let out = run_bin(
+        &["check-config"],
+        &[
+            ("RELAY_ADMIN_PASSWORD", PASSWORD),
+            ("RELAY_ADMIN_TOKEN", TOKEN),
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("admin_password = \"<hidden>\""), "{text}");
+    assert!(text.contains("admin_token = \"<hidden>\""), "{text}");
+    assert!(!text.contains(PASSWORD) && !text.contains(TOKEN), "{text}");
+}
+
 /// The ids `/admin/api/nodes` of `relay` lists.
 async fn node_ids(relay: &Relay) -> Vec<String> {
     let bearer = format!("Bearer {TOKEN}");
