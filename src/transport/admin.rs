@@ -28,11 +28,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{
-    HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, COOKIE, HOST, ORIGIN,
-};
+use hyper::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, COOKIE, HOST, ORIGIN};
 use hyper::{Method, Request, Response, StatusCode};
 use ring::hmac;
 use serde_json::{json, Value};
@@ -285,12 +282,7 @@ fn cross_origin() -> Response<Body> {
 }
 
 fn fixed(text: &'static str, kind: &'static str) -> Response<Body> {
-    let mut res = Response::new(Body::Full(Full::new(Bytes::from_static(text.as_bytes()))));
-    res.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(kind));
-    res.headers_mut()
-        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    res
+    super::landing::fixed(Bytes::from_static(text.as_bytes()), kind, "no-cache")
 }
 
 fn set_cookie(res: &mut Response<Body>, cookie: &str, ctx: &ShardContext) {
@@ -314,15 +306,7 @@ async fn login(ctx: &ShardContext, admin: &Admin, req: Request<Incoming>) -> Res
     }
     if let Err(wait) = admin.login_allowed(&ctx.node, &req) {
         crate::limits::refused(crate::limits::Cause::ApiRateLimited, "admin login");
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        let mut res = error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            &format!("too many login attempts: retry after {secs} s"),
-        );
-        res.headers_mut()
-            .insert(hyper::header::RETRY_AFTER, secs.max(1).into());
-        return res;
+        return api::rate_limited("login attempts", wait);
     }
     let body = match api::read_body(ctx, req).await {
         Ok(b) => b,

@@ -164,15 +164,21 @@ fn within_rate(
         _ => ("--api-key-rate-limit", "api key".to_owned()),
     };
     crate::limits::refused(crate::limits::Cause::ApiRateLimited, &detail);
+    Err(rate_limited(&format!("API requests ({flag})"), wait))
+}
+
+/// The 429 `rate_limited` of a request over its rate ("too many `what`"), with `Retry-After`
+/// in whole seconds (at least 1).
+pub(super) fn rate_limited(what: &str, wait: std::time::Duration) -> Response<Body> {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     let mut res = error(
         StatusCode::TOO_MANY_REQUESTS,
         "rate_limited",
-        &format!("too many API requests ({flag}): retry after {secs} s"),
+        &format!("too many {what}: retry after {secs} s"),
     );
     res.headers_mut()
         .insert(hyper::header::RETRY_AFTER, secs.max(1).into());
-    Err(res)
+    res
 }
 
 /// Constant-time equality (for equal lengths; lengths are not secret).

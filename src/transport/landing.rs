@@ -77,7 +77,8 @@ fn host(headers: &HeaderMap) -> Option<&str> {
     (plain && !h.is_empty() && h.len() <= 255).then_some(h)
 }
 
-fn fixed(body: Bytes, kind: &'static str, cache: &'static str) -> Response<Body> {
+/// A whole body of `kind` with `Cache-Control: cache`.
+pub(super) fn fixed(body: Bytes, kind: &'static str, cache: &'static str) -> Response<Body> {
     let mut res = Response::new(Body::Full(Full::new(body)));
     res.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(kind));

@@ -3,81 +3,23 @@
 // in, sees the node status, the shards and a channel list, opens the channel inspector, publishes
 // from the UI and sees the message reach a WebSocket subscriber of the test (the `ws` package)
 // and the page's live tail, logs out; no console error or page error on the way. Every step is
-// bounded in time; the whole run is killed after OVERALL_MS.
+// bounded in time; the whole run is killed after 120 s.
 //
 //   node test/admin.mjs            (RELAY_BIN and CHROMIUM override the paths)
-import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
-import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 import WebSocket from "ws";
+import { CHROMIUM, STEP_MS, atEnd, check, finish, overallTimeout, sleep, startRelay, step } from "./harness.mjs";
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const root = path.resolve(here, "../../..");
-const RELAY = process.env.RELAY_BIN || path.join(root, "target/debug/relay");
-const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const PASSWORD = "browser test password";
-const OVERALL_MS = 120_000;
-const STEP_MS = 15_000;
-
-const cleanups = [];
-async function cleanup() {
-  while (cleanups.length) {
-    try {
-      await cleanups.pop()();
-    } catch {
-      /* best effort */
-    }
-  }
-}
-const overall = setTimeout(async () => {
-  console.error(`admin browser test: no result within ${OVERALL_MS} ms, giving up`);
-  await cleanup();
-  process.exit(1);
-}, OVERALL_MS);
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-function check(cond, msg) {
-  if (!cond) throw new Error(msg);
-}
-
-function startRelay() {
-  const proc = spawn(
-    RELAY,
-    ["serve", "--listen", "127.0.0.1:0", "--admin-password", PASSWORD, "--presence-channels", "room:*", "--drain-period", "0s", "--shutdown-timeout", "3s"],
-    { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, RUST_LOG: process.env.RUST_LOG || "warn" } },
-  );
-  proc.stderr.on("data", (d) => process.stderr.write(`[relay] ${d}`));
-  const exited = new Promise((resolve) => proc.once("exit", resolve));
-  cleanups.push(async () => {
-    if (proc.exitCode === null && proc.signalCode === null) {
-      proc.kill("SIGKILL");
-      await exited;
-    }
-  });
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error("relay did not print its address within 15 s")), 15_000);
-    let buf = "";
-    proc.stdout.on("data", (d) => {
-      buf += d;
-      const m = /listening on http:\/\/(\S+)/.exec(buf);
-      if (m) {
-        clearTimeout(timer);
-        resolve(m[1]);
-      }
-    });
-    proc.once("exit", (code) => {
-      clearTimeout(timer);
-      reject(new Error(`relay exited early (${code})`));
-    });
-  });
-}
+const overall = overallTimeout(120_000, "admin browser test");
 
 /** A WebSocket subscriber of `channel`; resolves once subscribed, records every message. */
 function subscriber(addr, channel) {
   const ws = new WebSocket(`ws://${addr}/ws`);
-  cleanups.push(() => ws.close());
+  atEnd(() => ws.close());
   const messages = [];
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error("not subscribed within 5 s")), 5000);
@@ -94,30 +36,17 @@ function subscriber(addr, channel) {
   });
 }
 
-const results = [];
-async function step(name, fn) {
-  const t0 = Date.now();
-  try {
-    await Promise.race([fn(), sleep(STEP_MS * 2).then(() => Promise.reject(new Error(`step timed out after ${STEP_MS * 2} ms`)))]);
-    results.push({ name, ok: true });
-    console.log(`ok - ${name} (${Date.now() - t0} ms)`);
-  } catch (e) {
-    results.push({ name, ok: false });
-    console.log(`not ok - ${name}: ${e && e.stack ? e.stack : e}`);
-  }
-}
-
-const addr = await startRelay();
+const { addr } = await startRelay(["--listen", "127.0.0.1:0", "--admin-password", PASSWORD, "--presence-channels", "room:*", "--drain-period", "0s", "--shutdown-timeout", "3s"]);
 console.log(`relay at ${addr}`);
 const userDataDir = mkdtempSync(path.join(tmpdir(), "relay-admin-chromium-"));
-cleanups.push(() => rmSync(userDataDir, { recursive: true, force: true }));
+atEnd(() => rmSync(userDataDir, { recursive: true, force: true }));
 const context = await chromium.launchPersistentContext(userDataDir, {
   executablePath: CHROMIUM,
   headless: true,
   timeout: 30_000,
   args: ["--no-sandbox", "--headless", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
 });
-cleanups.push(() => context.close());
+atEnd(() => context.close());
 context.setDefaultTimeout(STEP_MS);
 const page = context.pages()[0] ?? (await context.newPage());
 const problems = [];
@@ -189,8 +118,4 @@ await step("no console errors or page errors", async () => {
   check(problems.length === 0, problems.join("\n"));
 });
 
-await cleanup();
-clearTimeout(overall);
-const failed = results.filter((r) => !r.ok).length;
-console.log(`\nadmin browser: ${results.length - failed} passed, ${failed} failed`);
-process.exit(failed ? 1 : 0);
+await finish("admin browser", overall);
