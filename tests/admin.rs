@@ -321,6 +321,22 @@ async fn channels_come_in_pages_with_subscriber_and_presence_counts() {
     assert_eq!(history["messages"][0]["data"], 1, "{history}");
 }
 
+#[tokio::test]
+async fn the_readme_command_turns_the_admin_ui_on_with_its_password() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let line = readme
+        .lines()
+        .find(|l| l.starts_with("RELAY_ADMIN_PASSWORD='") && l.ends_with("relay serve"))
+        .expect("README shows how to start relay with an admin password");
+    let password = line.split('\'').nth(1).unwrap();
+    assert!(readme.contains("http://127.0.0.1:8080/admin"));
+    let relay = Relay::start_with(&[], &[("RELAY_ADMIN_PASSWORD", password)]);
+    assert_eq!(relay.get("/admin").await.0, 200);
+    let (status, cookie, _) = login(&relay, password).await;
+    assert_eq!((status, cookie.is_some()), (204, true));
+}
+
 #[test]
 fn a_short_admin_secret_stops_the_start() {
     let out = run_bin(
