@@ -1,4 +1,4 @@
-//! Transports over the engine: hyper services for `/ws`, `/sse`, `/api/*` and health.
+//! Transports over the engine: hyper services for `/ws`, `/sse`, `/api/*`, `/admin` and health.
 //!
 //! Each shard thread owns one [`ShardContext`] (`!Send`): its hub, its connections' outboxes and
 //! a handle on the shared [`Node`]. Handlers run on that thread only, so they use the hub
