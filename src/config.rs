@@ -304,6 +304,25 @@ pub struct Config {
     /// past it gets `overloaded`.
     #[arg(long, env = "RELAY_PRESENCE_INFO_BUDGET", value_name = "BYTES", value_parser = parse_bytes, default_value = "64MiB")]
     pub presence_info_budget: usize,
+    /// Admin UI at /admin: the password of its login form (at least 8 bytes). Setting it (or
+    /// --admin-token) turns /admin on; prefer RELAY_ADMIN_PASSWORD to keep it out of `ps`
+    /// [default: none, /admin is 404].
+    #[arg(
+        long,
+        env = "RELAY_ADMIN_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    pub admin_password: Option<String>,
+    /// Admin API for scripts: a bearer secret (at least 16 bytes) that /admin/api/* accepts as
+    /// `Authorization: Bearer <SECRET>`; turns /admin on too [default: none].
+    #[arg(
+        long,
+        env = "RELAY_ADMIN_TOKEN",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
 }
 
 /// Options of `relay serve`: the config file and the settings.
@@ -630,6 +649,12 @@ impl Config {
         };
         if self.jwt_secret.as_ref().is_some_and(|s| s.len() < 16) {
             invalid("jwt_secret", "must be at least 16 bytes");
+        }
+        if self.admin_password.as_ref().is_some_and(|s| s.len() < 8) {
+            invalid("admin_password", "must be at least 8 bytes");
+        }
+        if self.admin_token.as_ref().is_some_and(|s| s.len() < 16) {
+            invalid("admin_token", "must be at least 16 bytes");
         }
         if self.auth_timeout.is_zero() {
             invalid("auth_timeout", "must be > 0");

@@ -25,6 +25,7 @@ pub mod nats;
 pub mod presence;
 pub mod redis;
 pub mod replica;
+pub mod roster;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -54,6 +54,7 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
     let mut node = Node::new(config, shards, seed, auth, tls);
     node.start_backplane(seed)?;
     let node = Arc::new(node);
+    crate::transport::admin::announce(&node)?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let pin = shards <= cores.len();
     // Every shard's runtime (its epoll and timer descriptors) exists before any shard serves:

@@ -54,7 +54,7 @@ pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<B
         (Method::GET, "/api/channels") if !g.is_all() => {
             forbidden("listing channels needs an API key")
         }
-        (Method::GET, "/api/channels") => channels(&ctx, req.uri().query().unwrap_or("")),
+        (Method::GET, "/api/channels") => channels(&ctx, req.uri().query().unwrap_or(""), false),
         (Method::GET, p) if p.starts_with("/api/presence/") => presence(
             &ctx,
             g,
@@ -164,15 +164,21 @@ fn within_rate(
         _ => ("--api-key-rate-limit", "api key".to_owned()),
     };
     crate::limits::refused(crate::limits::Cause::ApiRateLimited, &detail);
+    Err(rate_limited(&format!("API requests ({flag})"), wait))
+}
+
+/// The 429 `rate_limited` of a request over its rate ("too many `what`"), with `Retry-After`
+/// in whole seconds (at least 1).
+pub(super) fn rate_limited(what: &str, wait: std::time::Duration) -> Response<Body> {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     let mut res = error(
         StatusCode::TOO_MANY_REQUESTS,
         "rate_limited",
-        &format!("too many API requests ({flag}): retry after {secs} s"),
+        &format!("too many {what}: retry after {secs} s"),
     );
     res.headers_mut()
         .insert(hyper::header::RETRY_AFTER, secs.max(1).into());
-    Err(res)
+    res
 }
 
 /// Constant-time equality (for equal lengths; lengths are not secret).
@@ -184,7 +190,7 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 #[derive(Deserialize)]
-struct PublishBody<'a> {
+pub(super) struct PublishBody<'a> {
     #[serde(borrow)]
     channel: Cow<'a, str>,
     #[serde(borrow)]
@@ -200,7 +206,10 @@ struct BroadcastBody<'a> {
 }
 
 /// Reads a body of at most `--max-message-size` bytes.
-async fn read_body(ctx: &ShardContext, req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+pub(super) async fn read_body(
+    ctx: &ShardContext,
+    req: Request<Incoming>,
+) -> Result<Bytes, Response<Body>> {
     let max = ctx.config().max_message_size;
     let too_large = || {
         crate::limits::refused(crate::limits::Cause::MessageTooLarge, "http body");
@@ -251,7 +260,7 @@ async fn read_body(ctx: &ShardContext, req: Request<Incoming>) -> Result<Bytes, 
 /// Parses a JSON body: `bad_json` when it is not JSON, `bad_request` when fields are wrong.
 // The error side is the ready-made error response of a cold path; boxing it buys nothing.
 #[allow(clippy::result_large_err)]
-fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Response<Body>> {
+pub(super) fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Response<Body>> {
     serde_json::from_slice(bytes).map_err(|e| {
         let code = if e.is_data() {
             "bad_request"
@@ -298,7 +307,7 @@ fn page_query(query: &str) -> Result<(usize, Option<String>), Response<Body>> {
     Ok((paging::limit(limit), cursor.filter(|c| !c.is_empty())))
 }
 
-async fn publish(ctx: &ShardContext, g: &Grants, b: PublishBody<'_>) -> Response<Body> {
+pub(super) async fn publish(ctx: &ShardContext, g: &Grants, b: PublishBody<'_>) -> Response<Body> {
     let ch = match channel(&b.channel) {
         Ok(c) => c,
         Err(res) => return res,
@@ -361,7 +370,12 @@ async fn broadcast(ctx: &ShardContext, g: &Grants, b: BroadcastBody<'_>) -> Resp
     json(StatusCode::OK, out)
 }
 
-async fn history(ctx: &ShardContext, g: &Grants, name: &str, query: &str) -> Response<Body> {
+pub(super) async fn history(
+    ctx: &ShardContext,
+    g: &Grants,
+    name: &str,
+    query: &str,
+) -> Response<Body> {
     let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
     let ch = match channel(&name) {
         Ok(c) => c,
@@ -433,7 +447,7 @@ async fn history(ctx: &ShardContext, g: &Grants, name: &str, query: &str) -> Res
 
 /// `GET /api/presence/{channel}?limit=&cursor=` (a page of members) and
 /// `GET /api/presence/{channel}/stats`.
-fn presence(ctx: &ShardContext, g: &Grants, rest: &str, query: &str) -> Response<Body> {
+pub(super) fn presence(ctx: &ShardContext, g: &Grants, rest: &str, query: &str) -> Response<Body> {
     let (name, stats) = match rest.strip_suffix("/stats") {
         Some(name) => (name, true),
         None => (rest, false),
@@ -495,8 +509,9 @@ fn presence(ctx: &ShardContext, g: &Grants, rest: &str, query: &str) -> Response
     )
 }
 
-/// `GET /api/channels?limit=&cursor=`: a page of the channels, by name.
-fn channels(ctx: &ShardContext, query: &str) -> Response<Body> {
+/// `GET /api/channels?limit=&cursor=`: a page of the channels, by name; `with_presence` (the
+/// admin UI) adds each presence channel's `presence: {clients, users}`.
+pub(super) fn channels(ctx: &ShardContext, query: &str, with_presence: bool) -> Response<Body> {
     let (limit, cursor) = match page_query(query) {
         Ok(q) => q,
         Err(res) => return res,
@@ -523,6 +538,17 @@ fn channels(ctx: &ShardContext, query: &str) -> Response<Body> {
             "{{\"channel\":\"{}\",\"subscribers\":{},\"seq\":{}}}",
             c.name, c.subscribers, c.seq
         );
+        if let Some(p) = with_presence
+            .then(|| ctx.node.engine.presence(&c.name, None, 0, 0))
+            .flatten()
+        {
+            out.pop();
+            let _ = write!(
+                out,
+                ",\"presence\":{{\"clients\":{},\"users\":{}}}}}",
+                p.stats.clients, p.stats.users
+            );
+        }
     }
     out.push(']');
     if let Some(next) = &page.next {

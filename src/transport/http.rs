@@ -210,6 +210,7 @@ async fn route(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> 
             }
         }
         (_, p) if p.starts_with("/api/") => api::handle(ctx, req).await,
+        (_, p) if p == "/admin" || p.starts_with("/admin/") => super::admin::handle(ctx, req).await,
         (_, "/ws" | "/sse" | "/healthz" | "/readyz") => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -219,7 +220,7 @@ async fn route(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> 
             super::demo::serve(p)
         }
         (&Method::GET, p) if super::landing::is_landing_path(p) => {
-            super::landing::serve(p, req.headers())
+            super::landing::serve(p, req.headers(), ctx.node.admin.is_some())
         }
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such path"),
     }

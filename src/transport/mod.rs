@@ -1,9 +1,10 @@
-//! Transports over the engine: hyper services for `/ws`, `/sse`, `/api/*` and health.
+//! Transports over the engine: hyper services for `/ws`, `/sse`, `/api/*`, `/admin` and health.
 //!
 //! Each shard thread owns one [`ShardContext`] (`!Send`): its hub, its connections' outboxes and
 //! a handle on the shared [`Node`]. Handlers run on that thread only, so they use the hub
 //! without locks; publishes go through the shared engine and wake the shards it names.
 
+pub mod admin;
 pub mod api;
 pub mod demo;
 pub mod http;
@@ -49,6 +50,10 @@ pub struct Node {
     pub api: crate::limits::ApiLimiter,
     /// Peers whose forwarding headers name the client (`--trusted-proxies`).
     pub trusted: crate::proxy::TrustedProxies,
+    /// The admin UI's state; `None`: `/admin` is off (no `--admin-password` or `--admin-token`).
+    pub admin: Option<admin::Admin>,
+    /// Each shard's open connections and subscriptions (the admin UI reads them).
+    pub load: Box<[crate::metrics::ShardLoad]>,
     /// Set on SIGTERM: `/readyz` answers 503 for the drain period, while everything else is
     /// served as usual.
     draining: std::sync::atomic::AtomicBool,
@@ -120,6 +125,8 @@ impl Node {
                 std::time::Instant::now(),
             ),
             trusted: crate::proxy::TrustedProxies::new(&config.trusted_proxies),
+            admin: admin::Admin::new(&config),
+            load: (0..shards).map(|_| Default::default()).collect(),
             draining: Default::default(),
             auth,
             tls,
@@ -372,12 +379,16 @@ impl ShardContext {
             protocol::ENCODER,
             outboxes.clone(),
         );
+        let metrics = match node.load.get(shard) {
+            Some(load) => crate::metrics::ShardMetrics::with_load(load),
+            None => crate::metrics::ShardMetrics::new(),
+        };
         Self {
             node,
             shard,
             hub: RefCell::new(hub),
             tracker: TaskTracker::new(),
-            metrics: crate::metrics::ShardMetrics::new(),
+            metrics,
             outboxes,
             responses: Default::default(),
             next_conn: Cell::new(1),

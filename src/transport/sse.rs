@@ -27,6 +27,16 @@ use std::sync::Arc;
 
 /// Answers `GET /sse?channel=…`.
 pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> {
+    open_as(ctx, req, None).await
+}
+
+/// Answers an SSE request as `given` when it is `Some` (the admin UI's live tail, authorised
+/// by its session), else as the request's token says.
+pub(crate) async fn open_as(
+    ctx: Rc<ShardContext>,
+    req: Request<Incoming>,
+    given: Option<super::ws::ConnAuth>,
+) -> Response<Body> {
     let cfg = ctx.config().clone();
     let mut channels: Vec<ChannelName> = Vec::new();
     let mut last_event_id: Option<String> = None;
@@ -69,7 +79,7 @@ pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bod
         };
         return error(StatusCode::BAD_REQUEST, "bad_request", message);
     }
-    let auth = match super::ws::connection_auth(&ctx, &req) {
+    let auth = match given.map_or_else(|| super::ws::connection_auth(&ctx, &req), Ok) {
         Ok(a) => a,
         Err(e) => {
             crate::limits::refused(crate::limits::Cause::Unauthorized, &e.to_string());
