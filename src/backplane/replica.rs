@@ -107,6 +107,39 @@ pub struct Stored {
     pub entries: Vec<Entry>,
 }
 
+/// What a remote drained from its connection at once, grouped by channel (each channel's
+/// messages in the store's order), for [`Replica::on_batch`]. Kept by the remote's reader and
+/// reused, so a busy connection does not allocate the grouping per batch.
+#[derive(Default)]
+pub struct Batch {
+    runs: Vec<(ChannelName, Vec<Incoming>)>,
+    index: HashMap<ChannelName, usize>,
+}
+
+impl Batch {
+    /// Adds `m` to its channel's run.
+    pub fn push(&mut self, channel: ChannelName, m: Incoming) {
+        match self.index.get(&channel).and_then(|&i| self.runs.get_mut(i)) {
+            Some((_, run)) => run.push(m),
+            None => {
+                self.index.insert(channel.clone(), self.runs.len());
+                self.runs.push((channel, vec![m]));
+            }
+        }
+    }
+
+    /// Whether no message is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// Whether `channel` has messages waiting (a presence announcement of it must wait for
+    /// them: events are placed after the messages published before them).
+    pub fn holds(&self, channel: &ChannelName) -> bool {
+        self.index.contains_key(channel)
+    }
+}
+
 /// What a remote store does for the [`Replica`]. Methods are called with the replica's lock
 /// held: they must return at once (their futures do the I/O) and never call back into the
 /// replica before returning.
@@ -392,13 +425,44 @@ impl Replica {
     /// buffered for after it.
     pub fn on_messages(&self, channel: &ChannelName, msgs: impl IntoIterator<Item = Incoming>) {
         let mut chans = self.chans.lock();
-        let Some(c) = chans.get_mut(channel) else {
+        let (now, now_ms) = (Instant::now(), wall_ms());
+        let wake = self.ingest_run(&mut chans, channel, msgs, now, now_ms);
+        drop(chans);
+        self.wakers.wake(wake);
+    }
+
+    /// A batch of runs (what a remote drained from its connection at once, grouped by
+    /// channel, each run in the store's order): one lock and one wake for the whole batch,
+    /// each run as [`Replica::on_messages`].
+    pub fn on_batch(&self, runs: &mut Batch) {
+        if runs.is_empty() {
             return;
+        }
+        let mut chans = self.chans.lock();
+        let (now, now_ms) = (Instant::now(), wall_ms());
+        let mut wake = 0;
+        for (channel, msgs) in runs.runs.drain(..) {
+            wake |= self.ingest_run(&mut chans, &channel, msgs, now, now_ms);
+        }
+        runs.index.clear();
+        drop(chans);
+        self.wakers.wake(wake);
+    }
+
+    fn ingest_run(
+        &self,
+        chans: &mut HashMap<ChannelName, Chan>,
+        channel: &ChannelName,
+        msgs: impl IntoIterator<Item = Incoming>,
+        now: Instant,
+        now_ms: u64,
+    ) -> ShardMask {
+        let Some(c) = chans.get_mut(channel) else {
+            return 0;
         };
         let mut msgs = msgs.into_iter();
         let mut wake = 0;
         if c.state == State::Synced {
-            let (now, now_ms) = (Instant::now(), wall_ms());
             for m in msgs.by_ref() {
                 match self.ingest(channel, &m, now, now_ms) {
                     Ok(w) => wake |= w,
@@ -414,8 +478,7 @@ impl Replica {
         for m in msgs {
             c.buffer(m);
         }
-        drop(chans);
-        self.wakers.wake(wake);
+        wake
     }
 
     /// Another node announced a presence join (`member` as [`super::presence::encode_member`]
