@@ -40,6 +40,7 @@ use super::presence::{decode_member, Members, Mirror, PresenceOp};
 use super::{
     backoff, instant_of, wall_ms, Backplane, BackplaneError, BoxFuture, Seeds, Settings, Wakers,
 };
+use crate::engine::presence::Identity;
 use crate::engine::{Engine, History, IngestOutcome, Publication, RemoteEntry, ShardMask};
 use crate::types::{ChannelName, DataKind, Epoch, StreamPosition};
 
@@ -875,6 +876,37 @@ impl Backplane for Replica {
 
     fn is_ready(&self) -> bool {
         self.remote.is_up()
+    }
+
+    fn presence(
+        &self,
+        channel: &ChannelName,
+    ) -> Option<BoxFuture<Result<Vec<Identity>, BackplaneError>>> {
+        // A synced channel's presence is mirrored in the engine (local and remote members).
+        if self
+            .chans
+            .lock()
+            .get(channel)
+            .is_some_and(|c| c.state == State::Synced)
+        {
+            return None;
+        }
+        if !self.remote.is_up() {
+            let why = format!("{} is unavailable", self.remote.name());
+            return Some(Box::pin(std::future::ready(Err(
+                BackplaneError::Unavailable(why),
+            ))));
+        }
+        let read = self.remote.presence(channel, Vec::new(), true);
+        Some(Box::pin(async move {
+            let members = read.await?.unwrap_or_default();
+            let now_ms = wall_ms();
+            Ok(members
+                .into_values()
+                .filter(|(_, _, expiry)| *expiry >= now_ms)
+                .map(|(_, who, _)| who)
+                .collect())
+        }))
     }
 }
 

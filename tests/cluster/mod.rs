@@ -397,7 +397,9 @@ pub async fn a_burst_on_one_channel_is_sequenced_without_loss_or_repeat(kind: Ki
     for round in 0..N / ROUND {
         for i in round * ROUND..(round + 1) * ROUND {
             publisher
-                .send_json(json!({"type": "publish", "id": i, "channel": "burst", "data": {"i": i}}))
+                .send_json(
+                    json!({"type": "publish", "id": i, "channel": "burst", "data": {"i": i}}),
+                )
                 .await;
         }
         while (by_seq.len() as u64) < (round + 1) * ROUND {
@@ -408,7 +410,10 @@ pub async fn a_burst_on_one_channel_is_sequenced_without_loss_or_repeat(kind: Ki
                 .unwrap_or_else(|| panic!("{} of {N} publishes answered", by_seq.len()));
             assert_eq!(v["type"], "published", "{v}");
             let (seq, i) = (v["seq"].as_u64().unwrap(), v["id"].as_u64().unwrap());
-            assert!(by_seq.insert(seq, json!({"i": i})).is_none(), "seq {seq} given twice");
+            assert!(
+                by_seq.insert(seq, json!({"i": i})).is_none(),
+                "seq {seq} given twice"
+            );
         }
     }
     assert_eq!(
@@ -716,6 +721,56 @@ async fn wait_members(r: &Relay, channel: &str, want: &[&str], within: Duration)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A node with no subscriber of a channel (so it does not receive it) lists the channel's
+/// members of every node from the store, and sees a leave.
+pub async fn presence_is_listed_by_a_node_without_subscribers_of_the_channel(kind: Kind) {
+    let server = Server::start(kind);
+    let opts = [
+        "--presence-channels",
+        "presence:*",
+        "--heartbeat-interval",
+        "500ms",
+        "--presence-timeout",
+        "2s",
+    ];
+    let a = node(&server, "a", &opts).await;
+    let b = node(&server, "b", &opts).await;
+    let ch = "presence:far";
+    let mut users = Vec::new();
+    for user in ["alice", "amir"] {
+        let mut ws = Ws::connect(&a.ws_url()).await;
+        ws.send_json(json!({"type":"subscribe","channel":ch,"presence":{"user":user}}))
+            .await;
+        let v = ws.recv_json().await;
+        assert_eq!(v["type"], "subscribed", "{v}");
+        users.push(ws);
+    }
+    wait_members(&b, ch, &["alice", "amir"], Duration::from_secs(5)).await;
+    let (status, stats) = b.get(&format!("/api/presence/{ch}/stats")).await;
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!(
+        (stats["clients"].as_u64(), stats["users"].as_u64()),
+        (Some(2), Some(2)),
+        "{stats}"
+    );
+    let (status, page) = b.get(&format!("/api/presence/{ch}?limit=1")).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["members"].as_array().map(Vec::len), Some(1), "{page}");
+    let next = page["next"].as_str().expect("a next page").to_owned();
+    let (_, rest) = b
+        .get(&format!("/api/presence/{ch}?limit=1&cursor={next}"))
+        .await;
+    assert_eq!(rest["members"].as_array().map(Vec::len), Some(1), "{rest}");
+    assert_ne!(rest["members"][0]["client"], page["members"][0]["client"]);
+    assert_eq!(
+        b.channel_info(ch).await.map(|c| c["subscribers"].clone()),
+        None,
+        "b never received the channel"
+    );
+    users.pop().unwrap().close_cleanly().await;
+    wait_members(&b, ch, &["alice"], Duration::from_secs(5)).await;
 }
 
 pub async fn presence_spans_nodes_and_a_killed_nodes_members_leave_within_the_timeout(kind: Kind) {
