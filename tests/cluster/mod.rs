@@ -723,29 +723,38 @@ async fn wait_members(r: &Relay, channel: &str, want: &[&str], within: Duration)
     }
 }
 
+/// Presence on `presence:*`, quick timeouts.
+const PRESENCE_OPTS: [&str; 8] = [
+    "--presence-channels",
+    "presence:*",
+    "--heartbeat-interval",
+    "500ms",
+    "--presence-timeout",
+    "2s",
+    "--presence-sweep",
+    "200ms",
+];
+
+/// A WebSocket subscriber of `ch` on `n` that is a presence member as `user`.
+async fn presence_member(n: &Relay, ch: &str, user: &str) -> Ws {
+    let mut ws = Ws::connect(&n.ws_url()).await;
+    ws.send_json(json!({"type":"subscribe","channel":ch,"presence":{"user":user}}))
+        .await;
+    let v = ws.recv_json().await;
+    assert_eq!(v["type"], "subscribed", "{v}");
+    ws
+}
+
 /// A node with no subscriber of a channel (so it does not receive it) lists the channel's
 /// members of every node from the store, and sees a leave.
 pub async fn presence_is_listed_by_a_node_without_subscribers_of_the_channel(kind: Kind) {
     let server = Server::start(kind);
-    let opts = [
-        "--presence-channels",
-        "presence:*",
-        "--heartbeat-interval",
-        "500ms",
-        "--presence-timeout",
-        "2s",
-    ];
-    let a = node(&server, "a", &opts).await;
-    let b = node(&server, "b", &opts).await;
+    let a = node(&server, "a", &PRESENCE_OPTS).await;
+    let b = node(&server, "b", &PRESENCE_OPTS).await;
     let ch = "presence:far";
     let mut users = Vec::new();
     for user in ["alice", "amir"] {
-        let mut ws = Ws::connect(&a.ws_url()).await;
-        ws.send_json(json!({"type":"subscribe","channel":ch,"presence":{"user":user}}))
-            .await;
-        let v = ws.recv_json().await;
-        assert_eq!(v["type"], "subscribed", "{v}");
-        users.push(ws);
+        users.push(presence_member(&a, ch, user).await);
     }
     wait_members(&b, ch, &["alice", "amir"], Duration::from_secs(5)).await;
     let (status, stats) = b.get(&format!("/api/presence/{ch}/stats")).await;
@@ -775,28 +784,13 @@ pub async fn presence_is_listed_by_a_node_without_subscribers_of_the_channel(kin
 
 pub async fn presence_spans_nodes_and_a_killed_nodes_members_leave_within_the_timeout(kind: Kind) {
     let redis = Server::start(kind);
-    let opts = [
-        "--presence-channels",
-        "presence:*",
-        "--heartbeat-interval",
-        "500ms",
-        "--presence-timeout",
-        "2s",
-        "--presence-sweep",
-        "200ms",
-    ];
-    let a = node(&redis, "a", &opts).await;
-    let b = node(&redis, "b", &opts).await;
-    let c = node(&redis, "c", &opts).await;
+    let a = node(&redis, "a", &PRESENCE_OPTS).await;
+    let b = node(&redis, "b", &PRESENCE_OPTS).await;
+    let c = node(&redis, "c", &PRESENCE_OPTS).await;
     let ch = "presence:lobby";
     let mut clients = Vec::new();
     for (n, user) in [(&a, "alice"), (&b, "bob"), (&c, "carol")] {
-        let mut ws = Ws::connect(&n.ws_url()).await;
-        ws.send_json(json!({"type":"subscribe","channel":ch,"presence":{"user":user}}))
-            .await;
-        let v = ws.recv_json().await;
-        assert_eq!(v["type"], "subscribed", "{v}");
-        clients.push(ws);
+        clients.push(presence_member(n, ch, user).await);
     }
     for n in [&a, &b, &c] {
         wait_members(n, ch, &["alice", "bob", "carol"], Duration::from_secs(5)).await;
