@@ -36,6 +36,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use crate::engine::presence::Identity;
 use crate::engine::{mask_iter, mix_public, History, ShardMask};
 use crate::types::{ChannelName, DataKind, Epoch};
 
@@ -87,6 +88,16 @@ pub trait Backplane: Send + Sync {
 
     /// Whether the node can sequence publishes now (`/readyz`).
     fn is_ready(&self) -> bool;
+
+    /// The channel's presence members on every node, read from the store, when this node does
+    /// not mirror the channel (it receives only the channels it has subscribers in). `None`:
+    /// the local engine's presence is the answer (memory mode, or a mirrored channel).
+    fn presence(
+        &self,
+        _channel: &ChannelName,
+    ) -> Option<BoxFuture<Result<Vec<Identity>, BackplaneError>>> {
+        None
+    }
 }
 
 /// Wakes the shards of a node (the fan-out pump of each).

@@ -176,7 +176,7 @@ pub enum PresenceError {
 }
 
 /// Bytes of an identity's ids and info.
-fn identity_len(who: &Identity) -> usize {
+pub(crate) fn identity_len(who: &Identity) -> usize {
     who.client.len() + who.user.len() + who.info.as_ref().map_or(0, Bytes::len)
 }
 

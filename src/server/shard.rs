@@ -62,6 +62,13 @@ async fn serve(node: Arc<Node>, index: usize, listener: StdListener) {
     // outboxes hold after each pass (growth) and every upkeep tick (what writers drained).
     let pump_ctx = ctx.clone();
     let pump_stop = shutdown.clone();
+    // With a remote backplane, a publish is answered when its round trip ends, usually at the
+    // moment its message arrives to be fanned out; HTTP/1 answers a connection's pipelined
+    // requests one at a time. A pump pass that ran first would write every subscriber before
+    // the publisher's next request is read, so one message per pass and one write per
+    // subscriber per message. Yielding first lets the answer go and the next publish start, so
+    // its round trip overlaps the pass and the messages that arrive meanwhile share the writes.
+    let yield_first = pump_ctx.node.config.backplane != crate::config::BackplaneKind::Memory;
     tokio::task::spawn_local(async move {
         let waker = &pump_ctx.node.wakers[index];
         let mut upkeep = tokio::time::interval(UPKEEP);
@@ -69,6 +76,9 @@ async fn serve(node: Arc<Node>, index: usize, listener: StdListener) {
         loop {
             tokio::select! {
                 _ = waker.notified() => {
+                    if yield_first {
+                        tokio::task::yield_now().await;
+                    }
                     let stats = pump_ctx.hub.borrow_mut().pump();
                     pump_ctx.metrics.pumped(&stats);
                     pump_ctx.report_memory();

@@ -358,7 +358,7 @@ async fn admin_api(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bo
                     StatusCode::OK,
                     json!({ "channel": ch.as_str(), "presence": false, "members": [] }).to_string(),
                 ),
-                _ => api::presence(&ctx, &all, rest, &query),
+                _ => api::presence(&ctx, &all, rest, &query).await,
             }
         }
         (Method::GET, "/admin/api/tail") => {

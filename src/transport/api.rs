@@ -55,12 +55,15 @@ pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<B
             forbidden("listing channels needs an API key")
         }
         (Method::GET, "/api/channels") => channels(&ctx, req.uri().query().unwrap_or(""), false),
-        (Method::GET, p) if p.starts_with("/api/presence/") => presence(
-            &ctx,
-            g,
-            &p["/api/presence/".len()..],
-            req.uri().query().unwrap_or(""),
-        ),
+        (Method::GET, p) if p.starts_with("/api/presence/") => {
+            presence(
+                &ctx,
+                g,
+                &p["/api/presence/".len()..],
+                req.uri().query().unwrap_or(""),
+            )
+            .await
+        }
         (Method::GET, p) if p.starts_with("/api/history/") => {
             history(
                 &ctx,
@@ -447,7 +450,14 @@ pub(super) async fn history(
 
 /// `GET /api/presence/{channel}?limit=&cursor=` (a page of members) and
 /// `GET /api/presence/{channel}/stats`.
-pub(super) fn presence(ctx: &ShardContext, g: &Grants, rest: &str, query: &str) -> Response<Body> {
+/// On a node that does not receive the channel (no local subscriber), the members of every
+/// node are read from the backplane's store.
+pub(super) async fn presence(
+    ctx: &ShardContext,
+    g: &Grants,
+    rest: &str,
+    query: &str,
+) -> Response<Body> {
     let (name, stats) = match rest.strip_suffix("/stats") {
         Some(name) => (name, true),
         None => (rest, false),
@@ -464,12 +474,29 @@ pub(super) fn presence(ctx: &ShardContext, g: &Grants, rest: &str, query: &str) 
         Ok(q) => q,
         Err(res) => return res,
     };
-    let page = ctx.node.engine.presence(
-        &ch,
-        cursor.as_deref(),
-        if stats { 0 } else { limit },
-        paging::MAX_PAGE_BYTES,
-    );
+    let limit = if stats { 0 } else { limit };
+    let remote = ctx
+        .node
+        .engine
+        .has_presence(&ch)
+        .then(|| ctx.node.backplane.presence(&ch))
+        .flatten();
+    let page = match remote {
+        None => ctx
+            .node
+            .engine
+            .presence(&ch, cursor.as_deref(), limit, paging::MAX_PAGE_BYTES),
+        Some(read) => match read.await {
+            Ok(members) => {
+                let seq = ctx.node.engine.position(&ch).map_or(0, |p| p.seq);
+                let (after, max) = (cursor.as_deref(), paging::MAX_PAGE_BYTES);
+                Some(crate::backplane::presence::page(
+                    members, seq, after, limit, max,
+                ))
+            }
+            Err(e) => return unavailable(&PublishError::Unavailable(e.to_string())),
+        },
+    };
     let Some(p) = page else {
         return error(
             StatusCode::NOT_FOUND,
