@@ -18,6 +18,8 @@
 //! - [`transport`]: hyper services over the engine: `/ws`, `/sse`, `/api`, health.
 //! - [`tools`]: `relay gentoken`, `check-config` and `genconfig` (token claims and signing,
 //!   the effective settings with secrets masked, a config with fresh secrets).
+//! - [`webhooks`]: POSTs to the application's backend when channels are occupied or vacated
+//!   and members come and go (batched, signed, retried), and the outbound HTTP client.
 //! - [`server`]: per-core shards (pinned `current_thread` runtimes with `SO_REUSEPORT`
 //!   listeners), wake-ups and graceful shutdown.
 //!
@@ -36,3 +38,4 @@ pub mod tls;
 pub mod tools;
 pub mod transport;
 pub mod types;
+pub mod webhooks;

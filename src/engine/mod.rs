@@ -22,6 +22,7 @@
 
 pub mod hub;
 pub mod memory;
+pub mod observe;
 pub mod outbox;
 pub mod presence;
 
@@ -511,6 +512,8 @@ pub struct Engine {
     /// Info bytes of every presence member on the node.
     info_bytes: AtomicUsize,
     stats: EngineStats,
+    /// Told about occupancy and presence changes (webhooks), when set.
+    observer: std::sync::OnceLock<Arc<dyn observe::Observer>>,
 }
 
 impl Engine {
@@ -534,8 +537,14 @@ impl Engine {
             subscribed: (0..TABLE_PARTS).map(|_| Mutex::default()).collect(),
             info_bytes: AtomicUsize::new(0),
             stats: EngineStats::default(),
+            observer: std::sync::OnceLock::new(),
             cfg,
         }
+    }
+
+    /// Sets the observer of occupancy and presence changes (once; later calls are ignored).
+    pub fn set_observer(&self, observer: Arc<dyn observe::Observer>) {
+        let _ = self.observer.set(observer);
     }
 
     /// The settings in force.
@@ -961,6 +970,9 @@ impl Engine {
                 self.subscribed[self.part_index(name)]
                     .lock()
                     .insert(name.clone());
+                if let Some(o) = self.observer.get() {
+                    o.occupancy(name, true);
+                }
             }
             // After the interest update, so that this shard pulls its own join event too.
             let wake = if joined { Self::mark_dirty(ch, st) } else { 0 };
@@ -1009,7 +1021,15 @@ impl Engine {
     ) -> Option<R> {
         let p = st.presence.as_mut()?;
         let (bytes, info, empty) = (p.bytes(), p.info_bytes(), p.is_empty());
+        let pseq = p.pseq();
         let r = f(p);
+        if let Some(o) = self.observer.get().filter(|_| p.pseq() != pseq) {
+            let mut events = Vec::new();
+            p.read_since(pseq, &mut events);
+            for e in events {
+                o.presence(&ch.name, &e.who, e.join);
+            }
+        }
         p.trim_events(now_ms);
         self.meter
             .add(Kind::Presence, p.bytes() as i64 - bytes as i64);
@@ -1189,6 +1209,9 @@ impl Engine {
             self.subscribed[self.part_index(&channel.name)]
                 .lock()
                 .remove(&channel.name);
+            if let Some(o) = self.observer.get() {
+                o.occupancy(&channel.name, false);
+            }
         }
         st.interest == 0
     }

@@ -53,6 +53,7 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
         ^ u64::from(std::process::id()).rotate_left(32);
     let mut node = Node::new(config, shards, seed, auth, tls);
     node.start_backplane(seed)?;
+    node.start_webhooks(Vec::new(), seed)?;
     let node = Arc::new(node);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let pin = shards <= cores.len();

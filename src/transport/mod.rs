@@ -49,6 +49,8 @@ pub struct Node {
     pub api: crate::limits::ApiLimiter,
     /// Peers whose forwarding headers name the client (`--trusted-proxies`).
     pub trusted: crate::proxy::TrustedProxies,
+    /// The webhook dispatcher, when hooks are configured ([`Node::start_webhooks`]).
+    pub webhooks: Option<Arc<crate::webhooks::Webhooks>>,
     /// Set on SIGTERM: `/readyz` answers 503 for the drain period, while everything else is
     /// served as usual.
     draining: std::sync::atomic::AtomicBool,
@@ -121,6 +123,7 @@ impl Node {
             ),
             trusted: crate::proxy::TrustedProxies::new(&config.trusted_proxies),
             draining: Default::default(),
+            webhooks: None,
             auth,
             tls,
             config,
@@ -242,6 +245,44 @@ impl Node {
                 Ok(())
             }
         }
+    }
+
+    /// Starts the webhook dispatcher for the `--webhook-url` hooks plus `extra` (hooks of
+    /// another format, e.g. a compatibility API's) and makes it the engine's observer. Nothing
+    /// without hooks. Call once, before the node is shared.
+    pub fn start_webhooks(
+        &mut self,
+        extra: Vec<crate::webhooks::Hook>,
+        seed: u64,
+    ) -> std::io::Result<()> {
+        let format: Arc<dyn crate::webhooks::Format> = Arc::new(
+            crate::webhooks::RelayFormat::new(self.config.webhook_secret.as_deref()),
+        );
+        let mut hooks = Vec::new();
+        for spec in &self.config.webhook_url {
+            // Checked by `Config::problems` already.
+            let (events, url) =
+                crate::webhooks::parse_hook_spec(spec).map_err(std::io::Error::other)?;
+            hooks.push(crate::webhooks::Hook {
+                url,
+                events,
+                format: format.clone(),
+            });
+        }
+        hooks.extend(extra);
+        if hooks.is_empty() {
+            return Ok(());
+        }
+        let webhooks = crate::webhooks::Webhooks::start(
+            hooks,
+            crate::webhooks::Settings::from_config(&self.config),
+            self.config.node_id(),
+            seed,
+            self.shutdown.clone(),
+        )?;
+        self.engine.set_observer(webhooks.clone());
+        self.webhooks = Some(webhooks);
+        Ok(())
     }
 
     /// What a subscriber of `channel` must wait for before it is added to a hub: `None` when
