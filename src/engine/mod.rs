@@ -948,6 +948,13 @@ impl Engine {
             let shard = shard % self.cfg.shards;
             let pseq = st.presence.as_ref().map_or(0, |p| p.pseq());
             let top = st.top;
+            let first_on_node = st.shard_subs.iter().all(|&n| n == 0);
+            // Occupancy before the subscriber's presence join, so an observer sees them in the
+            // order a member sees them (the channel is occupied, then someone is in it).
+            let observer = self.observer.get().filter(|_| first_on_node);
+            if let Some(o) = observer {
+                o.occupancy(name, true);
+            }
             let joined = match join.take() {
                 Some(j) if st.presence.is_some() => {
                     let info = j.who.info.as_ref().map_or(0, Bytes::len);
@@ -955,24 +962,28 @@ impl Engine {
                         && self.info_bytes.load(Ordering::Relaxed) + info
                             > self.cfg.presence.info_budget
                     {
+                        if let Some(o) = observer {
+                            o.occupancy(name, false);
+                        }
                         return Err(SubscribeError::Presence(PresenceError::InfoBudget));
                     }
                     let max = self.cfg.presence.max_members;
-                    self.presence_op(ch, st, now_ms, |p| p.join(j.who, j.live, top, max, now_ms))
-                        .unwrap_or(Ok(false))?
+                    let r = self
+                        .presence_op(ch, st, now_ms, |p| p.join(j.who, j.live, top, max, now_ms))
+                        .unwrap_or(Ok(false));
+                    if let (Err(_), Some(o)) = (&r, observer) {
+                        o.occupancy(name, false);
+                    }
+                    r?
                 }
                 _ => false,
             };
-            let first_on_node = st.shard_subs.iter().all(|&n| n == 0);
             st.shard_subs[shard] += 1;
             st.interest |= 1 << shard;
             if first_on_node {
                 self.subscribed[self.part_index(name)]
                     .lock()
                     .insert(name.clone());
-                if let Some(o) = self.observer.get() {
-                    o.occupancy(name, true);
-                }
             }
             // After the interest update, so that this shard pulls its own join event too.
             let wake = if joined { Self::mark_dirty(ch, st) } else { 0 };

@@ -255,9 +255,9 @@ impl Node {
         extra: Vec<crate::webhooks::Hook>,
         seed: u64,
     ) -> std::io::Result<()> {
-        let format: Arc<dyn crate::webhooks::Format> = Arc::new(
-            crate::webhooks::RelayFormat::new(self.config.webhook_secret.as_deref()),
-        );
+        let format: Arc<dyn crate::webhooks::Format> = Arc::new(crate::webhooks::RelayFormat::new(
+            self.config.webhook_secret.as_deref(),
+        ));
         let mut hooks = Vec::new();
         for spec in &self.config.webhook_url {
             // Checked by `Config::problems` already.

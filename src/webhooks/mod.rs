@@ -94,13 +94,14 @@ impl EventSet {
 
     /// The set of the `+`-separated names in `s` (`channel_occupied+channel_vacated`).
     pub fn parse(s: &str) -> Result<Self, String> {
-        s.split('+').try_fold(Self(0), |set, name| match EventKind::parse(name) {
-            Some(k) => Ok(Self(set.0 | k.bit())),
-            None => Err(format!(
-                "unknown webhook event {name:?} (known: {})",
-                EventKind::ALL.map(EventKind::as_str).join(", ")
-            )),
-        })
+        s.split('+')
+            .try_fold(Self(0), |set, name| match EventKind::parse(name) {
+                Some(k) => Ok(Self(set.0 | k.bit())),
+                None => Err(format!(
+                    "unknown webhook event {name:?} (known: {})",
+                    EventKind::ALL.map(EventKind::as_str).join(", ")
+                )),
+            })
     }
 }
 
@@ -481,12 +482,8 @@ async fn send_loop(
                     tracing::debug!(url = %q.hook.url, error = %e, attempt, "webhook POST failed; retrying");
                     metrics::counter!("relay_webhook_retries_total").increment(1);
                     random = crate::engine::mix_public(random, attempt as u64);
-                    let wait = crate::backplane::backoff(
-                        attempt - 1,
-                        s.retry_base,
-                        s.retry_cap,
-                        random,
-                    );
+                    let wait =
+                        crate::backplane::backoff(attempt - 1, s.retry_base, s.retry_cap, random);
                     tokio::time::sleep(wait).await;
                 }
             }
@@ -495,6 +492,7 @@ async fn send_loop(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
