@@ -70,6 +70,13 @@ pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<B
             )
             .await
         }
+        (_, p)
+            if p.starts_with("/api/users/")
+                || p.starts_with("/api/channels/")
+                || p == "/api/batch" =>
+        {
+            super::server_api::handle(&ctx, g, req).await
+        }
         (_, "/api/publish" | "/api/broadcast" | "/api/channels") => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -200,7 +207,10 @@ struct BroadcastBody<'a> {
 }
 
 /// Reads a body of at most `--max-message-size` bytes.
-async fn read_body(ctx: &ShardContext, req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+pub(super) async fn read_body(
+    ctx: &ShardContext,
+    req: Request<Incoming>,
+) -> Result<Bytes, Response<Body>> {
     let max = ctx.config().max_message_size;
     let too_large = || {
         crate::limits::refused(crate::limits::Cause::MessageTooLarge, "http body");

@@ -9,7 +9,9 @@ pub mod demo;
 pub mod http;
 pub mod io;
 pub mod landing;
+pub mod server_api;
 pub mod sse;
+pub mod users;
 pub mod ws;
 
 use std::cell::{Cell, RefCell};
@@ -51,6 +53,8 @@ pub struct Node {
     pub trusted: crate::proxy::TrustedProxies,
     /// The webhook dispatcher, when hooks are configured ([`Node::start_webhooks`]).
     pub webhooks: Option<Arc<crate::webhooks::Webhooks>>,
+    /// Server API commands for users' connections, one inbox per shard.
+    pub users: users::UserControl,
     /// Set on SIGTERM: `/readyz` answers 503 for the drain period, while everything else is
     /// served as usual.
     draining: std::sync::atomic::AtomicBool,
@@ -124,6 +128,7 @@ impl Node {
             trusted: crate::proxy::TrustedProxies::new(&config.trusted_proxies),
             draining: Default::default(),
             webhooks: None,
+            users: users::UserControl::new(shards),
             auth,
             tls,
             config,
@@ -400,6 +405,8 @@ pub struct ShardContext {
     pub outboxes: crate::engine::outbox::Gauge,
     /// Bytes of HTTP API answers built on this shard and not yet sent.
     pub responses: crate::engine::outbox::Gauge,
+    /// This shard's connections by user (server API commands).
+    pub users: users::ShardUsers,
     next_conn: Cell<ConnId>,
 }
 
@@ -421,6 +428,7 @@ impl ShardContext {
             metrics: crate::metrics::ShardMetrics::new(),
             outboxes,
             responses: Default::default(),
+            users: Default::default(),
             next_conn: Cell::new(1),
         }
     }
