@@ -21,6 +21,7 @@
 //! evicted under pressure, then what would grow memory is refused).
 
 pub mod hub;
+pub mod idempotency;
 pub mod memory;
 pub mod observe;
 pub mod outbox;
@@ -100,6 +101,9 @@ pub struct EngineConfig {
     /// Slow-consumer policy by channel pattern: the first match wins; no match is
     /// [`SlowPolicy::Disconnect`].
     pub slow_consumer: Vec<(String, SlowPolicy)>,
+    /// How long a publish's idempotency key is remembered (at most the history TTL: the
+    /// keys go with their channel).
+    pub idempotency_window: Duration,
 }
 
 impl Default for EngineConfig {
@@ -114,6 +118,7 @@ impl Default for EngineConfig {
             seed: 0,
             presence: Default::default(),
             slow_consumer: Vec::new(),
+            idempotency_window: Duration::from_secs(60),
         }
     }
 }
@@ -261,6 +266,8 @@ struct ChannelState {
     /// Bumped by [`Engine::reset`]: hubs whose subscribers were positioned in an older
     /// generation close them for resume (their positions no longer connect).
     generation: u64,
+    /// Idempotency keys of recent publishes (`None` until the first).
+    keys: Option<Box<idempotency::Keys>>,
 }
 
 impl ChannelState {
@@ -327,6 +334,17 @@ pub struct Published {
     pub seq: u64,
     /// Shards to wake: they have subscribers and were not already dirty.
     pub wake: ShardMask,
+}
+
+/// Why a conditional publish was not done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PublishRefused {
+    /// The node cannot grow.
+    #[error(transparent)]
+    Overloaded(Overloaded),
+    /// `expected_seq` is not the channel's top, which is this.
+    #[error("expected_seq is not the channel's top seq ({}:{})", .0.epoch, .0.seq)]
+    SeqMismatch(StreamPosition),
 }
 
 /// How a subscribe went.
@@ -665,6 +683,7 @@ impl Engine {
                 removed: false,
                 presence: self.has_presence(name).then(Box::default),
                 generation: 0,
+                keys: None,
             }),
         });
         part.insert(name.clone(), ch.clone());
@@ -793,6 +812,74 @@ impl Engine {
         Ok(published)
     }
 
+    /// [`Engine::publish`] under `cond`: a repeat of an idempotency key within the window
+    /// answers the first publish's position and publishes nothing (`.1` is `true`); with
+    /// `expected_seq`, publishes only when the channel's top is that seq, else
+    /// [`PublishRefused::SeqMismatch`] with the current position. A duplicate is recognised
+    /// before the seq is compared, so the retry of a conditional publish that went through
+    /// gets its seq, not a mismatch.
+    pub fn publish_with(
+        &self,
+        name: &ChannelName,
+        kind: DataKind,
+        data: Bytes,
+        cond: &idempotency::PublishConditions,
+        now: Instant,
+    ) -> Result<(Published, bool), PublishRefused> {
+        self.admit(name, now).map_err(PublishRefused::Overloaded)?;
+        let window = self.cfg.idempotency_window;
+        let (r, ch) = self
+            .with_channel(name, now, true, |ch, st| {
+                if let Some(keys) = st.keys.as_mut() {
+                    let freed = keys.prune(now, window);
+                    self.meter.add(Kind::History, -(freed as i64));
+                }
+                let key = cond.idempotency_key.as_ref();
+                if let Some(seq) = key.and_then(|k| st.keys.as_ref()?.get(k)) {
+                    let p = Published {
+                        epoch: st.epoch,
+                        seq,
+                        wake: 0,
+                    };
+                    return (Ok((p, true)), ch.clone());
+                }
+                if cond.expected_seq.is_some_and(|e| e != st.top) {
+                    let at = StreamPosition {
+                        epoch: st.epoch,
+                        seq: st.top,
+                    };
+                    return (Err(PublishRefused::SeqMismatch(at)), ch.clone());
+                }
+                st.top += 1;
+                st.last_active = now;
+                st.recent = true;
+                let mut cost = st.push(st.top, now, kind, data.clone());
+                if let Some(k) = key {
+                    let top = st.top;
+                    let keys = st.keys.get_or_insert_with(Box::default);
+                    cost += keys.insert(k.clone(), top, now);
+                    // The expiry queue looks at the channel again once its oldest key is due.
+                    if let Some(at) = keys.next_expiry(window) {
+                        self.schedule(ch, st, at + Duration::from_millis(1));
+                    }
+                }
+                let freed = self.trim(ch, st, now);
+                self.meter.add(Kind::History, cost as i64 - freed as i64);
+                let wake = Self::mark_dirty(ch, st);
+                let p = Published {
+                    epoch: st.epoch,
+                    seq: st.top,
+                    wake,
+                };
+                (Ok((p, false)), ch.clone())
+            })
+            .map_err(PublishRefused::Overloaded)?;
+        if let Ok((p, false)) = &r {
+            self.enqueue_dirty(&ch, p.wake);
+        }
+        r
+    }
+
     /// Where the history window of the ring starts: the oldest entry that is within the last
     /// `history_size`, the last `history_max_bytes` and the TTL. `ring.len()` when none is.
     fn history_start(&self, st: &ChannelState, now: Instant) -> usize {
@@ -893,6 +980,13 @@ impl Engine {
         }
         if let Some(ms) = st.presence.as_ref().and_then(|p| p.events_due()) {
             due = due.min(self.base + Duration::from_millis(ms));
+        }
+        if let Some(at) = st
+            .keys
+            .as_ref()
+            .and_then(|k| k.next_expiry(self.cfg.idempotency_window))
+        {
+            due = due.min(at);
         }
         (due + Duration::from_millis(1)).max(now + MIN_RECHECK)
     }
@@ -1492,7 +1586,14 @@ impl Engine {
             return false; // A stale entry: the channel is gone or has a sooner one.
         }
         st.next_check = None;
-        let freed = self.trim(ch, &mut st, now);
+        let mut freed = self.trim(ch, &mut st, now);
+        let window = self.cfg.idempotency_window;
+        if let Some(keys) = st.keys.as_mut() {
+            freed += keys.prune(now, window);
+            if keys.bytes() == 0 {
+                st.keys = None;
+            }
+        }
         self.meter.add(Kind::History, -(freed as i64));
         // Presence bookkeeping alone trims the events that aged out.
         self.presence_op(ch, &mut st, self.millis(now), |_| ());
@@ -1500,6 +1601,10 @@ impl Engine {
         let nothing = st.ring.is_empty() && st.presence.as_ref().is_none_or(|p| p.is_idle());
         if st.interest == 0 && idle && nothing {
             st.removed = true;
+            // Keys older than the TTL go with their channel (the window is at most the TTL).
+            if let Some(keys) = st.keys.take() {
+                self.meter.add(Kind::History, -(keys.bytes() as i64));
+            }
             drop(st);
             self.forget(ch);
             return true;

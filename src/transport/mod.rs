@@ -109,6 +109,7 @@ impl Node {
                 info_budget: config.presence_info_budget,
             },
             slow_consumer: config.slow_consumer.clone(),
+            idempotency_window: config.idempotency_window,
         });
         let engine = Arc::new(engine);
         let wakers = crate::backplane::Wakers::new(shards);
@@ -207,6 +208,40 @@ impl Node {
             Err(crate::backplane::BackplaneError::Overloaded(o)) => {
                 Err(PublishError::Overloaded(o))
             }
+            Err(e) => Err(PublishError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// [`Node::publish`] under conditions: an idempotency key (a repeat within
+    /// `--idempotency-window` answers the first publish's position, `.1` true, and publishes
+    /// nothing) and an expected seq (compare-and-set: [`PublishError::SeqMismatch`] unless the
+    /// channel's top is that seq).
+    pub async fn publish_with(
+        &self,
+        channel: &ChannelName,
+        kind: DataKind,
+        data: Bytes,
+        cond: crate::engine::idempotency::PublishConditions,
+    ) -> Result<(Published, bool), PublishError> {
+        use crate::backplane::BackplaneError;
+        if cond.is_empty() {
+            return self.publish(channel, kind, data).await.map(|p| (p, false));
+        }
+        self.engine
+            .admit(channel, std::time::Instant::now())
+            .map_err(PublishError::Overloaded)?;
+        match self.backplane.publish_with(channel, kind, data, cond).await {
+            Ok((epoch, seq, duplicate)) => Ok((
+                Published {
+                    epoch,
+                    seq,
+                    wake: 0,
+                },
+                duplicate,
+            )),
+            Err(BackplaneError::Overloaded(o)) => Err(PublishError::Overloaded(o)),
+            Err(BackplaneError::SeqMismatch(at)) => Err(PublishError::SeqMismatch(at)),
+            Err(BackplaneError::Unsupported(what)) => Err(PublishError::Unsupported(what)),
             Err(e) => Err(PublishError::Unavailable(e.to_string())),
         }
     }
@@ -361,6 +396,12 @@ pub enum PublishError {
     /// The node cannot grow (HTTP 503, WS `overloaded`).
     #[error(transparent)]
     Overloaded(crate::engine::Overloaded),
+    /// `expected_seq` is not the channel's top, which is this (HTTP 409, WS `seq_mismatch`).
+    #[error("expected_seq is not the channel's top seq, which is {}:{}", .0.epoch, .0.seq)]
+    SeqMismatch(crate::types::StreamPosition),
+    /// The backplane cannot apply the publish's conditions (HTTP 501, WS `not_supported`).
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 impl PublishError {
@@ -369,6 +410,8 @@ impl PublishError {
         match self {
             PublishError::Unavailable(_) => "unavailable",
             PublishError::Overloaded(_) => "overloaded",
+            PublishError::SeqMismatch(_) => "seq_mismatch",
+            PublishError::Unsupported(_) => "not_supported",
         }
     }
 

@@ -63,6 +63,10 @@ struct PublishBody<'a> {
     channel: Cow<'a, str>,
     #[serde(borrow)]
     data: &'a RawValue,
+    #[serde(borrow, default)]
+    idempotency_key: Option<Cow<'a, str>>,
+    #[serde(default)]
+    expected_seq: Option<u64>,
 }
 
 /// One command of a batch: `{"publish":{…}}`, `{"disconnect":{…}}`, …
@@ -222,20 +226,26 @@ fn subscribe(ctx: &ShardContext, b: UserBody<'_>, on: bool) -> Result<String, Re
 
 async fn publish(ctx: &ShardContext, b: PublishBody<'_>) -> Result<String, Refusal> {
     let ch = channel(&b.channel)?;
+    let cond = super::api::conditions(b.idempotency_key.as_deref(), b.expected_seq)
+        .map_err(Refusal::bad)?;
     let data = normalize_data(b.data.get());
-    let p = ctx
+    let (p, duplicate) = ctx
         .node
-        .publish(&ch, DataKind::Json, data)
+        .publish_with(&ch, DataKind::Json, data, cond)
         .await
         .map_err(|e| {
             e.count();
-            Refusal(StatusCode::SERVICE_UNAVAILABLE, e.code(), e.to_string())
+            let status = match e {
+                super::PublishError::SeqMismatch(_) => StatusCode::CONFLICT,
+                super::PublishError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            Refusal(status, e.code(), e.to_string())
         })?;
-    ctx.metrics.published.increment(1);
-    Ok(format!(
-        "{{\"channel\":\"{ch}\",\"seq\":{},\"epoch\":\"{}\"}}",
-        p.seq, p.epoch
-    ))
+    if !duplicate {
+        ctx.metrics.published.increment(1);
+    }
+    Ok(super::api::published_json(&ch, &p, duplicate))
 }
 
 /// Runs the commands one after the other (so a channel's publishes keep their order) and
