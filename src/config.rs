@@ -361,7 +361,7 @@ pub struct Config {
     )]
     pub webhook_queue_size: usize,
     /// How long a publish's idempotency_key is remembered: a repeat within it gets the first
-    /// publish's seq and publishes nothing. At most --history-ttl.
+    /// publish's seq and publishes nothing (the channel and its epoch are kept that long).
     #[arg(long, env = "RELAY_IDEMPOTENCY_WINDOW", value_name = "DURATION", value_parser = parse_duration, default_value = "60s")]
     pub idempotency_window: Duration,
 }
@@ -793,11 +793,8 @@ impl Config {
         if self.webhook_queue_size == 0 {
             invalid("webhook_queue_size", "must be at least 1");
         }
-        if self.idempotency_window.is_zero() || self.idempotency_window > self.history_ttl {
-            invalid(
-                "idempotency_window",
-                "must be > 0 and at most history_ttl (keys are kept with their channel)",
-            );
+        if self.idempotency_window.is_zero() {
+            invalid("idempotency_window", "must be > 0");
         }
     }
 

@@ -101,8 +101,7 @@ pub struct EngineConfig {
     /// Slow-consumer policy by channel pattern: the first match wins; no match is
     /// [`SlowPolicy::Disconnect`].
     pub slow_consumer: Vec<(String, SlowPolicy)>,
-    /// How long a publish's idempotency key is remembered (at most the history TTL: the
-    /// keys go with their channel).
+    /// How long a publish's idempotency key is remembered (its channel is kept that long).
     pub idempotency_window: Duration,
 }
 
@@ -1598,13 +1597,12 @@ impl Engine {
         // Presence bookkeeping alone trims the events that aged out.
         self.presence_op(ch, &mut st, self.millis(now), |_| ());
         let idle = now.saturating_duration_since(st.last_active) > self.cfg.history_ttl;
-        let nothing = st.ring.is_empty() && st.presence.as_ref().is_none_or(|p| p.is_idle());
+        // A channel with idempotency keys stays (with its epoch) until they leave the window.
+        let nothing = st.ring.is_empty()
+            && st.presence.as_ref().is_none_or(|p| p.is_idle())
+            && st.keys.is_none();
         if st.interest == 0 && idle && nothing {
             st.removed = true;
-            // Keys older than the TTL go with their channel (the window is at most the TTL).
-            if let Some(keys) = st.keys.take() {
-                self.meter.add(Kind::History, -(keys.bytes() as i64));
-            }
             drop(st);
             self.forget(ch);
             return true;
@@ -2210,6 +2208,52 @@ mod tests {
             )
             .unwrap();
         assert_eq!(old.gap, Some(GapReason::EpochChanged));
+    }
+
+    #[test]
+    fn idempotency_keys_are_counted_and_keep_their_channel_for_the_window() {
+        use idempotency::{PublishConditions, KEY_OVERHEAD};
+        let e = Engine::new(EngineConfig {
+            history_ttl: Duration::from_secs(1),
+            idempotency_window: Duration::from_secs(10),
+            ..Default::default()
+        });
+        let t0 = Instant::now();
+        let a = ch("a");
+        let cond = PublishConditions {
+            idempotency_key: Some("key".into()),
+            expected_seq: None,
+        };
+        let data = || Bytes::from_static(b"1");
+        let (p, dup) = e
+            .publish_with(&a, DataKind::Json, data(), &cond, t0)
+            .unwrap();
+        assert!(!dup);
+        let with_key = e.meter().bytes(Kind::History);
+        e.publish(&ch("b"), DataKind::Json, data(), t0).unwrap();
+        let without = e.meter().bytes(Kind::History) - with_key;
+        assert_eq!(with_key - without, KEY_OVERHEAD + 3);
+        // Past the TTL the message is gone, not the key, nor the channel and its epoch.
+        for s in 2..=5 {
+            e.tick(t0 + Duration::from_secs(s));
+        }
+        let (again, dup) = e
+            .publish_with(
+                &a,
+                DataKind::Json,
+                data(),
+                &cond,
+                t0 + Duration::from_secs(5),
+            )
+            .unwrap();
+        assert!(dup);
+        assert_eq!((again.epoch, again.seq), (p.epoch, p.seq));
+        // Past the window the key goes, and then the idle channel with it.
+        for s in 11..=14 {
+            e.tick(t0 + Duration::from_secs(s));
+        }
+        assert_eq!(e.meter().bytes(Kind::History), 0);
+        assert_eq!(e.position(&a), None);
     }
 
     fn big(n: usize) -> Bytes {
