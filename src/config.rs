@@ -167,6 +167,14 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub jwt_public_key: Vec<PathBuf>,
+    /// JWT auth: URL of a JSON Web Key Set (JWKS) whose public keys verify tokens by their
+    /// `kid`; fetched at start, every --jwt-jwks-refresh and when a token names an unknown
+    /// `kid` (at most every 5 s). Turns auth on.
+    #[arg(long, env = "RELAY_JWT_JWKS_URL", value_name = "URL")]
+    pub jwt_jwks_url: Option<String>,
+    /// How often the JWKS is fetched again (removed keys stop verifying after it).
+    #[arg(long, env = "RELAY_JWT_JWKS_REFRESH", value_name = "DURATION", value_parser = parse_duration, default_value = "5m")]
+    pub jwt_jwks_refresh: Duration,
     /// JWT auth: the `aud` a token must name [default: not checked].
     #[arg(long, env = "RELAY_JWT_AUDIENCE", value_name = "AUD")]
     pub jwt_audience: Option<String>,
@@ -793,6 +801,17 @@ impl Config {
         if self.webhook_queue_size == 0 {
             invalid("webhook_queue_size", "must be at least 1");
         }
+        if let Some(url) = &self.jwt_jwks_url {
+            let ok = url.parse::<hyper::Uri>().ok().is_some_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            });
+            if !ok {
+                invalid("jwt_jwks_url", "must be an http:// or https:// URL");
+            }
+        }
+        if self.jwt_jwks_refresh.is_zero() {
+            invalid("jwt_jwks_refresh", "must be > 0");
+        }
         if self.idempotency_window.is_zero() {
             invalid("idempotency_window", "must be > 0");
         }
@@ -800,7 +819,7 @@ impl Config {
 
     /// Whether JWT connection auth is on.
     pub fn auth_enabled(&self) -> bool {
-        self.jwt_secret.is_some() || !self.jwt_public_key.is_empty()
+        self.jwt_secret.is_some() || !self.jwt_public_key.is_empty() || self.jwt_jwks_url.is_some()
     }
 
     /// Whether subscribers may set their own presence user and info: as set, else unless JWT

@@ -9,6 +9,7 @@
 //! - [`protocol`]: sans-IO wire codecs: WebSocket framing, JSON commands and events, SSE.
 //! - [`config`]: the settings, from flags, environment and TOML file.
 //! - [`auth`]: JWT verification and channel grants (pure).
+//! - [`jwks`]: verification keys fetched from a JWKS URL, cached by `kid`, refreshed.
 //! - [`limits`]: connections per client address (shared by the shards), per-connection and
 //!   HTTP API rate limits, the refusal counter, and the throttled accept error log.
 //! - [`proxy`]: the client behind load balancers: PROXY protocol headers, trusted
@@ -29,6 +30,7 @@ pub mod auth;
 pub mod backplane;
 pub mod config;
 pub mod engine;
+pub mod jwks;
 pub mod limits;
 pub mod metrics;
 pub mod protocol;

@@ -63,7 +63,8 @@ impl Client {
         Ok(Self { inner })
     }
 
-    /// POSTs `body` (JSON) with `headers` to `url`; `Ok` on a 2xx answer within `timeout`.
+    /// POSTs `body` (JSON) with `headers` to `url`; `Ok` on a 2xx answer within `timeout`
+    /// (its body is read and dropped).
     pub async fn post(
         &self,
         url: &hyper::Uri,
@@ -71,26 +72,50 @@ impl Client {
         body: Bytes,
         timeout: Duration,
     ) -> Result<(), PostError> {
-        self.request(url, headers, body, timeout, 0)
+        self.send(hyper::Method::POST, url, headers, body, timeout, None)
             .await
             .map(|_| ())
     }
 
-    /// POSTs `body` (JSON) and returns the 2xx answer's body, at most `max_answer` bytes.
-    pub async fn request(
+    /// GETs `url` and returns the 2xx answer's body, at most `max_answer` bytes.
+    pub async fn get(
         &self,
+        url: &hyper::Uri,
+        timeout: Duration,
+        max_answer: usize,
+    ) -> Result<Bytes, PostError> {
+        self.send(
+            hyper::Method::GET,
+            url,
+            Vec::new(),
+            Bytes::new(),
+            timeout,
+            Some(max_answer),
+        )
+        .await
+    }
+
+    /// One exchange within `timeout`; the answer's body is kept when `keep` gives its most
+    /// bytes (a longer one fails), else read and dropped.
+    pub async fn send(
+        &self,
+        method: hyper::Method,
         url: &hyper::Uri,
         headers: Vec<(hyper::header::HeaderName, String)>,
         body: Bytes,
         timeout: Duration,
-        max_answer: usize,
+        keep: Option<usize>,
     ) -> Result<Bytes, PostError> {
-        let mut req = hyper::Request::post(url.clone())
-            .header(hyper::header::CONTENT_TYPE, "application/json")
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(url.clone())
             .header(
                 hyper::header::USER_AGENT,
                 concat!("relay/", env!("CARGO_PKG_VERSION")),
             );
+        if !body.is_empty() {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
         for (name, value) in headers {
             req = req.header(name, value);
         }
@@ -108,13 +133,11 @@ impl Client {
             let mut out = bytes::BytesMut::new();
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| PostError::Http(e.to_string()))?;
-                if let Some(d) = frame.data_ref() {
-                    if out.len() + d.len() > max_answer && status.is_success() && max_answer > 0 {
-                        return Err(PostError::TooLarge(max_answer));
+                if let (Some(d), Some(max)) = (frame.data_ref(), keep) {
+                    if out.len() + d.len() > max {
+                        return Err(PostError::TooLarge(max));
                     }
-                    if out.len() + d.len() <= max_answer {
-                        out.extend_from_slice(d);
-                    }
+                    out.extend_from_slice(d);
                 }
             }
             if !status.is_success() {
