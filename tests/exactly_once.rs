@@ -151,3 +151,37 @@ async fn a_retry_of_a_conditional_publish_that_went_through_is_not_a_mismatch() 
     assert_eq!(s3, 409, "{c}");
     assert_eq!((&c["seq"], &c["epoch"]), (&json!(1), &a["epoch"]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_json_publishes_take_the_same_conditions() {
+    let relay = Relay::start(&[]);
+    let mut ws = Ws::connect(&relay.ws_url()).await;
+    for _ in 0..2 {
+        ws.send_json(json!({"type":"publish","channel":"j","data":1,"idempotency_key":"x","id":1}))
+            .await;
+        let v = ws.recv_json().await;
+        assert_eq!(
+            (&v["type"], &v["seq"]),
+            (&json!("published"), &json!(1)),
+            "{v}"
+        );
+    }
+    ws.send_json(json!({"type":"publish","channel":"j","data":2,"expected_seq":0,"id":2}))
+        .await;
+    let v = ws.recv_json().await;
+    assert_eq!(
+        (&v["type"], &v["code"]),
+        (&json!("error"), &json!("seq_mismatch")),
+        "{v}"
+    );
+    ws.send_json(json!({"type":"publish","channel":"j","data":2,"expected_seq":1,"id":3}))
+        .await;
+    let v = ws.recv_json().await;
+    assert_eq!(
+        (&v["type"], &v["seq"]),
+        (&json!("published"), &json!(2)),
+        "{v}"
+    );
+    let h = relay.history("j", "?since=0").await;
+    assert_eq!(h["messages"].as_array().unwrap().len(), 2, "{h}");
+}

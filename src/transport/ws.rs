@@ -251,11 +251,13 @@ fn publish_reply(
     wire: Wire,
     id: Option<ReqId<'_>>,
     channel: &ChannelName,
-    r: Result<crate::engine::Published, super::PublishError>,
+    r: Result<(crate::engine::Published, bool), super::PublishError>,
 ) -> Bytes {
     match r {
-        Ok(p) => {
-            ctx.metrics.published.increment(1);
+        Ok((p, duplicate)) => {
+            if !duplicate {
+                ctx.metrics.published.increment(1);
+            }
             let position = StreamPosition {
                 epoch: p.epoch,
                 seq: p.seq,
@@ -821,17 +823,28 @@ impl Session {
         match command {
             // Routed by `on_command`.
             Command::Subscribe { .. } | Command::Unsubscribe { .. } => {}
-            Command::Publish { channel, data } => {
+            Command::Publish {
+                channel,
+                data,
+                cond,
+            } => {
                 if !self.auth.grants.allows(Perm::Publish, channel.as_str()) {
                     return self.forbidden(id, Perm::Publish);
                 }
+                let cond = match super::api::conditions(
+                    cond.idempotency_key.as_deref(),
+                    cond.expected_seq,
+                ) {
+                    Ok(c) => c,
+                    Err(m) => return self.reply(id, &error("bad_request", &m)),
+                };
                 let (kind, bytes) = match data {
                     Payload::Json(raw) => (DataKind::Json, json::normalize_data(raw)),
                     Payload::Bytes(b) => (DataKind::Binary, Bytes::copy_from_slice(b)),
                 };
                 let node = self.ctx.node.clone();
                 let mut publish = Box::pin(async move {
-                    let r = node.publish(&channel, kind, bytes).await;
+                    let r = node.publish_with(&channel, kind, bytes, cond).await;
                     (channel, r)
                 });
                 // A node that sequences locally answers at once: reply in order, inline. A
