@@ -58,33 +58,10 @@ fn claims(aud: &str) -> Value {
 
 /// A local JWKS server whose document the test swaps.
 async fn jwks_server(doc: Arc<Mutex<Value>>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!(
-        "http://{}/.well-known/jwks.json",
-        listener.local_addr().unwrap()
-    );
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let doc = doc.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |_req| {
-                    let body = doc.lock().unwrap().to_string();
-                    async move {
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                            http_body_util::Full::new(bytes::Bytes::from(body)),
-                        ))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                    .await;
-            });
-        }
-    });
-    url
+    let base =
+        common::serve_http(move |_, _| (200, bytes::Bytes::from(doc.lock().unwrap().to_string())))
+            .await;
+    format!("{base}/.well-known/jwks.json")
 }
 
 /// The status of a history read with `token` as bearer.

@@ -30,51 +30,25 @@ struct Receiver {
 
 impl Receiver {
     async fn start(fail: usize) -> Receiver {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hooks", listener.local_addr().unwrap());
         let got: Arc<Mutex<Vec<Received>>> = Arc::default();
         let g = got.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                let g = g.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
-                        let g = g.clone();
-                        async move {
-                            use http_body_util::BodyExt;
-                            let header = |n: &str| {
-                                req.headers().get(n).map(|v| v.to_str().unwrap().to_owned())
-                            };
-                            let (timestamp, signature) =
-                                (header("x-relay-timestamp"), header("x-relay-signature"));
-                            let body: hyper::body::Incoming = req.into_body();
-                            let body = body.collect().await.unwrap().to_bytes().to_vec();
-                            let mut got = g.lock().unwrap();
-                            let status = if got.len() < fail { 500 } else { 200 };
-                            got.push(Received {
-                                timestamp,
-                                signature,
-                                body,
-                                status,
-                            });
-                            Ok::<_, std::convert::Infallible>(
-                                hyper::Response::builder()
-                                    .status(status)
-                                    .body(http_body_util::Full::new(bytes::Bytes::new()))
-                                    .unwrap(),
-                            )
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                        .await;
-                });
-            }
-        });
-        Receiver { url, got }
+        let base = common::serve_http(move |headers, body| {
+            let header = |n: &str| headers.get(n).map(|v| v.to_str().unwrap().to_owned());
+            let mut got = g.lock().unwrap();
+            let status = if got.len() < fail { 500 } else { 200 };
+            got.push(Received {
+                timestamp: header("x-relay-timestamp"),
+                signature: header("x-relay-signature"),
+                body: body.to_vec(),
+                status,
+            });
+            (status, bytes::Bytes::new())
+        })
+        .await;
+        Receiver {
+            url: format!("{base}/hooks"),
+            got,
+        }
     }
 
     /// The events of the accepted POSTs, in order.

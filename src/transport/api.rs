@@ -190,16 +190,17 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// `{"channel","data","idempotency_key"?,"expected_seq"?}`: a publish (also in a batch).
 #[derive(Deserialize)]
-struct PublishBody<'a> {
+pub(super) struct PublishBody<'a> {
     #[serde(borrow)]
-    channel: Cow<'a, str>,
+    pub(super) channel: Cow<'a, str>,
     #[serde(borrow)]
-    data: &'a RawValue,
+    pub(super) data: &'a RawValue,
     #[serde(borrow, default)]
-    idempotency_key: Option<Cow<'a, str>>,
+    pub(super) idempotency_key: Option<Cow<'a, str>>,
     #[serde(default)]
-    expected_seq: Option<u64>,
+    pub(super) expected_seq: Option<u64>,
 }
 
 #[derive(Deserialize)]

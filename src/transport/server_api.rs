@@ -9,7 +9,6 @@ use std::fmt::Write as _;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use super::http::{error, json, Body};
 use super::ShardContext;
@@ -57,17 +56,7 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Deserialize)]
-struct PublishBody<'a> {
-    #[serde(borrow)]
-    channel: Cow<'a, str>,
-    #[serde(borrow)]
-    data: &'a RawValue,
-    #[serde(borrow, default)]
-    idempotency_key: Option<Cow<'a, str>>,
-    #[serde(default)]
-    expected_seq: Option<u64>,
-}
+use super::api::PublishBody;
 
 /// One command of a batch: `{"publish":{…}}`, `{"disconnect":{…}}`, …
 #[derive(Deserialize)]
