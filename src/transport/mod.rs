@@ -313,6 +313,13 @@ impl Node {
         if hooks.is_empty() {
             return Ok(());
         }
+        if self.config.backplane != crate::config::BackplaneKind::Memory {
+            tracing::warn!(
+                "webhooks with a cluster backplane report what each node sees: occupancy per \
+                 node, and members of other nodes once per node; receivers must deduplicate \
+                 (not yet agreed across nodes)"
+            );
+        }
         let webhooks = crate::webhooks::Webhooks::start(
             hooks,
             crate::webhooks::Settings::from_config(&self.config),
