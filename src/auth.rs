@@ -378,6 +378,10 @@ pub enum TokenError {
     /// `iss` is not `--jwt-issuer`.
     #[error("wrong token issuer")]
     Issuer,
+    /// The header's `kid` is in no key set (`--jwt-jwks-url`): a new key is fetched, at most
+    /// every few seconds.
+    #[error("unknown token key id (kid); if the key is new, retry in a few seconds")]
+    UnknownKey,
 }
 
 /// A key setting that cannot be used.
@@ -466,7 +470,16 @@ pub struct Auth {
     anonymous: Arc<[Rule]>,
     /// The separators around `{sub}` in the `--allow` rules.
     allow_delims: u128,
+    /// Keys fetched from `--jwt-jwks-url`.
+    jwks: Option<Arc<crate::jwks::KeySet>>,
 }
+
+/// What an RSA key verifies.
+pub const RSA_ALGS: &[Algorithm] = RSA;
+/// What an EC key verifies.
+pub const EC_ALGS: &[Algorithm] = EC;
+/// What an Ed25519 key verifies.
+pub const ED_ALGS: &[Algorithm] = ED;
 
 const HS: &[Algorithm] = &[Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
 const RSA: &[Algorithm] = &[
@@ -503,7 +516,8 @@ impl Auth {
             };
             keys.push(key);
         }
-        if keys.is_empty() {
+        let jwks = cfg.jwt_jwks_url.as_ref().map(|_| Arc::default());
+        if keys.is_empty() && jwks.is_none() {
             return Ok(None);
         }
         if let Some(r) = cfg.allow_anonymous.iter().find(|r| r.pattern.uses_sub()) {
@@ -516,7 +530,13 @@ impl Auth {
             allow: Arc::from(cfg.allow.clone()),
             anonymous: Arc::from(cfg.allow_anonymous.clone()),
             allow_delims: cfg.allow.iter().fold(0, |d, r| d | r.pattern.delims),
+            jwks,
         }))
+    }
+
+    /// The key set fetched from `--jwt-jwks-url` (the server starts its fetcher).
+    pub fn jwks(&self) -> Option<&Arc<crate::jwks::KeySet>> {
+        self.jwks.as_ref()
     }
 
     /// What a client without a token may do.
@@ -540,8 +560,18 @@ impl Auth {
             ErrorKind::Json(_) => TokenError::Algorithm,
             _ => TokenError::Malformed(e.to_string()),
         })?;
-        let mut last = TokenError::Algorithm;
-        for (key, algs) in &self.keys {
+        // Keys of the JWKS: the one the `kid` names (an unknown one asks for a refetch), or
+        // all of them for a token without `kid`.
+        let fetched: Vec<crate::jwks::Key> = match (&self.jwks, &header.kid) {
+            (Some(set), Some(kid)) => set.get(kid).into_iter().collect(),
+            (Some(set), None) => set.all(),
+            (None, _) => Vec::new(),
+        };
+        let mut last = match (&self.jwks, &header.kid) {
+            (Some(_), Some(_)) if fetched.is_empty() => TokenError::UnknownKey,
+            _ => TokenError::Algorithm,
+        };
+        for (key, algs) in self.keys.iter().chain(fetched.iter()) {
             if !algs.contains(&header.alg) {
                 continue;
             }

@@ -167,6 +167,14 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub jwt_public_key: Vec<PathBuf>,
+    /// JWT auth: URL of a JSON Web Key Set (JWKS) whose public keys verify tokens by their
+    /// `kid`; fetched at start, every --jwt-jwks-refresh and when a token names an unknown
+    /// `kid` (at most every 5 s). Turns auth on.
+    #[arg(long, env = "RELAY_JWT_JWKS_URL", value_name = "URL")]
+    pub jwt_jwks_url: Option<String>,
+    /// How often the JWKS is fetched again (removed keys stop verifying after it).
+    #[arg(long, env = "RELAY_JWT_JWKS_REFRESH", value_name = "DURATION", value_parser = parse_duration, default_value = "5m")]
+    pub jwt_jwks_refresh: Duration,
     /// JWT auth: the `aud` a token must name [default: not checked].
     #[arg(long, env = "RELAY_JWT_AUDIENCE", value_name = "AUD")]
     pub jwt_audience: Option<String>,
@@ -323,6 +331,66 @@ pub struct Config {
         hide_env_values = true
     )]
     pub admin_token: Option<String>,
+    // --- backend integration (issue 14) ---
+    /// Webhook receiver, as `[EVENTS@]URL`: EVENTS is `+`-separated among channel_occupied,
+    /// channel_vacated, member_added, member_removed (all without it), e.g.
+    /// `channel_occupied+channel_vacated@https://app.example/hooks`; repeatable
+    /// (comma-separated in the environment) [default: none].
+    #[arg(
+        long,
+        env = "RELAY_WEBHOOK_URL",
+        value_name = "[EVENTS@]URL",
+        value_delimiter = ','
+    )]
+    pub webhook_url: Vec<String>,
+    /// Webhook HMAC-SHA256 key: each POST carries `X-Relay-Signature: v1=<hex
+    /// HMAC(key, "<X-Relay-Timestamp>.<body>")>` [default: none, unsigned].
+    #[arg(
+        long,
+        env = "RELAY_WEBHOOK_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub webhook_secret: Option<String>,
+    /// Most webhook events per POST.
+    #[arg(
+        long,
+        env = "RELAY_WEBHOOK_BATCH_SIZE",
+        value_name = "N",
+        default_value_t = 100
+    )]
+    pub webhook_batch_size: usize,
+    /// How long a webhook event waits for others to share its POST.
+    #[arg(long, env = "RELAY_WEBHOOK_BATCH_DELAY", value_name = "DURATION", value_parser = parse_duration, default_value = "50ms")]
+    pub webhook_batch_delay: Duration,
+    /// A webhook POST not answered within this fails and is retried.
+    #[arg(long, env = "RELAY_WEBHOOK_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "5s")]
+    pub webhook_timeout: Duration,
+    /// Tries of a webhook POST (the first included) before its events are dropped (counted).
+    #[arg(
+        long,
+        env = "RELAY_WEBHOOK_MAX_ATTEMPTS",
+        value_name = "N",
+        default_value_t = 10
+    )]
+    pub webhook_max_attempts: u32,
+    /// Longest wait between two tries of a webhook POST (full-jitter exponential backoff from
+    /// 100ms).
+    #[arg(long, env = "RELAY_WEBHOOK_RETRY_CAP", value_name = "DURATION", value_parser = parse_duration, default_value = "30s")]
+    pub webhook_retry_cap: Duration,
+    /// Webhook events queued per receiver; past it new events are dropped (counted in
+    /// relay_webhook_events_dropped_total).
+    #[arg(
+        long,
+        env = "RELAY_WEBHOOK_QUEUE_SIZE",
+        value_name = "N",
+        default_value_t = 10_000
+    )]
+    pub webhook_queue_size: usize,
+    /// How long a publish's idempotency_key is remembered: a repeat within it gets the first
+    /// publish's seq and publishes nothing (the channel and its epoch are kept that long).
+    #[arg(long, env = "RELAY_IDEMPOTENCY_WINDOW", value_name = "DURATION", value_parser = parse_duration, default_value = "60s")]
+    pub idempotency_window: Duration,
 }
 
 /// Options of `relay serve`: the config file and the settings.
@@ -636,6 +704,7 @@ impl Config {
         }
         self.security_problems(&mut problems);
         self.edge_problems(&mut problems);
+        self.backend_problems(&mut problems);
         problems
     }
 
@@ -729,9 +798,53 @@ impl Config {
         }
     }
 
+    /// Checks the webhook, proxy and publish settings (issue 14).
+    fn backend_problems(&self, problems: &mut Vec<ConfigError>) {
+        let mut invalid = |key, reason: &str| {
+            problems.push(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        for url in &self.webhook_url {
+            if let Err(e) = crate::webhooks::parse_hook_spec(url) {
+                invalid("webhook_url", &e);
+            }
+        }
+        if self.webhook_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            invalid("webhook_secret", "must be at least 16 bytes");
+        }
+        if !(1..=1000).contains(&self.webhook_batch_size) {
+            invalid("webhook_batch_size", "must be between 1 and 1000");
+        }
+        if self.webhook_timeout.is_zero() {
+            invalid("webhook_timeout", "must be > 0");
+        }
+        if self.webhook_max_attempts == 0 {
+            invalid("webhook_max_attempts", "must be at least 1");
+        }
+        if self.webhook_queue_size == 0 {
+            invalid("webhook_queue_size", "must be at least 1");
+        }
+        if let Some(url) = &self.jwt_jwks_url {
+            let ok = url.parse::<hyper::Uri>().ok().is_some_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            });
+            if !ok {
+                invalid("jwt_jwks_url", "must be an http:// or https:// URL");
+            }
+        }
+        if self.jwt_jwks_refresh.is_zero() {
+            invalid("jwt_jwks_refresh", "must be > 0");
+        }
+        if self.idempotency_window.is_zero() {
+            invalid("idempotency_window", "must be > 0");
+        }
+    }
+
     /// Whether JWT connection auth is on.
     pub fn auth_enabled(&self) -> bool {
-        self.jwt_secret.is_some() || !self.jwt_public_key.is_empty()
+        self.jwt_secret.is_some() || !self.jwt_public_key.is_empty() || self.jwt_jwks_url.is_some()
     }
 
     /// Whether subscribers may set their own presence user and info: as set, else unless JWT

@@ -9,6 +9,7 @@
 //! - [`protocol`]: sans-IO wire codecs: WebSocket framing, JSON commands and events, SSE.
 //! - [`config`]: the settings, from flags, environment and TOML file.
 //! - [`auth`]: JWT verification and channel grants (pure).
+//! - [`jwks`]: verification keys fetched from a JWKS URL, cached by `kid`, refreshed.
 //! - [`limits`]: connections per client address (shared by the shards), per-connection and
 //!   HTTP API rate limits, the refusal counter, and the throttled accept error log.
 //! - [`proxy`]: the client behind load balancers: PROXY protocol headers, trusted
@@ -18,6 +19,8 @@
 //! - [`transport`]: hyper services over the engine: `/ws`, `/sse`, `/api`, health.
 //! - [`tools`]: `relay gentoken`, `check-config` and `genconfig` (token claims and signing,
 //!   the effective settings with secrets masked, a config with fresh secrets).
+//! - [`webhooks`]: POSTs to the application's backend when channels are occupied or vacated
+//!   and members come and go (batched, signed, retried), and the outbound HTTP client.
 //! - [`server`]: per-core shards (pinned `current_thread` runtimes with `SO_REUSEPORT`
 //!   listeners), wake-ups and graceful shutdown.
 //!
@@ -27,6 +30,7 @@ pub mod auth;
 pub mod backplane;
 pub mod config;
 pub mod engine;
+pub mod jwks;
 pub mod limits;
 pub mod metrics;
 pub mod protocol;
@@ -36,3 +40,4 @@ pub mod tls;
 pub mod tools;
 pub mod transport;
 pub mod types;
+pub mod webhooks;

@@ -191,6 +191,28 @@ fn describe() {
         "relay_messages_replayed_total",
         "Messages queued from resume replays (paged out of history as outboxes drain)."
     );
+    describe_counter!(
+        "relay_webhook_events_sent_total",
+        "Webhook events a receiver accepted (2xx)."
+    );
+    describe_counter!(
+        "relay_webhook_retries_total",
+        "Webhook POSTs tried again after a failure."
+    );
+    describe_counter!(
+        "relay_webhook_events_dropped_total",
+        "Webhook events dropped, by reason (queue_full, attempts)."
+    );
+    describe_histogram!(
+        "relay_webhook_post_seconds",
+        Unit::Seconds,
+        "Time of an accepted webhook POST."
+    );
+    describe_histogram!(
+        "relay_webhook_latency_seconds",
+        Unit::Seconds,
+        "From a webhook event to its acceptance by the receiver."
+    );
 }
 
 /// One shard's open connections and subscriptions, readable by any thread (the admin UI's

@@ -55,6 +55,12 @@ pub enum BackplaneError {
     /// The node cannot grow (the memory backplane's engine refused).
     #[error(transparent)]
     Overloaded(crate::engine::Overloaded),
+    /// A conditional publish's `expected_seq` is not the channel's top, which is this.
+    #[error("expected_seq is not the channel's top seq ({}:{})", .0.epoch, .0.seq)]
+    SeqMismatch(crate::types::StreamPosition),
+    /// This backplane cannot do what was asked.
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// Where sequencing and cross-node fan-out happen. See the module docs.
@@ -71,6 +77,26 @@ pub trait Backplane: Send + Sync {
         kind: DataKind,
         data: Bytes,
     ) -> BoxFuture<Result<(Epoch, u64), BackplaneError>>;
+
+    /// [`Backplane::publish`] under conditions (idempotency key, expected seq): see
+    /// [`crate::engine::Engine::publish_with`]. Returns the position and whether the publish
+    /// was a duplicate (nothing published). A backplane that cannot do it refuses conditions
+    /// with [`BackplaneError::Unsupported`] (never ignores them).
+    fn publish_with(
+        &self,
+        channel: &ChannelName,
+        kind: DataKind,
+        data: Bytes,
+        cond: crate::engine::idempotency::PublishConditions,
+    ) -> BoxFuture<Result<(Epoch, u64, bool), BackplaneError>> {
+        if !cond.is_empty() {
+            return Box::pin(std::future::ready(Err(BackplaneError::Unsupported(
+                "idempotency_key and expected_seq are not available with this backplane yet",
+            ))));
+        }
+        let f = self.publish(channel, kind, data);
+        Box::pin(async move { f.await.map(|(e, s)| (e, s, false)) })
+    }
 
     /// Called before a subscriber is added on this node. `None` when the local channel is
     /// already in sync (subscribe at once); otherwise a future that completes once this node

@@ -21,7 +21,9 @@
 //! evicted under pressure, then what would grow memory is refused).
 
 pub mod hub;
+pub mod idempotency;
 pub mod memory;
+pub mod observe;
 pub mod outbox;
 pub mod presence;
 
@@ -99,6 +101,8 @@ pub struct EngineConfig {
     /// Slow-consumer policy by channel pattern: the first match wins; no match is
     /// [`SlowPolicy::Disconnect`].
     pub slow_consumer: Vec<(String, SlowPolicy)>,
+    /// How long a publish's idempotency key is remembered (its channel is kept that long).
+    pub idempotency_window: Duration,
 }
 
 impl Default for EngineConfig {
@@ -113,6 +117,7 @@ impl Default for EngineConfig {
             seed: 0,
             presence: Default::default(),
             slow_consumer: Vec::new(),
+            idempotency_window: Duration::from_secs(60),
         }
     }
 }
@@ -260,6 +265,8 @@ struct ChannelState {
     /// Bumped by [`Engine::reset`]: hubs whose subscribers were positioned in an older
     /// generation close them for resume (their positions no longer connect).
     generation: u64,
+    /// Idempotency keys of recent publishes (`None` until the first).
+    keys: Option<Box<idempotency::Keys>>,
 }
 
 impl ChannelState {
@@ -326,6 +333,17 @@ pub struct Published {
     pub seq: u64,
     /// Shards to wake: they have subscribers and were not already dirty.
     pub wake: ShardMask,
+}
+
+/// Why a conditional publish was not done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PublishRefused {
+    /// The node cannot grow.
+    #[error(transparent)]
+    Overloaded(Overloaded),
+    /// `expected_seq` is not the channel's top, which is this.
+    #[error("expected_seq is not the channel's top seq ({}:{})", .0.epoch, .0.seq)]
+    SeqMismatch(StreamPosition),
 }
 
 /// How a subscribe went.
@@ -511,6 +529,8 @@ pub struct Engine {
     /// Info bytes of every presence member on the node.
     info_bytes: AtomicUsize,
     stats: EngineStats,
+    /// Told about occupancy and presence changes (webhooks), when set.
+    observer: std::sync::OnceLock<Arc<dyn observe::Observer>>,
 }
 
 impl Engine {
@@ -534,8 +554,14 @@ impl Engine {
             subscribed: (0..TABLE_PARTS).map(|_| Mutex::default()).collect(),
             info_bytes: AtomicUsize::new(0),
             stats: EngineStats::default(),
+            observer: std::sync::OnceLock::new(),
             cfg,
         }
+    }
+
+    /// Sets the observer of occupancy and presence changes (once; later calls are ignored).
+    pub fn set_observer(&self, observer: Arc<dyn observe::Observer>) {
+        let _ = self.observer.set(observer);
     }
 
     /// The settings in force.
@@ -656,6 +682,7 @@ impl Engine {
                 removed: false,
                 presence: self.has_presence(name).then(Box::default),
                 generation: 0,
+                keys: None,
             }),
         });
         part.insert(name.clone(), ch.clone());
@@ -784,6 +811,74 @@ impl Engine {
         Ok(published)
     }
 
+    /// [`Engine::publish`] under `cond`: a repeat of an idempotency key within the window
+    /// answers the first publish's position and publishes nothing (`.1` is `true`); with
+    /// `expected_seq`, publishes only when the channel's top is that seq, else
+    /// [`PublishRefused::SeqMismatch`] with the current position. A duplicate is recognised
+    /// before the seq is compared, so the retry of a conditional publish that went through
+    /// gets its seq, not a mismatch.
+    pub fn publish_with(
+        &self,
+        name: &ChannelName,
+        kind: DataKind,
+        data: Bytes,
+        cond: &idempotency::PublishConditions,
+        now: Instant,
+    ) -> Result<(Published, bool), PublishRefused> {
+        self.admit(name, now).map_err(PublishRefused::Overloaded)?;
+        let window = self.cfg.idempotency_window;
+        let (r, ch) = self
+            .with_channel(name, now, true, |ch, st| {
+                if let Some(keys) = st.keys.as_mut() {
+                    let freed = keys.prune(now, window);
+                    self.meter.add(Kind::History, -(freed as i64));
+                }
+                let key = cond.idempotency_key.as_ref();
+                if let Some(seq) = key.and_then(|k| st.keys.as_ref()?.get(k)) {
+                    let p = Published {
+                        epoch: st.epoch,
+                        seq,
+                        wake: 0,
+                    };
+                    return (Ok((p, true)), ch.clone());
+                }
+                if cond.expected_seq.is_some_and(|e| e != st.top) {
+                    let at = StreamPosition {
+                        epoch: st.epoch,
+                        seq: st.top,
+                    };
+                    return (Err(PublishRefused::SeqMismatch(at)), ch.clone());
+                }
+                st.top += 1;
+                st.last_active = now;
+                st.recent = true;
+                let mut cost = st.push(st.top, now, kind, data.clone());
+                if let Some(k) = key {
+                    let top = st.top;
+                    let keys = st.keys.get_or_insert_with(Box::default);
+                    cost += keys.insert(k.clone(), top, now);
+                    // The expiry queue looks at the channel again once its oldest key is due.
+                    if let Some(at) = keys.next_expiry(window) {
+                        self.schedule(ch, st, at + Duration::from_millis(1));
+                    }
+                }
+                let freed = self.trim(ch, st, now);
+                self.meter.add(Kind::History, cost as i64 - freed as i64);
+                let wake = Self::mark_dirty(ch, st);
+                let p = Published {
+                    epoch: st.epoch,
+                    seq: st.top,
+                    wake,
+                };
+                (Ok((p, false)), ch.clone())
+            })
+            .map_err(PublishRefused::Overloaded)?;
+        if let Ok((p, false)) = &r {
+            self.enqueue_dirty(&ch, p.wake);
+        }
+        r
+    }
+
     /// Where the history window of the ring starts: the oldest entry that is within the last
     /// `history_size`, the last `history_max_bytes` and the TTL. `ring.len()` when none is.
     fn history_start(&self, st: &ChannelState, now: Instant) -> usize {
@@ -885,6 +980,13 @@ impl Engine {
         if let Some(ms) = st.presence.as_ref().and_then(|p| p.events_due()) {
             due = due.min(self.base + Duration::from_millis(ms));
         }
+        if let Some(at) = st
+            .keys
+            .as_ref()
+            .and_then(|k| k.next_expiry(self.cfg.idempotency_window))
+        {
+            due = due.min(at);
+        }
         (due + Duration::from_millis(1)).max(now + MIN_RECHECK)
     }
 
@@ -939,6 +1041,13 @@ impl Engine {
             let shard = shard % self.cfg.shards;
             let pseq = st.presence.as_ref().map_or(0, |p| p.pseq());
             let top = st.top;
+            let first_on_node = st.shard_subs.iter().all(|&n| n == 0);
+            // Occupancy before the subscriber's presence join, so an observer sees them in the
+            // order a member sees them (the channel is occupied, then someone is in it).
+            let observer = self.observer.get().filter(|_| first_on_node);
+            if let Some(o) = observer {
+                o.occupancy(name, true);
+            }
             let joined = match join.take() {
                 Some(j) if st.presence.is_some() => {
                     let info = j.who.info.as_ref().map_or(0, Bytes::len);
@@ -946,15 +1055,22 @@ impl Engine {
                         && self.info_bytes.load(Ordering::Relaxed) + info
                             > self.cfg.presence.info_budget
                     {
+                        if let Some(o) = observer {
+                            o.occupancy(name, false);
+                        }
                         return Err(SubscribeError::Presence(PresenceError::InfoBudget));
                     }
                     let max = self.cfg.presence.max_members;
-                    self.presence_op(ch, st, now_ms, |p| p.join(j.who, j.live, top, max, now_ms))
-                        .unwrap_or(Ok(false))?
+                    let r = self
+                        .presence_op(ch, st, now_ms, |p| p.join(j.who, j.live, top, max, now_ms))
+                        .unwrap_or(Ok(false));
+                    if let (Err(_), Some(o)) = (&r, observer) {
+                        o.occupancy(name, false);
+                    }
+                    r?
                 }
                 _ => false,
             };
-            let first_on_node = st.shard_subs.iter().all(|&n| n == 0);
             st.shard_subs[shard] += 1;
             st.interest |= 1 << shard;
             if first_on_node {
@@ -1009,7 +1125,15 @@ impl Engine {
     ) -> Option<R> {
         let p = st.presence.as_mut()?;
         let (bytes, info, empty) = (p.bytes(), p.info_bytes(), p.is_empty());
+        let pseq = p.pseq();
         let r = f(p);
+        if let Some(o) = self.observer.get().filter(|_| p.pseq() != pseq) {
+            let mut events = Vec::new();
+            p.read_since(pseq, &mut events);
+            for e in events {
+                o.presence(&ch.name, &e.who, e.join);
+            }
+        }
         p.trim_events(now_ms);
         self.meter
             .add(Kind::Presence, p.bytes() as i64 - bytes as i64);
@@ -1189,6 +1313,9 @@ impl Engine {
             self.subscribed[self.part_index(&channel.name)]
                 .lock()
                 .remove(&channel.name);
+            if let Some(o) = self.observer.get() {
+                o.occupancy(&channel.name, false);
+            }
         }
         st.interest == 0
     }
@@ -1458,12 +1585,22 @@ impl Engine {
             return false; // A stale entry: the channel is gone or has a sooner one.
         }
         st.next_check = None;
-        let freed = self.trim(ch, &mut st, now);
+        let mut freed = self.trim(ch, &mut st, now);
+        let window = self.cfg.idempotency_window;
+        if let Some(keys) = st.keys.as_mut() {
+            freed += keys.prune(now, window);
+            if keys.bytes() == 0 {
+                st.keys = None;
+            }
+        }
         self.meter.add(Kind::History, -(freed as i64));
         // Presence bookkeeping alone trims the events that aged out.
         self.presence_op(ch, &mut st, self.millis(now), |_| ());
         let idle = now.saturating_duration_since(st.last_active) > self.cfg.history_ttl;
-        let nothing = st.ring.is_empty() && st.presence.as_ref().is_none_or(|p| p.is_idle());
+        // A channel with idempotency keys stays (with its epoch) until they leave the window.
+        let nothing = st.ring.is_empty()
+            && st.presence.as_ref().is_none_or(|p| p.is_idle())
+            && st.keys.is_none();
         if st.interest == 0 && idle && nothing {
             st.removed = true;
             drop(st);
@@ -2071,6 +2208,52 @@ mod tests {
             )
             .unwrap();
         assert_eq!(old.gap, Some(GapReason::EpochChanged));
+    }
+
+    #[test]
+    fn idempotency_keys_are_counted_and_keep_their_channel_for_the_window() {
+        use idempotency::{PublishConditions, KEY_OVERHEAD};
+        let e = Engine::new(EngineConfig {
+            history_ttl: Duration::from_secs(1),
+            idempotency_window: Duration::from_secs(10),
+            ..Default::default()
+        });
+        let t0 = Instant::now();
+        let a = ch("a");
+        let cond = PublishConditions {
+            idempotency_key: Some("key".into()),
+            expected_seq: None,
+        };
+        let data = || Bytes::from_static(b"1");
+        let (p, dup) = e
+            .publish_with(&a, DataKind::Json, data(), &cond, t0)
+            .unwrap();
+        assert!(!dup);
+        let with_key = e.meter().bytes(Kind::History);
+        e.publish(&ch("b"), DataKind::Json, data(), t0).unwrap();
+        let without = e.meter().bytes(Kind::History) - with_key;
+        assert_eq!(with_key - without, KEY_OVERHEAD + 3);
+        // Past the TTL the message is gone, not the key, nor the channel and its epoch.
+        for s in 2..=5 {
+            e.tick(t0 + Duration::from_secs(s));
+        }
+        let (again, dup) = e
+            .publish_with(
+                &a,
+                DataKind::Json,
+                data(),
+                &cond,
+                t0 + Duration::from_secs(5),
+            )
+            .unwrap();
+        assert!(dup);
+        assert_eq!((again.epoch, again.seq), (p.epoch, p.seq));
+        // Past the window the key goes, and then the idle channel with it.
+        for s in 11..=14 {
+            e.tick(t0 + Duration::from_secs(s));
+        }
+        assert_eq!(e.meter().bytes(Kind::History), 0);
+        assert_eq!(e.position(&a), None);
     }
 
     fn big(n: usize) -> Bytes {

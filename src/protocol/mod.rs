@@ -75,6 +75,15 @@ pub enum Payload<'a> {
     Bytes(&'a [u8]),
 }
 
+/// What a publish may require: see `engine::idempotency::PublishConditions`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PublishIf<'a> {
+    /// A repeat within the window publishes nothing and answers the first seq.
+    pub idempotency_key: Option<Cow<'a, str>>,
+    /// Publish only when the channel's top seq is this.
+    pub expected_seq: Option<u64>,
+}
+
 /// A client command, borrowed from its frame.
 #[derive(Debug)]
 pub enum Command<'a> {
@@ -98,6 +107,8 @@ pub enum Command<'a> {
         channel: ChannelName,
         /// The payload.
         data: Payload<'a>,
+        /// Its conditions (JSON only, for now).
+        cond: PublishIf<'a>,
     },
     /// Heartbeat (answered with a heartbeat).
     Heartbeat,

@@ -53,6 +53,20 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
         ^ u64::from(std::process::id()).rotate_left(32);
     let mut node = Node::new(config, shards, seed, auth, tls);
     node.start_backplane(seed)?;
+    node.start_webhooks(Vec::new(), seed)?;
+    if let (Some(set), Some(url)) = (
+        node.auth.as_ref().and_then(|a| a.jwks()),
+        node.config.jwt_jwks_url.as_deref(),
+    ) {
+        // Checked by `Config::problems` already.
+        let url = url.parse().map_err(std::io::Error::other)?;
+        crate::jwks::start(
+            set.clone(),
+            url,
+            node.config.jwt_jwks_refresh,
+            node.shutdown.clone(),
+        )?;
+    }
     let node = Arc::new(node);
     crate::transport::admin::announce(&node)?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();

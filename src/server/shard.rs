@@ -89,6 +89,9 @@ async fn serve(node: Arc<Node>, index: usize, listener: StdListener) {
         }
     });
 
+    // Server API commands for this shard's users' connections.
+    tokio::task::spawn_local(crate::transport::users::run_shard(ctx.clone()));
+
     if index == 0 {
         let node = node.clone();
         let stop = shutdown.clone();

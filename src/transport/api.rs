@@ -73,6 +73,13 @@ pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<B
             )
             .await
         }
+        (_, p)
+            if p.starts_with("/api/users/")
+                || p.starts_with("/api/channels/")
+                || p == "/api/batch" =>
+        {
+            super::server_api::handle(&ctx, g, req).await
+        }
         (_, "/api/publish" | "/api/broadcast" | "/api/channels") => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -192,12 +199,17 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// `{"channel","data","idempotency_key"?,"expected_seq"?}`: a publish (also in a batch).
 #[derive(Deserialize)]
 pub(super) struct PublishBody<'a> {
     #[serde(borrow)]
-    channel: Cow<'a, str>,
+    pub(super) channel: Cow<'a, str>,
     #[serde(borrow)]
-    data: &'a RawValue,
+    pub(super) data: &'a RawValue,
+    #[serde(borrow, default)]
+    pub(super) idempotency_key: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub(super) expected_seq: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -206,6 +218,51 @@ struct BroadcastBody<'a> {
     channels: Vec<Cow<'a, str>>,
     #[serde(borrow)]
     data: &'a RawValue,
+    #[serde(borrow, default)]
+    idempotency_key: Option<Cow<'a, str>>,
+}
+
+/// The conditions of a publish: an idempotency key (1 to 128 bytes) and an expected seq.
+pub(super) fn conditions(
+    key: Option<&str>,
+    expected_seq: Option<u64>,
+) -> Result<crate::engine::idempotency::PublishConditions, String> {
+    use crate::engine::idempotency::MAX_KEY_LEN;
+    if key.is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_LEN) {
+        return Err(format!("idempotency_key must be 1 to {MAX_KEY_LEN} bytes"));
+    }
+    Ok(crate::engine::idempotency::PublishConditions {
+        idempotency_key: key.map(Into::into),
+        expected_seq,
+    })
+}
+
+/// The answer to a publish: `{"channel","seq","epoch"}`, plus `"duplicate":true` for a
+/// repeat of an idempotency key.
+pub(super) fn published_json(ch: &ChannelName, p: &super::Published, duplicate: bool) -> String {
+    let dup = if duplicate { ",\"duplicate\":true" } else { "" };
+    format!(
+        "{{\"channel\":\"{ch}\",\"seq\":{},\"epoch\":\"{}\"{dup}}}",
+        p.seq, p.epoch
+    )
+}
+
+/// The refusal of a publish: 409 `seq_mismatch` with the channel's position, 501
+/// `not_supported`, else 503.
+pub(super) fn publish_refused(e: &PublishError) -> Response<Body> {
+    match e {
+        PublishError::SeqMismatch(at) => json(
+            StatusCode::CONFLICT,
+            format!(
+                "{{\"error\":{{\"code\":\"seq_mismatch\",\"message\":{}}},\"epoch\":\"{}\",\"seq\":{}}}",
+                crate::protocol::json::json_string(&e.to_string()),
+                at.epoch,
+                at.seq
+            ),
+        ),
+        PublishError::Unsupported(_) => error(StatusCode::NOT_IMPLEMENTED, e.code(), &e.to_string()),
+        _ => unavailable(e),
+    }
 }
 
 /// Reads a body of at most `--max-message-size` bytes.
@@ -318,19 +375,19 @@ pub(super) async fn publish(ctx: &ShardContext, g: &Grants, b: PublishBody<'_>) 
     if !g.allows(Perm::Publish, ch.as_str()) {
         return forbidden("no publish permission on this channel");
     }
-    let data = normalize_data(b.data.get());
-    let p = match ctx.node.publish(&ch, DataKind::Json, data).await {
-        Ok(p) => p,
-        Err(e) => return unavailable(&e),
+    let cond = match conditions(b.idempotency_key.as_deref(), b.expected_seq) {
+        Ok(c) => c,
+        Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", &m),
     };
-    ctx.metrics.published.increment(1);
-    json(
-        StatusCode::OK,
-        format!(
-            "{{\"channel\":\"{ch}\",\"seq\":{},\"epoch\":\"{}\"}}",
-            p.seq, p.epoch
-        ),
-    )
+    let data = normalize_data(b.data.get());
+    let (p, duplicate) = match ctx.node.publish_with(&ch, DataKind::Json, data, cond).await {
+        Ok(p) => p,
+        Err(e) => return publish_refused(&e),
+    };
+    if !duplicate {
+        ctx.metrics.published.increment(1);
+    }
+    json(StatusCode::OK, published_json(&ch, &p, duplicate))
 }
 
 async fn broadcast(ctx: &ShardContext, g: &Grants, b: BroadcastBody<'_>) -> Response<Body> {
@@ -351,23 +408,31 @@ async fn broadcast(ctx: &ShardContext, g: &Grants, b: BroadcastBody<'_>) -> Resp
             Err(res) => return res,
         }
     }
+    // The key applies per channel: a retried broadcast publishes on none of the channels it
+    // reached before, and on the others.
+    let cond = match conditions(b.idempotency_key.as_deref(), None) {
+        Ok(c) => c,
+        Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", &m),
+    };
     let data = normalize_data(b.data.get());
     let mut out = String::from("{\"results\":[");
     for (i, ch) in names.iter().enumerate() {
         // Channels published before a failure stay published; the error says which failed.
-        let p = match ctx.node.publish(ch, DataKind::Json, data.clone()).await {
+        let (p, duplicate) = match ctx
+            .node
+            .publish_with(ch, DataKind::Json, data.clone(), cond.clone())
+            .await
+        {
             Ok(p) => p,
-            Err(e) => return unavailable(&e),
+            Err(e) => return publish_refused(&e),
         };
-        ctx.metrics.published.increment(1);
+        if !duplicate {
+            ctx.metrics.published.increment(1);
+        }
         if i > 0 {
             out.push(',');
         }
-        let _ = write!(
-            out,
-            "{{\"channel\":\"{ch}\",\"seq\":{},\"epoch\":\"{}\"}}",
-            p.seq, p.epoch
-        );
+        out.push_str(&published_json(ch, &p, duplicate));
     }
     out.push_str("]}");
     json(StatusCode::OK, out)

@@ -10,7 +10,9 @@ pub mod demo;
 pub mod http;
 pub mod io;
 pub mod landing;
+pub mod server_api;
 pub mod sse;
+pub mod users;
 pub mod ws;
 
 use std::cell::{Cell, RefCell};
@@ -54,6 +56,10 @@ pub struct Node {
     pub admin: Option<admin::Admin>,
     /// Each shard's open connections and subscriptions (the admin UI reads them).
     pub load: Box<[crate::metrics::ShardLoad]>,
+    /// The webhook dispatcher, when hooks are configured ([`Node::start_webhooks`]).
+    pub webhooks: Option<Arc<crate::webhooks::Webhooks>>,
+    /// Server API commands for users' connections, one inbox per shard.
+    pub users: users::UserControl,
     /// Set on SIGTERM: `/readyz` answers 503 for the drain period, while everything else is
     /// served as usual.
     draining: std::sync::atomic::AtomicBool,
@@ -108,6 +114,7 @@ impl Node {
                 info_budget: config.presence_info_budget,
             },
             slow_consumer: config.slow_consumer.clone(),
+            idempotency_window: config.idempotency_window,
         });
         let engine = Arc::new(engine);
         let wakers = crate::backplane::Wakers::new(shards);
@@ -128,6 +135,8 @@ impl Node {
             admin: admin::Admin::new(&config),
             load: (0..shards).map(|_| Default::default()).collect(),
             draining: Default::default(),
+            webhooks: None,
+            users: users::UserControl::new(shards),
             auth,
             tls,
             config,
@@ -210,6 +219,40 @@ impl Node {
         }
     }
 
+    /// [`Node::publish`] under conditions: an idempotency key (a repeat within
+    /// `--idempotency-window` answers the first publish's position, `.1` true, and publishes
+    /// nothing) and an expected seq (compare-and-set: [`PublishError::SeqMismatch`] unless the
+    /// channel's top is that seq).
+    pub async fn publish_with(
+        &self,
+        channel: &ChannelName,
+        kind: DataKind,
+        data: Bytes,
+        cond: crate::engine::idempotency::PublishConditions,
+    ) -> Result<(Published, bool), PublishError> {
+        use crate::backplane::BackplaneError;
+        if cond.is_empty() {
+            return self.publish(channel, kind, data).await.map(|p| (p, false));
+        }
+        self.engine
+            .admit(channel, std::time::Instant::now())
+            .map_err(PublishError::Overloaded)?;
+        match self.backplane.publish_with(channel, kind, data, cond).await {
+            Ok((epoch, seq, duplicate)) => Ok((
+                Published {
+                    epoch,
+                    seq,
+                    wake: 0,
+                },
+                duplicate,
+            )),
+            Err(BackplaneError::Overloaded(o)) => Err(PublishError::Overloaded(o)),
+            Err(BackplaneError::SeqMismatch(at)) => Err(PublishError::SeqMismatch(at)),
+            Err(BackplaneError::Unsupported(what)) => Err(PublishError::Unsupported(what)),
+            Err(e) => Err(PublishError::Unavailable(e.to_string())),
+        }
+    }
+
     /// The backplane settings for the server at `url`.
     fn backplane_settings(&self, url: &str, seed: u64) -> crate::backplane::Settings {
         crate::backplane::Settings {
@@ -249,6 +292,51 @@ impl Node {
                 Ok(())
             }
         }
+    }
+
+    /// Starts the webhook dispatcher for the `--webhook-url` hooks plus `extra` (hooks of
+    /// another format, e.g. a compatibility API's) and makes it the engine's observer. Nothing
+    /// without hooks. Call once, before the node is shared.
+    pub fn start_webhooks(
+        &mut self,
+        extra: Vec<crate::webhooks::Hook>,
+        seed: u64,
+    ) -> std::io::Result<()> {
+        let format: Arc<dyn crate::webhooks::Format> = Arc::new(crate::webhooks::RelayFormat::new(
+            self.config.webhook_secret.as_deref(),
+        ));
+        let mut hooks = Vec::new();
+        for spec in &self.config.webhook_url {
+            // Checked by `Config::problems` already.
+            let (events, url) =
+                crate::webhooks::parse_hook_spec(spec).map_err(std::io::Error::other)?;
+            hooks.push(crate::webhooks::Hook {
+                url,
+                events,
+                format: format.clone(),
+            });
+        }
+        hooks.extend(extra);
+        if hooks.is_empty() {
+            return Ok(());
+        }
+        if self.config.backplane != crate::config::BackplaneKind::Memory {
+            tracing::warn!(
+                "webhooks with a cluster backplane report what each node sees: occupancy per \
+                 node, and members of other nodes once per node; receivers must deduplicate \
+                 (not yet agreed across nodes)"
+            );
+        }
+        let webhooks = crate::webhooks::Webhooks::start(
+            hooks,
+            crate::webhooks::Settings::from_config(&self.config),
+            self.config.node_id(),
+            seed,
+            self.shutdown.clone(),
+        )?;
+        self.engine.set_observer(webhooks.clone());
+        self.webhooks = Some(webhooks);
+        Ok(())
     }
 
     /// What a subscriber of `channel` must wait for before it is added to a hub: `None` when
@@ -322,6 +410,12 @@ pub enum PublishError {
     /// The node cannot grow (HTTP 503, WS `overloaded`).
     #[error(transparent)]
     Overloaded(crate::engine::Overloaded),
+    /// `expected_seq` is not the channel's top, which is this (HTTP 409, WS `seq_mismatch`).
+    #[error("expected_seq is not the channel's top seq, which is {}:{}", .0.epoch, .0.seq)]
+    SeqMismatch(crate::types::StreamPosition),
+    /// The backplane cannot apply the publish's conditions (HTTP 501, WS `not_supported`).
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 impl PublishError {
@@ -330,6 +424,8 @@ impl PublishError {
         match self {
             PublishError::Unavailable(_) => "unavailable",
             PublishError::Overloaded(_) => "overloaded",
+            PublishError::SeqMismatch(_) => "seq_mismatch",
+            PublishError::Unsupported(_) => "not_supported",
         }
     }
 
@@ -366,6 +462,8 @@ pub struct ShardContext {
     pub outboxes: crate::engine::outbox::Gauge,
     /// Bytes of HTTP API answers built on this shard and not yet sent.
     pub responses: crate::engine::outbox::Gauge,
+    /// This shard's connections by user (server API commands).
+    pub users: users::ShardUsers,
     next_conn: Cell<ConnId>,
 }
 
@@ -391,6 +489,7 @@ impl ShardContext {
             metrics,
             outboxes,
             responses: Default::default(),
+            users: Default::default(),
             next_conn: Cell::new(1),
         }
     }

@@ -251,11 +251,13 @@ fn publish_reply(
     wire: Wire,
     id: Option<ReqId<'_>>,
     channel: &ChannelName,
-    r: Result<crate::engine::Published, super::PublishError>,
+    r: Result<(crate::engine::Published, bool), super::PublishError>,
 ) -> Bytes {
     match r {
-        Ok(p) => {
-            ctx.metrics.published.increment(1);
+        Ok((p, duplicate)) => {
+            if !duplicate {
+                ctx.metrics.published.increment(1);
+            }
             let position = StreamPosition {
                 epoch: p.epoch,
                 seq: p.seq,
@@ -313,6 +315,8 @@ struct Session {
     /// Subscribes waiting for the backplane to bring their channel in sync (never in memory
     /// mode).
     joining: Vec<PendingJoin>,
+    /// Server API commands for this connection's user (`None`: no user, not in the index).
+    mailbox: Option<Rc<super::users::Mailbox>>,
 }
 
 /// A subscribe that waits for [`super::Node::join`] before it is added to the hub.
@@ -381,7 +385,9 @@ async fn run<R, W>(
         }),
         auth,
         joining: Vec::new(),
+        mailbox: None,
     };
+    s.register_user();
     // A client that may do nothing without a token must authenticate in time.
     if let Some(a) = &s.ctx.node.auth {
         if s.auth.user.is_none() && !a.anonymous_allowed() {
@@ -464,6 +470,9 @@ async fn run<R, W>(
                     Err(e) => s.reply(id, &Event::Error { code: "unavailable", message: &e.to_string() }),
                 }
             }
+            _ = mailbox_ready(&s.mailbox), if s.mailbox.is_some() && s.close_deadline.is_none() => {
+                s.on_user_commands();
+            }
             _ = &mut timer => {
                 if s.on_timer(cfg) {
                     break;
@@ -473,6 +482,14 @@ async fn run<R, W>(
     }
     s.leave();
     s.ctx.metrics.ws_connections.decrement(1.0);
+}
+
+/// Waits for a server API command (never without a mailbox).
+async fn mailbox_ready(m: &Option<Rc<super::users::Mailbox>>) {
+    match m {
+        Some(m) => m.ready().await,
+        None => std::future::pending().await,
+    }
 }
 
 enum WriteEvent {
@@ -703,7 +720,6 @@ impl Session {
 
     fn on_command(&mut self, id: Option<ReqId<'_>>, command: Command<'_>) {
         let now = Instant::now();
-        let error = |code, message| Event::Error { code, message };
         match command {
             Command::Subscribe {
                 channel,
@@ -713,6 +729,25 @@ impl Session {
                 if !self.auth.grants.allows(Perm::Subscribe, channel.as_str()) {
                     return self.forbidden(id, Perm::Subscribe);
                 }
+                self.subscribe_granted(id, channel, resume, presence, now);
+            }
+            Command::Unsubscribe { channel } => self.unsubscribe(id, channel, now),
+            other => self.on_other_command(id, other, now),
+        }
+    }
+
+    /// A subscribe the connection may make (its grants, or the server API, allow it).
+    fn subscribe_granted(
+        &mut self,
+        id: Option<ReqId<'_>>,
+        channel: ChannelName,
+        resume: Option<StreamPosition>,
+        presence: Option<crate::protocol::ClientPresence<'_>>,
+        now: Instant,
+    ) {
+        let error = |code, message| Event::Error { code, message };
+        {
+            {
                 if self.subs.contains(&channel) || self.joining.iter().any(|j| j.channel == channel)
                 {
                     return self.reply(
@@ -751,7 +786,13 @@ impl Session {
                 }
                 self.subscribe_now(id, channel, resume, join, now);
             }
-            Command::Unsubscribe { channel } => {
+        }
+    }
+
+    fn unsubscribe(&mut self, id: Option<ReqId<'_>>, channel: ChannelName, now: Instant) {
+        let error = |code, message| Event::Error { code, message };
+        {
+            {
                 if let Some(i) = self.joining.iter().position(|j| j.channel == channel) {
                     self.joining.swap_remove(i);
                     return self.reply(id, &Event::Unsubscribed { channel: &channel });
@@ -774,17 +815,36 @@ impl Session {
                     );
                 }
             }
-            Command::Publish { channel, data } => {
+        }
+    }
+
+    fn on_other_command(&mut self, id: Option<ReqId<'_>>, command: Command<'_>, _: Instant) {
+        let error = |code, message| Event::Error { code, message };
+        match command {
+            // Routed by `on_command`.
+            Command::Subscribe { .. } | Command::Unsubscribe { .. } => {}
+            Command::Publish {
+                channel,
+                data,
+                cond,
+            } => {
                 if !self.auth.grants.allows(Perm::Publish, channel.as_str()) {
                     return self.forbidden(id, Perm::Publish);
                 }
+                let cond = match super::api::conditions(
+                    cond.idempotency_key.as_deref(),
+                    cond.expected_seq,
+                ) {
+                    Ok(c) => c,
+                    Err(m) => return self.reply(id, &error("bad_request", &m)),
+                };
                 let (kind, bytes) = match data {
                     Payload::Json(raw) => (DataKind::Json, json::normalize_data(raw)),
                     Payload::Bytes(b) => (DataKind::Binary, Bytes::copy_from_slice(b)),
                 };
                 let node = self.ctx.node.clone();
                 let mut publish = Box::pin(async move {
-                    let r = node.publish(&channel, kind, bytes).await;
+                    let r = node.publish_with(&channel, kind, bytes, cond).await;
                     (channel, r)
                 });
                 // A node that sequences locally answers at once: reply in order, inline. A
@@ -857,6 +917,52 @@ impl Session {
         );
     }
 
+    /// Puts the connection in its shard's user index once it has a user (from the token at the
+    /// handshake or an `auth` command), so that the server API can act on it.
+    fn register_user(&mut self) {
+        if let (None, Some(user)) = (&self.mailbox, &self.auth.user) {
+            self.mailbox = Some(self.ctx.users.add(user, self.id));
+        }
+    }
+
+    /// Applies what the server API asked of this connection's user.
+    fn on_user_commands(&mut self) {
+        use super::users::UserCommand;
+        let Some(mailbox) = self.mailbox.clone() else {
+            return;
+        };
+        while let Some(command) = mailbox.take() {
+            match command {
+                UserCommand::Disconnect { reason, reconnect } => {
+                    let code = if reconnect {
+                        super::users::CLOSE_DISCONNECTED
+                    } else {
+                        super::users::CLOSE_DISCONNECTED_FOR_GOOD
+                    };
+                    let mut end = reason.len().min(120);
+                    while !reason.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    return self.close(code, &reason[..end], true);
+                }
+                UserCommand::Subscribe(channel) => {
+                    if !self.subs.contains(&channel)
+                        && !self.joining.iter().any(|j| j.channel == channel)
+                    {
+                        self.subscribe_granted(None, channel, None, None, Instant::now());
+                    }
+                }
+                UserCommand::Unsubscribe(channel) => {
+                    if self.subs.contains(&channel)
+                        || self.joining.iter().any(|j| j.channel == channel)
+                    {
+                        self.unsubscribe(None, channel, Instant::now());
+                    }
+                }
+            }
+        }
+    }
+
     /// `{"type":"auth","token":…}`: authenticates a connection opened without a token. A bad
     /// token closes the connection (4001) after the error.
     fn on_auth(&mut self, id: Option<ReqId<'_>>, token: &str) {
@@ -884,6 +990,7 @@ impl Session {
                 self.auth = ConnAuth::from_principal(p);
                 self.auth_deadline = None;
                 self.expiry = self.auth.exp.map(instant_of);
+                self.register_user();
                 self.push(reply);
             }
             Err(e) => {
@@ -1038,6 +1145,9 @@ impl Session {
     /// Releases every subscription; leaves presence at once if the connection ended cleanly.
     fn leave(&mut self) {
         let now = Instant::now();
+        if let (Some(_), Some(user)) = (self.mailbox.take(), &self.auth.user) {
+            self.ctx.users.remove(user, self.id);
+        }
         let mut wake = 0;
         let mut hub = self.ctx.hub.borrow_mut();
         self.ctx

@@ -1161,3 +1161,48 @@ impl RawWs {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A local HTTP server (webhook receivers, JWKS, backends)
+// ---------------------------------------------------------------------------------------------
+
+/// Serves HTTP/1.1 on a loopback port: `answer(headers, body)` gives each request's status and
+/// body. Returns `http://127.0.0.1:PORT`. Runs until the test's runtime ends.
+pub async fn serve_http<F>(answer: F) -> String
+where
+    F: Fn(&hyper::HeaderMap, bytes::Bytes) -> (u16, bytes::Bytes) + Send + Sync + 'static,
+{
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let answer = std::sync::Arc::new(answer);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                    let answer = answer.clone();
+                    async move {
+                        let headers = req.headers().clone();
+                        let body: hyper::body::Incoming = req.into_body();
+                        let body = body.collect().await?.to_bytes();
+                        let (status, out) = answer(&headers, body);
+                        Ok::<_, hyper::Error>(
+                            hyper::Response::builder()
+                                .status(status)
+                                .body(http_body_util::Full::new(out))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    base
+}
