@@ -213,6 +213,11 @@ impl Outbox {
         self.inner.borrow().bytes
     }
 
+    /// Frames waiting.
+    pub fn frames(&self) -> usize {
+        self.inner.borrow().queue.len()
+    }
+
     /// Whether nothing is waiting.
     pub fn is_empty(&self) -> bool {
         self.inner.borrow().queue.is_empty()
@@ -275,6 +280,7 @@ impl Outbox {
             f(&out);
             n += 1;
         }
+        inner.release_if_idle(n);
         inner.gauge.set(inner.gauge.get().wrapping_sub(freed));
         n
     }
@@ -315,8 +321,20 @@ impl Inner {
             }
         }
         w.finished = self.queue.is_empty() && self.state == OutboxState::Closing;
+        self.release_if_idle(w.frames);
         self.recount(before);
         w
+    }
+
+    /// Frees the queue's buffer once it is empty, if it grew past [`KEEP_ENTRIES`] (a burst
+    /// is over: a `VecDeque` never shrinks by itself, so every connection would keep its
+    /// largest burst's worth for its whole life) or if the write that emptied it carried a
+    /// single frame (a reply, a ping, a trickle of messages: an idle connection holds no
+    /// buffer at all). Busy connections keep a small buffer from one pass to the next.
+    fn release_if_idle(&mut self, frames: usize) {
+        if self.queue.is_empty() && (self.queue.capacity() > KEEP_ENTRIES || frames <= 1) {
+            self.queue = VecDeque::new();
+        }
     }
 
     /// What this outbox holds, as counted in the shard's gauge: its frames (a frame shared with
@@ -343,6 +361,9 @@ impl Drop for Inner {
 /// Bytes a queued frame costs besides the frame itself.
 const OUT_SIZE: usize = std::mem::size_of::<Out>();
 
+/// Queue entries an emptied outbox may keep allocated for the next pass (about 3 KiB).
+const KEEP_ENTRIES: usize = 64;
+
 fn wake(inner: &mut Inner) {
     if let Some(w) = inner.waker.take() {
         w.wake();
@@ -364,6 +385,38 @@ mod tests {
             Poll::Ready(Ok(w)) => w,
             _ => Written::default(),
         }
+    }
+
+    fn capacity(o: &Outbox) -> usize {
+        o.inner.borrow().queue.capacity()
+    }
+
+    #[test]
+    fn an_emptied_outbox_keeps_no_burst_sized_buffer() {
+        let o = Outbox::new(1 << 20);
+        for _ in 0..1000 {
+            o.push(frame(10));
+        }
+        while !o.is_empty() {
+            write_all(&o, usize::MAX);
+        }
+        assert_eq!(capacity(&o), 0, "a burst's buffer is freed once written");
+        // A busy connection keeps a small buffer from one write to the next...
+        for _ in 0..8 {
+            o.push(frame(10));
+        }
+        write_all(&o, usize::MAX);
+        assert!(capacity(&o) >= 8);
+        // ...and a lone frame (a reply, a ping) leaves nothing allocated.
+        o.push(frame(10));
+        write_all(&o, usize::MAX);
+        assert_eq!(capacity(&o), 0);
+        // The same when a transport drains by copying (SSE).
+        for _ in 0..1000 {
+            o.push(frame(10));
+        }
+        o.drain_into(|_| {});
+        assert_eq!(capacity(&o), 0);
     }
 
     #[test]
