@@ -424,7 +424,11 @@ async fn run<R, W>(
         tokio::select! {
             biased;
             _ = shutdown.cancelled(), if s.close_deadline.is_none() => {
-                s.close(frame::CLOSE_RESTART, "service restart", true);
+                // Ids are per shard: interleaved, they tell every connection of the node apart.
+                let shards = s.ctx.node.wakers.len() as u64;
+                let key = s.id * shards + s.ctx.shard as u64;
+                let reason = restart_reason(key, s.ctx.tracker.len());
+                s.close(frame::CLOSE_RESTART, &reason, true);
             }
             r = write_some(&mut wr, &s.outbox) => match r {
                 Ok(WriteEvent::Wrote(w)) if w.finished => {
@@ -490,6 +494,25 @@ async fn mailbox_ready(m: &Option<Rc<super::users::Mailbox>>) {
         Some(m) => m.ready().await,
         None => std::future::pending().await,
     }
+}
+
+/// Reconnections per second one shard is expected to take after a restart (handshake and
+/// subscribe cost ~30-50 µs of a core each): the restart hint spreads a shard's clients over
+/// `connections / RESTART_RECONNECTS_PER_SEC`, so that a fleet does not arrive at once.
+const RESTART_RECONNECTS_PER_SEC: u64 = 20_000;
+
+/// The shortest and longest restart spread (the shortest is the JS client's default window).
+const RESTART_SPREAD_MS: (u64, u64) = (250, 30_000);
+
+/// The 1012 close reason: `service restart; reconnect in N ms`, with N this connection's own
+/// delay in a window that grows with the connections the shard holds (`open`). Keys are
+/// sequential, so multiplying by an odd constant spreads them evenly over the window
+/// (docs/protocol.md, "Shutdown").
+fn restart_reason(key: u64, open: usize) -> String {
+    let (min, max) = RESTART_SPREAD_MS;
+    let window = (open as u64 * 1000 / RESTART_RECONNECTS_PER_SEC).clamp(min, max);
+    let delay = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % window;
+    format!("service restart; reconnect in {delay} ms")
 }
 
 enum WriteEvent {

@@ -1121,6 +1121,23 @@ impl RawWs {
 
     /// Read frames until a close frame (returns its code) or EOF (returns `None`), within `d`.
     /// Data, ping and pong frames are skipped. Panics on timeout.
+    /// The close frame's code and reason, or `None` if the connection ended without one.
+    pub async fn expect_close_frame(&mut self, d: Duration) -> Option<(u16, String)> {
+        let deadline = Instant::now() + d;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.read_frame(left).await {
+                RawRead::Frame(f) if f.opcode == OP_CLOSE => {
+                    let reason = String::from_utf8_lossy(f.payload.get(2..).unwrap_or(&[]));
+                    return Some((f.close_code(), reason.into_owned()));
+                }
+                RawRead::Frame(_) => continue,
+                RawRead::Eof => return None,
+                RawRead::Timeout => panic!("no close frame within {d:?}"),
+            }
+        }
+    }
+
     pub async fn expect_close_code(&mut self, d: Duration) -> Option<u16> {
         let deadline = Instant::now() + d;
         loop {
