@@ -453,7 +453,11 @@ impl HttpBody for SseBody {
             }
             _ => {}
         }
-        let mut buf = BytesMut::new();
+        // One chunk for everything queued, sized up front (frames, plus an `id:` line of up to
+        // ~40 bytes per channel each) so that copying them in never reallocates.
+        let mut buf = BytesMut::with_capacity(
+            this.outbox.queued_bytes() + this.outbox.frames() * (8 + 40 * this.cursor.len()),
+        );
         let cursor = &mut this.cursor;
         this.outbox.drain_into(|out| {
             if out.slot != NO_SLOT {
