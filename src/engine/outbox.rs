@@ -213,6 +213,15 @@ impl Outbox {
         self.inner.borrow().bytes
     }
 
+    /// Frees the queue's buffer if nothing is queued: SSE streams call it at their keep-alive,
+    /// so an idle stream holds no queue buffer.
+    pub fn release_idle(&self) {
+        let mut inner = self.inner.borrow_mut();
+        if inner.queue.is_empty() {
+            inner.queue = VecDeque::new();
+        }
+    }
+
     /// Frames waiting.
     pub fn frames(&self) -> usize {
         self.inner.borrow().queue.len()
@@ -280,7 +289,7 @@ impl Outbox {
             f(&out);
             n += 1;
         }
-        inner.release_if_idle(n);
+        inner.release_if_idle();
         inner.gauge.set(inner.gauge.get().wrapping_sub(freed));
         n
     }
@@ -321,18 +330,17 @@ impl Inner {
             }
         }
         w.finished = self.queue.is_empty() && self.state == OutboxState::Closing;
-        self.release_if_idle(w.frames);
+        self.release_if_idle();
         self.recount(before);
         w
     }
 
-    /// Frees the queue's buffer once it is empty, if it grew past [`KEEP_ENTRIES`] (a burst
-    /// is over: a `VecDeque` never shrinks by itself, so every connection would keep its
-    /// largest burst's worth for its whole life) or if the write that emptied it carried a
-    /// single frame (a reply, a ping, a trickle of messages: an idle connection holds no
-    /// buffer at all). Busy connections keep a small buffer from one pass to the next.
-    fn release_if_idle(&mut self, frames: usize) {
-        if self.queue.is_empty() && (self.queue.capacity() > KEEP_ENTRIES || frames <= 1) {
+    /// Frees the queue's buffer once it is empty if it grew past [`KEEP_ENTRIES`]: a burst is
+    /// over, and a `VecDeque` never shrinks by itself, so every connection would keep its
+    /// largest burst's worth for its whole life. A smaller buffer stays for the next pass (no
+    /// allocation per delivery); [`Outbox::release_idle`] frees it on a quiet connection.
+    fn release_if_idle(&mut self) {
+        if self.queue.is_empty() && self.queue.capacity() > KEEP_ENTRIES {
             self.queue = VecDeque::new();
         }
     }
@@ -407,9 +415,12 @@ mod tests {
         }
         write_all(&o, usize::MAX);
         assert!(capacity(&o) >= 8);
-        // ...and a lone frame (a reply, a ping) leaves nothing allocated.
+        // ...and a single frame per write allocates nothing more...
         o.push(frame(10));
         write_all(&o, usize::MAX);
+        assert!(capacity(&o) >= 8);
+        // ...until the connection is idle: then the transport's idle timer may free it.
+        o.release_idle();
         assert_eq!(capacity(&o), 0);
         // The same when a transport drains by copying (SSE).
         for _ in 0..1000 {

@@ -481,6 +481,8 @@ impl HttpBody for SseBody {
             let next = tokio::time::Instant::now() + this.keepalive_every;
             this.keepalive.as_mut().reset(next);
             let _ = this.keepalive.as_mut().poll(cx);
+            // A quiet stream (nothing to write at its keep-alive): no queue buffer held.
+            this.outbox.release_idle();
             return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(sse::KEEPALIVE)))));
         }
         match this.outbox.poll_ready(cx) {
