@@ -78,6 +78,13 @@ pub struct Config {
     /// SSE keep-alive comment period.
     #[arg(long, env = "RELAY_SSE_KEEPALIVE", value_name = "DURATION", value_parser = parse_duration, default_value = "15s")]
     pub sse_keepalive: Duration,
+    /// Offer permessage-deflate (RFC 7692) to WebSocket clients that ask for it: messages over
+    /// `--deflate-min-size` go out compressed once per message and shared by every subscriber.
+    #[arg(long, env = "RELAY_PERMESSAGE_DEFLATE", value_name = "BOOL", action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", default_value_t = true)]
+    pub permessage_deflate: bool,
+    /// Messages shorter than this go out uncompressed to permessage-deflate clients.
+    #[arg(long, env = "RELAY_DEFLATE_MIN_SIZE", value_name = "BYTES", value_parser = parse_bytes, default_value = "256B")]
+    pub deflate_min_size: usize,
     /// SSE reconnect hint sent as `retry:`.
     #[arg(long, env = "RELAY_SSE_RETRY", value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
     pub sse_retry: Duration,

@@ -4,11 +4,13 @@
 //! - [`json`]: the JSON protocol (`relay.v1.json`, the default).
 //! - [`binary`]: the binary protocol (`relay.v1.bin`).
 //! - [`sse`]: Server-Sent Events formatting and the resume cursor.
+//! - [`deflate`]: permessage-deflate (RFC 7692), one message at a time.
 //!
 //! Both WebSocket protocols carry the same [`Command`]s in and [`Event`]s out; a transport picks
 //! a [`Wire`] per connection and never looks inside a codec.
 
 pub mod binary;
+pub mod deflate;
 pub mod json;
 pub mod sse;
 pub mod ws;
@@ -27,6 +29,11 @@ pub const ENC_WS_JSON: usize = 0;
 pub const ENC_SSE: usize = 1;
 /// Frame-cache slot of binary WebSocket subscribers.
 pub const ENC_WS_BIN: usize = 2;
+/// Frame-cache slot of JSON WebSocket subscribers with permessage-deflate: the JSON frame
+/// compressed once (or the JSON frame itself when it is under `--deflate-min-size`).
+pub const ENC_WS_JSON_DEFLATE: usize = 3;
+/// The same for binary WebSocket subscribers.
+pub const ENC_WS_BIN_DEFLATE: usize = 4;
 
 /// A command's request id, echoed in its reply in the same protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -250,6 +257,15 @@ impl Wire {
         }
     }
 
+    /// [`Wire::message_encoding`] of a connection that negotiated permessage-deflate (`deflate`).
+    pub fn message_encoding_with(self, deflate: bool) -> usize {
+        match (self, deflate) {
+            (Wire::Json, true) => ENC_WS_JSON_DEFLATE,
+            (Wire::Binary, true) => ENC_WS_BIN_DEFLATE,
+            (wire, false) => wire.message_encoding(),
+        }
+    }
+
     /// A complete WebSocket frame carrying `event`.
     pub fn encode(self, id: Option<ReqId<'_>>, event: &Event<'_>) -> Bytes {
         match self {
@@ -262,6 +278,15 @@ impl Wire {
 /// The hub's encoder: builds the frame of `p` for `encoding`, once per publication.
 pub fn encode_publication(encoding: usize, channel: &ChannelName, p: &Publication) -> Bytes {
     match encoding {
+        ENC_WS_JSON_DEFLATE | ENC_WS_BIN_DEFLATE => {
+            // Built from the plain frame (cached in its own slot, shared when not compressed).
+            let plain = if encoding == ENC_WS_BIN_DEFLATE {
+                ENC_WS_BIN
+            } else {
+                ENC_WS_JSON
+            };
+            deflate::frame_of(p.frame(plain, |p| encode_publication(plain, channel, p)))
+        }
         ENC_SSE => sse::message(channel, p.seq, p.kind, &p.data),
         ENC_WS_BIN => binary::message(channel, p.seq, p.kind, &p.data),
         _ => json::message(channel, p.seq, p.kind, &p.data),
@@ -270,9 +295,10 @@ pub fn encode_publication(encoding: usize, channel: &ChannelName, p: &Publicatio
 
 /// The hub's encoder for presence events, once per event and encoding.
 pub fn encode_presence(encoding: usize, channel: &ChannelName, e: &PresenceEvent) -> Bytes {
+    // Presence events and gap notices are small: deflate connections get them plain.
     match encoding {
         ENC_SSE => sse::presence(channel, e),
-        ENC_WS_BIN => binary::presence(channel, e),
+        ENC_WS_BIN | ENC_WS_BIN_DEFLATE => binary::presence(channel, e),
         _ => json::presence(channel, e),
     }
 }
@@ -281,7 +307,7 @@ pub fn encode_presence(encoding: usize, channel: &ChannelName, e: &PresenceEvent
 pub fn encode_gap(encoding: usize, channel: &ChannelName, from: u64, to: u64) -> Bytes {
     match encoding {
         ENC_SSE => sse::dropped(channel, from, to),
-        ENC_WS_BIN => binary::gap(channel, from, to),
+        ENC_WS_BIN | ENC_WS_BIN_DEFLATE => binary::gap(channel, from, to),
         _ => json::gap(channel, from, to),
     }
 }

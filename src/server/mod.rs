@@ -40,6 +40,7 @@ pub struct ServerHandle {
 /// Reads the key and certificate files, then binds and starts every shard.
 pub fn start(config: Config) -> Result<ServerHandle, StartError> {
     crate::metrics::install();
+    crate::protocol::deflate::set_min_size(config.deflate_min_size);
     // Before anything is bound: a bad file stops the start, so the node never serves without
     // auth or in clear text by mistake.
     let (auth, tls) = read_files(&config).map_err(|mut e| e.swap_remove(0))?;

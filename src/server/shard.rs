@@ -107,7 +107,10 @@ async fn serve(node: Arc<Node>, index: usize, listener: StdListener) {
             loop {
                 tokio::select! {
                     _ = expiry.tick() => { node.engine.tick(Instant::now()); }
-                    _ = buckets.tick() => { node.api.sweep(Instant::now()); }
+                    _ = buckets.tick() => {
+                        node.api.sweep(Instant::now());
+                        crate::metrics::upkeep();
+                    }
                     _ = presence.tick() => {
                         let wake = node.engine.sweep_presence(Instant::now());
                         node.wake(wake);

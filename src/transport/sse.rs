@@ -453,7 +453,11 @@ impl HttpBody for SseBody {
             }
             _ => {}
         }
-        let mut buf = BytesMut::new();
+        // One chunk for everything queued, sized up front (frames, plus an `id:` line of up to
+        // ~40 bytes per channel each) so that copying them in never reallocates.
+        let mut buf = BytesMut::with_capacity(
+            this.outbox.queued_bytes() + this.outbox.frames() * (8 + 40 * this.cursor.len()),
+        );
         let cursor = &mut this.cursor;
         this.outbox.drain_into(|out| {
             if out.slot != NO_SLOT {
@@ -477,6 +481,8 @@ impl HttpBody for SseBody {
             let next = tokio::time::Instant::now() + this.keepalive_every;
             this.keepalive.as_mut().reset(next);
             let _ = this.keepalive.as_mut().poll(cx);
+            // A quiet stream (nothing to write at its keep-alive): no queue buffer held.
+            this.outbox.release_idle();
             return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(sse::KEEPALIVE)))));
         }
         match this.outbox.poll_ready(cx) {

@@ -56,6 +56,13 @@ pub fn upgrade(ctx: Rc<ShardContext>, mut req: Request<Incoming>) -> Response<Bo
         return res;
     }
     let wire = choose_wire(&req);
+    let deflate = ctx.config().permessage_deflate
+        && crate::protocol::deflate::accepts(
+            req.headers()
+                .get_all("sec-websocket-extensions")
+                .iter()
+                .map(|v| v.as_bytes()),
+        );
     let auth = match connection_auth(&ctx, &req) {
         Ok(a) => a,
         Err(e) => {
@@ -75,6 +82,12 @@ pub fn upgrade(ctx: Rc<ShardContext>, mut req: Request<Incoming>) -> Response<Bo
         res.headers_mut().insert(
             "sec-websocket-protocol",
             hyper::header::HeaderValue::from_static(wire.subprotocol()),
+        );
+    }
+    if deflate {
+        res.headers_mut().insert(
+            "sec-websocket-extensions",
+            hyper::header::HeaderValue::from_static(crate::protocol::deflate::RESPONSE),
         );
     }
     let wire = wire.unwrap_or(Wire::Json);
@@ -103,12 +116,12 @@ pub fn upgrade(ctx: Rc<ShardContext>, mut req: Request<Incoming>) -> Response<Bo
                 } else {
                     [unread, parts.read_buf].concat().into()
                 };
-                run(ctx, wire, auth, rd, wr, pre).await;
+                run(ctx, (wire, deflate), auth, rd, wr, pre).await;
             }
             Err(up) => {
                 // TLS (and anything else hyper may hand us): its own buffer comes first.
                 let (rd, wr) = tokio::io::split(TokioIo::new(up));
-                run(ctx, wire, auth, rd, wr, Bytes::new()).await;
+                run(ctx, (wire, deflate), auth, rd, wr, Bytes::new()).await;
             }
         }
         drop(guard);
@@ -289,6 +302,9 @@ struct Session {
     /// presence at once; otherwise (vanished) at the presence timeout.
     clean: bool,
     wire: Wire,
+    /// permessage-deflate was negotiated: publications go out compressed (over
+    /// `--deflate-min-size`), in a frame shared by every such subscriber.
+    deflate: bool,
     outbox: Rc<Outbox>,
     subs: Vec<ChannelName>,
     /// Bytes of a frame not yet complete.
@@ -345,7 +361,7 @@ async fn poll_joins(
 
 async fn run<R, W>(
     ctx: Rc<ShardContext>,
-    wire: Wire,
+    (wire, deflate): (Wire, bool),
     auth: ConnAuth,
     mut rd: R,
     mut wr: W,
@@ -358,7 +374,7 @@ async fn run<R, W>(
     // vectors and strings, which every idle connection would otherwise carry.
     let node = ctx.node.clone();
     let cfg = &node.config;
-    let mut decoder = Decoder::new(cfg.max_message_size);
+    let mut decoder = Decoder::new(cfg.max_message_size).with_deflate(deflate);
     let id = ctx.next_conn_id();
     let live = Arc::new(Liveness::default());
     live.touch(ctx.node.engine.millis(Instant::now()));
@@ -368,6 +384,7 @@ async fn run<R, W>(
         clean: false,
         id,
         wire,
+        deflate,
         outbox: ctx.new_outbox(),
         ctx,
         subs: Vec::new(),
@@ -424,7 +441,11 @@ async fn run<R, W>(
         tokio::select! {
             biased;
             _ = shutdown.cancelled(), if s.close_deadline.is_none() => {
-                s.close(frame::CLOSE_RESTART, "service restart", true);
+                // Ids are per shard: interleaved, they tell every connection of the node apart.
+                let shards = s.ctx.node.wakers.len() as u64;
+                let key = s.id * shards + s.ctx.shard as u64;
+                let reason = restart_reason(key, s.ctx.tracker.len());
+                s.close(frame::CLOSE_RESTART, &reason, true);
             }
             r = write_some(&mut wr, &s.outbox) => match r {
                 Ok(WriteEvent::Wrote(w)) if w.finished => {
@@ -490,6 +511,25 @@ async fn mailbox_ready(m: &Option<Rc<super::users::Mailbox>>) {
         Some(m) => m.ready().await,
         None => std::future::pending().await,
     }
+}
+
+/// Reconnections per second one shard is expected to take after a restart (handshake and
+/// subscribe cost ~30-50 µs of a core each): the restart hint spreads a shard's clients over
+/// `connections / RESTART_RECONNECTS_PER_SEC`, so that a fleet does not arrive at once.
+const RESTART_RECONNECTS_PER_SEC: u64 = 20_000;
+
+/// The shortest and longest restart spread (the shortest is the JS client's default window).
+const RESTART_SPREAD_MS: (u64, u64) = (250, 30_000);
+
+/// The 1012 close reason: `service restart; reconnect in N ms`, with N this connection's own
+/// delay in a window that grows with the connections the shard holds (`open`). Keys are
+/// sequential, so multiplying by an odd constant spreads them evenly over the window
+/// (docs/protocol.md, "Shutdown").
+fn restart_reason(key: u64, open: usize) -> String {
+    let (min, max) = RESTART_SPREAD_MS;
+    let window = (open as u64 * 1000 / RESTART_RECONNECTS_PER_SEC).clamp(min, max);
+    let delay = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % window;
+    format!("service restart; reconnect in {delay} ms")
 }
 
 enum WriteEvent {
@@ -1054,7 +1094,7 @@ impl Session {
         now: Instant,
     ) {
         let error = |code, message| Event::Error { code, message };
-        let encoding = self.wire.message_encoding();
+        let encoding = self.wire.message_encoding_with(self.deflate);
         let sub = Subscriber::new(self.outbox.clone(), encoding, self.subs.len() as u16);
         let s = match self
             .ctx

@@ -968,7 +968,17 @@ impl RawWs {
             .await
             .expect("TCP connect timed out")
             .expect("TCP connect");
-        RawWs::handshake(stream, addr).await
+        RawWs::handshake(stream, addr, "").await.0
+    }
+
+    /// Connect with `extra` header lines (each ending in `\r\n`) in the handshake; returns the
+    /// response head too.
+    pub async fn connect_with(addr: SocketAddr, extra: &str) -> (RawWs, String) {
+        let stream = tokio::time::timeout(RECV_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .expect("TCP connect timed out")
+            .expect("TCP connect");
+        RawWs::handshake(stream, addr, extra).await
     }
 
     /// Connect with a small receive buffer (set before connecting, so the window stays small).
@@ -979,7 +989,7 @@ impl RawWs {
             .await
             .expect("TCP connect timed out")
             .expect("TCP connect");
-        RawWs::handshake(stream, addr).await
+        RawWs::handshake(stream, addr, "").await.0
     }
 
     /// The handshake request bytes for `/ws`.
@@ -990,9 +1000,11 @@ impl RawWs {
         )
     }
 
-    async fn handshake(mut stream: TcpStream, addr: SocketAddr) -> RawWs {
+    async fn handshake(mut stream: TcpStream, addr: SocketAddr, extra: &str) -> (RawWs, String) {
+        let mut request = RawWs::handshake_request(addr);
+        request.insert_str(request.len() - 2, extra);
         stream
-            .write_all(RawWs::handshake_request(addr).as_bytes())
+            .write_all(request.as_bytes())
             .await
             .expect("write handshake");
         let mut buf = Vec::new();
@@ -1026,7 +1038,7 @@ impl RawWs {
             .map(|(_, v)| v.trim().to_string());
         assert_eq!(accept.as_deref(), Some(WS_ACCEPT), "bad accept in {head:?}");
         let rest = buf[end..].to_vec();
-        RawWs { stream, buf: rest }
+        (RawWs { stream, buf: rest }, head)
     }
 
     pub async fn send_raw(&mut self, bytes: &[u8]) {
@@ -1121,6 +1133,23 @@ impl RawWs {
 
     /// Read frames until a close frame (returns its code) or EOF (returns `None`), within `d`.
     /// Data, ping and pong frames are skipped. Panics on timeout.
+    /// The close frame's code and reason, or `None` if the connection ended without one.
+    pub async fn expect_close_frame(&mut self, d: Duration) -> Option<(u16, String)> {
+        let deadline = Instant::now() + d;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.read_frame(left).await {
+                RawRead::Frame(f) if f.opcode == OP_CLOSE => {
+                    let reason = String::from_utf8_lossy(f.payload.get(2..).unwrap_or(&[]));
+                    return Some((f.close_code(), reason.into_owned()));
+                }
+                RawRead::Frame(_) => continue,
+                RawRead::Eof => return None,
+                RawRead::Timeout => panic!("no close frame within {d:?}"),
+            }
+        }
+    }
+
     pub async fn expect_close_code(&mut self, d: Duration) -> Option<u16> {
         let deadline = Instant::now() + d;
         loop {

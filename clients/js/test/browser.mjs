@@ -90,6 +90,34 @@ await step("websocket: connect, subscribe, receive, publish", async () => {
   check(open[0].transport === "ws" && open[0].protocol === "json", `open ${JSON.stringify(open)}`);
 });
 
+await step("permessage-deflate: Chromium negotiates it, two sockets decode the one compressed frame", async () => {
+  // Two plain browser WebSockets (Chromium offers permessage-deflate by itself); their commands
+  // go out compressed too.
+  await page.evaluate((url) => {
+    window.zrec = [];
+    window.zsocks = [0, 1].map((i) => {
+      const ws = new WebSocket(url);
+      window.zrec[i] = [];
+      ws.onopen = () => ws.send(JSON.stringify({ type: "subscribe", channel: "t:zip" }));
+      ws.onmessage = (e) => window.zrec[i].push(JSON.parse(e.data));
+      return ws;
+    });
+  }, `ws://${relay.addr}/ws`);
+  await waitFor(() => window.zrec.every((r) => r.some((m) => m.type === "subscribed")));
+  const exts = await page.evaluate(() => window.zsocks.map((ws) => ws.extensions));
+  check(exts.every((e) => e.includes("permessage-deflate")), `extensions ${JSON.stringify(exts)}`);
+  const big = Array.from({ length: 200 }, (_, i) => ({ i, text: "compressible text ".repeat(3) }));
+  await api(relay.addr, "t:zip", big);
+  await api(relay.addr, "t:zip", { small: true });
+  await waitFor(() => window.zrec.every((r) => r.filter((m) => m.type === "message").length >= 2));
+  const got = await page.evaluate(() => window.zrec.map((r) => r.filter((m) => m.type === "message")));
+  for (const msgs of got) {
+    check(JSON.stringify(msgs[0].data) === JSON.stringify(big) && msgs[0].seq === 1, `big message ${JSON.stringify(msgs[0]).slice(0, 200)}`);
+    check(msgs[1].data.small === true && msgs[1].seq === 2, `small message ${JSON.stringify(msgs[1])}`);
+  }
+  await page.evaluate(() => window.zsocks.forEach((ws) => ws.close()));
+});
+
 await step("websocket: resume after the socket drops, nothing missed, nothing twice", async () => {
   // 1. Messages published while the client is away are replayed on return.
   await page.evaluate(() => window.clients.ws.close());
