@@ -625,7 +625,11 @@ mod tests {
         }
         hub.pump();
         assert_eq!(frames(&other), ["join:u@0", "0:1", "0:2"]);
-        assert_eq!(frames(&mine), ["0:2"], "not its own join, not its own message");
+        assert_eq!(
+            frames(&mine),
+            ["0:2"],
+            "not its own join, not its own message"
+        );
     }
 
     #[test]

@@ -148,7 +148,9 @@ pub fn parse_app(s: &str) -> Result<App, String> {
         ));
     }
     if key.is_empty() || key.len() > 64 || !key.bytes().all(word) {
-        return Err(format!("app key {key:?}: 1 to 64 characters from A-Z a-z 0-9 - _"));
+        return Err(format!(
+            "app key {key:?}: 1 to 64 characters from A-Z a-z 0-9 - _"
+        ));
     }
     if secret.len() < 8 {
         return Err(format!("app {id}: the secret must be at least 8 bytes"));
@@ -167,7 +169,11 @@ pub fn parse_app(s: &str) -> Result<App, String> {
                 app.client_events = match v {
                     "true" | "on" | "1" => true,
                     "false" | "off" | "0" => false,
-                    _ => return Err(format!("app {id}: client_events={v:?} is not true or false")),
+                    _ => {
+                        return Err(format!(
+                            "app {id}: client_events={v:?} is not true or false"
+                        ))
+                    }
                 }
             }
             "max_connections" => app.max_connections = num(v)?,
@@ -629,7 +635,9 @@ pub fn parse(text: &[u8]) -> Result<ClientMessage<'_>, Cow<'static, str>> {
             })
         }
         e if e.starts_with("client-") => {
-            let channel = m.channel.ok_or(Cow::Borrowed("a client event needs a channel"))?;
+            let channel = m
+                .channel
+                .ok_or(Cow::Borrowed("a client event needs a channel"))?;
             let data = m.data.map_or("null", RawValue::get);
             Ok(ClientMessage::Client {
                 event: m.event,
@@ -729,7 +737,11 @@ pub fn channel_auth_ok(
 
 /// Whether `auth` (`KEY:SIGNATURE`) signs `socket_id::user::user_data`.
 pub fn user_auth_ok(app: &App, socket_id: &str, user_data: &str, auth: &str) -> bool {
-    signed_by(app, auth, format!("{socket_id}::user::{user_data}").as_bytes())
+    signed_by(
+        app,
+        auth,
+        format!("{socket_id}::user::{user_data}").as_bytes(),
+    )
 }
 
 fn signed_by(app: &App, auth: &str, msg: &[u8]) -> bool {
@@ -855,8 +867,14 @@ mod tests {
         assert!(relay_channel("app1", "a,b").is_none(), "relay has no ','");
         assert!(relay_channel("app1", "").is_none());
         assert!(relay_channel("app1", &"a".repeat(165)).is_none());
-        assert!(relay_channel("app1", "~user-1").is_none(), "no way into user channels");
-        assert_eq!(ChannelKind::of("private-encrypted-x"), ChannelKind::Encrypted);
+        assert!(
+            relay_channel("app1", "~user-1").is_none(),
+            "no way into user channels"
+        );
+        assert_eq!(
+            ChannelKind::of("private-encrypted-x"),
+            ChannelKind::Encrypted
+        );
         assert_eq!(ChannelKind::of("presence-x"), ChannelKind::Presence);
         assert_eq!(ChannelKind::of("x"), ChannelKind::Public);
     }
@@ -873,8 +891,8 @@ mod tests {
 
     #[test]
     fn apps_parse_with_options_and_hide_their_secret() {
-        let a = parse_app("app1:key1:secret-secret:client_events=true:max_event_bytes=20KiB")
-            .unwrap();
+        let a =
+            parse_app("app1:key1:secret-secret:client_events=true:max_event_bytes=20KiB").unwrap();
         assert!(a.client_events);
         assert_eq!(a.max_event_bytes, 20 * 1024);
         let shown = serde_json::to_string(&a).unwrap();
@@ -913,8 +931,9 @@ mod tests {
 
     #[test]
     fn client_messages_parse() {
-        let m = parse(br#"{"event":"pusher:subscribe","data":{"auth":"k:s","channel":"private-a"}}"#)
-            .unwrap();
+        let m =
+            parse(br#"{"event":"pusher:subscribe","data":{"auth":"k:s","channel":"private-a"}}"#)
+                .unwrap();
         assert_eq!(
             m,
             ClientMessage::Subscribe {
@@ -924,8 +943,17 @@ mod tests {
             }
         );
         let m = parse(br#"{"event":"client-x","channel":"private-a","data":{"b":2}}"#).unwrap();
-        assert!(matches!(m, ClientMessage::Client { data: r#"{"b":2}"#, .. }));
-        assert_eq!(parse(br#"{"event":"pusher:ping","data":{}}"#), Ok(ClientMessage::Ping));
+        assert!(matches!(
+            m,
+            ClientMessage::Client {
+                data: r#"{"b":2}"#,
+                ..
+            }
+        ));
+        assert_eq!(
+            parse(br#"{"event":"pusher:ping","data":{}}"#),
+            Ok(ClientMessage::Ping)
+        );
         assert!(parse(b"nope").is_err());
         assert!(parse(br#"{"event":"other"}"#).is_err());
         assert_eq!(
@@ -940,9 +968,22 @@ mod tests {
         // From Pusher's authentication docs: key 278d425bdf160c739803, secret
         // 7ad3773142a6692b25b8, socket 1234.1234, channel private-foobar.
         let a = App::new("1", "278d425bdf160c739803", "7ad3773142a6692b25b8");
-        let auth = "278d425bdf160c739803:58df8b0c36d6982b82c3ecf6b4662e34fe8c25bba48f5369f135bf843651c3a4";
-        assert!(channel_auth_ok(&a, "1234.1234", "private-foobar", None, auth));
-        assert!(!channel_auth_ok(&a, "1234.1235", "private-foobar", None, auth));
+        let auth =
+            "278d425bdf160c739803:58df8b0c36d6982b82c3ecf6b4662e34fe8c25bba48f5369f135bf843651c3a4";
+        assert!(channel_auth_ok(
+            &a,
+            "1234.1234",
+            "private-foobar",
+            None,
+            auth
+        ));
+        assert!(!channel_auth_ok(
+            &a,
+            "1234.1235",
+            "private-foobar",
+            None,
+            auth
+        ));
         let a = app();
         let q = |ts: u64, body: &[u8]| {
             let mut q = vec![
@@ -956,7 +997,10 @@ mod tests {
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect::<Vec<_>>()
                 .join("&");
-            let sig = sign(&a.secret, format!("POST\n/apps/app1/events\n{s}").as_bytes());
+            let sig = sign(
+                &a.secret,
+                format!("POST\n/apps/app1/events\n{s}").as_bytes(),
+            );
             q.push(("auth_signature".to_owned(), sig));
             q
         };

@@ -63,18 +63,11 @@ pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<B
         crate::limits::refused(crate::limits::Cause::Unauthorized, "pusher api");
         return text(StatusCode::UNAUTHORIZED, &e.to_string());
     }
-    let param = |k: &str| {
-        query
-            .iter()
-            .find(|(q, _)| q == k)
-            .map(|(_, v)| v.as_str())
-    };
+    let param = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.as_str());
     match (&method, rest) {
         (&Method::POST, "events") => events(&ctx, app, &body).await,
         (&Method::POST, "batch_events") => batch_events(&ctx, app, &body).await,
-        (&Method::GET, "channels") => {
-            channels(&ctx, app, param("filter_by_prefix"), param("info"))
-        }
+        (&Method::GET, "channels") => channels(&ctx, app, param("filter_by_prefix"), param("info")),
         (&Method::GET, r) if r.starts_with("channels/") => {
             let r = &r["channels/".len()..];
             match r.strip_suffix("/users") {
@@ -115,10 +108,8 @@ async fn read_body(ctx: &ShardContext, req: Request<Incoming>) -> Result<Bytes, 
         Err(_) => {
             crate::limits::refused(crate::limits::Cause::BodyTimeout, "pusher api body");
             let mut res = text(StatusCode::REQUEST_TIMEOUT, "Request Timeout");
-            res.headers_mut().insert(
-                hyper::header::CONNECTION,
-                HeaderValue::from_static("close"),
-            );
+            res.headers_mut()
+                .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
             Err(res)
         }
     }
@@ -280,7 +271,10 @@ async fn batch_events(ctx: &ShardContext, app: &App, body: &[u8]) -> Response<Bo
             _ => "{}".to_owned(),
         })
         .collect();
-    json(StatusCode::OK, format!("{{\"batch\":[{}]}}", items.join(",")))
+    json(
+        StatusCode::OK,
+        format!("{{\"batch\":[{}]}}", items.join(",")),
+    )
 }
 
 /// The attributes `info` asks for (`subscription_count`, `user_count` for presence
@@ -321,7 +315,9 @@ fn channels(
 ) -> Response<Body> {
     let prefix = prefix.unwrap_or("");
     if info.is_some_and(|i| i.contains("user_count")) && !prefix.starts_with("presence-") {
-        return bad_request("user_count is only available for presence channels (filter_by_prefix=presence-)");
+        return bad_request(
+            "user_count is only available for presence channels (filter_by_prefix=presence-)",
+        );
     }
     let start = format!("{}{}/{prefix}", wire::PREFIX, app.id);
     let mut after = ChannelName::new(&start).ok();
@@ -341,7 +337,8 @@ fn channels(
             if c.subscribers == 0 || name.starts_with(wire::USER_CHANNEL) {
                 continue;
             }
-            let attrs = info.map_or_else(|| "{}".to_owned(), |i| attributes(ctx, &c.name, &name, i));
+            let attrs =
+                info.map_or_else(|| "{}".to_owned(), |i| attributes(ctx, &c.name, &name, i));
             items.push(format!("\"{name}\":{attrs}"));
         }
         after = page.next;
@@ -367,10 +364,9 @@ fn channel(ctx: &ShardContext, app: &App, name: &str, info: Option<&str>) -> Res
     for want in info.unwrap_or("").split(',').map(str::trim) {
         match want {
             "subscription_count" => body.push_str(&format!(",\"subscription_count\":{subs}")),
-            "user_count" => body.push_str(&format!(
-                ",\"user_count\":{}",
-                user_count(ctx, &channel)
-            )),
+            "user_count" => {
+                body.push_str(&format!(",\"user_count\":{}", user_count(ctx, &channel)))
+            }
             _ => {}
         }
     }

@@ -245,7 +245,10 @@ async fn run<R, W>(
     // pusher-js pings after this long without traffic; the server pings too (`pusher:ping`)
     // after --ping-interval, so that presence sees a live connection.
     let activity = cfg.ping_interval.as_secs().clamp(1, 120);
-    s.push(wire::connection_established(&wire::socket_id(s.tag), activity));
+    s.push(wire::connection_established(
+        &wire::socket_id(s.tag),
+        activity,
+    ));
     if !pre.is_empty() {
         s.on_read(&mut decoder, &mut pre.to_vec());
     }
@@ -333,7 +336,10 @@ async fn killed(user: &Option<(Arc<str>, Arc<Notify>)>) {
 
 /// Writes what the outbox holds: `Some(true)` once the close frame is written, `None` when it
 /// overflowed.
-async fn write_some<W: AsyncWrite + Unpin>(wr: &mut W, outbox: &Outbox) -> io::Result<Option<bool>> {
+async fn write_some<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    outbox: &Outbox,
+) -> io::Result<Option<bool>> {
     poll_fn(|cx| {
         ready!(outbox.poll_ready(cx));
         if outbox.state() == OutboxState::Overflowed {
@@ -521,7 +527,9 @@ impl Session {
         }
         let kind = ChannelKind::of(name);
         let socket_id = self.socket_id();
-        let data = (kind == ChannelKind::Presence).then_some(channel_data).flatten();
+        let data = (kind == ChannelKind::Presence)
+            .then_some(channel_data)
+            .flatten();
         let authorized = match kind {
             ChannelKind::Public => true,
             ChannelKind::User => self
@@ -718,7 +726,10 @@ impl Session {
             return reject(self, "Invalid channel name");
         };
         let Some(sub) = self.subs.iter().find(|s| s.channel == channel) else {
-            return reject(self, "Client event rejected - not subscribed to this channel");
+            return reject(
+                self,
+                "Client event rejected - not subscribed to this channel",
+            );
         };
         if let Some(b) = self.bucket.as_mut() {
             if b.take(Instant::now()) != crate::limits::Verdict::Ok {
@@ -728,9 +739,8 @@ impl Session {
         }
         let payload = wire::payload(event, data, Some(&self.socket_id()), sub.user.as_deref());
         let node = self.ctx.node.clone();
-        let mut publish = Box::pin(async move {
-            node.publish(&channel, DataKind::Json, payload).await
-        });
+        let mut publish =
+            Box::pin(async move { node.publish(&channel, DataKind::Json, payload).await });
         // A node that sequences locally is done at once; a backplane round trip finishes in
         // a task, and only a failure is reported.
         let mut cx = Context::from_waker(std::task::Waker::noop());
