@@ -39,8 +39,13 @@ pub struct Registry {
     apps: Vec<AppState>,
     /// Signed-in connections by (app index, user id): each one's tag and the notice that ends
     /// it (`terminate_connections`). One entry per signed-in connection, removed when it ends.
-    users: Mutex<HashMap<(usize, Arc<str>), Vec<(u64, Arc<Notify>)>>>,
+    users: Mutex<HashMap<UserKey, Vec<SignedIn>>>,
 }
+
+/// (app index, user id).
+type UserKey = (usize, Arc<str>);
+/// A signed-in connection: its tag and the notice that ends it.
+type SignedIn = (u64, Arc<Notify>);
 
 /// A connection counted against its app's `max_connections` until dropped.
 pub struct ConnSlot {
