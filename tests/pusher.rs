@@ -497,3 +497,35 @@ async fn signed_in_users_get_their_channel_and_can_be_terminated() {
     assert_eq!(v["data"]["code"], 4100, "{v}");
     assert_eq!(ws.expect_close().await, 4100);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_clients_without_credentials_cannot_reach_an_apps_private_channels() {
+    let relay = Relay::start(APPS);
+    let mut r = Ws::connect(&relay.ws_url()).await;
+    for ch in [
+        "pusher/app1/private-x",
+        "pusher/app1/presence-x",
+        "pusher/app1/~user-u1",
+    ] {
+        r.send_json(json!({"type":"subscribe","channel":ch})).await;
+        let v = r.recv_json().await;
+        assert_eq!(
+            (v["type"].as_str(), v["code"].as_str()),
+            (Some("error"), Some("forbidden")),
+            "{ch}: {v}"
+        );
+    }
+    r.subscribe("pusher/app1/public").await;
+    let (status, body) = relay
+        .post(
+            "/api/publish",
+            &json!({"channel":"pusher/app1/private-x","data":1}),
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+
+    // With an API key, the relay API reaches them (a backend's own trusted path).
+    let mut keyed = Relay::start(&[APPS, &["--api-key", "k-123456789"]].concat());
+    keyed.set_api_key("k-123456789");
+    keyed.publish("pusher/app1/private-x", json!(1)).await;
+}

@@ -194,7 +194,8 @@ impl Node {
     pub fn anonymous_grants(&self) -> crate::auth::Grants {
         match &self.auth {
             Some(a) => a.anonymous(),
-            None => crate::auth::Grants::all(),
+            None if self.config.pusher_app.is_empty() => crate::auth::Grants::all(),
+            None => crate::auth::Grants::all_but_pusher_private(),
         }
     }
 
