@@ -48,6 +48,10 @@ pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<B
     };
     let method = req.method().clone();
     let query = super::query_pairs(req.uri().query().unwrap_or(""));
+    let client = req
+        .extensions()
+        .get::<crate::transport::Peer>()
+        .and_then(|p| ctx.node.client(p, req.headers()));
     let body = match read_body(&ctx, req).await {
         Ok(b) => b,
         Err(res) => return res,
@@ -60,6 +64,19 @@ pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<B
         &body,
         crate::auth::unix_now(),
     ) {
+        // A signed request is a backend with the app's secret and is never limited; failed
+        // ones are counted per client address against --api-rate-limit.
+        let who = client.map_or(
+            crate::limits::ApiClient::Unknown,
+            crate::limits::ApiClient::Ip,
+        );
+        if ctx.node.api.check(who, std::time::Instant::now()).is_err() {
+            crate::limits::refused(crate::limits::Cause::ApiRateLimited, "pusher api");
+            return text(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too many requests with a bad signature",
+            );
+        }
         crate::limits::refused(crate::limits::Cause::Unauthorized, "pusher api");
         return text(StatusCode::UNAUTHORIZED, &e.to_string());
     }
