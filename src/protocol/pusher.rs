@@ -844,6 +844,61 @@ pub fn webhook_signature(app: &App, body: &[u8]) -> String {
     sign(&app.secret, body)
 }
 
+/// One webhook event as Pusher sends it: `channel_occupied`, `channel_vacated`,
+/// `member_added`, `member_removed` (with `user_id`), `client_event` (with `event`, `data`,
+/// `socket_id` and, on presence channels, `user_id`).
+#[derive(Debug, Clone, Copy)]
+pub struct WebhookEvent<'a> {
+    /// The event name.
+    pub name: &'a str,
+    /// The relay channel.
+    pub channel: &'a str,
+    /// Member events and presence client events.
+    pub user_id: Option<&'a str>,
+    /// Client events: the event name, its raw JSON data and the sender's `socket_id`.
+    pub client: Option<(&'a str, &'a str, &'a str)>,
+}
+
+/// The webhook body of `app` for `events` at Unix time `time_ms` (`{"time_ms":…,"events":[…]}`,
+/// channels by their Pusher names), keeping only the app's own channels; `None` when none is.
+/// Sent with `X-Pusher-Key: KEY` and `X-Pusher-Signature:` [`webhook_signature`].
+pub fn webhook_body(app: &App, events: &[WebhookEvent<'_>], time_ms: u64) -> Option<Bytes> {
+    let mut items = Vec::new();
+    for e in events {
+        if app_of(e.channel) != Some(app.id.as_str()) {
+            continue;
+        }
+        let Some(channel) = pusher_channel(e.channel) else {
+            continue;
+        };
+        let mut item = format!(
+            "{{\"name\":{},\"channel\":{}",
+            json_string(e.name),
+            json_string(&channel)
+        );
+        if let Some((event, data, socket_id)) = e.client {
+            let _ = write!(
+                item,
+                ",\"event\":{},\"data\":{},\"socket_id\":{}",
+                json_string(event),
+                json_string(data),
+                json_string(socket_id)
+            );
+        }
+        if let Some(u) = e.user_id {
+            let _ = write!(item, ",\"user_id\":{}", json_string(u));
+        }
+        item.push('}');
+        items.push(item);
+    }
+    (!items.is_empty()).then(|| {
+        Bytes::from(format!(
+            "{{\"time_ms\":{time_ms},\"events\":[{}]}}",
+            items.join(",")
+        ))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -877,6 +932,42 @@ mod tests {
         );
         assert_eq!(ChannelKind::of("presence-x"), ChannelKind::Presence);
         assert_eq!(ChannelKind::of("x"), ChannelKind::Public);
+    }
+
+    #[test]
+    fn webhook_bodies_hold_the_apps_own_channels_by_their_pusher_names() {
+        let a = app();
+        let events = [
+            WebhookEvent {
+                name: "channel_occupied",
+                channel: "pusher/app1/news",
+                user_id: None,
+                client: None,
+            },
+            WebhookEvent {
+                name: "member_added",
+                channel: "pusher/app2/presence-x",
+                user_id: Some("u"),
+                client: None,
+            },
+            WebhookEvent {
+                name: "client_event",
+                channel: "pusher/app1/presence-x",
+                user_id: Some("u"),
+                client: Some(("client-a", r#"{"b":1}"#, "1.2")),
+            },
+        ];
+        let body = webhook_body(&a, &events, 5).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"time_ms":5,"events":[
+                {"name":"channel_occupied","channel":"news"},
+                {"name":"client_event","channel":"presence-x","event":"client-a",
+                 "data":"{\"b\":1}","socket_id":"1.2","user_id":"u"}]})
+        );
+        assert_eq!(webhook_signature(&a, &body), sign("secret-secret", &body));
+        assert!(webhook_body(&a, &events[1..2], 5).is_none());
     }
 
     #[test]
