@@ -5,6 +5,7 @@
 //! output a unit test checks against the reference value of Pusher's documentation.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cluster;
 mod common;
 
 use std::time::Duration;
@@ -528,4 +529,55 @@ async fn relay_clients_without_credentials_cannot_reach_an_apps_private_channels
     let mut keyed = Relay::start(&[APPS, &["--api-key", "k-123456789"]].concat());
     keyed.set_api_key("k-123456789");
     keyed.publish("pusher/app1/private-x", json!(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pusher_clients_on_two_redis_nodes_share_channels_and_presence() {
+    let kind = cluster::Kind::Redis;
+    if !kind.available() {
+        return;
+    }
+    let server = cluster::Server::start(kind);
+    let a = cluster::node(&server, "pa", APPS).await;
+    let b = cluster::node(&server, "pb", APPS).await;
+    let (mut on_a, a_id) = connect(&a, "key1").await;
+    let (mut on_b, b_id) = connect(&b, "key1").await;
+    for ws in [&mut on_a, &mut on_b] {
+        subscribe(ws, "news", None, None).await;
+        subscribed(ws, "news").await;
+    }
+    let ch = "presence-room";
+    let a_data = r#"{"user_id":"alice"}"#;
+    subscribe(
+        &mut on_a,
+        ch,
+        Some(auth(&a_id, ch, Some(a_data))),
+        Some(a_data),
+    )
+    .await;
+    subscribed(&mut on_a, ch).await;
+    let b_data = r#"{"user_id":"bob"}"#;
+    subscribe(
+        &mut on_b,
+        ch,
+        Some(auth(&b_id, ch, Some(b_data))),
+        Some(b_data),
+    )
+    .await;
+    subscribed(&mut on_b, ch).await;
+    let v = next(&mut on_a).await;
+    assert_eq!(
+        v["event"], "pusher_internal:member_added",
+        "bob joined on the other node: {v}"
+    );
+
+    trigger(&a, json!({"name":"e","data":"1","channels":["news"]})).await;
+    trigger(&b, json!({"name":"e","data":"2","channels":["news"]})).await;
+    for ws in [&mut on_a, &mut on_b] {
+        let got: Vec<Value> = vec![
+            next(ws).await["data"].clone(),
+            next(ws).await["data"].clone(),
+        ];
+        assert_eq!(got, [json!("1"), json!("2")], "one order on both nodes");
+    }
 }
