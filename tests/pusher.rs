@@ -564,7 +564,10 @@ async fn pusher_clients_on_two_redis_nodes_share_channels_and_presence() {
         Some(b_data),
     )
     .await;
-    subscribed(&mut on_b, ch).await;
+    let bob_sub = subscribed(&mut on_b, ch).await;
+    // Bob learns of alice from the member list if node B's presence mirror had her yet, else
+    // from a member_added once it does (the mirror is read from the backplane).
+    let mut bob_knows_alice = bob_sub["data"].as_str().unwrap().contains("alice");
     let v = next(&mut on_a).await;
     assert_eq!(
         v["event"], "pusher_internal:member_added",
@@ -573,11 +576,24 @@ async fn pusher_clients_on_two_redis_nodes_share_channels_and_presence() {
 
     trigger(&a, json!({"name":"e","data":"1","channels":["news"]})).await;
     trigger(&b, json!({"name":"e","data":"2","channels":["news"]})).await;
-    for ws in [&mut on_a, &mut on_b] {
-        let got: Vec<Value> = vec![
-            next(ws).await["data"].clone(),
-            next(ws).await["data"].clone(),
-        ];
-        assert_eq!(got, [json!("1"), json!("2")], "one order on both nodes");
+    for (ws, node) in [(&mut on_a, "a"), (&mut on_b, "b")] {
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let v = next(ws).await;
+            if v["event"] == "pusher_internal:member_added" && node == "b" {
+                assert!(v["data"].as_str().unwrap().contains("alice"), "{v}");
+                bob_knows_alice = true;
+                continue;
+            }
+            assert_eq!(v["event"], "e", "{v}");
+            got.push(v["data"].clone());
+        }
+        assert_eq!(got, [json!("1"), json!("2")], "one order on node {node}");
+    }
+    if !bob_knows_alice {
+        // The presence mirror is read from the backplane every presence-timeout / 4.
+        let v = on_b.recv_json_within(Duration::from_secs(15)).await;
+        let v = v.expect("bob was told of alice");
+        assert_eq!(v["event"], "pusher_internal:member_added", "{v}");
     }
 }
