@@ -291,6 +291,8 @@ impl Rule {
 #[derive(Clone, Debug)]
 pub struct Grants {
     all: bool,
+    /// With `all`: except the Pusher apps' protected channels (see [`pusher_protected`]).
+    guard_pusher: bool,
     /// What `{sub}` stands for: the token's subject, or `None` (then `{sub}` patterns match
     /// nothing) when there is no subject or it holds a separator that some `{sub}` pattern of
     /// this token or of `--allow` puts next to `{sub}`.
@@ -304,6 +306,7 @@ impl Grants {
     pub fn all() -> Grants {
         Grants {
             all: true,
+            guard_pusher: false,
             sub: None,
             own: Arc::from(Vec::new()),
             common: Arc::from(Vec::new()),
@@ -314,21 +317,33 @@ impl Grants {
     pub fn anonymous(common: Arc<[Rule]>) -> Grants {
         Grants {
             all: false,
+            guard_pusher: false,
             sub: None,
             own: Arc::from(Vec::new()),
             common,
         }
     }
 
+    /// Everything but the Pusher apps' protected channels: what a client without a token or
+    /// API key may do when JWT auth is off and Pusher apps are served. A Pusher app's private,
+    /// presence and user channels are reached with the app's signatures, or by relay clients
+    /// with an API key or a token that grants them; never by anyone at all.
+    pub fn all_but_pusher_private() -> Grants {
+        Grants {
+            guard_pusher: true,
+            ..Grants::all()
+        }
+    }
+
     /// Whether everything is allowed.
     pub fn is_all(&self) -> bool {
-        self.all
+        self.all && !self.guard_pusher
     }
 
     /// Whether `perm` is allowed on `channel`.
     pub fn allows(&self, perm: Perm, channel: &str) -> bool {
         if self.all {
-            return true;
+            return !(self.guard_pusher && pusher_protected(channel));
         }
         let sub = self.sub.as_deref();
         self.own
@@ -336,6 +351,21 @@ impl Grants {
             .chain(self.common.iter())
             .any(|r| r.perms.contains(perm) && r.pattern.matches(channel, sub))
     }
+}
+
+/// Whether relay channel `channel` is a Pusher app's private (`private-`, `private-encrypted-`),
+/// presence or user channel (`pusher/APP/private-…`, `…/presence-…`, `…/~user-…`; see
+/// `crate::protocol::pusher`).
+pub fn pusher_protected(channel: &str) -> bool {
+    let Some((_, name)) = channel
+        .strip_prefix("pusher/")
+        .and_then(|r| r.split_once('/'))
+    else {
+        return false;
+    };
+    ["private-", "presence-", "~user-"]
+        .iter()
+        .any(|p| name.starts_with(p))
 }
 
 /// A verified token.
@@ -668,6 +698,7 @@ impl Auth {
         Ok(Principal {
             grants: Grants {
                 all: false,
+                guard_pusher: false,
                 sub: sub_grants,
                 own: Arc::from(own),
                 common: Arc::from(common),

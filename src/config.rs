@@ -398,6 +398,14 @@ pub struct Config {
     /// publish's seq and publishes nothing (the channel and its epoch are kept that long).
     #[arg(long, env = "RELAY_IDEMPOTENCY_WINDOW", value_name = "DURATION", value_parser = parse_duration, default_value = "60s")]
     pub idempotency_window: Duration,
+    // --- Pusher Channels (issue 15) ---
+    /// A Pusher Channels app served at /app/KEY (WebSocket) and /apps/ID/… (HTTP API), as
+    /// ID:KEY:SECRET[:OPTION=VALUE…] with options client_events=true|false,
+    /// max_connections=N, max_event_bytes=BYTES, max_channels_per_event=N, max_batch=N,
+    /// client_event_rate=N (repeatable; comma-separated in the environment). Its channel C is
+    /// relay channel pusher/ID/C (see docs/pusher.md).
+    #[arg(long, env = "RELAY_PUSHER_APP", value_name = "APP", value_delimiter = ',', value_parser = crate::protocol::pusher::parse_app, hide_env_values = true)]
+    pub pusher_app: Vec<crate::protocol::pusher::App>,
 }
 
 /// Options of `relay serve`: the config file and the settings.
@@ -802,6 +810,12 @@ impl Config {
                 .contains(&crate::proxy::TrustedNet::None)
         {
             invalid("trusted_proxies", "`none` cannot be given with networks");
+        }
+        for (i, app) in self.pusher_app.iter().enumerate() {
+            let earlier = &self.pusher_app[..i];
+            if earlier.iter().any(|a| a.id == app.id || a.key == app.key) {
+                invalid("pusher_app", "two apps with the same id or key");
+            }
         }
     }
 

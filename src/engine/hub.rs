@@ -29,6 +29,16 @@ pub struct Encoder {
     pub presence: fn(encoding: usize, channel: &ChannelName, e: &PresenceEvent) -> Bytes,
     /// A gap notice: the subscriber missed messages `from..=to` (slow-consumer `drop` policy).
     pub gap: fn(encoding: usize, channel: &ChannelName, from: u64, to: u64) -> Bytes,
+    /// The tag of the connection a publication came from, 0 for none (read once per
+    /// publication, and only when a subscriber of the channel has a tag): a subscriber with
+    /// that [`Subscriber::tag`] does not receive it.
+    pub origin: fn(p: &Publication) -> u64,
+}
+
+/// The tag of a presence member's client id (see [`super::Engine::client_id`]): a tagged
+/// subscriber does not receive its own connection's presence events.
+pub fn client_tag(client: &str) -> u64 {
+    u64::from_str_radix(client, 16).unwrap_or(0)
 }
 
 /// Identifies a connection within its shard.
@@ -45,6 +55,10 @@ pub struct Subscriber {
     pub encoding: usize,
     /// The connection's own index for this subscription (SSE cursors use it).
     pub slot: u16,
+    /// Nonzero: the connection's tag ([`client_tag`] of its client id). Publications whose
+    /// [`Encoder::origin`] is this tag and this connection's own presence events are not
+    /// delivered to it (Pusher's `socket_id` exclusion, and a member is not told it joined).
+    pub tag: u64,
     /// It has everything up to this seq already (from `subscribed` and its replay).
     after: u64,
     /// It gets presence events after this presence seq.
@@ -76,6 +90,7 @@ impl Subscriber {
             outbox,
             encoding,
             slot,
+            tag: 0,
             after: 0,
             pafter: 0,
             deferred: Deferred::None,
@@ -427,8 +442,12 @@ fn deliver_publication(
     let name = local.channel.name();
     // Summed in a local, added to the stats once: the loop over subscribers stays as it was.
     let mut queued = 0;
+    let mut origin = None;
     for sub in local.subs.values_mut() {
         if p.seq <= sub.after {
+            continue;
+        }
+        if sub.tag != 0 && *origin.get_or_insert_with(|| (encode.origin)(p)) == sub.tag {
             continue;
         }
         let enc = sub.encoding % FRAME_SLOTS;
@@ -483,8 +502,12 @@ fn flush_sub(stats: &mut PumpStats, sub: &mut Subscriber, name: &ChannelName, en
 fn deliver_presence(stats: &mut PumpStats, local: &mut Local, encode: Encoder, e: &PresenceEvent) {
     let mut frames: [Option<Bytes>; FRAME_SLOTS] = Default::default();
     let mut queued = 0;
+    let mut origin = None;
     for sub in local.subs.values() {
         if e.pseq <= sub.pafter {
+            continue;
+        }
+        if sub.tag != 0 && *origin.get_or_insert_with(|| client_tag(&e.who.client)) == sub.tag {
             continue;
         }
         let enc = sub.encoding % FRAME_SLOTS;
@@ -534,10 +557,15 @@ mod tests {
         Bytes::from(format!("gap:{from}-{to}"))
     }
 
+    fn origin(p: &Publication) -> u64 {
+        p.data.first().map_or(0, |&b| u64::from(b))
+    }
+
     const ENC: Encoder = Encoder {
         publication: encode_pub,
         presence: encode_presence,
         gap: encode_gap,
+        origin,
     };
 
     fn setup(shards: usize) -> Arc<Engine> {
@@ -566,6 +594,42 @@ mod tests {
         let mut v = Vec::new();
         o.drain_into(|out| v.push(String::from_utf8_lossy(&out.frame).into_owned()));
         v
+    }
+
+    #[test]
+    fn a_tagged_subscriber_misses_its_own_publications_and_presence_events() {
+        use crate::engine::presence::{Identity, Liveness};
+        use crate::types::DataKind;
+        let e = setup(1);
+        let mut hub = Hub::new(0, e.clone(), ENC);
+        let now = Instant::now();
+        let name = ChannelName::new("p:tagged").unwrap();
+        let (mine, other) = (Rc::new(Outbox::new(1 << 20)), Rc::new(Outbox::new(1 << 20)));
+        hub.subscribe(2, &name, None, None, sub(&other, 0), now)
+            .unwrap();
+        let join = Join {
+            who: Identity {
+                client: "07".into(),
+                user: "u".into(),
+                info: None,
+            },
+            live: Arc::new(Liveness::default()),
+        };
+        let mut tagged = sub(&mine, 0);
+        tagged.tag = client_tag("07");
+        hub.subscribe(1, &name, None, Some(join), tagged, now)
+            .unwrap();
+        for b in [7u8, 8] {
+            e.publish(&name, DataKind::Json, Bytes::from(vec![b]), now)
+                .unwrap();
+        }
+        hub.pump();
+        assert_eq!(frames(&other), ["join:u@0", "0:1", "0:2"]);
+        assert_eq!(
+            frames(&mine),
+            ["0:2"],
+            "not its own join, not its own message"
+        );
     }
 
     #[test]

@@ -45,7 +45,7 @@ use presence::{Identity, Liveness, Presence, PresenceError, PresenceEvent, Prese
 pub const MAX_SHARDS: usize = 64;
 
 /// How many encodings of one publication can be cached (see [`Publication::frame`]).
-pub const FRAME_SLOTS: usize = 5;
+pub const FRAME_SLOTS: usize = 6;
 
 /// The fan-out window: besides its history, a ring keeps what was published in the last
 /// [`FANOUT_MIN_AGE`], up to this many publications and [`FANOUT_MAX_BYTES`], so that shards

@@ -5,6 +5,7 @@
 //! - [`binary`]: the binary protocol (`relay.v1.bin`).
 //! - [`sse`]: Server-Sent Events formatting and the resume cursor.
 //! - [`deflate`]: permessage-deflate (RFC 7692), one message at a time.
+//! - [`pusher`]: the Pusher Channels protocol (apps, messages, signatures, the mapping to relay).
 //!
 //! Both WebSocket protocols carry the same [`Command`]s in and [`Event`]s out; a transport picks
 //! a [`Wire`] per connection and never looks inside a codec.
@@ -12,6 +13,7 @@
 pub mod binary;
 pub mod deflate;
 pub mod json;
+pub mod pusher;
 pub mod sse;
 pub mod ws;
 
@@ -34,6 +36,8 @@ pub const ENC_WS_BIN: usize = 2;
 pub const ENC_WS_JSON_DEFLATE: usize = 3;
 /// The same for binary WebSocket subscribers.
 pub const ENC_WS_BIN_DEFLATE: usize = 4;
+/// Frame-cache slot of Pusher subscribers (`/app/KEY`).
+pub const ENC_PUSHER: usize = 5;
 
 /// A command's request id, echoed in its reply in the same protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -289,6 +293,7 @@ pub fn encode_publication(encoding: usize, channel: &ChannelName, p: &Publicatio
         }
         ENC_SSE => sse::message(channel, p.seq, p.kind, &p.data),
         ENC_WS_BIN => binary::message(channel, p.seq, p.kind, &p.data),
+        ENC_PUSHER => pusher::message(channel, p),
         _ => json::message(channel, p.seq, p.kind, &p.data),
     }
 }
@@ -299,6 +304,7 @@ pub fn encode_presence(encoding: usize, channel: &ChannelName, e: &PresenceEvent
     match encoding {
         ENC_SSE => sse::presence(channel, e),
         ENC_WS_BIN | ENC_WS_BIN_DEFLATE => binary::presence(channel, e),
+        ENC_PUSHER => pusher::presence(channel, e),
         _ => json::presence(channel, e),
     }
 }
@@ -308,6 +314,7 @@ pub fn encode_gap(encoding: usize, channel: &ChannelName, from: u64, to: u64) ->
     match encoding {
         ENC_SSE => sse::dropped(channel, from, to),
         ENC_WS_BIN | ENC_WS_BIN_DEFLATE => binary::gap(channel, from, to),
+        ENC_PUSHER => pusher::gap(channel, from, to),
         _ => json::gap(channel, from, to),
     }
 }
@@ -317,4 +324,5 @@ pub const ENCODER: crate::engine::hub::Encoder = crate::engine::hub::Encoder {
     publication: encode_publication,
     presence: encode_presence,
     gap: encode_gap,
+    origin: pusher::origin,
 };

@@ -117,7 +117,7 @@ fn grants(
             .map(|p| p.grants)
             .map_err(|e| unauthorized(&format!("not an API key, and not a valid token: {e}"))),
         (Some(_), None) => Ok(ctx.node.anonymous_grants()),
-        (None, _) if cfg.api_key.is_empty() => Ok(Grants::all()),
+        (None, _) if cfg.api_key.is_empty() => Ok(ctx.node.anonymous_grants()),
         (None, _) => Err(unauthorized(
             "missing or wrong API key (Authorization: Bearer <key>)",
         )),

@@ -10,6 +10,7 @@ pub mod demo;
 pub mod http;
 pub mod io;
 pub mod landing;
+pub mod pusher;
 pub mod server_api;
 pub mod sse;
 pub mod users;
@@ -60,6 +61,8 @@ pub struct Node {
     pub webhooks: Option<Arc<crate::webhooks::Webhooks>>,
     /// Server API commands for users' connections, one inbox per shard.
     pub users: users::UserControl,
+    /// The Pusher apps (`--pusher-app`), their connection counts and signed-in users.
+    pub pusher: Arc<pusher::Registry>,
     /// Set on SIGTERM: `/readyz` answers 503 for the drain period, while everything else is
     /// served as usual.
     draining: std::sync::atomic::AtomicBool,
@@ -108,7 +111,7 @@ impl Node {
             max_memory,
             seed,
             presence: crate::engine::presence::PresenceConfig {
-                patterns: config.presence_channels.clone(),
+                patterns: pusher::presence_patterns(&config),
                 timeout: config.presence_timeout,
                 max_members: config.presence_max_members,
                 info_budget: config.presence_info_budget,
@@ -134,6 +137,7 @@ impl Node {
             trusted: crate::proxy::TrustedProxies::new(&config.trusted_proxies),
             admin: admin::Admin::new(&config),
             load: (0..shards).map(|_| Default::default()).collect(),
+            pusher: Arc::new(pusher::Registry::new(&config.pusher_app)),
             draining: Default::default(),
             webhooks: None,
             users: users::UserControl::new(shards),
@@ -190,7 +194,8 @@ impl Node {
     pub fn anonymous_grants(&self) -> crate::auth::Grants {
         match &self.auth {
             Some(a) => a.anonymous(),
-            None => crate::auth::Grants::all(),
+            None if self.config.pusher_app.is_empty() => crate::auth::Grants::all(),
+            None => crate::auth::Grants::all_but_pusher_private(),
         }
     }
 

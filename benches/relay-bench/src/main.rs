@@ -951,6 +951,7 @@ async fn run_connect(a: &ConnectArgs) -> Result<()> {
         Target::Relay => "/ws".to_string(),
         Target::Node | Target::Uws => "/".to_string(),
         Target::Nchan => format!("/sub/{prefix}0"),
+        Target::Pusher => subs::PUSHER_PATH.to_string(),
     };
     if a.hold && a.count > 19_000 {
         bail!("--hold keeps every connection open: at most 19,000 (--count)");

@@ -153,7 +153,7 @@ impl Publisher {
         if spec.mode == Mode::Broadcast && (spec.target != Target::Relay || spec.channels > 100) {
             bail!("--publish broadcast is for relay and at most 100 channels");
         }
-        if spec.mode == Mode::Ws && spec.target == Target::Nchan {
+        if spec.mode == Mode::Ws && matches!(spec.target, Target::Nchan | Target::Pusher) {
             bail!("WebSocket publishing is implemented for relay, node and uws only");
         }
         let spec = Rc::new(spec);
@@ -352,6 +352,15 @@ where
 }
 
 /// Appends a publish request (HTTP/1.1, keep-alive) for channel `ch` (or a broadcast) to `out`.
+/// What comes before a channel's name in relay's API: `pusher/APP/` for the Pusher target
+/// (its channel `CH` is relay channel `pusher/bench/CH`).
+fn relay_prefix(spec: &PubSpec) -> &'static str {
+    match spec.target {
+        Target::Pusher => crate::subs::PUSHER_RELAY_PREFIX,
+        _ => "",
+    }
+}
+
 fn http_request(spec: &PubSpec, ch: u32, stamp: Stamp, body: &mut Vec<u8>, out: &mut Vec<u8>) {
     use std::io::Write;
     body.clear();
@@ -368,7 +377,7 @@ fn http_request(spec: &PubSpec, ch: u32, stamp: Stamp, body: &mut Vec<u8>, out: 
                 if c > 0 {
                     body.push(b',');
                 }
-                let _ = write!(body, r#""{}{c}""#, spec.prefix);
+                let _ = write!(body, r#""{}{}{c}""#, relay_prefix(spec), spec.prefix);
             }
             body.extend_from_slice(br#"],"data":"#);
             wire::payload(body, stamp, spec.payload);
@@ -376,7 +385,12 @@ fn http_request(spec: &PubSpec, ch: u32, stamp: Stamp, body: &mut Vec<u8>, out: 
             "/api/broadcast"
         }
         _ => {
-            let _ = write!(body, r#"{{"channel":"{}{ch}","data":"#, spec.prefix);
+            let _ = write!(
+                body,
+                r#"{{"channel":"{}{}{ch}","data":"#,
+                relay_prefix(spec),
+                spec.prefix
+            );
             wire::payload(body, stamp, spec.payload);
             body.push(b'}');
             "/api/publish"

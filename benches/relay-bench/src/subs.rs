@@ -37,6 +37,11 @@ pub enum Target {
     /// The uWebSockets comparator (C++, `app.publish` to a topic; built outside the repo, see
     /// benches/RESULTS.md): the same subset of the protocol as `node`.
     Uws,
+    /// relay's Pusher endpoint (start relay with `--pusher-app bench:bench-key:bench-secret`):
+    /// `GET /app/bench-key` + `pusher:subscribe` to the public channel `CH`; published through
+    /// `POST /api/publish` to its relay name `pusher/bench/CH` (the same fan-out path as a
+    /// signed Pusher API publish).
+    Pusher,
 }
 
 impl Target {
@@ -45,6 +50,7 @@ impl Target {
         match self {
             Target::Relay => "/ws",
             Target::Node | Target::Uws | Target::Nchan => "/",
+            Target::Pusher => PUSHER_PATH,
         }
     }
 }
@@ -58,6 +64,11 @@ pub struct Reconnect {
     pub jitter_ms: u64,
     pub give_up_ms: u64,
 }
+
+/// Where the `pusher` target's subscribers connect (app key `bench-key`).
+pub const PUSHER_PATH: &str = "/app/bench-key?protocol=7&client=relay-bench&version=1";
+/// The relay name of the `pusher` target's channel `CH` is this prefix + `CH` (app id `bench`).
+pub const PUSHER_RELAY_PREFIX: &str = "pusher/bench/";
 
 /// Everything a subscriber connection needs to know (also sent to worker processes as JSON).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -475,6 +486,8 @@ impl Conn {
             (Target::Relay, true) => sse_request(&host, &format!("/sse?channel={ch}")),
             (Target::Nchan, true) => sse_request(&host, &format!("/sub/{ch}")),
             (Target::Node | Target::Uws, true) => bail!("{:?} has no SSE endpoint", spec.target),
+            (Target::Pusher, false) => wire::upgrade_request(&host, PUSHER_PATH),
+            (Target::Pusher, true) => bail!("Pusher has no SSE endpoint"),
         };
         stream.write_all(req.as_bytes()).await?;
         let mut head = Vec::with_capacity(512);
@@ -529,6 +542,9 @@ impl Conn {
                 }) if spec.target == Target::Relay => format!(
                     r#"{{"type":"subscribe","channel":"{ch}","since":{since},"epoch":"{epoch}"}}"#
                 ),
+                Some(_) | None if spec.target == Target::Pusher => {
+                    format!(r#"{{"event":"pusher:subscribe","data":{{"channel":"{ch}"}}}}"#)
+                }
                 _ => format!(r#"{{"type":"subscribe","channel":"{ch}"}}"#),
             };
             let mut f = Vec::new();
@@ -664,6 +680,21 @@ impl Conn {
     fn on_message(&mut self, spec: &SubSpec, msg: &[u8], now: u64, agg: &mut Agg, f: &Finders) {
         if spec.target == Target::Nchan {
             self.delivery(spec, None, f.stamp(msg), now, agg);
+            return;
+        }
+        if spec.target == Target::Pusher {
+            // A relay payload without an event name reaches Pusher clients as event `message`
+            // with the payload (relay-bench's stamp) as its data. Pusher has no seq.
+            if msg.starts_with(br#"{"event":"message""#) {
+                self.delivery(spec, None, f.stamp(msg), now, agg);
+            } else if msg.starts_with(br#"{"event":"pusher_internal:subscription_succeeded""#) {
+                self.ready = true;
+            } else if msg.starts_with(br#"{"event":"pusher:ping""#) {
+                let pong = br#"{"event":"pusher:pong","data":{}}"#;
+                wire::client_frame(wire::OP_TEXT, pong, &mut self.out);
+            } else if msg.starts_with(br#"{"event":"pusher:error""#) {
+                agg.error(String::from_utf8_lossy(msg));
+            }
             return;
         }
         if msg.starts_with(br#"{"type":"message""#) {
