@@ -20,6 +20,7 @@
 //! [`Engine::ingest`]: crate::engine::Engine::ingest
 //! [`Engine::reset`]: crate::engine::Engine::reset
 
+pub mod agree;
 pub mod memory;
 pub mod nats;
 pub mod presence;
@@ -123,6 +124,31 @@ pub trait Backplane: Send + Sync {
         _channel: &ChannelName,
     ) -> Option<BoxFuture<Result<Vec<Identity>, BackplaneError>>> {
         None
+    }
+
+    /// Whether the backplane agrees on channel events across nodes ([`Backplane::agree`]).
+    /// `false` (memory mode): the node alone decides, every change it sees is an event.
+    fn agrees(&self) -> bool {
+        false
+    }
+
+    /// Writes this node's `claims` about `channel` (see [`agree`]) and returns the
+    /// cluster-wide changes they (and the expired claims of other nodes found meanwhile)
+    /// made, for this node to report.
+    fn agree(
+        &self,
+        _channel: &ChannelName,
+        _claims: Vec<agree::Claim>,
+    ) -> BoxFuture<Result<Vec<agree::Agreed>, BackplaneError>> {
+        Box::pin(std::future::ready(Err(BackplaneError::Unsupported(
+            "this backplane does not agree on channel events",
+        ))))
+    }
+
+    /// Removes the claims whose lease ran out on channels no live node touches any more (a
+    /// crashed node's) and returns the changes that made, for this node to report.
+    fn reap(&self) -> BoxFuture<Result<Vec<(ChannelName, agree::Agreed)>, BackplaneError>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
     }
 }
 

@@ -32,6 +32,8 @@
 //! re-subscribed and resynced ([`Replica::connected`]): subscribers either get what they missed
 //! or are closed and resume (`recovered:false` when the history cannot cover their gap).
 
+mod agree;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +47,7 @@ use fred::prelude::{
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::agree::{Agreed, Claim};
 use super::presence::{decode_member, encode_member, Members, PresenceOp};
 use super::replica::{
     Batch, Entry, Incoming, Remote, Replica, Snapshot, Stored, BACKOFF_BASE, BACKOFF_CAP,
@@ -379,6 +382,14 @@ impl Redis {
             .ok_or_else(|| unavailable("redis is unavailable"))
     }
 
+    /// This node's lease on what it claims about channels (see [`agree`]).
+    fn lease(&self) -> agree::Lease {
+        agree::Lease {
+            node: self.settings.node_id.clone(),
+            length: self.settings.presence_timeout,
+        }
+    }
+
     fn meta_ttl_ms(&self) -> u64 {
         self.settings
             .history_ttl
@@ -396,30 +407,36 @@ impl Redis {
     ) -> BoxFuture<Result<Value, BackplaneError>> {
         let conn = self.current();
         let sha = sha.to_owned();
-        Box::pin(async move {
-            let conn = conn?;
-            let first: Result<Value, RedisError> = match tokio::time::timeout(
-                COMMAND_TIMEOUT,
-                conn.cmd.evalsha(sha, keys.clone(), args.clone()),
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(_) => return Err(unavailable("redis timed out")),
-            };
-            match first {
-                Ok(v) => Ok(v),
-                Err(e) if e.details().contains("NOSCRIPT") => {
-                    match tokio::time::timeout(COMMAND_TIMEOUT, conn.cmd.eval(lua, keys, args))
-                        .await
-                    {
-                        Ok(r) => r.map_err(unavailable),
-                        Err(_) => Err(unavailable("redis timed out")),
-                    }
-                }
-                Err(e) => Err(unavailable(e)),
+        Box::pin(async move { eval(&*conn?, &sha, lua, keys, args).await })
+    }
+}
+
+/// Runs a script by hash on `conn`, loading it when Redis does not know it (a restart).
+async fn eval(
+    conn: &Conn,
+    sha: &str,
+    lua: &'static str,
+    keys: Vec<String>,
+    args: Vec<Value>,
+) -> Result<Value, BackplaneError> {
+    let first: Result<Value, RedisError> = match tokio::time::timeout(
+        COMMAND_TIMEOUT,
+        conn.cmd.evalsha(sha, keys.clone(), args.clone()),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => return Err(unavailable("redis timed out")),
+    };
+    match first {
+        Ok(v) => Ok(v),
+        Err(e) if e.details().contains("NOSCRIPT") => {
+            match tokio::time::timeout(COMMAND_TIMEOUT, conn.cmd.eval(lua, keys, args)).await {
+                Ok(r) => r.map_err(unavailable),
+                Err(_) => Err(unavailable("redis timed out")),
             }
-        })
+        }
+        Err(e) => Err(unavailable(e)),
     }
 }
 
@@ -550,6 +567,26 @@ impl Remote for Redis {
             let v = run.await?;
             Ok(read.then(|| parse_members(v)))
         })
+    }
+
+    fn agrees(&self) -> bool {
+        true
+    }
+
+    fn agree(
+        &self,
+        channel: &ChannelName,
+        claims: Vec<Claim>,
+    ) -> BoxFuture<Result<Vec<Agreed>, BackplaneError>> {
+        let (conn, channel) = (self.current(), channel.clone());
+        let lease = self.lease();
+        Box::pin(async move { agree::agree(&*conn?, &channel, &claims, lease).await })
+    }
+
+    fn reap(&self) -> BoxFuture<Result<Vec<(ChannelName, Agreed)>, BackplaneError>> {
+        let conn = self.current();
+        let lease = self.lease();
+        Box::pin(async move { agree::reap(&*conn?, lease).await })
     }
 }
 

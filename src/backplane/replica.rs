@@ -36,6 +36,7 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use super::agree::{Agreed, Claim};
 use super::presence::{decode_member, Members, Mirror, PresenceOp};
 use super::{
     backoff, instant_of, wall_ms, Backplane, BackplaneError, BoxFuture, Seeds, Settings, Wakers,
@@ -198,6 +199,27 @@ pub trait Remote: Send + Sync + 'static {
         ops: Vec<PresenceOp>,
         read: bool,
     ) -> BoxFuture<Result<Option<Members>, BackplaneError>>;
+
+    /// Whether the store implements [`Remote::agree`] and [`Remote::reap`].
+    fn agrees(&self) -> bool {
+        false
+    }
+
+    /// See [`Backplane::agree`].
+    fn agree(
+        &self,
+        _channel: &ChannelName,
+        _claims: Vec<Claim>,
+    ) -> BoxFuture<Result<Vec<Agreed>, BackplaneError>> {
+        Box::pin(std::future::ready(Err(BackplaneError::Unsupported(
+            "this backplane does not agree on channel events",
+        ))))
+    }
+
+    /// See [`Backplane::reap`].
+    fn reap(&self) -> BoxFuture<Result<Vec<(ChannelName, Agreed)>, BackplaneError>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
 }
 
 /// Where a received channel stands.
@@ -907,6 +929,22 @@ impl Backplane for Replica {
                 .map(|(_, who, _)| who)
                 .collect())
         }))
+    }
+
+    fn agrees(&self) -> bool {
+        self.remote.agrees()
+    }
+
+    fn agree(
+        &self,
+        channel: &ChannelName,
+        claims: Vec<Claim>,
+    ) -> BoxFuture<Result<Vec<Agreed>, BackplaneError>> {
+        self.remote.agree(channel, claims)
+    }
+
+    fn reap(&self) -> BoxFuture<Result<Vec<(ChannelName, Agreed)>, BackplaneError>> {
+        self.remote.reap()
     }
 }
 

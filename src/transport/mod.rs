@@ -325,13 +325,6 @@ impl Node {
         if hooks.is_empty() {
             return Ok(());
         }
-        if self.config.backplane != crate::config::BackplaneKind::Memory {
-            tracing::warn!(
-                "webhooks with a cluster backplane report what each node sees: occupancy per \
-                 node, and members of other nodes once per node; receivers must deduplicate \
-                 (not yet agreed across nodes)"
-            );
-        }
         let webhooks = crate::webhooks::Webhooks::start(
             hooks,
             crate::webhooks::Settings::from_config(&self.config),
@@ -339,7 +332,26 @@ impl Node {
             seed,
             self.shutdown.clone(),
         )?;
-        self.engine.set_observer(webhooks.clone());
+        if self.backplane.agrees() {
+            // In a cluster the backplane decides which node reports each event.
+            let agreement = crate::webhooks::agree::Agreement::start(
+                webhooks.clone(),
+                self.engine.clone(),
+                self.backplane.clone(),
+                self.config.presence_timeout,
+                self.shutdown.clone(),
+            )?;
+            self.engine.set_observer(agreement);
+        } else {
+            if self.config.backplane != crate::config::BackplaneKind::Memory {
+                tracing::warn!(
+                    "webhooks with this backplane report what each node sees: occupancy per \
+                     node, and members of other nodes once per node; receivers must \
+                     deduplicate (agreed across nodes with --backplane redis only)"
+                );
+            }
+            self.engine.set_observer(webhooks.clone());
+        }
         self.webhooks = Some(webhooks);
         Ok(())
     }
