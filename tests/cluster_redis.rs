@@ -63,3 +63,11 @@ async fn presence_spans_nodes_and_a_killed_nodes_members_leave_within_the_timeou
             .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_are_sent_once_per_cluster_and_a_killed_nodes_holds_are_settled() {
+    if KIND.available() {
+        cluster::webhooks_are_sent_once_per_cluster_and_a_killed_nodes_holds_are_settled(KIND)
+            .await;
+    }
+}

@@ -855,3 +855,185 @@ pub async fn presence_spans_nodes_and_a_killed_nodes_members_leave_within_the_ti
         );
     }
 }
+
+/// A local webhook receiver: every event of every POST, in arrival order.
+struct HookReceiver {
+    url: String,
+    events: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+impl HookReceiver {
+    async fn start() -> HookReceiver {
+        let events: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
+        let e = events.clone();
+        let base = crate::common::serve_http(move |_, body| {
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            e.lock()
+                .unwrap()
+                .extend(v["events"].as_array().unwrap().iter().cloned());
+            (200, bytes::Bytes::new())
+        })
+        .await;
+        HookReceiver {
+            url: format!("{base}/hooks"),
+            events,
+        }
+    }
+
+    /// `name[ user]` of every event of `channel` so far.
+    fn names(&self, channel: &str) -> Vec<String> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["channel"] == channel)
+            .map(|e| match e["user_id"].as_str() {
+                Some(u) => format!("{} {u}", e["name"].as_str().unwrap()),
+                None => e["name"].as_str().unwrap().to_owned(),
+            })
+            .collect()
+    }
+
+    /// How many events of `channel` are `name` so far.
+    fn count(&self, channel: &str, name: &str) -> usize {
+        self.names(channel).iter().filter(|n| *n == name).count()
+    }
+
+    /// Waits (at most `within`) until `channel` has had the event `name`; returns when.
+    async fn wait(&self, channel: &str, name: &str, within: Duration) -> Instant {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.count(channel, name) > 0 {
+                return Instant::now();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {name} for {channel} within {within:?}: {:?}",
+                self.names(channel)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Sends heartbeats on `ws` (and reads what comes) until `stop`; gives the socket back.
+fn keep_alive(
+    mut ws: Ws,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Ws> {
+    tokio::spawn(async move {
+        let end = Instant::now() + Duration::from_secs(30);
+        let mut next_beat = Instant::now();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < end {
+            if Instant::now() >= next_beat {
+                ws.send_json(json!({"type":"heartbeat"})).await;
+                next_beat = Instant::now() + Duration::from_millis(300);
+            }
+            let wait = next_beat.saturating_duration_since(Instant::now());
+            let _ = ws.recv_json_within(wait).await;
+        }
+        ws
+    })
+}
+
+/// Three nodes with the same webhook receiver report each occupancy and membership change
+/// once for the cluster; a SIGKILLed node's subscribers and members are settled (vacated,
+/// removed) by the others within the presence timeout, and only where it was the last holder.
+pub async fn webhooks_are_sent_once_per_cluster_and_a_killed_nodes_holds_are_settled(kind: Kind) {
+    let server = Server::start(kind);
+    let rx = HookReceiver::start().await;
+    let mut opts: Vec<&str> = PRESENCE_OPTS.to_vec();
+    opts.extend_from_slice(&["--webhook-url", &rx.url, "--webhook-batch-delay", "10ms"]);
+    let a = node(&server, "a", &opts).await;
+    let b = node(&server, "b", &opts).await;
+    let c = node(&server, "c", &opts).await;
+    let (hall, solo) = ("presence:hall", "solo");
+    let mut members = Vec::new();
+    for (n, user) in [(&a, "alice"), (&b, "bob"), (&c, "alice"), (&c, "carol")] {
+        members.push(presence_member(n, hall, user).await);
+    }
+    let mut on_c = Ws::connect(&c.ws_url()).await;
+    on_c.subscribe(solo).await;
+    for name in [
+        "channel_occupied",
+        "member_added alice",
+        "member_added bob",
+        "member_added carol",
+    ] {
+        rx.wait(hall, name, Duration::from_secs(5)).await;
+    }
+    rx.wait(solo, "channel_occupied", Duration::from_secs(5))
+        .await;
+    // Past a lease refresh (timeout / 4 = 500 ms) of every node: nothing is reported again.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut before = rx.names(hall);
+    before.sort();
+    assert_eq!(
+        before,
+        [
+            "channel_occupied",
+            "member_added alice",
+            "member_added bob",
+            "member_added carol"
+        ],
+        "once per cluster, not once per node"
+    );
+    assert_eq!(rx.names(solo), ["channel_occupied"]);
+
+    // c dies: carol and solo's subscriber were only there; alice is still on a.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut it = members.drain(..2);
+    let (on_a, on_b) = (it.next().unwrap(), it.next().unwrap());
+    drop(it);
+    let (keep_a, keep_b) = (keep_alive(on_a, stop.clone()), keep_alive(on_b, stop.clone()));
+    c.signal("KILL");
+    let killed = Instant::now();
+    let removed = rx
+        .wait(hall, "member_removed carol", Duration::from_secs(6))
+        .await;
+    let vacated = rx
+        .wait(solo, "channel_vacated", Duration::from_secs(6))
+        .await;
+    for (what, at) in [("carol removed", removed), ("solo vacated", vacated)] {
+        let after = at.duration_since(killed);
+        assert!(
+            after < Duration::from_millis(2000 + 1000),
+            "{what} {after:?} after her node died (timeout 2 s)"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(rx.count(hall, "member_removed alice"), 0, "alice is on a");
+    assert_eq!(rx.count(hall, "channel_vacated"), 0, "a and b hold the hall");
+    assert_eq!(rx.count(hall, "member_removed carol"), 1);
+    assert_eq!(rx.names(solo), ["channel_occupied", "channel_vacated"]);
+
+    // The last holders leave: each change once.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (on_a, on_b) = (keep_a.await.unwrap(), keep_b.await.unwrap());
+    on_b.close_cleanly().await;
+    rx.wait(hall, "member_removed bob", Duration::from_secs(5))
+        .await;
+    on_a.close_cleanly().await;
+    rx.wait(hall, "channel_vacated", Duration::from_secs(5))
+        .await;
+    rx.wait(hall, "member_removed alice", Duration::from_secs(5))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut all = rx.names(hall);
+    all.sort();
+    assert_eq!(
+        all,
+        [
+            "channel_occupied",
+            "channel_vacated",
+            "member_added alice",
+            "member_added bob",
+            "member_added carol",
+            "member_removed alice",
+            "member_removed bob",
+            "member_removed carol",
+        ]
+    );
+    drop(on_c);
+    drop(c);
+}
