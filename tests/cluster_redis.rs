@@ -71,3 +71,17 @@ async fn webhooks_are_sent_once_per_cluster_and_a_killed_nodes_holds_are_settled
             .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_publish_retried_on_every_node_at_once_is_published_once() {
+    if KIND.available() {
+        cluster::an_idempotent_publish_retried_on_every_node_at_once_is_published_once(KIND).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_writers_on_different_nodes_win_once_per_seq() {
+    if KIND.available() {
+        cluster::conditional_writers_on_different_nodes_win_once_per_seq(KIND).await;
+    }
+}

@@ -268,4 +268,6 @@ pub struct Settings {
     pub seed: u64,
     /// A presence member not refreshed for this long leaves (`--presence-timeout`).
     pub presence_timeout: std::time::Duration,
+    /// How long a publish's idempotency key is remembered (`--idempotency-window`).
+    pub idempotency_window: std::time::Duration,
 }

@@ -53,18 +53,38 @@ use super::replica::{
     Batch, Entry, Incoming, Remote, Replica, Snapshot, Stored, BACKOFF_BASE, BACKOFF_CAP,
 };
 use super::{backoff, wall_ms, BackplaneError, BoxFuture, Seeds, Settings, Wakers};
+use crate::engine::idempotency::PublishConditions;
 use crate::engine::Engine;
 use crate::types::{ChannelName, DataKind, Epoch, StreamPosition};
 
 /// How long one Redis command may take before the publish (or join) fails.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// `KEYS`: meta, stream and, with an idempotency key, its key. `ARGV`: candidate epoch, kind,
+/// payload, history size, history TTL ms, meta TTL ms, pub/sub channel and, for a conditional
+/// publish, the expected seq ('' none) and the key's window ms. Returns `{epoch, seq, 0}`;
+/// `{epoch, seq, 1}` when the key was seen (the first publish's position, nothing published);
+/// `{epoch, top, 2}` when the top is not the expected seq (nothing published).
 const PUBLISH_LUA: &str = r#"
+if KEYS[3] then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then
+    local e, seq = string.match(seen, '^(%S+) (%d+)$')
+    return {e, tonumber(seq), 1}
+  end
+end
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e then
   e = ARGV[1]
   redis.call('HSET', KEYS[1], 'e', e, 'top', 0)
   redis.call('DEL', KEYS[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+end
+if ARGV[8] and ARGV[8] ~= '' then
+  local top = tonumber(redis.call('HGET', KEYS[1], 'top'))
+  if top ~= tonumber(ARGV[8]) then
+    return {e, top, 2}
+  end
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'top', 1)
 local t = redis.call('TIME')
@@ -73,7 +93,10 @@ redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], seq .. '-1', 'k', ARGV[2], 't', m
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('PUBLISH', ARGV[7], e .. ' ' .. seq .. ' ' .. ARGV[2] .. ' ' .. ms .. ' ' .. ARGV[3])
-return {e, seq}
+if KEYS[3] then
+  redis.call('SET', KEYS[3], e .. ' ' .. seq, 'PX', ARGV[9])
+end
+return {e, seq, 0}
 "#;
 
 /// `ARGV`: candidate epoch, since epoch (or ''), since seq, limit, meta TTL ms. Returns
@@ -382,6 +405,52 @@ impl Redis {
             .ok_or_else(|| unavailable("redis is unavailable"))
     }
 
+    /// Runs the publish script, with `cond` (a conditional publish) or without.
+    fn publish_script(
+        &self,
+        channel: &ChannelName,
+        kind: DataKind,
+        data: Bytes,
+        cond: Option<PublishConditions>,
+    ) -> BoxFuture<Result<(Epoch, u64, bool), BackplaneError>> {
+        let mut keys = vec![meta_key(channel), hist_key(channel)];
+        let mut args: Vec<Value> = vec![
+            self.seeds.epoch().to_string().into(),
+            kind_code(kind).into(),
+            Value::Bytes(data),
+            (self.settings.history_size as i64).into(),
+            (self.settings.history_ttl.as_millis().max(1) as i64).into(),
+            (self.meta_ttl_ms() as i64).into(),
+            msg_key(channel).into(),
+        ];
+        if let Some(cond) = cond {
+            if let Some(key) = &cond.idempotency_key {
+                keys.push(format!("relay:{{{channel}}}:idem:{key}"));
+            }
+            args.push(
+                cond.expected_seq
+                    .map_or(String::new(), |s| s.to_string())
+                    .into(),
+            );
+            args.push((self.settings.idempotency_window.as_millis().max(1) as i64).into());
+        }
+        let run = self.script(&self.scripts.publish, PUBLISH_LUA, keys, args);
+        Box::pin(async move {
+            let mut parts = run.await?.into_array().into_iter();
+            let (Some(e), Some(seq)) = (parts.next(), parts.next()) else {
+                return Err(protocol("short publish reply"));
+            };
+            let epoch = value_epoch(&e).ok_or_else(|| protocol("bad epoch"))?;
+            let seq = value_u64(&seq).ok_or_else(|| protocol("bad seq"))?;
+            match parts.next().as_ref().and_then(value_u64) {
+                Some(0) => Ok((epoch, seq, false)),
+                Some(1) => Ok((epoch, seq, true)),
+                Some(2) => Err(BackplaneError::SeqMismatch(StreamPosition { epoch, seq })),
+                _ => Err(protocol("bad publish outcome")),
+            }
+        })
+    }
+
     /// This node's lease on what it claims about channels (see [`agree`]).
     fn lease(&self) -> agree::Lease {
         agree::Lease {
@@ -455,26 +524,18 @@ impl Remote for Redis {
         kind: DataKind,
         data: Bytes,
     ) -> BoxFuture<Result<(Epoch, u64), BackplaneError>> {
-        let keys = vec![meta_key(channel), hist_key(channel)];
-        let args: Vec<Value> = vec![
-            self.seeds.epoch().to_string().into(),
-            kind_code(kind).into(),
-            Value::Bytes(data),
-            (self.settings.history_size as i64).into(),
-            (self.settings.history_ttl.as_millis().max(1) as i64).into(),
-            (self.meta_ttl_ms() as i64).into(),
-            msg_key(channel).into(),
-        ];
-        let run = self.script(&self.scripts.publish, PUBLISH_LUA, keys, args);
-        Box::pin(async move {
-            let mut parts = run.await?.into_array().into_iter();
-            let (Some(e), Some(seq)) = (parts.next(), parts.next()) else {
-                return Err(protocol("short publish reply"));
-            };
-            let epoch = value_epoch(&e).ok_or_else(|| protocol("bad epoch"))?;
-            let seq = value_u64(&seq).ok_or_else(|| protocol("bad seq"))?;
-            Ok((epoch, seq))
-        })
+        let run = self.publish_script(channel, kind, data, None);
+        Box::pin(async move { run.await.map(|(e, s, _)| (e, s)) })
+    }
+
+    fn publish_with(
+        &self,
+        channel: &ChannelName,
+        kind: DataKind,
+        data: Bytes,
+        cond: PublishConditions,
+    ) -> BoxFuture<Result<(Epoch, u64, bool), BackplaneError>> {
+        self.publish_script(channel, kind, data, Some(cond))
     }
 
     fn subscribe(

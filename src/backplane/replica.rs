@@ -41,6 +41,7 @@ use super::presence::{decode_member, Members, Mirror, PresenceOp};
 use super::{
     backoff, instant_of, wall_ms, Backplane, BackplaneError, BoxFuture, Seeds, Settings, Wakers,
 };
+use crate::engine::idempotency::PublishConditions;
 use crate::engine::presence::Identity;
 use crate::engine::{Engine, History, IngestOutcome, Publication, RemoteEntry, ShardMask};
 use crate::types::{ChannelName, DataKind, Epoch, StreamPosition};
@@ -159,6 +160,20 @@ pub trait Remote: Send + Sync + 'static {
         kind: DataKind,
         data: Bytes,
     ) -> BoxFuture<Result<(Epoch, u64), BackplaneError>>;
+
+    /// [`Backplane::publish_with`] with conditions (the replica handles unconditional
+    /// publishes with [`Remote::publish`]).
+    fn publish_with(
+        &self,
+        _channel: &ChannelName,
+        _kind: DataKind,
+        _data: Bytes,
+        _cond: PublishConditions,
+    ) -> BoxFuture<Result<(Epoch, u64, bool), BackplaneError>> {
+        Box::pin(std::future::ready(Err(BackplaneError::Unsupported(
+            "idempotency_key and expected_seq are not available with this backplane yet",
+        ))))
+    }
 
     /// Makes this node receive `channels`: their messages and presence announcements go to
     /// `to` ([`Replica::on_messages`], [`Replica::presence_joined`], [`Replica::presence_left`]).
@@ -839,6 +854,20 @@ impl Backplane for Replica {
             }
             r
         })
+    }
+
+    fn publish_with(
+        &self,
+        channel: &ChannelName,
+        kind: DataKind,
+        data: Bytes,
+        cond: PublishConditions,
+    ) -> BoxFuture<Result<(Epoch, u64, bool), BackplaneError>> {
+        if cond.is_empty() {
+            let f = self.publish(channel, kind, data);
+            return Box::pin(async move { f.await.map(|(e, s)| (e, s, false)) });
+        }
+        self.remote.publish_with(channel, kind, data, cond)
     }
 
     fn join(&self, channel: &ChannelName) -> Option<BoxFuture<Result<(), BackplaneError>>> {

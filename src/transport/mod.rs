@@ -267,6 +267,7 @@ impl Node {
             node_id: self.config.node_id().to_owned(),
             seed,
             presence_timeout: self.config.presence_timeout,
+            idempotency_window: self.config.idempotency_window,
         }
     }
 

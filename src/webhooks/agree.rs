@@ -160,7 +160,9 @@ impl Run {
                             self.emit(&channel, change);
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "webhooks: settling expired claims failed"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "webhooks: settling expired claims failed")
+                    }
                 }
             }
         }

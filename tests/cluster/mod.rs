@@ -985,7 +985,10 @@ pub async fn webhooks_are_sent_once_per_cluster_and_a_killed_nodes_holds_are_set
     let mut it = members.drain(..2);
     let (on_a, on_b) = (it.next().unwrap(), it.next().unwrap());
     drop(it);
-    let (keep_a, keep_b) = (keep_alive(on_a, stop.clone()), keep_alive(on_b, stop.clone()));
+    let (keep_a, keep_b) = (
+        keep_alive(on_a, stop.clone()),
+        keep_alive(on_b, stop.clone()),
+    );
     c.signal("KILL");
     let killed = Instant::now();
     let removed = rx
@@ -1003,7 +1006,11 @@ pub async fn webhooks_are_sent_once_per_cluster_and_a_killed_nodes_holds_are_set
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(rx.count(hall, "member_removed alice"), 0, "alice is on a");
-    assert_eq!(rx.count(hall, "channel_vacated"), 0, "a and b hold the hall");
+    assert_eq!(
+        rx.count(hall, "channel_vacated"),
+        0,
+        "a and b hold the hall"
+    );
     assert_eq!(rx.count(hall, "member_removed carol"), 1);
     assert_eq!(rx.names(solo), ["channel_occupied", "channel_vacated"]);
 
@@ -1036,4 +1043,91 @@ pub async fn webhooks_are_sent_once_per_cluster_and_a_killed_nodes_holds_are_set
     );
     drop(on_c);
     drop(c);
+}
+
+/// The seqs of `channel`'s history, read on `n`.
+async fn history_seqs(n: &Relay, channel: &str) -> Vec<u64> {
+    let (status, h) = n.get(&format!("/api/history/{channel}?since=0")).await;
+    assert_eq!(status, 200, "{h}");
+    h["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect()
+}
+
+/// Ten concurrent tries of one publish with the same idempotency key, spread over three
+/// nodes, publish one message: every try answers its seq, all but one as a duplicate.
+pub async fn an_idempotent_publish_retried_on_every_node_at_once_is_published_once(kind: Kind) {
+    let server = Server::start(kind);
+    let nodes = [
+        node(&server, "a", &[]).await,
+        node(&server, "b", &[]).await,
+        node(&server, "c", &[]).await,
+    ];
+    let ch = "orders";
+    let mut ws = Ws::connect(&nodes[0].ws_url()).await;
+    ws.subscribe(ch).await;
+    let body = json!({"channel": ch, "data": {"order": 7}, "idempotency_key": "order-7"});
+    let answers =
+        futures_util::future::join_all((0..10).map(|i| nodes[i % 3].post("/api/publish", &body)))
+            .await;
+    let mut firsts = 0;
+    for (status, v) in &answers {
+        assert_eq!(*status, 200, "{v}");
+        assert_eq!(
+            (&v["seq"], &v["epoch"]),
+            (&answers[0].1["seq"], &answers[0].1["epoch"])
+        );
+        if v["duplicate"] != json!(true) {
+            firsts += 1;
+        }
+    }
+    assert_eq!(
+        firsts, 1,
+        "one try publishes, the others are duplicates: {answers:?}"
+    );
+    let got = collect(&mut ws, ch, 1, Duration::from_secs(5)).await;
+    assert_eq!(got, [(1, json!({"order": 7}))]);
+    while let Some(v) = ws.recv_json_within(Duration::from_millis(500)).await {
+        assert_ne!(v["type"], "message", "published twice: {v}");
+    }
+    for n in &nodes {
+        assert_eq!(history_seqs(n, ch).await, [1]);
+    }
+}
+
+/// Ten writers on three nodes publish with the same `expected_seq` at once, round after
+/// round: exactly one wins each seq, the others get 409 `seq_mismatch` with the new top.
+pub async fn conditional_writers_on_different_nodes_win_once_per_seq(kind: Kind) {
+    let server = Server::start(kind);
+    let nodes = [
+        node(&server, "a", &[]).await,
+        node(&server, "b", &[]).await,
+        node(&server, "c", &[]).await,
+    ];
+    let ch = "ledger";
+    for round in 0..5u64 {
+        let nodes = &nodes;
+        let answers = futures_util::future::join_all((0..10).map(|i| {
+            let body = json!({"channel": ch, "data": {"round": round, "writer": i},
+                "expected_seq": round});
+            async move { nodes[i % 3].post("/api/publish", &body).await }
+        }))
+        .await;
+        let winners: Vec<&Value> = answers
+            .iter()
+            .filter(|(s, _)| *s == 200)
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(winners.len(), 1, "round {round}: {answers:?}");
+        assert_eq!(winners[0]["seq"], round + 1);
+        for (status, v) in answers.iter().filter(|(s, _)| *s != 200) {
+            assert_eq!(*status, 409, "{v}");
+            assert_eq!(v["error"]["code"], "seq_mismatch", "{v}");
+            assert_eq!(v["seq"], round + 1, "{v}");
+        }
+    }
+    assert_eq!(history_seqs(&nodes[1], ch).await, [1, 2, 3, 4, 5]);
 }

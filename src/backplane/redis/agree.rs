@@ -179,7 +179,14 @@ async fn index(conn: &Conn, mode: &str, ms: u64, channel: &str) -> Result<Value,
         channel.into(),
         (REAP_BATCH as i64).into(),
     ];
-    eval(conn, &INDEX_SHA, INDEX_LUA, vec![INDEX_KEY.to_owned()], args).await
+    eval(
+        conn,
+        &INDEX_SHA,
+        INDEX_LUA,
+        vec![INDEX_KEY.to_owned()],
+        args,
+    )
+    .await
 }
 
 /// Writes `claims` about `channel` under `lease`; returns what changed cluster-wide.
@@ -214,10 +221,7 @@ pub async fn agree(
 
 /// Settles the indexed channels whose leases all ran out (a dead node's): removes the expired
 /// claims and returns the changes that made.
-pub async fn reap(
-    conn: &Conn,
-    lease: Lease,
-) -> Result<Vec<(ChannelName, Agreed)>, BackplaneError> {
+pub async fn reap(conn: &Conn, lease: Lease) -> Result<Vec<(ChannelName, Agreed)>, BackplaneError> {
     let now = wall_ms();
     let listed = index(conn, "list", now, "").await?.into_array();
     let mut out = Vec::new();
@@ -254,7 +258,10 @@ mod tests {
         assert_eq!(
             changes,
             [
-                Agreed { user: None, up: true },
+                Agreed {
+                    user: None,
+                    up: true
+                },
                 Agreed {
                     user: Some("alice".into()),
                     up: false
