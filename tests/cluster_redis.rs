@@ -85,3 +85,10 @@ async fn conditional_writers_on_different_nodes_win_once_per_seq() {
         cluster::conditional_writers_on_different_nodes_win_once_per_seq(KIND).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_command_sent_through_one_node_acts_on_every_node() {
+    if KIND.available() {
+        cluster::a_user_command_sent_through_one_node_acts_on_every_node(KIND).await;
+    }
+}

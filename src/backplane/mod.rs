@@ -41,6 +41,9 @@ use crate::engine::presence::Identity;
 use crate::engine::{mask_iter, mix_public, History, ShardMask};
 use crate::types::{ChannelName, DataKind, Epoch};
 
+/// What a node does with a control message ([`Backplane::set_control`]).
+pub type ControlHandler = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
 /// A boxed, sendable future (what trait objects can return).
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -125,6 +128,16 @@ pub trait Backplane: Send + Sync {
     ) -> Option<BoxFuture<Result<Vec<Identity>, BackplaneError>>> {
         None
     }
+
+    /// Sends `message` to every node's control handler ([`Backplane::set_control`]), this
+    /// node's included; answers how many nodes it reached. `None`: one node only (memory mode).
+    fn send_control(&self, _message: Bytes) -> Option<BoxFuture<Result<u64, BackplaneError>>> {
+        None
+    }
+
+    /// Sets what this node does with the control messages of every node (once; later calls
+    /// are ignored). The handler runs on the backplane's thread and must not block.
+    fn set_control(&self, _handler: ControlHandler) {}
 
     /// Whether the backplane agrees on channel events across nodes ([`Backplane::agree`]).
     /// `false` (memory mode): the node alone decides, every change it sees is an event.

@@ -211,6 +211,10 @@ fn hist_key(ch: &ChannelName) -> String {
 
 const MSG_PREFIX: &str = "relay:msg:";
 
+/// The pub/sub channel of control messages (server API user commands), outside the channels'
+/// namespace: every node subscribes to it on each connection.
+const CONTROL_KEY: &str = "relay:control";
+
 fn msg_key(ch: &ChannelName) -> String {
     format!("{MSG_PREFIX}{ch}")
 }
@@ -630,6 +634,19 @@ impl Remote for Redis {
         })
     }
 
+    fn send_control(&self, message: Bytes) -> Option<BoxFuture<Result<u64, BackplaneError>>> {
+        let conn = self.current();
+        Some(Box::pin(async move {
+            let conn = conn?;
+            let sent = conn.cmd.publish::<i64, _, _>(CONTROL_KEY, message);
+            match tokio::time::timeout(COMMAND_TIMEOUT, sent).await {
+                Ok(Ok(n)) => Ok(n.max(0) as u64),
+                Ok(Err(e)) => Err(unavailable(e)),
+                Err(_) => Err(unavailable("redis timed out")),
+            }
+        }))
+    }
+
     fn agrees(&self) -> bool {
         true
     }
@@ -685,6 +702,11 @@ async fn connect(
             let _ = sub.quit().await;
             return Err(e);
         }
+    }
+    if let Err(e) = sub.subscribe(CONTROL_KEY).await {
+        let _ = cmd.quit().await;
+        let _ = sub.quit().await;
+        return Err(e);
     }
     Ok((cmd, sub, vec![h1, h2]))
 }
@@ -786,6 +808,12 @@ async fn read_messages(replica: Arc<Replica>, mut rx: broadcast::Receiver<fred::
 }
 
 fn on_message(replica: &Replica, m: fred::types::Message, batch: &mut Batch) {
+    if m.channel == CONTROL_KEY {
+        if let Some(payload) = m.value.into_bytes() {
+            replica.on_control(&payload);
+        }
+        return;
+    }
     let Some(name) = m
         .channel
         .strip_prefix(MSG_PREFIX)

@@ -215,6 +215,11 @@ pub trait Remote: Send + Sync + 'static {
         read: bool,
     ) -> BoxFuture<Result<Option<Members>, BackplaneError>>;
 
+    /// See [`Backplane::send_control`]; `None` when the store has no control channel.
+    fn send_control(&self, _message: Bytes) -> Option<BoxFuture<Result<u64, BackplaneError>>> {
+        None
+    }
+
     /// Whether the store implements [`Remote::agree`] and [`Remote::reap`].
     fn agrees(&self) -> bool {
         false
@@ -323,6 +328,8 @@ pub struct Replica {
     chans: Mutex<HashMap<ChannelName, Chan>>,
     seeds: Seeds,
     metrics: Metrics,
+    /// What this node does with control messages ([`Replica::on_control`]).
+    control: std::sync::OnceLock<super::ControlHandler>,
 }
 
 /// Starts a remote backplane on its own thread and `current_thread` runtime: the replica's
@@ -393,7 +400,15 @@ impl Replica {
             rt,
             chans: Mutex::new(HashMap::new()),
             metrics,
+            control: std::sync::OnceLock::new(),
         })
+    }
+
+    /// A control message from the store (any node's, this one's included).
+    pub fn on_control(&self, message: &[u8]) {
+        if let Some(handle) = self.control.get() {
+            handle(message);
+        }
     }
 
     /// Runs `task` on the backplane's runtime (remotes start their readers with it).
@@ -958,6 +973,14 @@ impl Backplane for Replica {
                 .map(|(_, who, _)| who)
                 .collect())
         }))
+    }
+
+    fn send_control(&self, message: Bytes) -> Option<BoxFuture<Result<u64, BackplaneError>>> {
+        self.remote.send_control(message)
+    }
+
+    fn set_control(&self, handler: super::ControlHandler) {
+        let _ = self.control.set(handler);
     }
 
     fn agrees(&self) -> bool {

@@ -60,7 +60,7 @@ pub struct Node {
     /// The webhook dispatcher, when hooks are configured ([`Node::start_webhooks`]).
     pub webhooks: Option<Arc<crate::webhooks::Webhooks>>,
     /// Server API commands for users' connections, one inbox per shard.
-    pub users: users::UserControl,
+    pub users: Arc<users::UserControl>,
     /// The Pusher apps (`--pusher-app`), their connection counts and signed-in users.
     pub pusher: Arc<pusher::Registry>,
     /// Set on SIGTERM: `/readyz` answers 503 for the drain period, while everything else is
@@ -140,7 +140,7 @@ impl Node {
             pusher: Arc::new(pusher::Registry::new(&config.pusher_app)),
             draining: Default::default(),
             webhooks: None,
-            users: users::UserControl::new(shards),
+            users: Arc::new(users::UserControl::new(shards)),
             auth,
             tls,
             config,
@@ -285,6 +285,7 @@ impl Node {
                     crate::backplane::Wakers(self.wakers.clone()),
                     self.shutdown.clone(),
                 )?;
+                users::listen(self);
                 Ok(())
             }
             BackplaneKind::Nats => {
@@ -295,6 +296,7 @@ impl Node {
                     crate::backplane::Wakers(self.wakers.clone()),
                     self.shutdown.clone(),
                 )?;
+                users::listen(self);
                 Ok(())
             }
         }

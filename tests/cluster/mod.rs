@@ -1131,3 +1131,78 @@ pub async fn conditional_writers_on_different_nodes_win_once_per_seq(kind: Kind)
     }
     assert_eq!(history_seqs(&nodes[1], ch).await, [1, 2, 3, 4, 5]);
 }
+
+const USER_SECRET: &str = "cluster-user-secret-0123456789";
+const USER_KEY: &str = "cluster-api-key";
+
+/// A WebSocket of `user` (a token with that subject) on `n`, subscribed to `channel`.
+async fn user_socket(n: &Relay, user: &str, channel: &str) -> Ws {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 300;
+    let token = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": user, "exp": exp, "channels": {"subscribe": ["*"]}}),
+        &EncodingKey::from_secret(USER_SECRET.as_bytes()),
+    )
+    .unwrap();
+    let mut ws = Ws::connect(&format!("{}?token={token}", n.ws_url())).await;
+    ws.subscribe(channel).await;
+    ws
+}
+
+/// The server API's user commands sent to one node act on the user's connections on every
+/// node, and say how many nodes they reached; other users' connections are untouched.
+pub async fn a_user_command_sent_through_one_node_acts_on_every_node(kind: Kind) {
+    let server = Server::start(kind);
+    let opts = ["--jwt-secret", USER_SECRET, "--api-key", USER_KEY];
+    let mut nodes = Vec::new();
+    for id in ["a", "b", "c"] {
+        let mut n = node(&server, id, &opts).await;
+        n.set_api_key(USER_KEY);
+        nodes.push(n);
+    }
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let mut alice = [
+        user_socket(b, "alice", "room").await,
+        user_socket(c, "alice", "room").await,
+    ];
+    let mut bob = user_socket(b, "bob", "room").await;
+
+    let (status, v) = a
+        .post(
+            "/api/users/subscribe",
+            &json!({"user": "alice", "channel": "news"}),
+        )
+        .await;
+    assert_eq!((status, &v["nodes"]), (200, &json!(3)), "{v}");
+    for ws in &mut alice {
+        let v = ws.recv_json_within(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(
+            (&v["type"], &v["channel"]),
+            (&json!("subscribed"), &json!("news")),
+            "{v}"
+        );
+    }
+    a.publish("news", json!("for alice")).await;
+    for ws in &mut alice {
+        assert_eq!(ws.expect_message("news", 1).await, "for alice");
+    }
+
+    let (status, v) = a
+        .post(
+            "/api/users/disconnect",
+            &json!({"user": "alice", "reason": "banned", "reconnect": false}),
+        )
+        .await;
+    assert_eq!((status, &v["nodes"]), (200, &json!(3)), "{v}");
+    for ws in &mut alice {
+        assert_eq!(ws.expect_close_within(Duration::from_secs(5)).await, 4011);
+    }
+    // Bob, on the same node as one of alice's connections, stays and is served.
+    c.publish("room", json!("still here")).await;
+    assert_eq!(bob.expect_message("room", 1).await, "still here");
+}
