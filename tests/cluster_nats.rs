@@ -73,3 +73,10 @@ async fn nats_restarted_without_its_data_nodes_start_new_epochs_and_say_recovere
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_command_sent_through_one_node_acts_on_every_node() {
+    if KIND.available() {
+        cluster::a_user_command_sent_through_one_node_acts_on_every_node(KIND).await;
+    }
+}

@@ -130,8 +130,12 @@ pub trait Backplane: Send + Sync {
     }
 
     /// Sends `message` to every node's control handler ([`Backplane::set_control`]), this
-    /// node's included; answers how many nodes it reached. `None`: one node only (memory mode).
-    fn send_control(&self, _message: Bytes) -> Option<BoxFuture<Result<u64, BackplaneError>>> {
+    /// node's included; answers how many nodes it reached when the store can tell. `None`:
+    /// one node only (memory mode).
+    fn send_control(
+        &self,
+        _message: Bytes,
+    ) -> Option<BoxFuture<Result<Option<u64>, BackplaneError>>> {
         None
     }
 

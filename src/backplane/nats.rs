@@ -56,6 +56,8 @@ use crate::engine::Engine;
 use crate::types::{ChannelName, DataKind, Epoch, StreamPosition};
 
 const STREAM: &str = "RELAY";
+/// The core subject of control messages (server API user commands), outside the channels'.
+const CONTROL_SUBJECT: &str = "relay.control";
 const PRESENCE_STREAM: &str = "RELAY_PRESENCE";
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 const PUBLISH_ATTEMPTS: usize = 100;
@@ -330,6 +332,18 @@ async fn supervise(nats: Arc<Nats>, replica: Arc<Replica>, stop: CancellationTok
     };
     nats.js
         .store(Some(Arc::new(jetstream::new(client.clone()))));
+    // One subscription for the node's life: async-nats subscribes again after a reconnect.
+    match client.subscribe(CONTROL_SUBJECT).await {
+        Ok(mut control) => {
+            let replica = replica.clone();
+            tokio::spawn(async move {
+                while let Some(m) = control.next().await {
+                    replica.on_control(&m.payload);
+                }
+            });
+        }
+        Err(e) => tracing::error!(error = %e, "backplane: cannot subscribe to the control subject"),
+    }
     nats.client.store(Some(Arc::new(client)));
     let mut connects = 0u64;
     // The first connection may already be up when the callback is installed: check once.
@@ -679,6 +693,27 @@ async fn publish_batch(
 impl Remote for Nats {
     fn name(&self) -> &'static str {
         "nats"
+    }
+
+    fn send_control(
+        &self,
+        message: Bytes,
+    ) -> Option<BoxFuture<Result<Option<u64>, BackplaneError>>> {
+        let client = self.client.load_full();
+        Some(Box::pin(async move {
+            let client = client.ok_or_else(|| unavailable("nats is unavailable"))?;
+            let sent = async {
+                client.publish(CONTROL_SUBJECT, message).await?;
+                client.flush().await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            };
+            match tokio::time::timeout(COMMAND_TIMEOUT, sent).await {
+                // Core NATS does not say how many subscribers got it.
+                Ok(Ok(())) => Ok(None),
+                Ok(Err(e)) => Err(unavailable(e)),
+                Err(_) => Err(unavailable("nats timed out")),
+            }
+        }))
     }
 
     fn is_up(&self) -> bool {

@@ -634,13 +634,17 @@ impl Remote for Redis {
         })
     }
 
-    fn send_control(&self, message: Bytes) -> Option<BoxFuture<Result<u64, BackplaneError>>> {
+    fn send_control(
+        &self,
+        message: Bytes,
+    ) -> Option<BoxFuture<Result<Option<u64>, BackplaneError>>> {
         let conn = self.current();
         Some(Box::pin(async move {
             let conn = conn?;
             let sent = conn.cmd.publish::<i64, _, _>(CONTROL_KEY, message);
             match tokio::time::timeout(COMMAND_TIMEOUT, sent).await {
-                Ok(Ok(n)) => Ok(n.max(0) as u64),
+                // PUBLISH answers how many subscribers got it: every node subscribes.
+                Ok(Ok(n)) => Ok(Some(n.max(0) as u64)),
                 Ok(Err(e)) => Err(unavailable(e)),
                 Err(_) => Err(unavailable("redis timed out")),
             }

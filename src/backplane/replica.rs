@@ -216,7 +216,10 @@ pub trait Remote: Send + Sync + 'static {
     ) -> BoxFuture<Result<Option<Members>, BackplaneError>>;
 
     /// See [`Backplane::send_control`]; `None` when the store has no control channel.
-    fn send_control(&self, _message: Bytes) -> Option<BoxFuture<Result<u64, BackplaneError>>> {
+    fn send_control(
+        &self,
+        _message: Bytes,
+    ) -> Option<BoxFuture<Result<Option<u64>, BackplaneError>>> {
         None
     }
 
@@ -975,7 +978,10 @@ impl Backplane for Replica {
         }))
     }
 
-    fn send_control(&self, message: Bytes) -> Option<BoxFuture<Result<u64, BackplaneError>>> {
+    fn send_control(
+        &self,
+        message: Bytes,
+    ) -> Option<BoxFuture<Result<Option<u64>, BackplaneError>>> {
         self.remote.send_control(message)
     }
 

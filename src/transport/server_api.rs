@@ -163,6 +163,13 @@ fn user(name: &str) -> Result<&str, Refusal> {
     Ok(name)
 }
 
+/// `,"nodes":N` when the number of nodes a user command reached is known.
+fn nodes(reach: super::users::Reach) -> String {
+    reach
+        .nodes
+        .map_or_else(String::new, |n| format!(",\"nodes\":{n}"))
+}
+
 fn refused(e: super::users::UserCommandError) -> Refusal {
     use super::users::UserCommandError;
     let code = match e {
@@ -208,11 +215,7 @@ async fn disconnect(ctx: &ShardContext, b: UserBody<'_>) -> Result<String, Refus
         .disconnect_user(u, reason, b.reconnect)
         .await
         .map_err(refused)?;
-    Ok(format!(
-        "{{\"user\":{},\"nodes\":{}}}",
-        json_string(u),
-        reach.nodes
-    ))
+    Ok(format!("{{\"user\":{}{}}}", json_string(u), nodes(reach)))
 }
 
 async fn subscribe(ctx: &ShardContext, b: UserBody<'_>, on: bool) -> Result<String, Refusal> {
@@ -228,9 +231,9 @@ async fn subscribe(ctx: &ShardContext, b: UserBody<'_>, on: bool) -> Result<Stri
     }
     .map_err(refused)?;
     Ok(format!(
-        "{{\"user\":{},\"channel\":\"{ch}\",\"nodes\":{}}}",
+        "{{\"user\":{},\"channel\":\"{ch}\"{}}}",
         json_string(u),
-        reach.nodes
+        nodes(reach)
     ))
 }
 

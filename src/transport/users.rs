@@ -254,8 +254,9 @@ fn decode(message: &[u8]) -> Option<(String, String, UserCommand)> {
 /// How far a user command went: the nodes it reached (this one included).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Reach {
-    /// 1 on a single node; in a cluster, the nodes the backplane delivered it to.
-    pub nodes: u64,
+    /// 1 on a single node; in a cluster, the nodes the backplane delivered it to, or `None`
+    /// when the backplane cannot tell (NATS: sent to every node subscribed).
+    pub nodes: Option<u64>,
 }
 
 /// Why a user command was not carried out everywhere.
@@ -333,10 +334,10 @@ impl super::Node {
         let message = encode(self.config.node_id(), user, &command);
         self.users.send(user, command)?;
         match self.backplane.send_control(message) {
-            None => Ok(Reach { nodes: 1 }),
+            None => Ok(Reach { nodes: Some(1) }),
             Some(sent) => match sent.await {
                 Ok(nodes) => Ok(Reach {
-                    nodes: nodes.max(1),
+                    nodes: nodes.map(|n| n.max(1)),
                 }),
                 Err(e) => Err(UserCommandError::NotSent(e.to_string())),
             },

@@ -1172,13 +1172,18 @@ pub async fn a_user_command_sent_through_one_node_acts_on_every_node(kind: Kind)
     ];
     let mut bob = user_socket(b, "bob", "room").await;
 
+    // Redis's PUBLISH says how many nodes got a command; core NATS cannot.
+    let reached = match kind {
+        Kind::Redis => json!(3),
+        Kind::Nats => Value::Null,
+    };
     let (status, v) = a
         .post(
             "/api/users/subscribe",
             &json!({"user": "alice", "channel": "news"}),
         )
         .await;
-    assert_eq!((status, &v["nodes"]), (200, &json!(3)), "{v}");
+    assert_eq!((status, &v["nodes"]), (200, &reached), "{v}");
     for ws in &mut alice {
         let v = ws.recv_json_within(Duration::from_secs(5)).await.unwrap();
         assert_eq!(
@@ -1198,7 +1203,7 @@ pub async fn a_user_command_sent_through_one_node_acts_on_every_node(kind: Kind)
             &json!({"user": "alice", "reason": "banned", "reconnect": false}),
         )
         .await;
-    assert_eq!((status, &v["nodes"]), (200, &json!(3)), "{v}");
+    assert_eq!((status, &v["nodes"]), (200, &reached), "{v}");
     for ws in &mut alice {
         assert_eq!(ws.expect_close_within(Duration::from_secs(5)).await, 4011);
     }
