@@ -1130,6 +1130,18 @@ pub async fn conditional_writers_on_different_nodes_win_once_per_seq(kind: Kind)
         }
     }
     assert_eq!(history_seqs(&nodes[1], ch).await, [1, 2, 3, 4, 5]);
+    // The retry of a conditional publish that went through (through another node) answers
+    // its seq as a duplicate, not a mismatch.
+    let body = json!({"channel": ch, "data": "once", "expected_seq": 5, "idempotency_key": "k"});
+    let (status, first) = nodes[0].post("/api/publish", &body).await;
+    assert_eq!((status, &first["seq"]), (200, &json!(6)), "{first}");
+    let (status, again) = nodes[2].post("/api/publish", &body).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(
+        (&again["seq"], &again["duplicate"]),
+        (&json!(6), &json!(true))
+    );
+    assert_eq!(history_seqs(&nodes[1], ch).await, [1, 2, 3, 4, 5, 6]);
 }
 
 const USER_SECRET: &str = "cluster-user-secret-0123456789";
