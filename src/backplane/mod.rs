@@ -84,23 +84,16 @@ pub trait Backplane: Send + Sync {
 
     /// [`Backplane::publish`] under conditions (idempotency key, expected seq): see
     /// [`crate::engine::Engine::publish_with`]. Returns the position and whether the publish
-    /// was a duplicate (nothing published). A backplane that cannot do it refuses conditions
-    /// with [`BackplaneError::Unsupported`] (never ignores them).
+    /// was a duplicate (nothing published). Every backplane applies the conditions for the
+    /// whole cluster (the key and the compare-and-set live where the seq is made); none
+    /// ignores them.
     fn publish_with(
         &self,
         channel: &ChannelName,
         kind: DataKind,
         data: Bytes,
         cond: crate::engine::idempotency::PublishConditions,
-    ) -> BoxFuture<Result<(Epoch, u64, bool), BackplaneError>> {
-        if !cond.is_empty() {
-            return Box::pin(std::future::ready(Err(BackplaneError::Unsupported(
-                "idempotency_key and expected_seq are not available with this backplane yet",
-            ))));
-        }
-        let f = self.publish(channel, kind, data);
-        Box::pin(async move { f.await.map(|(e, s)| (e, s, false)) })
-    }
+    ) -> BoxFuture<Result<(Epoch, u64, bool), BackplaneError>>;
 
     /// Called before a subscriber is added on this node. `None` when the local channel is
     /// already in sync (subscribe at once); otherwise a future that completes once this node

@@ -162,7 +162,8 @@ pub trait Remote: Send + Sync + 'static {
     ) -> BoxFuture<Result<(Epoch, u64), BackplaneError>>;
 
     /// [`Backplane::publish_with`] with conditions (the replica handles unconditional
-    /// publishes with [`Remote::publish`]).
+    /// publishes with [`Remote::publish`]). Both stores implement it; the default (test
+    /// fakes) refuses.
     fn publish_with(
         &self,
         _channel: &ChannelName,
@@ -171,7 +172,7 @@ pub trait Remote: Send + Sync + 'static {
         _cond: PublishConditions,
     ) -> BoxFuture<Result<(Epoch, u64, bool), BackplaneError>> {
         Box::pin(std::future::ready(Err(BackplaneError::Unsupported(
-            "idempotency_key and expected_seq are not available with this backplane yet",
+            "this store cannot publish under conditions",
         ))))
     }
 

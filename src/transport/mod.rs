@@ -253,7 +253,6 @@ impl Node {
             )),
             Err(BackplaneError::Overloaded(o)) => Err(PublishError::Overloaded(o)),
             Err(BackplaneError::SeqMismatch(at)) => Err(PublishError::SeqMismatch(at)),
-            Err(BackplaneError::Unsupported(what)) => Err(PublishError::Unsupported(what)),
             Err(e) => Err(PublishError::Unavailable(e.to_string())),
         }
     }
@@ -433,9 +432,6 @@ pub enum PublishError {
     /// `expected_seq` is not the channel's top, which is this (HTTP 409, WS `seq_mismatch`).
     #[error("expected_seq is not the channel's top seq, which is {}:{}", .0.epoch, .0.seq)]
     SeqMismatch(crate::types::StreamPosition),
-    /// The backplane cannot apply the publish's conditions (HTTP 501, WS `not_supported`).
-    #[error("{0}")]
-    Unsupported(&'static str),
 }
 
 impl PublishError {
@@ -445,7 +441,6 @@ impl PublishError {
             PublishError::Unavailable(_) => "unavailable",
             PublishError::Overloaded(_) => "overloaded",
             PublishError::SeqMismatch(_) => "seq_mismatch",
-            PublishError::Unsupported(_) => "not_supported",
         }
     }
 

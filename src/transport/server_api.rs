@@ -250,7 +250,6 @@ async fn publish(ctx: &ShardContext, b: PublishBody<'_>) -> Result<String, Refus
             e.count();
             let status = match e {
                 super::PublishError::SeqMismatch(_) => StatusCode::CONFLICT,
-                super::PublishError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
                 _ => StatusCode::SERVICE_UNAVAILABLE,
             };
             Refusal(status, e.code(), e.to_string())
