@@ -516,6 +516,15 @@ impl Nats {
         replica.connected(connects == 1);
     }
 
+    /// `channel`'s publish slot on this node.
+    fn slot(&self, channel: &ChannelName) -> Arc<Slot> {
+        self.lasts
+            .lock()
+            .entry(channel.clone())
+            .or_default()
+            .clone()
+    }
+
     fn parts(
         &self,
     ) -> Result<(Arc<jetstream::Context>, Arc<jetstream::stream::Stream>), BackplaneError> {
@@ -792,12 +801,7 @@ impl Remote for Nats {
             Ok(p) => p,
             Err(e) => return Box::pin(std::future::ready(Err(e))),
         };
-        let slot = self
-            .lasts
-            .lock()
-            .entry(channel.clone())
-            .or_default()
-            .clone();
+        let slot = self.slot(channel);
         let fresh = self.seeds.epoch();
         let ch = channel.clone();
         Box::pin(async move {
@@ -843,12 +847,7 @@ impl Remote for Nats {
             Ok(p) => p,
             Err(e) => return Box::pin(std::future::ready(Err(e))),
         };
-        let slot = self
-            .lasts
-            .lock()
-            .entry(channel.clone())
-            .or_default()
-            .clone();
+        let slot = self.slot(channel);
         let (done, mut answer) = oneshot::channel();
         {
             let mut queue = slot.queue.lock();
