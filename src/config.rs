@@ -14,8 +14,7 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
 
-use crate::auth::Rule;
-use crate::engine::SlowPolicy;
+use crate::types::{Rule, SlowPolicy, TrustedNet};
 
 /// Every setting of a node. The doc comment of a field is its `--help` text.
 ///
@@ -119,7 +118,7 @@ pub struct Config {
     /// every channel (`drop`) or by pattern (`ticker:*=conflate`); repeatable, first match wins
     /// [default: disconnect].
     #[arg(long, env = "RELAY_SLOW_CONSUMER", value_name = "[PATTERN=]POLICY", value_delimiter = ',', value_parser = parse_slow_consumer)]
-    #[serde(serialize_with = "crate::tools::serialize_slow_consumer")]
+    #[serde(serialize_with = "serialize_slow_consumer")]
     pub slow_consumer: Vec<(String, SlowPolicy)>,
     /// Where messages are sequenced: `memory` (this node alone), `redis` or `nats` (a cluster
     /// of nodes sharing channels, sequence and history).
@@ -260,8 +259,8 @@ pub struct Config {
     /// Peers whose X-Forwarded-For / Forwarded headers name the client (CIDR networks or
     /// addresses, repeatable): `private` (loopback, private and link-local networks, where load
     /// balancers and ingresses live), or `none` to trust nobody.
-    #[arg(long, env = "RELAY_TRUSTED_PROXIES", value_name = "CIDR", value_delimiter = ',', value_parser = crate::proxy::TrustedNet::parse, default_value = "private")]
-    pub trusted_proxies: Vec<crate::proxy::TrustedNet>,
+    #[arg(long, env = "RELAY_TRUSTED_PROXIES", value_name = "CIDR", value_delimiter = ',', value_parser = TrustedNet::parse, default_value = "private")]
+    pub trusted_proxies: Vec<TrustedNet>,
     /// HTTP API requests per second from one client address without an API key (burst: twice
     /// as many); more get 429 with Retry-After; 0 for no limit.
     #[arg(
@@ -549,7 +548,7 @@ impl Config {
                 reason: reason.to_owned(),
             })
         };
-        if self.shards > crate::engine::MAX_SHARDS {
+        if self.shards > crate::types::MAX_SHARDS {
             invalid("shards", "at most 64");
         }
         if self.node_id.as_ref().is_some_and(|id| {
@@ -695,11 +694,7 @@ impl Config {
         if self.keepalive_timeout <= self.sse_keepalive {
             invalid("keepalive_timeout", "must be longer than sse_keepalive");
         }
-        if self.trusted_proxies.len() > 1
-            && self
-                .trusted_proxies
-                .contains(&crate::proxy::TrustedNet::None)
-        {
+        if self.trusted_proxies.len() > 1 && self.trusted_proxies.contains(&TrustedNet::None) {
             invalid("trusted_proxies", "`none` cannot be given with networks");
         }
     }
@@ -728,7 +723,7 @@ impl Config {
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
-                .min(crate::engine::MAX_SHARDS)
+                .min(crate::types::MAX_SHARDS)
         }
     }
 }
@@ -760,6 +755,20 @@ fn clap_reason(e: &clap::Error) -> String {
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Serializes `--slow-consumer` the way it is written: `PATTERN=POLICY`.
+fn serialize_slow_consumer<S: serde::Serializer>(
+    v: &[(String, SlowPolicy)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    let mut seq = s.serialize_seq(Some(v.len()))?;
+    for (pattern, policy) in v {
+        let policy = format!("{policy:?}").to_ascii_lowercase();
+        seq.serialize_element(&format!("{pattern}={policy}"))?;
+    }
+    seq.end()
 }
 
 /// Parses `POLICY` (every channel) or `PATTERN=POLICY`.
@@ -832,7 +841,7 @@ fn generated_node_id() -> String {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     let seed = t ^ u64::from(std::process::id()).rotate_left(40);
-    format!("{:016x}", crate::engine::mix_public(seed, 0x1D))
+    format!("{:016x}", crate::types::mix_public(seed, 0x1D))
 }
 
 #[cfg(test)]

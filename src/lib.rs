@@ -1,7 +1,8 @@
 //! relay: an ultra-low-latency real-time edge relay.
 //!
 //! # Layout
-//! - [`types`]: leaf values (channel names, epochs, positions).
+//! - [`types`]: leaf values below every other module (channel names, epochs, positions,
+//!   publications and presence events, shard masks, permission rules).
 //! - [`backplane`]: where sequencing happens when several nodes serve the same channels
 //!   (memory; Redis and NATS through one replica layer).
 //! - [`engine`]: sans-IO sequencing, history and fan-out bookkeeping (shared channel table +
@@ -18,10 +19,11 @@
 //! - [`transport`]: hyper services over the engine: `/ws`, `/sse`, `/api`, health.
 //! - [`tools`]: `relay gentoken`, `check-config` and `genconfig` (token claims and signing,
 //!   the effective settings with secrets masked, a config with fresh secrets).
-//! - [`server`]: per-core shards (pinned `current_thread` runtimes with `SO_REUSEPORT`
-//!   listeners), wake-ups and graceful shutdown.
+//! - [`server`]: the composition root and per-core shards (pinned `current_thread` runtimes
+//!   with `SO_REUSEPORT` listeners), wake-ups and graceful shutdown.
 //!
-//! See `docs/ARCHITECTURE.md` for the invariants.
+//! See `docs/ARCHITECTURE.md` for the invariants; `tests/layering.rs` holds the dependency
+//! rules.
 
 pub mod auth;
 pub mod backplane;

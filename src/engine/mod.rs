@@ -29,21 +29,23 @@ use std::cmp::Ordering as CmpOrdering;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
+use crate::types::mix_public as mix;
 use crate::types::{ChannelName, DataKind, Epoch, StreamPosition};
 use memory::{Kind, Meter, Pressure};
 use presence::{Identity, Liveness, Presence, PresenceError, PresenceEvent, PresenceStats};
 
-/// Most shards an engine serves (the dirty mask is one `u64`).
-pub const MAX_SHARDS: usize = 64;
-
-/// How many encodings of one publication can be cached (see [`Publication::frame`]).
-pub const FRAME_SLOTS: usize = 4;
+// The leaf types the engine shares with `protocol` live in `types`; they are re-exported here
+// under their old paths.
+pub use crate::types::{
+    mask_iter, mix_public, GapReason, Publication, ShardMask, SlowPolicy, ENTRY_OVERHEAD,
+    FRAME_SLOTS, MAX_SHARDS,
+};
 
 /// The fan-out window: besides its history, a ring keeps what was published in the last
 /// [`FANOUT_MIN_AGE`], up to this many publications and [`FANOUT_MAX_BYTES`], so that shards
@@ -56,9 +58,6 @@ pub const FANOUT_MIN_AGE: Duration = Duration::from_secs(5);
 /// Most bytes the fan-out window keeps per channel. A shard that falls further behind sees
 /// the gap (`lost`) and closes its subscribers for resume.
 pub const FANOUT_MAX_BYTES: usize = 4 << 20;
-
-/// Bytes a ring entry costs besides its payload (the publication, its `Arc`, its ring slot).
-pub const ENTRY_OVERHEAD: usize = std::mem::size_of::<Publication>() + 24;
 
 /// Bytes a channel costs besides its name (its state, its table and queue entries).
 pub const CHANNEL_OVERHEAD: usize =
@@ -73,9 +72,6 @@ const EVICT_INLINE: usize = 64;
 
 /// A channel is examined again at most this often.
 const MIN_RECHECK: Duration = Duration::from_millis(100);
-
-/// Bit set of shard indexes.
-pub type ShardMask = u64;
 
 /// Engine settings.
 #[derive(Clone, Debug)]
@@ -114,79 +110,6 @@ impl Default for EngineConfig {
             presence: Default::default(),
             slow_consumer: Vec::new(),
         }
-    }
-}
-
-/// What happens to a subscriber whose connection cannot take a channel's messages as fast as
-/// they come (its outbox is full).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum SlowPolicy {
-    /// Close the connection (4008); the client resumes from its last seq.
-    #[default]
-    Disconnect,
-    /// Skip messages and tell the client the range it missed (a gap notice) before the next one.
-    Drop,
-    /// Keep only the latest message of the channel for that client.
-    Conflate,
-}
-
-impl SlowPolicy {
-    /// Parses `disconnect`, `drop` or `conflate`.
-    pub fn parse(s: &str) -> Option<SlowPolicy> {
-        match s {
-            "disconnect" => Some(SlowPolicy::Disconnect),
-            "drop" => Some(SlowPolicy::Drop),
-            "conflate" => Some(SlowPolicy::Conflate),
-            _ => None,
-        }
-    }
-}
-
-/// One published message, shared by reference between the ring, every shard and every outbox.
-pub struct Publication {
-    /// Sequence ID in its channel.
-    pub seq: u64,
-    /// When it was published (for the history TTL).
-    pub at: Instant,
-    /// What the payload is.
-    pub kind: DataKind,
-    /// The payload as published.
-    pub data: Bytes,
-    /// The channel's running total of [`Publication::cost`] up to and including this one
-    /// (the byte windows of the ring are found by binary search on it).
-    cum: u64,
-    frames: [OnceLock<Bytes>; FRAME_SLOTS],
-}
-
-impl Publication {
-    /// Creates a publication; exposed for benches and tests.
-    pub fn new(seq: u64, at: Instant, kind: DataKind, data: Bytes) -> Self {
-        Self {
-            seq,
-            at,
-            kind,
-            data,
-            cum: 0,
-            frames: Default::default(),
-        }
-    }
-
-    /// The encoded frame for `slot`, built by `encode` the first time any shard asks and shared
-    /// by everyone after: a message is encoded once per encoding, never per subscriber.
-    pub fn frame(&self, slot: usize, encode: impl FnOnce(&Publication) -> Bytes) -> Bytes {
-        self.frames[slot % FRAME_SLOTS]
-            .get_or_init(|| encode(self))
-            .clone()
-    }
-
-    /// What it costs in a ring: its payload plus [`ENTRY_OVERHEAD`].
-    pub fn cost(&self) -> usize {
-        self.data.len() + ENTRY_OVERHEAD
-    }
-
-    /// The running total before this one.
-    fn cum_before(&self) -> u64 {
-        self.cum - self.cost() as u64
     }
 }
 
@@ -369,28 +292,6 @@ pub struct PresenceSnapshot {
     pub stats: PresenceStats,
     /// The cursor of the next page (the last client id of this one), when there is more.
     pub next: Option<Arc<str>>,
-}
-
-/// Why a resume position could not be recovered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GapReason {
-    /// The channel's history started afresh since.
-    EpochChanged,
-    /// The history no longer holds the message after the position (or the position is ahead).
-    HistoryExpired,
-    /// The history held it, but memory pressure evicted it (see `--max-memory`).
-    Evicted,
-}
-
-impl GapReason {
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            GapReason::EpochChanged => "epoch_changed",
-            GapReason::HistoryExpired => "history_expired",
-            GapReason::Evicted => "evicted",
-        }
-    }
 }
 
 /// A history read.
@@ -1666,31 +1567,6 @@ impl Channel {
             seq: st.top,
         }
     }
-}
-
-/// splitmix64 of `seed + n` (for ids and epochs outside the engine).
-pub fn mix_public(seed: u64, n: u64) -> u64 {
-    mix(seed, n)
-}
-
-/// splitmix64 of `seed + n`.
-fn mix(seed: u64, n: u64) -> u64 {
-    let mut z = seed.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The shard indexes set in `mask`.
-pub fn mask_iter(mut mask: ShardMask) -> impl Iterator<Item = usize> {
-    std::iter::from_fn(move || {
-        if mask == 0 {
-            return None;
-        }
-        let i = mask.trailing_zeros() as usize;
-        mask &= mask - 1;
-        Some(i)
-    })
 }
 
 #[cfg(test)]

@@ -13,12 +13,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::FRAME_SLOTS;
+use crate::types::identity_len;
+pub use crate::types::{Identity, PresenceEvent, EVENT_OVERHEAD};
 
 /// Presence settings.
 #[derive(Clone, Debug)]
@@ -53,9 +54,6 @@ pub const EVENT_MAX_AGE_MS: u64 = 5_000;
 
 /// Bytes a member costs besides its ids and info (its map entries, its `Arc`s).
 pub const MEMBER_OVERHEAD: usize = 160;
-
-/// Bytes an event costs besides the identity it names.
-pub const EVENT_OVERHEAD: usize = std::mem::size_of::<PresenceEvent>() + 32;
 
 /// Whether `name` matches the glob `pattern` (`*` = any run of characters, possibly empty).
 pub fn glob_match(pattern: &str, name: &str) -> bool {
@@ -97,66 +95,6 @@ impl Liveness {
     }
 }
 
-/// Who a member is.
-#[derive(Clone, Debug)]
-pub struct Identity {
-    /// The connection's id (unique per node).
-    pub client: Arc<str>,
-    /// The user id; a connection without one is a user of its own (its client id).
-    pub user: Arc<str>,
-    /// Optional info (raw JSON object).
-    pub info: Option<Bytes>,
-}
-
-/// A presence change, shared like a publication.
-pub struct PresenceEvent {
-    /// Position in the channel's presence sequence (shard cursors).
-    pub pseq: u64,
-    /// The channel's message seq when it happened.
-    pub seq: u64,
-    /// `true` for join, `false` for leave.
-    pub join: bool,
-    /// Who.
-    pub who: Identity,
-    /// When it happened, in engine milliseconds (the ring drops it after [`EVENT_MAX_AGE_MS`]).
-    pub at_ms: u64,
-    frames: [OnceLock<Bytes>; FRAME_SLOTS],
-}
-
-impl PresenceEvent {
-    /// A new event; exposed for benches and tests.
-    pub fn new(pseq: u64, seq: u64, join: bool, who: Identity) -> Self {
-        Self {
-            pseq,
-            seq,
-            join,
-            who,
-            at_ms: 0,
-            frames: Default::default(),
-        }
-    }
-
-    fn cost(&self) -> usize {
-        EVENT_OVERHEAD + identity_len(&self.who)
-    }
-
-    /// The encoded frame for `slot`, built once (see `Publication::frame`).
-    pub fn frame(&self, slot: usize, encode: impl FnOnce(&PresenceEvent) -> Bytes) -> Bytes {
-        self.frames[slot % FRAME_SLOTS]
-            .get_or_init(|| encode(self))
-            .clone()
-    }
-
-    /// `"join"` or `"leave"`.
-    pub fn kind(&self) -> &'static str {
-        if self.join {
-            "join"
-        } else {
-            "leave"
-        }
-    }
-}
-
 struct Member {
     who: Identity,
     live: Arc<Liveness>,
@@ -173,11 +111,6 @@ pub enum PresenceError {
     /// The members of the node hold `--presence-info-budget` bytes of info already.
     #[error("the node's presence info budget (--presence-info-budget) is used up: join without info or try again later")]
     InfoBudget,
-}
-
-/// Bytes of an identity's ids and info.
-fn identity_len(who: &Identity) -> usize {
-    who.client.len() + who.user.len() + who.info.as_ref().map_or(0, Bytes::len)
 }
 
 /// One channel's presence set.

@@ -4,9 +4,11 @@
 //! - [`start`] takes a [`Config`], reads the JWT key and TLS files it names, and returns a
 //!   [`ServerHandle`] once every shard is listening (tests pass port 0 and read
 //!   [`ServerHandle::local_addr`]).
+//! - [`compose`]: the composition root, which builds the shared [`Node`].
 //! - [`shard`]: the per-core runtime, accept loop, fan-out pump and sweep.
 //! - [`listener`]: `SO_REUSEPORT` sockets.
 
+pub mod compose;
 pub mod listener;
 pub mod shard;
 
@@ -51,8 +53,8 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
         ^ u64::from(std::process::id()).rotate_left(32);
-    let mut node = Node::new(config, shards, seed, auth, tls);
-    node.start_backplane(seed)?;
+    let mut node = compose::node(config, shards, seed, auth, tls);
+    compose::start_backplane(&mut node, seed)?;
     let node = Arc::new(node);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let pin = shards <= cores.len();
@@ -90,12 +92,31 @@ pub fn read_files(
         key,
         reason: e.to_string(),
     };
-    let auth = crate::auth::Auth::from_config(config).map_err(|e| invalid("jwt", &e));
+    let auth = read_public_keys(config)
+        .and_then(|pems| crate::auth::Auth::new(config, &pems))
+        .map_err(|e| invalid("jwt", &e));
     let tls = crate::tls::Tls::from_config(config).map_err(|e| invalid("tls", &e));
     match (auth, tls) {
         (Ok(auth), Ok(tls)) => Ok((auth, tls)),
         (auth, tls) => Err(auth.err().into_iter().chain(tls.err()).collect()),
     }
+}
+
+/// The contents of the `--jwt-public-key` files.
+fn read_public_keys(
+    config: &Config,
+) -> Result<Vec<(std::path::PathBuf, Vec<u8>)>, crate::auth::AuthSetupError> {
+    config
+        .jwt_public_key
+        .iter()
+        .map(|path| match std::fs::read(path) {
+            Ok(pem) => Ok((path.clone(), pem)),
+            Err(source) => Err(crate::auth::AuthSetupError::Read {
+                path: path.clone(),
+                source,
+            }),
+        })
+        .collect()
 }
 
 impl ServerHandle {

@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 
 use super::http::{error, json, json_counted, Body};
 use super::paging;
-use super::sse::form_pairs;
+use super::request::form_pairs;
 use super::{PublishError, ShardContext};
 use crate::auth::{Grants, Perm};
 use crate::protocol::json::normalize_data;

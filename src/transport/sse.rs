@@ -16,6 +16,7 @@ use hyper::{Request, Response, StatusCode};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::http::{error, Body};
+use super::request::form_pairs;
 use super::ShardContext;
 use crate::engine::hub::{ConnId, Subscriber};
 use crate::engine::outbox::{Outbox, OutboxState, NO_SLOT};
@@ -69,7 +70,7 @@ pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bod
         };
         return error(StatusCode::BAD_REQUEST, "bad_request", message);
     }
-    let auth = match super::ws::connection_auth(&ctx, &req) {
+    let auth = match super::request::connection_auth(&ctx, &req) {
         Ok(a) => a,
         Err(e) => {
             crate::limits::refused(crate::limits::Cause::Unauthorized, &e.to_string());
@@ -245,9 +246,11 @@ pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bod
         member: member.map(|(who, live)| (who.client, live)),
         ended: false,
         _slot: slot,
-        expires: auth
-            .exp
-            .map(|exp| Box::pin(tokio::time::sleep_until(super::ws::instant_of(exp).into()))),
+        expires: auth.exp.map(|exp| {
+            Box::pin(tokio::time::sleep_until(
+                super::request::instant_of(exp).into(),
+            ))
+        }),
     };
     let mut res = Response::new(Body::Sse(Box::new(body)));
     let h = res.headers_mut();
@@ -256,21 +259,6 @@ pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bod
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
     res
-}
-
-/// Decodes `application/x-www-form-urlencoded` pairs.
-pub fn form_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
-    query.split('&').filter(|p| !p.is_empty()).map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (decode_component(k), decode_component(v))
-    })
-}
-
-fn decode_component(s: &str) -> String {
-    let s = s.replace('+', " ");
-    percent_encoding::percent_decode_str(&s)
-        .decode_utf8_lossy()
-        .into_owned()
 }
 
 /// The body of one event stream.
@@ -318,7 +306,7 @@ impl PresenceAsk {
     fn check(
         &self,
         ctx: &ShardContext,
-        auth: &super::ws::ConnAuth,
+        auth: &super::request::ConnAuth,
     ) -> Result<(), (StatusCode, &'static str, &'static str)> {
         let refuse = |status, code, message| Err((status, code, message));
         if !self.claims() {
@@ -367,7 +355,7 @@ impl PresenceAsk {
     fn identity(
         self,
         ctx: &ShardContext,
-        auth: &super::ws::ConnAuth,
+        auth: &super::request::ConnAuth,
         id: ConnId,
         now: Instant,
     ) -> Option<(Identity, Arc<Liveness>)> {

@@ -1,0 +1,119 @@
+//! The composition root: builds the [`Node`] every shard shares (engine, backplane, limiters,
+//! auth, TLS) from the settings and the files the server read. The only place that knows every
+//! concrete part; the transports see them through the `Node`.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::engine::presence::PresenceConfig;
+use crate::engine::{Engine, EngineConfig};
+use crate::transport::Node;
+
+/// A node for `config` with `shards` shards, with the JWT verifier and TLS state the
+/// server loaded from the files `config` names. Its backplane is the memory one until
+/// [`start_backplane`].
+pub fn node(
+    config: Config,
+    shards: usize,
+    seed: u64,
+    auth: Option<crate::auth::Auth>,
+    tls: Option<Arc<crate::tls::Tls>>,
+) -> Node {
+    let max_memory = config
+        .max_memory
+        .unwrap_or_else(crate::limits::default_memory_budget);
+    match (config.max_memory, max_memory) {
+        (None, 0) => tracing::warn!(
+            "could not read the cgroup or physical memory limit: no memory budget; set --max-memory"
+        ),
+        (Some(0), _) => tracing::warn!("--max-memory 0: no memory budget"),
+        (given, bytes) => tracing::info!(
+            bytes,
+            derived = given.is_none(),
+            "memory budget for what clients make the node hold (--max-memory)"
+        ),
+    }
+    let engine = Engine::new(EngineConfig {
+        shards,
+        history_size: config.history_size,
+        history_max_bytes: config.history_max_bytes,
+        history_ttl: config.history_ttl,
+        max_channels: config.max_channels,
+        max_memory,
+        seed,
+        presence: PresenceConfig {
+            patterns: config.presence_channels.clone(),
+            timeout: config.presence_timeout,
+            max_members: config.presence_max_members,
+            info_budget: config.presence_info_budget,
+        },
+        slow_consumer: config.slow_consumer.clone(),
+    });
+    let engine = Arc::new(engine);
+    let wakers = crate::backplane::Wakers::new(shards);
+    let backplane = Arc::new(crate::backplane::memory::MemoryBackplane::new(
+        engine.clone(),
+        wakers.clone(),
+    ));
+    Node {
+        backplane,
+        ips: crate::limits::IpLimiter::new(config.max_connections_per_ip),
+        api: crate::limits::ApiLimiter::new(
+            config.api_rate_limit,
+            config.api_key_rate_limit,
+            config.api_key.len(),
+            std::time::Instant::now(),
+        ),
+        trusted: crate::proxy::TrustedProxies::new(&config.trusted_proxies),
+        draining: Default::default(),
+        auth,
+        tls,
+        config,
+        engine,
+        wakers: wakers.0,
+        shutdown: CancellationToken::new(),
+    }
+}
+
+/// The backplane settings for the server at `url`.
+fn backplane_settings(node: &Node, url: &str, seed: u64) -> crate::backplane::Settings {
+    crate::backplane::Settings {
+        url: url.to_owned(),
+        history_size: node.config.history_size,
+        history_ttl: node.config.history_ttl,
+        node_id: node.config.node_id().to_owned(),
+        seed,
+        presence_timeout: node.config.presence_timeout,
+    }
+}
+
+/// Starts the backplane the config names (`memory` needs nothing). Call once, before the
+/// node is shared.
+pub fn start_backplane(node: &mut Node, seed: u64) -> std::io::Result<()> {
+    use crate::config::BackplaneKind;
+    match node.config.backplane {
+        BackplaneKind::Memory => Ok(()),
+        BackplaneKind::Redis => {
+            let settings = backplane_settings(node, &node.config.redis_url, seed);
+            node.backplane = crate::backplane::redis::start(
+                settings,
+                node.engine.clone(),
+                crate::backplane::Wakers(node.wakers.clone()),
+                node.shutdown.clone(),
+            )?;
+            Ok(())
+        }
+        BackplaneKind::Nats => {
+            let settings = backplane_settings(node, &node.config.nats_url, seed);
+            node.backplane = crate::backplane::nats::start(
+                settings,
+                node.engine.clone(),
+                crate::backplane::Wakers(node.wakers.clone()),
+                node.shutdown.clone(),
+            )?;
+            Ok(())
+        }
+    }
+}
