@@ -453,6 +453,26 @@ impl Config {
         }
     }
 
+    /// The settings of `relay serve ARGS` (flags only: no environment, no file), checked like
+    /// [`Config::load`]'s: for in-process servers and tests.
+    pub fn from_args<I, T>(args: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let args = std::iter::once(std::ffi::OsString::from("relay"))
+            .chain(args.into_iter().map(Into::into));
+        let invalid = |e: clap::Error| ConfigError::Invalid {
+            key: "arguments",
+            reason: clap_reason(&e),
+        };
+        let matches = Config::command(|a| a.env(None))
+            .try_get_matches_from(args)
+            .map_err(invalid)?;
+        let cli = Config::from_arg_matches(&matches).map_err(invalid)?;
+        Config::load(cli, &matches, None)
+    }
+
     /// The settings' arguments alone, each changed by `adjust`.
     fn command(adjust: impl FnMut(Arg) -> Arg) -> Command {
         Config::augment_args(Command::new("relay").disable_help_flag(true)).mut_args(adjust)

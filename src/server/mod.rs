@@ -1,9 +1,12 @@
 //! Wires everything: binds the shards' listeners, starts one pinned thread per shard, and
 //! shuts down gracefully.
 //!
-//! - [`start`] takes a [`Config`], reads the JWT key and TLS files it names, and returns a
-//!   [`ServerHandle`] once every shard is listening (tests pass port 0 and read
-//!   [`ServerHandle::local_addr`]).
+//! - [`start`] takes a [`Config`], reads the JWT key and TLS files it names, binds
+//!   `--listen` once per shard and returns a [`ServerHandle`] once every shard is listening
+//!   (`main.rs` uses it).
+//! - [`run`] serves on listeners the caller bound until a shutdown future completes
+//!   (in-process servers and tests: bind port 0, read the address, run); [`start_on`] is its
+//!   handle-returning form.
 //! - [`compose`]: the composition root, which builds the shared [`Node`].
 //! - [`shard`]: the per-core runtime, accept loop, fan-out pump and sweep.
 //! - [`listener`]: `SO_REUSEPORT` sockets.
@@ -45,8 +48,61 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
     // Before anything is bound: a bad file stops the start, so the node never serves without
     // auth or in clear text by mistake.
     let (auth, tls) = read_files(&config).map_err(|mut e| e.swap_remove(0))?;
-    let shards = config.effective_shards();
-    let listeners = listener::bind_shards(config.listen, shards)?;
+    let listeners = listener::bind_shards(config.listen, config.effective_shards())?;
+    launch(config, listeners, auth, tls)
+}
+
+/// Serves `config` on `listeners`, bound by the caller (one per shard: their number is the
+/// number of shards; in-process servers and tests pass one bound to port 0), until
+/// `shutdown` completes; then shuts down gracefully (WebSocket 1012, SSE `retry:`, up to
+/// `--shutdown-timeout`) and returns once every shard has finished. `--listen` and `--shards`
+/// are not used. A bad key or certificate file, or a listener that cannot be used, is an
+/// error before anything is served.
+pub async fn run(
+    config: Config,
+    listeners: Vec<std::net::TcpListener>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    let handle = start_on(config, listeners)?;
+    shutdown.await;
+    handle.shutdown();
+    // The shards are threads: wait for them off the caller's runtime.
+    let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+    Ok(())
+}
+
+/// [`start`] on listeners bound by the caller (see [`run`]).
+pub fn start_on(
+    config: Config,
+    listeners: Vec<std::net::TcpListener>,
+) -> Result<ServerHandle, StartError> {
+    crate::metrics::install();
+    let (auth, tls) = read_files(&config).map_err(|mut e| e.swap_remove(0))?;
+    if listeners.is_empty() || listeners.len() > crate::types::MAX_SHARDS {
+        return Err(StartError::Io(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "1 to {} listeners (one per shard), not {}",
+                crate::types::MAX_SHARDS,
+                listeners.len()
+            ),
+        )));
+    }
+    for l in &listeners {
+        // The shards register them with their runtimes, which need them non-blocking.
+        l.set_nonblocking(true)?;
+    }
+    launch(config, listeners, auth, tls)
+}
+
+/// Builds the node and starts one shard thread per listener.
+fn launch(
+    config: Config,
+    listeners: Vec<std::net::TcpListener>,
+    auth: Option<crate::auth::Auth>,
+    tls: Option<Arc<crate::tls::Tls>>,
+) -> Result<ServerHandle, StartError> {
+    let shards = listeners.len();
     let local_addr = listeners[0].local_addr()?;
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
