@@ -8,10 +8,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
-async fn send(rb: reqwest::RequestBuilder) -> (u16, Value) {
-    read_resp(rb.send().await.expect("request")).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_key_required_on_api_paths() {
     let relay = Relay::in_process(&["--api-key", "k1", "--api-key", "k2"]);

@@ -92,13 +92,10 @@ async fn server_run_serves_until_its_shutdown_future_completes() {
     let client = async move {
         let mut ws = Ws::connect(&format!("ws://{addr}/ws")).await;
         ws.subscribe("s").await;
-        let (status, body) = read_resp(
+        let (status, body) = send(
             http_client()
                 .post(format!("http://{addr}/api/publish"))
-                .json(&json!({"channel": "s", "data": 1}))
-                .send()
-                .await
-                .unwrap(),
+                .json(&json!({"channel": "s", "data": 1})),
         )
         .await;
         assert_eq!(status, 200, "{body}");

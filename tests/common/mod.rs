@@ -465,25 +465,14 @@ pub async fn read_resp(resp: reqwest::Response) -> (u16, Value) {
     (status, v)
 }
 
-/// The Prometheus text of `/metrics`.
-pub async fn metrics(relay: &Relay) -> String {
-    let (_, v) = relay.get("/metrics").await;
-    v.as_str().unwrap_or_default().to_owned()
+/// Sends a request; its status and JSON body (see [`read_resp`]).
+pub async fn send(rb: reqwest::RequestBuilder) -> (u16, Value) {
+    read_resp(rb.send().await.expect("request")).await
 }
 
-/// The value of the sample `series` (name and labels, as printed) in Prometheus text; 0 when
-/// absent.
-pub fn metric(text: &str, series: &str) -> u64 {
-    let key = format!("{series} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
-/// `relay_refused_total{cause}` in Prometheus text.
+/// `relay_refused_total{cause}` in Prometheus text (see [`Relay::scrape`]); 0 when absent.
 pub fn refused_count(text: &str, cause: &str) -> u64 {
-    metric(text, &format!("relay_refused_total{{cause=\"{cause}\"}}"))
+    sample(text, &format!("relay_refused_total{{cause=\"{cause}\"}}")).unwrap_or(0.0) as u64
 }
 
 /// Assert an HTTP error response: `status` and `{"error":{"code":code,"message":"…"}}`.
