@@ -92,28 +92,22 @@ fn backplane_settings(node: &Node, url: &str, seed: u64) -> crate::backplane::Se
 /// Starts the backplane the config names (`memory` needs nothing). Call once, before the
 /// node is shared.
 pub fn start_backplane(node: &mut Node, seed: u64) -> std::io::Result<()> {
+    use crate::backplane::replica::Replica;
+    use crate::backplane::{nats, redis, Settings, Wakers};
     use crate::config::BackplaneKind;
-    match node.config.backplane {
-        BackplaneKind::Memory => Ok(()),
-        BackplaneKind::Redis => {
-            let settings = backplane_settings(node, &node.config.redis_url, seed);
-            node.backplane = crate::backplane::redis::start(
-                settings,
-                node.engine.clone(),
-                crate::backplane::Wakers(node.wakers.clone()),
-                node.shutdown.clone(),
-            )?;
-            Ok(())
-        }
-        BackplaneKind::Nats => {
-            let settings = backplane_settings(node, &node.config.nats_url, seed);
-            node.backplane = crate::backplane::nats::start(
-                settings,
-                node.engine.clone(),
-                crate::backplane::Wakers(node.wakers.clone()),
-                node.shutdown.clone(),
-            )?;
-            Ok(())
-        }
-    }
+    type Start =
+        fn(Settings, Arc<Engine>, Wakers, CancellationToken) -> std::io::Result<Arc<Replica>>;
+    let (url, start): (&str, Start) = match node.config.backplane {
+        BackplaneKind::Memory => return Ok(()),
+        BackplaneKind::Redis => (&node.config.redis_url, redis::start),
+        BackplaneKind::Nats => (&node.config.nats_url, nats::start),
+    };
+    let settings = backplane_settings(node, url, seed);
+    node.backplane = start(
+        settings,
+        node.engine.clone(),
+        Wakers(node.wakers.clone()),
+        node.shutdown.clone(),
+    )?;
+    Ok(())
 }
