@@ -238,6 +238,7 @@ fn build(raw: Fields<'_>) -> Result<Request<'_>, CommandError<'_>> {
             Command::Publish {
                 channel,
                 data: Payload::Json(data),
+                cond: Default::default(),
             }
         }
         Some("heartbeat") => Command::Heartbeat,

@@ -52,6 +52,11 @@ fi
 log "JS client (bash clients/js/test.sh)"
 bash clients/js/test.sh
 
+# Pusher Channels compatibility: the official pusher-js, pusher and laravel-echo packages,
+# unmodified, against the same binary (Node and headless Chromium).
+log "Pusher compatibility (bash clients/pusher-test/test.sh)"
+bash clients/pusher-test/test.sh
+
 # Every cargo-fuzz target for a bounded time (FUZZ_SECONDS each, default 30; 0 skips): a crash
 # fails the run. Stable toolchain: fuzz/run.sh sets RUSTC_BOOTSTRAP=1 and installs cargo-fuzz.
 fuzz_secs="${FUZZ_SECONDS:-30}"

@@ -24,6 +24,10 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use crate::config::Config;
+// The algorithms each kind of public key verifies, shared with the JWKS key set; their old
+// paths.
+pub use crate::jwks::{EC_ALGS, ED_ALGS, RSA_ALGS};
+use crate::jwks::{EC_ALGS as EC, ED_ALGS as ED, RSA_ALGS as RSA};
 use crate::types::{sub_fits, MAX_INFO_LEN, MAX_USER_LEN};
 
 // The rules are plain values that `config` parses too; they live in `types`.
@@ -39,6 +43,8 @@ pub const MAX_TOKEN_PATTERNS: usize = 256;
 #[derive(Clone, Debug)]
 pub struct Grants {
     all: bool,
+    /// With `all`: except the Pusher apps' protected channels (see [`pusher_protected`]).
+    guard_pusher: bool,
     /// What `{sub}` stands for: the token's subject, or `None` (then `{sub}` patterns match
     /// nothing) when there is no subject or it holds a separator that some `{sub}` pattern of
     /// this token or of `--allow` puts next to `{sub}`.
@@ -52,6 +58,7 @@ impl Grants {
     pub fn all() -> Grants {
         Grants {
             all: true,
+            guard_pusher: false,
             sub: None,
             own: Arc::from(Vec::new()),
             common: Arc::from(Vec::new()),
@@ -62,21 +69,33 @@ impl Grants {
     pub fn anonymous(common: Arc<[Rule]>) -> Grants {
         Grants {
             all: false,
+            guard_pusher: false,
             sub: None,
             own: Arc::from(Vec::new()),
             common,
         }
     }
 
+    /// Everything but the Pusher apps' protected channels: what a client without a token or
+    /// API key may do when JWT auth is off and Pusher apps are served. A Pusher app's private,
+    /// presence and user channels are reached with the app's signatures, or by relay clients
+    /// with an API key or a token that grants them; never by anyone at all.
+    pub fn all_but_pusher_private() -> Grants {
+        Grants {
+            guard_pusher: true,
+            ..Grants::all()
+        }
+    }
+
     /// Whether everything is allowed.
     pub fn is_all(&self) -> bool {
-        self.all
+        self.all && !self.guard_pusher
     }
 
     /// Whether `perm` is allowed on `channel`.
     pub fn allows(&self, perm: Perm, channel: &str) -> bool {
         if self.all {
-            return true;
+            return !(self.guard_pusher && pusher_protected(channel));
         }
         let sub = self.sub.as_deref();
         self.own
@@ -84,6 +103,21 @@ impl Grants {
             .chain(self.common.iter())
             .any(|r| r.perms.contains(perm) && r.pattern.matches(channel, sub))
     }
+}
+
+/// Whether relay channel `channel` is a Pusher app's private (`private-`, `private-encrypted-`),
+/// presence or user channel (`pusher/APP/private-…`, `…/presence-…`, `…/~user-…`; see
+/// `crate::protocol::pusher`).
+pub fn pusher_protected(channel: &str) -> bool {
+    let Some((_, name)) = channel
+        .strip_prefix("pusher/")
+        .and_then(|r| r.split_once('/'))
+    else {
+        return false;
+    };
+    ["private-", "presence-", "~user-"]
+        .iter()
+        .any(|p| name.starts_with(p))
 }
 
 /// A verified token.
@@ -126,6 +160,10 @@ pub enum TokenError {
     /// `iss` is not `--jwt-issuer`.
     #[error("wrong token issuer")]
     Issuer,
+    /// The header's `kid` is in no key set (`--jwt-jwks-url`): a new key is fetched, at most
+    /// every few seconds.
+    #[error("unknown token key id (kid); if the key is new, retry in a few seconds")]
+    UnknownKey,
 }
 
 /// A key setting that cannot be used.
@@ -214,19 +252,11 @@ pub struct Auth {
     anonymous: Arc<[Rule]>,
     /// The separators around `{sub}` in the `--allow` rules.
     allow_delims: u128,
+    /// Keys fetched from `--jwt-jwks-url`.
+    jwks: Option<Arc<crate::jwks::KeySet>>,
 }
 
 const HS: &[Algorithm] = &[Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
-const RSA: &[Algorithm] = &[
-    Algorithm::RS256,
-    Algorithm::RS384,
-    Algorithm::RS512,
-    Algorithm::PS256,
-    Algorithm::PS384,
-    Algorithm::PS512,
-];
-const EC: &[Algorithm] = &[Algorithm::ES256, Algorithm::ES384];
-const ED: &[Algorithm] = &[Algorithm::EdDSA];
 
 impl Auth {
     /// The verifier of `cfg`, or `None` when no JWT key is configured (auth off).
@@ -252,7 +282,8 @@ impl Auth {
             };
             keys.push(key);
         }
-        if keys.is_empty() {
+        let jwks = cfg.jwt_jwks_url.as_ref().map(|_| Arc::default());
+        if keys.is_empty() && jwks.is_none() {
             return Ok(None);
         }
         if let Some(r) = cfg.allow_anonymous.iter().find(|r| r.pattern.uses_sub()) {
@@ -265,7 +296,13 @@ impl Auth {
             allow: Arc::from(cfg.allow.clone()),
             anonymous: Arc::from(cfg.allow_anonymous.clone()),
             allow_delims: cfg.allow.iter().fold(0, |d, r| d | r.pattern.delims),
+            jwks,
         }))
+    }
+
+    /// The key set fetched from `--jwt-jwks-url` (the server starts its fetcher).
+    pub fn jwks(&self) -> Option<&Arc<crate::jwks::KeySet>> {
+        self.jwks.as_ref()
     }
 
     /// What a client without a token may do.
@@ -289,8 +326,18 @@ impl Auth {
             ErrorKind::Json(_) => TokenError::Algorithm,
             _ => TokenError::Malformed(e.to_string()),
         })?;
-        let mut last = TokenError::Algorithm;
-        for (key, algs) in &self.keys {
+        // Keys of the JWKS: the one the `kid` names (an unknown one asks for a refetch), or
+        // all of them for a token without `kid`.
+        let fetched: Vec<crate::jwks::Key> = match (&self.jwks, &header.kid) {
+            (Some(set), Some(kid)) => set.get(kid).into_iter().collect(),
+            (Some(set), None) => set.all(),
+            (None, _) => Vec::new(),
+        };
+        let mut last = match (&self.jwks, &header.kid) {
+            (Some(_), Some(_)) if fetched.is_empty() => TokenError::UnknownKey,
+            _ => TokenError::Algorithm,
+        };
+        for (key, algs) in self.keys.iter().chain(fetched.iter()) {
             if !algs.contains(&header.alg) {
                 continue;
             }
@@ -387,6 +434,7 @@ impl Auth {
         Ok(Principal {
             grants: Grants {
                 all: false,
+                guard_pusher: false,
                 sub: sub_grants,
                 own: Arc::from(own),
                 common: Arc::from(common),

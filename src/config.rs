@@ -15,6 +15,8 @@ use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
 
 use crate::types::{Rule, SlowPolicy, TrustedNet};
+// A size parser every layer may use (a Pusher app's `max_event_bytes` too); its old path.
+pub use crate::types::parse_bytes;
 
 /// Every setting of a node. The doc comment of a field is its `--help` text.
 ///
@@ -77,6 +79,13 @@ pub struct Config {
     /// SSE keep-alive comment period.
     #[arg(long, env = "RELAY_SSE_KEEPALIVE", value_name = "DURATION", value_parser = parse_duration, default_value = "15s")]
     pub sse_keepalive: Duration,
+    /// Offer permessage-deflate (RFC 7692) to WebSocket clients that ask for it: messages over
+    /// `--deflate-min-size` go out compressed once per message and shared by every subscriber.
+    #[arg(long, env = "RELAY_PERMESSAGE_DEFLATE", value_name = "BOOL", action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", default_value_t = true)]
+    pub permessage_deflate: bool,
+    /// Messages shorter than this go out uncompressed to permessage-deflate clients.
+    #[arg(long, env = "RELAY_DEFLATE_MIN_SIZE", value_name = "BYTES", value_parser = parse_bytes, default_value = "256B")]
+    pub deflate_min_size: usize,
     /// SSE reconnect hint sent as `retry:`.
     #[arg(long, env = "RELAY_SSE_RETRY", value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
     pub sse_retry: Duration,
@@ -166,6 +175,14 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub jwt_public_key: Vec<PathBuf>,
+    /// JWT auth: URL of a JSON Web Key Set (JWKS) whose public keys verify tokens by their
+    /// `kid`; fetched at start, every --jwt-jwks-refresh and when a token names an unknown
+    /// `kid` (at most every 5 s). Turns auth on.
+    #[arg(long, env = "RELAY_JWT_JWKS_URL", value_name = "URL")]
+    pub jwt_jwks_url: Option<String>,
+    /// How often the JWKS is fetched again (removed keys stop verifying after it).
+    #[arg(long, env = "RELAY_JWT_JWKS_REFRESH", value_name = "DURATION", value_parser = parse_duration, default_value = "5m")]
+    pub jwt_jwks_refresh: Duration,
     /// JWT auth: the `aud` a token must name [default: not checked].
     #[arg(long, env = "RELAY_JWT_AUDIENCE", value_name = "AUD")]
     pub jwt_audience: Option<String>,
@@ -303,6 +320,93 @@ pub struct Config {
     /// past it gets `overloaded`.
     #[arg(long, env = "RELAY_PRESENCE_INFO_BUDGET", value_name = "BYTES", value_parser = parse_bytes, default_value = "64MiB")]
     pub presence_info_budget: usize,
+    /// Admin UI at /admin: the password of its login form (at least 8 bytes). Setting it (or
+    /// --admin-token) turns /admin on; prefer RELAY_ADMIN_PASSWORD to keep it out of `ps`
+    /// [default: none, /admin is 404].
+    #[arg(
+        long,
+        env = "RELAY_ADMIN_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    pub admin_password: Option<String>,
+    /// Admin API for scripts: a bearer secret (at least 16 bytes) that /admin/api/* accepts as
+    /// `Authorization: Bearer <SECRET>`; turns /admin on too [default: none].
+    #[arg(
+        long,
+        env = "RELAY_ADMIN_TOKEN",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+    // --- backend integration (issue 14) ---
+    /// Webhook receiver, as `[EVENTS@]URL`: EVENTS is `+`-separated among channel_occupied,
+    /// channel_vacated, member_added, member_removed (all without it), e.g.
+    /// `channel_occupied+channel_vacated@https://app.example/hooks`; repeatable
+    /// (comma-separated in the environment) [default: none].
+    #[arg(
+        long,
+        env = "RELAY_WEBHOOK_URL",
+        value_name = "[EVENTS@]URL",
+        value_delimiter = ','
+    )]
+    pub webhook_url: Vec<String>,
+    /// Webhook HMAC-SHA256 key: each POST carries `X-Relay-Signature: v1=<hex
+    /// HMAC(key, "<X-Relay-Timestamp>.<body>")>` [default: none, unsigned].
+    #[arg(
+        long,
+        env = "RELAY_WEBHOOK_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub webhook_secret: Option<String>,
+    /// Most webhook events per POST.
+    #[arg(
+        long,
+        env = "RELAY_WEBHOOK_BATCH_SIZE",
+        value_name = "N",
+        default_value_t = 100
+    )]
+    pub webhook_batch_size: usize,
+    /// How long a webhook event waits for others to share its POST.
+    #[arg(long, env = "RELAY_WEBHOOK_BATCH_DELAY", value_name = "DURATION", value_parser = parse_duration, default_value = "50ms")]
+    pub webhook_batch_delay: Duration,
+    /// A webhook POST not answered within this fails and is retried.
+    #[arg(long, env = "RELAY_WEBHOOK_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "5s")]
+    pub webhook_timeout: Duration,
+    /// Tries of a webhook POST (the first included) before its events are dropped (counted).
+    #[arg(
+        long,
+        env = "RELAY_WEBHOOK_MAX_ATTEMPTS",
+        value_name = "N",
+        default_value_t = 10
+    )]
+    pub webhook_max_attempts: u32,
+    /// Longest wait between two tries of a webhook POST (full-jitter exponential backoff from
+    /// 100ms).
+    #[arg(long, env = "RELAY_WEBHOOK_RETRY_CAP", value_name = "DURATION", value_parser = parse_duration, default_value = "30s")]
+    pub webhook_retry_cap: Duration,
+    /// Webhook events queued per receiver; past it new events are dropped (counted in
+    /// relay_webhook_events_dropped_total).
+    #[arg(
+        long,
+        env = "RELAY_WEBHOOK_QUEUE_SIZE",
+        value_name = "N",
+        default_value_t = 10_000
+    )]
+    pub webhook_queue_size: usize,
+    /// How long a publish's idempotency_key is remembered: a repeat within it gets the first
+    /// publish's seq and publishes nothing (the channel and its epoch are kept that long).
+    #[arg(long, env = "RELAY_IDEMPOTENCY_WINDOW", value_name = "DURATION", value_parser = parse_duration, default_value = "60s")]
+    pub idempotency_window: Duration,
+    // --- Pusher Channels (issue 15) ---
+    /// A Pusher Channels app served at /app/KEY (WebSocket) and /apps/ID/… (HTTP API), as
+    /// ID:KEY:SECRET[:OPTION=VALUE…] with options client_events=true|false,
+    /// max_connections=N, max_event_bytes=BYTES, max_channels_per_event=N, max_batch=N,
+    /// client_event_rate=N (repeatable; comma-separated in the environment). Its channel C is
+    /// relay channel pusher/ID/C (see docs/pusher.md).
+    #[arg(long, env = "RELAY_PUSHER_APP", value_name = "APP", value_delimiter = ',', value_parser = crate::protocol::pusher::parse_app, hide_env_values = true)]
+    pub pusher_app: Vec<crate::protocol::pusher::App>,
 }
 
 /// Options of `relay serve`: the config file and the settings.
@@ -636,6 +740,7 @@ impl Config {
         }
         self.security_problems(&mut problems);
         self.edge_problems(&mut problems);
+        self.backend_problems(&mut problems);
         problems
     }
 
@@ -649,6 +754,12 @@ impl Config {
         };
         if self.jwt_secret.as_ref().is_some_and(|s| s.len() < 16) {
             invalid("jwt_secret", "must be at least 16 bytes");
+        }
+        if self.admin_password.as_ref().is_some_and(|s| s.len() < 8) {
+            invalid("admin_password", "must be at least 8 bytes");
+        }
+        if self.admin_token.as_ref().is_some_and(|s| s.len() < 16) {
+            invalid("admin_token", "must be at least 16 bytes");
         }
         if self.auth_timeout.is_zero() {
             invalid("auth_timeout", "must be > 0");
@@ -717,11 +828,61 @@ impl Config {
         if self.trusted_proxies.len() > 1 && self.trusted_proxies.contains(&TrustedNet::None) {
             invalid("trusted_proxies", "`none` cannot be given with networks");
         }
+        for (i, app) in self.pusher_app.iter().enumerate() {
+            let earlier = &self.pusher_app[..i];
+            if earlier.iter().any(|a| a.id == app.id || a.key == app.key) {
+                invalid("pusher_app", "two apps with the same id or key");
+            }
+        }
+    }
+
+    /// Checks the webhook, proxy and publish settings (issue 14).
+    fn backend_problems(&self, problems: &mut Vec<ConfigError>) {
+        let mut invalid = |key, reason: &str| {
+            problems.push(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        for url in &self.webhook_url {
+            if let Err(e) = crate::webhooks::parse_hook_spec(url) {
+                invalid("webhook_url", &e);
+            }
+        }
+        if self.webhook_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            invalid("webhook_secret", "must be at least 16 bytes");
+        }
+        if !(1..=1000).contains(&self.webhook_batch_size) {
+            invalid("webhook_batch_size", "must be between 1 and 1000");
+        }
+        if self.webhook_timeout.is_zero() {
+            invalid("webhook_timeout", "must be > 0");
+        }
+        if self.webhook_max_attempts == 0 {
+            invalid("webhook_max_attempts", "must be at least 1");
+        }
+        if self.webhook_queue_size == 0 {
+            invalid("webhook_queue_size", "must be at least 1");
+        }
+        if let Some(url) = &self.jwt_jwks_url {
+            let ok = url.parse::<hyper::Uri>().ok().is_some_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            });
+            if !ok {
+                invalid("jwt_jwks_url", "must be an http:// or https:// URL");
+            }
+        }
+        if self.jwt_jwks_refresh.is_zero() {
+            invalid("jwt_jwks_refresh", "must be > 0");
+        }
+        if self.idempotency_window.is_zero() {
+            invalid("idempotency_window", "must be > 0");
+        }
     }
 
     /// Whether JWT connection auth is on.
     pub fn auth_enabled(&self) -> bool {
-        self.jwt_secret.is_some() || !self.jwt_public_key.is_empty()
+        self.jwt_secret.is_some() || !self.jwt_public_key.is_empty() || self.jwt_jwks_url.is_some()
     }
 
     /// Whether subscribers may set their own presence user and info: as set, else unless JWT
@@ -833,25 +994,6 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 /// Parses `300s`, `5m`, `250ms`, `1h 30m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (try e.g. 300s, 5m, 250ms)"))
-}
-
-/// Parses `65536`, `64KiB`, `64k`, `1MiB`, `1MB`.
-pub fn parse_bytes(s: &str) -> Result<usize, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: usize = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (try 65536 or 64KiB)"))?;
-    let mul: usize = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB, GiB)")),
-    };
-    n.checked_mul(mul)
-        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// A node id for a node started without `--node-id`: unlikely to repeat across processes.

@@ -13,6 +13,7 @@
 //!   (memory; Redis and NATS through one replica layer).
 //! - [`config`]: the settings, from flags, environment and TOML file; plain data.
 //! - [`auth`]: JWT verification and channel grants (pure: the server reads the key files).
+//! - [`jwks`]: verification keys fetched from a JWKS URL, cached by `kid`, refreshed.
 //! - [`limits`]: connections per client address (shared by the shards), per-connection and
 //!   HTTP API rate limits, the refusal counter, and the throttled accept error log.
 //! - [`proxy`]: the client behind load balancers: PROXY protocol headers, trusted
@@ -21,8 +22,10 @@
 //! - [`metrics`]: Prometheus metrics, resolved per shard.
 //! - [`tools`]: `relay gentoken`, `check-config` and `genconfig` (token claims and signing,
 //!   the effective settings with secrets masked, a config with fresh secrets).
-//! - [`transport`]: hyper services over the engine: `/ws`, `/sse`, `/api`, health; the
-//!   transports never import one another.
+//! - [`webhooks`]: POSTs to the application's backend when channels are occupied or vacated
+//!   and members come and go (batched, signed, retried), and the outbound HTTP client.
+//! - [`transport`]: hyper services over the engine: `/ws`, `/sse`, `/api`, Pusher `/app`,
+//!   `/admin`, health; the transports never import one another.
 //! - [`server`]: the composition root (`compose`) and per-core shards (pinned
 //!   `current_thread` runtimes with `SO_REUSEPORT` listeners), wake-ups and graceful shutdown.
 //!
@@ -33,6 +36,7 @@ pub mod auth;
 pub mod backplane;
 pub mod config;
 pub mod engine;
+pub mod jwks;
 pub mod limits;
 pub mod metrics;
 pub mod protocol;
@@ -42,3 +46,4 @@ pub mod tls;
 pub mod tools;
 pub mod transport;
 pub mod types;
+pub mod webhooks;

@@ -6,6 +6,7 @@
 
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::sync::OnceLock;
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -78,6 +79,16 @@ pub fn render(engine: impl FnOnce() -> EngineFigures) -> Option<String> {
         h.run_upkeep();
         h.render()
     })
+}
+
+/// Moves the histogram samples recorded since the last call into their buckets. The exporter
+/// keeps every sample in a growing list until then, so without a scrape it would grow by a few
+/// bytes per socket write forever (hundreds of MB under load): shard 0 calls this every second,
+/// which bounds the list to one second of samples whether or not anyone scrapes.
+pub fn upkeep() {
+    if let Some(h) = HANDLE.get().and_then(|h| h.as_ref()) {
+        h.run_upkeep();
+    }
 }
 
 fn observe(e: &EngineFigures) {
@@ -213,20 +224,82 @@ fn describe() {
         "relay_messages_replayed_total",
         "Messages queued from resume replays (paged out of history as outboxes drain)."
     );
+    describe_counter!(
+        "relay_webhook_events_sent_total",
+        "Webhook events a receiver accepted (2xx)."
+    );
+    describe_counter!(
+        "relay_webhook_retries_total",
+        "Webhook POSTs tried again after a failure."
+    );
+    describe_counter!(
+        "relay_webhook_events_dropped_total",
+        "Webhook events dropped, by reason (queue_full, attempts)."
+    );
+    describe_histogram!(
+        "relay_webhook_post_seconds",
+        Unit::Seconds,
+        "Time of an accepted webhook POST."
+    );
+    describe_histogram!(
+        "relay_webhook_latency_seconds",
+        Unit::Seconds,
+        "From a webhook event to its acceptance by the receiver."
+    );
+}
+
+/// One shard's open connections and subscriptions, readable by any thread (the admin UI's
+/// shard table): the registry's gauges are summed over the shards and cannot be read back.
+/// Moved once per connection or subscription, never per message.
+#[derive(Default)]
+pub struct ShardLoad {
+    /// Open WebSocket connections.
+    pub ws: std::sync::Arc<AtomicI64>,
+    /// Open SSE streams.
+    pub sse: std::sync::Arc<AtomicI64>,
+    /// Subscriptions of open connections.
+    pub subscriptions: std::sync::Arc<AtomicI64>,
+}
+
+/// A registry gauge that also keeps its shard's count in a [`ShardLoad`] field.
+pub struct LoadGauge {
+    gauge: Gauge,
+    count: std::sync::Arc<AtomicI64>,
+}
+
+impl LoadGauge {
+    fn new(gauge: Gauge, count: &std::sync::Arc<AtomicI64>) -> Self {
+        Self {
+            gauge,
+            count: count.clone(),
+        }
+    }
+
+    /// Adds `n`.
+    pub fn increment(&self, n: f64) {
+        self.gauge.increment(n);
+        self.count.fetch_add(n as i64, Relaxed);
+    }
+
+    /// Subtracts `n`.
+    pub fn decrement(&self, n: f64) {
+        self.gauge.decrement(n);
+        self.count.fetch_sub(n as i64, Relaxed);
+    }
 }
 
 /// One shard's resolved handles.
 pub struct ShardMetrics {
     /// Open WebSocket connections.
-    pub ws_connections: Gauge,
+    pub ws_connections: LoadGauge,
     /// Open SSE streams.
-    pub sse_connections: Gauge,
+    pub sse_connections: LoadGauge,
     /// WebSocket connections accepted.
     pub ws_accepted: Counter,
     /// SSE streams opened.
     pub sse_accepted: Counter,
     /// Subscriptions.
-    pub subscriptions: Gauge,
+    pub subscriptions: LoadGauge,
     /// Messages published.
     pub published: Counter,
     /// Frames queued to subscribers.
@@ -248,14 +321,25 @@ pub struct ShardMetrics {
 }
 
 impl ShardMetrics {
-    /// Resolves the handles (no-ops when no recorder is installed).
+    /// Resolves the handles (no-ops when no recorder is installed), with counts of their own.
     pub fn new() -> Self {
+        Self::with_load(&ShardLoad::default())
+    }
+
+    /// Resolves the handles; the connection and subscription gauges also count into `load`.
+    pub fn with_load(load: &ShardLoad) -> Self {
         Self {
-            ws_connections: gauge!("relay_connections", "transport" => "ws"),
-            sse_connections: gauge!("relay_connections", "transport" => "sse"),
+            ws_connections: LoadGauge::new(
+                gauge!("relay_connections", "transport" => "ws"),
+                &load.ws,
+            ),
+            sse_connections: LoadGauge::new(
+                gauge!("relay_connections", "transport" => "sse"),
+                &load.sse,
+            ),
             ws_accepted: counter!("relay_connections_total", "transport" => "ws"),
             sse_accepted: counter!("relay_connections_total", "transport" => "sse"),
-            subscriptions: gauge!("relay_subscriptions"),
+            subscriptions: LoadGauge::new(gauge!("relay_subscriptions"), &load.subscriptions),
             published: counter!("relay_messages_published_total"),
             delivered: counter!("relay_messages_delivered_total"),
             skipped: counter!("relay_messages_skipped_total"),

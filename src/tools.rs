@@ -268,7 +268,9 @@ fn readable(v: toml::Value) -> toml::Value {
 /// `v` with secrets replaced by [`HIDDEN`].
 fn mask(id: &str, v: toml::Value) -> toml::Value {
     match (id, v) {
-        ("jwt_secret", _) => toml::Value::String(HIDDEN.into()),
+        ("jwt_secret" | "admin_password" | "admin_token" | "webhook_secret", _) => {
+            toml::Value::String(HIDDEN.into())
+        }
         ("api_key", toml::Value::Array(keys)) => toml::Value::Array(
             keys.iter()
                 .map(|_| toml::Value::String(HIDDEN.into()))

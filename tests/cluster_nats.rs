@@ -26,6 +26,20 @@ async fn concurrent_publishers_on_different_nodes_make_no_gaps_or_repeats() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_on_one_channel_is_sequenced_without_loss_or_repeat() {
+    if KIND.available() {
+        cluster::a_burst_on_one_channel_is_sequenced_without_loss_or_repeat(KIND).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_listed_by_a_node_without_subscribers_of_the_channel() {
+    if KIND.available() {
+        cluster::presence_is_listed_by_a_node_without_subscribers_of_the_channel(KIND).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_resumes_on_another_node_after_its_node_is_killed() {
     if KIND.available() {
         cluster::a_client_resumes_on_another_node_after_its_node_is_killed(KIND).await;

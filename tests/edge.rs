@@ -126,6 +126,30 @@ async fn a_slow_request_body_is_cut_at_the_body_timeout() {
     relay.publish("after", json!(1)).await;
 }
 
+/// An answer the server has handed whole to its socket (no write of ours waits on it) while
+/// the client reads nothing: the kernel resets the connection at the write timeout too
+/// (`TCP_USER_TIMEOUT`), so the megabyte it holds does not wait for the keep-alive timeout.
+#[tokio::test]
+async fn an_answer_left_in_the_kernel_is_dropped_at_the_write_timeout() {
+    let relay = Relay::start(&["--write-timeout", "2s", "--history-size", "100"]);
+    for _ in 0..100 {
+        relay.publish("big", big()).await;
+    }
+    let mut s = small_window(relay.addr()).await;
+    s.write_all(b"GET /api/history/big?since=0 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let got = read_until_closed(&mut s, Duration::from_secs(5))
+        .await
+        .expect("the connection was reset, not kept for the keep-alive timeout");
+    assert!(
+        got.len() < 500_000,
+        "{} bytes of the ~1 MB answer reached the client after the reset",
+        got.len()
+    );
+}
+
 /// 15 pipelined `GET /api/history/…?since=0` (1 MiB pages of 6 MB of history) on 4 connections
 /// that never read: each connection is reset at the write timeout, and the answers it held are
 /// freed (the relay's own count of pending responses, `relay_memory_bytes{kind="responses"}`,

@@ -116,3 +116,43 @@ async fn server_run_serves_until_its_shutdown_future_completes() {
         "the port is closed once run returned"
     );
 }
+
+/// A restart tells each WebSocket client when to come back, spread over a window, so that a
+/// fleet does not reconnect at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_spreads_the_clients_reconnect_delays() {
+    let mut relay = Relay::start(&["--shutdown-timeout", "5s", "--drain-period", "0s"]);
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let mut raw = RawWs::connect(relay.addr()).await;
+        raw.send_json(json!({"type":"subscribe","channel":"s"}))
+            .await;
+        assert_subscribed(&raw.recv_json().await, "s");
+        clients.push(raw);
+    }
+    relay.signal("TERM");
+    let mut delays = Vec::new();
+    for raw in &mut clients {
+        let (code, reason) = raw
+            .expect_close_frame(RECV_TIMEOUT)
+            .await
+            .expect("a close frame");
+        assert_eq!(code, 1012);
+        let ms: u64 = reason
+            .strip_prefix("service restart; reconnect in ")
+            .and_then(|r| r.strip_suffix(" ms"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no reconnect hint in {reason:?}"));
+        // 16 connections: the shortest window, 250 ms.
+        assert!(ms < 250, "{ms} ms");
+        delays.push(ms);
+    }
+    delays.sort_unstable();
+    delays.dedup();
+    assert!(
+        delays.len() >= 12,
+        "spread, not one delay for all: {delays:?}"
+    );
+    drop(clients);
+    assert!(relay.wait_exit(Duration::from_secs(6)).await.is_some());
+}

@@ -2,7 +2,8 @@
 # Every check of the JS client: install (npm ci), build (tsc) and check that the committed
 # dist/ (embedded in the relay binary for the demo) matches src/, unit tests (node --test; the
 # package test runs `npm pack --dry-run` and checks what would be published), then the browser
-# tests in headless Chromium against a real relay (target/debug/relay).
+# tests in headless Chromium against a real relay (target/debug/relay): the client's, and the
+# admin UI's (test/admin.mjs; the UI lives in clients/admin/ and is embedded in the relay).
 # Installs Debian's chromium if it is missing. Every step is bounded in time.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -48,3 +49,6 @@ if [ ! -x "$RELAY_BIN" ]; then
   (cd "$root" && timeout 900 cargo build --bin relay)
 fi
 timeout 300 node test/browser.mjs
+
+log "admin UI browser test (headless Chromium against target/debug/relay --admin-password)"
+timeout 200 node test/admin.mjs

@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
             if let Some(ReqId::Json(raw)) = req.id {
                 assert!(valid_json(raw), "id {raw:?}");
             }
-            if let Command::Publish { channel, data } = req.command {
+            if let Command::Publish { channel, data, .. } = req.command {
                 assert!(relay::types::ChannelName::new(channel.as_str()).is_ok());
                 let Payload::Json(raw) = data else {
                     panic!("a JSON publish carries JSON")

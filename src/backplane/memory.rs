@@ -40,6 +40,28 @@ impl Backplane for MemoryBackplane {
         Box::pin(std::future::ready(r))
     }
 
+    fn publish_with(
+        &self,
+        channel: &ChannelName,
+        kind: DataKind,
+        data: Bytes,
+        cond: crate::engine::idempotency::PublishConditions,
+    ) -> BoxFuture<Result<(Epoch, u64, bool), BackplaneError>> {
+        use crate::engine::PublishRefused;
+        let r = match self
+            .engine
+            .publish_with(channel, kind, data, &cond, Instant::now())
+        {
+            Ok((p, duplicate)) => {
+                self.wakers.wake(p.wake);
+                Ok((p.epoch, p.seq, duplicate))
+            }
+            Err(PublishRefused::Overloaded(o)) => Err(BackplaneError::Overloaded(o)),
+            Err(PublishRefused::SeqMismatch(at)) => Err(BackplaneError::SeqMismatch(at)),
+        };
+        Box::pin(std::future::ready(r))
+    }
+
     fn join(&self, _channel: &ChannelName) -> Option<BoxFuture<Result<(), BackplaneError>>> {
         None
     }

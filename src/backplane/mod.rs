@@ -25,6 +25,7 @@ pub mod nats;
 pub mod presence;
 pub mod redis;
 pub mod replica;
+pub mod roster;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -35,6 +36,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use crate::engine::presence::Identity;
 use crate::engine::{mask_iter, mix_public, History, ShardMask};
 use crate::types::{ChannelName, DataKind, Epoch};
 
@@ -53,6 +55,12 @@ pub enum BackplaneError {
     /// The node cannot grow (the memory backplane's engine refused).
     #[error(transparent)]
     Overloaded(crate::engine::Overloaded),
+    /// A conditional publish's `expected_seq` is not the channel's top, which is this.
+    #[error("expected_seq is not the channel's top seq ({}:{})", .0.epoch, .0.seq)]
+    SeqMismatch(crate::types::StreamPosition),
+    /// This backplane cannot do what was asked.
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// Where sequencing and cross-node fan-out happen. See the module docs.
@@ -70,6 +78,26 @@ pub trait Backplane: Send + Sync {
         data: Bytes,
     ) -> BoxFuture<Result<(Epoch, u64), BackplaneError>>;
 
+    /// [`Backplane::publish`] under conditions (idempotency key, expected seq): see
+    /// [`crate::engine::Engine::publish_with`]. Returns the position and whether the publish
+    /// was a duplicate (nothing published). A backplane that cannot do it refuses conditions
+    /// with [`BackplaneError::Unsupported`] (never ignores them).
+    fn publish_with(
+        &self,
+        channel: &ChannelName,
+        kind: DataKind,
+        data: Bytes,
+        cond: crate::engine::idempotency::PublishConditions,
+    ) -> BoxFuture<Result<(Epoch, u64, bool), BackplaneError>> {
+        if !cond.is_empty() {
+            return Box::pin(std::future::ready(Err(BackplaneError::Unsupported(
+                "idempotency_key and expected_seq are not available with this backplane yet",
+            ))));
+        }
+        let f = self.publish(channel, kind, data);
+        Box::pin(async move { f.await.map(|(e, s)| (e, s, false)) })
+    }
+
     /// Called before a subscriber is added on this node. `None` when the local channel is
     /// already in sync (subscribe at once); otherwise a future that completes once this node
     /// receives the channel and its local state matches the backplane's. The backplane stops
@@ -86,6 +114,16 @@ pub trait Backplane: Send + Sync {
 
     /// Whether the node can sequence publishes now (`/readyz`).
     fn is_ready(&self) -> bool;
+
+    /// The channel's presence members on every node, read from the store, when this node does
+    /// not mirror the channel (it receives only the channels it has subscribers in). `None`:
+    /// the local engine's presence is the answer (memory mode, or a mirrored channel).
+    fn presence(
+        &self,
+        _channel: &ChannelName,
+    ) -> Option<BoxFuture<Result<Vec<Identity>, BackplaneError>>> {
+        None
+    }
 }
 
 /// Wakes the shards of a node (the fan-out pump of each).

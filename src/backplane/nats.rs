@@ -32,7 +32,7 @@
 //! on the channel's fan-out subject (headers `Relay-Presence: +|-`, `Relay-Client`). See
 //! [`super::presence`] for the rest (shared with Redis).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -42,7 +42,7 @@ use arc_swap::ArcSwapOption;
 use async_nats::jetstream;
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -71,13 +71,35 @@ struct Nats {
     presence_stream: ArcSwapOption<jetstream::stream::Stream>,
     /// Connected and the stream exists.
     ready: AtomicBool,
-    /// Per channel: the last message this node knows of (publish cache), behind a lock that
-    /// serializes this node's publishes on the channel.
-    lasts: Mutex<HashMap<ChannelName, Arc<tokio::sync::Mutex<Option<Last>>>>>,
+    /// Per channel: this node's publishes waiting, and the last message it knows of.
+    lasts: Mutex<HashMap<ChannelName, Arc<Slot>>>,
     /// Per received channel: the task that reads its fan-out subject.
     readers: Mutex<HashMap<ChannelName, tokio::task::JoinHandle<()>>>,
     seeds: Seeds,
 }
+
+/// A channel's publishes on this node. Whoever holds `last` publishes everything queued (up to
+/// a batch) as one stored message, with one compare-and-set on the subject's last sequence, and
+/// answers each publisher: one ack round trip per batch, not per message, so a busy channel is
+/// not capped at one publish per round trip.
+#[derive(Default)]
+struct Slot {
+    queue: Mutex<VecDeque<Pending>>,
+    /// The last message this node knows of (saves a read), behind the lock of the batch in
+    /// flight.
+    last: tokio::sync::Mutex<Option<Last>>,
+}
+
+/// A publish waiting for its batch.
+struct Pending {
+    kind: DataKind,
+    data: Bytes,
+    done: oneshot::Sender<Result<(Epoch, u64), BackplaneError>>,
+}
+
+/// Most publishes waiting on one channel of a node; past it a publish is refused (503) rather
+/// than queued.
+const MAX_WAITING: usize = 65_536;
 
 /// The last message of a subject: stream sequence, epoch, channel seq.
 #[derive(Clone, Copy, Debug)]
@@ -127,18 +149,42 @@ fn header<'h>(h: &'h HeaderMap, name: &str) -> Option<&'h str> {
     h.get(name).map(|v| v.as_str())
 }
 
-/// A stored or republished message: a message, or an epoch marker.
-fn parse_headers(h: &HeaderMap, data: Bytes) -> Option<Incoming> {
-    let epoch = Epoch::parse(header(h, "Relay-Epoch")?)?;
-    let seq = header(h, "Relay-Seq")?.parse().ok()?;
-    let kind = match header(h, "Relay-Kind")? {
-        "j" => DataKind::Json,
-        "b" => DataKind::Binary,
-        "e" => return Some(Incoming::Epoch(epoch)),
-        _ => return None,
+/// Most messages one stored batch carries.
+const BATCH_MESSAGES: usize = 1024;
+/// Most payload bytes one stored batch carries (a single larger message is stored alone); well
+/// under NATS's default `max_payload` (1 MiB).
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// A stored or republished message: a message, an epoch marker, or a batch (`Relay-Kind: n`,
+/// `Relay-Seq` the first seq, the payload `n` × (kind byte, u32 LE length, data)), appended to
+/// `out` in seq order. `false` when it is not one of ours (nothing appended).
+fn parse_stored(h: &HeaderMap, data: Bytes, out: &mut Vec<Incoming>) -> bool {
+    let Some(epoch) = header(h, "Relay-Epoch").and_then(Epoch::parse) else {
+        return false;
     };
-    let ms = header(h, "Relay-Time")?.parse().ok()?;
-    Some(Incoming::Message(
+    let Some(seq) = header(h, "Relay-Seq").and_then(|s| s.parse::<u64>().ok()) else {
+        return false;
+    };
+    let ms = || header(h, "Relay-Time").and_then(|t| t.parse::<u64>().ok());
+    let kind = match header(h, "Relay-Kind") {
+        Some("j") => DataKind::Json,
+        Some("b") => DataKind::Binary,
+        Some("e") => {
+            out.push(Incoming::Epoch(epoch));
+            return true;
+        }
+        Some("n") => {
+            let Some(ms) = ms() else {
+                return false;
+            };
+            return parse_batch(epoch, seq, ms, &data, out);
+        }
+        _ => return false,
+    };
+    let Some(ms) = ms() else {
+        return false;
+    };
+    out.push(Incoming::Message(
         epoch,
         Entry {
             seq,
@@ -146,7 +192,65 @@ fn parse_headers(h: &HeaderMap, data: Bytes) -> Option<Incoming> {
             ms,
             data,
         },
-    ))
+    ));
+    true
+}
+
+/// The messages of a batch's payload (see [`parse_stored`]); nothing when it is malformed.
+fn parse_batch(epoch: Epoch, first: u64, ms: u64, data: &Bytes, out: &mut Vec<Incoming>) -> bool {
+    let start = out.len();
+    let (mut at, mut seq) = (0usize, first);
+    while at < data.len() {
+        let kind = match data.get(at) {
+            Some(b'j') => DataKind::Json,
+            Some(b'b') => DataKind::Binary,
+            _ => break,
+        };
+        let Some(len) = data
+            .get(at + 1..at + 5)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(|b| u32::from_le_bytes(b) as usize)
+        else {
+            break;
+        };
+        let Some(end) = (at + 5).checked_add(len).filter(|&e| e <= data.len()) else {
+            break;
+        };
+        out.push(Incoming::Message(
+            epoch,
+            Entry {
+                seq,
+                kind,
+                ms,
+                data: data.slice(at + 5..end),
+            },
+        ));
+        (at, seq) = (end, seq + 1);
+    }
+    if at != data.len() || out.len() == start {
+        out.truncate(start);
+        return false;
+    }
+    true
+}
+
+/// A batch's payload (see [`parse_stored`]).
+fn encode_batch(items: &[Pending]) -> Bytes {
+    let len = items.iter().map(|p| 5 + p.data.len()).sum();
+    let mut b = Vec::with_capacity(len);
+    for p in items {
+        b.push(kind_code(p.kind).as_bytes()[0]);
+        b.extend_from_slice(&(p.data.len() as u32).to_le_bytes());
+        b.extend_from_slice(&p.data);
+    }
+    Bytes::from(b)
+}
+
+fn kind_code(kind: DataKind) -> &'static str {
+    match kind {
+        DataKind::Json => "j",
+        DataKind::Binary => "b",
+    }
 }
 
 fn headers(epoch: Epoch, seq: u64, kind: &str, expect: u64) -> HeaderMap {
@@ -297,22 +401,42 @@ async fn read(
         return;
     };
     let _ = done.send(Ok(()));
-    while let Some(m) = sub.next().await {
-        let Some(h) = m.headers.as_ref() else {
-            continue;
-        };
-        if let Some(op) = header(h, "Relay-Presence") {
-            let client = header(h, "Relay-Client").unwrap_or_default();
-            match op {
-                "+" => replica.presence_joined(&name, client, &m.payload),
-                "-" => replica.presence_left(&name, client),
-                _ => {}
+    // Everything the subscription holds when the reader wakes is ingested as one run (one
+    // lock, one wake of each shard); a presence announcement waits for the messages before it.
+    let mut run = Vec::new();
+    while let Some(first) = sub.next().await {
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(m) = next.take() {
+            if let Some(h) = m.headers.as_ref() {
+                if let Some(op) = header(h, "Relay-Presence") {
+                    if !run.is_empty() {
+                        replica.on_messages(&name, run.drain(..));
+                    }
+                    let client = header(h, "Relay-Client").unwrap_or_default();
+                    match op {
+                        "+" => replica.presence_joined(&name, client, &m.payload),
+                        "-" => replica.presence_left(&name, client),
+                        _ => {}
+                    }
+                } else {
+                    parse_stored(h, m.payload.clone(), &mut run);
+                }
             }
-        } else if let Some(msg) = parse_headers(h, m.payload.clone()) {
-            replica.on_messages(&name, [msg]);
+            taken += 1;
+            if taken < READ_BATCH {
+                // `Some(None)`: the subscription ended; the outer loop sees it next.
+                next = sub.next().now_or_never().flatten();
+            }
+        }
+        if !run.is_empty() {
+            replica.on_messages(&name, run.drain(..));
         }
     }
 }
+
+/// Most fan-out messages a channel's reader takes before handing them to the replica.
+const READ_BATCH: usize = 4096;
 
 impl Nats {
     async fn on_connected(&self, replica: &Replica, connects: u64, stop: &CancellationToken) {
@@ -385,9 +509,9 @@ impl Nats {
     }
 }
 
-/// The subject's last message (its stream sequence, epoch and seq; seq 0 for an epoch
-/// marker), or `None` when it has none.
-async fn last(
+/// The subject's last message (its stream sequence, epoch and seq, the last of a batch; seq 0
+/// for an epoch marker), or `None` when it has none.
+async fn read_last(
     stream: &jetstream::stream::Stream,
     ch: &ChannelName,
 ) -> Result<Option<Last>, BackplaneError> {
@@ -402,7 +526,9 @@ async fn last(
         Ok(Err(e)) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
         Ok(Err(e)) => Err(unavailable(e)),
         Ok(Ok(m)) => {
-            let (epoch, seq) = match parse_headers(&m.headers, m.payload) {
+            let mut got = Vec::new();
+            parse_stored(&m.headers, m.payload, &mut got);
+            let (epoch, seq) = match got.pop() {
                 Some(Incoming::Message(e, m)) => (e, m.seq),
                 Some(Incoming::Epoch(e)) => (e, 0),
                 None => {
@@ -448,9 +574,7 @@ async fn walk(
             break;
         }
         let seq = m.sequence;
-        if let Some(msg) = parse_headers(&m.headers, m.payload) {
-            out.push(msg);
-        }
+        parse_stored(&m.headers, m.payload, &mut out);
         if seq >= until {
             break;
         }
@@ -480,6 +604,78 @@ async fn try_publish(
     }
 }
 
+/// The oldest waiting publishes, up to a batch (at least one).
+fn take_batch(queue: &Mutex<VecDeque<Pending>>) -> Vec<Pending> {
+    let mut queue = queue.lock();
+    let mut bytes = 0;
+    let mut batch = Vec::new();
+    while let Some(p) = queue.front() {
+        let more = bytes + p.data.len();
+        if !batch.is_empty() && (more > BATCH_BYTES || batch.len() >= BATCH_MESSAGES) {
+            break;
+        }
+        bytes = more;
+        batch.extend(queue.pop_front());
+    }
+    batch
+}
+
+/// Stores `batch` as the channel's next message(s) (compare-and-set on the subject's last
+/// sequence, read again and retried when another node got there first) and answers each
+/// publisher with its seq.
+async fn publish_batch(
+    js: &jetstream::Context,
+    stream: &jetstream::stream::Stream,
+    ch: &ChannelName,
+    cached: &mut Option<Last>,
+    fresh: Epoch,
+    batch: Vec<Pending>,
+) {
+    let fail = |batch: Vec<Pending>, e: BackplaneError| {
+        for p in batch {
+            let _ = p.done.send(Err(e.clone()));
+        }
+    };
+    let n = batch.len() as u64;
+    let (code, payload) = match batch.as_slice() {
+        [one] => (kind_code(one.kind), one.data.clone()),
+        _ => ("n", encode_batch(&batch)),
+    };
+    for _ in 0..PUBLISH_ATTEMPTS {
+        let last = match *cached {
+            Some(l) => l,
+            None => match read_last(stream, ch).await {
+                Ok(l) => l.unwrap_or(Last {
+                    stream_seq: 0,
+                    epoch: fresh,
+                    seq: 0,
+                }),
+                Err(e) => return fail(batch, e),
+            },
+        };
+        let h = headers(last.epoch, last.seq + 1, code, last.stream_seq);
+        match try_publish(js, ch, h, payload.clone()).await {
+            Ok(Some(stream_seq)) => {
+                *cached = Some(Last {
+                    stream_seq,
+                    epoch: last.epoch,
+                    seq: last.seq + n,
+                });
+                for (i, p) in (1..).zip(batch) {
+                    let _ = p.done.send(Ok((last.epoch, last.seq + i)));
+                }
+                return;
+            }
+            Ok(None) => *cached = None,
+            Err(e) => {
+                *cached = None;
+                return fail(batch, e);
+            }
+        }
+    }
+    fail(batch, unavailable("too much contention on the channel"));
+}
+
 impl Remote for Nats {
     fn name(&self) -> &'static str {
         "nats"
@@ -495,49 +691,45 @@ impl Remote for Nats {
         kind: DataKind,
         data: Bytes,
     ) -> BoxFuture<Result<(Epoch, u64), BackplaneError>> {
-        let parts = self.parts();
+        let (js, stream) = match self.parts() {
+            Ok(p) => p,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
         let slot = self
             .lasts
             .lock()
             .entry(channel.clone())
             .or_default()
             .clone();
+        let (done, mut answer) = oneshot::channel();
+        {
+            let mut queue = slot.queue.lock();
+            if queue.len() >= MAX_WAITING {
+                let why = unavailable("too many publishes waiting on this channel");
+                return Box::pin(std::future::ready(Err(why)));
+            }
+            queue.push_back(Pending { kind, data, done });
+        }
         let fresh = self.seeds.epoch();
         let ch = channel.clone();
         Box::pin(async move {
-            let (js, stream) = parts?;
-            let mut cached = slot.lock().await;
-            let code = match kind {
-                DataKind::Json => "j",
-                DataKind::Binary => "b",
-            };
-            for _ in 0..PUBLISH_ATTEMPTS {
-                let last = match *cached {
-                    Some(l) => l,
-                    None => last(&stream, &ch).await?.unwrap_or(Last {
-                        stream_seq: 0,
-                        epoch: fresh,
-                        seq: 0,
-                    }),
-                };
-                let h = headers(last.epoch, last.seq + 1, code, last.stream_seq);
-                match try_publish(&js, &ch, h, data.clone()).await {
-                    Ok(Some(stream_seq)) => {
-                        *cached = Some(Last {
-                            stream_seq,
-                            epoch: last.epoch,
-                            seq: last.seq + 1,
-                        });
-                        return Ok((last.epoch, last.seq + 1));
+            use oneshot::error::TryRecvError;
+            let mut last = slot.last.lock().await;
+            loop {
+                match answer.try_recv() {
+                    Ok(r) => return r,
+                    Err(TryRecvError::Closed) => {
+                        return Err(unavailable("the publish was abandoned"));
                     }
-                    Ok(None) => *cached = None,
-                    Err(e) => {
-                        *cached = None;
-                        return Err(e);
-                    }
+                    // Still queued: this publish leads the next batch.
+                    Err(TryRecvError::Empty) => {}
                 }
+                let batch = take_batch(&slot.queue);
+                if batch.is_empty() {
+                    return Err(unavailable("the publish was abandoned"));
+                }
+                publish_batch(&js, &stream, &ch, &mut last, fresh, batch).await;
             }
-            Err(unavailable("too much contention on the channel"))
         })
     }
 
@@ -591,7 +783,7 @@ impl Remote for Nats {
         Box::pin(async move {
             let (js, stream) = parts?;
             for _ in 0..PUBLISH_ATTEMPTS {
-                let Some(last) = last(&stream, &ch).await? else {
+                let Some(last) = read_last(&stream, &ch).await? else {
                     // An empty subject: write the epoch its first publish will use.
                     let h = headers(fresh, 0, "e", 0);
                     try_publish(&js, &ch, h, Bytes::new()).await?;
@@ -631,7 +823,7 @@ impl Remote for Nats {
         let most = self.settings.history_size;
         Box::pin(async move {
             let (_, stream) = parts?;
-            let Some(last) = last(&stream, &ch).await? else {
+            let Some(last) = read_last(&stream, &ch).await? else {
                 return Ok(None);
             };
             let all = walk(&stream, &ch, last.stream_seq, most).await?;
@@ -743,8 +935,9 @@ mod tests {
     #[test]
     fn headers_round_trip() {
         let h = headers(Epoch(0x1000_0000_0000_00ab), 7, "b", 41);
-        let Some(Incoming::Message(epoch, m)) = parse_headers(&h, Bytes::from_static(b"\x00x"))
-        else {
+        let mut got = Vec::new();
+        assert!(parse_stored(&h, Bytes::from_static(b"\x00x"), &mut got));
+        let Some(Incoming::Message(epoch, m)) = got.pop() else {
             panic!("a message");
         };
         assert_eq!(
@@ -755,8 +948,68 @@ mod tests {
             header(&h, "Nats-Expected-Last-Subject-Sequence"),
             Some("41")
         );
-        let marker = parse_headers(&headers(Epoch(5), 0, "e", 0), Bytes::new());
-        assert_eq!(marker, Some(Incoming::Epoch(Epoch(5))));
+        let mut marker = Vec::new();
+        parse_stored(&headers(Epoch(5), 0, "e", 0), Bytes::new(), &mut marker);
+        assert_eq!(marker, [Incoming::Epoch(Epoch(5))]);
+    }
+
+    #[test]
+    fn a_stored_batch_is_its_messages_in_seq_order() {
+        let p = |kind, data: &'static [u8]| Pending {
+            kind,
+            data: Bytes::from_static(data),
+            done: oneshot::channel().0,
+        };
+        let batch = [
+            p(DataKind::Json, b"{\"a\":1}"),
+            p(DataKind::Binary, b""),
+            p(DataKind::Binary, b"\x00\xff"),
+        ];
+        let h = headers(Epoch(0x1000_0000_0000_0001), 41, "n", 7);
+        let mut got = Vec::new();
+        assert!(parse_stored(&h, encode_batch(&batch), &mut got));
+        let seqs: Vec<(u64, DataKind, &[u8])> = got
+            .iter()
+            .map(|m| match m {
+                Incoming::Message(_, m) => (m.seq, m.kind, &m.data[..]),
+                Incoming::Epoch(_) => panic!("a message"),
+            })
+            .collect();
+        assert_eq!(
+            seqs,
+            [
+                (41, DataKind::Json, &b"{\"a\":1}"[..]),
+                (42, DataKind::Binary, &b""[..]),
+                (43, DataKind::Binary, &b"\x00\xff"[..]),
+            ]
+        );
+        // A truncated batch is nothing (never half a batch).
+        let mut cut = encode_batch(&batch).to_vec();
+        cut.pop();
+        let mut none = Vec::new();
+        assert!(!parse_stored(&h, Bytes::from(cut), &mut none));
+        assert!(none.is_empty());
+    }
+
+    #[test]
+    fn batches_stop_at_their_bounds_but_take_one_whatever_its_size() {
+        let queue = Mutex::new(VecDeque::new());
+        let push = |n: usize| {
+            queue.lock().push_back(Pending {
+                kind: DataKind::Binary,
+                data: Bytes::from(vec![0u8; n]),
+                done: oneshot::channel().0,
+            })
+        };
+        push(BATCH_BYTES + 1);
+        push(1);
+        assert_eq!(take_batch(&queue).len(), 1, "a big one goes alone");
+        for _ in 0..BATCH_MESSAGES + 5 {
+            push(1);
+        }
+        assert_eq!(take_batch(&queue).len(), BATCH_MESSAGES);
+        assert_eq!(take_batch(&queue).len(), 6);
+        assert!(take_batch(&queue).is_empty());
     }
 
     #[test]

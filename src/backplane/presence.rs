@@ -230,6 +230,44 @@ impl Mirror {
     }
 }
 
+/// A page of `members` (every node's, read from the store) in the shape the engine answers
+/// for a channel it holds: by client id after `after`, at most `limit` (and about `max_bytes`,
+/// at least one), with the counts of all of them.
+pub fn page(
+    mut members: Vec<Identity>,
+    seq: u64,
+    after: Option<&str>,
+    limit: usize,
+    max_bytes: usize,
+) -> crate::engine::PresenceSnapshot {
+    let users: std::collections::HashSet<&str> = members.iter().map(|m| &*m.user).collect();
+    let stats = crate::engine::presence::PresenceStats {
+        clients: members.len(),
+        users: users.len(),
+    };
+    members.retain(|m| after.is_none_or(|a| &*m.client > a));
+    members.sort_unstable_by(|a, b| a.client.cmp(&b.client));
+    let take = limit.max(1);
+    let mut bytes = 0;
+    let mut out = Vec::new();
+    for m in members.iter().take(take) {
+        bytes += crate::types::identity_len(m);
+        if !out.is_empty() && bytes > max_bytes {
+            break;
+        }
+        out.push(m.clone());
+    }
+    let next = (out.len() < members.len())
+        .then(|| out.last().map(|w| w.client.clone()))
+        .flatten();
+    crate::engine::PresenceSnapshot {
+        seq,
+        members: out,
+        stats,
+        next,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -250,5 +288,26 @@ mod tests {
         let bare = encode_member("n", &bare(Arc::from("x")));
         assert!(decode_member("x", &bare).unwrap().1.info.is_none());
         assert!(decode_member("x", b"9:short").is_none());
+    }
+
+    #[test]
+    fn a_store_page_is_by_client_with_the_counts_of_all() {
+        let who = |client: &str, user: &str| Identity {
+            client: client.into(),
+            user: user.into(),
+            info: None,
+        };
+        let all = vec![who("c", "u1"), who("a", "u1"), who("b", "u2")];
+        let first = page(all.clone(), 9, None, 2, 1 << 20);
+        let ids: Vec<&str> = first.members.iter().map(|m| &*m.client).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert_eq!(first.next.as_deref(), Some("b"));
+        assert_eq!(
+            (first.stats.clients, first.stats.users, first.seq),
+            (3, 2, 9)
+        );
+        let rest = page(all, 9, Some("b"), 2, 1 << 20);
+        assert_eq!(rest.members.len(), 1);
+        assert_eq!(rest.next, None);
     }
 }

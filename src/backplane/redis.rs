@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::presence::{decode_member, encode_member, Members, PresenceOp};
 use super::replica::{
-    Entry, Incoming, Remote, Replica, Snapshot, Stored, BACKOFF_BASE, BACKOFF_CAP,
+    Batch, Entry, Incoming, Remote, Replica, Snapshot, Stored, BACKOFF_BASE, BACKOFF_CAP,
 };
 use super::{backoff, wall_ms, BackplaneError, BoxFuture, Seeds, Settings, Wakers};
 use crate::engine::Engine;
@@ -644,24 +644,50 @@ async fn supervise(redis: Arc<Redis>, replica: Arc<Replica>, stop: CancellationT
     }
 }
 
-/// Hands what pub/sub delivers to the replica: messages, and presence announcements.
+/// Most pub/sub messages handed to the replica in one batch.
+const BATCH: usize = 4096;
+
+/// Hands what pub/sub delivers to the replica: messages, and presence announcements. Everything
+/// the connection has delivered when the reader wakes is taken at once and ingested as one
+/// batch (one lock, one wake of each shard), so that a burst reaches the shards' pumps in one
+/// pass instead of one wake per message.
 async fn read_messages(replica: Arc<Replica>, mut rx: broadcast::Receiver<fred::types::Message>) {
+    use broadcast::error::{RecvError, TryRecvError};
+    let mut batch = Batch::default();
     loop {
-        match rx.recv().await {
-            Ok(m) => on_message(&replica, m),
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(
-                    lost = n,
-                    "backplane: pub/sub reader lagged; resyncing every channel"
-                );
-                replica.resync_all();
+        let mut next = Some(rx.recv().await);
+        let mut taken = 0;
+        while let Some(r) = next.take() {
+            match r {
+                Ok(m) => on_message(&replica, m, &mut batch),
+                Err(RecvError::Lagged(n)) => {
+                    replica.on_batch(&mut batch);
+                    tracing::warn!(
+                        lost = n,
+                        "backplane: pub/sub reader lagged; resyncing every channel"
+                    );
+                    replica.resync_all();
+                }
+                Err(RecvError::Closed) => {
+                    replica.on_batch(&mut batch);
+                    return;
+                }
             }
-            Err(broadcast::error::RecvError::Closed) => break,
+            taken += 1;
+            if taken < BATCH {
+                next = match rx.try_recv() {
+                    Ok(m) => Some(Ok(m)),
+                    Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
+                    Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
+                    Err(TryRecvError::Empty) => None,
+                };
+            }
         }
+        replica.on_batch(&mut batch);
     }
 }
 
-fn on_message(replica: &Replica, m: fred::types::Message) {
+fn on_message(replica: &Replica, m: fred::types::Message, batch: &mut Batch) {
     let Some(name) = m
         .channel
         .strip_prefix(MSG_PREFIX)
@@ -673,7 +699,10 @@ fn on_message(replica: &Replica, m: fred::types::Message) {
         return;
     };
     if payload.starts_with(b"P") {
-        // `P+ <client> <member>` or `P- <client>`.
+        // `P+ <client> <member>` or `P- <client>`, placed after the messages before it.
+        if batch.holds(&name) {
+            replica.on_batch(batch);
+        }
         let mut parts = payload.splitn(3, |&b| b == b' ');
         let (Some(op), Some(client)) = (parts.next(), parts.next()) else {
             return;
@@ -693,7 +722,7 @@ fn on_message(replica: &Replica, m: fred::types::Message) {
         return;
     }
     match parse_msg(&payload) {
-        Some(msg) => replica.on_messages(&name, [msg]),
+        Some(msg) => batch.push(name, msg),
         None => tracing::warn!(channel = %name, "backplane: unreadable message ignored"),
     }
 }

@@ -40,6 +40,7 @@ use super::presence::{decode_member, Members, Mirror, PresenceOp};
 use super::{
     backoff, instant_of, wall_ms, Backplane, BackplaneError, BoxFuture, Seeds, Settings, Wakers,
 };
+use crate::engine::presence::Identity;
 use crate::engine::{Engine, History, IngestOutcome, Publication, RemoteEntry, ShardMask};
 use crate::types::{ChannelName, DataKind, Epoch, StreamPosition};
 
@@ -105,6 +106,39 @@ pub struct Stored {
     /// Ascending; at least those after the `since` asked for, up to the limit asked for (the
     /// replica filters by seq, size and age).
     pub entries: Vec<Entry>,
+}
+
+/// What a remote drained from its connection at once, grouped by channel (each channel's
+/// messages in the store's order), for [`Replica::on_batch`]. Kept by the remote's reader and
+/// reused, so a busy connection does not allocate the grouping per batch.
+#[derive(Default)]
+pub struct Batch {
+    runs: Vec<(ChannelName, Vec<Incoming>)>,
+    index: HashMap<ChannelName, usize>,
+}
+
+impl Batch {
+    /// Adds `m` to its channel's run.
+    pub fn push(&mut self, channel: ChannelName, m: Incoming) {
+        match self.index.get(&channel).and_then(|&i| self.runs.get_mut(i)) {
+            Some((_, run)) => run.push(m),
+            None => {
+                self.index.insert(channel.clone(), self.runs.len());
+                self.runs.push((channel, vec![m]));
+            }
+        }
+    }
+
+    /// Whether no message is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// Whether `channel` has messages waiting (a presence announcement of it must wait for
+    /// them: events are placed after the messages published before them).
+    pub fn holds(&self, channel: &ChannelName) -> bool {
+        self.index.contains_key(channel)
+    }
 }
 
 /// What a remote store does for the [`Replica`]. Methods are called with the replica's lock
@@ -392,13 +426,44 @@ impl Replica {
     /// buffered for after it.
     pub fn on_messages(&self, channel: &ChannelName, msgs: impl IntoIterator<Item = Incoming>) {
         let mut chans = self.chans.lock();
-        let Some(c) = chans.get_mut(channel) else {
+        let (now, now_ms) = (Instant::now(), wall_ms());
+        let wake = self.ingest_run(&mut chans, channel, msgs, now, now_ms);
+        drop(chans);
+        self.wakers.wake(wake);
+    }
+
+    /// A batch of runs (what a remote drained from its connection at once, grouped by
+    /// channel, each run in the store's order): one lock and one wake for the whole batch,
+    /// each run as [`Replica::on_messages`].
+    pub fn on_batch(&self, runs: &mut Batch) {
+        if runs.is_empty() {
             return;
+        }
+        let mut chans = self.chans.lock();
+        let (now, now_ms) = (Instant::now(), wall_ms());
+        let mut wake = 0;
+        for (channel, msgs) in runs.runs.drain(..) {
+            wake |= self.ingest_run(&mut chans, &channel, msgs, now, now_ms);
+        }
+        runs.index.clear();
+        drop(chans);
+        self.wakers.wake(wake);
+    }
+
+    fn ingest_run(
+        &self,
+        chans: &mut HashMap<ChannelName, Chan>,
+        channel: &ChannelName,
+        msgs: impl IntoIterator<Item = Incoming>,
+        now: Instant,
+        now_ms: u64,
+    ) -> ShardMask {
+        let Some(c) = chans.get_mut(channel) else {
+            return 0;
         };
         let mut msgs = msgs.into_iter();
         let mut wake = 0;
         if c.state == State::Synced {
-            let (now, now_ms) = (Instant::now(), wall_ms());
             for m in msgs.by_ref() {
                 match self.ingest(channel, &m, now, now_ms) {
                     Ok(w) => wake |= w,
@@ -414,8 +479,7 @@ impl Replica {
         for m in msgs {
             c.buffer(m);
         }
-        drop(chans);
-        self.wakers.wake(wake);
+        wake
     }
 
     /// Another node announced a presence join (`member` as [`super::presence::encode_member`]
@@ -812,6 +876,37 @@ impl Backplane for Replica {
 
     fn is_ready(&self) -> bool {
         self.remote.is_up()
+    }
+
+    fn presence(
+        &self,
+        channel: &ChannelName,
+    ) -> Option<BoxFuture<Result<Vec<Identity>, BackplaneError>>> {
+        // A synced channel's presence is mirrored in the engine (local and remote members).
+        if self
+            .chans
+            .lock()
+            .get(channel)
+            .is_some_and(|c| c.state == State::Synced)
+        {
+            return None;
+        }
+        if !self.remote.is_up() {
+            let why = format!("{} is unavailable", self.remote.name());
+            return Some(Box::pin(std::future::ready(Err(
+                BackplaneError::Unavailable(why),
+            ))));
+        }
+        let read = self.remote.presence(channel, Vec::new(), true);
+        Some(Box::pin(async move {
+            let members = read.await?.unwrap_or_default();
+            let now_ms = wall_ms();
+            Ok(members
+                .into_values()
+                .filter(|(_, _, expiry)| *expiry >= now_ms)
+                .map(|(_, who, _)| who)
+                .collect())
+        }))
     }
 }
 

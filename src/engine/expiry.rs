@@ -91,6 +91,13 @@ impl Engine {
         if let Some(ms) = st.presence.as_ref().and_then(|p| p.events_due()) {
             due = due.min(self.base + Duration::from_millis(ms));
         }
+        if let Some(at) = st
+            .keys
+            .as_ref()
+            .and_then(|k| k.next_expiry(self.cfg.idempotency_window))
+        {
+            due = due.min(at);
+        }
         (due + Duration::from_millis(1)).max(now + MIN_RECHECK)
     }
 
@@ -135,12 +142,22 @@ impl Engine {
             return false; // A stale entry: the channel is gone or has a sooner one.
         }
         st.next_check = None;
-        let freed = self.trim(ch, &mut st, now);
+        let mut freed = self.trim(ch, &mut st, now);
+        let window = self.cfg.idempotency_window;
+        if let Some(keys) = st.keys.as_mut() {
+            freed += keys.prune(now, window);
+            if keys.bytes() == 0 {
+                st.keys = None;
+            }
+        }
         self.meter.add(Kind::History, -(freed as i64));
         // Presence bookkeeping alone trims the events that aged out.
         self.presence_op(ch, &mut st, self.millis(now), |_| ());
         let idle = now.saturating_duration_since(st.last_active) > self.cfg.history_ttl;
-        let nothing = st.ring.is_empty() && st.presence.as_ref().is_none_or(|p| p.is_idle());
+        // A channel with idempotency keys stays (with its epoch) until they leave the window.
+        let nothing = st.ring.is_empty()
+            && st.presence.as_ref().is_none_or(|p| p.is_idle())
+            && st.keys.is_none();
         if st.interest == 0 && idle && nothing {
             st.removed = true;
             drop(st);

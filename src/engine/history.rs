@@ -63,6 +63,74 @@ impl Engine {
         Ok(published)
     }
 
+    /// [`Engine::publish`] under `cond`: a repeat of an idempotency key within the window
+    /// answers the first publish's position and publishes nothing (`.1` is `true`); with
+    /// `expected_seq`, publishes only when the channel's top is that seq, else
+    /// [`PublishRefused::SeqMismatch`] with the current position. A duplicate is recognised
+    /// before the seq is compared, so the retry of a conditional publish that went through
+    /// gets its seq, not a mismatch.
+    pub fn publish_with(
+        &self,
+        name: &ChannelName,
+        kind: DataKind,
+        data: Bytes,
+        cond: &idempotency::PublishConditions,
+        now: Instant,
+    ) -> Result<(Published, bool), PublishRefused> {
+        self.admit(name, now).map_err(PublishRefused::Overloaded)?;
+        let window = self.cfg.idempotency_window;
+        let (r, ch) = self
+            .with_channel(name, now, true, |ch, st| {
+                if let Some(keys) = st.keys.as_mut() {
+                    let freed = keys.prune(now, window);
+                    self.meter.add(Kind::History, -(freed as i64));
+                }
+                let key = cond.idempotency_key.as_ref();
+                if let Some(seq) = key.and_then(|k| st.keys.as_ref()?.get(k)) {
+                    let p = Published {
+                        epoch: st.epoch,
+                        seq,
+                        wake: 0,
+                    };
+                    return (Ok((p, true)), ch.clone());
+                }
+                if cond.expected_seq.is_some_and(|e| e != st.top) {
+                    let at = StreamPosition {
+                        epoch: st.epoch,
+                        seq: st.top,
+                    };
+                    return (Err(PublishRefused::SeqMismatch(at)), ch.clone());
+                }
+                st.top += 1;
+                st.last_active = now;
+                st.recent = true;
+                let mut cost = st.push(st.top, now, kind, data.clone());
+                if let Some(k) = key {
+                    let top = st.top;
+                    let keys = st.keys.get_or_insert_with(Box::default);
+                    cost += keys.insert(k.clone(), top, now);
+                    // The expiry queue looks at the channel again once its oldest key is due.
+                    if let Some(at) = keys.next_expiry(window) {
+                        self.schedule(ch, st, at + Duration::from_millis(1));
+                    }
+                }
+                let freed = self.trim(ch, st, now);
+                self.meter.add(Kind::History, cost as i64 - freed as i64);
+                let wake = Self::mark_dirty(ch, st);
+                let p = Published {
+                    epoch: st.epoch,
+                    seq: st.top,
+                    wake,
+                };
+                (Ok((p, false)), ch.clone())
+            })
+            .map_err(PublishRefused::Overloaded)?;
+        if let Ok((p, false)) = &r {
+            self.enqueue_dirty(&ch, p.wake);
+        }
+        r
+    }
+
     /// Where the history window of the ring starts: the oldest entry that is within the last
     /// `history_size`, the last `history_max_bytes` and the TTL. `ring.len()` when none is.
     pub(super) fn history_start(&self, st: &ChannelState, now: Instant) -> usize {

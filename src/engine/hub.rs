@@ -20,6 +20,12 @@ use super::{
 pub use crate::types::Encoder;
 use crate::types::{ChannelName, StreamPosition};
 
+/// The tag of a presence member's client id (see [`super::Engine::client_id`]): a tagged
+/// subscriber does not receive its own connection's presence events.
+pub fn client_tag(client: &str) -> u64 {
+    u64::from_str_radix(client, 16).unwrap_or(0)
+}
+
 /// Identifies a connection within its shard.
 pub type ConnId = u64;
 
@@ -34,6 +40,10 @@ pub struct Subscriber {
     pub encoding: usize,
     /// The connection's own index for this subscription (SSE cursors use it).
     pub slot: u16,
+    /// Nonzero: the connection's tag ([`client_tag`] of its client id). Publications whose
+    /// [`Encoder::origin`] is this tag and this connection's own presence events are not
+    /// delivered to it (Pusher's `socket_id` exclusion, and a member is not told it joined).
+    pub tag: u64,
     /// It has everything up to this seq already (from `subscribed` and its replay).
     after: u64,
     /// It gets presence events after this presence seq.
@@ -65,6 +75,7 @@ impl Subscriber {
             outbox,
             encoding,
             slot,
+            tag: 0,
             after: 0,
             pafter: 0,
             deferred: Deferred::None,
@@ -416,8 +427,12 @@ fn deliver_publication(
     let name = local.channel.name();
     // Summed in a local, added to the stats once: the loop over subscribers stays as it was.
     let mut queued = 0;
+    let mut origin = None;
     for sub in local.subs.values_mut() {
         if p.seq <= sub.after {
+            continue;
+        }
+        if sub.tag != 0 && *origin.get_or_insert_with(|| (encode.origin)(p)) == sub.tag {
             continue;
         }
         let enc = sub.encoding % FRAME_SLOTS;
@@ -472,8 +487,12 @@ fn flush_sub(stats: &mut PumpStats, sub: &mut Subscriber, name: &ChannelName, en
 fn deliver_presence(stats: &mut PumpStats, local: &mut Local, encode: Encoder, e: &PresenceEvent) {
     let mut frames: [Option<Bytes>; FRAME_SLOTS] = Default::default();
     let mut queued = 0;
+    let mut origin = None;
     for sub in local.subs.values() {
         if e.pseq <= sub.pafter {
+            continue;
+        }
+        if sub.tag != 0 && *origin.get_or_insert_with(|| client_tag(&e.who.client)) == sub.tag {
             continue;
         }
         let enc = sub.encoding % FRAME_SLOTS;
@@ -523,10 +542,15 @@ mod tests {
         Bytes::from(format!("gap:{from}-{to}"))
     }
 
+    fn origin(p: &Publication) -> u64 {
+        p.data.first().map_or(0, |&b| u64::from(b))
+    }
+
     const ENC: Encoder = Encoder {
         publication: encode_pub,
         presence: encode_presence,
         gap: encode_gap,
+        origin,
     };
 
     fn setup(shards: usize) -> Arc<Engine> {
@@ -555,6 +579,42 @@ mod tests {
         let mut v = Vec::new();
         o.drain_into(|out| v.push(String::from_utf8_lossy(&out.frame).into_owned()));
         v
+    }
+
+    #[test]
+    fn a_tagged_subscriber_misses_its_own_publications_and_presence_events() {
+        use crate::engine::presence::{Identity, Liveness};
+        use crate::types::DataKind;
+        let e = setup(1);
+        let mut hub = Hub::new(0, e.clone(), ENC);
+        let now = Instant::now();
+        let name = ChannelName::new("p:tagged").unwrap();
+        let (mine, other) = (Rc::new(Outbox::new(1 << 20)), Rc::new(Outbox::new(1 << 20)));
+        hub.subscribe(2, &name, None, None, sub(&other, 0), now)
+            .unwrap();
+        let join = Join {
+            who: Identity {
+                client: "07".into(),
+                user: "u".into(),
+                info: None,
+            },
+            live: Arc::new(Liveness::default()),
+        };
+        let mut tagged = sub(&mine, 0);
+        tagged.tag = client_tag("07");
+        hub.subscribe(1, &name, None, Some(join), tagged, now)
+            .unwrap();
+        for b in [7u8, 8] {
+            e.publish(&name, DataKind::Json, Bytes::from(vec![b]), now)
+                .unwrap();
+        }
+        hub.pump();
+        assert_eq!(frames(&other), ["join:u@0", "0:1", "0:2"]);
+        assert_eq!(
+            frames(&mine),
+            ["0:2"],
+            "not its own join, not its own message"
+        );
     }
 
     #[test]

@@ -34,8 +34,10 @@
 mod expiry;
 mod history;
 pub mod hub;
+pub mod idempotency;
 mod ingest;
 pub mod memory;
+pub mod observe;
 pub mod outbox;
 pub mod presence;
 #[cfg(test)]
@@ -95,6 +97,8 @@ pub struct EngineConfig {
     /// Slow-consumer policy by channel pattern: the first match wins; no match is
     /// [`SlowPolicy::Disconnect`].
     pub slow_consumer: Vec<(String, SlowPolicy)>,
+    /// How long a publish's idempotency key is remembered (its channel is kept that long).
+    pub idempotency_window: Duration,
 }
 
 impl Default for EngineConfig {
@@ -109,6 +113,7 @@ impl Default for EngineConfig {
             seed: 0,
             presence: Default::default(),
             slow_consumer: Vec::new(),
+            idempotency_window: Duration::from_secs(60),
         }
     }
 }
@@ -152,6 +157,8 @@ struct ChannelState {
     /// Bumped by [`Engine::reset`]: hubs whose subscribers were positioned in an older
     /// generation close them for resume (their positions no longer connect).
     generation: u64,
+    /// Idempotency keys of recent publishes (`None` until the first).
+    keys: Option<Box<idempotency::Keys>>,
 }
 
 impl ChannelState {
@@ -218,6 +225,17 @@ pub struct Published {
     pub seq: u64,
     /// Shards to wake: they have subscribers and were not already dirty.
     pub wake: ShardMask,
+}
+
+/// Why a conditional publish was not done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PublishRefused {
+    /// The node cannot grow.
+    #[error(transparent)]
+    Overloaded(Overloaded),
+    /// `expected_seq` is not the channel's top, which is this.
+    #[error("expected_seq is not the channel's top seq ({}:{})", .0.epoch, .0.seq)]
+    SeqMismatch(StreamPosition),
 }
 
 /// How a subscribe went.
@@ -321,6 +339,8 @@ pub struct Engine {
     /// Info bytes of every presence member on the node.
     info_bytes: AtomicUsize,
     stats: EngineStats,
+    /// Told about occupancy and presence changes (webhooks), when set.
+    observer: std::sync::OnceLock<Arc<dyn observe::Observer>>,
 }
 
 impl Engine {
@@ -344,8 +364,14 @@ impl Engine {
             subscribed: (0..TABLE_PARTS).map(|_| Mutex::default()).collect(),
             info_bytes: AtomicUsize::new(0),
             stats: EngineStats::default(),
+            observer: std::sync::OnceLock::new(),
             cfg,
         }
+    }
+
+    /// Sets the observer of occupancy and presence changes (once; later calls are ignored).
+    pub fn set_observer(&self, observer: Arc<dyn observe::Observer>) {
+        let _ = self.observer.set(observer);
     }
 
     /// The settings in force.
@@ -452,6 +478,7 @@ impl Engine {
                 removed: false,
                 presence: self.has_presence(name).then(Box::default),
                 generation: 0,
+                keys: None,
             }),
         });
         part.insert(name.clone(), ch.clone());
@@ -568,6 +595,13 @@ impl Engine {
             let shard = shard % self.cfg.shards;
             let pseq = st.presence.as_ref().map_or(0, |p| p.pseq());
             let top = st.top;
+            let first_on_node = st.shard_subs.iter().all(|&n| n == 0);
+            // Occupancy before the subscriber's presence join, so an observer sees them in the
+            // order a member sees them (the channel is occupied, then someone is in it).
+            let observer = self.observer.get().filter(|_| first_on_node);
+            if let Some(o) = observer {
+                o.occupancy(name, true);
+            }
             let joined = match join.take() {
                 Some(j) if st.presence.is_some() => {
                     let info = j.who.info.as_ref().map_or(0, Bytes::len);
@@ -575,15 +609,22 @@ impl Engine {
                         && self.info_bytes.load(Ordering::Relaxed) + info
                             > self.cfg.presence.info_budget
                     {
+                        if let Some(o) = observer {
+                            o.occupancy(name, false);
+                        }
                         return Err(SubscribeError::Presence(PresenceError::InfoBudget));
                     }
                     let max = self.cfg.presence.max_members;
-                    self.presence_op(ch, st, now_ms, |p| p.join(j.who, j.live, top, max, now_ms))
-                        .unwrap_or(Ok(false))?
+                    let r = self
+                        .presence_op(ch, st, now_ms, |p| p.join(j.who, j.live, top, max, now_ms))
+                        .unwrap_or(Ok(false));
+                    if let (Err(_), Some(o)) = (&r, observer) {
+                        o.occupancy(name, false);
+                    }
+                    r?
                 }
                 _ => false,
             };
-            let first_on_node = st.shard_subs.iter().all(|&n| n == 0);
             st.shard_subs[shard] += 1;
             st.interest |= 1 << shard;
             if first_on_node {
@@ -641,6 +682,9 @@ impl Engine {
             self.subscribed[self.part_index(&channel.name)]
                 .lock()
                 .remove(&channel.name);
+            if let Some(o) = self.observer.get() {
+                o.occupancy(&channel.name, false);
+            }
         }
         st.interest == 0
     }

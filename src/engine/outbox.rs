@@ -213,6 +213,20 @@ impl Outbox {
         self.inner.borrow().bytes
     }
 
+    /// Frees the queue's buffer if nothing is queued: SSE streams call it at their keep-alive,
+    /// so an idle stream holds no queue buffer.
+    pub fn release_idle(&self) {
+        let mut inner = self.inner.borrow_mut();
+        if inner.queue.is_empty() {
+            inner.queue = VecDeque::new();
+        }
+    }
+
+    /// Frames waiting.
+    pub fn frames(&self) -> usize {
+        self.inner.borrow().queue.len()
+    }
+
     /// Whether nothing is waiting.
     pub fn is_empty(&self) -> bool {
         self.inner.borrow().queue.is_empty()
@@ -275,6 +289,7 @@ impl Outbox {
             f(&out);
             n += 1;
         }
+        inner.release_if_idle();
         inner.gauge.set(inner.gauge.get().wrapping_sub(freed));
         n
     }
@@ -315,8 +330,19 @@ impl Inner {
             }
         }
         w.finished = self.queue.is_empty() && self.state == OutboxState::Closing;
+        self.release_if_idle();
         self.recount(before);
         w
+    }
+
+    /// Frees the queue's buffer once it is empty if it grew past [`KEEP_ENTRIES`]: a burst is
+    /// over, and a `VecDeque` never shrinks by itself, so every connection would keep its
+    /// largest burst's worth for its whole life. A smaller buffer stays for the next pass (no
+    /// allocation per delivery); [`Outbox::release_idle`] frees it on a quiet connection.
+    fn release_if_idle(&mut self) {
+        if self.queue.is_empty() && self.queue.capacity() > KEEP_ENTRIES {
+            self.queue = VecDeque::new();
+        }
     }
 
     /// What this outbox holds, as counted in the shard's gauge: its frames (a frame shared with
@@ -343,6 +369,9 @@ impl Drop for Inner {
 /// Bytes a queued frame costs besides the frame itself.
 const OUT_SIZE: usize = std::mem::size_of::<Out>();
 
+/// Queue entries an emptied outbox may keep allocated for the next pass (about 3 KiB).
+const KEEP_ENTRIES: usize = 64;
+
 fn wake(inner: &mut Inner) {
     if let Some(w) = inner.waker.take() {
         w.wake();
@@ -364,6 +393,41 @@ mod tests {
             Poll::Ready(Ok(w)) => w,
             _ => Written::default(),
         }
+    }
+
+    fn capacity(o: &Outbox) -> usize {
+        o.inner.borrow().queue.capacity()
+    }
+
+    #[test]
+    fn an_emptied_outbox_keeps_no_burst_sized_buffer() {
+        let o = Outbox::new(1 << 20);
+        for _ in 0..1000 {
+            o.push(frame(10));
+        }
+        while !o.is_empty() {
+            write_all(&o, usize::MAX);
+        }
+        assert_eq!(capacity(&o), 0, "a burst's buffer is freed once written");
+        // A busy connection keeps a small buffer from one write to the next...
+        for _ in 0..8 {
+            o.push(frame(10));
+        }
+        write_all(&o, usize::MAX);
+        assert!(capacity(&o) >= 8);
+        // ...and a single frame per write allocates nothing more...
+        o.push(frame(10));
+        write_all(&o, usize::MAX);
+        assert!(capacity(&o) >= 8);
+        // ...until the connection is idle: then the transport's idle timer may free it.
+        o.release_idle();
+        assert_eq!(capacity(&o), 0);
+        // The same when a transport drains by copying (SSE).
+        for _ in 0..1000 {
+            o.push(frame(10));
+        }
+        o.drain_into(|_| {});
+        assert_eq!(capacity(&o), 0);
     }
 
     #[test]

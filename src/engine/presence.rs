@@ -419,7 +419,15 @@ impl Engine {
     ) -> Option<R> {
         let p = st.presence.as_mut()?;
         let (bytes, info, empty) = (p.bytes(), p.info_bytes(), p.is_empty());
+        let pseq = p.pseq();
         let r = f(p);
+        if let Some(o) = self.observer.get().filter(|_| p.pseq() != pseq) {
+            let mut events = Vec::new();
+            p.read_since(pseq, &mut events);
+            for e in events {
+                o.presence(&ch.name, &e.who, e.join);
+            }
+        }
         p.trim_events(now_ms);
         self.meter
             .add(Kind::Presence, p.bytes() as i64 - bytes as i64);

@@ -376,6 +376,52 @@ fn reset_adopts_the_remote_state_and_moves_the_generation() {
     assert_eq!(old.gap, Some(GapReason::EpochChanged));
 }
 
+#[test]
+fn idempotency_keys_are_counted_and_keep_their_channel_for_the_window() {
+    use idempotency::{PublishConditions, KEY_OVERHEAD};
+    let e = Engine::new(EngineConfig {
+        history_ttl: Duration::from_secs(1),
+        idempotency_window: Duration::from_secs(10),
+        ..Default::default()
+    });
+    let t0 = Instant::now();
+    let a = ch("a");
+    let cond = PublishConditions {
+        idempotency_key: Some("key".into()),
+        expected_seq: None,
+    };
+    let data = || Bytes::from_static(b"1");
+    let (p, dup) = e
+        .publish_with(&a, DataKind::Json, data(), &cond, t0)
+        .unwrap();
+    assert!(!dup);
+    let with_key = e.meter().bytes(Kind::History);
+    e.publish(&ch("b"), DataKind::Json, data(), t0).unwrap();
+    let without = e.meter().bytes(Kind::History) - with_key;
+    assert_eq!(with_key - without, KEY_OVERHEAD + 3);
+    // Past the TTL the message is gone, not the key, nor the channel and its epoch.
+    for s in 2..=5 {
+        e.tick(t0 + Duration::from_secs(s));
+    }
+    let (again, dup) = e
+        .publish_with(
+            &a,
+            DataKind::Json,
+            data(),
+            &cond,
+            t0 + Duration::from_secs(5),
+        )
+        .unwrap();
+    assert!(dup);
+    assert_eq!((again.epoch, again.seq), (p.epoch, p.seq));
+    // Past the window the key goes, and then the idle channel with it.
+    for s in 11..=14 {
+        e.tick(t0 + Duration::from_secs(s));
+    }
+    assert_eq!(e.meter().bytes(Kind::History), 0);
+    assert_eq!(e.position(&a), None);
+}
+
 fn big(n: usize) -> Bytes {
     Bytes::from(vec![b'x'; n])
 }

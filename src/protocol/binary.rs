@@ -788,6 +788,7 @@ pub fn decode_command(input: &[u8]) -> Result<Request<'_>, CommandError<'_>> {
         } => Command::Publish {
             channel: channel(c)?,
             data: Payload::Bytes(payload),
+            cond: Default::default(),
         },
         Body::Heartbeat => Command::Heartbeat,
         Body::Presence { channel: c, page } => Command::Presence {
@@ -1593,7 +1594,7 @@ mod tests {
         let input = unhex("01 03 01 ac 02 06 72 6f 6f 6d 3a 31 00 ff");
         let r = decode_command(&input).unwrap();
         assert_eq!(r.id, Some(ReqId::Num(300)));
-        let Command::Publish { channel, data } = r.command else {
+        let Command::Publish { channel, data, .. } = r.command else {
             panic!()
         };
         assert_eq!(channel.as_str(), "room:1");

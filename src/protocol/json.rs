@@ -49,6 +49,10 @@ struct RawCommand<'a> {
     limit: Option<u64>,
     #[serde(borrow, default)]
     cursor: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    idempotency_key: Option<Cow<'a, str>>,
+    #[serde(default)]
+    expected_seq: Option<u64>,
 }
 
 #[derive(serde::Deserialize)]
@@ -163,6 +167,10 @@ pub fn parse_command(input: &[u8]) -> Result<Request<'_>, CommandError<'_>> {
             Command::Publish {
                 channel,
                 data: Payload::Json(data.get()),
+                cond: super::PublishIf {
+                    idempotency_key: raw.idempotency_key,
+                    expected_seq: raw.expected_seq,
+                },
             }
         }
         Some("heartbeat") => Command::Heartbeat,

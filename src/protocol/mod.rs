@@ -4,12 +4,16 @@
 //! - [`json`]: the JSON protocol (`relay.v1.json`, the default).
 //! - [`binary`]: the binary protocol (`relay.v1.bin`).
 //! - [`sse`]: Server-Sent Events formatting and the resume cursor.
+//! - [`deflate`]: permessage-deflate (RFC 7692), one message at a time.
+//! - [`pusher`]: the Pusher Channels protocol (apps, messages, signatures, the mapping to relay).
 //!
 //! Both WebSocket protocols carry the same [`Command`]s in and [`Event`]s out; a transport picks
 //! a [`Wire`] per connection and never looks inside a codec.
 
 pub mod binary;
+pub mod deflate;
 pub mod json;
+pub mod pusher;
 pub mod sse;
 pub mod ws;
 
@@ -27,6 +31,13 @@ pub const ENC_WS_JSON: usize = 0;
 pub const ENC_SSE: usize = 1;
 /// Frame-cache slot of binary WebSocket subscribers.
 pub const ENC_WS_BIN: usize = 2;
+/// Frame-cache slot of JSON WebSocket subscribers with permessage-deflate: the JSON frame
+/// compressed once (or the JSON frame itself when it is under `--deflate-min-size`).
+pub const ENC_WS_JSON_DEFLATE: usize = 3;
+/// The same for binary WebSocket subscribers.
+pub const ENC_WS_BIN_DEFLATE: usize = 4;
+/// Frame-cache slot of Pusher subscribers (`/app/KEY`).
+pub const ENC_PUSHER: usize = 5;
 
 /// A command's request id, echoed in its reply in the same protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +86,15 @@ pub enum Payload<'a> {
     Bytes(&'a [u8]),
 }
 
+/// What a publish may require: see `engine::idempotency::PublishConditions`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PublishIf<'a> {
+    /// A repeat within the window publishes nothing and answers the first seq.
+    pub idempotency_key: Option<Cow<'a, str>>,
+    /// Publish only when the channel's top seq is this.
+    pub expected_seq: Option<u64>,
+}
+
 /// A client command, borrowed from its frame.
 #[derive(Debug)]
 pub enum Command<'a> {
@@ -98,6 +118,8 @@ pub enum Command<'a> {
         channel: ChannelName,
         /// The payload.
         data: Payload<'a>,
+        /// Its conditions (JSON only, for now).
+        cond: PublishIf<'a>,
     },
     /// Heartbeat (answered with a heartbeat).
     Heartbeat,
@@ -234,6 +256,15 @@ impl Wire {
         }
     }
 
+    /// [`Wire::message_encoding`] of a connection that negotiated permessage-deflate (`deflate`).
+    pub fn message_encoding_with(self, deflate: bool) -> usize {
+        match (self, deflate) {
+            (Wire::Json, true) => ENC_WS_JSON_DEFLATE,
+            (Wire::Binary, true) => ENC_WS_BIN_DEFLATE,
+            (wire, false) => wire.message_encoding(),
+        }
+    }
+
     /// A complete WebSocket frame carrying `event`.
     pub fn encode(self, id: Option<ReqId<'_>>, event: &Event<'_>) -> Bytes {
         match self {
@@ -246,17 +277,29 @@ impl Wire {
 /// The hub's encoder: builds the frame of `p` for `encoding`, once per publication.
 pub fn encode_publication(encoding: usize, channel: &ChannelName, p: &Publication) -> Bytes {
     match encoding {
+        ENC_WS_JSON_DEFLATE | ENC_WS_BIN_DEFLATE => {
+            // Built from the plain frame (cached in its own slot, shared when not compressed).
+            let plain = if encoding == ENC_WS_BIN_DEFLATE {
+                ENC_WS_BIN
+            } else {
+                ENC_WS_JSON
+            };
+            deflate::frame_of(p.frame(plain, |p| encode_publication(plain, channel, p)))
+        }
         ENC_SSE => sse::message(channel, p.seq, p.kind, &p.data),
         ENC_WS_BIN => binary::message(channel, p.seq, p.kind, &p.data),
+        ENC_PUSHER => pusher::message(channel, p),
         _ => json::message(channel, p.seq, p.kind, &p.data),
     }
 }
 
 /// The hub's encoder for presence events, once per event and encoding.
 pub fn encode_presence(encoding: usize, channel: &ChannelName, e: &PresenceEvent) -> Bytes {
+    // Presence events and gap notices are small: deflate connections get them plain.
     match encoding {
         ENC_SSE => sse::presence(channel, e),
-        ENC_WS_BIN => binary::presence(channel, e),
+        ENC_WS_BIN | ENC_WS_BIN_DEFLATE => binary::presence(channel, e),
+        ENC_PUSHER => pusher::presence(channel, e),
         _ => json::presence(channel, e),
     }
 }
@@ -265,7 +308,8 @@ pub fn encode_presence(encoding: usize, channel: &ChannelName, e: &PresenceEvent
 pub fn encode_gap(encoding: usize, channel: &ChannelName, from: u64, to: u64) -> Bytes {
     match encoding {
         ENC_SSE => sse::dropped(channel, from, to),
-        ENC_WS_BIN => binary::gap(channel, from, to),
+        ENC_WS_BIN | ENC_WS_BIN_DEFLATE => binary::gap(channel, from, to),
+        ENC_PUSHER => pusher::gap(channel, from, to),
         _ => json::gap(channel, from, to),
     }
 }
@@ -275,4 +319,5 @@ pub const ENCODER: Encoder = Encoder {
     publication: encode_publication,
     presence: encode_presence,
     gap: encode_gap,
+    origin: pusher::origin,
 };

@@ -51,7 +51,7 @@ pub enum WsError {
     /// A text message or close reason is not UTF-8 (close code 1007).
     #[error("invalid utf-8")]
     InvalidUtf8,
-    /// A message is larger than the limit (close code 1009).
+    /// A message is larger than the limit (close code 1009), also once decompressed.
     #[error("message too big")]
     TooBig,
 }
@@ -90,6 +90,12 @@ pub struct Decoder {
     fragment_op: Option<u8>,
     fragments: Vec<u8>,
     release_fragments: bool,
+    /// permessage-deflate was negotiated: RSV1 marks a compressed message.
+    deflate: bool,
+    /// The fragmented message in progress is compressed.
+    compressed: bool,
+    /// The last decompressed message (released like the fragments).
+    inflated: Vec<u8>,
 }
 
 impl Decoder {
@@ -101,9 +107,15 @@ impl Decoder {
         }
     }
 
+    /// Takes compressed messages (RSV1) from now on: permessage-deflate was negotiated.
+    pub fn with_deflate(mut self, on: bool) -> Self {
+        self.deflate = on;
+        self
+    }
+
     /// Bytes held for a fragmented message in progress.
     pub fn held(&self) -> usize {
-        self.fragments.capacity()
+        self.fragments.capacity() + self.inflated.capacity()
     }
 
     /// Decodes the frame at the start of `buf`, unmasking it in place.
@@ -122,10 +134,25 @@ impl Decoder {
             if self.fragments.capacity() > 4096 {
                 self.fragments = Vec::new();
             }
+            if self.inflated.capacity() > 4096 {
+                self.inflated = Vec::new();
+            }
         }
         let Some(h) = parse_header(buf)? else {
             return Ok(None);
         };
+        if h.rsv & 0b011 != 0 {
+            return Err(WsError::Protocol("reserved bits set without an extension"));
+        }
+        // RSV1 marks a compressed message, on its first frame only (RFC 7692 §6).
+        let rsv1 = h.rsv & 0b100 != 0;
+        if rsv1 && !(self.deflate && matches!(h.opcode, OP_TEXT | OP_BINARY)) {
+            return Err(WsError::Protocol(if self.deflate {
+                "RSV1 set on a control or continuation frame"
+            } else {
+                "reserved bits set without an extension"
+            }));
+        }
         if h.is_control() {
             if !h.fin {
                 return Err(WsError::Protocol("fragmented control frame"));
@@ -158,9 +185,14 @@ impl Decoder {
             OP_PING => Some(Message::Ping(payload)),
             OP_PONG => Some(Message::Pong(payload)),
             OP_CLOSE => Some(parse_close(payload)?),
+            OP_TEXT | OP_BINARY if h.fin && rsv1 => {
+                self.release_fragments = true;
+                Some(self.inflate(h.opcode, payload)?)
+            }
             OP_TEXT | OP_BINARY if h.fin => Some(data_message(h.opcode, payload)?),
             OP_TEXT | OP_BINARY => {
                 self.fragment_op = Some(h.opcode);
+                self.compressed = rsv1;
                 self.fragments.extend_from_slice(payload);
                 None
             }
@@ -170,13 +202,37 @@ impl Decoder {
                 if h.fin {
                     let op = self.fragment_op.take().unwrap_or(OP_BINARY);
                     self.release_fragments = true;
-                    Some(data_message(op, &self.fragments)?)
+                    if std::mem::take(&mut self.compressed) {
+                        let fragments = std::mem::take(&mut self.fragments);
+                        let r = self.inflate_into(&fragments);
+                        self.fragments = fragments;
+                        r?;
+                        Some(data_message(op, &self.inflated)?)
+                    } else {
+                        Some(data_message(op, &self.fragments)?)
+                    }
                 } else {
                     None
                 }
             }
         };
         Ok(Some((total, msg)))
+    }
+}
+
+impl Decoder {
+    /// Decompresses a whole compressed message into `inflated`, within the message limit.
+    fn inflate_into(&mut self, data: &[u8]) -> Result<(), WsError> {
+        use super::deflate::{decompress, InflateError};
+        decompress(data, self.max_message, &mut self.inflated).map_err(|e| match e {
+            InflateError::TooBig => WsError::TooBig,
+            InflateError::Invalid => WsError::Protocol("invalid compressed data"),
+        })
+    }
+
+    fn inflate(&mut self, opcode: u8, data: &[u8]) -> Result<Message<'_>, WsError> {
+        self.inflate_into(data)?;
+        data_message(opcode, &self.inflated)
     }
 }
 
@@ -209,6 +265,8 @@ fn parse_close(payload: &[u8]) -> Result<Message<'_>, WsError> {
 #[derive(Debug)]
 struct Header {
     fin: bool,
+    /// RSV1..RSV3 as the low three bits (RSV1 = 0b100).
+    rsv: u8,
     opcode: u8,
     mask: [u8; 4],
     len: u64,
@@ -225,9 +283,6 @@ fn parse_header(buf: &[u8]) -> Result<Option<Header>, WsError> {
     let [b0, b1, rest @ ..] = buf else {
         return Ok(None);
     };
-    if b0 & 0x70 != 0 {
-        return Err(WsError::Protocol("reserved bits set without an extension"));
-    }
     let opcode = b0 & 0x0F;
     if !matches!(
         opcode,
@@ -262,6 +317,7 @@ fn parse_header(buf: &[u8]) -> Result<Option<Header>, WsError> {
     };
     Ok(Some(Header {
         fin: b0 & 0x80 != 0,
+        rsv: (b0 >> 4) & 0b111,
         opcode,
         mask: [m[0], m[1], m[2], m[3]],
         len,
@@ -310,6 +366,20 @@ pub fn frame(opcode: u8, payload: &[u8]) -> Bytes {
     buf.extend_from_slice(payload);
     finish_frame(buf, opcode)
 }
+
+/// A data frame with RSV1 set (a message compressed by permessage-deflate) carrying the
+/// compressed bytes of `payload`, the payload of a plain frame of the same opcode.
+pub fn compressed_frame(opcode: u8, payload: &[u8]) -> Bytes {
+    let mut z = Vec::new();
+    super::deflate::compress(payload, &mut z);
+    let mut buf = begin_frame(z.len());
+    buf.extend_from_slice(&z);
+    // The header's first byte is FIN | opcode: RSV1 (0x40) rides along with the opcode.
+    finish_frame(buf, opcode | RSV1)
+}
+
+/// RSV1 in a frame's first byte: the message is compressed (permessage-deflate).
+const RSV1: u8 = 0x40;
 
 /// A close frame with `code` and a short `reason` (cut to fit 123 bytes).
 pub fn close_frame(code: u16, reason: &str) -> Bytes {

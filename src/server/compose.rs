@@ -1,6 +1,7 @@
 //! The composition root: builds the [`Node`] every shard shares (engine, backplane, limiters,
-//! auth, TLS) from the settings and the files the server read. The only place that knows every
-//! concrete part; the transports see them through the `Node`.
+//! auth, TLS, webhooks, JWKS refresh, admin, Pusher apps) from the settings and the files the
+//! server read. The only place that knows every concrete part; the transports see them through
+//! the `Node`.
 
 use std::sync::Arc;
 
@@ -44,12 +45,13 @@ pub fn node(
         max_memory,
         seed,
         presence: PresenceConfig {
-            patterns: config.presence_channels.clone(),
+            patterns: crate::transport::pusher::presence_patterns(&config),
             timeout: config.presence_timeout,
             max_members: config.presence_max_members,
             info_budget: config.presence_info_budget,
         },
         slow_consumer: config.slow_consumer.clone(),
+        idempotency_window: config.idempotency_window,
     });
     let engine = Arc::new(engine);
     let wakers = crate::backplane::Wakers::new(shards);
@@ -67,7 +69,12 @@ pub fn node(
             std::time::Instant::now(),
         ),
         trusted: crate::proxy::TrustedProxies::new(&config.trusted_proxies),
+        admin: crate::transport::admin::Admin::new(&config),
+        load: (0..shards).map(|_| Default::default()).collect(),
+        pusher: Arc::new(crate::transport::pusher::Registry::new(&config.pusher_app)),
         draining: Default::default(),
+        webhooks: None,
+        users: crate::transport::users::UserControl::new(shards),
         auth,
         tls,
         config,
@@ -110,4 +117,81 @@ pub fn start_backplane(node: &mut Node, seed: u64) -> std::io::Result<()> {
         node.shutdown.clone(),
     )?;
     Ok(())
+}
+
+/// Starts the webhook dispatcher for the `--webhook-url` hooks plus `extra` (hooks of
+/// another format, e.g. a compatibility API's) and makes it the engine's observer. Nothing
+/// without hooks. Call once, before the node is shared.
+pub fn start_webhooks(
+    node: &mut Node,
+    extra: Vec<crate::webhooks::Hook>,
+    seed: u64,
+) -> std::io::Result<()> {
+    let format: Arc<dyn crate::webhooks::Format> = Arc::new(crate::webhooks::RelayFormat::new(
+        node.config.webhook_secret.as_deref(),
+    ));
+    let mut hooks = Vec::new();
+    for spec in &node.config.webhook_url {
+        // Checked by `Config::problems` already.
+        let (events, url) =
+            crate::webhooks::parse_hook_spec(spec).map_err(std::io::Error::other)?;
+        hooks.push(crate::webhooks::Hook {
+            url,
+            events,
+            format: format.clone(),
+        });
+    }
+    hooks.extend(extra);
+    if hooks.is_empty() {
+        return Ok(());
+    }
+    if node.config.backplane != crate::config::BackplaneKind::Memory {
+        tracing::warn!(
+            "webhooks with a cluster backplane report what each node sees: occupancy per \
+             node, and members of other nodes once per node; receivers must deduplicate \
+             (not yet agreed across nodes)"
+        );
+    }
+    let webhooks = crate::webhooks::Webhooks::start(
+        hooks,
+        webhook_settings(&node.config),
+        node.config.node_id(),
+        seed,
+        node.shutdown.clone(),
+    )?;
+    node.engine.set_observer(webhooks.clone());
+    node.webhooks = Some(webhooks);
+    Ok(())
+}
+
+/// Starts refreshing the JWKS key set (`--jwt-jwks-url`) when the verifier has one. Call once.
+pub fn start_jwks(node: &Node) -> std::io::Result<()> {
+    if let (Some(set), Some(url)) = (
+        node.auth.as_ref().and_then(|a| a.jwks()),
+        node.config.jwt_jwks_url.as_deref(),
+    ) {
+        // Checked by `Config::problems` already.
+        let url = url.parse().map_err(std::io::Error::other)?;
+        crate::jwks::start(
+            set.clone(),
+            url,
+            node.config.jwt_jwks_refresh,
+            node.shutdown.clone(),
+        )?;
+    }
+    Ok(())
+}
+
+/// The webhook dispatcher's settings from the node's config.
+fn webhook_settings(c: &Config) -> crate::webhooks::Settings {
+    crate::webhooks::Settings {
+        batch_size: c.webhook_batch_size,
+        batch_delay: c.webhook_batch_delay,
+        timeout: c.webhook_timeout,
+        max_attempts: c.webhook_max_attempts,
+        queue_size: c.webhook_queue_size,
+        retry_base: std::time::Duration::from_millis(100),
+        retry_cap: c.webhook_retry_cap,
+        shutdown_timeout: c.shutdown_timeout,
+    }
 }

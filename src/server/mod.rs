@@ -109,9 +109,13 @@ fn launch(
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
         ^ u64::from(std::process::id()).rotate_left(32);
+    crate::protocol::deflate::set_min_size(config.deflate_min_size);
     let mut node = compose::node(config, shards, seed, auth, tls);
     compose::start_backplane(&mut node, seed)?;
+    compose::start_webhooks(&mut node, Vec::new(), seed)?;
+    compose::start_jwks(&node)?;
     let node = Arc::new(node);
+    crate::transport::admin::announce(&node)?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let pin = shards <= cores.len();
     // Every shard's runtime (its epoll and timer descriptors) exists before any shard serves:

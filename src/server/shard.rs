@@ -62,6 +62,13 @@ async fn serve(node: Arc<Node>, index: usize, listener: StdListener) {
     // outboxes hold after each pass (growth) and every upkeep tick (what writers drained).
     let pump_ctx = ctx.clone();
     let pump_stop = shutdown.clone();
+    // With a remote backplane, a publish is answered when its round trip ends, usually at the
+    // moment its message arrives to be fanned out; HTTP/1 answers a connection's pipelined
+    // requests one at a time. A pump pass that ran first would write every subscriber before
+    // the publisher's next request is read, so one message per pass and one write per
+    // subscriber per message. Yielding first lets the answer go and the next publish start, so
+    // its round trip overlaps the pass and the messages that arrive meanwhile share the writes.
+    let yield_first = pump_ctx.node.config.backplane != crate::config::BackplaneKind::Memory;
     tokio::task::spawn_local(async move {
         let waker = &pump_ctx.node.wakers[index];
         let mut upkeep = tokio::time::interval(UPKEEP);
@@ -69,6 +76,9 @@ async fn serve(node: Arc<Node>, index: usize, listener: StdListener) {
         loop {
             tokio::select! {
                 _ = waker.notified() => {
+                    if yield_first {
+                        tokio::task::yield_now().await;
+                    }
                     let stats = pump_ctx.hub.borrow_mut().pump();
                     pump_ctx.metrics.pumped(&stats);
                     pump_ctx.report_memory();
@@ -78,6 +88,9 @@ async fn serve(node: Arc<Node>, index: usize, listener: StdListener) {
             }
         }
     });
+
+    // Server API commands for this shard's users' connections.
+    tokio::task::spawn_local(crate::transport::users::run_shard(ctx.clone()));
 
     if index == 0 {
         let node = node.clone();
@@ -94,7 +107,10 @@ async fn serve(node: Arc<Node>, index: usize, listener: StdListener) {
             loop {
                 tokio::select! {
                     _ = expiry.tick() => { node.engine.tick(Instant::now()); }
-                    _ = buckets.tick() => { node.api.sweep(Instant::now()); }
+                    _ = buckets.tick() => {
+                        node.api.sweep(Instant::now());
+                        crate::metrics::upkeep();
+                    }
                     _ = presence.tick() => {
                         let wake = node.engine.sweep_presence(Instant::now());
                         node.wake(wake);
@@ -110,6 +126,12 @@ async fn serve(node: Arc<Node>, index: usize, listener: StdListener) {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
+                    // Bytes the kernel holds for a client that reads nothing (an answer already
+                    // handed to the socket, which no write of ours waits on) are bounded by the
+                    // write timeout too: the kernel resets a connection whose data stays
+                    // unacknowledged, zero-window probes included, for that long.
+                    let _ = socket2::SockRef::from(&stream)
+                        .set_tcp_user_timeout(Some(node.config.write_timeout));
                     if node.config.proxy_protocol {
                         // The client is known once the PROXY header is read.
                         tracker.spawn_local(serve_proxied(ctx.clone(), stream, peer.ip()));

@@ -18,6 +18,7 @@ use super::paging;
 use super::request::form_pairs;
 use super::{PublishError, ShardContext};
 use crate::auth::{Grants, Perm};
+use crate::engine::idempotency::PublishConditions;
 use crate::protocol::json::normalize_data;
 use crate::types::{ChannelName, DataKind};
 
@@ -54,13 +55,16 @@ pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<B
         (Method::GET, "/api/channels") if !g.is_all() => {
             forbidden("listing channels needs an API key")
         }
-        (Method::GET, "/api/channels") => channels(&ctx, req.uri().query().unwrap_or("")),
-        (Method::GET, p) if p.starts_with("/api/presence/") => presence(
-            &ctx,
-            g,
-            &p["/api/presence/".len()..],
-            req.uri().query().unwrap_or(""),
-        ),
+        (Method::GET, "/api/channels") => channels(&ctx, req.uri().query().unwrap_or(""), false),
+        (Method::GET, p) if p.starts_with("/api/presence/") => {
+            presence(
+                &ctx,
+                g,
+                &p["/api/presence/".len()..],
+                req.uri().query().unwrap_or(""),
+            )
+            .await
+        }
         (Method::GET, p) if p.starts_with("/api/history/") => {
             history(
                 &ctx,
@@ -69,6 +73,13 @@ pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<B
                 req.uri().query().unwrap_or(""),
             )
             .await
+        }
+        (_, p)
+            if p.starts_with("/api/users/")
+                || p.starts_with("/api/channels/")
+                || p == "/api/batch" =>
+        {
+            super::server_api::handle(&ctx, g, req).await
         }
         (_, "/api/publish" | "/api/broadcast" | "/api/channels") => error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -107,7 +118,7 @@ fn grants(
             .map(|p| p.grants)
             .map_err(|e| unauthorized(&format!("not an API key, and not a valid token: {e}"))),
         (Some(_), None) => Ok(ctx.node.anonymous_grants()),
-        (None, _) if cfg.api_key.is_empty() => Ok(Grants::all()),
+        (None, _) if cfg.api_key.is_empty() => Ok(ctx.node.anonymous_grants()),
         (None, _) => Err(unauthorized(
             "missing or wrong API key (Authorization: Bearer <key>)",
         )),
@@ -164,15 +175,21 @@ fn within_rate(
         _ => ("--api-key-rate-limit", "api key".to_owned()),
     };
     crate::limits::refused(crate::limits::Cause::ApiRateLimited, &detail);
+    Err(rate_limited(&format!("API requests ({flag})"), wait))
+}
+
+/// The 429 `rate_limited` of a request over its rate ("too many `what`"), with `Retry-After`
+/// in whole seconds (at least 1).
+pub(super) fn rate_limited(what: &str, wait: std::time::Duration) -> Response<Body> {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     let mut res = error(
         StatusCode::TOO_MANY_REQUESTS,
         "rate_limited",
-        &format!("too many API requests ({flag}): retry after {secs} s"),
+        &format!("too many {what}: retry after {secs} s"),
     );
     res.headers_mut()
         .insert(hyper::header::RETRY_AFTER, secs.max(1).into());
-    Err(res)
+    res
 }
 
 /// Constant-time equality (for equal lengths; lengths are not secret).
@@ -183,12 +200,17 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// `{"channel","data","idempotency_key"?,"expected_seq"?}`: a publish (also in a batch).
 #[derive(Deserialize)]
-struct PublishBody<'a> {
+pub(super) struct PublishBody<'a> {
     #[serde(borrow)]
-    channel: Cow<'a, str>,
+    pub(super) channel: Cow<'a, str>,
     #[serde(borrow)]
-    data: &'a RawValue,
+    pub(super) data: &'a RawValue,
+    #[serde(borrow, default)]
+    pub(super) idempotency_key: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub(super) expected_seq: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -197,10 +219,43 @@ struct BroadcastBody<'a> {
     channels: Vec<Cow<'a, str>>,
     #[serde(borrow)]
     data: &'a RawValue,
+    #[serde(borrow, default)]
+    idempotency_key: Option<Cow<'a, str>>,
+}
+
+/// The answer to a publish: `{"channel","seq","epoch"}`, plus `"duplicate":true` for a
+/// repeat of an idempotency key.
+pub(super) fn published_json(ch: &ChannelName, p: &super::Published, duplicate: bool) -> String {
+    let dup = if duplicate { ",\"duplicate\":true" } else { "" };
+    format!(
+        "{{\"channel\":\"{ch}\",\"seq\":{},\"epoch\":\"{}\"{dup}}}",
+        p.seq, p.epoch
+    )
+}
+
+/// The refusal of a publish: 409 `seq_mismatch` with the channel's position, 501
+/// `not_supported`, else 503.
+pub(super) fn publish_refused(e: &PublishError) -> Response<Body> {
+    match e {
+        PublishError::SeqMismatch(at) => json(
+            StatusCode::CONFLICT,
+            format!(
+                "{{\"error\":{{\"code\":\"seq_mismatch\",\"message\":{}}},\"epoch\":\"{}\",\"seq\":{}}}",
+                crate::protocol::json::json_string(&e.to_string()),
+                at.epoch,
+                at.seq
+            ),
+        ),
+        PublishError::Unsupported(_) => error(StatusCode::NOT_IMPLEMENTED, e.code(), &e.to_string()),
+        _ => unavailable(e),
+    }
 }
 
 /// Reads a body of at most `--max-message-size` bytes.
-async fn read_body(ctx: &ShardContext, req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+pub(super) async fn read_body(
+    ctx: &ShardContext,
+    req: Request<Incoming>,
+) -> Result<Bytes, Response<Body>> {
     let max = ctx.config().max_message_size;
     let too_large = || {
         crate::limits::refused(crate::limits::Cause::MessageTooLarge, "http body");
@@ -251,7 +306,7 @@ async fn read_body(ctx: &ShardContext, req: Request<Incoming>) -> Result<Bytes, 
 /// Parses a JSON body: `bad_json` when it is not JSON, `bad_request` when fields are wrong.
 // The error side is the ready-made error response of a cold path; boxing it buys nothing.
 #[allow(clippy::result_large_err)]
-fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Response<Body>> {
+pub(super) fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Response<Body>> {
     serde_json::from_slice(bytes).map_err(|e| {
         let code = if e.is_data() {
             "bad_request"
@@ -298,7 +353,7 @@ fn page_query(query: &str) -> Result<(usize, Option<String>), Response<Body>> {
     Ok((paging::limit(limit), cursor.filter(|c| !c.is_empty())))
 }
 
-async fn publish(ctx: &ShardContext, g: &Grants, b: PublishBody<'_>) -> Response<Body> {
+pub(super) async fn publish(ctx: &ShardContext, g: &Grants, b: PublishBody<'_>) -> Response<Body> {
     let ch = match channel(&b.channel) {
         Ok(c) => c,
         Err(res) => return res,
@@ -306,19 +361,19 @@ async fn publish(ctx: &ShardContext, g: &Grants, b: PublishBody<'_>) -> Response
     if !g.allows(Perm::Publish, ch.as_str()) {
         return forbidden("no publish permission on this channel");
     }
-    let data = normalize_data(b.data.get());
-    let p = match ctx.node.publish(&ch, DataKind::Json, data).await {
-        Ok(p) => p,
-        Err(e) => return unavailable(&e),
+    let cond = match PublishConditions::checked(b.idempotency_key.as_deref(), b.expected_seq) {
+        Ok(c) => c,
+        Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", &m),
     };
-    ctx.metrics.published.increment(1);
-    json(
-        StatusCode::OK,
-        format!(
-            "{{\"channel\":\"{ch}\",\"seq\":{},\"epoch\":\"{}\"}}",
-            p.seq, p.epoch
-        ),
-    )
+    let data = normalize_data(b.data.get());
+    let (p, duplicate) = match ctx.node.publish_with(&ch, DataKind::Json, data, cond).await {
+        Ok(p) => p,
+        Err(e) => return publish_refused(&e),
+    };
+    if !duplicate {
+        ctx.metrics.published.increment(1);
+    }
+    json(StatusCode::OK, published_json(&ch, &p, duplicate))
 }
 
 async fn broadcast(ctx: &ShardContext, g: &Grants, b: BroadcastBody<'_>) -> Response<Body> {
@@ -339,29 +394,42 @@ async fn broadcast(ctx: &ShardContext, g: &Grants, b: BroadcastBody<'_>) -> Resp
             Err(res) => return res,
         }
     }
+    // The key applies per channel: a retried broadcast publishes on none of the channels it
+    // reached before, and on the others.
+    let cond = match PublishConditions::checked(b.idempotency_key.as_deref(), None) {
+        Ok(c) => c,
+        Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", &m),
+    };
     let data = normalize_data(b.data.get());
     let mut out = String::from("{\"results\":[");
     for (i, ch) in names.iter().enumerate() {
         // Channels published before a failure stay published; the error says which failed.
-        let p = match ctx.node.publish(ch, DataKind::Json, data.clone()).await {
+        let (p, duplicate) = match ctx
+            .node
+            .publish_with(ch, DataKind::Json, data.clone(), cond.clone())
+            .await
+        {
             Ok(p) => p,
-            Err(e) => return unavailable(&e),
+            Err(e) => return publish_refused(&e),
         };
-        ctx.metrics.published.increment(1);
+        if !duplicate {
+            ctx.metrics.published.increment(1);
+        }
         if i > 0 {
             out.push(',');
         }
-        let _ = write!(
-            out,
-            "{{\"channel\":\"{ch}\",\"seq\":{},\"epoch\":\"{}\"}}",
-            p.seq, p.epoch
-        );
+        out.push_str(&published_json(ch, &p, duplicate));
     }
     out.push_str("]}");
     json(StatusCode::OK, out)
 }
 
-async fn history(ctx: &ShardContext, g: &Grants, name: &str, query: &str) -> Response<Body> {
+pub(super) async fn history(
+    ctx: &ShardContext,
+    g: &Grants,
+    name: &str,
+    query: &str,
+) -> Response<Body> {
     let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
     let ch = match channel(&name) {
         Ok(c) => c,
@@ -433,7 +501,14 @@ async fn history(ctx: &ShardContext, g: &Grants, name: &str, query: &str) -> Res
 
 /// `GET /api/presence/{channel}?limit=&cursor=` (a page of members) and
 /// `GET /api/presence/{channel}/stats`.
-fn presence(ctx: &ShardContext, g: &Grants, rest: &str, query: &str) -> Response<Body> {
+/// On a node that does not receive the channel (no local subscriber), the members of every
+/// node are read from the backplane's store.
+pub(super) async fn presence(
+    ctx: &ShardContext,
+    g: &Grants,
+    rest: &str,
+    query: &str,
+) -> Response<Body> {
     let (name, stats) = match rest.strip_suffix("/stats") {
         Some(name) => (name, true),
         None => (rest, false),
@@ -450,12 +525,29 @@ fn presence(ctx: &ShardContext, g: &Grants, rest: &str, query: &str) -> Response
         Ok(q) => q,
         Err(res) => return res,
     };
-    let page = ctx.node.engine.presence(
-        &ch,
-        cursor.as_deref(),
-        if stats { 0 } else { limit },
-        paging::MAX_PAGE_BYTES,
-    );
+    let limit = if stats { 0 } else { limit };
+    let remote = ctx
+        .node
+        .engine
+        .has_presence(&ch)
+        .then(|| ctx.node.backplane.presence(&ch))
+        .flatten();
+    let page = match remote {
+        None => ctx
+            .node
+            .engine
+            .presence(&ch, cursor.as_deref(), limit, paging::MAX_PAGE_BYTES),
+        Some(read) => match read.await {
+            Ok(members) => {
+                let seq = ctx.node.engine.position(&ch).map_or(0, |p| p.seq);
+                let (after, max) = (cursor.as_deref(), paging::MAX_PAGE_BYTES);
+                Some(crate::backplane::presence::page(
+                    members, seq, after, limit, max,
+                ))
+            }
+            Err(e) => return unavailable(&PublishError::Unavailable(e.to_string())),
+        },
+    };
     let Some(p) = page else {
         return error(
             StatusCode::NOT_FOUND,
@@ -495,8 +587,9 @@ fn presence(ctx: &ShardContext, g: &Grants, rest: &str, query: &str) -> Response
     )
 }
 
-/// `GET /api/channels?limit=&cursor=`: a page of the channels, by name.
-fn channels(ctx: &ShardContext, query: &str) -> Response<Body> {
+/// `GET /api/channels?limit=&cursor=`: a page of the channels, by name; `with_presence` (the
+/// admin UI) adds each presence channel's `presence: {clients, users}`.
+pub(super) fn channels(ctx: &ShardContext, query: &str, with_presence: bool) -> Response<Body> {
     let (limit, cursor) = match page_query(query) {
         Ok(q) => q,
         Err(res) => return res,
@@ -523,6 +616,17 @@ fn channels(ctx: &ShardContext, query: &str) -> Response<Body> {
             "{{\"channel\":\"{}\",\"subscribers\":{},\"seq\":{}}}",
             c.name, c.subscribers, c.seq
         );
+        if let Some(p) = with_presence
+            .then(|| ctx.node.engine.presence(&c.name, None, 0, 0))
+            .flatten()
+        {
+            out.pop();
+            let _ = write!(
+                out,
+                ",\"presence\":{{\"clients\":{},\"users\":{}}}}}",
+                p.stats.clients, p.stats.users
+            );
+        }
     }
     out.push(']');
     if let Some(next) = &page.next {

@@ -106,7 +106,8 @@ pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<B
     let shard = HeaderValue::from(ctx.shard);
     let origin = req.headers().get(hyper::header::ORIGIN).cloned();
     let path = req.uri().path();
-    let guarded = path == "/ws" || path == "/sse" || path.starts_with("/api/");
+    let guarded =
+        path == "/ws" || path == "/sse" || path.starts_with("/api/") || path.starts_with("/app/");
     let mut res = match origin.as_ref() {
         Some(o) if guarded && !origin_allowed(&ctx.config().allowed_origin, o) => {
             crate::limits::refused(crate::limits::Cause::Origin, o.to_str().unwrap_or("?"));
@@ -212,6 +213,9 @@ async fn route(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> 
             }
         }
         (_, p) if p.starts_with("/api/") => api::handle(ctx, req).await,
+        (_, p) if p == "/admin" || p.starts_with("/admin/") => super::admin::handle(ctx, req).await,
+        (&Method::GET, p) if p.starts_with("/app/") => super::pusher::ws::upgrade(ctx, req),
+        (_, p) if p.starts_with("/apps/") => super::pusher::api::handle(ctx, req).await,
         (_, "/ws" | "/sse" | "/healthz" | "/readyz") => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -221,7 +225,7 @@ async fn route(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> 
             super::demo::serve(p)
         }
         (&Method::GET, p) if super::landing::is_landing_path(p) => {
-            super::landing::serve(p, req.headers())
+            super::landing::serve(p, req.headers(), ctx.node.admin.is_some())
         }
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such path"),
     }

@@ -33,13 +33,17 @@ const LINKS: &[(&str, &str)] = &[
     ("/api/publish", "HTTP API: POST {\"channel\",\"data\"}"),
 ];
 
+/// The admin UI's line, listed only when it is on (`--admin-password` or `--admin-token`).
+const ADMIN_LINK: (&str, &str) = ("/admin", "admin UI: nodes, channels, rates, publish");
+
 /// Whether `path` is one of this module's.
 pub fn is_landing_path(path: &str) -> bool {
     matches!(path, "/" | "/favicon.ico" | "/docs/protocol.md")
 }
 
-/// Answers a path of [`is_landing_path`].
-pub fn serve(path: &str, headers: &HeaderMap) -> Response<Body> {
+/// Answers a path of [`is_landing_path`]; `admin`: the admin UI is on.
+pub fn serve(path: &str, headers: &HeaderMap, admin: bool) -> Response<Body> {
+    let links = || LINKS.iter().chain(admin.then_some(&ADMIN_LINK));
     match path {
         "/favicon.ico" => fixed(Bytes::from_static(FAVICON), "image/x-icon", "max-age=86400"),
         "/docs/protocol.md" => fixed(
@@ -48,10 +52,10 @@ pub fn serve(path: &str, headers: &HeaderMap) -> Response<Body> {
             "no-cache",
         ),
         _ if wants_html(headers) => {
-            let page = page(host(headers).unwrap_or("127.0.0.1:8080"));
+            let page = page(host(headers).unwrap_or("127.0.0.1:8080"), links());
             fixed(Bytes::from(page), "text/html; charset=utf-8", "no-cache")
         }
-        _ => json(StatusCode::OK, index()),
+        _ => json(StatusCode::OK, index(links())),
     }
 }
 
@@ -73,7 +77,8 @@ fn host(headers: &HeaderMap) -> Option<&str> {
     (plain && !h.is_empty() && h.len() <= 255).then_some(h)
 }
 
-fn fixed(body: Bytes, kind: &'static str, cache: &'static str) -> Response<Body> {
+/// A whole body of `kind` with `Cache-Control: cache`.
+pub(super) fn fixed(body: Bytes, kind: &'static str, cache: &'static str) -> Response<Body> {
     let mut res = Response::new(Body::Full(Full::new(body)));
     res.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(kind));
@@ -83,9 +88,8 @@ fn fixed(body: Bytes, kind: &'static str, cache: &'static str) -> Response<Body>
 }
 
 /// `{"name":"relay","version":…,"links":{path: what},"demo":…}`.
-fn index() -> String {
-    let links: serde_json::Map<String, serde_json::Value> = LINKS
-        .iter()
+fn index<'a>(links: impl Iterator<Item = &'a (&'a str, &'a str)>) -> String {
+    let links: serde_json::Map<String, serde_json::Value> = links
         .map(|(path, what)| ((*path).to_owned(), (*what).into()))
         .collect();
     serde_json::json!({
@@ -97,9 +101,8 @@ fn index() -> String {
     .to_string()
 }
 
-fn page(host: &str) -> String {
-    let links: String = LINKS
-        .iter()
+fn page<'a>(host: &str, links: impl Iterator<Item = &'a (&'a str, &'a str)>) -> String {
+    let links: String = links
         .map(|(path, what)| {
             format!(
                 "<li><a href=\"{path}\"><code>{path}</code></a> {}</li>\n",

@@ -1,16 +1,20 @@
-//! Transports over the engine: hyper services for `/ws`, `/sse`, `/api/*` and health.
+//! Transports over the engine: hyper services for `/ws`, `/sse`, `/api/*`, `/admin` and health.
 //!
 //! Each shard thread owns one [`ShardContext`] (`!Send`): its hub, its connections' outboxes and
 //! a handle on the shared [`Node`]. Handlers run on that thread only, so they use the hub
 //! without locks; publishes go through the shared engine and wake the shards it names.
 
+pub mod admin;
 pub mod api;
 pub mod demo;
 pub mod http;
 pub mod io;
 pub mod landing;
+pub mod pusher;
 pub mod request;
+pub mod server_api;
 pub mod sse;
+pub mod users;
 pub mod ws;
 
 use std::cell::{Cell, RefCell};
@@ -50,6 +54,16 @@ pub struct Node {
     pub api: crate::limits::ApiLimiter,
     /// Peers whose forwarding headers name the client (`--trusted-proxies`).
     pub trusted: crate::proxy::TrustedProxies,
+    /// The admin UI's state; `None`: `/admin` is off (no `--admin-password` or `--admin-token`).
+    pub admin: Option<admin::Admin>,
+    /// Each shard's open connections and subscriptions (the admin UI reads them).
+    pub load: Box<[crate::metrics::ShardLoad]>,
+    /// The webhook dispatcher, when hooks are configured ([`Node::start_webhooks`]).
+    pub webhooks: Option<Arc<crate::webhooks::Webhooks>>,
+    /// Server API commands for users' connections, one inbox per shard.
+    pub users: users::UserControl,
+    /// The Pusher apps (`--pusher-app`), their connection counts and signed-in users.
+    pub pusher: Arc<pusher::Registry>,
     /// Set on SIGTERM: `/readyz` answers 503 for the drain period, while everything else is
     /// served as usual.
     pub(crate) draining: std::sync::atomic::AtomicBool,
@@ -110,7 +124,8 @@ impl Node {
     pub fn anonymous_grants(&self) -> crate::auth::Grants {
         match &self.auth {
             Some(a) => a.anonymous(),
-            None => crate::auth::Grants::all(),
+            None if self.config.pusher_app.is_empty() => crate::auth::Grants::all(),
+            None => crate::auth::Grants::all_but_pusher_private(),
         }
     }
 
@@ -135,6 +150,40 @@ impl Node {
             Err(crate::backplane::BackplaneError::Overloaded(o)) => {
                 Err(PublishError::Overloaded(o))
             }
+            Err(e) => Err(PublishError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// [`Node::publish`] under conditions: an idempotency key (a repeat within
+    /// `--idempotency-window` answers the first publish's position, `.1` true, and publishes
+    /// nothing) and an expected seq (compare-and-set: [`PublishError::SeqMismatch`] unless the
+    /// channel's top is that seq).
+    pub async fn publish_with(
+        &self,
+        channel: &ChannelName,
+        kind: DataKind,
+        data: Bytes,
+        cond: crate::engine::idempotency::PublishConditions,
+    ) -> Result<(Published, bool), PublishError> {
+        use crate::backplane::BackplaneError;
+        if cond.is_empty() {
+            return self.publish(channel, kind, data).await.map(|p| (p, false));
+        }
+        self.engine
+            .admit(channel, std::time::Instant::now())
+            .map_err(PublishError::Overloaded)?;
+        match self.backplane.publish_with(channel, kind, data, cond).await {
+            Ok((epoch, seq, duplicate)) => Ok((
+                Published {
+                    epoch,
+                    seq,
+                    wake: 0,
+                },
+                duplicate,
+            )),
+            Err(BackplaneError::Overloaded(o)) => Err(PublishError::Overloaded(o)),
+            Err(BackplaneError::SeqMismatch(at)) => Err(PublishError::SeqMismatch(at)),
+            Err(BackplaneError::Unsupported(what)) => Err(PublishError::Unsupported(what)),
             Err(e) => Err(PublishError::Unavailable(e.to_string())),
         }
     }
@@ -210,6 +259,12 @@ pub enum PublishError {
     /// The node cannot grow (HTTP 503, WS `overloaded`).
     #[error(transparent)]
     Overloaded(crate::engine::Overloaded),
+    /// `expected_seq` is not the channel's top, which is this (HTTP 409, WS `seq_mismatch`).
+    #[error("expected_seq is not the channel's top seq, which is {}:{}", .0.epoch, .0.seq)]
+    SeqMismatch(crate::types::StreamPosition),
+    /// The backplane cannot apply the publish's conditions (HTTP 501, WS `not_supported`).
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 impl PublishError {
@@ -218,6 +273,8 @@ impl PublishError {
         match self {
             PublishError::Unavailable(_) => "unavailable",
             PublishError::Overloaded(_) => "overloaded",
+            PublishError::SeqMismatch(_) => "seq_mismatch",
+            PublishError::Unsupported(_) => "not_supported",
         }
     }
 
@@ -254,6 +311,8 @@ pub struct ShardContext {
     pub outboxes: crate::engine::outbox::Gauge,
     /// Bytes of HTTP API answers built on this shard and not yet sent.
     pub responses: crate::engine::outbox::Gauge,
+    /// This shard's connections by user (server API commands).
+    pub users: users::ShardUsers,
     next_conn: Cell<ConnId>,
 }
 
@@ -267,14 +326,19 @@ impl ShardContext {
             protocol::ENCODER,
             outboxes.clone(),
         );
+        let metrics = match node.load.get(shard) {
+            Some(load) => crate::metrics::ShardMetrics::with_load(load),
+            None => crate::metrics::ShardMetrics::new(),
+        };
         Self {
             node,
             shard,
             hub: RefCell::new(hub),
             tracker: TaskTracker::new(),
-            metrics: crate::metrics::ShardMetrics::new(),
+            metrics,
             outboxes,
             responses: Default::default(),
+            users: Default::default(),
             next_conn: Cell::new(1),
         }
     }

@@ -28,6 +28,16 @@ use std::sync::Arc;
 
 /// Answers `GET /sse?channel=…`.
 pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> {
+    open_as(ctx, req, None).await
+}
+
+/// Answers an SSE request as `given` when it is `Some` (the admin UI's live tail, authorised
+/// by its session), else as the request's token says.
+pub(crate) async fn open_as(
+    ctx: Rc<ShardContext>,
+    req: Request<Incoming>,
+    given: Option<super::request::ConnAuth>,
+) -> Response<Body> {
     let cfg = ctx.config().clone();
     let mut channels: Vec<ChannelName> = Vec::new();
     let mut last_event_id: Option<String> = None;
@@ -70,7 +80,7 @@ pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bod
         };
         return error(StatusCode::BAD_REQUEST, "bad_request", message);
     }
-    let auth = match super::request::connection_auth(&ctx, &req) {
+    let auth = match given.map_or_else(|| super::request::connection_auth(&ctx, &req), Ok) {
         Ok(a) => a,
         Err(e) => {
             crate::limits::refused(crate::limits::Cause::Unauthorized, &e.to_string());
@@ -431,7 +441,11 @@ impl HttpBody for SseBody {
             }
             _ => {}
         }
-        let mut buf = BytesMut::new();
+        // One chunk for everything queued, sized up front (frames, plus an `id:` line of up to
+        // ~40 bytes per channel each) so that copying them in never reallocates.
+        let mut buf = BytesMut::with_capacity(
+            this.outbox.queued_bytes() + this.outbox.frames() * (8 + 40 * this.cursor.len()),
+        );
         let cursor = &mut this.cursor;
         this.outbox.drain_into(|out| {
             if out.slot != NO_SLOT {
@@ -455,6 +469,8 @@ impl HttpBody for SseBody {
             let next = tokio::time::Instant::now() + this.keepalive_every;
             this.keepalive.as_mut().reset(next);
             let _ = this.keepalive.as_mut().poll(cx);
+            // A quiet stream (nothing to write at its keep-alive): no queue buffer held.
+            this.outbox.release_idle();
             return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(sse::KEEPALIVE)))));
         }
         match this.outbox.poll_ready(cx) {

@@ -57,6 +57,13 @@ pub fn upgrade(ctx: Rc<ShardContext>, mut req: Request<Incoming>) -> Response<Bo
         return res;
     }
     let wire = choose_wire(&req);
+    let deflate = ctx.config().permessage_deflate
+        && crate::protocol::deflate::accepts(
+            req.headers()
+                .get_all("sec-websocket-extensions")
+                .iter()
+                .map(|v| v.as_bytes()),
+        );
     let auth = match connection_auth(&ctx, &req) {
         Ok(a) => a,
         Err(e) => {
@@ -76,6 +83,12 @@ pub fn upgrade(ctx: Rc<ShardContext>, mut req: Request<Incoming>) -> Response<Bo
         res.headers_mut().insert(
             "sec-websocket-protocol",
             hyper::header::HeaderValue::from_static(wire.subprotocol()),
+        );
+    }
+    if deflate {
+        res.headers_mut().insert(
+            "sec-websocket-extensions",
+            hyper::header::HeaderValue::from_static(crate::protocol::deflate::RESPONSE),
         );
     }
     let wire = wire.unwrap_or(Wire::Json);
@@ -104,12 +117,12 @@ pub fn upgrade(ctx: Rc<ShardContext>, mut req: Request<Incoming>) -> Response<Bo
                 } else {
                     [unread, parts.read_buf].concat().into()
                 };
-                run(ctx, wire, auth, rd, wr, pre).await;
+                run(ctx, (wire, deflate), auth, rd, wr, pre).await;
             }
             Err(up) => {
                 // TLS (and anything else hyper may hand us): its own buffer comes first.
                 let (rd, wr) = tokio::io::split(TokioIo::new(up));
-                run(ctx, wire, auth, rd, wr, Bytes::new()).await;
+                run(ctx, (wire, deflate), auth, rd, wr, Bytes::new()).await;
             }
         }
         drop(guard);
@@ -182,11 +195,13 @@ fn publish_reply(
     wire: Wire,
     id: Option<ReqId<'_>>,
     channel: &ChannelName,
-    r: Result<crate::engine::Published, super::PublishError>,
+    r: Result<(crate::engine::Published, bool), super::PublishError>,
 ) -> Bytes {
     match r {
-        Ok(p) => {
-            ctx.metrics.published.increment(1);
+        Ok((p, duplicate)) => {
+            if !duplicate {
+                ctx.metrics.published.increment(1);
+            }
             let position = StreamPosition {
                 epoch: p.epoch,
                 seq: p.seq,
@@ -218,6 +233,9 @@ struct Session {
     /// presence at once; otherwise (vanished) at the presence timeout.
     clean: bool,
     wire: Wire,
+    /// permessage-deflate was negotiated: publications go out compressed (over
+    /// `--deflate-min-size`), in a frame shared by every such subscriber.
+    deflate: bool,
     outbox: Rc<Outbox>,
     subs: Vec<ChannelName>,
     /// Bytes of a frame not yet complete.
@@ -244,6 +262,8 @@ struct Session {
     /// Subscribes waiting for the backplane to bring their channel in sync (never in memory
     /// mode).
     joining: Vec<PendingJoin>,
+    /// Server API commands for this connection's user (`None`: no user, not in the index).
+    mailbox: Option<Rc<super::users::Mailbox>>,
 }
 
 /// A subscribe that waits for [`super::Node::join`] before it is added to the hub.
@@ -272,7 +292,7 @@ async fn poll_joins(
 
 async fn run<R, W>(
     ctx: Rc<ShardContext>,
-    wire: Wire,
+    (wire, deflate): (Wire, bool),
     auth: ConnAuth,
     mut rd: R,
     mut wr: W,
@@ -285,7 +305,7 @@ async fn run<R, W>(
     // vectors and strings, which every idle connection would otherwise carry.
     let node = ctx.node.clone();
     let cfg = &node.config;
-    let mut decoder = Decoder::new(cfg.max_message_size);
+    let mut decoder = Decoder::new(cfg.max_message_size).with_deflate(deflate);
     let id = ctx.next_conn_id();
     let live = Arc::new(Liveness::default());
     live.touch(ctx.node.engine.millis(Instant::now()));
@@ -295,6 +315,7 @@ async fn run<R, W>(
         clean: false,
         id,
         wire,
+        deflate,
         outbox: ctx.new_outbox(),
         ctx,
         subs: Vec::new(),
@@ -312,7 +333,9 @@ async fn run<R, W>(
         }),
         auth,
         joining: Vec::new(),
+        mailbox: None,
     };
+    s.register_user();
     // A client that may do nothing without a token must authenticate in time.
     if let Some(a) = &s.ctx.node.auth {
         if s.auth.user.is_none() && !a.anonymous_allowed() {
@@ -349,7 +372,11 @@ async fn run<R, W>(
         tokio::select! {
             biased;
             _ = shutdown.cancelled(), if s.close_deadline.is_none() => {
-                s.close(frame::CLOSE_RESTART, "service restart", true);
+                // Ids are per shard: interleaved, they tell every connection of the node apart.
+                let shards = s.ctx.node.wakers.len() as u64;
+                let key = s.id * shards + s.ctx.shard as u64;
+                let reason = restart_reason(key, s.ctx.tracker.len());
+                s.close(frame::CLOSE_RESTART, &reason, true);
             }
             r = write_some(&mut wr, &s.outbox) => match r {
                 Ok(WriteEvent::Wrote(w)) if w.finished => {
@@ -395,6 +422,9 @@ async fn run<R, W>(
                     Err(e) => s.reply(id, &Event::Error { code: "unavailable", message: &e.to_string() }),
                 }
             }
+            _ = mailbox_ready(&s.mailbox), if s.mailbox.is_some() && s.close_deadline.is_none() => {
+                s.on_user_commands();
+            }
             _ = &mut timer => {
                 if s.on_timer(cfg) {
                     break;
@@ -404,6 +434,33 @@ async fn run<R, W>(
     }
     s.leave();
     s.ctx.metrics.ws_connections.decrement(1.0);
+}
+
+/// Waits for a server API command (never without a mailbox).
+async fn mailbox_ready(m: &Option<Rc<super::users::Mailbox>>) {
+    match m {
+        Some(m) => m.ready().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reconnections per second one shard is expected to take after a restart (handshake and
+/// subscribe cost ~30-50 µs of a core each): the restart hint spreads a shard's clients over
+/// `connections / RESTART_RECONNECTS_PER_SEC`, so that a fleet does not arrive at once.
+const RESTART_RECONNECTS_PER_SEC: u64 = 20_000;
+
+/// The shortest and longest restart spread (the shortest is the JS client's default window).
+const RESTART_SPREAD_MS: (u64, u64) = (250, 30_000);
+
+/// The 1012 close reason: `service restart; reconnect in N ms`, with N this connection's own
+/// delay in a window that grows with the connections the shard holds (`open`). Keys are
+/// sequential, so multiplying by an odd constant spreads them evenly over the window
+/// (docs/protocol.md, "Shutdown").
+fn restart_reason(key: u64, open: usize) -> String {
+    let (min, max) = RESTART_SPREAD_MS;
+    let window = (open as u64 * 1000 / RESTART_RECONNECTS_PER_SEC).clamp(min, max);
+    let delay = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % window;
+    format!("service restart; reconnect in {delay} ms")
 }
 
 enum WriteEvent {
@@ -634,7 +691,6 @@ impl Session {
 
     fn on_command(&mut self, id: Option<ReqId<'_>>, command: Command<'_>) {
         let now = Instant::now();
-        let error = |code, message| Event::Error { code, message };
         match command {
             Command::Subscribe {
                 channel,
@@ -644,6 +700,25 @@ impl Session {
                 if !self.auth.grants.allows(Perm::Subscribe, channel.as_str()) {
                     return self.forbidden(id, Perm::Subscribe);
                 }
+                self.subscribe_granted(id, channel, resume, presence, now);
+            }
+            Command::Unsubscribe { channel } => self.unsubscribe(id, channel, now),
+            other => self.on_other_command(id, other, now),
+        }
+    }
+
+    /// A subscribe the connection may make (its grants, or the server API, allow it).
+    fn subscribe_granted(
+        &mut self,
+        id: Option<ReqId<'_>>,
+        channel: ChannelName,
+        resume: Option<StreamPosition>,
+        presence: Option<crate::protocol::ClientPresence<'_>>,
+        now: Instant,
+    ) {
+        let error = |code, message| Event::Error { code, message };
+        {
+            {
                 if self.subs.contains(&channel) || self.joining.iter().any(|j| j.channel == channel)
                 {
                     return self.reply(
@@ -682,7 +757,13 @@ impl Session {
                 }
                 self.subscribe_now(id, channel, resume, join, now);
             }
-            Command::Unsubscribe { channel } => {
+        }
+    }
+
+    fn unsubscribe(&mut self, id: Option<ReqId<'_>>, channel: ChannelName, now: Instant) {
+        let error = |code, message| Event::Error { code, message };
+        {
+            {
                 if let Some(i) = self.joining.iter().position(|j| j.channel == channel) {
                     self.joining.swap_remove(i);
                     return self.reply(id, &Event::Unsubscribed { channel: &channel });
@@ -705,17 +786,36 @@ impl Session {
                     );
                 }
             }
-            Command::Publish { channel, data } => {
+        }
+    }
+
+    fn on_other_command(&mut self, id: Option<ReqId<'_>>, command: Command<'_>, _: Instant) {
+        let error = |code, message| Event::Error { code, message };
+        match command {
+            // Routed by `on_command`.
+            Command::Subscribe { .. } | Command::Unsubscribe { .. } => {}
+            Command::Publish {
+                channel,
+                data,
+                cond,
+            } => {
                 if !self.auth.grants.allows(Perm::Publish, channel.as_str()) {
                     return self.forbidden(id, Perm::Publish);
                 }
+                let cond = match crate::engine::idempotency::PublishConditions::checked(
+                    cond.idempotency_key.as_deref(),
+                    cond.expected_seq,
+                ) {
+                    Ok(c) => c,
+                    Err(m) => return self.reply(id, &error("bad_request", &m)),
+                };
                 let (kind, bytes) = match data {
                     Payload::Json(raw) => (DataKind::Json, json::normalize_data(raw)),
                     Payload::Bytes(b) => (DataKind::Binary, Bytes::copy_from_slice(b)),
                 };
                 let node = self.ctx.node.clone();
                 let mut publish = Box::pin(async move {
-                    let r = node.publish(&channel, kind, bytes).await;
+                    let r = node.publish_with(&channel, kind, bytes, cond).await;
                     (channel, r)
                 });
                 // A node that sequences locally answers at once: reply in order, inline. A
@@ -788,6 +888,52 @@ impl Session {
         );
     }
 
+    /// Puts the connection in its shard's user index once it has a user (from the token at the
+    /// handshake or an `auth` command), so that the server API can act on it.
+    fn register_user(&mut self) {
+        if let (None, Some(user)) = (&self.mailbox, &self.auth.user) {
+            self.mailbox = Some(self.ctx.users.add(user, self.id));
+        }
+    }
+
+    /// Applies what the server API asked of this connection's user.
+    fn on_user_commands(&mut self) {
+        use super::users::UserCommand;
+        let Some(mailbox) = self.mailbox.clone() else {
+            return;
+        };
+        while let Some(command) = mailbox.take() {
+            match command {
+                UserCommand::Disconnect { reason, reconnect } => {
+                    let code = if reconnect {
+                        super::users::CLOSE_DISCONNECTED
+                    } else {
+                        super::users::CLOSE_DISCONNECTED_FOR_GOOD
+                    };
+                    let mut end = reason.len().min(120);
+                    while !reason.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    return self.close(code, &reason[..end], true);
+                }
+                UserCommand::Subscribe(channel) => {
+                    if !self.subs.contains(&channel)
+                        && !self.joining.iter().any(|j| j.channel == channel)
+                    {
+                        self.subscribe_granted(None, channel, None, None, Instant::now());
+                    }
+                }
+                UserCommand::Unsubscribe(channel) => {
+                    if self.subs.contains(&channel)
+                        || self.joining.iter().any(|j| j.channel == channel)
+                    {
+                        self.unsubscribe(None, channel, Instant::now());
+                    }
+                }
+            }
+        }
+    }
+
     /// `{"type":"auth","token":…}`: authenticates a connection opened without a token. A bad
     /// token closes the connection (4001) after the error.
     fn on_auth(&mut self, id: Option<ReqId<'_>>, token: &str) {
@@ -815,6 +961,7 @@ impl Session {
                 self.auth = ConnAuth::from_principal(p);
                 self.auth_deadline = None;
                 self.expiry = self.auth.exp.map(instant_of);
+                self.register_user();
                 self.push(reply);
             }
             Err(e) => {
@@ -878,7 +1025,7 @@ impl Session {
         now: Instant,
     ) {
         let error = |code, message| Event::Error { code, message };
-        let encoding = self.wire.message_encoding();
+        let encoding = self.wire.message_encoding_with(self.deflate);
         let sub = Subscriber::new(self.outbox.clone(), encoding, self.subs.len() as u16);
         let s = match self
             .ctx
@@ -969,6 +1116,9 @@ impl Session {
     /// Releases every subscription; leaves presence at once if the connection ended cleanly.
     fn leave(&mut self) {
         let now = Instant::now();
+        if let (Some(_), Some(user)) = (self.mailbox.take(), &self.auth.user) {
+            self.ctx.users.remove(user, self.id);
+        }
         let mut wake = 0;
         let mut hub = self.ctx.hub.borrow_mut();
         self.ctx

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use super::{ChannelName, DataKind};
 
 /// How many encodings of one publication can be cached (see [`Publication::frame`]).
-pub const FRAME_SLOTS: usize = 4;
+pub const FRAME_SLOTS: usize = 6;
 
 /// Bytes a ring entry costs besides its payload (the publication, its `Arc`, its ring slot).
 pub const ENTRY_OVERHEAD: usize = std::mem::size_of::<Publication>() + 24;
@@ -142,4 +142,8 @@ pub struct Encoder {
     pub presence: fn(encoding: usize, channel: &ChannelName, e: &PresenceEvent) -> Bytes,
     /// A gap notice: the subscriber missed messages `from..=to` (slow-consumer `drop` policy).
     pub gap: fn(encoding: usize, channel: &ChannelName, from: u64, to: u64) -> Bytes,
+    /// The tag of the connection a publication came from, 0 for none (read once per
+    /// publication, and only when a subscriber of the channel has a tag): a subscriber with
+    /// that tag (the hub's `Subscriber::tag`) does not receive it.
+    pub origin: fn(p: &Publication) -> u64,
 }

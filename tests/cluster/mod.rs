@@ -373,6 +373,69 @@ pub async fn concurrent_publishers_on_different_nodes_make_no_gaps_or_repeats(ki
     }
 }
 
+/// One node takes a burst of publishes on one channel, many in flight at once (WebSocket
+/// commands, not waiting for replies): every publish gets its own seq, without gap or repeat,
+/// subscribers on both nodes get every message once in seq order, and the history another node
+/// serves from the store has them one by one (NATS stores a burst as batches).
+pub async fn a_burst_on_one_channel_is_sequenced_without_loss_or_repeat(kind: Kind) {
+    let server = Server::start(kind);
+    let a = node(&server, "a", &["--rate-limit", "0"]).await;
+    let b = node(&server, "b", &[]).await;
+    let mut subs = Vec::new();
+    for n in [&a, &b] {
+        let mut ws = Ws::connect(&n.ws_url()).await;
+        ws.subscribe("burst").await;
+        subs.push(ws);
+    }
+    const N: u64 = 2000;
+    // Rounds of 250 publishes in flight (the replies are read between rounds, so that the
+    // publisher's own outbox stays small).
+    const ROUND: u64 = 250;
+    let mut publisher = Ws::connect(&a.ws_url()).await;
+    let mut by_seq = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for round in 0..N / ROUND {
+        for i in round * ROUND..(round + 1) * ROUND {
+            publisher
+                .send_json(
+                    json!({"type": "publish", "id": i, "channel": "burst", "data": {"i": i}}),
+                )
+                .await;
+        }
+        while (by_seq.len() as u64) < (round + 1) * ROUND {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let v = publisher
+                .recv_json_within(left)
+                .await
+                .unwrap_or_else(|| panic!("{} of {N} publishes answered", by_seq.len()));
+            assert_eq!(v["type"], "published", "{v}");
+            let (seq, i) = (v["seq"].as_u64().unwrap(), v["id"].as_u64().unwrap());
+            assert!(
+                by_seq.insert(seq, json!({"i": i})).is_none(),
+                "seq {seq} given twice"
+            );
+        }
+    }
+    assert_eq!(
+        by_seq.keys().copied().collect::<Vec<_>>(),
+        (1..=N).collect::<Vec<_>>(),
+        "publish replies: no gap, no repeat"
+    );
+    let want: Vec<(u64, Value)> = by_seq.into_iter().collect();
+    for ws in &mut subs {
+        let got = collect(ws, "burst", N as usize, Duration::from_secs(30)).await;
+        assert_eq!(got, want, "each node: every message once, in seq order");
+    }
+    let h = b.history("burst", &format!("?since={}", N - 5)).await;
+    let tail: Vec<(u64, Value)> = h["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["seq"].as_u64().unwrap(), m["data"].clone()))
+        .collect();
+    assert_eq!(tail, want[want.len() - 5..], "history: {h}");
+}
+
 pub async fn a_client_resumes_on_another_node_after_its_node_is_killed(kind: Kind) {
     let redis = Server::start(kind);
     let a = node(&redis, "a", &[]).await;
@@ -660,30 +723,74 @@ async fn wait_members(r: &Relay, channel: &str, want: &[&str], within: Duration)
     }
 }
 
+/// Presence on `presence:*`, quick timeouts.
+const PRESENCE_OPTS: [&str; 8] = [
+    "--presence-channels",
+    "presence:*",
+    "--heartbeat-interval",
+    "500ms",
+    "--presence-timeout",
+    "2s",
+    "--presence-sweep",
+    "200ms",
+];
+
+/// A WebSocket subscriber of `ch` on `n` that is a presence member as `user`.
+async fn presence_member(n: &Relay, ch: &str, user: &str) -> Ws {
+    let mut ws = Ws::connect(&n.ws_url()).await;
+    ws.send_json(json!({"type":"subscribe","channel":ch,"presence":{"user":user}}))
+        .await;
+    let v = ws.recv_json().await;
+    assert_eq!(v["type"], "subscribed", "{v}");
+    ws
+}
+
+/// A node with no subscriber of a channel (so it does not receive it) lists the channel's
+/// members of every node from the store, and sees a leave.
+pub async fn presence_is_listed_by_a_node_without_subscribers_of_the_channel(kind: Kind) {
+    let server = Server::start(kind);
+    let a = node(&server, "a", &PRESENCE_OPTS).await;
+    let b = node(&server, "b", &PRESENCE_OPTS).await;
+    let ch = "presence:far";
+    let mut users = Vec::new();
+    for user in ["alice", "amir"] {
+        users.push(presence_member(&a, ch, user).await);
+    }
+    wait_members(&b, ch, &["alice", "amir"], Duration::from_secs(5)).await;
+    let (status, stats) = b.get(&format!("/api/presence/{ch}/stats")).await;
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!(
+        (stats["clients"].as_u64(), stats["users"].as_u64()),
+        (Some(2), Some(2)),
+        "{stats}"
+    );
+    let (status, page) = b.get(&format!("/api/presence/{ch}?limit=1")).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["members"].as_array().map(Vec::len), Some(1), "{page}");
+    let next = page["next"].as_str().expect("a next page").to_owned();
+    let (_, rest) = b
+        .get(&format!("/api/presence/{ch}?limit=1&cursor={next}"))
+        .await;
+    assert_eq!(rest["members"].as_array().map(Vec::len), Some(1), "{rest}");
+    assert_ne!(rest["members"][0]["client"], page["members"][0]["client"]);
+    assert_eq!(
+        b.channel_info(ch).await.map(|c| c["subscribers"].clone()),
+        None,
+        "b never received the channel"
+    );
+    users.pop().unwrap().close_cleanly().await;
+    wait_members(&b, ch, &["alice"], Duration::from_secs(5)).await;
+}
+
 pub async fn presence_spans_nodes_and_a_killed_nodes_members_leave_within_the_timeout(kind: Kind) {
     let redis = Server::start(kind);
-    let opts = [
-        "--presence-channels",
-        "presence:*",
-        "--heartbeat-interval",
-        "500ms",
-        "--presence-timeout",
-        "2s",
-        "--presence-sweep",
-        "200ms",
-    ];
-    let a = node(&redis, "a", &opts).await;
-    let b = node(&redis, "b", &opts).await;
-    let c = node(&redis, "c", &opts).await;
+    let a = node(&redis, "a", &PRESENCE_OPTS).await;
+    let b = node(&redis, "b", &PRESENCE_OPTS).await;
+    let c = node(&redis, "c", &PRESENCE_OPTS).await;
     let ch = "presence:lobby";
     let mut clients = Vec::new();
     for (n, user) in [(&a, "alice"), (&b, "bob"), (&c, "carol")] {
-        let mut ws = Ws::connect(&n.ws_url()).await;
-        ws.send_json(json!({"type":"subscribe","channel":ch,"presence":{"user":user}}))
-            .await;
-        let v = ws.recv_json().await;
-        assert_eq!(v["type"], "subscribed", "{v}");
-        clients.push(ws);
+        clients.push(presence_member(n, ch, user).await);
     }
     for n in [&a, &b, &c] {
         wait_members(n, ch, &["alice", "bob", "carol"], Duration::from_secs(5)).await;

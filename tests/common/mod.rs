@@ -1010,7 +1010,17 @@ impl RawWs {
             .await
             .expect("TCP connect timed out")
             .expect("TCP connect");
-        RawWs::handshake(stream, addr).await
+        RawWs::handshake(stream, addr, "").await.0
+    }
+
+    /// Connect with `extra` header lines (each ending in `\r\n`) in the handshake; returns the
+    /// response head too.
+    pub async fn connect_with(addr: SocketAddr, extra: &str) -> (RawWs, String) {
+        let stream = tokio::time::timeout(RECV_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .expect("TCP connect timed out")
+            .expect("TCP connect");
+        RawWs::handshake(stream, addr, extra).await
     }
 
     /// Connect with a small receive buffer (set before connecting, so the window stays small).
@@ -1021,7 +1031,7 @@ impl RawWs {
             .await
             .expect("TCP connect timed out")
             .expect("TCP connect");
-        RawWs::handshake(stream, addr).await
+        RawWs::handshake(stream, addr, "").await.0
     }
 
     /// The handshake request bytes for `/ws`.
@@ -1032,9 +1042,11 @@ impl RawWs {
         )
     }
 
-    async fn handshake(mut stream: TcpStream, addr: SocketAddr) -> RawWs {
+    async fn handshake(mut stream: TcpStream, addr: SocketAddr, extra: &str) -> (RawWs, String) {
+        let mut request = RawWs::handshake_request(addr);
+        request.insert_str(request.len() - 2, extra);
         stream
-            .write_all(RawWs::handshake_request(addr).as_bytes())
+            .write_all(request.as_bytes())
             .await
             .expect("write handshake");
         let mut buf = Vec::new();
@@ -1068,7 +1080,7 @@ impl RawWs {
             .map(|(_, v)| v.trim().to_string());
         assert_eq!(accept.as_deref(), Some(WS_ACCEPT), "bad accept in {head:?}");
         let rest = buf[end..].to_vec();
-        RawWs { stream, buf: rest }
+        (RawWs { stream, buf: rest }, head)
     }
 
     pub async fn send_raw(&mut self, bytes: &[u8]) {
@@ -1163,6 +1175,23 @@ impl RawWs {
 
     /// Read frames until a close frame (returns its code) or EOF (returns `None`), within `d`.
     /// Data, ping and pong frames are skipped. Panics on timeout.
+    /// The close frame's code and reason, or `None` if the connection ended without one.
+    pub async fn expect_close_frame(&mut self, d: Duration) -> Option<(u16, String)> {
+        let deadline = Instant::now() + d;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.read_frame(left).await {
+                RawRead::Frame(f) if f.opcode == OP_CLOSE => {
+                    let reason = String::from_utf8_lossy(f.payload.get(2..).unwrap_or(&[]));
+                    return Some((f.close_code(), reason.into_owned()));
+                }
+                RawRead::Frame(_) => continue,
+                RawRead::Eof => return None,
+                RawRead::Timeout => panic!("no close frame within {d:?}"),
+            }
+        }
+    }
+
     pub async fn expect_close_code(&mut self, d: Duration) -> Option<u16> {
         let deadline = Instant::now() + d;
         loop {
@@ -1202,4 +1231,49 @@ impl RawWs {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A local HTTP server (webhook receivers, JWKS, backends)
+// ---------------------------------------------------------------------------------------------
+
+/// Serves HTTP/1.1 on a loopback port: `answer(headers, body)` gives each request's status and
+/// body. Returns `http://127.0.0.1:PORT`. Runs until the test's runtime ends.
+pub async fn serve_http<F>(answer: F) -> String
+where
+    F: Fn(&hyper::HeaderMap, bytes::Bytes) -> (u16, bytes::Bytes) + Send + Sync + 'static,
+{
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let answer = std::sync::Arc::new(answer);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                    let answer = answer.clone();
+                    async move {
+                        let headers = req.headers().clone();
+                        let body: hyper::body::Incoming = req.into_body();
+                        let body = body.collect().await?.to_bytes();
+                        let (status, out) = answer(&headers, body);
+                        Ok::<_, hyper::Error>(
+                            hyper::Response::builder()
+                                .status(status)
+                                .body(http_body_util::Full::new(out))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    base
 }

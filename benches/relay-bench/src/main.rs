@@ -1,16 +1,23 @@
-//! relay-bench: the load generator of relay (issue 5), and of the comparators it is measured
-//! against (nginx + Nchan, a Node `ws` relay: `--target`).
+//! relay-bench: the load generator of relay (issues 5, 11, 12), and of the comparators it is
+//! measured against (a uWebSockets server, nginx + Nchan, a Node `ws` relay: `--target`).
 //!
 //! Scenarios: `fanout` (S subscribers on C channels, open-loop publish rate R), `max` (steps R up
-//! until loss or p99 passes a bound), `sse` (fanout over SSE), `idle` (server RSS per idle
-//! subscribed connection), `connect` (WebSocket handshakes per second), `hold` (subscribers that
-//! only count, for autocannon runs). It speaks WebSocket and HTTP by hand over tokio sockets on one
+//! ×1.5 per 8 s step until loss or p99 passes a bound), `sse` (fanout over SSE), `idle` (server
+//! RSS per idle subscribed connection), `connect` (WebSocket handshakes per second), `storm`
+//! (every subscriber dropped by a server restart at once: time until all resumed, loss, accept
+//! rate), `soak` (an abusive mix next to a normal fan-out load, RSS over time), `hold`
+//! (subscribers that only count, for autocannon runs). The default publisher is issue 12's: one
+//! keep-alive HTTP connection, requests pipelined, written once per 1 ms tick (`publish.rs`).
+//! Every fan-out step reports the server's cost per delivery from /proc (CPU ns, read/write
+//! syscalls, context switches). It speaks WebSocket and HTTP by hand over tokio sockets on one
 //! thread: pin it with `taskset`. It reports its own CPU and says when it was the bottleneck.
 //!
 //! Loopback only: every address it connects to must be in 127.0.0.0/8.
 
 mod procfs;
 mod publish;
+mod soak;
+mod storm;
 mod subs;
 mod wire;
 
@@ -23,7 +30,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use procfs::CpuMeter;
+use procfs::{CpuMeter, Usage};
 use publish::{Mode, PubSpec, Publisher};
 use subs::{Groups, Stats, SubSpec, Target};
 
@@ -52,6 +59,13 @@ enum Cmd {
     Idle(IdleArgs),
     /// WebSocket handshakes per second (connect, upgrade, close handshake), bounded.
     Connect(ConnectArgs),
+    /// Reconnect storm: S subscribers with positions, the server restarted (relay: SIGTERM, which
+    /// closes every WebSocket with 1012) and started again on the same port; time until all
+    /// resumed, loss, accept rate. relay-bench runs the server itself (--server-cmd).
+    Storm(storm::StormArgs),
+    /// Soak (issue 11): an abusive mix for minutes next to a normal fan-out load; server RSS
+    /// every few seconds, the normal load's p99 and loss.
+    Soak(soak::SoakArgs),
     /// Subscribers that only read and count (prints `ready` once subscribed), e.g. while
     /// autocannon publishes.
     Hold(HoldArgs),
@@ -64,31 +78,44 @@ enum Cmd {
 }
 
 #[derive(Args, Clone)]
-struct Common {
+pub struct Common {
     /// Server kind (URL shapes and message framing differ).
     #[arg(long, value_enum, default_value = "relay")]
-    target: Target,
+    pub target: Target,
     /// Server address (loopback only).
     #[arg(long, default_value = "127.0.0.1:8080")]
-    addr: SocketAddr,
+    pub addr: SocketAddr,
     /// Server process(es) whose CPU and RSS to report (repeatable; e.g. nginx's worker).
     #[arg(long = "server-pid")]
-    server_pid: Vec<u32>,
+    pub server_pid: Vec<u32>,
     /// Also print one `RESULT {json}` line.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
     /// Channel name prefix (default: a fresh one per run, so no history is replayed).
     #[arg(long)]
-    prefix: Option<String>,
+    pub prefix: Option<String>,
     /// Spread subscriber source addresses over 127.0.0.1..=127.0.0.N (0: kernel's choice).
     #[arg(long, default_value_t = 32)]
-    src_ips: u32,
+    pub src_ips: u32,
     /// Worker processes holding the subscribers (0: one per 15,000 connections, at least 1).
     #[arg(long, default_value_t = 0)]
-    procs: u32,
+    pub procs: u32,
     /// Connection setups in flight at once.
     #[arg(long, default_value_t = 256)]
-    concurrency: u32,
+    pub concurrency: u32,
+    /// API key the publisher sends (`Authorization: Bearer`; relay's `--api-key`), so that the
+    /// load is counted against the key, not the per-address API rate limit.
+    #[arg(long)]
+    pub api_key: Option<String>,
+}
+
+impl Common {
+    /// The header lines of the load's own HTTP publishes.
+    pub fn publish_headers(&self) -> String {
+        self.api_key
+            .as_ref()
+            .map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"))
+    }
 }
 
 #[derive(Args, Clone)]
@@ -108,17 +135,25 @@ struct LoadArgs {
     #[arg(long, default_value_t = 64)]
     payload: usize,
     /// How long to publish (per step for `max`).
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Publish over the HTTP API or as WebSocket commands [default: ws for relay, else http].
-    #[arg(long, value_enum)]
-    publish: Option<Mode>,
-    /// Publisher connections [default: 8 for http, 1 for ws].
+    /// Publishing before the first (measured) step, at its rate.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// The publish shape.
+    #[arg(long, value_enum, default_value = "pipelined")]
+    publish: Mode,
+    /// Publisher connections [default: 8 for http, else 1].
     #[arg(long)]
     publishers: Option<u32>,
     /// Record the latency of one message in N (per subscriber).
     #[arg(long, default_value_t = 1)]
     sample: u32,
+    /// Also count every syscall of the server in each step with `perf stat -e
+    /// raw_syscalls:sys_enter` (all syscalls, not only reads and writes; adds a little cost to
+    /// each of the server's syscalls).
+    #[arg(long)]
+    perf_syscalls: bool,
     /// Before each step, wait up to this long for the rest of the machine (everything but the
     /// server and relay-bench) to use less than --quiet cores: other work on a 2-core machine
     /// skews every figure. 0: do not wait.
@@ -146,15 +181,19 @@ struct MaxArgs {
     /// A step fails when its p99 passes this.
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     p99_max: Duration,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 30)]
     max_steps: u32,
-    /// Extra steps between the best passing and the first failing rate (geometric midpoint).
-    #[arg(long, default_value_t = 2)]
+    /// Extra steps between the best passing and the first failing rate (geometric midpoint;
+    /// 0: the result is the last passing step of the ×factor grid, as in issue 12).
+    #[arg(long, default_value_t = 0)]
     refine: u32,
-    /// Run a failed step again this many times before taking the failure (a transient hiccup
-    /// of a shared machine should not end the search); not when subscribers were closed.
-    #[arg(long, default_value_t = 1)]
+    /// Run a failed step again this many times before taking the failure; not when subscribers
+    /// were closed (0: the first failure ends the search, as in issue 12).
+    #[arg(long, default_value_t = 0)]
     retry: u32,
+    /// After the last step, wait this long with no load and read the server's RSS again.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    rss_settle: Duration,
 }
 
 #[derive(Args, Clone)]
@@ -176,6 +215,10 @@ struct IdleArgs {
     /// Measure RSS after each of this many equal steps.
     #[arg(long, default_value_t = 4)]
     steps: u32,
+    /// Measure RSS at these connection counts instead (comma-separated, e.g. 10000,19000; the
+    /// last is the total).
+    #[arg(long, value_delimiter = ',')]
+    points: Vec<u32>,
     /// Channels (connection i subscribes to channel i mod C).
     #[arg(long, default_value_t = 1)]
     channels: u32,
@@ -196,6 +239,10 @@ struct ConnectArgs {
     /// Handshake loops running at once.
     #[arg(long, default_value_t = 64)]
     parallel: u32,
+    /// Subscribe after each handshake and keep the connection open (the rate at which a fleet
+    /// of subscribers can arrive), instead of closing it (at most 19,000: one process).
+    #[arg(long)]
+    hold: bool,
 }
 
 #[derive(Args, Clone)]
@@ -225,6 +272,8 @@ fn main() -> Result<()> {
             Cmd::Sse(a) => run_load(&a.max, true, a.step_up).await,
             Cmd::Idle(a) => run_idle(&a).await,
             Cmd::Connect(a) => run_connect(&a).await,
+            Cmd::Storm(a) => storm::run(&a).await,
+            Cmd::Soak(a) => soak::run(&a).await,
             Cmd::Hold(a) => run_hold(&a).await,
             Cmd::Worker { spec } => subs::worker_main(serde_json::from_str(&spec)?).await,
         }
@@ -240,21 +289,22 @@ fn max_of(load: LoadArgs) -> MaxArgs {
         max_steps: 1,
         refine: 0,
         retry: 0,
+        rss_settle: Duration::ZERO,
     }
 }
 
-fn check_loopback(addr: &SocketAddr) -> Result<()> {
+pub fn check_loopback(addr: &SocketAddr) -> Result<()> {
     if !addr.ip().is_loopback() {
         bail!("relay-bench only targets loopback addresses (127.0.0.0/8, ::1), not {addr}");
     }
     Ok(())
 }
 
-fn default_prefix() -> String {
+pub fn default_prefix() -> String {
     format!("b{}x", subs::now_ns() / 1_000_000 % 100_000_000)
 }
 
-fn procs_for(c: &Common, conns: u32) -> u32 {
+pub fn procs_for(c: &Common, conns: u32) -> u32 {
     if c.procs > 0 {
         c.procs
     } else {
@@ -262,21 +312,21 @@ fn procs_for(c: &Common, conns: u32) -> u32 {
     }
 }
 
-fn server_pids(c: &Common) -> Vec<String> {
+pub fn server_pids(c: &Common) -> Vec<String> {
     c.server_pid.iter().map(u32::to_string).collect()
 }
 
-fn self_pids(groups: &Groups) -> Vec<String> {
+pub fn self_pids(groups: &Groups) -> Vec<String> {
     let mut v = vec![std::process::id().to_string()];
     v.extend(groups.worker_pids());
     v
 }
 
-fn ms(us: u64) -> f64 {
+pub fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
 
-fn human(x: f64) -> String {
+pub fn human(x: f64) -> String {
     if x >= 1e6 {
         format!("{:.2} M", x / 1e6)
     } else if x >= 1e3 {
@@ -286,7 +336,7 @@ fn human(x: f64) -> String {
     }
 }
 
-fn mib(b: u64) -> f64 {
+pub fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
@@ -309,6 +359,12 @@ struct StepResult {
     other_cpu: Option<f64>,
     /// Publisher connections used.
     pub_conns: usize,
+    /// Publishes acknowledged in the step.
+    published: u64,
+    /// What the server's processes used from the step's start to the end of its drain.
+    server_usage: Option<Usage>,
+    /// Every syscall of the server in the same window (`--perf-syscalls`).
+    perf_syscalls: Option<u64>,
 }
 
 impl StepResult {
@@ -323,6 +379,23 @@ impl StepResult {
 
     fn bench_bound(&self) -> bool {
         self.self_cpu.is_some_and(|c| c >= 0.9)
+    }
+
+    /// Server CPU ns, read/write syscalls and voluntary context switches (wake-ups) per
+    /// delivery, and server CPU µs and wake-ups per publish.
+    fn cost(&self) -> Option<Cost> {
+        let u = self.server_usage?;
+        let d = self.delivered.max(1) as f64;
+        let p = self.published.max(1) as f64;
+        Some(Cost {
+            ns_per_delivery: u.cpu_s * 1e9 / d,
+            syscalls_per_delivery: u.syscalls as f64 / d,
+            wakeups_per_delivery: u.vol_ctx as f64 / d,
+            us_per_publish: u.cpu_s * 1e6 / p,
+            wakeups_per_publish: u.vol_ctx as f64 / p,
+            all_syscalls_per_delivery: self.perf_syscalls.map(|n| n as f64 / d),
+            usage: u,
+        })
     }
 
     fn line(&self) -> String {
@@ -359,7 +432,9 @@ impl StepResult {
             } else {
                 ""
             },
-        )
+        ) + &self
+            .cost()
+            .map_or(String::new(), |k| format!("\n         cost: {}", k.line()))
     }
 
     fn json(&self) -> serde_json::Value {
@@ -375,6 +450,58 @@ impl StepResult {
             "server_cpu": self.server_cpu, "server_rss": self.server_rss,
             "bench_cpu": self.self_cpu, "bench_bound": self.bench_bound(),
             "other_cpu": self.other_cpu, "pub_conns": self.pub_conns,
+            "published": self.published, "cost": self.cost().map(|k| k.json()),
+        })
+    }
+}
+
+/// The server's cost of a step, from /proc: CPU (`stat` utime + stime), read-like and
+/// write-like syscalls (`io` syscr + syscw), voluntary context switches (`task/*/status`: each
+/// is a thread going to sleep, so one wake-up).
+pub struct Cost {
+    pub ns_per_delivery: f64,
+    pub syscalls_per_delivery: f64,
+    pub wakeups_per_delivery: f64,
+    pub us_per_publish: f64,
+    pub wakeups_per_publish: f64,
+    /// Every syscall (perf), per delivery.
+    pub all_syscalls_per_delivery: Option<f64>,
+    pub usage: Usage,
+}
+
+impl Cost {
+    pub fn line(&self) -> String {
+        format!(
+            "server {:.0} ns CPU, {:.3} read/write syscalls, {:.4} wake-ups per delivery; \
+             {:.1} µs CPU, {:.2} wake-ups per publish ({:.2} s CPU, {} syscalls, {} voluntary + \
+             {} involuntary switches)",
+            self.ns_per_delivery,
+            self.syscalls_per_delivery,
+            self.wakeups_per_delivery,
+            self.us_per_publish,
+            self.wakeups_per_publish,
+            self.usage.cpu_s,
+            self.usage.syscalls,
+            self.usage.vol_ctx,
+            self.usage.invol_ctx,
+        ) + &self.all_syscalls_per_delivery.map_or(String::new(), |n| {
+            format!("; all syscalls (perf): {n:.3} per delivery")
+        })
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        json!({
+            "server_cpu_ns_per_delivery": self.ns_per_delivery,
+            "syscalls_per_delivery": self.syscalls_per_delivery,
+            "wakeups_per_delivery": self.wakeups_per_delivery,
+            "server_cpu_us_per_publish": self.us_per_publish,
+            "wakeups_per_publish": self.wakeups_per_publish,
+            "server_cpu_s": self.usage.cpu_s, "syscalls": self.usage.syscalls,
+            "voluntary_switches": self.usage.vol_ctx,
+            "involuntary_switches": self.usage.invol_ctx,
+            "all_syscalls_per_delivery": self.all_syscalls_per_delivery,
+            "source": "/proc/<pid>/stat utime+stime, /proc/<pid>/io syscr+syscw, \
+                       /proc/<pid>/task/*/status voluntary_ctxt_switches",
         })
     }
 }
@@ -384,14 +511,8 @@ async fn run_load(a: &MaxArgs, sse: bool, stepping: bool) -> Result<()> {
     let c = &l.common;
     check_loopback(&c.addr)?;
     let prefix = c.prefix.clone().unwrap_or_else(default_prefix);
-    let mode = l.publish.unwrap_or(match c.target {
-        Target::Relay => Mode::Ws,
-        _ => Mode::Http,
-    });
-    let publishers = l.publishers.unwrap_or(match mode {
-        Mode::Http => 8,
-        Mode::Ws => 1,
-    });
+    let mode = l.publish;
+    let publishers = l.publishers.unwrap_or(mode.default_conns());
     let spec = SubSpec {
         target: c.target,
         addr: c.addr,
@@ -401,6 +522,7 @@ async fn run_load(a: &MaxArgs, sse: bool, stepping: bool) -> Result<()> {
         src_ips: c.src_ips,
         sample: l.sample.max(1),
         concurrency: c.concurrency,
+        reconnect: None,
     };
     let groups = Groups::new(spec, procs_for(c, l.subs))?;
     let t0 = Instant::now();
@@ -429,6 +551,7 @@ async fn run_load(a: &MaxArgs, sse: bool, stepping: bool) -> Result<()> {
         channels: l.channels.max(1),
         payload: l.payload,
         prefix,
+        headers: c.publish_headers(),
     })
     .await?;
     println!(
@@ -441,6 +564,24 @@ async fn run_load(a: &MaxArgs, sse: bool, stepping: bool) -> Result<()> {
         .map(|ch| u64::from((0..l.subs).filter(|i| i % l.channels.max(1) == ch).count() as u32))
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let server = server_pids(c);
+    // RSS with the subscribers connected and idle, before any publish.
+    let rss_start = procfs::rss_sum(&server);
+    let first_rate = if stepping { a.start_rate } else { l.rate };
+    if !l.warmup.is_zero() {
+        if !l.quiet_wait.is_zero() {
+            wait_quiet(&groups, c, l.quiet, l.quiet_wait).await;
+        }
+        let w = publisher.run(first_rate, l.warmup).await?;
+        publisher.settle(Duration::from_secs(3)).await;
+        println!(
+            "warm-up: {:.1} s at {first_rate:.0}/s ({} sent, {} errors)",
+            l.warmup.as_secs_f64(),
+            w.sent,
+            w.errors
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     groups.stats(true).await?;
 
     let mut results: Vec<StepResult> = Vec::new();
@@ -456,7 +597,7 @@ async fn run_load(a: &MaxArgs, sse: bool, stepping: bool) -> Result<()> {
             if !l.quiet_wait.is_zero() {
                 wait_quiet(&groups, c, l.quiet, l.quiet_wait).await;
             }
-            let r = step(&groups, &mut publisher, c, rate, l.duration, &per_channel).await?;
+            let r = step(&groups, &mut publisher, l, rate, &per_channel).await?;
             println!("step {:>2}: {}", steps + 1, r.line());
             if !stepping || r.passed(a.p99_max) || r.stats.closed > 0 {
                 break r;
@@ -503,6 +644,23 @@ async fn run_load(a: &MaxArgs, sse: bool, stepping: bool) -> Result<()> {
         };
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // RSS at the end of the load, then after it stopped and a settle.
+    let rss_end = procfs::rss_sum(&server);
+    let rss_after = if a.rss_settle.is_zero() {
+        None
+    } else {
+        tokio::time::sleep(a.rss_settle).await;
+        procfs::rss_sum(&server)
+    };
+    let fmt_rss = |r: Option<u64>| r.map_or("-".into(), |r| format!("{:.1} MiB", mib(r)));
+    println!(
+        "server RSS: {} with the subscribers idle before the load, {} at its end, {} after {} s \
+         without load",
+        fmt_rss(rss_start),
+        fmt_rss(rss_end),
+        fmt_rss(rss_after),
+        a.rss_settle.as_secs()
+    );
     let summary = if stepping {
         match best {
             Some(b) => {
@@ -546,7 +704,11 @@ async fn run_load(a: &MaxArgs, sse: bool, stepping: bool) -> Result<()> {
             "transport": if sse { "sse" } else { "ws" },
             "target": c.target, "subs": l.subs, "subscribed": opened.open,
             "channels": l.channels, "payload": l.payload, "publish": format!("{mode:?}"),
-            "p99_max_ms": a.p99_max.as_secs_f64() * 1e3,
+            "p99_max_ms": a.p99_max.as_secs_f64() * 1e3, "warmup_s": l.warmup.as_secs_f64(),
+            "step_s": l.duration.as_secs_f64(), "factor": a.factor, "start_rate": first_rate,
+            "publishers": publisher.conns(),
+            "rss_start": rss_start, "rss_end": rss_end, "rss_after": rss_after,
+            "rss_settle_s": a.rss_settle.as_secs_f64(),
             "best": summary,
             "steps": results.iter().map(StepResult::json).collect::<Vec<_>>(),
         });
@@ -583,14 +745,20 @@ async fn wait_quiet(groups: &Groups, c: &Common, quiet: f64, max_wait: Duration)
 async fn step(
     groups: &Groups,
     publisher: &mut Publisher,
-    c: &Common,
+    l: &LoadArgs,
     rate: f64,
-    dur: Duration,
     per_channel: &[u64],
 ) -> Result<StepResult> {
+    let (c, dur, perf_syscalls) = (&l.common, l.duration, l.perf_syscalls);
     let server = server_pids(c);
     let me = self_pids(groups);
     let acked0 = publisher.acked_per_channel();
+    let usage0 = Usage::now(&server);
+    let perf = if perf_syscalls {
+        procfs::PerfSyscalls::start(&server)
+    } else {
+        None
+    };
     let server_cpu = CpuMeter::start(&server);
     let self_cpu = CpuMeter::start(&me);
     let machine = procfs::MachineMeter::start();
@@ -609,8 +777,10 @@ async fn step(
         .zip(per_channel)
         .map(|((a1, a0), n)| (a1 - a0) * n)
         .sum();
-    // Drain: until everything expected arrived, or nothing moved for 500 ms (at most 5 s).
-    let until = Instant::now() + Duration::from_secs(5);
+    // Drain: until everything expected arrived, or nothing moved for 1 s (at most 30 s: an
+    // overloaded server may deliver seconds late, and what arrives after the drain would be
+    // counted in the next step).
+    let until = Instant::now() + Duration::from_secs(30);
     let mut last = u64::MAX;
     let mut last_move = Instant::now();
     while Instant::now() < until {
@@ -622,11 +792,13 @@ async fn step(
         if got != last {
             last = got;
             last_move = Instant::now();
-        } else if last_move.elapsed() > Duration::from_millis(500) {
+        } else if last_move.elapsed() > Duration::from_secs(1) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let server_usage = Usage::now(&server).zip(usage0).map(|(u1, u0)| u1.since(u0));
+    let perf_syscalls = perf.and_then(procfs::PerfSyscalls::stop);
     let stats = groups.stats(true).await?;
     let h = stats.histogram()?;
     let delivered = stats.received - stats.dups;
@@ -654,6 +826,9 @@ async fn step(
         self_cpu,
         other_cpu,
         pub_conns: publisher.conns(),
+        published: acked1.iter().zip(&acked0).map(|(a1, a0)| a1 - a0).sum(),
+        server_usage,
+        perf_syscalls,
     })
 }
 
@@ -673,8 +848,10 @@ async fn run_idle(a: &IdleArgs) -> Result<()> {
         src_ips: c.src_ips,
         sample: 1,
         concurrency: c.concurrency,
+        reconnect: None,
     };
-    let procs = procs_for(c, a.conns);
+    let total = a.points.last().copied().unwrap_or(a.conns);
+    let procs = procs_for(c, total);
     let groups = Groups::new(spec, procs)?;
     tokio::time::sleep(a.settle).await;
     let rss0 = procfs::rss_sum(&server).ok_or_else(|| anyhow!("cannot read the server's RSS"))?;
@@ -682,18 +859,24 @@ async fn run_idle(a: &IdleArgs) -> Result<()> {
         "{:?}: {} idle subscribed WebSocket connections on {} channel(s), {} worker process(es); \
          server RSS before: {:.1} MiB",
         c.target,
-        a.conns,
+        total,
         a.channels,
         procs,
         mib(rss0)
     );
+    let targets: Vec<u32> = if a.points.is_empty() {
+        (1..=a.steps.max(1))
+            .map(|k| (u64::from(a.conns) * u64::from(k) / u64::from(a.steps.max(1))) as u32)
+            .collect()
+    } else {
+        a.points.clone()
+    };
     let mut points: Vec<(f64, f64)> = vec![(0.0, rss0 as f64)];
     let mut open = 0u64;
     let mut cur = 0u32;
     let mut rows = Vec::new();
     let t0 = Instant::now();
-    for k in 1..=a.steps.max(1) {
-        let target = (u64::from(a.conns) * u64::from(k) / u64::from(a.steps.max(1))) as u32;
+    for &target in &targets {
         let s = groups.open(cur, target).await?;
         cur = target;
         open += s.open;
@@ -734,7 +917,7 @@ async fn run_idle(a: &IdleArgs) -> Result<()> {
     );
     if c.json {
         let out = json!({
-            "scenario": "idle", "target": c.target, "conns": a.conns, "open": stats.open,
+            "scenario": "idle", "target": c.target, "conns": total, "open": stats.open,
             "opened": open, "failed": stats.failed, "closed": stats.closed, "channels": a.channels,
             "rss_before": rss0, "rss_after": last.1, "per_conn": per_conn, "slope": slope,
             "steps": rows,
@@ -766,10 +949,22 @@ async fn run_connect(a: &ConnectArgs) -> Result<()> {
     let prefix = c.prefix.clone().unwrap_or_else(default_prefix);
     let path = match c.target {
         Target::Relay => "/ws".to_string(),
-        Target::Node => "/".to_string(),
+        Target::Node | Target::Uws => "/".to_string(),
         Target::Nchan => format!("/sub/{prefix}0"),
+        Target::Pusher => subs::PUSHER_PATH.to_string(),
     };
+    if a.hold && a.count > 19_000 {
+        bail!("--hold keeps every connection open: at most 19,000 (--count)");
+    }
     let req = Rc::new(wire::upgrade_request(&c.addr.to_string(), &path));
+    let subscribe: Option<Rc<Vec<u8>>> = (a.hold && c.target != Target::Nchan).then(|| {
+        let mut f = Vec::new();
+        let cmd = format!(r#"{{"type":"subscribe","channel":"{prefix}0"}}"#);
+        wire::client_frame(wire::OP_TEXT, cmd.as_bytes(), &mut f);
+        Rc::new(f)
+    });
+    let held: Rc<RefCell<Vec<tokio::net::TcpStream>>> = Rc::new(RefCell::new(Vec::new()));
+    let hold = a.hold;
     let counter = Rc::new(Cell::new(0u64));
     let ok = Rc::new(Cell::new(0u64));
     let failed = Rc::new(Cell::new(0u64));
@@ -790,6 +985,7 @@ async fn run_connect(a: &ConnectArgs) -> Result<()> {
             first_err.clone(),
             hist.clone(),
         );
+        let (subscribe, held) = (subscribe.clone(), held.clone());
         let (addr, src_ips, count) = (c.addr, c.src_ips, a.count);
         tasks.push(tokio::task::spawn_local(async move {
             while Instant::now() < end && counter.get() < count {
@@ -797,15 +993,23 @@ async fn run_connect(a: &ConnectArgs) -> Result<()> {
                 counter.set(i + 1);
                 let r = tokio::time::timeout(
                     Duration::from_secs(5),
-                    handshake(addr, src_ips, i as u32, &req),
+                    handshake(
+                        addr,
+                        src_ips,
+                        i as u32,
+                        &req,
+                        hold,
+                        subscribe.as_deref().map(Vec::as_slice),
+                    ),
                 )
                 .await
                 .map_err(|_| anyhow!("timed out"))
                 .and_then(|r| r);
                 match r {
-                    Ok(us) => {
+                    Ok((us, stream)) => {
                         ok.set(ok.get() + 1);
                         hist.borrow_mut().saturating_record(us.max(1));
+                        held.borrow_mut().extend(stream);
                     }
                     Err(e) => {
                         failed.set(failed.get() + 1);
@@ -821,6 +1025,7 @@ async fn run_connect(a: &ConnectArgs) -> Result<()> {
         t.await?;
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let server_rss = procfs::rss_sum(&server);
     let server_cpu = server_cpu.cores();
     let self_cpu = self_cpu.cores();
     let other_cpu = machine
@@ -829,10 +1034,15 @@ async fn run_connect(a: &ConnectArgs) -> Result<()> {
     let h = hist.borrow();
     let rate = ok.get() as f64 / elapsed;
     println!(
-        "{:?}: {} handshakes in {:.2} s = {}/s ({} failed{}); upgrade latency p50 {:.2} p99 {:.2} \
+        "{:?}: {} handshakes{} in {:.2} s = {}/s ({} failed{}); {} latency p50 {:.2} p99 {:.2} \
          max {:.2} ms; server cpu {}, bench cpu {}, other {}{}",
         c.target,
         ok.get(),
+        if hold {
+            " + subscribes, held open"
+        } else {
+            " + close handshakes"
+        },
         elapsed,
         human(rate),
         failed.get(),
@@ -840,6 +1050,7 @@ async fn run_connect(a: &ConnectArgs) -> Result<()> {
             .borrow()
             .as_ref()
             .map_or(String::new(), |e| format!(", first: {e}")),
+        if hold { "subscribed" } else { "upgrade" },
         ms(h.value_at_quantile(0.5)),
         ms(h.value_at_quantile(0.99)),
         ms(h.max()),
@@ -854,7 +1065,8 @@ async fn run_connect(a: &ConnectArgs) -> Result<()> {
     );
     if c.json {
         let out = json!({
-            "scenario": "connect", "target": c.target, "ok": ok.get(), "failed": failed.get(),
+            "scenario": "connect", "target": c.target, "hold": hold, "server_rss": server_rss,
+            "ok": ok.get(), "failed": failed.get(),
             "secs": elapsed, "per_sec": rate, "p50_ms": ms(h.value_at_quantile(0.5)),
             "p99_ms": ms(h.value_at_quantile(0.99)), "server_cpu": server_cpu,
             "bench_cpu": self_cpu, "bench_bound": self_cpu.is_some_and(|c| c >= 0.9),
@@ -865,8 +1077,17 @@ async fn run_connect(a: &ConnectArgs) -> Result<()> {
     Ok(())
 }
 
-/// Connect, upgrade, close handshake; returns µs from connect to the 101.
-async fn handshake(addr: SocketAddr, src_ips: u32, i: u32, req: &str) -> Result<u64> {
+/// Connect, upgrade, then either a close handshake (returns µs from connect to the 101) or,
+/// with `hold`, a subscribe (`subscribe`: the frame; None for Nchan, which subscribes by URL)
+/// and the open stream (µs from connect to the `subscribed` reply).
+async fn handshake(
+    addr: SocketAddr,
+    src_ips: u32,
+    i: u32,
+    req: &str,
+    hold: bool,
+    subscribe: Option<&[u8]>,
+) -> Result<(u64, Option<tokio::net::TcpStream>)> {
     let sock = tokio::net::TcpSocket::new_v4()?;
     if src_ips > 0 {
         let ip = subs::src_ip(i % src_ips);
@@ -877,28 +1098,37 @@ async fn handshake(addr: SocketAddr, src_ips: u32, i: u32, req: &str) -> Result<
     let mut s = sock.connect(addr).await.context("connect")?;
     s.set_nodelay(true)?;
     s.write_all(req.as_bytes()).await?;
-    let mut buf = Vec::with_capacity(512);
+    let mut rest = wire::read_upgrade(&mut s).await?;
     let mut tmp = [0u8; 2048];
-    let end = loop {
-        if let Some(e) = wire::head_end(&buf) {
-            break e;
+    if hold {
+        if let Some(f) = subscribe {
+            s.write_all(f).await?;
+            'reply: loop {
+                let mut off = 0;
+                while let Some(f) = wire::parse_frame(&rest[off..])? {
+                    off += f.len;
+                    if f.payload.starts_with(br#"{"type":"subscribed""#) {
+                        break 'reply;
+                    }
+                    if f.opcode == wire::OP_CLOSE || f.payload.starts_with(br#"{"type":"error""#) {
+                        bail!("subscribe refused: {}", String::from_utf8_lossy(f.payload));
+                    }
+                }
+                rest.drain(..off);
+                let n = s.read(&mut tmp).await?;
+                if n == 0 {
+                    bail!("closed before the subscribe reply");
+                }
+                rest.extend_from_slice(&tmp[..n]);
+            }
         }
-        let n = s.read(&mut tmp).await?;
-        if n == 0 {
-            bail!("closed during the handshake");
-        }
-        buf.extend_from_slice(&tmp[..n]);
-    };
-    let head = wire::parse_head(&buf[..end])?;
-    if head.status != 101 {
-        bail!("status {}", head.status);
+        return Ok((t.elapsed().as_micros() as u64, Some(s)));
     }
     let us = t.elapsed().as_micros() as u64;
     let mut close = Vec::new();
     wire::close_frame(&mut close);
     s.write_all(&close).await?;
     // Wait for the server's close frame (or EOF), briefly.
-    let mut rest = buf.split_off(end);
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         loop {
             let mut off = 0;
@@ -916,7 +1146,7 @@ async fn handshake(addr: SocketAddr, src_ips: u32, i: u32, req: &str) -> Result<
         }
     })
     .await;
-    Ok(us)
+    Ok((us, None))
 }
 
 async fn run_hold(a: &HoldArgs) -> Result<()> {
@@ -931,6 +1161,7 @@ async fn run_hold(a: &HoldArgs) -> Result<()> {
         src_ips: c.src_ips,
         sample: 1,
         concurrency: c.concurrency,
+        reconnect: None,
     };
     let groups = Groups::new(spec, procs_for(c, a.subs))?;
     let s = groups.open(0, a.subs).await?;

@@ -44,6 +44,136 @@ pub fn rss_sum(pids: &[String]) -> Option<u64> {
     pids.iter().map(|p| rss_bytes(p)).sum()
 }
 
+/// Read-like and write-like syscalls of a process, all threads (`syscr` + `syscw` of
+/// /proc/<pid>/io: read, readv, recvmsg, write, writev, sendmsg… but not epoll_wait, accept or
+/// futex).
+pub fn io_syscalls(pid: &str) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        io.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    Some(field("syscr:")? + field("syscw:")?)
+}
+
+/// Voluntary context switches (a thread blocked: each is one sleep, so one wake-up) and
+/// involuntary ones (preempted), summed over the live threads of a process.
+pub fn ctx_switches(pid: &str) -> Option<(u64, u64)> {
+    let mut v = 0;
+    let mut n = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(t) = t else { continue };
+        let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
+            continue;
+        };
+        for l in status.lines() {
+            if let Some(x) = l.strip_prefix("voluntary_ctxt_switches:") {
+                v += x.trim().parse::<u64>().unwrap_or(0);
+            } else if let Some(x) = l.strip_prefix("nonvoluntary_ctxt_switches:") {
+                n += x.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    Some((v, n))
+}
+
+/// What a set of processes did over a window: CPU, read/write syscalls, context switches.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub cpu_s: f64,
+    pub syscalls: u64,
+    pub vol_ctx: u64,
+    pub invol_ctx: u64,
+}
+
+impl Usage {
+    pub fn now(pids: &[String]) -> Option<Self> {
+        if pids.is_empty() {
+            return None;
+        }
+        let mut u = Usage::default();
+        for p in pids {
+            u.cpu_s += cpu_seconds(p)?;
+            u.syscalls += io_syscalls(p).unwrap_or(0);
+            let (v, n) = ctx_switches(p).unwrap_or((0, 0));
+            u.vol_ctx += v;
+            u.invol_ctx += n;
+        }
+        Some(u)
+    }
+
+    pub fn since(self, start: Usage) -> Usage {
+        Usage {
+            cpu_s: (self.cpu_s - start.cpu_s).max(0.0),
+            syscalls: self.syscalls.saturating_sub(start.syscalls),
+            vol_ctx: self.vol_ctx.saturating_sub(start.vol_ctx),
+            invol_ctx: self.invol_ctx.saturating_sub(start.invol_ctx),
+        }
+    }
+}
+
+/// Every syscall of a set of processes over a window (not only the read/write family of
+/// `io_syscalls`: epoll_wait, send/recv, futex… too), counted by `perf stat -e
+/// raw_syscalls:sys_enter` attached to them. The tracepoint adds a little to each syscall, so
+/// this is opt-in.
+pub struct PerfSyscalls {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+}
+
+impl PerfSyscalls {
+    pub fn start(pids: &[String]) -> Option<Self> {
+        if pids.is_empty() {
+            return None;
+        }
+        let out = std::env::temp_dir().join(format!(
+            "relay-bench-perf-{}-{}.csv",
+            std::process::id(),
+            crate::subs::now_ns()
+        ));
+        let child = std::process::Command::new("perf")
+            .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "-p"])
+            .arg(pids.join(","))
+            .arg("-o")
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        Some(Self { child, out })
+    }
+
+    /// Stops perf and returns the count.
+    pub fn stop(mut self) -> Option<u64> {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let text = std::fs::read_to_string(&self.out).ok()?;
+        let _ = std::fs::remove_file(&self.out);
+        text.lines()
+            .find(|l| l.contains("raw_syscalls:sys_enter"))
+            .and_then(|l| l.split(',').next())
+            .and_then(|v| v.trim().parse().ok())
+    }
+}
+
+/// Machine-wide TCP counters of /proc/net/netstat (`TcpExt:`): how many connections the kernel
+/// dropped because a listen queue was full (`ListenOverflows`, `ListenDrops`). A client whose SYN
+/// is dropped retries after the SYN timeout (1 s), so these explain slow storms.
+pub fn listen_drops() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let names: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let values: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let get = |n: &str| -> Option<u64> {
+        let i = names.iter().position(|x| *x == n)?;
+        values.get(i)?.parse().ok()
+    };
+    Some((get("ListenOverflows")?, get("ListenDrops")?))
+}
+
 /// Busy time of the whole machine (all CPUs, every process), in seconds.
 pub fn machine_busy_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
@@ -117,5 +247,10 @@ mod tests {
         let me = std::process::id().to_string();
         assert!(cpu_seconds(&me).is_some());
         assert!(rss_bytes(&me).is_some_and(|r| r > 0));
+        assert!(io_syscalls(&me).is_some());
+        assert!(ctx_switches(&me).is_some_and(|(v, n)| v + n > 0));
+        assert!(listen_drops().is_some());
+        let u = Usage::now(&[me]);
+        assert!(u.is_some_and(|u| u.syscalls > 0));
     }
 }

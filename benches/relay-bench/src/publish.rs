@@ -1,15 +1,18 @@
-//! The open-loop publisher: a fixed schedule of R publishes per second spread over several
-//! connections, over the HTTP publish API (one request in flight per keep-alive connection) or as
-//! WebSocket `publish` commands (written in batches once a millisecond, replies counted by a reader
-//! task). Each payload carries its send time and a per-publisher sequence (`wire::payload`).
+//! The open-loop publisher: a fixed schedule of R publishes per second, in one of four shapes
+//! (`Mode`). The default is the shape of issue 12's measurement, a typical backend: **one
+//! keep-alive HTTP/1.1 connection, `POST /api/publish` requests pipelined (not waiting for the
+//! responses), written once per 1 ms tick** (so under 1,000/s each tick carries one publish);
+//! a reader task reads and checks the responses as they come. Each payload carries its send
+//! time and a per-publisher sequence (`wire::payload`).
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -18,15 +21,40 @@ use crate::wire::{self, Finders, Stamp};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
-    /// HTTP publish API, keep-alive, one request in flight per connection.
+    /// HTTP `POST /api/publish` on one keep-alive connection (per --publishers), requests
+    /// pipelined and written once per 1 ms tick; responses read concurrently.
+    Pipelined,
+    /// HTTP `POST /api/publish`, one request in flight per keep-alive connection (several
+    /// connections: --publishers, default 8).
     Http,
-    /// WebSocket `publish` commands, not waiting for replies (relay and node only).
+    /// HTTP `POST /api/broadcast` (relay only): each scheduled publish is one request to every
+    /// channel (at most 100), pipelined like `pipelined`.
+    Broadcast,
+    /// WebSocket `publish` commands written once per 1 ms tick, not waiting for replies
+    /// (relay, node and uws).
     Ws,
 }
 
+impl Mode {
+    /// Publisher connections unless --publishers says otherwise.
+    pub fn default_conns(self) -> u32 {
+        match self {
+            Mode::Http => 8,
+            Mode::Pipelined | Mode::Broadcast | Mode::Ws => 1,
+        }
+    }
+}
+
 /// Most publishes per second sent on one WebSocket publisher connection (more connections are
-/// opened as the rate grows).
+/// opened as the rate grows), so that relay's default --rate-limit (1000/s) is never hit.
 const WS_PER_CONN: f64 = 500.0;
+
+/// Most requests in flight on one pipelined connection; past it a tick's publishes are counted
+/// as errors instead of written (keeps the bookkeeping bounded if a server stops answering).
+const MAX_IN_FLIGHT: usize = 1 << 20;
+
+/// `acked` index meaning "every channel" (a broadcast).
+const ALL: u32 = u32::MAX;
 
 #[derive(Debug, Clone)]
 pub struct PubSpec {
@@ -37,28 +65,57 @@ pub struct PubSpec {
     pub channels: u32,
     pub payload: usize,
     pub prefix: String,
+    /// More request header lines for HTTP publishes, each ending in `\r\n` (an
+    /// `Authorization: Bearer` API key, an `X-Forwarded-For`).
+    pub headers: String,
 }
 
 /// Counters shared by the publisher connections (cumulative).
 #[derive(Default)]
 struct Shared {
-    /// Next schedule slot.
+    /// Next schedule slot (and so the next channel, round-robin).
     next: Cell<u64>,
     sent: Cell<u64>,
     /// Acknowledged publishes per channel.
     acked: RefCell<Vec<u64>>,
+    /// Highest `seq` the server answered, per channel.
+    top: RefCell<Vec<u64>>,
     errors: Cell<u64>,
     first_error: RefCell<Option<String>>,
     /// Worst lateness against the schedule in this step.
     lag: Cell<Duration>,
+    /// HTTP responses by status.
+    statuses: RefCell<std::collections::BTreeMap<u16, u64>>,
 }
 
 impl Shared {
     fn error(&self, e: impl std::fmt::Display) {
-        self.errors.set(self.errors.get() + 1);
+        self.errors_n(1, e);
+    }
+
+    fn errors_n(&self, n: u64, e: impl std::fmt::Display) {
+        self.errors.set(self.errors.get() + n);
         let mut f = self.first_error.borrow_mut();
         if f.is_none() {
             *f = Some(e.to_string());
+        }
+    }
+
+    fn status(&self, status: u16) {
+        *self.statuses.borrow_mut().entry(status).or_default() += 1;
+    }
+
+    fn ack(&self, ch: u32, seq: Option<u64>) {
+        let mut acked = self.acked.borrow_mut();
+        if ch == ALL {
+            acked.iter_mut().for_each(|a| *a += 1);
+            return;
+        }
+        if let Some(a) = acked.get_mut(ch as usize) {
+            *a += 1;
+        }
+        if let (Some(seq), Some(t)) = (seq, self.top.borrow_mut().get_mut(ch as usize)) {
+            *t = (*t).max(seq);
         }
     }
 }
@@ -80,55 +137,29 @@ pub struct Publisher {
 
 enum PubConn {
     Http(HttpPub),
+    Pipe(PipePub),
     Ws(WsPub),
-}
-
-struct HttpPub {
-    id: u32,
-    seq: u64,
-    stream: Option<TcpStream>,
-    buf: Vec<u8>,
-    req: Vec<u8>,
-    body: Vec<u8>,
-}
-
-struct WsPub {
-    id: u32,
-    seq: u64,
-    /// Set by the reader when the server closed the connection.
-    dead: Rc<Cell<bool>>,
-    write: OwnedWriteHalf,
-    out: Vec<u8>,
-    cmd: Vec<u8>,
 }
 
 impl Publisher {
     /// Opens the connections. Must run inside a `LocalSet`.
     pub async fn connect(spec: PubSpec) -> Result<Self> {
+        let n = spec.channels.max(1) as usize;
         let shared = Rc::new(Shared {
-            acked: RefCell::new(vec![0; spec.channels.max(1) as usize]),
+            acked: RefCell::new(vec![0; n]),
+            top: RefCell::new(vec![0; n]),
             ..Shared::default()
         });
+        if spec.mode == Mode::Broadcast && (spec.target != Target::Relay || spec.channels > 100) {
+            bail!("--publish broadcast is for relay and at most 100 channels");
+        }
+        if spec.mode == Mode::Ws && matches!(spec.target, Target::Nchan | Target::Pusher) {
+            bail!("WebSocket publishing is implemented for relay, node and uws only");
+        }
         let spec = Rc::new(spec);
         let mut conns = Vec::new();
         for id in 0..spec.conns.max(1) {
-            let c = match spec.mode {
-                Mode::Http => PubConn::Http(HttpPub {
-                    id,
-                    seq: 0,
-                    stream: Some(connect(spec.addr).await?),
-                    buf: Vec::with_capacity(4096),
-                    req: Vec::with_capacity(512),
-                    body: Vec::with_capacity(512),
-                }),
-                Mode::Ws => {
-                    if spec.target == Target::Nchan {
-                        bail!("WebSocket publishing is implemented for relay and node only");
-                    }
-                    PubConn::Ws(WsPub::connect(&spec, id, shared.clone()).await?)
-                }
-            };
-            conns.push(Some(c));
+            conns.push(Some(PubConn::open(&spec, id, &shared).await?));
         }
         Ok(Self {
             spec,
@@ -141,43 +172,55 @@ impl Publisher {
         self.shared.acked.borrow().clone()
     }
 
+    /// The highest seq the server answered, per channel (not known for broadcasts).
+    pub fn top_per_channel(&self) -> Vec<u64> {
+        self.shared.top.borrow().clone()
+    }
+
     pub fn first_error(&self) -> Option<String> {
         self.shared.first_error.borrow().clone()
+    }
+
+    /// HTTP responses so far, by status.
+    pub fn statuses(&self) -> std::collections::BTreeMap<u16, u64> {
+        self.shared.statuses.borrow().clone()
     }
 
     pub fn conns(&self) -> usize {
         self.conns.len()
     }
 
+    /// Publishes sent, publishes acknowledged (a broadcast counts once), errors.
     pub fn totals(&self) -> (u64, u64, u64) {
-        let acked = self.shared.acked.borrow().iter().sum();
+        let acked = self.shared.acked.borrow();
+        let acked = if self.spec.mode == Mode::Broadcast {
+            acked.first().copied().unwrap_or(0)
+        } else {
+            acked.iter().sum()
+        };
         (self.shared.sent.get(), acked, self.shared.errors.get())
     }
 
     /// Publishes at `rate` per second for `dur`; returns when every connection has stopped
-    /// sending (WebSocket replies may still be on their way: see `settle`).
+    /// sending (replies may still be on their way: see `settle`).
     pub async fn run(&mut self, rate: f64, dur: Duration) -> Result<StepPub> {
         let (sent0, _, err0) = self.totals();
-        self.shared.next.set(0);
         self.shared.lag.set(Duration::ZERO);
         if self.spec.mode == Mode::Ws {
-            // relay limits inbound messages per connection (--rate-limit, 1000/s by default):
-            // keep each publisher connection at WS_PER_CONN publishes/s or less.
-            let want = ((rate / WS_PER_CONN).ceil() as usize).max(self.conns.len());
             for slot in &mut self.conns {
                 if let Some(PubConn::Ws(w)) = slot {
                     if w.dead.get() {
                         let id = w.id;
-                        *slot = Some(PubConn::Ws(
-                            WsPub::connect(&self.spec, id, self.shared.clone()).await?,
-                        ));
+                        *slot = Some(PubConn::open(&self.spec, id, &self.shared).await?);
                     }
                 }
             }
+            // Keep each WebSocket publisher at WS_PER_CONN publishes/s or less.
+            let want = ((rate / WS_PER_CONN).ceil() as usize).max(self.conns.len());
             while self.conns.len() < want {
                 let id = self.conns.len() as u32;
-                let c = WsPub::connect(&self.spec, id, self.shared.clone()).await?;
-                self.conns.push(Some(PubConn::Ws(c)));
+                let c = PubConn::open(&self.spec, id, &self.shared).await?;
+                self.conns.push(Some(c));
             }
         }
         let start = Instant::now();
@@ -195,6 +238,10 @@ impl Publisher {
                     PubConn::Http(mut h) => {
                         h.step(&spec, &sh, start, end, rate).await;
                         PubConn::Http(h)
+                    }
+                    PubConn::Pipe(mut p) => {
+                        p.step(&spec, &sh, start, end, rate / n).await;
+                        PubConn::Pipe(p)
                     }
                     PubConn::Ws(mut w) => {
                         w.step(&spec, &sh, start, end, rate / n).await;
@@ -228,6 +275,31 @@ impl Publisher {
     }
 }
 
+impl PubConn {
+    async fn open(spec: &Rc<PubSpec>, id: u32, sh: &Rc<Shared>) -> Result<Self> {
+        Ok(match spec.mode {
+            Mode::Http => PubConn::Http(HttpPub {
+                id,
+                seq: 0,
+                stream: Some(connect(spec.addr).await?),
+                buf: Vec::with_capacity(4096),
+                req: Vec::with_capacity(512),
+                body: Vec::with_capacity(512),
+            }),
+            Mode::Pipelined | Mode::Broadcast => PubConn::Pipe(PipePub {
+                id,
+                seq: 0,
+                shared: sh.clone(),
+                conn: Some(PipeConn::open(spec.addr, sh.clone()).await?),
+                out: Vec::with_capacity(64 * 1024),
+                body: Vec::with_capacity(512),
+                retry_at: None,
+            }),
+            Mode::Ws => PubConn::Ws(WsPub::connect(spec, id, sh.clone()).await?),
+        })
+    }
+}
+
 async fn connect(addr: std::net::SocketAddr) -> Result<TcpStream> {
     let s = TcpStream::connect(addr)
         .await
@@ -236,7 +308,7 @@ async fn connect(addr: std::net::SocketAddr) -> Result<TcpStream> {
     Ok(s)
 }
 
-fn note_lag(sh: &Shared, due: Instant) -> Instant {
+fn note_lag(sh: &Shared, due: Instant) {
     let now = Instant::now();
     if now > due {
         let late = now - due;
@@ -244,7 +316,262 @@ fn note_lag(sh: &Shared, due: Instant) -> Instant {
             sh.lag.set(late);
         }
     }
-    now
+}
+
+/// The tick loop shared by the pipelined and WebSocket publishers: once per millisecond, calls
+/// `send(from, to)` for the schedule slots that came due (open loop: a late tick catches up).
+/// Returns when `end` is reached or `send` fails.
+async fn ticks<F>(sh: &Shared, start: Instant, end: Instant, rate: f64, mut send: F)
+where
+    F: AsyncFnMut(u64, u64) -> Result<()>,
+{
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sent = 0u64;
+    loop {
+        tick.tick().await;
+        let now = Instant::now().min(end);
+        let due = ((now - start).as_secs_f64() * rate) as u64;
+        if due > sent {
+            // Slot k (from 0) comes due at (k + 1) / rate: the first publish goes out one period
+            // after the start.
+            note_lag(
+                sh,
+                start + Duration::from_secs_f64((sent + 1) as f64 / rate),
+            );
+            let from = sent;
+            sent = due;
+            if let Err(e) = send(from, due).await {
+                sh.error(format!("publisher: {e:#}"));
+            }
+        }
+        if now >= end {
+            return;
+        }
+    }
+}
+
+/// Appends a publish request (HTTP/1.1, keep-alive) for channel `ch` (or a broadcast) to `out`.
+/// What comes before a channel's name in relay's API: `pusher/APP/` for the Pusher target
+/// (its channel `CH` is relay channel `pusher/bench/CH`).
+fn relay_prefix(spec: &PubSpec) -> &'static str {
+    match spec.target {
+        Target::Pusher => crate::subs::PUSHER_RELAY_PREFIX,
+        _ => "",
+    }
+}
+
+fn http_request(spec: &PubSpec, ch: u32, stamp: Stamp, body: &mut Vec<u8>, out: &mut Vec<u8>) {
+    use std::io::Write;
+    body.clear();
+    let nchan_path;
+    let path = match (spec.target, spec.mode) {
+        (Target::Nchan, _) => {
+            wire::payload(body, stamp, spec.payload);
+            nchan_path = format!("/pub?id={}{ch}", spec.prefix);
+            nchan_path.as_str()
+        }
+        (_, Mode::Broadcast) => {
+            body.extend_from_slice(br#"{"channels":["#);
+            for c in 0..spec.channels.max(1) {
+                if c > 0 {
+                    body.push(b',');
+                }
+                let _ = write!(body, r#""{}{}{c}""#, relay_prefix(spec), spec.prefix);
+            }
+            body.extend_from_slice(br#"],"data":"#);
+            wire::payload(body, stamp, spec.payload);
+            body.push(b'}');
+            "/api/broadcast"
+        }
+        _ => {
+            let _ = write!(
+                body,
+                r#"{{"channel":"{}{}{ch}","data":"#,
+                relay_prefix(spec),
+                spec.prefix
+            );
+            wire::payload(body, stamp, spec.payload);
+            body.push(b'}');
+            "/api/publish"
+        }
+    };
+    let _ = write!(
+        out,
+        "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n{}\
+         Content-Length: {}\r\n\r\n",
+        spec.addr,
+        spec.headers,
+        body.len()
+    );
+    out.extend_from_slice(body);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pipelined HTTP.
+
+struct PipePub {
+    id: u32,
+    seq: u64,
+    /// For the reader task of a connection reopened mid-step.
+    shared: Rc<Shared>,
+    conn: Option<PipeConn>,
+    out: Vec<u8>,
+    body: Vec<u8>,
+    /// After a failed connect, no new attempt before this (the server may be restarting).
+    retry_at: Option<Instant>,
+}
+
+/// One pipelined connection: the write half, and the channels of the requests in flight, in
+/// order (HTTP/1.1 answers pipelined requests in order), shared with the reader task.
+struct PipeConn {
+    write: OwnedWriteHalf,
+    in_flight: Rc<RefCell<VecDeque<u32>>>,
+    dead: Rc<Cell<bool>>,
+}
+
+impl PipeConn {
+    async fn open(addr: std::net::SocketAddr, sh: Rc<Shared>) -> Result<Self> {
+        let (read, write) = connect(addr).await?.into_split();
+        let in_flight = Rc::new(RefCell::new(VecDeque::new()));
+        let dead = Rc::new(Cell::new(false));
+        tokio::task::spawn_local(read_responses(read, in_flight.clone(), dead.clone(), sh));
+        Ok(Self {
+            write,
+            in_flight,
+            dead,
+        })
+    }
+}
+
+/// Reads the responses of a pipelined connection: each acknowledges the oldest request in
+/// flight (2xx) or counts an error. When the connection ends, what was in flight is an error.
+async fn read_responses(
+    mut read: OwnedReadHalf,
+    in_flight: Rc<RefCell<VecDeque<u32>>>,
+    dead: Rc<Cell<bool>>,
+    sh: Rc<Shared>,
+) {
+    let f = Finders::default();
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut tmp = vec![0u8; 64 * 1024];
+    let why = 'conn: loop {
+        let mut off = 0;
+        while let Some(end) = wire::head_end(&buf[off..]) {
+            let head = match wire::parse_head(&buf[off..off + end]) {
+                Ok(h) => h,
+                Err(e) => break 'conn format!("bad response: {e:#}"),
+            };
+            let Some(len) = head.content_length else {
+                break 'conn "a pipelined response without Content-Length".to_string();
+            };
+            if buf.len() - off < end + len {
+                break;
+            }
+            let body = &buf[off + end..off + end + len];
+            let ch = in_flight.borrow_mut().pop_front();
+            sh.status(head.status);
+            match ch {
+                Some(ch) if (200..300).contains(&head.status) => sh.ack(ch, f.seq(body)),
+                Some(_) => sh.error(format!(
+                    "publish: HTTP {}: {}",
+                    head.status,
+                    String::from_utf8_lossy(&body[..body.len().min(200)])
+                )),
+                None => break 'conn "a response to no request".to_string(),
+            }
+            off += end + len;
+            if head.close {
+                break 'conn "the server closed the publisher connection".to_string();
+            }
+        }
+        buf.drain(..off);
+        match read.read(&mut tmp).await {
+            Ok(0) => break "the server closed the publisher connection".to_string(),
+            Err(e) => break format!("publisher read: {e}"),
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+    };
+    dead.set(true);
+    let lost = std::mem::take(&mut *in_flight.borrow_mut()).len() as u64;
+    if lost > 0 {
+        sh.errors_n(lost, format!("{why} ({lost} requests unanswered)"));
+    }
+}
+
+impl PipePub {
+    async fn step(&mut self, spec: &PubSpec, sh: &Shared, start: Instant, end: Instant, rate: f64) {
+        let me = self;
+        ticks(sh, start, end, rate, async |from, to| {
+            me.send(spec, sh, to - from).await
+        })
+        .await;
+    }
+
+    async fn send(&mut self, spec: &PubSpec, sh: &Shared, n: u64) -> Result<()> {
+        sh.sent.set(sh.sent.get() + n);
+        if self.conn.as_ref().is_some_and(|c| c.dead.get()) {
+            self.conn = None;
+        }
+        if self.conn.is_none() {
+            if self.retry_at.is_some_and(|t| Instant::now() < t) {
+                sh.errors_n(n, "publisher: no connection");
+                return Ok(());
+            }
+            match PipeConn::open(spec.addr, self.shared.clone()).await {
+                Ok(c) => {
+                    self.conn = Some(c);
+                    self.retry_at = None;
+                }
+                Err(e) => {
+                    self.retry_at = Some(Instant::now() + Duration::from_millis(10));
+                    sh.errors_n(n, format!("publisher: {e:#}"));
+                    return Ok(());
+                }
+            }
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        if conn.in_flight.borrow().len() >= MAX_IN_FLIGHT {
+            sh.errors_n(n, "publisher: too many requests unanswered");
+            return Ok(());
+        }
+        self.out.clear();
+        for _ in 0..n {
+            let idx = sh.next.get();
+            sh.next.set(idx + 1);
+            let ch = match spec.mode {
+                Mode::Broadcast => ALL,
+                _ => (idx % u64::from(spec.channels.max(1))) as u32,
+            };
+            self.seq += 1;
+            let stamp = Stamp {
+                t: now_ns(),
+                p: self.id,
+                s: self.seq,
+            };
+            http_request(spec, ch, stamp, &mut self.body, &mut self.out);
+            conn.in_flight.borrow_mut().push_back(ch);
+        }
+        if let Err(e) = conn.write.write_all(&self.out).await {
+            conn.dead.set(true);
+            bail!("write: {e}");
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One request in flight per connection.
+
+struct HttpPub {
+    id: u32,
+    seq: u64,
+    stream: Option<TcpStream>,
+    buf: Vec<u8>,
+    req: Vec<u8>,
+    body: Vec<u8>,
 }
 
 impl HttpPub {
@@ -260,16 +587,18 @@ impl HttpPub {
                 tokio::time::sleep_until(due).await;
             }
             note_lag(sh, due);
-            let ch = (idx % u64::from(spec.channels.max(1))) as usize;
+            let ch = (idx % u64::from(spec.channels.max(1))) as u32;
             self.seq += 1;
             sh.sent.set(sh.sent.get() + 1);
             match tokio::time::timeout(Duration::from_secs(5), self.publish(spec, ch)).await {
-                Ok(Ok(status)) if (200..300).contains(&status) => {
-                    if let Some(a) = sh.acked.borrow_mut().get_mut(ch) {
-                        *a += 1;
-                    }
+                Ok(Ok((status, seq))) if (200..300).contains(&status) => {
+                    sh.status(status);
+                    sh.ack(ch, seq);
                 }
-                Ok(Ok(status)) => sh.error(format!("publish: HTTP {status}")),
+                Ok(Ok((status, _))) => {
+                    sh.status(status);
+                    sh.error(format!("publish: HTTP {status}"));
+                }
                 Ok(Err(e)) => {
                     self.stream = None;
                     sh.error(format!("publish: {e:#}"));
@@ -282,35 +611,14 @@ impl HttpPub {
         }
     }
 
-    async fn publish(&mut self, spec: &PubSpec, ch: usize) -> Result<u16> {
-        use std::io::Write;
+    async fn publish(&mut self, spec: &PubSpec, ch: u32) -> Result<(u16, Option<u64>)> {
         let stamp = Stamp {
             t: now_ns(),
             p: self.id,
             s: self.seq,
         };
-        self.body.clear();
-        let path = match spec.target {
-            Target::Nchan => {
-                wire::payload(&mut self.body, stamp, spec.payload);
-                format!("/pub?id={}{ch}", spec.prefix)
-            }
-            Target::Relay | Target::Node => {
-                let _ = write!(self.body, r#"{{"channel":"{}{ch}","data":"#, spec.prefix);
-                wire::payload(&mut self.body, stamp, spec.payload);
-                self.body.push(b'}');
-                "/api/publish".to_string()
-            }
-        };
         self.req.clear();
-        let _ = write!(
-            self.req,
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n\r\n",
-            spec.addr,
-            self.body.len()
-        );
-        self.req.extend_from_slice(&self.body);
+        http_request(spec, ch, stamp, &mut self.body, &mut self.req);
         let stream = match &mut self.stream {
             Some(s) => s,
             None => self.stream.insert(connect(spec.addr).await?),
@@ -353,6 +661,7 @@ impl HttpPub {
                     bail!("connection closed in the body");
                 }
             }
+            rest = sink;
         } else if head.status >= 200 && head.status != 204 && head.status != 304 {
             while read_more(stream, &mut rest).await? > 0 {}
             self.stream = None;
@@ -360,16 +669,7 @@ impl HttpPub {
         if head.close {
             self.stream = None;
         }
-        Ok(head.status)
-    }
-}
-
-/// Marks a publisher connection dead when its reader ends.
-struct DeadOnDrop(Rc<Cell<bool>>);
-
-impl Drop for DeadOnDrop {
-    fn drop(&mut self) {
-        self.0.set(true);
+        Ok((head.status, Finders::default().seq(&rest)))
     }
 }
 
@@ -380,16 +680,26 @@ async fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<usize> {
     Ok(n)
 }
 
+// ---------------------------------------------------------------------------------------------
+// WebSocket publish commands.
+
+struct WsPub {
+    id: u32,
+    seq: u64,
+    /// Set by the reader when the server closed the connection.
+    dead: Rc<Cell<bool>>,
+    write: OwnedWriteHalf,
+    out: Vec<u8>,
+    cmd: Vec<u8>,
+}
+
 impl WsPub {
     async fn connect(spec: &PubSpec, id: u32, sh: Rc<Shared>) -> Result<Self> {
         let mut s = connect(spec.addr).await?;
-        let path = if spec.target == Target::Node {
-            "/"
-        } else {
-            "/ws"
-        };
-        s.write_all(wire::upgrade_request(&spec.addr.to_string(), path).as_bytes())
-            .await?;
+        s.write_all(
+            wire::upgrade_request(&spec.addr.to_string(), spec.target.ws_path()).as_bytes(),
+        )
+        .await?;
         let mut buf = Vec::new();
         let end = loop {
             if let Some(e) = wire::head_end(&buf) {
@@ -409,7 +719,6 @@ impl WsPub {
         let dead2 = dead.clone();
         // Reader: counts `published` replies by their `id` (the channel index).
         tokio::task::spawn_local(async move {
-            let _dead = DeadOnDrop(dead2);
             let f = Finders::default();
             let mut tmp = vec![0u8; 64 * 1024];
             loop {
@@ -421,13 +730,12 @@ impl WsPub {
                             let m = fr.payload;
                             if fr.opcode == wire::OP_CLOSE {
                                 sh.error("publisher connection closed by the server");
+                                dead2.set(true);
                                 return;
                             }
                             if m.starts_with(br#"{"type":"published""#) {
-                                let ch = f.id(m).unwrap_or(u64::MAX) as usize;
-                                if let Some(a) = sh.acked.borrow_mut().get_mut(ch) {
-                                    *a += 1;
-                                }
+                                let ch = f.id(m).unwrap_or(u64::MAX).min(u64::from(ALL - 1));
+                                sh.ack(ch as u32, f.seq(m));
                             } else if m.starts_with(br#"{"type":"error""#) {
                                 sh.error(String::from_utf8_lossy(m));
                             }
@@ -435,13 +743,17 @@ impl WsPub {
                         Ok(None) => break,
                         Err(e) => {
                             sh.error(format!("publisher: {e:#}"));
+                            dead2.set(true);
                             return;
                         }
                     }
                 }
                 partial.drain(..off);
                 match read.read(&mut tmp).await {
-                    Ok(0) | Err(_) => return,
+                    Ok(0) | Err(_) => {
+                        dead2.set(true);
+                        return;
+                    }
                     Ok(n) => partial.extend_from_slice(&tmp[..n]),
                 }
             }
@@ -457,51 +769,203 @@ impl WsPub {
     }
 
     async fn step(&mut self, spec: &PubSpec, sh: &Shared, start: Instant, end: Instant, rate: f64) {
+        let me = self;
+        ticks(sh, start, end, rate, async |from, to| {
+            me.send(spec, sh, to - from).await
+        })
+        .await;
+    }
+
+    async fn send(&mut self, spec: &PubSpec, sh: &Shared, n: u64) -> Result<()> {
         use std::io::Write;
-        let mut tick = tokio::time::interval(Duration::from_millis(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut sent = 0u64;
-        loop {
-            tick.tick().await;
-            let now = Instant::now().min(end);
-            let due = ((now - start).as_secs_f64() * rate) as u64;
-            if due > sent {
-                let at = start + Duration::from_secs_f64(sent as f64 / rate);
-                note_lag(sh, at);
+        sh.sent.set(sh.sent.get() + n);
+        if self.dead.get() {
+            sh.errors_n(n, "publisher: WebSocket connection closed");
+            return Ok(());
+        }
+        self.out.clear();
+        for _ in 0..n {
+            let idx = sh.next.get();
+            sh.next.set(idx + 1);
+            let ch = idx % u64::from(spec.channels.max(1));
+            self.seq += 1;
+            let stamp = Stamp {
+                t: now_ns(),
+                p: self.id,
+                s: self.seq,
+            };
+            self.cmd.clear();
+            let _ = write!(
+                self.cmd,
+                r#"{{"type":"publish","id":{ch},"channel":"{}{ch}","data":"#,
+                spec.prefix
+            );
+            wire::payload(&mut self.cmd, stamp, spec.payload);
+            self.cmd.push(b'}');
+            wire::client_frame(wire::OP_TEXT, &self.cmd, &mut self.out);
+        }
+        if let Err(e) = self.write.write_all(&self.out).await {
+            self.dead.set(true);
+            bail!("write: {e}");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    fn spec(addr: std::net::SocketAddr, mode: Mode, channels: u32) -> PubSpec {
+        PubSpec {
+            target: Target::Relay,
+            addr,
+            mode,
+            conns: 1,
+            channels,
+            payload: 64,
+            prefix: "t".into(),
+            headers: String::new(),
+        }
+    }
+
+    /// Reads requests (head + Content-Length body) from `s` until `n` have arrived; returns
+    /// their paths and bodies and the number of reads it took.
+    async fn read_requests(s: &mut TcpStream, n: usize) -> Result<(Vec<(String, Vec<u8>)>, usize)> {
+        let mut buf = Vec::new();
+        let mut tmp = vec![0u8; 64 * 1024];
+        let mut out = Vec::new();
+        let mut reads = 0;
+        while out.len() < n {
+            let k = s.read(&mut tmp).await?;
+            if k == 0 {
+                bail!("closed after {} requests", out.len());
             }
-            self.out.clear();
-            let batch = due.saturating_sub(sent);
-            while sent < due {
-                let idx = sh.next.get();
-                sh.next.set(idx + 1);
-                let ch = idx % u64::from(spec.channels.max(1));
-                self.seq += 1;
-                let stamp = Stamp {
-                    t: now_ns(),
-                    p: self.id,
-                    s: self.seq,
-                };
-                self.cmd.clear();
-                let _ = write!(
-                    self.cmd,
-                    r#"{{"type":"publish","id":{ch},"channel":"{}{ch}","data":"#,
-                    spec.prefix
-                );
-                wire::payload(&mut self.cmd, stamp, spec.payload);
-                self.cmd.push(b'}');
-                wire::client_frame(wire::OP_TEXT, &self.cmd, &mut self.out);
-                sent += 1;
-            }
-            if !self.out.is_empty() {
-                sh.sent.set(sh.sent.get() + batch);
-                if let Err(e) = self.write.write_all(&self.out).await {
-                    sh.error(format!("publisher write: {e}"));
-                    return;
+            reads += 1;
+            buf.extend_from_slice(&tmp[..k]);
+            while let Some(end) = wire::head_end(&buf) {
+                let head = std::str::from_utf8(&buf[..end])?.to_string();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .ok_or_else(|| anyhow!("no Content-Length"))?
+                    .trim()
+                    .parse()?;
+                if buf.len() < end + len {
+                    break;
                 }
-            }
-            if now >= end {
-                break;
+                let path = head.split(' ').nth(1).unwrap_or_default().to_string();
+                out.push((path, buf[end..end + len].to_vec()));
+                buf.drain(..end + len);
             }
         }
+        Ok((out, reads))
+    }
+
+    fn response(seq: u64) -> String {
+        let body = format!(r#"{{"channel":"t0","seq":{seq},"epoch":"e"}}"#);
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_pipelined_publisher_sends_without_waiting_and_counts_the_answers_in_order(
+    ) -> Result<()> {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let listener = TcpListener::bind("127.0.0.1:0").await?;
+                let addr = listener.local_addr()?;
+                // The server answers nothing until it has every request of the run: a
+                // publisher that waited for answers would stall at the first.
+                let server = tokio::spawn(async move {
+                    let (mut s, _) = listener.accept().await?;
+                    let (reqs, reads) = read_requests(&mut s, 200).await?;
+                    let mut all = String::new();
+                    for (i, _) in reqs.iter().enumerate() {
+                        all.push_str(&response(i as u64 + 1));
+                    }
+                    s.write_all(all.as_bytes()).await?;
+                    // Keep the connection open until the client is done.
+                    let mut tmp = [0u8; 16];
+                    let _ = s.read(&mut tmp).await;
+                    Ok::<_, anyhow::Error>((reqs, reads))
+                });
+                let mut p = Publisher::connect(spec(addr, Mode::Pipelined, 2)).await?;
+                let r = p.run(1000.0, Duration::from_millis(200)).await?;
+                p.settle(Duration::from_secs(5)).await;
+                assert_eq!(r.sent, 200);
+                assert_eq!(p.totals(), (200, 200, 0));
+                // Round-robin over the two channels, acknowledged per channel.
+                assert_eq!(p.acked_per_channel(), vec![100, 100]);
+                assert_eq!(p.top_per_channel(), vec![199, 200]);
+                drop(p);
+                let (reqs, _) = server.await??;
+                assert!(reqs.iter().all(|(path, _)| path == "/api/publish"));
+                assert!(reqs[0].1.starts_with(br#"{"channel":"t0","data":{"t":"#));
+                assert!(reqs[1].1.starts_with(br#"{"channel":"t1","data":{"t":"#));
+                Ok(())
+            })
+            .await
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn under_a_thousand_per_second_each_tick_carries_one_publish() -> Result<()> {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let listener = TcpListener::bind("127.0.0.1:0").await?;
+                let addr = listener.local_addr()?;
+                let server = tokio::spawn(async move {
+                    let (mut s, _) = listener.accept().await?;
+                    let (reqs, reads) = read_requests(&mut s, 20).await?;
+                    let all: String = (1..=20).map(response).collect();
+                    s.write_all(all.as_bytes()).await?;
+                    let mut tmp = [0u8; 16];
+                    let _ = s.read(&mut tmp).await;
+                    Ok::<_, anyhow::Error>((reqs.len(), reads))
+                });
+                let mut p = Publisher::connect(spec(addr, Mode::Pipelined, 1)).await?;
+                p.run(100.0, Duration::from_millis(200)).await?;
+                p.settle(Duration::from_secs(5)).await;
+                drop(p);
+                let (n, reads) = server.await??;
+                // 100/s: one publish every 10 ms, each written on its own (TCP_NODELAY), so the
+                // server sees them one read at a time.
+                assert_eq!(n, 20);
+                assert!(reads >= 15, "{reads} reads for 20 publishes 10 ms apart");
+                Ok(())
+            })
+            .await
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_refused_publish_is_an_error_not_an_ack() -> Result<()> {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let listener = TcpListener::bind("127.0.0.1:0").await?;
+                let addr = listener.local_addr()?;
+                tokio::spawn(async move {
+                    let (mut s, _) = listener.accept().await?;
+                    read_requests(&mut s, 3).await?;
+                    let busy = "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\n\r\n{}";
+                    let all = format!("{}{busy}{}", response(1), response(2));
+                    s.write_all(all.as_bytes()).await?;
+                    let mut tmp = [0u8; 16];
+                    let _ = s.read(&mut tmp).await;
+                    Ok::<_, anyhow::Error>(())
+                });
+                let mut p = Publisher::connect(spec(addr, Mode::Pipelined, 1)).await?;
+                p.run(100.0, Duration::from_millis(30)).await?;
+                p.settle(Duration::from_secs(5)).await;
+                assert_eq!(p.totals(), (3, 2, 1));
+                assert!(p.first_error().is_some_and(|e| e.contains("503")));
+                Ok(())
+            })
+            .await
     }
 }

@@ -34,7 +34,41 @@ pub enum Target {
     Nchan,
     /// The Node `ws` relay in benches/node-relay: JSON subscribe on `/`, `POST /api/publish`.
     Node,
+    /// The uWebSockets comparator (C++, `app.publish` to a topic; built outside the repo, see
+    /// benches/RESULTS.md): the same subset of the protocol as `node`.
+    Uws,
+    /// relay's Pusher endpoint (start relay with `--pusher-app bench:bench-key:bench-secret`):
+    /// `GET /app/bench-key` + `pusher:subscribe` to the public channel `CH`; published through
+    /// `POST /api/publish` to its relay name `pusher/bench/CH` (the same fan-out path as a
+    /// signed Pusher API publish).
+    Pusher,
 }
+
+impl Target {
+    /// The WebSocket path (Nchan's is per channel: `/sub/CH`).
+    pub fn ws_path(self) -> &'static str {
+        match self {
+            Target::Relay => "/ws",
+            Target::Node | Target::Uws | Target::Nchan => "/",
+            Target::Pusher => PUSHER_PATH,
+        }
+    }
+}
+
+/// Subscribers that reconnect when the server closes them (the reconnect storm): each retries
+/// every `retry_ms` (plus up to `jitter_ms` at random) until `give_up_ms` after its close, and
+/// resumes from its last position (relay: `since` + `epoch`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Reconnect {
+    pub retry_ms: u64,
+    pub jitter_ms: u64,
+    pub give_up_ms: u64,
+}
+
+/// Where the `pusher` target's subscribers connect (app key `bench-key`).
+pub const PUSHER_PATH: &str = "/app/bench-key?protocol=7&client=relay-bench&version=1";
+/// The relay name of the `pusher` target's channel `CH` is this prefix + `CH` (app id `bench`).
+pub const PUSHER_RELAY_PREFIX: &str = "pusher/bench/";
 
 /// Everything a subscriber connection needs to know (also sent to worker processes as JSON).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,6 +85,9 @@ pub struct SubSpec {
     pub sample: u32,
     /// Connections set up at once.
     pub concurrency: u32,
+    /// Reconnect and resume when closed (storm scenario).
+    #[serde(default)]
+    pub reconnect: Option<Reconnect>,
 }
 
 impl SubSpec {
@@ -90,6 +127,23 @@ pub struct Stats {
     pub reads: u64,
     /// Latency histogram in µs as (value, count) pairs.
     pub lat_us: Vec<(u64, u64)>,
+    /// Reconnect storm: subscriptions re-established after a close.
+    pub resumed: u64,
+    /// … of which the server said `recovered:true` (relay).
+    pub recovered: u64,
+    /// Connection attempts that failed while reconnecting (refused, reset, timed out).
+    pub retries: u64,
+    /// Connections that gave up reconnecting.
+    pub gave_up: u64,
+    /// First close seen (ns since the Unix epoch; 0: none).
+    pub first_close_ns: u64,
+    /// Last subscription re-established (ns since the Unix epoch; 0: none).
+    pub last_resume_ns: u64,
+    /// The first `subscribed` reply of a resume that was not recovered.
+    pub first_unrecovered: Option<String>,
+    /// Sum over the connections of the last server seq each has seen (one channel: the tail
+    /// a connection misses is top − its last seq).
+    pub last_seq_sum: u64,
 }
 
 impl Stats {
@@ -113,6 +167,20 @@ impl Stats {
         self.bytes += o.bytes;
         self.reads += o.reads;
         self.lat_us.extend(o.lat_us);
+        self.resumed += o.resumed;
+        self.recovered += o.recovered;
+        self.retries += o.retries;
+        self.gave_up += o.gave_up;
+        self.first_close_ns = match (self.first_close_ns, o.first_close_ns) {
+            (0, b) => b,
+            (a, 0) => a,
+            (a, b) => a.min(b),
+        };
+        self.last_resume_ns = self.last_resume_ns.max(o.last_resume_ns);
+        if self.first_unrecovered.is_none() {
+            self.first_unrecovered = o.first_unrecovered;
+        }
+        self.last_seq_sum += o.last_seq_sum;
     }
 
     pub fn histogram(&self) -> Result<Histogram<u64>> {
@@ -140,6 +208,8 @@ pub fn now_ns() -> u64 {
 struct Agg {
     stats: Stats,
     hist: Histogram<u64>,
+    /// Last server seq seen, per connection index (only with `reconnect`).
+    last_seq: Vec<u64>,
 }
 
 impl Agg {
@@ -169,6 +239,7 @@ impl Group {
             agg: Rc::new(RefCell::new(Agg {
                 stats: Stats::default(),
                 hist: new_hist()?,
+                last_seq: Vec::new(),
             })),
             buf: Rc::new(RefCell::new(vec![0; SHARED_BUF])),
             finders: Rc::new(Finders::default()),
@@ -189,33 +260,60 @@ impl Group {
             let finders = self.finders.clone();
             tokio::task::spawn_local(async move {
                 let permit = sem.acquire_owned().await;
-                let setup = tokio::time::timeout(Duration::from_secs(15), Conn::setup(&spec, i))
-                    .await
-                    .map_err(|_| anyhow!("setup timed out"))
-                    .and_then(|r| r);
-                let conn = match setup {
+                let setup =
+                    tokio::time::timeout(Duration::from_secs(15), Conn::setup(&spec, i, None))
+                        .await
+                        .map_err(|_| anyhow!("setup timed out"))
+                        .and_then(|r| r);
+                let mut conn = match setup {
                     Ok(c) => c,
                     Err(e) => {
                         let _ = tx.send(Err(e));
                         return;
                     }
                 };
-                let mut conn = conn;
                 conn.ready_tx = Some((tx, permit));
-                let res = conn.run(&spec, &agg, &buf, &finders).await;
-                let mut a = agg.borrow_mut();
-                match conn.ready_tx.take() {
-                    // Never became ready: a failed setup.
-                    Some((tx, _)) => {
-                        let _ = tx.send(Err(res.err().unwrap_or_else(|| anyhow!("closed"))));
-                    }
-                    None => {
-                        a.stats.open = a.stats.open.saturating_sub(1);
+                loop {
+                    let res = conn.run(&spec, &agg, &buf, &finders).await;
+                    {
+                        let mut a = agg.borrow_mut();
+                        // Never became ready: a failed setup.
+                        if let Some((tx, _)) = conn.ready_tx.take() {
+                            let e = match (res, conn.refused.take()) {
+                                (_, Some(r)) => anyhow!("subscribe refused: {r}"),
+                                (Err(e), None) => e,
+                                (Ok(()), None) => anyhow!("closed"),
+                            };
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                        if conn.counted {
+                            a.stats.open = a.stats.open.saturating_sub(1);
+                        }
                         a.stats.closed += 1;
                         *a.stats.close_codes.entry(conn.close_code).or_default() += 1;
                         if let Err(e) = res {
                             a.error(format!("connection {i}: {e:#}"));
                         }
+                        if spec.reconnect.is_some() {
+                            let now = now_ns();
+                            let f = &mut a.stats.first_close_ns;
+                            *f = if *f == 0 { now } else { (*f).min(now) };
+                        }
+                    }
+                    let Some(rc) = spec.reconnect else { return };
+                    // The old socket is closed first (the server waits for our FIN).
+                    let (resume, last) = (
+                        Resume {
+                            epoch: conn.epoch.take(),
+                            since: conn.last_seq,
+                        },
+                        std::mem::take(&mut conn.last),
+                    );
+                    drop(conn);
+                    match reconnect(&spec, i, resume, last, rc, &agg).await {
+                        Some(c) => conn = c,
+                        None => return,
                     }
                 }
             });
@@ -246,6 +344,7 @@ impl Group {
     pub fn stats(&self, reset: bool) -> Stats {
         let mut a = self.agg.borrow_mut();
         let mut s = a.stats.clone();
+        s.last_seq_sum = a.last_seq.iter().sum();
         s.lat_us = a
             .hist
             .iter_recorded()
@@ -255,6 +354,13 @@ impl Group {
             let keep = Stats {
                 open: a.stats.open,
                 failed: a.stats.failed,
+                resumed: a.stats.resumed,
+                recovered: a.stats.recovered,
+                retries: a.stats.retries,
+                gave_up: a.stats.gave_up,
+                first_close_ns: a.stats.first_close_ns,
+                last_resume_ns: a.stats.last_resume_ns,
+                first_unrecovered: a.stats.first_unrecovered.clone(),
                 ..Stats::default()
             };
             a.stats = keep;
@@ -270,6 +376,59 @@ type ReadyTx = (
     Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>,
 );
 
+/// Reconnects connection `i` after a close (retrying every `rc.retry_ms` plus jitter) and
+/// sends its resume; `None` when it gave up.
+async fn reconnect(
+    spec: &SubSpec,
+    i: u32,
+    resume: Resume,
+    mut last: Vec<u64>,
+    rc: Reconnect,
+    agg: &RefCell<Agg>,
+) -> Option<Conn> {
+    let give_up = tokio::time::Instant::now() + Duration::from_millis(rc.give_up_ms);
+    let mut rng = u64::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    loop {
+        // xorshift: a different jitter per connection and attempt, no dependency.
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let wait = rc.retry_ms
+            + if rc.jitter_ms > 0 {
+                rng % rc.jitter_ms
+            } else {
+                0
+            };
+        if wait > 0 {
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(5),
+            Conn::setup(spec, i, Some(resume.clone())),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(mut c)) => {
+                c.last = std::mem::take(&mut last);
+                return Some(c);
+            }
+            _ if tokio::time::Instant::now() >= give_up => {
+                agg.borrow_mut().stats.gave_up += 1;
+                return None;
+            }
+            _ => agg.borrow_mut().stats.retries += 1,
+        }
+    }
+}
+
+/// Where a reconnecting subscriber was.
+#[derive(Debug, Clone)]
+struct Resume {
+    /// The epoch of its stream (relay; None: the server has none, or it never subscribed).
+    epoch: Option<String>,
+    since: u64,
+}
+
 /// One subscriber connection.
 struct Conn {
     stream: TcpStream,
@@ -283,6 +442,18 @@ struct Conn {
     last: Vec<u64>,
     /// Last server seq seen (0: none yet).
     last_seq: u64,
+    /// The channel's epoch from the `subscribed` reply (relay).
+    epoch: Option<String>,
+    /// Index of the connection (for per-connection bookkeeping).
+    index: u32,
+    /// Counted in `open`.
+    counted: bool,
+    /// A reconnection waiting for its `subscribed` reply.
+    resuming: bool,
+    /// The server refused the subscribe (its error frame).
+    refused: Option<String>,
+    /// The epoch this connection resumed from.
+    resume_epoch: Option<String>,
     nmsg: u32,
     ready: bool,
     /// Told once the connection is subscribed; holds the setup permit until then.
@@ -294,7 +465,7 @@ struct Conn {
 }
 
 impl Conn {
-    async fn setup(spec: &SubSpec, i: u32) -> Result<Conn> {
+    async fn setup(spec: &SubSpec, i: u32, resume: Option<Resume>) -> Result<Conn> {
         let sock = TcpSocket::new_v4()?;
         if spec.src_ips > 0 {
             let ip = src_ip(i % spec.src_ips);
@@ -310,11 +481,13 @@ impl Conn {
         let ch = spec.channel(i);
         let req = match (spec.target, spec.sse) {
             (Target::Relay, false) => wire::upgrade_request(&host, "/ws"),
-            (Target::Node, false) => wire::upgrade_request(&host, "/"),
+            (Target::Node | Target::Uws, false) => wire::upgrade_request(&host, "/"),
             (Target::Nchan, false) => wire::upgrade_request(&host, &format!("/sub/{ch}")),
             (Target::Relay, true) => sse_request(&host, &format!("/sse?channel={ch}")),
             (Target::Nchan, true) => sse_request(&host, &format!("/sub/{ch}")),
-            (Target::Node, true) => bail!("the node relay has no SSE endpoint"),
+            (Target::Node | Target::Uws, true) => bail!("{:?} has no SSE endpoint", spec.target),
+            (Target::Pusher, false) => wire::upgrade_request(&host, PUSHER_PATH),
+            (Target::Pusher, true) => bail!("Pusher has no SSE endpoint"),
         };
         stream.write_all(req.as_bytes()).await?;
         let mut head = Vec::with_capacity(512);
@@ -337,13 +510,21 @@ impl Conn {
         if h.status != want {
             bail!("status {} (expected {want})", h.status);
         }
+        let conn_resume = resume.clone();
         let mut conn = Conn {
             stream,
             partial: head[end..].to_vec(),
             dechunk: (spec.sse && h.chunked).then(Dechunk::default),
             ev: Vec::new(),
             last: Vec::new(),
-            last_seq: 0,
+            last_seq: resume.as_ref().map_or(0, |r| r.since),
+            // Kept if this attempt is refused, for the next one.
+            epoch: resume.as_ref().and_then(|r| r.epoch.clone()),
+            index: i,
+            counted: false,
+            resuming: resume.is_some(),
+            refused: None,
+            resume_epoch: resume.as_ref().and_then(|r| r.epoch.clone()),
             // Offset per connection, so that sampling one message in N still samples when each
             // connection gets fewer than N messages.
             nmsg: i,
@@ -354,7 +535,18 @@ impl Conn {
             closing: false,
         };
         if !spec.sse && spec.target != Target::Nchan {
-            let cmd = format!(r#"{{"type":"subscribe","channel":"{ch}"}}"#);
+            let cmd = match &conn_resume {
+                Some(Resume {
+                    epoch: Some(epoch),
+                    since,
+                }) if spec.target == Target::Relay => format!(
+                    r#"{{"type":"subscribe","channel":"{ch}","since":{since},"epoch":"{epoch}"}}"#
+                ),
+                Some(_) | None if spec.target == Target::Pusher => {
+                    format!(r#"{{"event":"pusher:subscribe","data":{{"channel":"{ch}"}}}}"#)
+                }
+                _ => format!(r#"{{"type":"subscribe","channel":"{ch}"}}"#),
+            };
             let mut f = Vec::new();
             wire::client_frame(wire::OP_TEXT, cmd.as_bytes(), &mut f);
             conn.stream.write_all(&f).await?;
@@ -366,6 +558,7 @@ impl Conn {
         if self.ready {
             if let Some((tx, _permit)) = self.ready_tx.take() {
                 agg.borrow_mut().stats.open += 1;
+                self.counted = true;
                 let _ = tx.send(Ok(()));
             }
         }
@@ -489,13 +682,60 @@ impl Conn {
             self.delivery(spec, None, f.stamp(msg), now, agg);
             return;
         }
+        if spec.target == Target::Pusher {
+            // A relay payload without an event name reaches Pusher clients as event `message`
+            // with the payload (relay-bench's stamp) as its data. Pusher has no seq.
+            if msg.starts_with(br#"{"event":"message""#) {
+                self.delivery(spec, None, f.stamp(msg), now, agg);
+            } else if msg.starts_with(br#"{"event":"pusher_internal:subscription_succeeded""#) {
+                self.ready = true;
+            } else if msg.starts_with(br#"{"event":"pusher:ping""#) {
+                let pong = br#"{"event":"pusher:pong","data":{}}"#;
+                wire::client_frame(wire::OP_TEXT, pong, &mut self.out);
+            } else if msg.starts_with(br#"{"event":"pusher:error""#) {
+                agg.error(String::from_utf8_lossy(msg));
+            }
+            return;
+        }
         if msg.starts_with(br#"{"type":"message""#) {
             let (seq, stamp) = f.message(msg);
             self.delivery(spec, seq, stamp, now, agg);
         } else if msg.starts_with(br#"{"type":"subscribed""#) {
             self.ready = true;
+            self.epoch = f
+                .epoch(msg)
+                .map(|e| String::from_utf8_lossy(e).into_owned());
+            if self.resuming {
+                self.resuming = false;
+                let recovered = memchr::memmem::find(msg, br#""recovered":true"#).is_some();
+                let st = &mut agg.stats;
+                st.resumed += 1;
+                st.open += 1;
+                self.counted = true;
+                st.last_resume_ns = st.last_resume_ns.max(now);
+                if recovered {
+                    st.recovered += 1;
+                } else {
+                    if st.first_unrecovered.is_none() {
+                        st.first_unrecovered = Some(format!(
+                            "{} (we had seq {}, epoch {:?})",
+                            String::from_utf8_lossy(msg),
+                            self.last_seq,
+                            self.resume_epoch
+                        ));
+                    }
+                    // A new stream: seqs start over from the channel's current top.
+                    self.last_seq = f.seq(msg).unwrap_or(0);
+                }
+            }
         } else if msg.starts_with(br#"{"type":"error""#) || msg.starts_with(br#"{"type":"gap""#) {
             agg.error(String::from_utf8_lossy(msg));
+            if !self.ready || self.resuming {
+                // The subscribe was refused (e.g. `unavailable` while a backplane connects):
+                // a failed setup, or for a reconnection, another attempt.
+                self.refused = Some(String::from_utf8_lossy(msg).into_owned());
+                self.closing = true;
+            }
         }
     }
 
@@ -517,6 +757,13 @@ impl Conn {
                 }
             }
             self.last_seq = self.last_seq.max(seq);
+            if spec.reconnect.is_some() {
+                let i = self.index as usize;
+                if agg.last_seq.len() <= i {
+                    agg.last_seq.resize(i + 1, 0);
+                }
+                agg.last_seq[i] = self.last_seq;
+            }
         }
         let Some(stamp) = stamp else {
             st.foreign += 1;

@@ -102,10 +102,38 @@ pub fn close_code(payload: &[u8]) -> Option<u16> {
 
 /// The upgrade request (a fixed key: relay-bench does not check the accept hash).
 pub fn upgrade_request(host: &str, path: &str) -> String {
+    upgrade_request_with(host, path, "")
+}
+
+/// The upgrade request with more header lines (`extra`, each ending in `\r\n`).
+pub fn upgrade_request_with(host: &str, path: &str, extra: &str) -> String {
     format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
     )
+}
+
+/// Reads a WebSocket upgrade's response head from `s`; fails unless it is a 101. Returns the
+/// bytes that came after the head (the first frames, if any).
+pub async fn read_upgrade<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(512);
+    let mut tmp = [0u8; 2048];
+    let end = loop {
+        if let Some(e) = head_end(&buf) {
+            break e;
+        }
+        let n = s.read(&mut tmp).await?;
+        if n == 0 {
+            bail!("closed during the handshake");
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = parse_head(&buf[..end])?;
+    if head.status != 101 {
+        bail!("upgrade: status {}", head.status);
+    }
+    Ok(buf.split_off(end))
 }
 
 /// Where the head of an HTTP message ends (just past `\r\n\r\n`).
@@ -216,6 +244,7 @@ pub struct Finders {
     p: memmem::Finder<'static>,
     s: memmem::Finder<'static>,
     id: memmem::Finder<'static>,
+    epoch: memmem::Finder<'static>,
 }
 
 impl Default for Finders {
@@ -226,6 +255,7 @@ impl Default for Finders {
             p: memmem::Finder::new(b",\"p\":"),
             s: memmem::Finder::new(b",\"s\":"),
             id: memmem::Finder::new(b"\"id\":"),
+            epoch: memmem::Finder::new(b"\"epoch\":\""),
         }
     }
 }
@@ -280,6 +310,13 @@ impl Finders {
     pub fn id(&self, msg: &[u8]) -> Option<u64> {
         let i = self.id.find(msg)? + 5;
         digits(&msg[i..]).map(|(v, _)| v)
+    }
+
+    /// The text of the first `"epoch":"…"` string.
+    pub fn epoch<'a>(&self, msg: &'a [u8]) -> Option<&'a [u8]> {
+        let i = self.epoch.find(msg)? + 9;
+        let n = memchr::memchr(b'"', &msg[i..])?;
+        Some(&msg[i..i + n])
     }
 
     /// The server seq and relay-bench's stamp of a `message` frame or event data. Fast path for
@@ -475,6 +512,11 @@ mod tests {
             Some(Stamp { t: 5, p: 1, s: 2 })
         );
         assert_eq!(f.id(br#"{"type":"published","id":7,"seq":3}"#), Some(7));
+        assert_eq!(
+            f.epoch(br#"{"type":"subscribed","channel":"a","epoch":"9f2c","seq":4}"#),
+            Some(&b"9f2c"[..])
+        );
+        assert_eq!(f.epoch(br#"{"type":"subscribed","epoch":"9f2"#), None);
     }
 
     #[test]

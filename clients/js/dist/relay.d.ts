@@ -97,7 +97,8 @@ export interface RelayOptions {
     fetch?: FetchLike;
     /** Reconnect backoff. */
     backoff?: BackoffOptions;
-    /** After a 1012 (service restart) close, the first retry waits `random() * restartDelayMs` (default 250). */
+    /** After a 1012 (service restart) close, the first retry waits the delay the server advised in the
+     * close reason (`reconnect in N ms`), else `random() * restartDelayMs` (default 250). */
     restartDelayMs?: number;
     /** Heartbeat period, ms (default 15000; 0 disables). A connection silent for a whole period after a heartbeat is considered dead and replaced. */
     heartbeatIntervalMs?: number;
@@ -226,6 +227,9 @@ export interface SubscribeOptions {
     /** Called for each message of this channel (in addition to the `message` event). */
     onMessage?: (m: MessageEvent) => void;
 }
+/** The delay a 1012 close reason advises (`service restart; reconnect in N ms`: the server spreads
+ * its clients over a window that grows with its connections), or `undefined` without one. */
+export declare function restartDelay(reason: string): number | undefined;
 /** Full-jitter exponential backoff: `random() * min(cap, base * 2^attempt)`, attempt from 0. */
 export declare function backoffDelay(attempt: number, baseMs: number, capMs: number, random?: () => number): number;
 /** A command as the client sends it (codec-neutral). */
@@ -350,6 +354,7 @@ export declare class RelayClient {
     private nextId;
     private wanted;
     private attempt;
+    /** After a 1012: the delay the server advised (ms), or `true` for a random one below `restartDelayMs`. */
     private restartHint;
     private wsFailures;
     private wsEverOpened;

@@ -25,6 +25,14 @@ export class RelayError extends Error {
 }
 // ---------------------------------------------------------------------------------------------
 // Pure helpers (exported for tests)
+/** Most a server-advised restart delay is followed (a longer one is capped here). */
+const MAX_RESTART_DELAY_MS = 60000;
+/** The delay a 1012 close reason advises (`service restart; reconnect in N ms`: the server spreads
+ * its clients over a window that grows with its connections), or `undefined` without one. */
+export function restartDelay(reason) {
+    const m = /reconnect in (\d+) ms/.exec(reason);
+    return m ? Math.min(Number(m[1]), MAX_RESTART_DELAY_MS) : undefined;
+}
 /** Full-jitter exponential backoff: `random() * min(cap, base * 2^attempt)`, attempt from 0. */
 export function backoffDelay(attempt, baseMs, capMs, random = Math.random) {
     const ceiling = Math.min(capMs, baseMs * Math.pow(2, Math.min(attempt, 52)));
@@ -309,6 +317,7 @@ export class RelayClient {
         this.nextId = 1;
         this.wanted = false;
         this.attempt = 0;
+        /** After a 1012: the delay the server advised (ms), or `true` for a random one below `restartDelayMs`. */
         this.restartHint = false;
         this.wsFailures = 0;
         this.wsEverOpened = false;
@@ -527,7 +536,7 @@ export class RelayClient {
             }
         }
         if (code === 1012)
-            this.restartHint = true;
+            this.restartHint = restartDelay(reason) ?? true;
         const { baseMs, capMs, maxAttempts } = this.opts.backoff;
         if (this.attempt >= maxAttempts) {
             this.wanted = false;
@@ -538,9 +547,11 @@ export class RelayClient {
                 this.rejectWaiters(s, new RelayError("closed", "gave up reconnecting", s.channel));
             return;
         }
-        const delayMs = this.restartHint
-            ? Math.floor(this.opts.random() * this.opts.restartDelayMs)
-            : backoffDelay(this.attempt, baseMs, capMs, this.opts.random);
+        const delayMs = typeof this.restartHint === "number"
+            ? this.restartHint
+            : this.restartHint
+                ? Math.floor(this.opts.random() * this.opts.restartDelayMs)
+                : backoffDelay(this.attempt, baseMs, capMs, this.opts.random);
         this.restartHint = false;
         this.attempt++;
         this.setState("reconnecting");

@@ -94,7 +94,8 @@ export interface RelayOptions {
   fetch?: FetchLike;
   /** Reconnect backoff. */
   backoff?: BackoffOptions;
-  /** After a 1012 (service restart) close, the first retry waits `random() * restartDelayMs` (default 250). */
+  /** After a 1012 (service restart) close, the first retry waits the delay the server advised in the
+   * close reason (`reconnect in N ms`), else `random() * restartDelayMs` (default 250). */
   restartDelayMs?: number;
   /** Heartbeat period, ms (default 15000; 0 disables). A connection silent for a whole period after a heartbeat is considered dead and replaced. */
   heartbeatIntervalMs?: number;
@@ -220,6 +221,16 @@ export interface SubscribeOptions {
 
 // ---------------------------------------------------------------------------------------------
 // Pure helpers (exported for tests)
+
+/** Most a server-advised restart delay is followed (a longer one is capped here). */
+const MAX_RESTART_DELAY_MS = 60_000;
+
+/** The delay a 1012 close reason advises (`service restart; reconnect in N ms`: the server spreads
+ * its clients over a window that grows with its connections), or `undefined` without one. */
+export function restartDelay(reason: string): number | undefined {
+  const m = /reconnect in (\d+) ms/.exec(reason);
+  return m ? Math.min(Number(m[1]), MAX_RESTART_DELAY_MS) : undefined;
+}
 
 /** Full-jitter exponential backoff: `random() * min(cap, base * 2^attempt)`, attempt from 0. */
 export function backoffDelay(attempt: number, baseMs: number, capMs: number, random: () => number = Math.random): number {
@@ -563,7 +574,8 @@ export class RelayClient {
   private nextId = 1;
   private wanted = false;
   private attempt = 0;
-  private restartHint = false;
+  /** After a 1012: the delay the server advised (ms), or `true` for a random one below `restartDelayMs`. */
+  private restartHint: number | boolean = false;
   private wsFailures = 0;
   private wsEverOpened = false;
   private useSse = false;
@@ -783,7 +795,7 @@ export class RelayClient {
         this.attempt = 0;
       }
     }
-    if (code === 1012) this.restartHint = true;
+    if (code === 1012) this.restartHint = restartDelay(reason) ?? true;
     const { baseMs, capMs, maxAttempts } = this.opts.backoff;
     if (this.attempt >= maxAttempts) {
       this.wanted = false;
@@ -793,9 +805,11 @@ export class RelayClient {
       for (const s of this.subs.values()) this.rejectWaiters(s, new RelayError("closed", "gave up reconnecting", s.channel));
       return;
     }
-    const delayMs = this.restartHint
-      ? Math.floor(this.opts.random() * this.opts.restartDelayMs)
-      : backoffDelay(this.attempt, baseMs, capMs, this.opts.random);
+    const delayMs = typeof this.restartHint === "number"
+      ? this.restartHint
+      : this.restartHint
+        ? Math.floor(this.opts.random() * this.opts.restartDelayMs)
+        : backoffDelay(this.attempt, baseMs, capMs, this.opts.random);
     this.restartHint = false;
     this.attempt++;
     this.setState("reconnecting");

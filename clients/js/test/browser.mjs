@@ -1,77 +1,20 @@
 // Browser tests of the client: headless Chromium (Debian's /usr/bin/chromium, driven by
 // playwright-core) against a real relay (target/debug/relay serve --demo on 127.0.0.1:0).
 // The page loads the bundle the relay serves (/demo/relay.js). Every step is bounded in time;
-// the whole run is killed after OVERALL_MS.
+// the whole run is killed after 150 s.
 //
 //   node test/browser.mjs            (RELAY_BIN and CHROMIUM override the paths)
-import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
-import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
+import { CHROMIUM, STEP_MS, atEnd, check, finish, overallTimeout, sleep, startRelay as start, step, stopRelay } from "./harness.mjs";
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const root = path.resolve(here, "../../..");
-const RELAY = process.env.RELAY_BIN || path.join(root, "target/debug/relay");
-const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
-const OVERALL_MS = 150_000;
-const STEP_MS = 15_000;
+const overall = overallTimeout(150_000, "browser test");
 
-const cleanups = [];
-async function cleanup() {
-  while (cleanups.length) {
-    try {
-      await cleanups.pop()();
-    } catch {
-      /* best effort */
-    }
-  }
-}
-const overall = setTimeout(async () => {
-  console.error(`browser test: no result within ${OVERALL_MS} ms, giving up`);
-  await cleanup();
-  process.exit(1);
-}, OVERALL_MS);
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-/** Starts the relay; resolves with its address once it printed `listening on http://ADDR`. */
-function startRelay(listen = "127.0.0.1:0") {
-  const proc = spawn(RELAY, ["serve", "--listen", listen, "--demo", "--drain-period", "1s", "--shutdown-timeout", "3s", "--sse-retry", "300ms"], {
-    stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, RUST_LOG: process.env.RUST_LOG || "warn" },
-  });
-  proc.stderr.on("data", (d) => process.stderr.write(`[relay] ${d}`));
-  const exited = new Promise((resolve) => proc.once("exit", (code, signal) => resolve({ code, signal })));
-  cleanups.push(() => stopRelay({ proc, exited }));
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error("relay did not print its address within 15 s")), 15_000);
-    let buf = "";
-    proc.stdout.on("data", (d) => {
-      buf += d;
-      const m = /listening on http:\/\/(\S+)/.exec(buf);
-      if (m) {
-        clearTimeout(timer);
-        resolve({ proc, exited, addr: m[1] });
-      }
-    });
-    proc.once("exit", (code) => {
-      clearTimeout(timer);
-      reject(new Error(`relay exited early (${code})`));
-    });
-  });
-}
-
-async function stopRelay(relay) {
-  if (relay.proc.exitCode !== null || relay.proc.signalCode !== null) return;
-  relay.proc.kill("SIGTERM");
-  const r = await Promise.race([relay.exited, sleep(10_000).then(() => null)]);
-  if (!r) {
-    relay.proc.kill("SIGKILL");
-    await relay.exited;
-  }
-}
+/** Starts the relay with the demo on `listen`. */
+const startRelay = (listen = "127.0.0.1:0") =>
+  start(["--listen", listen, "--demo", "--drain-period", "1s", "--shutdown-timeout", "3s", "--sse-retry", "300ms"]);
 
 async function api(addr, channel, data) {
   const ctl = AbortSignal.timeout(5000);
@@ -80,9 +23,6 @@ async function api(addr, channel, data) {
   return res.json();
 }
 
-function check(cond, msg) {
-  if (!cond) throw new Error(msg);
-}
 function contiguous(seqs) {
   for (let i = 1; i < seqs.length; i++) if (seqs[i] !== seqs[i - 1] + 1) return false;
   return true;
@@ -90,25 +30,12 @@ function contiguous(seqs) {
 
 // --- the run ---------------------------------------------------------------------------------
 
-const results = [];
-async function step(name, fn) {
-  const t0 = Date.now();
-  try {
-    await Promise.race([fn(), sleep(STEP_MS * 2).then(() => Promise.reject(new Error(`step timed out after ${STEP_MS * 2} ms`)))]);
-    results.push({ name, ok: true });
-    console.log(`ok - ${name} (${Date.now() - t0} ms)`);
-  } catch (e) {
-    results.push({ name, ok: false });
-    console.log(`not ok - ${name}: ${e && e.stack ? e.stack : e}`);
-  }
-}
-
 let relay = await startRelay();
 const port = relay.addr.split(":").pop();
 console.log(`relay at ${relay.addr}`);
 
 const userDataDir = mkdtempSync(path.join(tmpdir(), "relay-chromium-"));
-cleanups.push(() => rmSync(userDataDir, { recursive: true, force: true }));
+atEnd(() => rmSync(userDataDir, { recursive: true, force: true }));
 const context = await chromium.launchPersistentContext(userDataDir, {
   executablePath: CHROMIUM,
   headless: true,
@@ -124,7 +51,7 @@ const context = await chromium.launchPersistentContext(userDataDir, {
     "--disable-sync",
   ],
 });
-cleanups.push(() => context.close());
+atEnd(() => context.close());
 context.setDefaultTimeout(STEP_MS);
 const page = context.pages()[0] ?? (await context.newPage());
 page.on("console", (m) => m.type() === "error" && console.log(`[page] ${m.text()}`));
@@ -161,6 +88,34 @@ await step("websocket: connect, subscribe, receive, publish", async () => {
   check(JSON.stringify(s) === "[1,2,3,4,5,6]", `seqs ${s}`);
   const open = await events("ws", "open");
   check(open[0].transport === "ws" && open[0].protocol === "json", `open ${JSON.stringify(open)}`);
+});
+
+await step("permessage-deflate: Chromium negotiates it, two sockets decode the one compressed frame", async () => {
+  // Two plain browser WebSockets (Chromium offers permessage-deflate by itself); their commands
+  // go out compressed too.
+  await page.evaluate((url) => {
+    window.zrec = [];
+    window.zsocks = [0, 1].map((i) => {
+      const ws = new WebSocket(url);
+      window.zrec[i] = [];
+      ws.onopen = () => ws.send(JSON.stringify({ type: "subscribe", channel: "t:zip" }));
+      ws.onmessage = (e) => window.zrec[i].push(JSON.parse(e.data));
+      return ws;
+    });
+  }, `ws://${relay.addr}/ws`);
+  await waitFor(() => window.zrec.every((r) => r.some((m) => m.type === "subscribed")));
+  const exts = await page.evaluate(() => window.zsocks.map((ws) => ws.extensions));
+  check(exts.every((e) => e.includes("permessage-deflate")), `extensions ${JSON.stringify(exts)}`);
+  const big = Array.from({ length: 200 }, (_, i) => ({ i, text: "compressible text ".repeat(3) }));
+  await api(relay.addr, "t:zip", big);
+  await api(relay.addr, "t:zip", { small: true });
+  await waitFor(() => window.zrec.every((r) => r.filter((m) => m.type === "message").length >= 2));
+  const got = await page.evaluate(() => window.zrec.map((r) => r.filter((m) => m.type === "message")));
+  for (const msgs of got) {
+    check(JSON.stringify(msgs[0].data) === JSON.stringify(big) && msgs[0].seq === 1, `big message ${JSON.stringify(msgs[0]).slice(0, 200)}`);
+    check(msgs[1].data.small === true && msgs[1].seq === 2, `small message ${JSON.stringify(msgs[1])}`);
+  }
+  await page.evaluate(() => window.zsocks.forEach((ws) => ws.close()));
 });
 
 await step("websocket: resume after the socket drops, nothing missed, nothing twice", async () => {
@@ -335,8 +290,4 @@ await step("relay restarted mid-stream: 1012, reconnect, recovered:false surface
   check(sseResync && sseResync.reason === "epoch_changed", `sse resync ${JSON.stringify(sseResync)}`);
 });
 
-await cleanup();
-clearTimeout(overall);
-const failed = results.filter((r) => !r.ok).length;
-console.log(`\nbrowser: ${results.length - failed} passed, ${failed} failed`);
-process.exit(failed ? 1 : 0);
+await finish("browser", overall);

@@ -13,6 +13,7 @@ import {
   epochFromBytes,
   epochToBytes,
   relayUrls,
+  restartDelay,
 } from "../dist/relay.js";
 
 const hex = (s) => Uint8Array.from(s.trim().split(/\s+/).map((x) => parseInt(x, 16)));
@@ -253,6 +254,21 @@ test("a 1012 close reconnects after restartDelayMs, other closes after the backo
   c.close();
   await sleep(30);
   assert.equal(FakeWS.instances.length, 2, "close() cancels the pending retry");
+});
+
+test("a 1012 close with a server-advised delay reconnects after that delay", async () => {
+  assert.equal(restartDelay("service restart; reconnect in 1234 ms"), 1234);
+  assert.equal(restartDelay("service restart; reconnect in 999999 ms"), 60_000, "capped");
+  assert.equal(restartDelay("service restart"), undefined);
+  reset();
+  const c = client({ random: () => 0.5, restartDelayMs: 40_000, backoff: { baseMs: 60_000, capMs: 1_000_000 } });
+  const delays = [];
+  c.on("reconnecting", (r) => delays.push(r.delayMs));
+  latest().accept();
+  latest().serverClose(1012, "service restart; reconnect in 30 ms");
+  assert.deepEqual(delays, [30], "the advised delay, not random * restartDelayMs");
+  await until(() => FakeWS.instances.length === 2, "a reconnect after the advised delay", 1000);
+  c.close();
 });
 
 test("gives up after maxAttempts consecutive failures", async () => {

@@ -762,3 +762,33 @@ async fn presence_is_written_for_local_members_and_mirrored_from_other_nodes() {
     assert_eq!(n.replica.state(&p), None);
     assert!(!users(&n).contains(&"bob".to_owned()));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_ingests_each_channel_in_order_and_a_gap_resyncs_only_its_channel() {
+    let n = node();
+    let (a, b) = (ch("a"), ch("b"));
+    n.join(&a).await.unwrap();
+    n.join(&b).await.unwrap();
+    let _sa = n.subscriber(&a);
+    let _sb = n.subscriber(&b);
+    n.fake.calls();
+    let a1 = n.fake.append(&a, "a1");
+    let b1 = n.fake.append(&b, "b1");
+    let a2 = n.fake.append(&a, "a2");
+    let _lost = n.fake.append(&b, "b2");
+    let b3 = n.fake.append(&b, "b3");
+    let mut batch = Batch::default();
+    for (c, m) in [(&a, a1), (&b, b1), (&a, a2), (&b, b3)] {
+        batch.push(c.clone(), m);
+    }
+    assert!(batch.holds(&a) && batch.holds(&b) && !batch.holds(&ch("c")));
+    n.replica.on_batch(&mut batch);
+    assert!(batch.is_empty(), "the batch is handed over whole");
+    assert_eq!(n.seqs(&a), [1, 2]);
+    assert_eq!(n.replica.state(&a), Some(State::Synced));
+    assert_eq!(n.replica.state(&b), Some(State::Resyncing), "b lost b2");
+    settle().await;
+    assert_eq!(n.fake.calls(), ["snapshot b"]);
+    assert_eq!(n.seqs(&b), [1, 2, 3]);
+    assert_eq!(n.replica.state(&b), Some(State::Synced));
+}

@@ -1,0 +1,277 @@
+//! Acting on a user's connections from the server API: disconnect them, subscribe them to a
+//! channel or unsubscribe them, on every shard.
+//!
+//! A user is a token's subject (`sub`): connections without one are not in the index.
+//! - [`UserControl`] (in the [`super::Node`], shared): one bounded inbox per shard of
+//!   `(user, command)` and a `Notify`. The API handler puts a command into every shard's inbox.
+//! - [`ShardUsers`] (in each [`super::ShardContext`]): user → this shard's connections of that
+//!   user, each with a [`Mailbox`]. The shard's control task ([`run_shard`]) drains its inbox
+//!   into the mailboxes of the user's connections, and each session applies its mailbox on its
+//!   own task (where its state lives).
+//!
+//! Bounded everywhere: an inbox holds at most [`INBOX`] commands (the API answers 503
+//! `overloaded` past it), a mailbox [`MAILBOX`] (older commands first; past it the newest is
+//! dropped and the connection is disconnected instead, so that it cannot miss an order). The
+//! index costs one map entry per user plus one `Rc` per connection with a user.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::engine::hub::ConnId;
+use crate::types::ChannelName;
+
+/// Commands waiting per shard, at most.
+pub const INBOX: usize = 4096;
+/// Commands waiting per connection, at most.
+pub const MAILBOX: usize = 16;
+
+/// WebSocket close code of a server-side disconnect after which the client may reconnect.
+pub const CLOSE_DISCONNECTED: u16 = 4010;
+/// WebSocket close code of a server-side disconnect after which the client must not reconnect.
+pub const CLOSE_DISCONNECTED_FOR_GOOD: u16 = 4011;
+
+/// What to do with each connection of a user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UserCommand {
+    /// Close it: WebSocket close [`CLOSE_DISCONNECTED`] (`reconnect`) or
+    /// [`CLOSE_DISCONNECTED_FOR_GOOD`] with `reason`; an SSE stream ends.
+    Disconnect {
+        /// Shown to the client (at most 120 bytes are sent).
+        reason: Arc<str>,
+        /// Whether the client should come back.
+        reconnect: bool,
+    },
+    /// Subscribe it to the channel (WebSocket: a `subscribed` event without `id` follows).
+    Subscribe(ChannelName),
+    /// Unsubscribe it (WebSocket: an `unsubscribed` event without `id` follows).
+    Unsubscribe(ChannelName),
+}
+
+/// One shard's waiting commands, with the user each is for.
+type Inbox = Mutex<VecDeque<(Arc<str>, UserCommand)>>;
+
+/// A user's connections on one shard.
+type Conns = Vec<(ConnId, Rc<Mailbox>)>;
+
+/// The shards' inboxes. See the module docs.
+pub struct UserControl {
+    inboxes: Box<[Inbox]>,
+    ready: Box<[Notify]>,
+}
+
+/// The inboxes are full: the API answers 503 `overloaded`.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("too many user commands are waiting; try again later")]
+pub struct InboxFull;
+
+impl UserControl {
+    /// Inboxes for `shards` shards.
+    pub fn new(shards: usize) -> Self {
+        Self {
+            inboxes: (0..shards).map(|_| Mutex::default()).collect(),
+            ready: (0..shards).map(|_| Notify::new()).collect(),
+        }
+    }
+
+    /// Sends `command` to every connection of `user` on every shard of this node. All or
+    /// nothing: refused when any shard's inbox is full.
+    pub fn send(&self, user: &str, command: UserCommand) -> Result<(), InboxFull> {
+        let mut inboxes: Vec<_> = self.inboxes.iter().map(|i| i.lock()).collect();
+        if inboxes.iter().any(|i| i.len() >= INBOX) {
+            return Err(InboxFull);
+        }
+        let user: Arc<str> = user.into();
+        for inbox in inboxes.iter_mut() {
+            inbox.push_back((user.clone(), command.clone()));
+        }
+        drop(inboxes);
+        for r in self.ready.iter() {
+            r.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// One connection's commands, applied by its session.
+#[derive(Default)]
+pub struct Mailbox {
+    commands: RefCell<VecDeque<UserCommand>>,
+    ready: Notify,
+}
+
+impl Mailbox {
+    /// Waits until a command is there.
+    pub async fn ready(&self) {
+        if self.commands.borrow().is_empty() {
+            self.ready.notified().await;
+        }
+    }
+
+    /// The next command.
+    pub fn take(&self) -> Option<UserCommand> {
+        self.commands.borrow_mut().pop_front()
+    }
+
+    fn put(&self, command: UserCommand) {
+        let mut q = self.commands.borrow_mut();
+        if q.len() >= MAILBOX {
+            // Rather than let the connection miss an order, end it; it reconnects and gets
+            // its server-side state anew.
+            q.clear();
+            q.push_back(UserCommand::Disconnect {
+                reason: "too many server commands at once; reconnect".into(),
+                reconnect: true,
+            });
+        } else {
+            q.push_back(command);
+        }
+        drop(q);
+        self.ready.notify_one();
+    }
+}
+
+/// This shard's user → connections index. See the module docs.
+#[derive(Default)]
+pub struct ShardUsers {
+    users: RefCell<HashMap<Arc<str>, Conns>>,
+}
+
+impl ShardUsers {
+    /// Adds connection `conn` of `user`; returns its mailbox. Call [`ShardUsers::remove`] when
+    /// it ends.
+    pub fn add(&self, user: &Arc<str>, conn: ConnId) -> Rc<Mailbox> {
+        let mailbox = Rc::new(Mailbox::default());
+        self.users
+            .borrow_mut()
+            .entry(user.clone())
+            .or_default()
+            .push((conn, mailbox.clone()));
+        mailbox
+    }
+
+    /// Removes connection `conn` of `user`.
+    pub fn remove(&self, user: &str, conn: ConnId) {
+        let mut users = self.users.borrow_mut();
+        if let Some(conns) = users.get_mut(user) {
+            conns.retain(|(c, _)| *c != conn);
+            if conns.is_empty() {
+                users.remove(user);
+            }
+        }
+    }
+
+    /// Connections of `user` on this shard.
+    pub fn count(&self, user: &str) -> usize {
+        self.users.borrow().get(user).map_or(0, Vec::len)
+    }
+
+    fn deliver(&self, user: &str, command: &UserCommand) {
+        if let Some(conns) = self.users.borrow().get(user) {
+            for (_, m) in conns {
+                m.put(command.clone());
+            }
+        }
+    }
+}
+
+/// The shard's control task: moves the commands of its inbox to its connections' mailboxes.
+pub async fn run_shard(ctx: Rc<super::ShardContext>) {
+    let node = ctx.node.clone();
+    let shard = ctx.shard;
+    let (Some(inbox), Some(ready)) = (node.users.inboxes.get(shard), node.users.ready.get(shard))
+    else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = ready.notified() => {}
+            _ = node.shutdown.cancelled() => return,
+        }
+        let batch: Vec<_> = inbox.lock().drain(..).collect();
+        for (user, command) in batch {
+            ctx.users.deliver(&user, &command);
+        }
+    }
+}
+
+/// What the server API (and compatibility APIs) can ask of the node, transport-neutral.
+impl super::Node {
+    /// Closes every connection of `user` on this node (see [`UserCommand::Disconnect`]).
+    pub fn disconnect_user(
+        &self,
+        user: &str,
+        reason: &str,
+        reconnect: bool,
+    ) -> Result<(), InboxFull> {
+        self.users.send(
+            user,
+            UserCommand::Disconnect {
+                reason: reason.into(),
+                reconnect,
+            },
+        )
+    }
+
+    /// Subscribes every WebSocket connection of `user` on this node to `channel`, whatever its
+    /// grants (the server decides).
+    pub fn subscribe_user(&self, user: &str, channel: &ChannelName) -> Result<(), InboxFull> {
+        self.users
+            .send(user, UserCommand::Subscribe(channel.clone()))
+    }
+
+    /// Unsubscribes every WebSocket connection of `user` on this node from `channel`.
+    pub fn unsubscribe_user(&self, user: &str, channel: &ChannelName) -> Result<(), InboxFull> {
+        self.users
+            .send(user, UserCommand::Unsubscribe(channel.clone()))
+    }
+
+    /// What this node knows of `channel` (reading creates nothing).
+    pub fn channel_info(&self, channel: &ChannelName) -> ChannelInfo {
+        let presence = self
+            .engine
+            .presence(channel, None, 0, 0)
+            .map(|snapshot| snapshot.stats);
+        ChannelInfo {
+            subscribers: self.engine.local_subscribers(channel),
+            position: self.engine.position(channel),
+            presence,
+        }
+    }
+}
+
+/// A channel as [`super::Node::channel_info`] sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct ChannelInfo {
+    /// Subscribers connected to this node.
+    pub subscribers: u64,
+    /// Its epoch and top seq; `None`: the node does not have it.
+    pub position: Option<crate::types::StreamPosition>,
+    /// Its presence counts; `None`: not a presence channel.
+    pub presence: Option<crate::engine::presence::PresenceStats>,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flooded_mailbox_disconnects_instead_of_dropping_an_order() {
+        let users = ShardUsers::default();
+        let alice: Arc<str> = "alice".into();
+        let m = users.add(&alice, 1);
+        let ch = ChannelName::new("a").unwrap();
+        for _ in 0..=MAILBOX {
+            users.deliver("alice", &UserCommand::Subscribe(ch.clone()));
+        }
+        assert!(matches!(m.take(), Some(UserCommand::Disconnect { .. })));
+        assert_eq!(m.take(), None);
+        users.remove("alice", 1);
+        assert_eq!(users.count("alice"), 0);
+    }
+}

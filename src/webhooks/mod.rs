@@ -1,0 +1,513 @@
+//! Webhooks: tells the application's backend what happened on the node, by HTTP POST.
+//!
+//! - [`Event`]s (`channel_occupied`, `channel_vacated`, `member_added`, `member_removed`) come
+//!   from the engine's [`Observer`] calls, under the channel lock, so each hook's queue holds a
+//!   channel's events in the order they happened.
+//! - Each [`Hook`] (a URL, an event filter and a [`Format`]) has its own bounded queue and one
+//!   sender task: one POST in flight per hook, so a receiver sees every channel's events in order.
+//!   A POST carries up to `batch_size` events, sent when that many are queued or `batch_delay`
+//!   after the first. A failed POST (network error, timeout, non-2xx status) is retried with the
+//!   same body and event ids after a full-jitter backoff, up to `max_attempts`: delivery is
+//!   at least once, and receivers deduplicate by event id.
+//! - A full queue drops the new event and counts it (`relay_webhook_events_dropped_total`,
+//!   reason `queue_full`); so does a batch that used up its attempts (reason `attempts`).
+//! - The body and the signature headers are the [`Format`]'s: [`RelayFormat`] by default
+//!   (`X-Relay-Timestamp`, `X-Relay-Signature: v1=HMAC-SHA256(secret, "<timestamp>.<body>")`);
+//!   another scheme (e.g. Pusher's `X-Pusher-Key`/`X-Pusher-Signature`) plugs in as another
+//!   `Format` on its own hooks.
+//!
+//! The dispatcher runs on its own thread and runtime, so a slow receiver never touches the
+//! shards.
+
+pub mod client;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::observe::Observer;
+use crate::engine::presence::Identity;
+use crate::types::ChannelName;
+
+/// What happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// A channel got its first subscriber.
+    ChannelOccupied,
+    /// A channel lost its last subscriber.
+    ChannelVacated,
+    /// A user joined a presence channel (its first connection there).
+    MemberAdded,
+    /// A user left a presence channel (its last connection there).
+    MemberRemoved,
+}
+
+impl EventKind {
+    /// Every kind.
+    pub const ALL: [EventKind; 4] = [
+        EventKind::ChannelOccupied,
+        EventKind::ChannelVacated,
+        EventKind::MemberAdded,
+        EventKind::MemberRemoved,
+    ];
+
+    /// The event's `name` in bodies and filters.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::ChannelOccupied => "channel_occupied",
+            EventKind::ChannelVacated => "channel_vacated",
+            EventKind::MemberAdded => "member_added",
+            EventKind::MemberRemoved => "member_removed",
+        }
+    }
+
+    /// The kind named `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+/// A set of event kinds (a hook's filter).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventSet(u8);
+
+impl EventSet {
+    /// Every kind.
+    pub fn all() -> Self {
+        Self(EventKind::ALL.iter().fold(0, |m, k| m | k.bit()))
+    }
+
+    /// Whether `kind` is in the set.
+    pub fn contains(self, kind: EventKind) -> bool {
+        self.0 & kind.bit() != 0
+    }
+
+    /// The set of the `+`-separated names in `s` (`channel_occupied+channel_vacated`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        s.split('+')
+            .try_fold(Self(0), |set, name| match EventKind::parse(name) {
+                Some(k) => Ok(Self(set.0 | k.bit())),
+                None => Err(format!(
+                    "unknown webhook event {name:?} (known: {})",
+                    EventKind::ALL.map(EventKind::as_str).join(", ")
+                )),
+            })
+    }
+}
+
+/// One event, as every hook sends it.
+#[derive(Clone, Debug)]
+pub struct Event {
+    /// Stable across retries, unique per node run: `<node id>-<run>-<n>`. Receivers
+    /// deduplicate with it.
+    pub id: Arc<str>,
+    /// What happened.
+    pub kind: EventKind,
+    /// Where.
+    pub channel: ChannelName,
+    /// Who (member events).
+    pub user: Option<Arc<str>>,
+    /// When, in Unix milliseconds.
+    pub time_ms: u64,
+}
+
+/// How a hook's POST looks: its body and its headers (the signature).
+pub trait Format: Send + Sync {
+    /// The body of one POST carrying `events`, at Unix time `now_ms`.
+    fn body(&self, events: &[Event], now_ms: u64) -> Bytes;
+    /// The headers of a POST of `body` sent at Unix time `now_ms` (called again for each try,
+    /// so that a timestamp is fresh).
+    fn headers(&self, body: &[u8], now_ms: u64) -> Vec<(hyper::header::HeaderName, String)>;
+}
+
+/// relay's own webhook format. Body:
+/// `{"time_ms":…,"events":[{"id":"…","name":"member_added","channel":"…","user_id":"…","time_ms":…}]}`.
+/// Headers: `X-Relay-Timestamp` (Unix seconds) and, with a secret, `X-Relay-Signature:
+/// v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`.
+pub struct RelayFormat {
+    secret: Option<ring::hmac::Key>,
+}
+
+impl RelayFormat {
+    /// The format signing with `secret` (none: unsigned).
+    pub fn new(secret: Option<&str>) -> Self {
+        Self {
+            secret: secret.map(|s| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, s.as_bytes())),
+        }
+    }
+}
+
+/// The `X-Relay-Signature` value for `body` sent at `timestamp` (Unix seconds).
+pub fn relay_signature(key: &ring::hmac::Key, timestamp: u64, body: &[u8]) -> String {
+    let mut ctx = ring::hmac::Context::with_key(key);
+    ctx.update(timestamp.to_string().as_bytes());
+    ctx.update(b".");
+    ctx.update(body);
+    format!("v1={}", hex(ctx.sign().as_ref()))
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+impl Format for RelayFormat {
+    fn body(&self, events: &[Event], now_ms: u64) -> Bytes {
+        #[derive(serde::Serialize)]
+        struct Item<'a> {
+            id: &'a str,
+            name: &'static str,
+            channel: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            user_id: Option<&'a str>,
+            time_ms: u64,
+        }
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            time_ms: u64,
+            events: Vec<Item<'a>>,
+        }
+        let body = Body {
+            time_ms: now_ms,
+            events: events
+                .iter()
+                .map(|e| Item {
+                    id: &e.id,
+                    name: e.kind.as_str(),
+                    channel: e.channel.as_str(),
+                    user_id: e.user.as_deref(),
+                    time_ms: e.time_ms,
+                })
+                .collect(),
+        };
+        Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+    }
+
+    fn headers(&self, body: &[u8], now_ms: u64) -> Vec<(hyper::header::HeaderName, String)> {
+        use hyper::header::HeaderName;
+        let ts = now_ms / 1000;
+        let mut h = vec![(HeaderName::from_static("x-relay-timestamp"), ts.to_string())];
+        if let Some(key) = &self.secret {
+            h.push((
+                HeaderName::from_static("x-relay-signature"),
+                relay_signature(key, ts, body),
+            ));
+        }
+        h
+    }
+}
+
+/// Where and what one hook sends.
+#[derive(Clone)]
+pub struct Hook {
+    /// The receiver.
+    pub url: hyper::Uri,
+    /// The events it gets.
+    pub events: EventSet,
+    /// Its body and signature.
+    pub format: Arc<dyn Format>,
+}
+
+/// Parses a `--webhook-url` value: `[EVENTS@]URL`, EVENTS being `+`-separated event names
+/// (`channel_occupied+channel_vacated@https://app.example/hooks`); all events without it.
+pub fn parse_hook_spec(s: &str) -> Result<(EventSet, hyper::Uri), String> {
+    let (events, url) = match s.split_once('@') {
+        Some((events, url)) if !events.contains("://") => (EventSet::parse(events)?, url),
+        _ => (EventSet::all(), s),
+    };
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") if uri.host().is_some() => Ok((events, uri)),
+        _ => Err(format!("{url:?} must be an http:// or https:// URL")),
+    }
+}
+
+/// Dispatcher settings (see the `--webhook-*` options).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Most events per POST.
+    pub batch_size: usize,
+    /// How long the first queued event waits for others to join its POST.
+    pub batch_delay: Duration,
+    /// A POST not answered within this fails (and is retried).
+    pub timeout: Duration,
+    /// Tries per batch, the first included.
+    pub max_attempts: u32,
+    /// Events queued per hook, at most.
+    pub queue_size: usize,
+    /// Backoff base and cap between tries.
+    pub retry_base: Duration,
+    /// The longest wait between two tries.
+    pub retry_cap: Duration,
+    /// How long shutdown waits for the queues to empty.
+    pub shutdown_timeout: Duration,
+}
+
+/// One hook's queue, shared by the emitters and its sender task.
+struct Queue {
+    hook: Hook,
+    events: Mutex<VecDeque<Event>>,
+    ready: Notify,
+}
+
+/// The dispatcher: the queues the engine's events go into. Cheap to share.
+pub struct Webhooks {
+    queues: Vec<Arc<Queue>>,
+    prefix: String,
+    next: AtomicU64,
+    settings: Settings,
+}
+
+impl Webhooks {
+    /// Starts one sender task per hook on a new thread `relay-webhooks`. The senders stop once
+    /// `shutdown` is cancelled and their queue is empty (or `shutdown_timeout` has passed).
+    pub fn start(
+        hooks: Vec<Hook>,
+        settings: Settings,
+        node_id: &str,
+        seed: u64,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<Arc<Self>> {
+        let run = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let me = Arc::new(Self {
+            queues: hooks
+                .into_iter()
+                .map(|hook| {
+                    Arc::new(Queue {
+                        hook,
+                        events: Mutex::new(VecDeque::new()),
+                        ready: Notify::new(),
+                    })
+                })
+                .collect(),
+            prefix: format!("{node_id}-{run:x}"),
+            next: AtomicU64::new(1),
+            settings,
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let queues = me.queues.clone();
+        let settings = me.settings.clone();
+        let client = {
+            let _enter = rt.enter();
+            client::Client::new()?
+        };
+        std::thread::Builder::new()
+            .name("relay-webhooks".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let tasks: Vec<_> = queues
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, q)| {
+                            tokio::spawn(send_loop(
+                                q,
+                                client.clone(),
+                                settings.clone(),
+                                shutdown.clone(),
+                                seed ^ (i as u64).rotate_left(17),
+                            ))
+                        })
+                        .collect();
+                    for t in tasks {
+                        let _ = t.await;
+                    }
+                })
+            })?;
+        Ok(me)
+    }
+
+    /// Queues an event for every hook that wants its kind. Never blocks: a full queue drops the
+    /// event (counted).
+    pub fn emit(&self, kind: EventKind, channel: &ChannelName, user: Option<&Arc<str>>) {
+        let mut event = None;
+        for q in self.queues.iter().filter(|q| q.hook.events.contains(kind)) {
+            let e = event
+                .get_or_insert_with(|| Event {
+                    id: format!(
+                        "{}-{}",
+                        self.prefix,
+                        self.next.fetch_add(1, Ordering::Relaxed)
+                    )
+                    .into(),
+                    kind,
+                    channel: channel.clone(),
+                    user: user.cloned(),
+                    time_ms: unix_ms(),
+                })
+                .clone();
+            let mut events = q.events.lock();
+            if events.len() >= self.settings.queue_size {
+                drop(events);
+                metrics::counter!("relay_webhook_events_dropped_total", "reason" => "queue_full")
+                    .increment(1);
+                continue;
+            }
+            events.push_back(e);
+            drop(events);
+            q.ready.notify_one();
+        }
+    }
+}
+
+/// In memory mode the node decides alone: every change it sees is an event.
+impl Observer for Webhooks {
+    fn occupancy(&self, channel: &ChannelName, occupied: bool) {
+        let kind = if occupied {
+            EventKind::ChannelOccupied
+        } else {
+            EventKind::ChannelVacated
+        };
+        self.emit(kind, channel, None);
+    }
+
+    fn presence(&self, channel: &ChannelName, who: &Identity, joined: bool) {
+        let kind = if joined {
+            EventKind::MemberAdded
+        } else {
+            EventKind::MemberRemoved
+        };
+        self.emit(kind, channel, Some(&who.user));
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One hook's sender: batches, POSTs, retries. One POST in flight, so order is kept.
+async fn send_loop(
+    q: Arc<Queue>,
+    client: client::Client,
+    s: Settings,
+    shutdown: CancellationToken,
+    mut random: u64,
+) {
+    let mut deadline: Option<Instant> = None;
+    loop {
+        if deadline.is_none() && shutdown.is_cancelled() {
+            deadline = Some(Instant::now() + s.shutdown_timeout);
+        }
+        let empty = q.events.lock().is_empty();
+        if empty {
+            if deadline.is_some() {
+                return;
+            }
+            tokio::select! {
+                _ = q.ready.notified() => {}
+                _ = shutdown.cancelled() => {}
+            }
+            continue;
+        }
+        if deadline.is_none() && q.events.lock().len() < s.batch_size {
+            // Let the events of the same moment share the POST.
+            tokio::select! {
+                _ = tokio::time::sleep(s.batch_delay) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+        let batch: Vec<Event> = {
+            let mut events = q.events.lock();
+            let n = events.len().min(s.batch_size.max(1));
+            events.drain(..n).collect()
+        };
+        let body = q.hook.format.body(&batch, unix_ms());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let headers = q.hook.format.headers(&body, unix_ms());
+            let started = Instant::now();
+            let result = client
+                .post(&q.hook.url, headers, body.clone(), s.timeout)
+                .await;
+            match result {
+                Ok(()) => {
+                    metrics::counter!("relay_webhook_events_sent_total")
+                        .increment(batch.len() as u64);
+                    metrics::histogram!("relay_webhook_post_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    let now = unix_ms();
+                    for e in &batch {
+                        metrics::histogram!("relay_webhook_latency_seconds")
+                            .record(now.saturating_sub(e.time_ms) as f64 / 1000.0);
+                    }
+                    break;
+                }
+                Err(e) => {
+                    let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
+                    if attempt >= s.max_attempts || out_of_time {
+                        tracing::warn!(url = %q.hook.url, error = %e, attempt, events = batch.len(),
+                            "webhook batch dropped after its last try");
+                        metrics::counter!("relay_webhook_events_dropped_total", "reason" => "attempts")
+                            .increment(batch.len() as u64);
+                        break;
+                    }
+                    tracing::debug!(url = %q.hook.url, error = %e, attempt, "webhook POST failed; retrying");
+                    metrics::counter!("relay_webhook_retries_total").increment(1);
+                    random = crate::engine::mix_public(random, attempt as u64);
+                    let wait =
+                        crate::backplane::backoff(attempt - 1, s.retry_base, s.retry_cap, random);
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hook_specs_take_an_optional_event_filter() {
+        let (all, u) = parse_hook_spec("http://127.0.0.1:9/h").unwrap();
+        assert_eq!(all, EventSet::all());
+        assert_eq!(u.port_u16(), Some(9));
+        let (some, _) =
+            parse_hook_spec("channel_occupied+member_added@https://user@app.example/h").unwrap();
+        assert!(some.contains(EventKind::ChannelOccupied));
+        assert!(some.contains(EventKind::MemberAdded));
+        assert!(!some.contains(EventKind::ChannelVacated));
+        let (userinfo, u) = parse_hook_spec("https://user@app.example/h").unwrap();
+        assert_eq!((userinfo, u.host()), (EventSet::all(), Some("app.example")));
+        assert!(parse_hook_spec("channel_ocupied@http://a/h").is_err());
+        assert!(parse_hook_spec("ftp://a/h").is_err());
+        assert!(parse_hook_spec("/relative").is_err());
+    }
+
+    #[test]
+    fn the_signature_covers_timestamp_and_body() {
+        // HMAC-SHA256("key", "1.{}") computed independently with openssl:
+        // printf '1.{}' | openssl dgst -sha256 -hmac key
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"key");
+        let sig = relay_signature(&key, 1, b"{}");
+        assert_eq!(
+            sig,
+            "v1=1ba6b8171186efc613e8bcc0cbdab2748f24984d7c5a84faa2637afa0e40d224"
+        );
+        assert_ne!(sig, relay_signature(&key, 2, b"{}"));
+        assert_ne!(sig, relay_signature(&key, 1, b"{ }"));
+    }
+}
