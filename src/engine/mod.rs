@@ -161,6 +161,9 @@ pub struct Publication {
     /// (the byte windows of the ring are found by binary search on it).
     cum: u64,
     frames: [OnceLock<Bytes>; FRAME_SLOTS],
+    /// Where its frames are counted (the node's meter); `None` for publications built outside
+    /// an engine (benches, tests), whose frames outboxes count themselves.
+    gauge: Option<memory::FrameGauge>,
 }
 
 impl Publication {
@@ -173,6 +176,7 @@ impl Publication {
             data,
             cum: 0,
             frames: Default::default(),
+            gauge: None,
         }
     }
 
@@ -180,8 +184,17 @@ impl Publication {
     /// by everyone after: a message is encoded once per encoding, never per subscriber.
     pub fn frame(&self, slot: usize, encode: impl FnOnce(&Publication) -> Bytes) -> Bytes {
         self.frames[slot % FRAME_SLOTS]
-            .get_or_init(|| encode(self))
+            .get_or_init(|| match &self.gauge {
+                Some(g) => g.count(encode(self)),
+                None => encode(self),
+            })
             .clone()
+    }
+
+    /// Whether its frames are counted in the node's meter (then an outbox counts only its
+    /// entry for one, see [`memory::FrameGauge`]).
+    pub fn counts_frames(&self) -> bool {
+        self.gauge.is_some()
     }
 
     /// What it costs in a ring: its payload plus [`ENTRY_OVERHEAD`].
@@ -270,8 +283,16 @@ struct ChannelState {
 }
 
 impl ChannelState {
-    fn push(&mut self, seq: u64, at: Instant, kind: DataKind, data: Bytes) -> usize {
+    fn push(
+        &mut self,
+        seq: u64,
+        at: Instant,
+        kind: DataKind,
+        data: Bytes,
+        frames: &memory::FrameGauge,
+    ) -> usize {
         let mut p = Publication::new(seq, at, kind, data);
+        p.gauge = Some(frames.clone());
         let cost = p.cost();
         self.cum += cost as u64;
         p.cum = self.cum;
@@ -792,7 +813,7 @@ impl Engine {
             st.top += 1;
             st.last_active = now;
             st.recent = true;
-            let cost = st.push(st.top, now, kind, data.clone());
+            let cost = st.push(st.top, now, kind, data.clone(), self.meter.frames());
             // One meter update for the append and what it pushed out.
             let freed = self.trim(ch, st, now);
             self.meter.add(Kind::History, cost as i64 - freed as i64);
@@ -852,7 +873,7 @@ impl Engine {
                 st.top += 1;
                 st.last_active = now;
                 st.recent = true;
-                let mut cost = st.push(st.top, now, kind, data.clone());
+                let mut cost = st.push(st.top, now, kind, data.clone(), self.meter.frames());
                 if let Some(k) = key {
                     let top = st.top;
                     let keys = st.keys.get_or_insert_with(Box::default);
@@ -1373,7 +1394,7 @@ impl Engine {
             st.top = seq;
             st.last_active = now;
             st.recent = true;
-            let cost = st.push(seq, at, kind, data.clone());
+            let cost = st.push(seq, at, kind, data.clone(), self.meter.frames());
             let freed = self.trim(ch, st, now);
             self.meter.add(Kind::History, cost as i64 - freed as i64);
             let wake = Self::mark_dirty(ch, st);
@@ -1423,7 +1444,7 @@ impl Engine {
             }
             let mut added = 0;
             for e in run.into_iter().rev() {
-                added += st.push(e.seq, e.at, e.kind, e.data.clone());
+                added += st.push(e.seq, e.at, e.kind, e.data.clone(), self.meter.frames());
             }
             freed += self.trim(ch, st, now);
             self.meter.add(Kind::History, added as i64 - freed as i64);
