@@ -381,6 +381,7 @@ fn replay_page(
                 frame,
                 slot: sub.slot,
                 seq: p.seq,
+                shared: p.counts_frames(),
             };
             let cost = Outbox::cost(&out);
             if !sub.outbox.push_uncounted(out) {
@@ -458,6 +459,7 @@ fn deliver_publication(
             frame,
             slot: sub.slot,
             seq: p.seq,
+            shared: p.counts_frames(),
         };
         queued += deliver(stats, sub, out);
     }
@@ -474,6 +476,7 @@ fn flush_sub(stats: &mut PumpStats, sub: &mut Subscriber, name: &ChannelName, en
             frame: p.frame(enc, |p| (encode.publication)(enc, name, p)),
             slot: sub.slot,
             seq: p.seq,
+            shared: p.counts_frames(),
         },
         Deferred::None | Deferred::Replay(_) => return,
     };
@@ -939,12 +942,56 @@ mod tests {
         publish_n(&e, &name, 3);
         hub.pump();
         let per = std::mem::size_of::<Out>();
-        assert_eq!(g.get(), 2 * 3 * (3 + per), "six 3-byte frames");
+        assert_eq!(
+            g.get(),
+            2 * 3 * per,
+            "six entries; the frames are the node's"
+        );
+        assert_eq!(
+            e.meter().frames().bytes(),
+            3 * 3,
+            "three 3-byte frames, once each"
+        );
         frames(&a);
-        assert_eq!(g.get(), 3 * (3 + per));
+        assert_eq!(g.get(), 3 * per);
         drop(hub);
         drop(b);
         assert_eq!(g.get(), 0);
+    }
+
+    #[test]
+    fn a_frame_queued_for_many_slow_connections_weighs_once() {
+        let e = setup(1);
+        let g = Gauge::default();
+        let mut hub = Hub::with_gauge(0, e.clone(), ENC, g.clone());
+        let name = ChannelName::new("many").unwrap();
+        let boxes: Vec<_> = (0..100)
+            .map(|i| {
+                let o = Rc::new(Outbox::with_gauge(1 << 20, g.clone()));
+                hub.subscribe(i, &name, None, None, sub(&o, 0), Instant::now())
+                    .unwrap();
+                o
+            })
+            .collect();
+        let data = Bytes::from(vec![b'7'; 10_000]);
+        e.publish(&name, crate::types::DataKind::Json, data, Instant::now())
+            .unwrap();
+        hub.pump();
+        let frame = frames(&boxes[0]).concat().len();
+        assert_eq!(e.meter().frames().bytes(), frame, "the frame once");
+        assert_eq!(g.get(), 99 * std::mem::size_of::<Out>(), "entries only");
+        e.meter()
+            .set_shard(0, crate::engine::memory::Kind::Outbox, g.get());
+        assert_eq!(
+            e.meter().bytes(crate::engine::memory::Kind::Outbox),
+            99 * std::mem::size_of::<Out>() + frame,
+            "not 99 times the frame"
+        );
+        for o in &boxes[1..] {
+            frames(o);
+        }
+        assert_eq!(g.get(), 0);
+        assert_eq!(e.meter().frames().bytes(), frame, "the ring still holds it");
     }
 
     #[test]

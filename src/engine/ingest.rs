@@ -64,7 +64,7 @@ impl Engine {
             st.top = seq;
             st.last_active = now;
             st.recent = true;
-            let cost = st.push(seq, at, kind, data.clone());
+            let cost = st.push(seq, at, kind, data.clone(), self.meter.frames());
             let freed = self.trim(ch, st, now);
             self.meter.add(Kind::History, cost as i64 - freed as i64);
             let wake = Self::mark_dirty(ch, st);
@@ -114,7 +114,7 @@ impl Engine {
             }
             let mut added = 0;
             for e in run.into_iter().rev() {
-                added += st.push(e.seq, e.at, e.kind, e.data.clone());
+                added += st.push(e.seq, e.at, e.kind, e.data.clone(), self.meter.frames());
             }
             freed += self.trim(ch, st, now);
             self.meter.add(Kind::History, added as i64 - freed as i64);

@@ -162,8 +162,16 @@ struct ChannelState {
 }
 
 impl ChannelState {
-    fn push(&mut self, seq: u64, at: Instant, kind: DataKind, data: Bytes) -> usize {
+    fn push(
+        &mut self,
+        seq: u64,
+        at: Instant,
+        kind: DataKind,
+        data: Bytes,
+        frames: &memory::FrameGauge,
+    ) -> usize {
         let mut p = Publication::new(seq, at, kind, data);
+        p.gauge = Some(frames.clone());
         let cost = p.cost();
         self.cum += cost as u64;
         p.cum = self.cum;

@@ -362,6 +362,11 @@ async fn run<R, W>(
     // would pin that buffer to every idle connection.
     drop(pre);
     let shutdown = s.ctx.node.shutdown.clone();
+    // One registration with the token for the connection's life: a fresh `cancelled()` per
+    // turn of the loop would join and leave the token's waiter list on every wake-up, which
+    // is a measurable share of a delivery's CPU at 10,000 connections.
+    let stop = shutdown.cancelled();
+    tokio::pin!(stop);
     let timer = tokio::time::sleep(cfg.ping_interval);
     tokio::pin!(timer);
     loop {
@@ -371,7 +376,7 @@ async fn run<R, W>(
         }
         tokio::select! {
             biased;
-            _ = shutdown.cancelled(), if s.close_deadline.is_none() => {
+            _ = &mut stop, if s.close_deadline.is_none() => {
                 // Ids are per shard: interleaved, they tell every connection of the node apart.
                 let shards = s.ctx.node.wakers.len() as u64;
                 let key = s.id * shards + s.ctx.shard as u64;

@@ -10,7 +10,8 @@ mod rules;
 pub use net::TrustedNet;
 pub(crate) use publication::identity_len;
 pub use publication::{
-    Encoder, Identity, PresenceEvent, Publication, ENTRY_OVERHEAD, EVENT_OVERHEAD, FRAME_SLOTS,
+    Encoder, FrameGauge, Identity, PresenceEvent, Publication, ENTRY_OVERHEAD, EVENT_OVERHEAD,
+    FRAME_SLOTS,
 };
 pub(crate) use rules::sub_fits;
 pub use rules::{Pattern, Perm, Perms, Rule, MAX_PATTERN_LEN};

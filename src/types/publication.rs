@@ -2,6 +2,7 @@
 //! and the [`Encoder`] the hub calls to build each frame once per encoding. They sit below both
 //! `engine` and `protocol` so that neither imports the other.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -32,6 +33,9 @@ pub struct Publication {
     /// (the byte windows of the ring are found by binary search on it).
     pub(crate) cum: u64,
     frames: [OnceLock<Bytes>; FRAME_SLOTS],
+    /// Where its frames are counted (the node's meter); `None` for publications built outside
+    /// an engine (benches, tests), whose frames outboxes count themselves.
+    pub(crate) gauge: Option<FrameGauge>,
 }
 
 impl Publication {
@@ -44,6 +48,7 @@ impl Publication {
             data,
             cum: 0,
             frames: Default::default(),
+            gauge: None,
         }
     }
 
@@ -51,8 +56,17 @@ impl Publication {
     /// by everyone after: a message is encoded once per encoding, never per subscriber.
     pub fn frame(&self, slot: usize, encode: impl FnOnce(&Publication) -> Bytes) -> Bytes {
         self.frames[slot % FRAME_SLOTS]
-            .get_or_init(|| encode(self))
+            .get_or_init(|| match &self.gauge {
+                Some(g) => g.count(encode(self)),
+                None => encode(self),
+            })
             .clone()
+    }
+
+    /// Whether its frames are counted in the node's meter (then an outbox counts only its
+    /// entry for one, see [`FrameGauge`]).
+    pub fn counts_frames(&self) -> bool {
+        self.gauge.is_some()
     }
 
     /// What it costs in a ring: its payload plus [`ENTRY_OVERHEAD`].
@@ -146,4 +160,51 @@ pub struct Encoder {
     /// publication, and only when a subscriber of the channel has a tag): a subscriber with
     /// that tag (the hub's `Subscriber::tag`) does not receive it.
     pub origin: fn(p: &Publication) -> u64,
+}
+
+/// Bytes of encoded message frames alive on the node. A frame is encoded once and shared by
+/// the channel ring and every outbox that queued it: it is counted here once, from its
+/// encoding until its last clone is dropped, and an outbox counts only its entry for it (so a
+/// message queued for 10,000 slow connections weighs its frame once, not 10,000 times).
+#[derive(Clone, Default)]
+pub struct FrameGauge(Arc<AtomicI64>);
+
+impl FrameGauge {
+    /// `frame`, counted for as long as any clone of it lives (one atomic add now and one when
+    /// the last clone goes: per frame, never per delivery).
+    pub fn count(&self, frame: Bytes) -> Bytes {
+        if frame.is_empty() {
+            return frame;
+        }
+        self.0.fetch_add(frame.len() as i64, Ordering::Relaxed);
+        Bytes::from_owner(Counted {
+            frame,
+            gauge: self.clone(),
+        })
+    }
+
+    /// Bytes of the counted frames alive now.
+    pub fn bytes(&self) -> usize {
+        self.0.load(Ordering::Relaxed).max(0) as usize
+    }
+}
+
+/// The owner behind a counted frame: uncounts it when the last clone is dropped.
+struct Counted {
+    frame: Bytes,
+    gauge: FrameGauge,
+}
+
+impl AsRef<[u8]> for Counted {
+    fn as_ref(&self) -> &[u8] {
+        &self.frame
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.gauge
+            .0
+            .fetch_sub(self.frame.len() as i64, Ordering::Relaxed);
+    }
 }
