@@ -17,23 +17,8 @@ use super::presence::PresenceEvent;
 use super::{
     Channel, Engine, Join, Publication, SlowPolicy, SubscribeError, Subscribed, FRAME_SLOTS,
 };
+pub use crate::types::Encoder;
 use crate::types::{ChannelName, StreamPosition};
-
-/// Builds frames for one encoding (an index below [`FRAME_SLOTS`]). The hub calls each at most
-/// once per publication (or presence event) and encoding, whatever the number of subscribers.
-#[derive(Clone, Copy)]
-pub struct Encoder {
-    /// A message.
-    pub publication: fn(encoding: usize, channel: &ChannelName, p: &Publication) -> Bytes,
-    /// A presence join or leave.
-    pub presence: fn(encoding: usize, channel: &ChannelName, e: &PresenceEvent) -> Bytes,
-    /// A gap notice: the subscriber missed messages `from..=to` (slow-consumer `drop` policy).
-    pub gap: fn(encoding: usize, channel: &ChannelName, from: u64, to: u64) -> Bytes,
-    /// The tag of the connection a publication came from, 0 for none (read once per
-    /// publication, and only when a subscriber of the channel has a tag): a subscriber with
-    /// that [`Subscriber::tag`] does not receive it.
-    pub origin: fn(p: &Publication) -> u64,
-}
 
 /// The tag of a presence member's client id (see [`super::Engine::client_id`]): a tagged
 /// subscriber does not receive its own connection's presence events.

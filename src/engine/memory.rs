@@ -15,9 +15,6 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
-
-use bytes::Bytes;
 
 /// What the bytes are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,52 +86,8 @@ struct Slot {
     bytes: [AtomicI64; THREAD_KINDS],
 }
 
-/// Bytes of encoded message frames alive on the node. A frame is encoded once and shared by
-/// the channel ring and every outbox that queued it: it is counted here once, from its
-/// encoding until its last clone is dropped, and an outbox counts only its entry for it (so a
-/// message queued for 10,000 slow connections weighs its frame once, not 10,000 times).
-#[derive(Clone, Default)]
-pub struct FrameGauge(Arc<AtomicI64>);
-
-impl FrameGauge {
-    /// `frame`, counted for as long as any clone of it lives (one atomic add now and one when
-    /// the last clone goes: per frame, never per delivery).
-    pub fn count(&self, frame: Bytes) -> Bytes {
-        if frame.is_empty() {
-            return frame;
-        }
-        self.0.fetch_add(frame.len() as i64, Ordering::Relaxed);
-        Bytes::from_owner(Counted {
-            frame,
-            gauge: self.clone(),
-        })
-    }
-
-    /// Bytes of the counted frames alive now.
-    pub fn bytes(&self) -> usize {
-        self.0.load(Ordering::Relaxed).max(0) as usize
-    }
-}
-
-/// The owner behind a counted frame: uncounts it when the last clone is dropped.
-struct Counted {
-    frame: Bytes,
-    gauge: FrameGauge,
-}
-
-impl AsRef<[u8]> for Counted {
-    fn as_ref(&self) -> &[u8] {
-        &self.frame
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.gauge
-            .0
-            .fetch_sub(self.frame.len() as i64, Ordering::Relaxed);
-    }
-}
+// `FrameGauge` lives in `types` (a `Publication` holds one); its old path.
+pub use crate::types::FrameGauge;
 
 /// See the module docs.
 pub struct Meter {
@@ -290,6 +243,8 @@ impl Meter {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
 
     #[test]
