@@ -14,8 +14,9 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
 
-use crate::auth::Rule;
-use crate::engine::SlowPolicy;
+use crate::types::{Rule, SlowPolicy, TrustedNet};
+// A size parser every layer may use (a Pusher app's `max_event_bytes` too); its old path.
+pub use crate::types::parse_bytes;
 
 /// Every setting of a node. The doc comment of a field is its `--help` text.
 ///
@@ -126,7 +127,7 @@ pub struct Config {
     /// every channel (`drop`) or by pattern (`ticker:*=conflate`); repeatable, first match wins
     /// [default: disconnect].
     #[arg(long, env = "RELAY_SLOW_CONSUMER", value_name = "[PATTERN=]POLICY", value_delimiter = ',', value_parser = parse_slow_consumer)]
-    #[serde(serialize_with = "crate::tools::serialize_slow_consumer")]
+    #[serde(serialize_with = "serialize_slow_consumer")]
     pub slow_consumer: Vec<(String, SlowPolicy)>,
     /// Where messages are sequenced: `memory` (this node alone), `redis` or `nats` (a cluster
     /// of nodes sharing channels, sequence and history).
@@ -275,8 +276,8 @@ pub struct Config {
     /// Peers whose X-Forwarded-For / Forwarded headers name the client (CIDR networks or
     /// addresses, repeatable): `private` (loopback, private and link-local networks, where load
     /// balancers and ingresses live), or `none` to trust nobody.
-    #[arg(long, env = "RELAY_TRUSTED_PROXIES", value_name = "CIDR", value_delimiter = ',', value_parser = crate::proxy::TrustedNet::parse, default_value = "private")]
-    pub trusted_proxies: Vec<crate::proxy::TrustedNet>,
+    #[arg(long, env = "RELAY_TRUSTED_PROXIES", value_name = "CIDR", value_delimiter = ',', value_parser = TrustedNet::parse, default_value = "private")]
+    pub trusted_proxies: Vec<TrustedNet>,
     /// HTTP API requests per second from one client address without an API key (burst: twice
     /// as many); more get 429 with Retry-After; 0 for no limit.
     #[arg(
@@ -556,6 +557,26 @@ impl Config {
         }
     }
 
+    /// The settings of `relay serve ARGS` (flags only: no environment, no file), checked like
+    /// [`Config::load`]'s: for in-process servers and tests.
+    pub fn from_args<I, T>(args: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let args = std::iter::once(std::ffi::OsString::from("relay"))
+            .chain(args.into_iter().map(Into::into));
+        let invalid = |e: clap::Error| ConfigError::Invalid {
+            key: "arguments",
+            reason: clap_reason(&e),
+        };
+        let matches = Config::command(|a| a.env(None))
+            .try_get_matches_from(args)
+            .map_err(invalid)?;
+        let cli = Config::from_arg_matches(&matches).map_err(invalid)?;
+        Config::load(cli, &matches, None)
+    }
+
     /// The settings' arguments alone, each changed by `adjust`.
     fn command(adjust: impl FnMut(Arg) -> Arg) -> Command {
         Config::augment_args(Command::new("relay").disable_help_flag(true)).mut_args(adjust)
@@ -651,7 +672,7 @@ impl Config {
                 reason: reason.to_owned(),
             })
         };
-        if self.shards > crate::engine::MAX_SHARDS {
+        if self.shards > crate::types::MAX_SHARDS {
             invalid("shards", "at most 64");
         }
         if self.node_id.as_ref().is_some_and(|id| {
@@ -804,11 +825,7 @@ impl Config {
         if self.keepalive_timeout <= self.sse_keepalive {
             invalid("keepalive_timeout", "must be longer than sse_keepalive");
         }
-        if self.trusted_proxies.len() > 1
-            && self
-                .trusted_proxies
-                .contains(&crate::proxy::TrustedNet::None)
-        {
+        if self.trusted_proxies.len() > 1 && self.trusted_proxies.contains(&TrustedNet::None) {
             invalid("trusted_proxies", "`none` cannot be given with networks");
         }
         for (i, app) in self.pusher_app.iter().enumerate() {
@@ -887,7 +904,7 @@ impl Config {
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
-                .min(crate::engine::MAX_SHARDS)
+                .min(crate::types::MAX_SHARDS)
         }
     }
 }
@@ -919,6 +936,20 @@ fn clap_reason(e: &clap::Error) -> String {
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Serializes `--slow-consumer` the way it is written: `PATTERN=POLICY`.
+fn serialize_slow_consumer<S: serde::Serializer>(
+    v: &[(String, SlowPolicy)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    let mut seq = s.serialize_seq(Some(v.len()))?;
+    for (pattern, policy) in v {
+        let policy = format!("{policy:?}").to_ascii_lowercase();
+        seq.serialize_element(&format!("{pattern}={policy}"))?;
+    }
+    seq.end()
 }
 
 /// Parses `POLICY` (every channel) or `PATTERN=POLICY`.
@@ -965,25 +996,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (try e.g. 300s, 5m, 250ms)"))
 }
 
-/// Parses `65536`, `64KiB`, `64k`, `1MiB`, `1MB`.
-pub fn parse_bytes(s: &str) -> Result<usize, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: usize = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (try 65536 or 64KiB)"))?;
-    let mul: usize = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB, GiB)")),
-    };
-    n.checked_mul(mul)
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
-
 /// A node id for a node started without `--node-id`: unlikely to repeat across processes.
 fn generated_node_id() -> String {
     let t = std::time::SystemTime::now()
@@ -991,7 +1003,7 @@ fn generated_node_id() -> String {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     let seed = t ^ u64::from(std::process::id()).rotate_left(40);
-    format!("{:016x}", crate::engine::mix_public(seed, 0x1D))
+    format!("{:016x}", crate::types::mix_public(seed, 0x1D))
 }
 
 #[cfg(test)]

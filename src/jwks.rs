@@ -19,6 +19,20 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+/// What an RSA key verifies.
+pub const RSA_ALGS: &[Algorithm] = &[
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+];
+/// What an EC key verifies.
+pub const EC_ALGS: &[Algorithm] = &[Algorithm::ES256, Algorithm::ES384];
+/// What an Ed25519 key verifies.
+pub const ED_ALGS: &[Algorithm] = &[Algorithm::EdDSA];
+
 /// Least time between two fetches asked by unknown `kid`s.
 pub const MIN_REFETCH: Duration = Duration::from_secs(5);
 /// Largest key set document, bytes.
@@ -84,9 +98,9 @@ impl KeySet {
                 continue;
             };
             let algs: &'static [Algorithm] = match &jwk.algorithm {
-                AlgorithmParameters::RSA(_) => crate::auth::RSA_ALGS,
-                AlgorithmParameters::EllipticCurve(_) => crate::auth::EC_ALGS,
-                AlgorithmParameters::OctetKeyPair(_) => crate::auth::ED_ALGS,
+                AlgorithmParameters::RSA(_) => RSA_ALGS,
+                AlgorithmParameters::EllipticCurve(_) => EC_ALGS,
+                AlgorithmParameters::OctetKeyPair(_) => ED_ALGS,
                 AlgorithmParameters::OctetKey(_) => continue,
             };
             match DecodingKey::from_jwk(jwk) {

@@ -1,14 +1,18 @@
 //! relay: an ultra-low-latency real-time edge relay.
 //!
 //! # Layout
-//! - [`types`]: leaf values (channel names, epochs, positions).
+//! In layer order: each module imports only those above it in this list (`tests/layering.rs`).
+//! - [`types`]: leaf values below every other module (channel names, epochs, positions,
+//!   publications and presence events, shard masks, permission rules).
+//! - [`protocol`]: sans-IO wire codecs: WebSocket framing, JSON commands and events, binary,
+//!   SSE.
+//! - [`engine`]: sans-IO sequencing, history and fan-out bookkeeping: the shared channel table
+//!   (`mod.rs`), publish and history (`history.rs`), replica ingest (`ingest.rs`), presence
+//!   (`presence.rs`), expiry and eviction (`expiry.rs`), the per-shard hub and bounded outboxes.
 //! - [`backplane`]: where sequencing happens when several nodes serve the same channels
 //!   (memory; Redis and NATS through one replica layer).
-//! - [`engine`]: sans-IO sequencing, history and fan-out bookkeeping (shared channel table +
-//!   per-shard hub + bounded outboxes).
-//! - [`protocol`]: sans-IO wire codecs: WebSocket framing, JSON commands and events, SSE.
-//! - [`config`]: the settings, from flags, environment and TOML file.
-//! - [`auth`]: JWT verification and channel grants (pure).
+//! - [`config`]: the settings, from flags, environment and TOML file; plain data.
+//! - [`auth`]: JWT verification and channel grants (pure: the server reads the key files).
 //! - [`jwks`]: verification keys fetched from a JWKS URL, cached by `kid`, refreshed.
 //! - [`limits`]: connections per client address (shared by the shards), per-connection and
 //!   HTTP API rate limits, the refusal counter, and the throttled accept error log.
@@ -16,15 +20,17 @@
 //!   `X-Forwarded-For` / `Forwarded`.
 //! - [`tls`]: rustls server config with ALPN, swapped on SIGHUP.
 //! - [`metrics`]: Prometheus metrics, resolved per shard.
-//! - [`transport`]: hyper services over the engine: `/ws`, `/sse`, `/api`, health.
 //! - [`tools`]: `relay gentoken`, `check-config` and `genconfig` (token claims and signing,
 //!   the effective settings with secrets masked, a config with fresh secrets).
 //! - [`webhooks`]: POSTs to the application's backend when channels are occupied or vacated
 //!   and members come and go (batched, signed, retried), and the outbound HTTP client.
-//! - [`server`]: per-core shards (pinned `current_thread` runtimes with `SO_REUSEPORT`
-//!   listeners), wake-ups and graceful shutdown.
+//! - [`transport`]: hyper services over the engine: `/ws`, `/sse`, `/api`, Pusher `/app`,
+//!   `/admin`, health; the transports never import one another.
+//! - [`server`]: the composition root (`compose`) and per-core shards (pinned
+//!   `current_thread` runtimes with `SO_REUSEPORT` listeners), wake-ups and graceful shutdown.
 //!
-//! See `docs/ARCHITECTURE.md` for the invariants.
+//! See `docs/ARCHITECTURE.md` for the invariants; `tests/layering.rs` holds the dependency
+//! rules.
 
 pub mod auth;
 pub mod backplane;

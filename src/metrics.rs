@@ -44,12 +44,38 @@ pub fn install() {
     });
 }
 
+/// What the engine counts, read when `/metrics` is scraped: the engine keeps plain atomics and
+/// never calls into the registry, and this module knows no engine type (the transport that
+/// serves `/metrics` fills this in).
+#[derive(Clone, Debug, Default)]
+pub struct EngineFigures {
+    /// Bytes of the memory budget in use, by kind name.
+    pub memory: Vec<(&'static str, usize)>,
+    /// The memory budget, bytes.
+    pub memory_limit: usize,
+    /// The memory pressure level (0 normal, 1 evict, 2 refuse).
+    pub memory_pressure: u8,
+    /// Channels in the table.
+    pub channels: usize,
+    /// Presence info bytes of the node.
+    pub presence_info_bytes: usize,
+    /// History evictions (channels).
+    pub evictions: u64,
+    /// History bytes evicted.
+    pub evicted_bytes: u64,
+    /// Channels examined by expiry.
+    pub expiry_checked: u64,
+    /// Channels forgotten by expiry.
+    pub channels_expired: u64,
+    /// The most channels one tick examined.
+    pub expiry_checked_max: u64,
+}
+
 /// The exposition text, or `None` when metrics are not installed. The engine's own counters
-/// (memory by kind, channels, expiry, eviction) are read here, when scraped, so the engine
-/// keeps plain atomics and never calls into the registry.
-pub fn render(engine: &crate::engine::Engine) -> Option<String> {
+/// (memory by kind, channels, expiry, eviction) come as [`EngineFigures`], read then.
+pub fn render(engine: impl FnOnce() -> EngineFigures) -> Option<String> {
     HANDLE.get().and_then(|h| h.as_ref()).map(|h| {
-        observe(engine);
+        observe(&engine());
         h.run_upkeep();
         h.render()
     })
@@ -65,22 +91,19 @@ pub fn upkeep() {
     }
 }
 
-fn observe(engine: &crate::engine::Engine) {
-    use crate::engine::memory::Kind;
-    let meter = engine.meter();
-    for kind in Kind::ALL {
-        gauge!("relay_memory_bytes", "kind" => kind.as_str()).set(meter.bytes(kind) as f64);
+fn observe(e: &EngineFigures) {
+    for &(kind, bytes) in &e.memory {
+        gauge!("relay_memory_bytes", "kind" => kind).set(bytes as f64);
     }
-    gauge!("relay_memory_limit_bytes").set(meter.limit() as f64);
-    gauge!("relay_memory_pressure").set(f64::from(meter.pressure() as u8));
-    gauge!("relay_channels").set(engine.channel_count() as f64);
-    gauge!("relay_presence_info_bytes").set(engine.presence_info_bytes() as f64);
-    let s = engine.stats();
-    counter!("relay_history_evictions_total").absolute(s.evictions.load(Relaxed));
-    counter!("relay_history_evicted_bytes_total").absolute(s.evicted_bytes.load(Relaxed));
-    counter!("relay_expiry_checked_total").absolute(s.checked.load(Relaxed));
-    counter!("relay_channels_expired_total").absolute(s.expired.load(Relaxed));
-    gauge!("relay_expiry_checked_per_tick_max").set(s.checked_max.load(Relaxed) as f64);
+    gauge!("relay_memory_limit_bytes").set(e.memory_limit as f64);
+    gauge!("relay_memory_pressure").set(f64::from(e.memory_pressure));
+    gauge!("relay_channels").set(e.channels as f64);
+    gauge!("relay_presence_info_bytes").set(e.presence_info_bytes as f64);
+    counter!("relay_history_evictions_total").absolute(e.evictions);
+    counter!("relay_history_evicted_bytes_total").absolute(e.evicted_bytes);
+    counter!("relay_expiry_checked_total").absolute(e.expiry_checked);
+    counter!("relay_channels_expired_total").absolute(e.channels_expired);
+    gauge!("relay_expiry_checked_per_tick_max").set(e.expiry_checked_max as f64);
 }
 
 fn describe() {
@@ -330,20 +353,34 @@ impl ShardMetrics {
     }
 
     /// Records a pump or flush.
-    pub fn pumped(&self, st: &crate::engine::hub::PumpStats) {
-        if st.deliveries > 0 {
-            self.delivered.increment(st.deliveries as u64);
+    pub fn pumped(&self, st: &impl Pumped) {
+        let (deliveries, skipped, replayed) = (st.deliveries(), st.skipped(), st.replayed());
+        if deliveries > 0 {
+            self.delivered.increment(deliveries as u64);
         }
-        if st.skipped > 0 {
-            self.skipped.increment(st.skipped as u64);
+        if skipped > 0 {
+            self.skipped.increment(skipped as u64);
         }
-        if st.replayed > 0 {
-            self.replayed.increment(st.replayed as u64);
+        if replayed > 0 {
+            self.replayed.increment(replayed as u64);
         }
-        if let Some(age) = st.oldest_age {
+        if let Some(age) = st.oldest_age() {
             self.fanout_latency.record(age.as_secs_f64());
         }
     }
+}
+
+/// What a pump or flush reports (the engine's `hub::PumpStats`, whose impl is in `transport`:
+/// this module knows no engine type).
+pub trait Pumped {
+    /// Frames queued to subscribers.
+    fn deliveries(&self) -> usize;
+    /// Messages skipped under the `drop` or `conflate` policy.
+    fn skipped(&self) -> usize;
+    /// Messages queued from resume replays.
+    fn replayed(&self) -> usize;
+    /// Age of the oldest publication pulled, if any.
+    fn oldest_age(&self) -> Option<std::time::Duration>;
 }
 
 impl Default for ShardMetrics {

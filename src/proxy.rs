@@ -16,6 +16,8 @@ use std::net::IpAddr;
 use hyper::header::HeaderMap;
 use ipnet::IpNet;
 
+pub use crate::types::TrustedNet;
+
 /// Longest PROXY header accepted: a v1 header is at most 107 bytes; a v2 header is 16 bytes and
 /// its addresses (36 for IPv6) plus TLVs, which load balancers keep short.
 pub const MAX_PROXY_HEADER: usize = 1024;
@@ -112,53 +114,6 @@ pub fn parse_proxy_header(buf: &[u8]) -> Result<Option<ProxyHeader>, ProxyHeader
         return Err(ProxyHeaderError::TooLong);
     }
     Ok(Some(parsed))
-}
-
-/// One entry of `--trusted-proxies`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TrustedNet {
-    /// `none`: trust nobody.
-    None,
-    /// `private`: loopback, private (RFC 1918, RFC 4193), shared (RFC 6598) and link-local
-    /// networks, where load balancers, ingress controllers and sidecars live.
-    Private,
-    /// A network (`10.0.0.0/8`) or one address.
-    Net(IpNet),
-}
-
-impl TrustedNet {
-    /// Parses `none`, `private`, a CIDR network or an address.
-    pub fn parse(s: &str) -> Result<TrustedNet, String> {
-        let s = s.trim();
-        match s {
-            "none" => return Ok(TrustedNet::None),
-            "private" => return Ok(TrustedNet::Private),
-            _ => {}
-        }
-        if let Ok(net) = s.parse::<IpNet>() {
-            return Ok(TrustedNet::Net(net.trunc()));
-        }
-        s.parse::<IpAddr>()
-            .map(|ip| TrustedNet::Net(IpNet::from(ip)))
-            .map_err(|_| format!("{s:?} is not a CIDR network, an address, `private` or `none`"))
-    }
-}
-
-/// Written as it is given (`private`, `none`, a network): `relay check-config` prints it.
-impl serde::Serialize for TrustedNet {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl std::fmt::Display for TrustedNet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            TrustedNet::None => f.write_str("none"),
-            TrustedNet::Private => f.write_str("private"),
-            TrustedNet::Net(n) => write!(f, "{n}"),
-        }
-    }
 }
 
 /// The networks `private` stands for.

@@ -12,13 +12,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use serde::ser::{SerializeSeq, Serializer};
 use serde_json::{json, Map, Value};
 
-use crate::auth::{Perm, Perms, Rule, MAX_TOKEN_LEN, MAX_TOKEN_PATTERNS};
+use crate::auth::{MAX_TOKEN_LEN, MAX_TOKEN_PATTERNS};
 use crate::config::Config;
-use crate::engine::SlowPolicy;
-use crate::protocol::{MAX_INFO_LEN, MAX_USER_LEN};
+use crate::types::{Perm, Perms, Rule, MAX_INFO_LEN, MAX_USER_LEN};
 
 /// Why a token could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -302,26 +300,6 @@ fn mask_url_password(url: &str) -> String {
     format!("{scheme}://{userinfo}{}", &rest[at..])
 }
 
-/// Serializes `--slow-consumer` the way it is written: `PATTERN=POLICY`.
-pub fn serialize_slow_consumer<S: Serializer>(
-    v: &[(String, SlowPolicy)],
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    let mut seq = s.serialize_seq(Some(v.len()))?;
-    for (pattern, policy) in v {
-        let policy = format!("{policy:?}").to_ascii_lowercase();
-        seq.serialize_element(&format!("{pattern}={policy}"))?;
-    }
-    seq.end()
-}
-
-impl serde::Serialize for Rule {
-    /// As written: `subscribe,history=public:*`.
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_text())
-    }
-}
-
 /// The example config (`deploy/relay.toml`, every option with a comment), embedded.
 pub const EXAMPLE_CONFIG: &str = include_str!("../deploy/relay.toml");
 
@@ -390,7 +368,7 @@ mod tests {
             jwt_issuer: Some("https://auth.example".into()),
             ..Config::default()
         };
-        let auth = crate::auth::Auth::from_config(&cfg).unwrap().unwrap();
+        let auth = crate::auth::Auth::new(&cfg, &[]).unwrap().unwrap();
         let p = auth.verify(&token).unwrap();
         assert_eq!(&*p.sub, "alice");
         assert!(p.grants.allows(Perm::Publish, "room:1"));

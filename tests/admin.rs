@@ -146,7 +146,7 @@ async fn a_wrong_password_is_refused_and_login_attempts_are_rate_limited() {
     let (status, cookie, _) = login(&relay, PASSWORD).await;
     assert_eq!(status, 429, "the right password waits its turn too");
     assert!(cookie.is_none());
-    let text = metrics(&relay).await;
+    let text = relay.scrape().await;
     assert!(refused_count(&text, "unauthorized") >= 1, "{text}");
     assert!(refused_count(&text, "api_rate_limited") >= 1, "{text}");
 }
@@ -254,7 +254,7 @@ async fn a_cookie_publish_without_the_same_origin_is_refused() {
     )
     .await;
     assert_eq!(status, 200);
-    let text = metrics(&relay).await;
+    let text = relay.scrape().await;
     assert!(refused_count(&text, "origin") >= 2, "{text}");
 }
 

@@ -8,13 +8,9 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
-async fn send(rb: reqwest::RequestBuilder) -> (u16, Value) {
-    read_resp(rb.send().await.expect("request")).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_key_required_on_api_paths() {
-    let relay = Relay::start(&["--api-key", "k1", "--api-key", "k2"]);
+    let relay = Relay::in_process(&["--api-key", "k1", "--api-key", "k2"]);
     let c = relay.client();
     let url = relay.http("/api/publish");
     let body = json!({"channel":"a","data":1});
@@ -90,14 +86,14 @@ async fn api_key_required_on_api_paths() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_readiness() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     assert_eq!(relay.get("/healthz").await, (200, json!({"status":"ok"})));
     assert_eq!(relay.get("/readyz").await, (200, json!({"status":"ready"})));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broadcast_returns_a_seq_per_channel() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let mut wa = Ws::connect(&relay.ws_url()).await;
     wa.subscribe("a").await;
     let mut wb = Ws::connect(&relay.ws_url()).await;
@@ -176,7 +172,7 @@ async fn broadcast_returns_a_seq_per_channel() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_since_and_limit() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let epoch = assert_epoch(&relay.publish("h", json!({"n":1})).await["epoch"]);
     for n in 2..=10 {
         relay.publish("h", json!({"n":n})).await;
@@ -215,7 +211,7 @@ async fn history_since_and_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_bounded_by_size() {
-    let relay = Relay::start(&["--history-size", "5"]);
+    let relay = Relay::in_process(&["--history-size", "5"]);
     for n in 1..=10 {
         relay.publish("s", json!(n)).await;
     }
@@ -240,7 +236,7 @@ async fn history_bounded_by_size() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_incomplete_after_ttl_expiry() {
-    let relay = Relay::start(&["--history-ttl", "2s"]);
+    let relay = Relay::in_process(&["--history-ttl", "2s"]);
     for n in 1..=3 {
         relay.publish("t", json!(n)).await;
     }
@@ -264,7 +260,7 @@ async fn history_incomplete_after_ttl_expiry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_lists_subscriber_counts() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let mut subs = Vec::new();
     for _ in 0..3 {
         let mut ws = Ws::connect(&relay.ws_url()).await;
@@ -305,7 +301,7 @@ async fn channels_lists_subscriber_counts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_errors() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     assert_http_error(
         &relay.post_raw("/api/publish", "{not json").await,
         400,
@@ -366,7 +362,7 @@ async fn api_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_body_is_413() {
-    let relay = Relay::start(&["--max-message-size", "1024"]);
+    let relay = Relay::in_process(&["--max-message-size", "1024"]);
     let big = json!({"channel":"a","data":"x".repeat(4096)});
     assert_http_error(
         &relay.post("/api/publish", &big).await,

@@ -199,7 +199,7 @@ fn epoch_hex(v: &Value) -> Epoch {
 
 #[tokio::test]
 async fn subprotocol_negotiation() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let (_, chosen) = connect_with(&relay, "relay.v1.bin").await;
     assert_eq!(chosen.as_deref(), Some("relay.v1.bin"));
     // The client's order of preference wins; unknown names are skipped.
@@ -211,7 +211,7 @@ async fn subprotocol_negotiation() {
 
 #[tokio::test]
 async fn binary_and_json_clients_see_identical_sequences() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let ch = "mix:1";
     let mut js = Ws::connect(&relay.ws_url()).await;
     let mut bin = BinWs::connect(&relay).await;
@@ -318,7 +318,7 @@ async fn binary_and_json_clients_see_identical_sequences() {
 
 #[tokio::test]
 async fn binary_resume_replays_the_missed_messages() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let ch = "resume:bin";
     let mut bin = BinWs::connect(&relay).await;
     let p = bin.publish(ch, 1, b"one").await;
@@ -383,7 +383,7 @@ async fn binary_resume_replays_the_missed_messages() {
 
 #[tokio::test]
 async fn binary_errors_keep_the_connection_open() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let mut bin = BinWs::connect(&relay).await;
     let cases: [(Vec<u8>, Option<u64>, &str); 6] = [
         (vec![2, 4, 1, 5], None, "unsupported_version"),
@@ -423,7 +423,7 @@ async fn binary_errors_keep_the_connection_open() {
 
 #[tokio::test]
 async fn binary_payloads_read_back_as_json_from_the_history_api() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let mut bin = BinWs::connect(&relay).await;
     bin.publish("hist:bin", 1, &[0xff, 0x00, 0x7f]).await; // not JSON: base64
     bin.publish("hist:bin", 2, br#"{"ok":true}"#).await; // JSON text: the value

@@ -8,7 +8,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{assert_http_error, metrics, read_resp, refused_count, RawWs, Relay, Sse, Ws};
+use common::{assert_http_error, read_resp, refused_count, RawWs, Relay, Sse, Ws};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -107,7 +107,7 @@ async fn origin_allow_list() {
     // Clients that send no Origin (not browsers) are not affected.
     assert_eq!(relay.get("/api/channels").await.0, 200);
     Ws::connect(&relay.ws_url()).await.subscribe("a").await;
-    assert!(refused_count(&metrics(&relay).await, "origin") >= 3);
+    assert!(refused_count(&relay.scrape().await, "origin") >= 3);
 }
 
 #[tokio::test]
@@ -173,7 +173,7 @@ async fn connections_per_ip_are_capped_across_shards() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ok, "the slot of a closed connection came back");
-    assert!(refused_count(&metrics(&relay).await, "ip_limit") >= 1);
+    assert!(refused_count(&relay.scrape().await, "ip_limit") >= 1);
 }
 
 /// 500 half-open connections (partial request headers, and silent ones) do not stop new
@@ -212,7 +212,7 @@ async fn slowloris_does_not_stop_new_clients() {
             "half-open connection not cut"
         );
     }
-    assert!(refused_count(&metrics(&relay).await, "handshake_timeout") >= 500);
+    assert!(refused_count(&relay.scrape().await, "handshake_timeout") >= 500);
     relay.publish("live", json!("still")).await;
     ws.expect_message("live", 2).await;
 }
@@ -233,7 +233,7 @@ async fn oversized_headers_get_431() {
         String::from_utf8_lossy(&buf)
     );
     assert_eq!(relay.get("/healthz").await.0, 200);
-    assert!(refused_count(&metrics(&relay).await, "header_too_large") >= 1);
+    assert!(refused_count(&relay.scrape().await, "header_too_large") >= 1);
 }
 
 #[tokio::test]
@@ -257,7 +257,7 @@ async fn inbound_rate_limit_refuses_then_closes() {
     // The neighbour is unaffected.
     other.send_json(json!({"type":"heartbeat"})).await;
     assert_eq!(other.recv_json().await["type"], "heartbeat");
-    let m = metrics(&relay).await;
+    let m = relay.scrape().await;
     assert!(refused_count(&m, "rate_limited") >= 1, "{m}");
     assert!(refused_count(&m, "rate_closed") >= 1, "{m}");
 }
@@ -290,7 +290,7 @@ async fn message_size_and_subscription_limits() {
     assert_http_error(&r, 413, "payload_too_large");
     relay.publish("a", json!(1)).await;
     subs.expect_message("a", 1).await;
-    let m = metrics(&relay).await;
+    let m = relay.scrape().await;
     assert!(refused_count(&m, "message_too_large") >= 2, "{m}");
     assert!(refused_count(&m, "too_many_subscriptions") >= 1, "{m}");
 }

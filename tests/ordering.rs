@@ -17,7 +17,7 @@ const CH: &str = "order:1";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_publishers_total_order() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
 
     // Several WebSocket subscribers (so they likely land on both shards) and one SSE stream.
     let mut readers: Vec<tokio::task::JoinHandle<Vec<(u64, Value)>>> = Vec::new();

@@ -39,7 +39,7 @@ async fn close_cleanly(ws: Ws) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joins_and_leaves_are_per_user_and_ordered() {
-    let relay = Relay::start(PRESENCE);
+    let relay = Relay::in_process(PRESENCE);
     let ch = "presence:room";
     let mut obs = Ws::connect(&relay.ws_url()).await;
     join(&mut obs, ch, "observer", json!({"role":"watch"})).await;
@@ -102,7 +102,7 @@ async fn joins_and_leaves_are_per_user_and_ordered() {
 async fn a_vanished_client_leaves_at_the_timeout_not_before() {
     let timeout = Duration::from_millis(1500);
     let sweep = Duration::from_millis(300);
-    let relay = Relay::start(&[
+    let relay = Relay::in_process(&[
         "--presence-channels",
         "presence:*",
         "--heartbeat-interval",
@@ -170,7 +170,7 @@ async fn a_vanished_client_leaves_at_the_timeout_not_before() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ws_and_http_presence_queries_agree() {
-    let relay = Relay::start(PRESENCE);
+    let relay = Relay::in_process(PRESENCE);
     let ch = "presence:q";
     let mut conns = Vec::new();
     for user in ["ann", "ann", "ben"] {
@@ -239,7 +239,7 @@ async fn ws_and_http_presence_queries_agree() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_is_opt_in_per_channel_and_identity_can_be_locked() {
-    let relay = Relay::start(&[
+    let relay = Relay::in_process(&[
         "--presence-channels",
         "presence:*",
         "--client-presence",

@@ -19,14 +19,14 @@ async fn close_code_after(relay: &Relay, bytes: &[u8]) -> Option<u16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmasked_client_frame_closes_1002() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let f = encode_frame(true, 0, OP_TEXT, HEARTBEAT, None);
     assert_eq!(close_code_after(&relay, &f).await, Some(1002));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_utf8_text_closes_1007() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let f = encode_frame(true, 0, OP_TEXT, &[b'"', 0xff, 0xfe, b'"'], Some(MASK));
     assert_eq!(close_code_after(&relay, &f).await, Some(1007));
     // Invalid UTF-8 split across fragments too (0xE2 0x82 then 0x28 is not a valid sequence).
@@ -37,7 +37,7 @@ async fn invalid_utf8_text_closes_1007() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_gets_pong_with_same_payload() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let mut raw = RawWs::connect(relay.addr()).await;
     raw.send_frame(true, OP_PING, b"hello \x00\x01 relay").await;
     match raw.read_frame(RECV_TIMEOUT).await {
@@ -63,7 +63,7 @@ async fn ping_gets_pong_with_same_payload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_violations_close_1002() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "RSV1 without extension",
@@ -109,7 +109,7 @@ async fn protocol_violations_close_1002() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fragmented_text_message_is_reassembled() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let mut raw = RawWs::connect(relay.addr()).await;
     raw.send_frame(false, OP_TEXT, br#"{"type":"subs"#).await;
     // A control frame may be interleaved between fragments.
@@ -144,7 +144,7 @@ async fn fragmented_text_message_is_reassembled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_close_is_echoed_1000() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let mut raw = RawWs::connect(relay.addr()).await;
     raw.send_frame(true, OP_CLOSE, &1000u16.to_be_bytes()).await;
     assert_eq!(raw.expect_close_code(RECV_TIMEOUT).await, Some(1000));

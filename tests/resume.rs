@@ -17,7 +17,7 @@ const BOGUS_EPOCH: &str = "deadbeef0badf00d";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ws_resume_replays_exactly_the_missed_messages() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let mut ws = Ws::connect(&relay.ws_url()).await;
     let s = ws.subscribe("r").await;
     let epoch = assert_epoch(&s["epoch"]);
@@ -68,7 +68,7 @@ async fn ws_resume_replays_exactly_the_missed_messages() {
 /// Resume while messages keep being published: none missing, none repeated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ws_resume_during_concurrent_publishing() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let mut ws = Ws::connect(&relay.ws_url()).await;
     let epoch = assert_epoch(&ws.subscribe("c").await["epoch"]);
     for _ in 0..20 {
@@ -112,7 +112,7 @@ async fn ws_resume_during_concurrent_publishing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ws_resume_with_other_epoch_is_not_recovered() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     for i in 1..=5u64 {
         relay.publish("e", json!(i)).await;
     }
@@ -128,7 +128,7 @@ async fn ws_resume_with_other_epoch_is_not_recovered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ws_resume_gap_older_than_history_is_not_recovered() {
-    let relay = Relay::start(&["--history-size", "5"]);
+    let relay = Relay::in_process(&["--history-size", "5"]);
     let mut ws = Ws::connect(&relay.ws_url()).await;
     let epoch = assert_epoch(&ws.subscribe("g").await["epoch"]);
     relay.publish("g", json!(1)).await;
@@ -198,7 +198,7 @@ async fn sse_check_resumed(relay: &Relay, mut sse: Sse, ch: &str, epoch: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_resume_with_last_event_id_header() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let (epoch, last) = sse_read_three(&relay, "x").await;
     assert_eq!(last, format!("{epoch}:3"));
     for i in 4..=6u64 {
@@ -210,7 +210,7 @@ async fn sse_resume_with_last_event_id_header() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_resume_with_last_event_id_query() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let (epoch, last) = sse_read_three(&relay, "q").await;
     for i in 4..=6u64 {
         relay.publish("q", json!({"i": i})).await;
@@ -222,7 +222,7 @@ async fn sse_resume_with_last_event_id_query() {
 /// A client that saw only the `subscribed` event can resume from its id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_resume_from_subscribed_id() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let mut sse = Sse::connect(&relay.http("/sse?channel=s")).await;
     let sub = sse.expect_event("subscribed").await;
     let start = sub.id.clone().expect("subscribed id");
@@ -251,7 +251,7 @@ fn cursor(parts: &[(&str, u64)]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_multi_channel_resume() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let mut sse = Sse::connect(&relay.http("/sse?channel=a&channel=b")).await;
     let sub = sse.expect_event("subscribed").await;
     let d = sub.json();
@@ -341,7 +341,7 @@ fn assert_gaps_first(events: &[SseEvent]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_gap_when_history_cannot_cover() {
-    let relay = Relay::start(&["--history-size", "3"]);
+    let relay = Relay::in_process(&["--history-size", "3"]);
     let mut sse = Sse::connect(&relay.http("/sse?channel=a&channel=b")).await;
     let d = sse.expect_event("subscribed").await.json();
     let ea = assert_epoch(&d["channels"][0]["epoch"]);
@@ -386,7 +386,7 @@ async fn sse_gap_when_history_cannot_cover() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_gap_epoch_changed_and_bad_cursor() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let ea = assert_epoch(&relay.publish("a", json!("a1")).await["epoch"]);
     let eb = assert_epoch(&relay.publish("b", json!("b1")).await["epoch"]);
     relay.publish("b", json!("b2")).await;

@@ -76,6 +76,47 @@ async fn stubborn_client_bounded_by_shutdown_timeout() {
     assert_eq!(raw.expect_close_code(RECV_TIMEOUT).await, Some(1012));
 }
 
+/// `server::run` serves on the listener the caller bound until its shutdown future completes,
+/// then closes clients as a signal does and returns once the shards have finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_run_serves_until_its_shutdown_future_completes() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config =
+        relay::config::Config::from_args(["--shutdown-timeout", "5s", "--drain-period", "0s"])
+            .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = relay::server::run(config, vec![listener], async {
+        let _ = stopped.await;
+    });
+    let client = async move {
+        let mut ws = Ws::connect(&format!("ws://{addr}/ws")).await;
+        ws.subscribe("s").await;
+        let (status, body) = send(
+            http_client()
+                .post(format!("http://{addr}/api/publish"))
+                .json(&json!({"channel": "s", "data": 1})),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        ws.expect_message("s", 1).await;
+        stop.send(()).unwrap();
+        assert_eq!(ws.expect_close().await, 1012, "closed as on SIGTERM");
+    };
+    let t0 = Instant::now();
+    let (ran, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(server, client)
+    })
+    .await
+    .expect("run returns after its shutdown future");
+    ran.unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the port is closed once run returned"
+    );
+}
+
 /// A restart tells each WebSocket client when to come back, spread over a window, so that a
 /// fleet does not reconnect at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

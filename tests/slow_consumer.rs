@@ -92,7 +92,7 @@ async fn read_until(slow: &mut RawWs, last: u64) -> Vec<(String, u64, u64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn drop_policy_skips_and_announces_every_missed_range() {
     // History must hold the 400 × 16 KiB burst for the last check (the default keeps 1MiB).
-    let relay = Relay::start(&[
+    let relay = Relay::in_process(&[
         "--max-outbox-bytes",
         "65536",
         "--slow-consumer",
@@ -141,7 +141,7 @@ async fn drop_policy_skips_and_announces_every_missed_range() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conflate_policy_delivers_the_latest_without_disconnecting() {
-    let relay = Relay::start(&[
+    let relay = Relay::in_process(&[
         "--max-outbox-bytes",
         "65536",
         "--slow-consumer",

@@ -10,7 +10,7 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_round_trip() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let mut sse = Sse::connect(&relay.http("/sse?channel=x")).await;
     assert_eq!(
         sse.headers
@@ -87,7 +87,7 @@ async fn sse_round_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_multi_channel_cursor() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let ea = relay.publish("a", json!("before")).await["epoch"]
         .as_str()
         .unwrap()
@@ -127,7 +127,7 @@ async fn sse_multi_channel_cursor() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_keepalive_and_retry_flag() {
-    let relay = Relay::start(&["--sse-keepalive", "300ms", "--sse-retry", "2500ms"]);
+    let relay = Relay::in_process(&["--sse-keepalive", "300ms", "--sse-retry", "2500ms"]);
     let mut sse = Sse::connect(&relay.http("/sse?channel=k")).await;
     sse.expect_event("subscribed").await;
     assert_eq!(
@@ -148,7 +148,7 @@ async fn sse_keepalive_and_retry_flag() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_http_errors() {
-    let relay = Relay::start(&["--max-subscriptions", "2"]);
+    let relay = Relay::in_process(&["--max-subscriptions", "2"]);
     let err = |path: &'static str, headers: Vec<(&'static str, &'static str)>| {
         let url = relay.http(path);
         async move { read_resp(Sse::request(&url, &headers).await).await }

@@ -174,8 +174,7 @@ async fn each_event_arrives_once_signed_and_in_order_per_channel() {
     // Nothing else comes later.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(rx.accepted_events().len(), 8);
-    let text = common::metrics(&relay).await;
-    assert_eq!(common::metric(&text, "relay_webhook_events_sent_total"), 8);
+    assert_eq!(relay.metric("relay_webhook_events_sent_total").await, 8.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,8 +210,7 @@ async fn a_receiver_that_fails_three_times_gets_the_event_on_the_fourth_try() {
     a.close_cleanly().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(rx.accepted_events().len(), 1);
-    let text = common::metrics(&relay).await;
-    assert_eq!(common::metric(&text, "relay_webhook_retries_total"), 3);
+    assert_eq!(relay.metric("relay_webhook_retries_total").await, 3.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,7 +228,7 @@ async fn a_receiver_that_never_accepts_costs_a_counted_drop_not_the_node() {
     a.subscribe("lost").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let text = common::metrics(&relay).await;
+        let text = relay.scrape().await;
         if text.contains("relay_webhook_events_dropped_total{reason=\"attempts\"} 1") {
             break;
         }

@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ws_round_trip() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let mut sub = Ws::connect(&relay.ws_url()).await;
 
     // subscribe -> subscribed (seq 0, recovered false, epoch string), id echoed
@@ -91,7 +91,7 @@ async fn ws_round_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ws_heartbeat_unsubscribe_and_subscription_errors() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let mut ws = Ws::connect(&relay.ws_url()).await;
 
     ws.send_json(json!({"type":"heartbeat"})).await;
@@ -145,7 +145,7 @@ async fn ws_heartbeat_unsubscribe_and_subscription_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ws_too_many_subscriptions() {
-    let relay = Relay::start(&["--max-subscriptions", "2"]);
+    let relay = Relay::in_process(&["--max-subscriptions", "2"]);
     let mut ws = Ws::connect(&relay.ws_url()).await;
     ws.subscribe("one").await;
     ws.subscribe("two").await;
@@ -167,7 +167,7 @@ async fn ws_too_many_subscriptions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ws_binary_frame_is_unsupported_and_connection_stays() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let mut ws = Ws::connect(&relay.ws_url()).await;
     ws.send_msg(Message::Binary(vec![1u8, 2, 3].into())).await;
     let e = ws.recv_json().await;
@@ -181,7 +181,7 @@ async fn ws_binary_frame_is_unsupported_and_connection_stays() {
 /// `data` is forwarded byte for byte, except raw line breaks between tokens become spaces.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ws_data_forwarded_verbatim() {
-    let relay = Relay::start(&[]);
+    let relay = Relay::in_process(&[]);
     let mut ws = Ws::connect(&relay.ws_url()).await;
     ws.subscribe("v").await;
 

@@ -251,7 +251,7 @@ pub fn page(
     let mut bytes = 0;
     let mut out = Vec::new();
     for m in members.iter().take(take) {
-        bytes += crate::engine::presence::identity_len(m);
+        bytes += crate::types::identity_len(m);
         if !out.is_empty() && bytes > max_bytes {
             break;
         }

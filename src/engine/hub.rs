@@ -17,23 +17,8 @@ use super::presence::PresenceEvent;
 use super::{
     Channel, Engine, Join, Publication, SlowPolicy, SubscribeError, Subscribed, FRAME_SLOTS,
 };
+pub use crate::types::Encoder;
 use crate::types::{ChannelName, StreamPosition};
-
-/// Builds frames for one encoding (an index below [`FRAME_SLOTS`]). The hub calls each at most
-/// once per publication (or presence event) and encoding, whatever the number of subscribers.
-#[derive(Clone, Copy)]
-pub struct Encoder {
-    /// A message.
-    pub publication: fn(encoding: usize, channel: &ChannelName, p: &Publication) -> Bytes,
-    /// A presence join or leave.
-    pub presence: fn(encoding: usize, channel: &ChannelName, e: &PresenceEvent) -> Bytes,
-    /// A gap notice: the subscriber missed messages `from..=to` (slow-consumer `drop` policy).
-    pub gap: fn(encoding: usize, channel: &ChannelName, from: u64, to: u64) -> Bytes,
-    /// The tag of the connection a publication came from, 0 for none (read once per
-    /// publication, and only when a subscriber of the channel has a tag): a subscriber with
-    /// that [`Subscriber::tag`] does not receive it.
-    pub origin: fn(p: &Publication) -> u64,
-}
 
 /// The tag of a presence member's client id (see [`super::Engine::client_id`]): a tagged
 /// subscriber does not receive its own connection's presence events.
@@ -396,6 +381,7 @@ fn replay_page(
                 frame,
                 slot: sub.slot,
                 seq: p.seq,
+                shared: p.counts_frames(),
             };
             let cost = Outbox::cost(&out);
             if !sub.outbox.push_uncounted(out) {
@@ -473,6 +459,7 @@ fn deliver_publication(
             frame,
             slot: sub.slot,
             seq: p.seq,
+            shared: p.counts_frames(),
         };
         queued += deliver(stats, sub, out);
     }
@@ -489,6 +476,7 @@ fn flush_sub(stats: &mut PumpStats, sub: &mut Subscriber, name: &ChannelName, en
             frame: p.frame(enc, |p| (encode.publication)(enc, name, p)),
             slot: sub.slot,
             seq: p.seq,
+            shared: p.counts_frames(),
         },
         Deferred::None | Deferred::Replay(_) => return,
     };
@@ -954,12 +942,56 @@ mod tests {
         publish_n(&e, &name, 3);
         hub.pump();
         let per = std::mem::size_of::<Out>();
-        assert_eq!(g.get(), 2 * 3 * (3 + per), "six 3-byte frames");
+        assert_eq!(
+            g.get(),
+            2 * 3 * per,
+            "six entries; the frames are the node's"
+        );
+        assert_eq!(
+            e.meter().frames().bytes(),
+            3 * 3,
+            "three 3-byte frames, once each"
+        );
         frames(&a);
-        assert_eq!(g.get(), 3 * (3 + per));
+        assert_eq!(g.get(), 3 * per);
         drop(hub);
         drop(b);
         assert_eq!(g.get(), 0);
+    }
+
+    #[test]
+    fn a_frame_queued_for_many_slow_connections_weighs_once() {
+        let e = setup(1);
+        let g = Gauge::default();
+        let mut hub = Hub::with_gauge(0, e.clone(), ENC, g.clone());
+        let name = ChannelName::new("many").unwrap();
+        let boxes: Vec<_> = (0..100)
+            .map(|i| {
+                let o = Rc::new(Outbox::with_gauge(1 << 20, g.clone()));
+                hub.subscribe(i, &name, None, None, sub(&o, 0), Instant::now())
+                    .unwrap();
+                o
+            })
+            .collect();
+        let data = Bytes::from(vec![b'7'; 10_000]);
+        e.publish(&name, crate::types::DataKind::Json, data, Instant::now())
+            .unwrap();
+        hub.pump();
+        let frame = frames(&boxes[0]).concat().len();
+        assert_eq!(e.meter().frames().bytes(), frame, "the frame once");
+        assert_eq!(g.get(), 99 * std::mem::size_of::<Out>(), "entries only");
+        e.meter()
+            .set_shard(0, crate::engine::memory::Kind::Outbox, g.get());
+        assert_eq!(
+            e.meter().bytes(crate::engine::memory::Kind::Outbox),
+            99 * std::mem::size_of::<Out>() + frame,
+            "not 99 times the frame"
+        );
+        for o in &boxes[1..] {
+            frames(o);
+        }
+        assert_eq!(g.get(), 0);
+        assert_eq!(e.meter().frames().bytes(), frame, "the ring still holds it");
     }
 
     #[test]

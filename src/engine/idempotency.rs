@@ -27,6 +27,18 @@ impl PublishConditions {
     pub fn is_empty(&self) -> bool {
         self.idempotency_key.is_none() && self.expected_seq.is_none()
     }
+
+    /// The conditions a client asked for: an idempotency key (1 to [`MAX_KEY_LEN`] bytes) and
+    /// an expected seq; the error is the refusal's message.
+    pub fn checked(key: Option<&str>, expected_seq: Option<u64>) -> Result<Self, String> {
+        if key.is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_LEN) {
+            return Err(format!("idempotency_key must be 1 to {MAX_KEY_LEN} bytes"));
+        }
+        Ok(Self {
+            idempotency_key: key.map(Into::into),
+            expected_seq,
+        })
+    }
 }
 
 /// One channel's keys, oldest first.

@@ -25,7 +25,9 @@ pub enum Kind {
     Presence = 1,
     /// The channels themselves (a fixed cost per channel).
     Channels = 2,
-    /// Frames queued in connection outboxes.
+    /// Connection outboxes: their queue entries and private frames (replies, control frames),
+    /// plus every encoded message frame once, however many outboxes and rings share it (see
+    /// [`FrameGauge`]).
     Outbox = 3,
     /// HTTP API answers built and not yet sent.
     Responses = 4,
@@ -84,6 +86,9 @@ struct Slot {
     bytes: [AtomicI64; THREAD_KINDS],
 }
 
+// `FrameGauge` lives in `types` (a `Publication` holds one); its old path.
+pub use crate::types::FrameGauge;
+
 /// See the module docs.
 pub struct Meter {
     /// 0: no limit.
@@ -91,6 +96,7 @@ pub struct Meter {
     batch: i64,
     slots: Box<[Slot]>,
     shards: Box<[[AtomicUsize; KINDS - THREAD_KINDS]]>,
+    frames: FrameGauge,
     level: AtomicU8,
 }
 
@@ -119,6 +125,7 @@ impl Meter {
             batch: (limit / 1024).max(16 << 10) as i64,
             slots: (0..SLOTS).map(|_| Slot::default()).collect(),
             shards: (0..shards.max(1)).map(|_| Default::default()).collect(),
+            frames: FrameGauge::default(),
             level: AtomicU8::new(Pressure::Normal as u8),
         }
     }
@@ -126,6 +133,11 @@ impl Meter {
     /// The budget (0: none).
     pub fn limit(&self) -> usize {
         self.limit
+    }
+
+    /// The gauge of encoded message frames (part of [`Kind::Outbox`]).
+    pub fn frames(&self) -> &FrameGauge {
+        &self.frames
     }
 
     /// Counts `delta` bytes of an engine kind (history, presence, channels).
@@ -167,10 +179,15 @@ impl Meter {
                 .sum();
             sum.max(0) as usize
         } else {
-            self.shards
+            let shards: usize = self
+                .shards
                 .iter()
                 .map(|s| s[k - THREAD_KINDS].load(Ordering::Relaxed))
-                .sum()
+                .sum();
+            match kind {
+                Kind::Outbox => shards + self.frames.bytes(),
+                _ => shards,
+            }
         }
     }
 
@@ -226,6 +243,8 @@ impl Meter {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
 
     #[test]
@@ -249,6 +268,21 @@ mod tests {
         assert_eq!(m.recompute(), Pressure::Normal);
         assert_eq!(m.excess(), 0);
         assert_eq!(m.total(), 400 << 10);
+    }
+
+    #[test]
+    fn a_counted_frame_weighs_until_its_last_clone_goes() {
+        let m = Meter::new(1 << 20, 1);
+        let f = m.frames().count(Bytes::from(vec![1u8; 1000]));
+        let mut clones: Vec<Bytes> = (0..50).map(|_| f.clone()).collect();
+        assert_eq!(m.bytes(Kind::Outbox), 1000, "once, not 51 times");
+        assert_eq!(&clones[7][..], &[1u8; 1000][..]);
+        drop(f);
+        clones.truncate(1);
+        assert_eq!(m.frames().bytes(), 1000);
+        drop(clones);
+        assert_eq!(m.frames().bytes(), 0);
+        assert_eq!(m.total(), 0);
     }
 
     #[test]

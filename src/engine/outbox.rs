@@ -21,6 +21,10 @@ pub struct Out {
     pub slot: u16,
     /// The message's seq (0 for frames that are not messages).
     pub seq: u64,
+    /// The frame is counted once for the node, wherever it is queued (a message frame, see
+    /// `memory::FrameGauge`): the outbox counts only its entry. Otherwise the outbox counts
+    /// the frame too.
+    pub shared: bool,
 }
 
 impl Out {
@@ -30,6 +34,16 @@ impl Out {
             frame,
             slot: NO_SLOT,
             seq: 0,
+            shared: false,
+        }
+    }
+
+    /// The bytes it adds to its outbox's footprint besides the entry.
+    fn private_len(&self) -> usize {
+        if self.shared {
+            0
+        } else {
+            self.frame.len()
         }
     }
 }
@@ -62,8 +76,11 @@ pub type Gauge = Rc<Cell<usize>>;
 #[derive(Debug)]
 struct Inner {
     queue: VecDeque<Out>,
-    /// Bytes queued and not yet written.
+    /// Bytes queued and not yet written (what the limit bounds).
     bytes: usize,
+    /// Bytes of the queued frames that are not shared (see [`Out::shared`]), whole frames:
+    /// what the outbox adds to the gauge besides its entries.
+    private: usize,
     /// Bytes of the front frame already written.
     front_written: usize,
     limit: usize,
@@ -91,6 +108,7 @@ impl Outbox {
             inner: RefCell::new(Inner {
                 queue: VecDeque::new(),
                 bytes: 0,
+                private: 0,
                 front_written: 0,
                 limit,
                 waker: None,
@@ -132,6 +150,7 @@ impl Outbox {
             return false;
         }
         inner.bytes += out.frame.len();
+        inner.private += out.private_len();
         inner.queue.push_back(out);
         wake(&mut inner);
         true
@@ -139,7 +158,7 @@ impl Outbox {
 
     /// What a queued frame adds to the shard's gauge.
     pub fn cost(out: &Out) -> usize {
-        out.frame.len() + OUT_SIZE
+        out.private_len() + OUT_SIZE
     }
 
     /// Queues `frame` (a close frame or the end of a stream) as the last thing to go out: after
@@ -155,11 +174,11 @@ impl Outbox {
             // Keep a partly written front frame: cutting it would corrupt the stream.
             let keep = usize::from(inner.front_written > 0);
             inner.queue.truncate(keep);
-            inner.bytes =
-                inner.queue.iter().map(|o| o.frame.len()).sum::<usize>() - inner.front_written;
+            inner.recount_queue();
         }
         inner.state = OutboxState::Closing;
         inner.bytes += frame.len();
+        inner.private += frame.len();
         inner.queue.push_back(Out::control(frame));
         inner.recount(before);
         wake(&mut inner);
@@ -174,8 +193,7 @@ impl Outbox {
             inner.state = OutboxState::Overflowed;
             let keep = usize::from(inner.front_written > 0);
             inner.queue.truncate(keep);
-            inner.bytes =
-                inner.queue.iter().map(|o| o.frame.len()).sum::<usize>() - inner.front_written;
+            inner.recount_queue();
             inner.recount(before);
             wake(&mut inner);
         }
@@ -284,6 +302,7 @@ impl Outbox {
         let mut freed = 0;
         while let Some(out) = inner.queue.pop_front() {
             inner.bytes -= out.frame.len() - inner.front_written;
+            inner.private -= out.private_len();
             inner.front_written = 0;
             freed += Self::cost(&out);
             f(&out);
@@ -322,7 +341,9 @@ impl Inner {
             if n >= left {
                 n -= left;
                 self.front_written = 0;
-                self.queue.pop_front();
+                if let Some(out) = self.queue.pop_front() {
+                    self.private -= out.private_len();
+                }
                 w.frames += 1;
             } else {
                 self.front_written += n;
@@ -345,10 +366,16 @@ impl Inner {
         }
     }
 
-    /// What this outbox holds, as counted in the shard's gauge: its frames (a frame shared with
-    /// other outboxes counts in each, so the gauge errs high) and its queue entries.
+    /// What this outbox holds, as counted in the shard's gauge: its queue entries and its
+    /// private frames (shared message frames are counted once for the node, elsewhere).
     fn footprint(&self) -> usize {
-        self.bytes + self.front_written + self.queue.len() * OUT_SIZE
+        self.private + self.queue.len() * OUT_SIZE
+    }
+
+    /// Sets `bytes` and `private` from the queue (after it was cut).
+    fn recount_queue(&mut self) {
+        self.bytes = self.queue.iter().map(|o| o.frame.len()).sum::<usize>() - self.front_written;
+        self.private = self.queue.iter().map(Out::private_len).sum();
     }
 
     /// Moves the gauge by how the footprint changed since it was `before`.

@@ -13,12 +13,17 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::FRAME_SLOTS;
+use std::time::Instant;
+
+use super::memory::Kind;
+use super::{Channel, ChannelState, Engine, ShardMask};
+use crate::types::{identity_len, ChannelName};
+pub use crate::types::{Identity, PresenceEvent, EVENT_OVERHEAD};
 
 /// Presence settings.
 #[derive(Clone, Debug)]
@@ -53,9 +58,6 @@ pub const EVENT_MAX_AGE_MS: u64 = 5_000;
 
 /// Bytes a member costs besides its ids and info (its map entries, its `Arc`s).
 pub const MEMBER_OVERHEAD: usize = 160;
-
-/// Bytes an event costs besides the identity it names.
-pub const EVENT_OVERHEAD: usize = std::mem::size_of::<PresenceEvent>() + 32;
 
 /// Whether `name` matches the glob `pattern` (`*` = any run of characters, possibly empty).
 pub fn glob_match(pattern: &str, name: &str) -> bool {
@@ -97,66 +99,6 @@ impl Liveness {
     }
 }
 
-/// Who a member is.
-#[derive(Clone, Debug)]
-pub struct Identity {
-    /// The connection's id (unique per node).
-    pub client: Arc<str>,
-    /// The user id; a connection without one is a user of its own (its client id).
-    pub user: Arc<str>,
-    /// Optional info (raw JSON object).
-    pub info: Option<Bytes>,
-}
-
-/// A presence change, shared like a publication.
-pub struct PresenceEvent {
-    /// Position in the channel's presence sequence (shard cursors).
-    pub pseq: u64,
-    /// The channel's message seq when it happened.
-    pub seq: u64,
-    /// `true` for join, `false` for leave.
-    pub join: bool,
-    /// Who.
-    pub who: Identity,
-    /// When it happened, in engine milliseconds (the ring drops it after [`EVENT_MAX_AGE_MS`]).
-    pub at_ms: u64,
-    frames: [OnceLock<Bytes>; FRAME_SLOTS],
-}
-
-impl PresenceEvent {
-    /// A new event; exposed for benches and tests.
-    pub fn new(pseq: u64, seq: u64, join: bool, who: Identity) -> Self {
-        Self {
-            pseq,
-            seq,
-            join,
-            who,
-            at_ms: 0,
-            frames: Default::default(),
-        }
-    }
-
-    fn cost(&self) -> usize {
-        EVENT_OVERHEAD + identity_len(&self.who)
-    }
-
-    /// The encoded frame for `slot`, built once (see `Publication::frame`).
-    pub fn frame(&self, slot: usize, encode: impl FnOnce(&PresenceEvent) -> Bytes) -> Bytes {
-        self.frames[slot % FRAME_SLOTS]
-            .get_or_init(|| encode(self))
-            .clone()
-    }
-
-    /// `"join"` or `"leave"`.
-    pub fn kind(&self) -> &'static str {
-        if self.join {
-            "join"
-        } else {
-            "leave"
-        }
-    }
-}
-
 struct Member {
     who: Identity,
     live: Arc<Liveness>,
@@ -173,11 +115,6 @@ pub enum PresenceError {
     /// The members of the node hold `--presence-info-budget` bytes of info already.
     #[error("the node's presence info budget (--presence-info-budget) is used up: join without info or try again later")]
     InfoBudget,
-}
-
-/// Bytes of an identity's ids and info.
-pub(crate) fn identity_len(who: &Identity) -> usize {
-    who.client.len() + who.user.len() + who.info.as_ref().map_or(0, Bytes::len)
 }
 
 /// One channel's presence set.
@@ -436,6 +373,223 @@ impl Presence {
     /// Whether the set is empty.
     pub fn is_empty(&self) -> bool {
         self.members.is_empty()
+    }
+}
+
+// The engine's presence operations over its table: the members of a channel live in its
+// `Presence` (above), under the channel lock; these find the channel, keep the sweep's work
+// list and the node's info budget.
+
+/// A presence listing (one page).
+pub struct PresenceSnapshot {
+    /// The channel's message seq.
+    pub seq: u64,
+    /// The members of this page, by client id.
+    pub members: Vec<Identity>,
+    /// Counts.
+    pub stats: PresenceStats,
+    /// The cursor of the next page (the last client id of this one), when there is more.
+    pub next: Option<Arc<str>>,
+}
+
+impl Engine {
+    /// Whether `name` has presence.
+    pub fn has_presence(&self, name: &ChannelName) -> bool {
+        self.cfg
+            .presence
+            .patterns
+            .iter()
+            .any(|p| glob_match(p, name.as_str()))
+    }
+
+    /// Info bytes of every presence member on the node.
+    pub fn presence_info_bytes(&self) -> usize {
+        self.info_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on the channel's presence (`None` when it has none) and keeps the books: the
+    /// memory meter, the node's info bytes, the list of channels with members, and the expiry
+    /// of its events.
+    pub(super) fn presence_op<R>(
+        &self,
+        ch: &Arc<Channel>,
+        st: &mut ChannelState,
+        now_ms: u64,
+        f: impl FnOnce(&mut Presence) -> R,
+    ) -> Option<R> {
+        let p = st.presence.as_mut()?;
+        let (bytes, info, empty) = (p.bytes(), p.info_bytes(), p.is_empty());
+        let pseq = p.pseq();
+        let r = f(p);
+        if let Some(o) = self.observer.get().filter(|_| p.pseq() != pseq) {
+            let mut events = Vec::new();
+            p.read_since(pseq, &mut events);
+            for e in events {
+                o.presence(&ch.name, &e.who, e.join);
+            }
+        }
+        p.trim_events(now_ms);
+        self.meter
+            .add(Kind::Presence, p.bytes() as i64 - bytes as i64);
+        let info_now = p.info_bytes();
+        if info_now >= info {
+            self.info_bytes
+                .fetch_add(info_now - info, Ordering::Relaxed);
+        } else {
+            self.info_bytes
+                .fetch_sub(info - info_now, Ordering::Relaxed);
+        }
+        let (empty_now, due) = (p.is_empty(), p.events_due());
+        if empty != empty_now {
+            let mut present = self.present.lock();
+            if empty_now {
+                present.remove(&ch.name);
+            } else {
+                present.insert(ch.name.clone(), ch.clone());
+            }
+        }
+        if let Some(ms) = due {
+            self.schedule(ch, st, self.base + Duration::from_millis(ms));
+        }
+        Some(r)
+    }
+
+    /// Removes `client` from the channel's presence at once (a clean leave). Returns the shards
+    /// to wake.
+    pub fn leave_presence(&self, channel: &Arc<Channel>, client: &str) -> ShardMask {
+        let now_ms = self.millis(Instant::now());
+        let wake = {
+            let mut st = channel.state.lock();
+            let seq = st.top;
+            let left = self
+                .presence_op(channel, &mut st, now_ms, |p| p.leave(client, seq, now_ms))
+                .unwrap_or(false);
+            if left {
+                Self::mark_dirty(channel, &st)
+            } else {
+                0
+            }
+        };
+        self.enqueue_dirty(channel, wake);
+        wake
+    }
+
+    /// Removes every presence member not seen for the presence timeout. Returns the shards to
+    /// wake. Costs O(members of the channels that have members): run it every
+    /// `--presence-sweep`.
+    pub fn sweep_presence(&self, now: Instant) -> ShardMask {
+        let now_ms = self.millis(now);
+        let deadline = now_ms.saturating_sub(self.cfg.presence.timeout.as_millis() as u64);
+        let channels: Vec<Arc<Channel>> = self.present.lock().values().cloned().collect();
+        let mut all = 0;
+        for ch in channels {
+            let wake = {
+                let mut st = ch.state.lock();
+                let seq = st.top;
+                let left = self
+                    .presence_op(&ch, &mut st, now_ms, |p| p.sweep(deadline, seq, now_ms))
+                    .is_some_and(|n| n > 0);
+                if left {
+                    Self::mark_dirty(&ch, &st)
+                } else {
+                    0
+                }
+            };
+            self.enqueue_dirty(&ch, wake);
+            all |= wake;
+        }
+        all
+    }
+
+    /// The members of `name` connected to this node (none when it has no presence or is
+    /// unknown here): what a backplane advertises to the other nodes.
+    pub fn presence_local(&self, name: &ChannelName) -> Vec<Identity> {
+        self.with_existing(name, |_, st| {
+            st.presence
+                .as_ref()
+                .map_or_else(Vec::new, |p| p.local_members())
+        })
+        .unwrap_or_default()
+    }
+
+    /// Adds (`Some(live)`) or removes (`None`) a member connected to another node, as the
+    /// backplane reports it, in a channel this node has. Join and leave events follow the same
+    /// per-user rules as local members. Returns the shards to wake.
+    pub fn presence_remote(
+        &self,
+        name: &ChannelName,
+        who: Identity,
+        live: Option<Arc<Liveness>>,
+        now: Instant,
+    ) -> ShardMask {
+        if !self.has_presence(name) {
+            return 0;
+        }
+        let now_ms = self.millis(now);
+        let r = self.with_existing(name, |ch, st| {
+            let seq = st.top;
+            let changed = self
+                .presence_op(ch, st, now_ms, |p| match live {
+                    Some(live) => p
+                        .join_member(who, live, seq, usize::MAX, true, now_ms)
+                        .unwrap_or(false),
+                    None => p.leave(&who.client, seq, now_ms),
+                })
+                .unwrap_or(false);
+            let wake = if changed { Self::mark_dirty(ch, st) } else { 0 };
+            (wake, ch.clone())
+        });
+        let Some((wake, ch)) = r else {
+            return 0;
+        };
+        self.enqueue_dirty(&ch, wake);
+        wake
+    }
+
+    /// The client ids of the remote members of `name`.
+    pub fn presence_remote_clients(&self, name: &ChannelName) -> Vec<Arc<str>> {
+        self.with_existing(name, |_, st| {
+            st.presence
+                .as_ref()
+                .map_or_else(Vec::new, |p| p.remote_clients())
+        })
+        .unwrap_or_default()
+    }
+
+    /// A page of the members of `name` (those after the client id `after`, at most `limit`,
+    /// and past the first at most `max_bytes` of ids and info), or `None` when it has no
+    /// presence. A channel that does not exist has no members (and is not created).
+    pub fn presence(
+        &self,
+        name: &ChannelName,
+        after: Option<&str>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Option<PresenceSnapshot> {
+        if !self.has_presence(name) {
+            return None;
+        }
+        let empty = || PresenceSnapshot {
+            seq: 0,
+            members: Vec::new(),
+            stats: PresenceStats {
+                clients: 0,
+                users: 0,
+            },
+            next: None,
+        };
+        self.with_existing(name, |_, st| {
+            st.presence.as_ref().map(|p| {
+                let (members, next) = p.members_page(after, limit, max_bytes);
+                PresenceSnapshot {
+                    seq: st.top,
+                    members,
+                    stats: p.stats(),
+                    next,
+                }
+            })
+        })
+        .map_or_else(|| Some(empty()), |s| Some(s.unwrap_or_else(empty)))
     }
 }
 

@@ -26,9 +26,9 @@ use super::{
     json, ws, ClientPresence, Command, CommandError, Event, Payload, ReqId, Request, MAX_INFO_LEN,
     MAX_USER_LEN,
 };
-use crate::engine::presence::{Identity, PresenceEvent};
 use crate::types::{
-    ChannelName, ChannelNameError, DataKind, Epoch, StreamPosition, MAX_CHANNEL_LEN,
+    ChannelName, ChannelNameError, DataKind, Epoch, Identity, PresenceEvent, StreamPosition,
+    MAX_CHANNEL_LEN,
 };
 
 /// Whether transports may negotiate `relay.v1.bin`.

@@ -229,8 +229,8 @@ mod tests {
 
     #[test]
     fn both_wires_get_their_own_frames_compressed_and_the_rest_plain() {
-        use crate::engine::Publication;
         use crate::protocol::*;
+        use crate::types::Publication;
         use crate::types::{ChannelName, DataKind};
         let ch = ChannelName::new("c").unwrap();
         let data = Bytes::from(vec![b'7'; 4096]);

@@ -11,8 +11,7 @@ use serde::de::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
 use super::{ws, ClientPresence, Command, CommandError, Event, Payload, ReqId, Request};
-use crate::engine::presence::{Identity, PresenceEvent};
-use crate::types::{ChannelName, DataKind, Epoch, StreamPosition};
+use crate::types::{ChannelName, DataKind, Epoch, Identity, PresenceEvent, StreamPosition};
 
 /// A field that distinguishes "absent" from "present, even if `null`".
 #[derive(Default)]

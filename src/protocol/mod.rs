@@ -21,9 +21,9 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 
-use crate::engine::presence::{Identity, PresenceEvent};
-use crate::engine::Publication;
-use crate::types::{ChannelName, StreamPosition};
+use crate::types::{ChannelName, Encoder, Identity, PresenceEvent, Publication, StreamPosition};
+
+pub use crate::types::{MAX_INFO_LEN, MAX_USER_LEN};
 
 /// Frame-cache slot (and hub encoding) of JSON WebSocket subscribers.
 pub const ENC_WS_JSON: usize = 0;
@@ -159,11 +159,6 @@ pub struct ClientPresence<'a> {
     /// Info: a raw JSON object (at most 4 KiB).
     pub info: Option<&'a str>,
 }
-
-/// Longest presence user id.
-pub const MAX_USER_LEN: usize = 256;
-/// Largest presence info object.
-pub const MAX_INFO_LEN: usize = 4096;
 
 /// A command and its optional id.
 #[derive(Debug)]
@@ -320,7 +315,7 @@ pub fn encode_gap(encoding: usize, channel: &ChannelName, from: u64, to: u64) ->
 }
 
 /// The encoders, for the hub.
-pub const ENCODER: crate::engine::hub::Encoder = crate::engine::hub::Encoder {
+pub const ENCODER: Encoder = Encoder {
     publication: encode_publication,
     presence: encode_presence,
     gap: encode_gap,

@@ -22,9 +22,7 @@ use serde_json::value::RawValue;
 
 use super::json::json_string;
 use super::ws::{begin_frame, finish_frame, OP_TEXT};
-use crate::engine::presence::PresenceEvent;
-use crate::engine::Publication;
-use crate::types::{ChannelName, DataKind};
+use crate::types::{ChannelName, DataKind, PresenceEvent, Publication};
 
 /// Relay channels of Pusher apps start with this.
 pub const PREFIX: &str = "pusher/";
@@ -178,7 +176,7 @@ pub fn parse_app(s: &str) -> Result<App, String> {
             }
             "max_connections" => app.max_connections = num(v)?,
             "max_event_bytes" => {
-                app.max_event_bytes = crate::config::parse_bytes(v)
+                app.max_event_bytes = crate::types::parse_bytes(v)
                     .map_err(|e| format!("app {id}: max_event_bytes: {e}"))?
             }
             "max_channels_per_event" => app.max_channels_per_event = num(v)?.max(1),

@@ -69,7 +69,7 @@ pub fn message(channel: &ChannelName, seq: u64, kind: DataKind, data: &[u8]) -> 
 }
 
 /// The `presence` event (no `id:`: it does not move the cursor).
-pub fn presence(channel: &ChannelName, e: &crate::engine::presence::PresenceEvent) -> Bytes {
+pub fn presence(channel: &ChannelName, e: &crate::types::PresenceEvent) -> Bytes {
     let mut b = BytesMut::with_capacity(160);
     b.put_slice(b"event: presence\ndata: {\"channel\":\"");
     b.put_slice(channel.as_str().as_bytes());

@@ -1,12 +1,17 @@
 //! Wires everything: binds the shards' listeners, starts one pinned thread per shard, and
 //! shuts down gracefully.
 //!
-//! - [`start`] takes a [`Config`], reads the JWT key and TLS files it names, and returns a
-//!   [`ServerHandle`] once every shard is listening (tests pass port 0 and read
-//!   [`ServerHandle::local_addr`]).
+//! - [`start`] takes a [`Config`], reads the JWT key and TLS files it names, binds
+//!   `--listen` once per shard and returns a [`ServerHandle`] once every shard is listening
+//!   (`main.rs` uses it).
+//! - [`run`] serves on listeners the caller bound until a shutdown future completes
+//!   (in-process servers and tests: bind port 0, read the address, run); [`start_on`] is its
+//!   handle-returning form.
+//! - [`compose`]: the composition root, which builds the shared [`Node`].
 //! - [`shard`]: the per-core runtime, accept loop, fan-out pump and sweep.
 //! - [`listener`]: `SO_REUSEPORT` sockets.
 
+pub mod compose;
 pub mod listener;
 pub mod shard;
 
@@ -40,34 +45,75 @@ pub struct ServerHandle {
 /// Reads the key and certificate files, then binds and starts every shard.
 pub fn start(config: Config) -> Result<ServerHandle, StartError> {
     crate::metrics::install();
-    crate::protocol::deflate::set_min_size(config.deflate_min_size);
     // Before anything is bound: a bad file stops the start, so the node never serves without
     // auth or in clear text by mistake.
     let (auth, tls) = read_files(&config).map_err(|mut e| e.swap_remove(0))?;
-    let shards = config.effective_shards();
-    let listeners = listener::bind_shards(config.listen, shards)?;
+    let listeners = listener::bind_shards(config.listen, config.effective_shards())?;
+    launch(config, listeners, auth, tls)
+}
+
+/// Serves `config` on `listeners`, bound by the caller (one per shard: their number is the
+/// number of shards; in-process servers and tests pass one bound to port 0), until
+/// `shutdown` completes; then shuts down gracefully (WebSocket 1012, SSE `retry:`, up to
+/// `--shutdown-timeout`) and returns once every shard has finished. `--listen` and `--shards`
+/// are not used. A bad key or certificate file, or a listener that cannot be used, is an
+/// error before anything is served.
+pub async fn run(
+    config: Config,
+    listeners: Vec<std::net::TcpListener>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    let handle = start_on(config, listeners)?;
+    shutdown.await;
+    handle.shutdown();
+    // The shards are threads: wait for them off the caller's runtime.
+    let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+    Ok(())
+}
+
+/// [`start`] on listeners bound by the caller (see [`run`]).
+pub fn start_on(
+    config: Config,
+    listeners: Vec<std::net::TcpListener>,
+) -> Result<ServerHandle, StartError> {
+    crate::metrics::install();
+    let (auth, tls) = read_files(&config).map_err(|mut e| e.swap_remove(0))?;
+    if listeners.is_empty() || listeners.len() > crate::types::MAX_SHARDS {
+        return Err(StartError::Io(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "1 to {} listeners (one per shard), not {}",
+                crate::types::MAX_SHARDS,
+                listeners.len()
+            ),
+        )));
+    }
+    for l in &listeners {
+        // The shards register them with their runtimes, which need them non-blocking.
+        l.set_nonblocking(true)?;
+    }
+    launch(config, listeners, auth, tls)
+}
+
+/// Builds the node and starts one shard thread per listener.
+fn launch(
+    config: Config,
+    listeners: Vec<std::net::TcpListener>,
+    auth: Option<crate::auth::Auth>,
+    tls: Option<Arc<crate::tls::Tls>>,
+) -> Result<ServerHandle, StartError> {
+    let shards = listeners.len();
     let local_addr = listeners[0].local_addr()?;
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
         ^ u64::from(std::process::id()).rotate_left(32);
-    let mut node = Node::new(config, shards, seed, auth, tls);
-    node.start_backplane(seed)?;
-    node.start_webhooks(Vec::new(), seed)?;
-    if let (Some(set), Some(url)) = (
-        node.auth.as_ref().and_then(|a| a.jwks()),
-        node.config.jwt_jwks_url.as_deref(),
-    ) {
-        // Checked by `Config::problems` already.
-        let url = url.parse().map_err(std::io::Error::other)?;
-        crate::jwks::start(
-            set.clone(),
-            url,
-            node.config.jwt_jwks_refresh,
-            node.shutdown.clone(),
-        )?;
-    }
+    crate::protocol::deflate::set_min_size(config.deflate_min_size);
+    let mut node = compose::node(config, shards, seed, auth, tls);
+    compose::start_backplane(&mut node, seed)?;
+    compose::start_webhooks(&mut node, Vec::new(), seed)?;
+    compose::start_jwks(&node)?;
     let node = Arc::new(node);
     crate::transport::admin::announce(&node)?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -106,12 +152,31 @@ pub fn read_files(
         key,
         reason: e.to_string(),
     };
-    let auth = crate::auth::Auth::from_config(config).map_err(|e| invalid("jwt", &e));
+    let auth = read_public_keys(config)
+        .and_then(|pems| crate::auth::Auth::new(config, &pems))
+        .map_err(|e| invalid("jwt", &e));
     let tls = crate::tls::Tls::from_config(config).map_err(|e| invalid("tls", &e));
     match (auth, tls) {
         (Ok(auth), Ok(tls)) => Ok((auth, tls)),
         (auth, tls) => Err(auth.err().into_iter().chain(tls.err()).collect()),
     }
+}
+
+/// The contents of the `--jwt-public-key` files.
+fn read_public_keys(
+    config: &Config,
+) -> Result<Vec<(std::path::PathBuf, Vec<u8>)>, crate::auth::AuthSetupError> {
+    config
+        .jwt_public_key
+        .iter()
+        .map(|path| match std::fs::read(path) {
+            Ok(pem) => Ok((path.clone(), pem)),
+            Err(source) => Err(crate::auth::AuthSetupError::Read {
+                path: path.clone(),
+                source,
+            }),
+        })
+        .collect()
 }
 
 impl ServerHandle {

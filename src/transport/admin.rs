@@ -312,7 +312,7 @@ async fn login(ctx: &ShardContext, admin: &Admin, req: Request<Incoming>) -> Res
         Ok(b) => b,
         Err(res) => return res,
     };
-    let given = super::sse::form_pairs(&String::from_utf8_lossy(&body))
+    let given = super::request::form_pairs(&String::from_utf8_lossy(&body))
         .find(|(k, _)| k == "password")
         .map(|(_, v)| v)
         .unwrap_or_default();
@@ -365,7 +365,7 @@ async fn admin_api(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bo
             if ctx.node.engine.overloaded() {
                 return super::http::overloaded();
             }
-            let admin = super::ws::ConnAuth {
+            let admin = super::request::ConnAuth {
                 grants: all,
                 user: None,
                 info: None,
@@ -409,7 +409,7 @@ pub fn status(node: &Node) -> Value {
     let sum = |f: fn(&crate::metrics::ShardLoad) -> i64| node.load.iter().map(f).sum::<i64>();
     // The registry's counters (process-wide), read from the text `/metrics` serves: the hot
     // path keeps its one atomic per pump pass.
-    let text = crate::metrics::render(&node.engine).unwrap_or_default();
+    let text = crate::metrics::render(|| super::engine_figures(&node.engine)).unwrap_or_default();
     let (started, uptime) = node
         .admin
         .as_ref()

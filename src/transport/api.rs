@@ -15,9 +15,10 @@ use serde_json::value::RawValue;
 
 use super::http::{error, json, json_counted, Body};
 use super::paging;
-use super::sse::form_pairs;
+use super::request::form_pairs;
 use super::{PublishError, ShardContext};
 use crate::auth::{Grants, Perm};
+use crate::engine::idempotency::PublishConditions;
 use crate::protocol::json::normalize_data;
 use crate::types::{ChannelName, DataKind};
 
@@ -222,21 +223,6 @@ struct BroadcastBody<'a> {
     idempotency_key: Option<Cow<'a, str>>,
 }
 
-/// The conditions of a publish: an idempotency key (1 to 128 bytes) and an expected seq.
-pub(super) fn conditions(
-    key: Option<&str>,
-    expected_seq: Option<u64>,
-) -> Result<crate::engine::idempotency::PublishConditions, String> {
-    use crate::engine::idempotency::MAX_KEY_LEN;
-    if key.is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_LEN) {
-        return Err(format!("idempotency_key must be 1 to {MAX_KEY_LEN} bytes"));
-    }
-    Ok(crate::engine::idempotency::PublishConditions {
-        idempotency_key: key.map(Into::into),
-        expected_seq,
-    })
-}
-
 /// The answer to a publish: `{"channel","seq","epoch"}`, plus `"duplicate":true` for a
 /// repeat of an idempotency key.
 pub(super) fn published_json(ch: &ChannelName, p: &super::Published, duplicate: bool) -> String {
@@ -373,7 +359,7 @@ pub(super) async fn publish(ctx: &ShardContext, g: &Grants, b: PublishBody<'_>) 
     if !g.allows(Perm::Publish, ch.as_str()) {
         return forbidden("no publish permission on this channel");
     }
-    let cond = match conditions(b.idempotency_key.as_deref(), b.expected_seq) {
+    let cond = match PublishConditions::checked(b.idempotency_key.as_deref(), b.expected_seq) {
         Ok(c) => c,
         Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", &m),
     };
@@ -408,7 +394,7 @@ async fn broadcast(ctx: &ShardContext, g: &Grants, b: BroadcastBody<'_>) -> Resp
     }
     // The key applies per channel: a retried broadcast publishes on none of the channels it
     // reached before, and on the others.
-    let cond = match conditions(b.idempotency_key.as_deref(), None) {
+    let cond = match PublishConditions::checked(b.idempotency_key.as_deref(), None) {
         Ok(c) => c,
         Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", &m),
     };

@@ -177,21 +177,23 @@ async fn route(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> 
         (&Method::GET, "/ws") => ws::upgrade(ctx, req),
         (&Method::GET, "/sse") if ctx.node.engine.overloaded() => overloaded(),
         (&Method::GET, "/sse") => sse::open(ctx, req).await,
-        (&Method::GET, "/metrics") => match crate::metrics::render(&ctx.node.engine) {
-            Some(text) => {
-                let mut res = Response::new(Body::Full(Full::new(Bytes::from(text))));
-                res.headers_mut().insert(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4"),
-                );
-                res
+        (&Method::GET, "/metrics") => {
+            match crate::metrics::render(|| super::engine_figures(&ctx.node.engine)) {
+                Some(text) => {
+                    let mut res = Response::new(Body::Full(Full::new(Bytes::from(text))));
+                    res.headers_mut().insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4"),
+                    );
+                    res
+                }
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "metrics are not enabled",
+                ),
             }
-            None => error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "metrics are not enabled",
-            ),
-        },
+        }
         (&Method::GET, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
         (&Method::GET, "/readyz") => {
             if ctx.node.is_leaving() {

@@ -11,6 +11,7 @@ pub mod http;
 pub mod io;
 pub mod landing;
 pub mod pusher;
+pub mod request;
 pub mod server_api;
 pub mod sse;
 pub mod users;
@@ -31,7 +32,7 @@ use crate::engine::{mask_iter, Engine, Published, ShardMask};
 use crate::protocol;
 use crate::types::{ChannelName, DataKind};
 
-/// What all shards share.
+/// What all shards share. Built by the composition root, `server::compose`.
 pub struct Node {
     /// Settings.
     pub config: Config,
@@ -65,7 +66,7 @@ pub struct Node {
     pub pusher: Arc<pusher::Registry>,
     /// Set on SIGTERM: `/readyz` answers 503 for the drain period, while everything else is
     /// served as usual.
-    draining: std::sync::atomic::AtomicBool,
+    pub(crate) draining: std::sync::atomic::AtomicBool,
 }
 
 /// The other end of an HTTP connection, in every request's extensions.
@@ -79,77 +80,6 @@ pub struct Peer {
 }
 
 impl Node {
-    /// A node for `config` with `shards` shards, with the JWT verifier and TLS state the
-    /// server loaded from the files `config` names.
-    pub fn new(
-        config: Config,
-        shards: usize,
-        seed: u64,
-        auth: Option<crate::auth::Auth>,
-        tls: Option<Arc<crate::tls::Tls>>,
-    ) -> Self {
-        let max_memory = config
-            .max_memory
-            .unwrap_or_else(crate::limits::default_memory_budget);
-        match (config.max_memory, max_memory) {
-            (None, 0) => tracing::warn!(
-                "could not read the cgroup or physical memory limit: no memory budget; set --max-memory"
-            ),
-            (Some(0), _) => tracing::warn!("--max-memory 0: no memory budget"),
-            (given, bytes) => tracing::info!(
-                bytes,
-                derived = given.is_none(),
-                "memory budget for what clients make the node hold (--max-memory)"
-            ),
-        }
-        let engine = Engine::new(crate::engine::EngineConfig {
-            shards,
-            history_size: config.history_size,
-            history_max_bytes: config.history_max_bytes,
-            history_ttl: config.history_ttl,
-            max_channels: config.max_channels,
-            max_memory,
-            seed,
-            presence: crate::engine::presence::PresenceConfig {
-                patterns: pusher::presence_patterns(&config),
-                timeout: config.presence_timeout,
-                max_members: config.presence_max_members,
-                info_budget: config.presence_info_budget,
-            },
-            slow_consumer: config.slow_consumer.clone(),
-            idempotency_window: config.idempotency_window,
-        });
-        let engine = Arc::new(engine);
-        let wakers = crate::backplane::Wakers::new(shards);
-        let backplane = Arc::new(crate::backplane::memory::MemoryBackplane::new(
-            engine.clone(),
-            wakers.clone(),
-        ));
-        Self {
-            backplane,
-            ips: crate::limits::IpLimiter::new(config.max_connections_per_ip),
-            api: crate::limits::ApiLimiter::new(
-                config.api_rate_limit,
-                config.api_key_rate_limit,
-                config.api_key.len(),
-                std::time::Instant::now(),
-            ),
-            trusted: crate::proxy::TrustedProxies::new(&config.trusted_proxies),
-            admin: admin::Admin::new(&config),
-            load: (0..shards).map(|_| Default::default()).collect(),
-            pusher: Arc::new(pusher::Registry::new(&config.pusher_app)),
-            draining: Default::default(),
-            webhooks: None,
-            users: Arc::new(users::UserControl::new(shards)),
-            auth,
-            tls,
-            config,
-            engine,
-            wakers: wakers.0,
-            shutdown: CancellationToken::new(),
-        }
-    }
-
     /// Starts the drain period: `/readyz` answers 503 from now on.
     pub fn drain(&self) {
         self.draining
@@ -255,107 +185,6 @@ impl Node {
             Err(BackplaneError::SeqMismatch(at)) => Err(PublishError::SeqMismatch(at)),
             Err(e) => Err(PublishError::Unavailable(e.to_string())),
         }
-    }
-
-    /// The backplane settings for the server at `url`.
-    fn backplane_settings(&self, url: &str, seed: u64) -> crate::backplane::Settings {
-        crate::backplane::Settings {
-            url: url.to_owned(),
-            history_size: self.config.history_size,
-            history_ttl: self.config.history_ttl,
-            node_id: self.config.node_id().to_owned(),
-            seed,
-            presence_timeout: self.config.presence_timeout,
-            idempotency_window: self.config.idempotency_window,
-        }
-    }
-
-    /// Starts the backplane the config names (`memory` needs nothing). Call once, before the
-    /// node is shared.
-    pub fn start_backplane(&mut self, seed: u64) -> std::io::Result<()> {
-        use crate::config::BackplaneKind;
-        match self.config.backplane {
-            BackplaneKind::Memory => Ok(()),
-            BackplaneKind::Redis => {
-                let settings = self.backplane_settings(&self.config.redis_url, seed);
-                self.backplane = crate::backplane::redis::start(
-                    settings,
-                    self.engine.clone(),
-                    crate::backplane::Wakers(self.wakers.clone()),
-                    self.shutdown.clone(),
-                )?;
-                users::listen(self);
-                Ok(())
-            }
-            BackplaneKind::Nats => {
-                let settings = self.backplane_settings(&self.config.nats_url, seed);
-                self.backplane = crate::backplane::nats::start(
-                    settings,
-                    self.engine.clone(),
-                    crate::backplane::Wakers(self.wakers.clone()),
-                    self.shutdown.clone(),
-                )?;
-                users::listen(self);
-                Ok(())
-            }
-        }
-    }
-
-    /// Starts the webhook dispatcher for the `--webhook-url` hooks plus `extra` (hooks of
-    /// another format, e.g. a compatibility API's) and makes it the engine's observer. Nothing
-    /// without hooks. Call once, before the node is shared.
-    pub fn start_webhooks(
-        &mut self,
-        extra: Vec<crate::webhooks::Hook>,
-        seed: u64,
-    ) -> std::io::Result<()> {
-        let format: Arc<dyn crate::webhooks::Format> = Arc::new(crate::webhooks::RelayFormat::new(
-            self.config.webhook_secret.as_deref(),
-        ));
-        let mut hooks = Vec::new();
-        for spec in &self.config.webhook_url {
-            // Checked by `Config::problems` already.
-            let (events, url) =
-                crate::webhooks::parse_hook_spec(spec).map_err(std::io::Error::other)?;
-            hooks.push(crate::webhooks::Hook {
-                url,
-                events,
-                format: format.clone(),
-            });
-        }
-        hooks.extend(extra);
-        if hooks.is_empty() {
-            return Ok(());
-        }
-        let webhooks = crate::webhooks::Webhooks::start(
-            hooks,
-            crate::webhooks::Settings::from_config(&self.config),
-            self.config.node_id(),
-            seed,
-            self.shutdown.clone(),
-        )?;
-        if self.backplane.agrees() {
-            // In a cluster the backplane decides which node reports each event.
-            let agreement = crate::webhooks::agree::Agreement::start(
-                webhooks.clone(),
-                self.engine.clone(),
-                self.backplane.clone(),
-                self.config.presence_timeout,
-                self.shutdown.clone(),
-            )?;
-            self.engine.set_observer(agreement);
-        } else {
-            if self.config.backplane != crate::config::BackplaneKind::Memory {
-                tracing::warn!(
-                    "webhooks with this backplane report what each node sees: occupancy per \
-                     node, and members of other nodes once per node; receivers must \
-                     deduplicate (agreed across nodes with --backplane redis only)"
-                );
-            }
-            self.engine.set_observer(webhooks.clone());
-        }
-        self.webhooks = Some(webhooks);
-        Ok(())
     }
 
     /// What a subscriber of `channel` must wait for before it is added to a hub: `None` when
@@ -536,5 +365,43 @@ impl ShardContext {
     /// The settings.
     pub fn config(&self) -> &Config {
         &self.node.config
+    }
+}
+
+/// The engine's counters for `/metrics`, read when it is scraped.
+pub fn engine_figures(engine: &Engine) -> crate::metrics::EngineFigures {
+    use crate::engine::memory::Kind;
+    use std::sync::atomic::Ordering::Relaxed;
+    let meter = engine.meter();
+    let s = engine.stats();
+    crate::metrics::EngineFigures {
+        memory: Kind::ALL
+            .iter()
+            .map(|&k| (k.as_str(), meter.bytes(k)))
+            .collect(),
+        memory_limit: meter.limit(),
+        memory_pressure: meter.pressure() as u8,
+        channels: engine.channel_count(),
+        presence_info_bytes: engine.presence_info_bytes(),
+        evictions: s.evictions.load(Relaxed),
+        evicted_bytes: s.evicted_bytes.load(Relaxed),
+        expiry_checked: s.checked.load(Relaxed),
+        channels_expired: s.expired.load(Relaxed),
+        expiry_checked_max: s.checked_max.load(Relaxed),
+    }
+}
+
+impl crate::metrics::Pumped for crate::engine::hub::PumpStats {
+    fn deliveries(&self) -> usize {
+        self.deliveries
+    }
+    fn skipped(&self) -> usize {
+        self.skipped
+    }
+    fn replayed(&self) -> usize {
+        self.replayed
+    }
+    fn oldest_age(&self) -> Option<std::time::Duration> {
+        self.oldest_age
     }
 }

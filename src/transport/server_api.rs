@@ -239,8 +239,11 @@ async fn subscribe(ctx: &ShardContext, b: UserBody<'_>, on: bool) -> Result<Stri
 
 async fn publish(ctx: &ShardContext, b: PublishBody<'_>) -> Result<String, Refusal> {
     let ch = channel(&b.channel)?;
-    let cond = super::api::conditions(b.idempotency_key.as_deref(), b.expected_seq)
-        .map_err(Refusal::bad)?;
+    let cond = crate::engine::idempotency::PublishConditions::checked(
+        b.idempotency_key.as_deref(),
+        b.expected_seq,
+    )
+    .map_err(Refusal::bad)?;
     let data = normalize_data(b.data.get());
     let (p, duplicate) = ctx
         .node

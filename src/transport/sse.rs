@@ -16,6 +16,7 @@ use hyper::{Request, Response, StatusCode};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::http::{error, Body};
+use super::request::form_pairs;
 use super::ShardContext;
 use crate::engine::hub::{ConnId, Subscriber};
 use crate::engine::outbox::{Outbox, OutboxState, NO_SLOT};
@@ -35,7 +36,7 @@ pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bod
 pub(crate) async fn open_as(
     ctx: Rc<ShardContext>,
     req: Request<Incoming>,
-    given: Option<super::ws::ConnAuth>,
+    given: Option<super::request::ConnAuth>,
 ) -> Response<Body> {
     let cfg = ctx.config().clone();
     let mut channels: Vec<ChannelName> = Vec::new();
@@ -79,7 +80,7 @@ pub(crate) async fn open_as(
         };
         return error(StatusCode::BAD_REQUEST, "bad_request", message);
     }
-    let auth = match given.map_or_else(|| super::ws::connection_auth(&ctx, &req), Ok) {
+    let auth = match given.map_or_else(|| super::request::connection_auth(&ctx, &req), Ok) {
         Ok(a) => a,
         Err(e) => {
             crate::limits::refused(crate::limits::Cause::Unauthorized, &e.to_string());
@@ -255,9 +256,11 @@ pub(crate) async fn open_as(
         member: member.map(|(who, live)| (who.client, live)),
         ended: false,
         _slot: slot,
-        expires: auth
-            .exp
-            .map(|exp| Box::pin(tokio::time::sleep_until(super::ws::instant_of(exp).into()))),
+        expires: auth.exp.map(|exp| {
+            Box::pin(tokio::time::sleep_until(
+                super::request::instant_of(exp).into(),
+            ))
+        }),
     };
     let mut res = Response::new(Body::Sse(Box::new(body)));
     let h = res.headers_mut();
@@ -266,21 +269,6 @@ pub(crate) async fn open_as(
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
     res
-}
-
-/// Decodes `application/x-www-form-urlencoded` pairs.
-pub fn form_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
-    query.split('&').filter(|p| !p.is_empty()).map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (decode_component(k), decode_component(v))
-    })
-}
-
-fn decode_component(s: &str) -> String {
-    let s = s.replace('+', " ");
-    percent_encoding::percent_decode_str(&s)
-        .decode_utf8_lossy()
-        .into_owned()
 }
 
 /// The body of one event stream.
@@ -328,7 +316,7 @@ impl PresenceAsk {
     fn check(
         &self,
         ctx: &ShardContext,
-        auth: &super::ws::ConnAuth,
+        auth: &super::request::ConnAuth,
     ) -> Result<(), (StatusCode, &'static str, &'static str)> {
         let refuse = |status, code, message| Err((status, code, message));
         if !self.claims() {
@@ -377,7 +365,7 @@ impl PresenceAsk {
     fn identity(
         self,
         ctx: &ShardContext,
-        auth: &super::ws::ConnAuth,
+        auth: &super::request::ConnAuth,
         id: ConnId,
         now: Instant,
     ) -> Option<(Identity, Arc<Liveness>)> {

@@ -272,7 +272,7 @@ pub enum UserCommandError {
 }
 
 /// Makes `node` apply the user commands other nodes send over the backplane.
-pub fn listen(node: &mut super::Node) {
+pub fn listen(node: &super::Node) {
     let users = node.users.clone();
     let me = node.config.node_id().to_owned();
     node.backplane.set_control(std::sync::Arc::new(move |message: &[u8]| {

@@ -260,22 +260,6 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
 }
 
-impl Settings {
-    /// The settings from the node's config.
-    pub fn from_config(c: &crate::config::Config) -> Self {
-        Self {
-            batch_size: c.webhook_batch_size,
-            batch_delay: c.webhook_batch_delay,
-            timeout: c.webhook_timeout,
-            max_attempts: c.webhook_max_attempts,
-            queue_size: c.webhook_queue_size,
-            retry_base: Duration::from_millis(100),
-            retry_cap: c.webhook_retry_cap,
-            shutdown_timeout: c.shutdown_timeout,
-        }
-    }
-}
-
 /// One hook's queue, shared by the emitters and its sender task.
 struct Queue {
     hook: Hook,

@@ -1,6 +1,9 @@
 //! Shared helpers for relay's black-box integration tests.
 //!
-//! Every test spawns the real `relay` binary and talks to it over loopback only:
+//! A test starts the real server, in this process on port 0 ([`Relay::in_process`], on
+//! `relay::server::start_on`) or as the `relay` binary ([`Relay::start`]: for what only a
+//! process shows: the CLI, signals, exit codes, stdout/stderr, RSS, process-wide metrics), and
+//! talks to it over loopback only:
 //! WebSocket (tokio-tungstenite, or a hand-rolled raw client for protocol violations),
 //! SSE (reqwest byte stream) and the HTTP API (reqwest). Every receive has a timeout so a
 //! server bug fails the test instead of hanging it.
@@ -31,9 +34,10 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_relay");
 // The server process
 // ---------------------------------------------------------------------------------------------
 
-/// A running `relay serve` child process. Killed (SIGKILL) and reaped on drop.
+/// A running relay: a `relay serve` child process (killed with SIGKILL and reaped on drop) or
+/// a server in this process (shut down on drop).
 pub struct Relay {
-    child: Child,
+    server: Server,
     addr: SocketAddr,
     client: reqwest::Client,
     api_key: Option<String>,
@@ -55,7 +59,40 @@ fn base_command() -> Command {
     cmd
 }
 
+enum Server {
+    Process(Child),
+    InProcess(relay::server::ServerHandle),
+}
+
 impl Relay {
+    /// A server in this process with the settings of `relay serve --shards 2 <extra>` (no
+    /// environment, no file), its two shards listening on one loopback port picked by the
+    /// system. Its metrics recorder is the process's, shared by every in-process server of the
+    /// test binary: tests that count metrics, read the logs or signal the server use
+    /// [`Relay::start`].
+    pub fn in_process(extra: &[&str]) -> Relay {
+        let shards: usize = extra
+            .iter()
+            .position(|a| *a == "--shards")
+            .and_then(|i| extra.get(i + 1))
+            .map_or(2, |n| n.parse().expect("--shards N"));
+        let config = relay::config::Config::from_args(extra.iter().copied())
+            .unwrap_or_else(|e| panic!("settings {extra:?}: {e}"));
+        let listeners = relay::server::listener::bind_shards(
+            "127.0.0.1:0".parse().expect("loopback address"),
+            shards,
+        )
+        .expect("bind loopback port 0");
+        let handle = relay::server::start_on(config, listeners).expect("start the server");
+        Relay {
+            addr: handle.local_addr(),
+            server: Server::InProcess(handle),
+            client: http_client(),
+            api_key: None,
+            exited: None,
+        }
+    }
+
     /// `relay serve --listen 127.0.0.1:0 --shards 2 <extra>`.
     pub fn start(extra: &[&str]) -> Relay {
         Relay::start_with(extra, &[])
@@ -137,7 +174,7 @@ impl Relay {
         assert_ne!(addr.port(), 0, "listening line must carry the bound port");
 
         Relay {
-            child,
+            server: Server::Process(child),
             addr,
             client: http_client(),
             api_key: None,
@@ -159,8 +196,18 @@ impl Relay {
         format!("ws://{}/ws", self.addr)
     }
 
+    fn child(&mut self) -> &mut Child {
+        match &mut self.server {
+            Server::Process(child) => child,
+            Server::InProcess(_) => panic!("an in-process relay has no process: use Relay::start"),
+        }
+    }
+
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match &self.server {
+            Server::Process(child) => child.id(),
+            Server::InProcess(_) => panic!("an in-process relay has no process: use Relay::start"),
+        }
     }
 
     pub fn client(&self) -> &reqwest::Client {
@@ -189,7 +236,7 @@ impl Relay {
         }
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
+            if let Some(status) = self.child().try_wait().expect("try_wait") {
                 self.exited = Some(status);
                 return Some(status);
             }
@@ -288,9 +335,15 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        // std's Child::kill sends SIGKILL on Unix.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        match &mut self.server {
+            // std's Child::kill sends SIGKILL on Unix.
+            Server::Process(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            // The shards shut down on their threads; the test need not wait for them.
+            Server::InProcess(handle) => handle.shutdown(),
+        }
     }
 }
 
@@ -412,25 +465,14 @@ pub async fn read_resp(resp: reqwest::Response) -> (u16, Value) {
     (status, v)
 }
 
-/// The Prometheus text of `/metrics`.
-pub async fn metrics(relay: &Relay) -> String {
-    let (_, v) = relay.get("/metrics").await;
-    v.as_str().unwrap_or_default().to_owned()
+/// Sends a request; its status and JSON body (see [`read_resp`]).
+pub async fn send(rb: reqwest::RequestBuilder) -> (u16, Value) {
+    read_resp(rb.send().await.expect("request")).await
 }
 
-/// The value of the sample `series` (name and labels, as printed) in Prometheus text; 0 when
-/// absent.
-pub fn metric(text: &str, series: &str) -> u64 {
-    let key = format!("{series} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
-/// `relay_refused_total{cause}` in Prometheus text.
+/// `relay_refused_total{cause}` in Prometheus text (see [`Relay::scrape`]); 0 when absent.
 pub fn refused_count(text: &str, cause: &str) -> u64 {
-    metric(text, &format!("relay_refused_total{{cause=\"{cause}\"}}"))
+    sample(text, &format!("relay_refused_total{{cause=\"{cause}\"}}")).unwrap_or(0.0) as u64
 }
 
 /// Assert an HTTP error response: `status` and `{"error":{"code":code,"message":"…"}}`.

@@ -254,6 +254,11 @@ async fn run<R, W>(
     }
     drop(pre);
     let shutdown = s.ctx.node.shutdown.clone();
+    // One registration with the token for the connection's life: a fresh `cancelled()` per
+    // turn of the loop would join and leave the token's waiter list on every wake-up, which
+    // is a measurable share of a delivery's CPU at 10,000 connections.
+    let stop = shutdown.cancelled();
+    tokio::pin!(stop);
     let timer = tokio::time::sleep(cfg.ping_interval);
     tokio::pin!(timer);
     loop {
@@ -263,7 +268,7 @@ async fn run<R, W>(
         }
         tokio::select! {
             biased;
-            _ = shutdown.cancelled(), if s.close_deadline.is_none() => {
+            _ = &mut stop, if s.close_deadline.is_none() => {
                 s.close(code::RECONNECT, "service restart");
             }
             _ = killed(&s.user), if s.close_deadline.is_none() => {

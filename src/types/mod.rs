@@ -1,4 +1,20 @@
-//! Leaf value types shared by every layer: channel names, epochs and stream positions.
+//! Leaf value types shared by every layer: channel names, epochs and stream positions, the
+//! publication and presence event the engine hands to the encoders, shard masks, slow-consumer
+//! policies, gap reasons, permission rules and trusted networks. Nothing here imports another
+//! module of the crate: `protocol`, `engine`, `config` and `auth` all stand on it.
+
+mod net;
+mod publication;
+mod rules;
+
+pub use net::TrustedNet;
+pub(crate) use publication::identity_len;
+pub use publication::{
+    Encoder, FrameGauge, Identity, PresenceEvent, Publication, ENTRY_OVERHEAD, EVENT_OVERHEAD,
+    FRAME_SLOTS,
+};
+pub(crate) use rules::sub_fits;
+pub use rules::{Pattern, Perm, Perms, Rule, MAX_PATTERN_LEN};
 
 use std::fmt;
 use std::sync::Arc;
@@ -143,4 +159,106 @@ mod tests {
         assert_eq!(Epoch::parse("xyz"), None);
         assert_eq!(Epoch::parse("12345678901234567"), None);
     }
+}
+
+/// Longest presence user id.
+pub const MAX_USER_LEN: usize = 256;
+/// Largest presence info object.
+pub const MAX_INFO_LEN: usize = 4096;
+
+/// Most shards an engine serves (the dirty mask is one `u64`).
+pub const MAX_SHARDS: usize = 64;
+
+/// Bit set of shard indexes.
+pub type ShardMask = u64;
+
+/// What happens to a subscriber whose connection cannot take a channel's messages as fast as
+/// they come (its outbox is full).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SlowPolicy {
+    /// Close the connection (4008); the client resumes from its last seq.
+    #[default]
+    Disconnect,
+    /// Skip messages and tell the client the range it missed (a gap notice) before the next one.
+    Drop,
+    /// Keep only the latest message of the channel for that client.
+    Conflate,
+}
+
+impl SlowPolicy {
+    /// Parses `disconnect`, `drop` or `conflate`.
+    pub fn parse(s: &str) -> Option<SlowPolicy> {
+        match s {
+            "disconnect" => Some(SlowPolicy::Disconnect),
+            "drop" => Some(SlowPolicy::Drop),
+            "conflate" => Some(SlowPolicy::Conflate),
+            _ => None,
+        }
+    }
+}
+
+/// Why a resume position could not be recovered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GapReason {
+    /// The channel's history started afresh since.
+    EpochChanged,
+    /// The history no longer holds the message after the position (or the position is ahead).
+    HistoryExpired,
+    /// The history held it, but memory pressure evicted it (see `--max-memory`).
+    Evicted,
+}
+
+impl GapReason {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GapReason::EpochChanged => "epoch_changed",
+            GapReason::HistoryExpired => "history_expired",
+            GapReason::Evicted => "evicted",
+        }
+    }
+}
+
+/// splitmix64 of `seed + n` (for ids and epochs outside the engine).
+pub fn mix_public(seed: u64, n: u64) -> u64 {
+    mix(seed, n)
+}
+
+/// splitmix64 of `seed + n`.
+fn mix(seed: u64, n: u64) -> u64 {
+    let mut z = seed.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The shard indexes set in `mask`.
+pub fn mask_iter(mut mask: ShardMask) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if mask == 0 {
+            return None;
+        }
+        let i = mask.trailing_zeros() as usize;
+        mask &= mask - 1;
+        Some(i)
+    })
+}
+
+/// Parses `65536`, `64KiB`, `64k`, `1MiB`, `1MB`.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (try 65536 or 64KiB)"))?;
+    let mul: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }

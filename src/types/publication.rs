@@ -1,0 +1,210 @@
+//! What the engine shares with the encoders: a publication, a presence event and who it names,
+//! and the [`Encoder`] the hub calls to build each frame once per encoding. They sit below both
+//! `engine` and `protocol` so that neither imports the other.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::{ChannelName, DataKind};
+
+/// How many encodings of one publication can be cached (see [`Publication::frame`]).
+pub const FRAME_SLOTS: usize = 6;
+
+/// Bytes a ring entry costs besides its payload (the publication, its `Arc`, its ring slot).
+pub const ENTRY_OVERHEAD: usize = std::mem::size_of::<Publication>() + 24;
+
+/// Bytes an event costs besides the identity it names.
+pub const EVENT_OVERHEAD: usize = std::mem::size_of::<PresenceEvent>() + 32;
+
+/// One published message, shared by reference between the ring, every shard and every outbox.
+pub struct Publication {
+    /// Sequence ID in its channel.
+    pub seq: u64,
+    /// When it was published (for the history TTL).
+    pub at: Instant,
+    /// What the payload is.
+    pub kind: DataKind,
+    /// The payload as published.
+    pub data: Bytes,
+    /// The channel's running total of [`Publication::cost`] up to and including this one
+    /// (the byte windows of the ring are found by binary search on it).
+    pub(crate) cum: u64,
+    frames: [OnceLock<Bytes>; FRAME_SLOTS],
+    /// Where its frames are counted (the node's meter); `None` for publications built outside
+    /// an engine (benches, tests), whose frames outboxes count themselves.
+    pub(crate) gauge: Option<FrameGauge>,
+}
+
+impl Publication {
+    /// Creates a publication; exposed for benches and tests.
+    pub fn new(seq: u64, at: Instant, kind: DataKind, data: Bytes) -> Self {
+        Self {
+            seq,
+            at,
+            kind,
+            data,
+            cum: 0,
+            frames: Default::default(),
+            gauge: None,
+        }
+    }
+
+    /// The encoded frame for `slot`, built by `encode` the first time any shard asks and shared
+    /// by everyone after: a message is encoded once per encoding, never per subscriber.
+    pub fn frame(&self, slot: usize, encode: impl FnOnce(&Publication) -> Bytes) -> Bytes {
+        self.frames[slot % FRAME_SLOTS]
+            .get_or_init(|| match &self.gauge {
+                Some(g) => g.count(encode(self)),
+                None => encode(self),
+            })
+            .clone()
+    }
+
+    /// Whether its frames are counted in the node's meter (then an outbox counts only its
+    /// entry for one, see [`FrameGauge`]).
+    pub fn counts_frames(&self) -> bool {
+        self.gauge.is_some()
+    }
+
+    /// What it costs in a ring: its payload plus [`ENTRY_OVERHEAD`].
+    pub fn cost(&self) -> usize {
+        self.data.len() + ENTRY_OVERHEAD
+    }
+
+    /// The running total before this one.
+    pub(crate) fn cum_before(&self) -> u64 {
+        self.cum - self.cost() as u64
+    }
+}
+
+/// Who a member is.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    /// The connection's id (unique per node).
+    pub client: Arc<str>,
+    /// The user id; a connection without one is a user of its own (its client id).
+    pub user: Arc<str>,
+    /// Optional info (raw JSON object).
+    pub info: Option<Bytes>,
+}
+
+/// A presence change, shared like a publication.
+pub struct PresenceEvent {
+    /// Position in the channel's presence sequence (shard cursors).
+    pub pseq: u64,
+    /// The channel's message seq when it happened.
+    pub seq: u64,
+    /// `true` for join, `false` for leave.
+    pub join: bool,
+    /// Who.
+    pub who: Identity,
+    /// When it happened, in engine milliseconds (the engine's event ring drops it after
+    /// `engine::presence::EVENT_MAX_AGE_MS`).
+    pub at_ms: u64,
+    frames: [OnceLock<Bytes>; FRAME_SLOTS],
+}
+
+impl PresenceEvent {
+    /// A new event; exposed for benches and tests.
+    pub fn new(pseq: u64, seq: u64, join: bool, who: Identity) -> Self {
+        Self {
+            pseq,
+            seq,
+            join,
+            who,
+            at_ms: 0,
+            frames: Default::default(),
+        }
+    }
+
+    pub(crate) fn cost(&self) -> usize {
+        EVENT_OVERHEAD + identity_len(&self.who)
+    }
+
+    /// The encoded frame for `slot`, built once (see `Publication::frame`).
+    pub fn frame(&self, slot: usize, encode: impl FnOnce(&PresenceEvent) -> Bytes) -> Bytes {
+        self.frames[slot % FRAME_SLOTS]
+            .get_or_init(|| encode(self))
+            .clone()
+    }
+
+    /// `"join"` or `"leave"`.
+    pub fn kind(&self) -> &'static str {
+        if self.join {
+            "join"
+        } else {
+            "leave"
+        }
+    }
+}
+
+/// Bytes of an identity's ids and info.
+pub(crate) fn identity_len(who: &Identity) -> usize {
+    who.client.len() + who.user.len() + who.info.as_ref().map_or(0, Bytes::len)
+}
+
+/// Builds frames for one encoding (an index below [`FRAME_SLOTS`]). The hub calls each at most
+/// once per publication (or presence event) and encoding, whatever the number of subscribers.
+#[derive(Clone, Copy)]
+pub struct Encoder {
+    /// A message.
+    pub publication: fn(encoding: usize, channel: &ChannelName, p: &Publication) -> Bytes,
+    /// A presence join or leave.
+    pub presence: fn(encoding: usize, channel: &ChannelName, e: &PresenceEvent) -> Bytes,
+    /// A gap notice: the subscriber missed messages `from..=to` (slow-consumer `drop` policy).
+    pub gap: fn(encoding: usize, channel: &ChannelName, from: u64, to: u64) -> Bytes,
+    /// The tag of the connection a publication came from, 0 for none (read once per
+    /// publication, and only when a subscriber of the channel has a tag): a subscriber with
+    /// that tag (the hub's `Subscriber::tag`) does not receive it.
+    pub origin: fn(p: &Publication) -> u64,
+}
+
+/// Bytes of encoded message frames alive on the node. A frame is encoded once and shared by
+/// the channel ring and every outbox that queued it: it is counted here once, from its
+/// encoding until its last clone is dropped, and an outbox counts only its entry for it (so a
+/// message queued for 10,000 slow connections weighs its frame once, not 10,000 times).
+#[derive(Clone, Default)]
+pub struct FrameGauge(Arc<AtomicI64>);
+
+impl FrameGauge {
+    /// `frame`, counted for as long as any clone of it lives (one atomic add now and one when
+    /// the last clone goes: per frame, never per delivery).
+    pub fn count(&self, frame: Bytes) -> Bytes {
+        if frame.is_empty() {
+            return frame;
+        }
+        self.0.fetch_add(frame.len() as i64, Ordering::Relaxed);
+        Bytes::from_owner(Counted {
+            frame,
+            gauge: self.clone(),
+        })
+    }
+
+    /// Bytes of the counted frames alive now.
+    pub fn bytes(&self) -> usize {
+        self.0.load(Ordering::Relaxed).max(0) as usize
+    }
+}
+
+/// The owner behind a counted frame: uncounts it when the last clone is dropped.
+struct Counted {
+    frame: Bytes,
+    gauge: FrameGauge,
+}
+
+impl AsRef<[u8]> for Counted {
+    fn as_ref(&self) -> &[u8] {
+        &self.frame
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.gauge
+            .0
+            .fetch_sub(self.frame.len() as i64, Ordering::Relaxed);
+    }
+}
