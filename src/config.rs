@@ -395,6 +395,66 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub webhook_queue_size: usize,
+    /// Backend proxy: POST each new connection without a token here (the backend admits it,
+    /// maybe naming its user, presence info, expiry and server-side channels, or refuses it;
+    /// with JWT off this is the auth) [default: none].
+    #[arg(long, env = "RELAY_PROXY_CONNECT_URL", value_name = "URL")]
+    pub proxy_connect_url: Option<String>,
+    /// Backend proxy: POST each subscribe to a channel of --proxy-subscribe-channels here
+    /// (allow or refuse) [default: none].
+    #[arg(long, env = "RELAY_PROXY_SUBSCRIBE_URL", value_name = "URL")]
+    pub proxy_subscribe_url: Option<String>,
+    /// Backend proxy: POST each WebSocket publish to a channel of --proxy-publish-channels here
+    /// (allow, refuse, or replace the data) [default: none].
+    #[arg(long, env = "RELAY_PROXY_PUBLISH_URL", value_name = "URL")]
+    pub proxy_publish_url: Option<String>,
+    /// Channel patterns (`*` any run) whose subscribes go to --proxy-subscribe-url.
+    #[arg(
+        long,
+        env = "RELAY_PROXY_SUBSCRIBE_CHANNELS",
+        value_name = "PATTERN",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
+    pub proxy_subscribe_channels: Vec<String>,
+    /// Channel patterns (`*` any run) whose client publishes go to --proxy-publish-url.
+    #[arg(
+        long,
+        env = "RELAY_PROXY_PUBLISH_CHANNELS",
+        value_name = "PATTERN",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
+    pub proxy_publish_channels: Vec<String>,
+    /// A header of the client's WebSocket or SSE request to forward on every backend proxy POST,
+    /// e.g. cookie or authorization (repeatable) [default: none].
+    #[arg(
+        long,
+        env = "RELAY_PROXY_HEADER",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub proxy_header: Vec<String>,
+    /// A backend proxy POST not answered within this fails (see --proxy-failure).
+    #[arg(long, env = "RELAY_PROXY_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
+    pub proxy_timeout: Duration,
+    /// What a failed backend proxy POST (timeout, non-2xx, bad answer) comes to: deny (the
+    /// client gets `unavailable`) or allow (as if the backend said yes, unchanged).
+    #[arg(
+        long,
+        env = "RELAY_PROXY_FAILURE",
+        value_name = "deny|allow",
+        default_value = "deny"
+    )]
+    pub proxy_failure: String,
+    /// Most backend proxy POSTs in flight on the node; more are refused with `overloaded`.
+    #[arg(
+        long,
+        env = "RELAY_PROXY_MAX_IN_FLIGHT",
+        value_name = "N",
+        default_value_t = 1000
+    )]
+    pub proxy_max_in_flight: usize,
     /// How long a publish's idempotency_key is remembered: a repeat within it gets the first
     /// publish's seq and publishes nothing (the channel and its epoch are kept that long).
     #[arg(long, env = "RELAY_IDEMPOTENCY_WINDOW", value_name = "DURATION", value_parser = parse_duration, default_value = "60s")]
@@ -877,6 +937,9 @@ impl Config {
         }
         if self.idempotency_window.is_zero() {
             invalid("idempotency_window", "must be > 0");
+        }
+        for (key, reason) in crate::backend::problems(self) {
+            invalid(key, &reason);
         }
     }
 

@@ -33,6 +33,7 @@
 //! rules.
 
 pub mod auth;
+pub mod backend;
 pub mod backplane;
 pub mod config;
 pub mod engine;
