@@ -1090,6 +1090,35 @@ mod tests {
     }
 
     #[test]
+    fn every_bad_proxy_setting_is_named() {
+        let c = from_file(
+            r#"
+proxy_connect_url = "ftp://backend"
+proxy_subscribe_channels = [""]
+proxy_publish_channels = ["user:{sub}"]
+proxy_header = ["bad header"]
+proxy_failure = "maybe"
+proxy_timeout = "0s"
+proxy_max_in_flight = 0
+"#,
+        );
+        let found: Vec<String> = c.problems().iter().map(|p| p.to_string()).collect();
+        for key in [
+            "proxy_connect_url",
+            "proxy_subscribe_channels",
+            "proxy_publish_channels",
+            "proxy_header",
+            "proxy_failure",
+            "proxy_timeout",
+            "proxy_max_in_flight",
+        ] {
+            assert!(found.iter().any(|p| p.contains(key)), "{key}: {found:?}");
+        }
+        let good = from_file("proxy_connect_url = \"https://app.example/connect\"\n");
+        assert!(good.problems().is_empty(), "{:?}", good.problems());
+    }
+
+    #[test]
     fn listen_addresses_as_users_write_them() {
         let addr = |s: &str| parse_listen(s).map(|a| a.to_string());
         assert_eq!(addr("127.0.0.1:8080").unwrap(), "127.0.0.1:8080");
