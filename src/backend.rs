@@ -23,9 +23,8 @@ use hyper::header::HeaderName;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::auth::Pattern;
 use crate::config::Config;
-use crate::types::{ChannelName, DataKind};
+use crate::types::{ChannelName, DataKind, Pattern};
 use crate::webhooks::client::{Client, PostError};
 
 /// The lowest and highest close code a backend may ask for (the application range).
@@ -46,18 +45,13 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(code: &'static str, message: impl Into<String>) -> Self {
+    /// A refusal without a close.
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
         Refusal {
             code,
             message: message.into(),
             close: None,
         }
-    }
-}
-
-impl From<crate::transport::PublishError> for Refusal {
-    fn from(e: crate::transport::PublishError) -> Self {
-        Refusal::new(e.code(), e.to_string())
     }
 }
 
@@ -93,6 +87,11 @@ pub struct Asker {
 }
 
 impl Caller {
+    /// The proxy this caller asks.
+    pub fn proxy(&self) -> &Proxy {
+        &self.proxy
+    }
+
     /// The asker of a subscribe to `channel` by `client` (`user`), when the subscribe proxy
     /// covers the channel.
     pub fn subscribe_asker(
@@ -255,52 +254,6 @@ fn patterns(list: &[String]) -> Vec<Pattern> {
 
 fn url(s: &Option<String>) -> Option<hyper::Uri> {
     s.as_deref().and_then(|u| u.parse().ok())
-}
-
-/// The problems of the `--proxy-*` settings, as `(key, reason)`.
-pub fn problems(c: &Config) -> Vec<(&'static str, String)> {
-    let mut out = Vec::new();
-    for (key, u) in [
-        ("proxy_connect_url", &c.proxy_connect_url),
-        ("proxy_subscribe_url", &c.proxy_subscribe_url),
-        ("proxy_publish_url", &c.proxy_publish_url),
-    ] {
-        let ok = u.as_deref().is_none_or(|u| {
-            u.parse::<hyper::Uri>().ok().is_some_and(|u| {
-                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
-            })
-        });
-        if !ok {
-            out.push((key, "must be an http:// or https:// URL".to_owned()));
-        }
-    }
-    for (key, list) in [
-        ("proxy_subscribe_channels", &c.proxy_subscribe_channels),
-        ("proxy_publish_channels", &c.proxy_publish_channels),
-    ] {
-        for p in list {
-            if let Err(e) = Pattern::parse(p) {
-                out.push((key, format!("{p:?}: {e}")));
-            } else if Pattern::parse(p).is_ok_and(|p| p.uses_sub()) {
-                out.push((key, format!("{p:?}: {{sub}} has no meaning here")));
-            }
-        }
-    }
-    for h in &c.proxy_header {
-        if HeaderName::from_bytes(h.as_bytes()).is_err() {
-            out.push(("proxy_header", format!("{h:?} is not a header name")));
-        }
-    }
-    if !matches!(c.proxy_failure.as_str(), "deny" | "allow") {
-        out.push(("proxy_failure", "must be deny or allow".to_owned()));
-    }
-    if c.proxy_timeout.is_zero() {
-        out.push(("proxy_timeout", "must be > 0".to_owned()));
-    }
-    if c.proxy_max_in_flight == 0 {
-        out.push(("proxy_max_in_flight", "must be at least 1".to_owned()));
-    }
-    out
 }
 
 impl Proxy {
@@ -589,98 +542,6 @@ fn identity(caller: &Caller, client: &str, user: Option<&str>) -> serde_json::Va
         v["user"] = u.into();
     }
     v
-}
-
-/// The connect decision for connection `client` whose auth is `auth`: asked only when it has
-/// no user yet (no token: with JWT off, the proxy is the auth). On admission with a user, the
-/// connection gets that user (and every permission but the Pusher apps' protected channels:
-/// the backend decided; the subscribe and publish proxies decide per channel). `Ok`: the
-/// server-side channels to subscribe.
-pub(crate) async fn admit(
-    hs: &Handshake,
-    client: &str,
-    auth: &mut crate::transport::request::ConnAuth,
-) -> Result<Vec<ChannelName>, Refusal> {
-    let proxy = &hs.caller.proxy;
-    if auth.user.is_some() || !proxy.has_connect() {
-        return Ok(Vec::new());
-    }
-    let Some(a) = proxy
-        .connect(&hs.caller, client, hs.token.as_deref())
-        .await?
-    else {
-        return Ok(Vec::new());
-    };
-    if let Some(user) = a.user {
-        auth.user = Some(user);
-        auth.grants = crate::auth::Grants::all_but_pusher_private();
-        auth.info = a.info;
-        auth.exp = a.expire_at;
-    }
-    Ok(a.channels)
-}
-
-/// The handshake a WebSocket or SSE request gives the proxy (`None`: no proxy configured).
-pub(crate) fn handshake<B>(
-    ctx: &crate::transport::ShardContext,
-    req: &hyper::Request<B>,
-    kind: (&'static str, &'static str),
-    auth: &crate::transport::request::ConnAuth,
-) -> Option<Handshake> {
-    let proxy = ctx.node.backend.as_ref()?;
-    let remote = req
-        .extensions()
-        .get::<crate::transport::Peer>()
-        // The client a trusted proxy names, else the peer itself.
-        .map(|p| ctx.node.client(p, req.headers()).unwrap_or(p.ip));
-    // The token goes to the connect proxy only when it will be asked.
-    let token = (proxy.has_connect() && auth.user.is_none())
-        .then(|| crate::transport::request::request_token(req))
-        .flatten();
-    Some(proxy.handshake(kind, remote, req.headers(), token))
-}
-
-/// What a subscribe to `channel` waits for before it is made: the subscribe proxy (`asker`),
-/// then the backplane's sync of the channel; `None`: nothing, subscribe now.
-pub(crate) fn before_subscribe(
-    node: &Arc<crate::transport::Node>,
-    asker: Option<Asker>,
-    channel: &ChannelName,
-) -> Option<crate::backplane::BoxFuture<Result<(), Refusal>>> {
-    let Some(asker) = asker else {
-        let join = node.join(channel)?;
-        return Some(Box::pin(async move { Ok(join.await?) }));
-    };
-    let (node, channel) = (node.clone(), channel.clone());
-    Some(Box::pin(async move {
-        asker.subscribe(channel.clone()).await?;
-        // Joined only once allowed: a refused subscribe leaves nothing behind.
-        if let Some(join) = node.join(&channel) {
-            join.await?;
-        }
-        Ok(())
-    }))
-}
-
-/// A client publish: the publish proxy first (`asker`; it may replace the data), then the
-/// node's publish. A publish refusal is counted here.
-pub(crate) async fn publish(
-    node: &crate::transport::Node,
-    asker: Option<Asker>,
-    channel: &ChannelName,
-    data: (DataKind, Bytes),
-    cond: crate::engine::idempotency::PublishConditions,
-) -> Result<(crate::engine::Published, bool), Refusal> {
-    let (kind, bytes) = match asker {
-        Some(a) => a.publish(channel, data).await?,
-        None => data,
-    };
-    node.publish_with(channel, kind, bytes, cond)
-        .await
-        .map_err(|e| {
-            e.count();
-            Refusal::from(e)
-        })
 }
 
 #[cfg(test)]

@@ -938,8 +938,51 @@ impl Config {
         if self.idempotency_window.is_zero() {
             invalid("idempotency_window", "must be > 0");
         }
-        for (key, reason) in crate::backend::problems(self) {
-            invalid(key, &reason);
+        self.proxy_problems(&mut invalid);
+    }
+
+    /// Checks the backend proxy settings (`--proxy-*`).
+    fn proxy_problems(&self, invalid: &mut impl FnMut(&'static str, &str)) {
+        let c = self;
+        for (key, u) in [
+            ("proxy_connect_url", &c.proxy_connect_url),
+            ("proxy_subscribe_url", &c.proxy_subscribe_url),
+            ("proxy_publish_url", &c.proxy_publish_url),
+        ] {
+            let ok = u.as_deref().is_none_or(|u| {
+                u.parse::<hyper::Uri>().ok().is_some_and(|u| {
+                    matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+                })
+            });
+            if !ok {
+                invalid(key, "must be an http:// or https:// URL");
+            }
+        }
+        for (key, list) in [
+            ("proxy_subscribe_channels", &c.proxy_subscribe_channels),
+            ("proxy_publish_channels", &c.proxy_publish_channels),
+        ] {
+            for p in list {
+                if let Err(e) = crate::types::Pattern::parse(p) {
+                    invalid(key, &format!("{p:?}: {e}"));
+                } else if crate::types::Pattern::parse(p).is_ok_and(|p| p.uses_sub()) {
+                    invalid(key, &format!("{p:?}: {{sub}} has no meaning here"));
+                }
+            }
+        }
+        for h in &c.proxy_header {
+            if hyper::header::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                invalid("proxy_header", &format!("{h:?} is not a header name"));
+            }
+        }
+        if !matches!(c.proxy_failure.as_str(), "deny" | "allow") {
+            invalid("proxy_failure", "must be deny or allow");
+        }
+        if c.proxy_timeout.is_zero() {
+            invalid("proxy_timeout", "must be > 0");
+        }
+        if c.proxy_max_in_flight == 0 {
+            invalid("proxy_max_in_flight", "must be at least 1");
         }
     }
 

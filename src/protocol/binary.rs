@@ -47,7 +47,7 @@ pub const MAX_VARINT_LEN: usize = 10;
 pub const MAX_CURSOR_LEN: usize = 256;
 
 /// Longest idempotency key a publish frame may carry (the engine's limit).
-pub const MAX_IDEMPOTENCY_KEY_LEN: usize = crate::engine::idempotency::MAX_KEY_LEN;
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = crate::types::MAX_IDEMPOTENCY_KEY_LEN;
 
 /// Type tags (second byte). Commands are `0x01..=0x05`, events `0x81..=0x89`.
 pub mod tag {

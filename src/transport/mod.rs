@@ -10,6 +10,7 @@ pub mod demo;
 pub mod http;
 pub mod io;
 pub mod landing;
+pub mod proxied;
 pub mod pusher;
 pub mod request;
 pub mod server_api;

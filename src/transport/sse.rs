@@ -41,7 +41,7 @@ async fn ask_backend(
     auth: &mut super::request::ConnAuth,
     channels: &mut Vec<ChannelName>,
 ) -> Result<(), Response<Body>> {
-    let Some(hs) = crate::backend::handshake(ctx, req, ("sse", "sse"), auth) else {
+    let Some(hs) = super::proxied::handshake(ctx, req, ("sse", "sse"), auth) else {
         return Ok(());
     };
     let refused = |r: crate::backend::Refusal| {
@@ -52,7 +52,7 @@ async fn ask_backend(
         error(status, r.code, &r.message)
     };
     let client = ctx.node.engine.client_id(ctx.shard, id);
-    let extra = crate::backend::admit(&hs, &client, auth)
+    let extra = super::proxied::admit(&hs, &client, auth)
         .await
         .map_err(refused)?;
     for ch in channels.iter() {

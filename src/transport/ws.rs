@@ -79,7 +79,7 @@ pub fn upgrade(ctx: Rc<ShardContext>, mut req: Request<Incoming>) -> Response<Bo
         Some(Wire::Binary) => "binary",
         _ => "json",
     };
-    let hs = crate::backend::handshake(&ctx, &req, ("websocket", protocol), &auth);
+    let hs = super::proxied::handshake(&ctx, &req, ("websocket", protocol), &auth);
     let (mut res, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(x) => x,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
@@ -314,7 +314,7 @@ async fn run<R, W>(
     let client = ctx.node.engine.client_id(ctx.shard, id);
     // The connect proxy decides before the session starts (nothing is read meanwhile).
     let admitted = match &hs {
-        Some(hs) => crate::backend::admit(hs, &client, &mut auth).await,
+        Some(hs) => super::proxied::admit(hs, &client, &mut auth).await,
         None => Ok(Vec::new()),
     };
     let live = Arc::new(Liveness::default());
@@ -765,7 +765,7 @@ impl Session {
                     c.subscribe_asker(&self.client, self.auth.user.as_ref(), channel.as_str())
                 });
                 if let Some(wait) =
-                    crate::backend::before_subscribe(&self.ctx.node, asker, &channel)
+                    super::proxied::before_subscribe(&self.ctx.node, asker, &channel)
                 {
                     // The backplane brings the channel in sync first; the session loop
                     // subscribes when it has (or answers `unavailable`).
@@ -842,7 +842,7 @@ impl Session {
                 });
                 let mut publish = Box::pin(async move {
                     let r =
-                        crate::backend::publish(&node, asker, &channel, (kind, bytes), cond).await;
+                        super::proxied::publish(&node, asker, &channel, (kind, bytes), cond).await;
                     (channel, r)
                 });
                 // A node that sequences locally answers at once: reply in order, inline. A
