@@ -371,3 +371,23 @@ async fn a_refused_publish_is_forbidden_and_publishes_nothing() {
     ws.send_json(json!({"type": "heartbeat", "id": 2})).await;
     assert_eq!(ws.recv_json().await["type"], "heartbeat");
 }
+
+#[tokio::test]
+async fn a_publish_answered_with_disconnect_closes_with_the_backends_code() {
+    let backend = Backend::start(vec![(
+        "/publish",
+        answer(json!({"disconnect": {"code": 4501, "reason": "flooding"}})),
+    )])
+    .await;
+    let relay = Relay::start(&["--proxy-publish-url", &backend.url("/publish")]);
+    let mut ws = Ws::connect(&relay.ws_url()).await;
+    ws.send_json(json!({"type": "publish", "channel": "chat", "data": 1, "id": 1}))
+        .await;
+    let v = ws.recv_json().await;
+    assert_eq!(
+        (v["id"].as_i64(), v["code"].as_str()),
+        (Some(1), Some("forbidden"))
+    );
+    assert_eq!(v["message"], "flooding");
+    assert_eq!(ws.expect_close().await, 4501);
+}
