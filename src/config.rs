@@ -395,6 +395,66 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub webhook_queue_size: usize,
+    /// Backend proxy: POST each new connection without a token here (the backend admits it,
+    /// maybe naming its user, presence info, expiry and server-side channels, or refuses it;
+    /// with JWT off this is the auth) [default: none].
+    #[arg(long, env = "RELAY_PROXY_CONNECT_URL", value_name = "URL")]
+    pub proxy_connect_url: Option<String>,
+    /// Backend proxy: POST each subscribe to a channel of --proxy-subscribe-channels here
+    /// (allow or refuse) [default: none].
+    #[arg(long, env = "RELAY_PROXY_SUBSCRIBE_URL", value_name = "URL")]
+    pub proxy_subscribe_url: Option<String>,
+    /// Backend proxy: POST each WebSocket publish to a channel of --proxy-publish-channels here
+    /// (allow, refuse, or replace the data) [default: none].
+    #[arg(long, env = "RELAY_PROXY_PUBLISH_URL", value_name = "URL")]
+    pub proxy_publish_url: Option<String>,
+    /// Channel patterns (`*` any run) whose subscribes go to --proxy-subscribe-url.
+    #[arg(
+        long,
+        env = "RELAY_PROXY_SUBSCRIBE_CHANNELS",
+        value_name = "PATTERN",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
+    pub proxy_subscribe_channels: Vec<String>,
+    /// Channel patterns (`*` any run) whose client publishes go to --proxy-publish-url.
+    #[arg(
+        long,
+        env = "RELAY_PROXY_PUBLISH_CHANNELS",
+        value_name = "PATTERN",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
+    pub proxy_publish_channels: Vec<String>,
+    /// A header of the client's WebSocket or SSE request to forward on every backend proxy POST,
+    /// e.g. cookie or authorization (repeatable) [default: none].
+    #[arg(
+        long,
+        env = "RELAY_PROXY_HEADER",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub proxy_header: Vec<String>,
+    /// A backend proxy POST not answered within this fails (see --proxy-failure).
+    #[arg(long, env = "RELAY_PROXY_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
+    pub proxy_timeout: Duration,
+    /// What a failed backend proxy POST (timeout, non-2xx, bad answer) comes to: deny (the
+    /// client gets `unavailable`) or allow (as if the backend said yes, unchanged).
+    #[arg(
+        long,
+        env = "RELAY_PROXY_FAILURE",
+        value_name = "deny|allow",
+        default_value = "deny"
+    )]
+    pub proxy_failure: String,
+    /// Most backend proxy POSTs in flight on the node; more are refused with `overloaded`.
+    #[arg(
+        long,
+        env = "RELAY_PROXY_MAX_IN_FLIGHT",
+        value_name = "N",
+        default_value_t = 1000
+    )]
+    pub proxy_max_in_flight: usize,
     /// How long a publish's idempotency_key is remembered: a repeat within it gets the first
     /// publish's seq and publishes nothing (the channel and its epoch are kept that long).
     #[arg(long, env = "RELAY_IDEMPOTENCY_WINDOW", value_name = "DURATION", value_parser = parse_duration, default_value = "60s")]
@@ -878,6 +938,52 @@ impl Config {
         if self.idempotency_window.is_zero() {
             invalid("idempotency_window", "must be > 0");
         }
+        self.proxy_problems(&mut invalid);
+    }
+
+    /// Checks the backend proxy settings (`--proxy-*`).
+    fn proxy_problems(&self, invalid: &mut impl FnMut(&'static str, &str)) {
+        let c = self;
+        for (key, u) in [
+            ("proxy_connect_url", &c.proxy_connect_url),
+            ("proxy_subscribe_url", &c.proxy_subscribe_url),
+            ("proxy_publish_url", &c.proxy_publish_url),
+        ] {
+            let ok = u.as_deref().is_none_or(|u| {
+                u.parse::<hyper::Uri>().ok().is_some_and(|u| {
+                    matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+                })
+            });
+            if !ok {
+                invalid(key, "must be an http:// or https:// URL");
+            }
+        }
+        for (key, list) in [
+            ("proxy_subscribe_channels", &c.proxy_subscribe_channels),
+            ("proxy_publish_channels", &c.proxy_publish_channels),
+        ] {
+            for p in list {
+                if let Err(e) = crate::types::Pattern::parse(p) {
+                    invalid(key, &format!("{p:?}: {e}"));
+                } else if crate::types::Pattern::parse(p).is_ok_and(|p| p.uses_sub()) {
+                    invalid(key, &format!("{p:?}: {{sub}} has no meaning here"));
+                }
+            }
+        }
+        for h in &c.proxy_header {
+            if hyper::header::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                invalid("proxy_header", &format!("{h:?} is not a header name"));
+            }
+        }
+        if !matches!(c.proxy_failure.as_str(), "deny" | "allow") {
+            invalid("proxy_failure", "must be deny or allow");
+        }
+        if c.proxy_timeout.is_zero() {
+            invalid("proxy_timeout", "must be > 0");
+        }
+        if c.proxy_max_in_flight == 0 {
+            invalid("proxy_max_in_flight", "must be at least 1");
+        }
     }
 
     /// Whether JWT connection auth is on.
@@ -1024,6 +1130,35 @@ mod tests {
 
     fn from_file(text: &str) -> Config {
         Config::from_file(Path::new("test.toml"), text).unwrap()
+    }
+
+    #[test]
+    fn every_bad_proxy_setting_is_named() {
+        let c = from_file(
+            r#"
+proxy_connect_url = "ftp://backend"
+proxy_subscribe_channels = [""]
+proxy_publish_channels = ["user:{sub}"]
+proxy_header = ["bad header"]
+proxy_failure = "maybe"
+proxy_timeout = "0s"
+proxy_max_in_flight = 0
+"#,
+        );
+        let found: Vec<String> = c.problems().iter().map(|p| p.to_string()).collect();
+        for key in [
+            "proxy_connect_url",
+            "proxy_subscribe_channels",
+            "proxy_publish_channels",
+            "proxy_header",
+            "proxy_failure",
+            "proxy_timeout",
+            "proxy_max_in_flight",
+        ] {
+            assert!(found.iter().any(|p| p.contains(key)), "{key}: {found:?}");
+        }
+        let good = from_file("proxy_connect_url = \"https://app.example/connect\"\n");
+        assert!(good.problems().is_empty(), "{:?}", good.problems());
     }
 
     #[test]

@@ -74,6 +74,7 @@ pub fn node(
         pusher: Arc::new(crate::transport::pusher::Registry::new(&config.pusher_app)),
         draining: Default::default(),
         webhooks: None,
+        backend: None,
         users: crate::transport::users::UserControl::new(shards),
         auth,
         tls,

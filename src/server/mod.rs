@@ -114,6 +114,7 @@ fn launch(
     compose::start_backplane(&mut node, seed)?;
     compose::start_webhooks(&mut node, Vec::new(), seed)?;
     compose::start_jwks(&node)?;
+    node.backend = crate::backend::Proxy::from_config(&node.config)?.map(Arc::new);
     let node = Arc::new(node);
     crate::transport::admin::announce(&node)?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
