@@ -340,14 +340,16 @@ pub struct Config {
     )]
     pub admin_token: Option<String>,
     // --- backend integration (issue 14) ---
-    /// Webhook receiver, as `[EVENTS@]URL`: EVENTS is `+`-separated among channel_occupied,
-    /// channel_vacated, member_added, member_removed (all without it), e.g.
-    /// `channel_occupied+channel_vacated@https://app.example/hooks`; repeatable
+    /// Webhook receiver, as `[EVENTS][;PATTERN…]@URL`: EVENTS is `+`-separated among
+    /// channel_occupied, channel_vacated, member_added, member_removed (all four without it),
+    /// client_event (Pusher client events, only when named); each PATTERN limits it to the
+    /// channels matching it (`*` = any run), e.g.
+    /// `channel_occupied+channel_vacated;chat/*@https://app.example/hooks`; repeatable
     /// (comma-separated in the environment) [default: none].
     #[arg(
         long,
         env = "RELAY_WEBHOOK_URL",
-        value_name = "[EVENTS@]URL",
+        value_name = "[EVENTS][;PATTERN…]@URL",
         value_delimiter = ','
     )]
     pub webhook_url: Vec<String>,
@@ -407,6 +409,19 @@ pub struct Config {
     /// relay channel pusher/ID/C (see docs/pusher.md).
     #[arg(long, env = "RELAY_PUSHER_APP", value_name = "APP", value_delimiter = ',', value_parser = crate::protocol::pusher::parse_app, hide_env_values = true)]
     pub pusher_app: Vec<crate::protocol::pusher::App>,
+    /// A webhook of a Pusher app, in Pusher's format (X-Pusher-Key, X-Pusher-Signature signed
+    /// with the app's secret), as APP_ID:[EVENTS][;PATTERN…]@URL: EVENTS is `+`-separated among
+    /// channel_occupied, channel_vacated, member_added, member_removed (all four without it),
+    /// client_event (only when named); each PATTERN limits it to the app's channels matching it
+    /// (`*` = any run), e.g. `my-app:client_event;private-*@https://app.example/pusher`;
+    /// repeatable (comma-separated in the environment) [default: none].
+    #[arg(
+        long,
+        env = "RELAY_PUSHER_WEBHOOK",
+        value_name = "APP_ID:[EVENTS][;PATTERN…]@URL",
+        value_delimiter = ','
+    )]
+    pub pusher_webhook: Vec<String>,
 }
 
 /// Options of `relay serve`: the config file and the settings.
@@ -834,6 +849,9 @@ impl Config {
                 invalid("pusher_app", "two apps with the same id or key");
             }
         }
+        if let Err(e) = self.pusher_webhooks() {
+            invalid("pusher_webhook", &e);
+        }
     }
 
     /// Checks the webhook, proxy and publish settings (issue 14).
@@ -878,6 +896,29 @@ impl Config {
         if self.idempotency_window.is_zero() {
             invalid("idempotency_window", "must be > 0");
         }
+    }
+
+    /// The `--pusher-webhook` hooks, `APP_ID:[EVENTS][;PATTERN…]@URL`: each one's app and the
+    /// rest parsed as `--webhook-url` takes it (its patterns over the app's own channel names).
+    pub fn pusher_webhooks(
+        &self,
+    ) -> Result<Vec<(&crate::protocol::pusher::App, crate::webhooks::HookSpec)>, String> {
+        self.pusher_webhook
+            .iter()
+            .map(|s| {
+                let (id, spec) = s
+                    .split_once(':')
+                    .ok_or_else(|| format!("{s:?}: expected APP_ID:[EVENTS][;PATTERN…]@URL"))?;
+                let app = self
+                    .pusher_app
+                    .iter()
+                    .find(|a| a.id == id)
+                    .ok_or_else(|| format!("{s:?}: no --pusher-app has the id {id:?}"))?;
+                let spec =
+                    crate::webhooks::parse_hook_spec(spec).map_err(|e| format!("app {id}: {e}"))?;
+                Ok((app, spec))
+            })
+            .collect()
     }
 
     /// Whether JWT connection auth is on.
