@@ -1338,4 +1338,22 @@ mod tests {
         let e = load(&["--tls-cert=/c.pem"], "").unwrap_err();
         assert_eq!(e.to_string(), "invalid tls: give both tls_cert and tls_key");
     }
+
+    #[test]
+    fn pusher_webhooks_come_from_the_file_and_must_name_an_app() {
+        let app = r#"pusher_app = ["app1:key1:secret-one-1234"]"#;
+        let c = load(
+            &[],
+            &format!("{app}\npusher_webhook = [\"app1:client_event;private-*@http://h/w\"]"),
+        )
+        .unwrap();
+        let hooks = crate::transport::pusher::webhooks(&c).unwrap();
+        assert_eq!(hooks.len(), 1);
+        assert!(hooks[0].channels.matches("pusher/app1/private-x"));
+        assert!(!hooks[0].channels.matches("pusher/app2/private-x"));
+        let e = load(&["--pusher-webhook=app2:http://h/w"], app).unwrap_err();
+        assert!(e.to_string().contains("pusher_webhook"), "{e}");
+        let e = load(&["--pusher-webhook=app1:nope@http://h/w"], app).unwrap_err();
+        assert!(e.to_string().contains("unknown webhook event"), "{e}");
+    }
 }
