@@ -124,7 +124,7 @@ pub struct ClientEvent {
     /// The event name (`client-…`).
     pub event: Arc<str>,
     /// Its data, the raw JSON value the client sent.
-    pub data: Bytes,
+    pub data: Arc<str>,
     /// The sender's Pusher `socket_id`.
     pub socket_id: Arc<str>,
 }
@@ -230,7 +230,7 @@ impl Format for RelayFormat {
                     data: e
                         .client
                         .as_ref()
-                        .and_then(|c| serde_json::from_slice(&c.data).ok()),
+                        .and_then(|c| serde_json::from_str(&c.data).ok()),
                     socket_id: e.client.as_ref().map(|c| &*c.socket_id),
                 })
                 .collect(),
@@ -483,7 +483,7 @@ impl Webhooks {
                 user: user.cloned(),
                 client: ClientEvent {
                     event: event.into(),
-                    data: Bytes::copy_from_slice(data.as_bytes()),
+                    data: data.into(),
                     socket_id: socket_id.into(),
                 },
             })

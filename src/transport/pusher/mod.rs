@@ -184,14 +184,10 @@ impl Format for PusherFormat {
                 name: e.kind.as_str(),
                 channel: e.channel.as_str(),
                 user_id: e.user.as_deref(),
-                client: e.client.as_ref().map(|c| {
-                    (
-                        &*c.event,
-                        // The client path hands over the `&str` it parsed.
-                        std::str::from_utf8(&c.data).unwrap_or("null"),
-                        &*c.socket_id,
-                    )
-                }),
+                client: e
+                    .client
+                    .as_ref()
+                    .map(|c| (&*c.event, &*c.data, &*c.socket_id)),
             })
             .collect();
         // The hook's scope keeps other apps' channels out; an empty list is still a valid body.
