@@ -1347,10 +1347,10 @@ mod tests {
             &format!("{app}\npusher_webhook = [\"app1:client_event;private-*@http://h/w\"]"),
         )
         .unwrap();
-        let hooks = crate::transport::pusher::webhooks(&c).unwrap();
+        let hooks = c.pusher_webhooks().unwrap();
         assert_eq!(hooks.len(), 1);
-        assert!(hooks[0].channels.matches("pusher/app1/private-x"));
-        assert!(!hooks[0].channels.matches("pusher/app2/private-x"));
+        assert_eq!(hooks[0].0.id, "app1");
+        assert_eq!(hooks[0].1.patterns, ["private-*"]);
         let e = load(&["--pusher-webhook=app2:http://h/w"], app).unwrap_err();
         assert!(e.to_string().contains("pusher_webhook"), "{e}");
         let e = load(&["--pusher-webhook=app1:nope@http://h/w"], app).unwrap_err();

@@ -240,3 +240,26 @@ pub fn webhooks(config: &Config) -> Result<Vec<Hook>, String> {
         })
         .collect())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pusher_hook_hears_of_its_apps_channels_only_by_their_pusher_names() {
+        let mut config = Config::default();
+        config.pusher_app = vec![App::new("app1", "key1", "secret-one-1234")];
+        config.pusher_webhook = vec![
+            "app1:http://h/all".into(),
+            "app1:;private-*;#server-to-user-*@http://h/some".into(),
+        ];
+        let hooks = webhooks(&config).unwrap();
+        let all = &hooks[0].channels;
+        assert!(all.matches("pusher/app1/news") && all.matches("pusher/app1/~user-7"));
+        assert!(!all.matches("pusher/app10/news") && !all.matches("news"));
+        let some = &hooks[1].channels;
+        assert!(some.matches("pusher/app1/private-x") && some.matches("pusher/app1/~user-7"));
+        assert!(!some.matches("pusher/app1/news") && !some.matches("pusher/app2/private-x"));
+    }
+}
