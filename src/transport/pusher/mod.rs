@@ -248,12 +248,14 @@ mod tests {
 
     #[test]
     fn a_pusher_hook_hears_of_its_apps_channels_only_by_their_pusher_names() {
-        let mut config = Config::default();
-        config.pusher_app = vec![App::new("app1", "key1", "secret-one-1234")];
-        config.pusher_webhook = vec![
-            "app1:http://h/all".into(),
-            "app1:;private-*;#server-to-user-*@http://h/some".into(),
-        ];
+        let config = Config {
+            pusher_app: vec![App::new("app1", "key1", "secret-one-1234")],
+            pusher_webhook: vec![
+                "app1:http://h/all".into(),
+                "app1:;private-*;#server-to-user-*@http://h/some".into(),
+            ],
+            ..Config::default()
+        };
         let hooks = webhooks(&config).unwrap();
         let all = &hooks[0].channels;
         assert!(all.matches("pusher/app1/news") && all.matches("pusher/app1/~user-7"));
