@@ -340,14 +340,16 @@ pub struct Config {
     )]
     pub admin_token: Option<String>,
     // --- backend integration (issue 14) ---
-    /// Webhook receiver, as `[EVENTS@]URL`: EVENTS is `+`-separated among channel_occupied,
-    /// channel_vacated, member_added, member_removed (all without it), e.g.
-    /// `channel_occupied+channel_vacated@https://app.example/hooks`; repeatable
+    /// Webhook receiver, as `[EVENTS][;PATTERN…]@URL`: EVENTS is `+`-separated among
+    /// channel_occupied, channel_vacated, member_added, member_removed (all four without it),
+    /// client_event (Pusher client events, only when named); each PATTERN limits it to the
+    /// channels matching it (`*` = any run), e.g.
+    /// `channel_occupied+channel_vacated;chat/*@https://app.example/hooks`; repeatable
     /// (comma-separated in the environment) [default: none].
     #[arg(
         long,
         env = "RELAY_WEBHOOK_URL",
-        value_name = "[EVENTS@]URL",
+        value_name = "[EVENTS][;PATTERN…]@URL",
         value_delimiter = ','
     )]
     pub webhook_url: Vec<String>,
@@ -467,6 +469,19 @@ pub struct Config {
     /// relay channel pusher/ID/C (see docs/pusher.md).
     #[arg(long, env = "RELAY_PUSHER_APP", value_name = "APP", value_delimiter = ',', value_parser = crate::protocol::pusher::parse_app, hide_env_values = true)]
     pub pusher_app: Vec<crate::protocol::pusher::App>,
+    /// A webhook of a Pusher app, in Pusher's format (X-Pusher-Key, X-Pusher-Signature signed
+    /// with the app's secret), as APP_ID:[EVENTS][;PATTERN…]@URL: EVENTS is `+`-separated among
+    /// channel_occupied, channel_vacated, member_added, member_removed (all four without it),
+    /// client_event (only when named); each PATTERN limits it to the app's channels matching it
+    /// (`*` = any run), e.g. `my-app:client_event;private-*@https://app.example/pusher`;
+    /// repeatable (comma-separated in the environment) [default: none].
+    #[arg(
+        long,
+        env = "RELAY_PUSHER_WEBHOOK",
+        value_name = "APP_ID:[EVENTS][;PATTERN…]@URL",
+        value_delimiter = ','
+    )]
+    pub pusher_webhook: Vec<String>,
 }
 
 /// Options of `relay serve`: the config file and the settings.
@@ -894,6 +909,9 @@ impl Config {
                 invalid("pusher_app", "two apps with the same id or key");
             }
         }
+        if let Err(e) = self.pusher_webhooks() {
+            invalid("pusher_webhook", &e);
+        }
     }
 
     /// Checks the webhook, proxy and publish settings (issue 14).
@@ -984,6 +1002,29 @@ impl Config {
         if c.proxy_max_in_flight == 0 {
             invalid("proxy_max_in_flight", "must be at least 1");
         }
+    }
+
+    /// The `--pusher-webhook` hooks, `APP_ID:[EVENTS][;PATTERN…]@URL`: each one's app and the
+    /// rest parsed as `--webhook-url` takes it (its patterns over the app's own channel names).
+    pub fn pusher_webhooks(
+        &self,
+    ) -> Result<Vec<(&crate::protocol::pusher::App, crate::webhooks::HookSpec)>, String> {
+        self.pusher_webhook
+            .iter()
+            .map(|s| {
+                let (id, spec) = s
+                    .split_once(':')
+                    .ok_or_else(|| format!("{s:?}: expected APP_ID:[EVENTS][;PATTERN…]@URL"))?;
+                let app = self
+                    .pusher_app
+                    .iter()
+                    .find(|a| a.id == id)
+                    .ok_or_else(|| format!("{s:?}: no --pusher-app has the id {id:?}"))?;
+                let spec =
+                    crate::webhooks::parse_hook_spec(spec).map_err(|e| format!("app {id}: {e}"))?;
+                Ok((app, spec))
+            })
+            .collect()
     }
 
     /// Whether JWT connection auth is on.
@@ -1431,5 +1472,23 @@ proxy_max_in_flight = 0
         assert!(c.auth_enabled());
         let e = load(&["--tls-cert=/c.pem"], "").unwrap_err();
         assert_eq!(e.to_string(), "invalid tls: give both tls_cert and tls_key");
+    }
+
+    #[test]
+    fn pusher_webhooks_come_from_the_file_and_must_name_an_app() {
+        let app = r#"pusher_app = ["app1:key1:secret-one-1234"]"#;
+        let c = load(
+            &[],
+            &format!("{app}\npusher_webhook = [\"app1:client_event;private-*@http://h/w\"]"),
+        )
+        .unwrap();
+        let hooks = c.pusher_webhooks().unwrap();
+        assert_eq!(hooks.len(), 1);
+        assert_eq!(hooks[0].0.id, "app1");
+        assert_eq!(hooks[0].1.patterns, ["private-*"]);
+        let e = load(&["--pusher-webhook=app2:http://h/w"], app).unwrap_err();
+        assert!(e.to_string().contains("pusher_webhook"), "{e}");
+        let e = load(&["--pusher-webhook=app1:nope@http://h/w"], app).unwrap_err();
+        assert!(e.to_string().contains("unknown webhook event"), "{e}");
     }
 }
