@@ -285,7 +285,7 @@ fn mask(id: &str, v: toml::Value) -> toml::Value {
 
 /// `redis://user:pass@host` → `redis://user:<hidden>@host`; `nats://token@host` →
 /// `nats://<hidden>@host`.
-fn mask_url_password(url: &str) -> String {
+pub fn mask_url_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
