@@ -1,0 +1,192 @@
+//! Relay nodes on a real Redis Cluster (three masters, a replica each when a test fails one
+//! over) and on a real Sentinel setup (a master, a replica, three Sentinels): one order and
+//! one seq space per channel, resume on another node after a SIGKILL, the Redis master failing
+//! over with no message lost, and URLs that name the wrong deployment stopping the node. Every
+//! Redis process is started on a free loopback port by the test and killed when it ends
+//! (`tests/cluster/redis_ha.rs`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cluster;
+mod common;
+
+use std::time::Duration;
+
+use cluster::redis_ha::{cli, sentinel_of, Cluster, Sentinel};
+use cluster::{Backend, Kind, Server};
+use serde_json::json;
+
+const KIND: Kind = Kind::Redis;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_three_nodes_deliver_every_message_in_one_order_with_one_seq_space() {
+    if KIND.available() {
+        cluster::three_nodes_deliver_every_message_in_one_order_with_one_seq_space(
+            &Cluster::start(false),
+        )
+        .await;
+    }
+}
+
+/// Channels whose keys live on different masters are each sequenced and delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_channels_on_every_master_are_sequenced_and_delivered() {
+    if !KIND.available() {
+        return;
+    }
+    let redis = Cluster::start(false);
+    let names: Vec<String> = (0..12).map(|i| format!("spread{i}")).collect();
+    let mut masters: Vec<usize> = names
+        .iter()
+        .map(|n| redis.master_of(&format!("relay:{{{n}}}:meta")))
+        .collect();
+    masters.sort();
+    masters.dedup();
+    assert_eq!(masters.len(), 3, "the channels span every master");
+    let a = cluster::node(&redis, "a", &[]).await;
+    let b = cluster::node(&redis, "b", &[]).await;
+    let mut ws = common::Ws::connect(&a.ws_url()).await;
+    for n in &names {
+        ws.subscribe(n).await;
+    }
+    for round in 1..=2u64 {
+        for n in &names {
+            let body = b.publish(n, json!({"round": round})).await;
+            assert_eq!(body["seq"], round, "{n}: {body}");
+        }
+    }
+    for round in 1..=2u64 {
+        for n in &names {
+            assert_eq!(ws.expect_message(n, round).await, json!({"round": round}));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_a_client_resumes_on_another_node_after_its_node_is_killed() {
+    if KIND.available() {
+        cluster::a_client_resumes_on_another_node_after_its_node_is_killed(&Cluster::start(false))
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_a_master_failover_loses_no_message() {
+    if !KIND.available() {
+        return;
+    }
+    let mut redis = Cluster::start(true);
+    cluster::a_master_failover_loses_no_message(&mut redis, |c| {
+        let i = c.master_of("relay:{ha}:meta");
+        c.wait_replicated(i);
+        c.kill(i);
+        cluster::redis_ha::wait_until(
+            "a replica takes over the slot",
+            Duration::from_secs(30),
+            || c.master_of("relay:{ha}:meta") != i,
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_three_nodes_deliver_every_message_in_one_order_with_one_seq_space() {
+    if KIND.available() {
+        cluster::three_nodes_deliver_every_message_in_one_order_with_one_seq_space(
+            &Sentinel::start(),
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_a_client_resumes_on_another_node_after_its_node_is_killed() {
+    if KIND.available() {
+        cluster::a_client_resumes_on_another_node_after_its_node_is_killed(&Sentinel::start())
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_a_master_failover_loses_no_message() {
+    if !KIND.available() {
+        return;
+    }
+    let mut redis = Sentinel::start();
+    cluster::a_master_failover_loses_no_message(&mut redis, |s| {
+        s.wait_replicated();
+        s.fail_over();
+    })
+    .await;
+}
+
+/// Runs `relay serve` on `flags` and returns its exit code and everything it printed.
+fn serve_fails(flags: Vec<String>) -> (Option<i32>, String) {
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
+    args.extend(flags.iter().map(String::as_str));
+    let out = common::run_bin(&args, &[], Duration::from_secs(20));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_naming_the_wrong_deployment_stops_the_node() {
+    if !KIND.available() {
+        return;
+    }
+    let one = Server::start(KIND);
+    let url = |u: String| {
+        vec![
+            "--backplane".to_owned(),
+            "redis".into(),
+            "--redis-url".into(),
+            u,
+        ]
+    };
+    let (code, text) = serve_fails(url(format!("redis-cluster://127.0.0.1:{}", one.port)));
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("is not a Redis Cluster node"), "{text}");
+
+    let cluster = Cluster::start(false);
+    let (code, text) = serve_fails(url(format!("redis://127.0.0.1:{}", cluster.nodes[0].port)));
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("is a Redis Cluster node"), "{text}");
+
+    let sentinel = sentinel_of(one.port);
+    cluster::redis_ha::wait_until("the Sentinel answers", Duration::from_secs(10), || {
+        cli(sentinel.port, &["ping"]) == "PONG"
+    });
+    let s = |master: &str| {
+        url(format!(
+            "redis-sentinel://127.0.0.1:{}/{master}",
+            sentinel.port
+        ))
+    };
+    let (code, text) = serve_fails(s("nosuchmaster"));
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("knows no master named \"nosuchmaster\""),
+        "{text}"
+    );
+    // A plain server named as a Sentinel.
+    let (code, text) = serve_fails(url(format!(
+        "redis-sentinel://127.0.0.1:{}/{}",
+        one.port,
+        cluster::redis_ha::MASTER
+    )));
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("is not a Redis Sentinel"), "{text}");
+    // The right master name starts (and is ready through the Sentinel).
+    let flags = s(cluster::redis_ha::MASTER);
+    struct Flags(Vec<String>);
+    impl Backend for Flags {
+        fn flags(&self) -> Vec<String> {
+            self.0.clone()
+        }
+    }
+    let r = cluster::node(&Flags(flags), "ok", &[]).await;
+    assert_eq!(r.publish("x", json!(1)).await["seq"], 1);
+}
