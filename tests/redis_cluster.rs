@@ -202,3 +202,10 @@ async fn a_url_naming_the_wrong_deployment_stops_the_node() {
     let r = cluster::node(&Flags(flags), "ok", &[]).await;
     assert_eq!(r.publish("x", json!(1)).await["seq"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_lost_by_redis_is_resumed_with_recovered_false() {
+    if KIND.available() {
+        cluster::history_lost_by_redis_is_resumed_with_recovered_false(&Server::start(KIND)).await;
+    }
+}

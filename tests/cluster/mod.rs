@@ -976,3 +976,94 @@ pub async fn a_master_failover_loses_no_message<B: Backend + Send>(
         );
     }
 }
+
+/// Redis loses the last messages of a channel that the nodes had delivered (what a failover to
+/// a replica that had not received them does; simulated on one server by dropping them and
+/// cutting every connection): the nodes start the channel's next epoch, every subscriber
+/// resumes with `recovered:false` into it, and the next publishes reach everyone.
+pub async fn history_lost_by_redis_is_resumed_with_recovered_false(redis: &Server) {
+    let a = node(redis, "a", &[]).await;
+    let b = node(redis, "b", &[]).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let subs: Vec<_> = [&a, &b]
+        .iter()
+        .map(|n| tokio::spawn(resuming_subscriber(n.ws_url(), "lost", stop_rx.clone())))
+        .collect();
+    a.wait_subscribers("lost", 1, Duration::from_secs(10)).await;
+    b.wait_subscribers("lost", 1, Duration::from_secs(10)).await;
+    let mut before = None;
+    for i in 1..=10 {
+        let n = if i % 2 == 0 { &a } else { &b };
+        let body = publish_through(n, "lost", json!(i)).await;
+        before.get_or_insert(body["epoch"].clone());
+    }
+    for n in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while n.channel_info("lost").await.and_then(|v| v["seq"].as_u64()) != Some(10) {
+            assert!(Instant::now() < deadline, "both nodes have seq 10");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::task::block_in_place(|| {
+        use redis_ha::cli;
+        cli(redis.port, &["hset", "relay:{lost}:meta", "top", "5"]);
+        let mut xdel = vec!["xdel", "relay:{lost}:hist"];
+        xdel.extend(["6-1", "7-1", "8-1", "9-1", "10-1"]);
+        assert_eq!(cli(redis.port, &xdel), "5");
+        // As on a replica that never had them: the stream's last id is 5 again.
+        assert_eq!(
+            cli(redis.port, &["xsetid", "relay:{lost}:hist", "5-1"]),
+            "OK"
+        );
+        cli(redis.port, &["client", "kill", "type", "pubsub"]);
+        cli(redis.port, &["client", "kill", "type", "normal"]);
+    });
+    // The nodes reconnect and resync before anyone publishes again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut after = Vec::new();
+    for i in 11..=15 {
+        let n = if i % 2 == 0 { &a } else { &b };
+        after.push(publish_through(n, "lost", json!(i)).await);
+    }
+    let epoch = after[0]["epoch"].clone();
+    assert_ne!(Some(&epoch), before.as_ref(), "a new epoch");
+    assert!(after.iter().all(|r| r["epoch"] == epoch), "{after:?}");
+    let seqs: Vec<u64> = after.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        [6, 7, 8, 9, 10],
+        "the new epoch goes on from what Redis kept"
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop_tx.send(true).unwrap();
+    for (i, t) in subs.into_iter().enumerate() {
+        let seen = t.await.unwrap();
+        let who = format!("subscriber {i}");
+        assert_gap_free(&who, &seen);
+        assert_eq!(
+            seen.runs[0].2,
+            (1..=10).collect::<Vec<_>>(),
+            "{who}: {seen:?}"
+        );
+        let last = seen.runs.last().unwrap();
+        assert_eq!(
+            json!(last.0),
+            epoch,
+            "{who}: ends in the new epoch: {seen:?}"
+        );
+        assert!(
+            seen.runs
+                .iter()
+                .skip(1)
+                .any(|r| !r.1 && json!(r.0) == epoch),
+            "{who}: told recovered:false into the new epoch: {seen:?}"
+        );
+        let new: Vec<u64> = seen
+            .runs
+            .iter()
+            .filter(|r| json!(r.0) == epoch)
+            .flat_map(|r| r.2.iter().copied())
+            .collect();
+        assert_eq!(new, [6, 7, 8, 9, 10], "{who}: {seen:?}");
+    }
+}
