@@ -529,7 +529,7 @@ struct Seen {
 }
 
 /// Subscribes to `channel` on `url`, and on every close (4008 after a backplane resync, or
-/// anything else) reconnects and resumes from the last position, until `stop` or 30 s.
+/// anything else) reconnects and resumes from the last position, until `stop` or 90 s.
 async fn resuming_subscriber(
     url: String,
     channel: &'static str,
@@ -537,7 +537,8 @@ async fn resuming_subscriber(
 ) -> Seen {
     let mut seen = Seen::default();
     let mut pos: Option<(String, u64)> = None;
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // A bound only: every test stops its subscribers when done (a failover may take a while).
+    let deadline = Instant::now() + Duration::from_secs(90);
     'connections: while Instant::now() < deadline && !*stop.borrow() {
         let Ok(Ok((mut ws, _))) = tokio::time::timeout(
             Duration::from_secs(2),
