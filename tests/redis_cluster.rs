@@ -209,3 +209,57 @@ async fn history_lost_by_redis_is_resumed_with_recovered_false() {
         cluster::history_lost_by_redis_is_resumed_with_recovered_false(&Server::start(KIND)).await;
     }
 }
+
+/// A master demoted to a replica while the node stays connected to it (a failover behind one
+/// DNS name keeps such connections open) answers writes with `READONLY`: the node does not
+/// stay stuck on it; it fails the publish with 503, reconnects, and publishes again once the
+/// address is a master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_left_on_a_demoted_master_reconnects() {
+    if !KIND.available() {
+        return;
+    }
+    let one = Server::start(KIND);
+    let other = Server::start(KIND);
+    let r = cluster::node(&one, "a", &[]).await;
+    assert_eq!(r.publish("d", json!(1)).await["seq"], 1);
+    let before = r
+        .metric(r#"relay_backplane_reconnects_total{backplane="redis"}"#)
+        .await;
+    let other_port = other.port.to_string();
+    assert_eq!(
+        cli(one.port, &["replicaof", "127.0.0.1", &other_port]),
+        "OK"
+    );
+    let (status, body) = r
+        .post("/api/publish", &json!({"channel": "d", "data": 2}))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while r
+        .metric(r#"relay_backplane_reconnects_total{backplane="redis"}"#)
+        .await
+        <= before
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the node reconnects after READONLY"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(cli(one.port, &["replicaof", "no", "one"]), "OK");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, body) = r
+            .post("/api/publish", &json!({"channel": "d", "data": 3}))
+            .await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "publishes again: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

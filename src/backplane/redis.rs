@@ -395,6 +395,9 @@ struct Scripts {
 struct Conn {
     cmd: Client,
     sub: Client,
+    /// Redis answered `READONLY`: the server is a replica now (a master demoted by a failover
+    /// that kept the connection open, e.g. behind a DNS name). The supervisor reconnects.
+    demoted: tokio::sync::Notify,
 }
 
 enum Ctl {
@@ -670,7 +673,12 @@ impl Redis {
                         Err(_) => Err(unavailable("redis timed out")),
                     }
                 }
-                Err(e) => Err(unavailable(e)),
+                Err(e) => {
+                    if e.details().contains("READONLY") {
+                        conn.demoted.notify_one();
+                    }
+                    Err(unavailable(e))
+                }
             }
         })
     }
@@ -867,7 +875,11 @@ async fn supervise(redis: Arc<Redis>, replica: Arc<Replica>, stop: CancellationT
             Some(Ok((cmd, sub, handles))) => {
                 attempt = 0;
                 let rx = sub.message_rx();
-                let conn = Arc::new(Conn { cmd, sub });
+                let conn = Arc::new(Conn {
+                    cmd,
+                    sub,
+                    demoted: tokio::sync::Notify::new(),
+                });
                 let reader = tokio::spawn(read_messages(replica.clone(), rx));
                 redis.conn.store(Some(conn.clone()));
                 replica.connected(std::mem::take(&mut first));
@@ -876,6 +888,10 @@ async fn supervise(redis: Arc<Redis>, replica: Arc<Replica>, stop: CancellationT
                 let stopped = tokio::select! {
                     _ = async { if let Some(h) = h1 { let _ = h.await; } } => false,
                     _ = async { if let Some(h) = h2 { let _ = h.await; } } => false,
+                    _ = conn.demoted.notified() => {
+                        tracing::warn!(node = %settings.node_id, "backplane: redis answered READONLY (no longer the master); reconnecting");
+                        false
+                    }
                     _ = stop.cancelled() => true,
                 };
                 redis.conn.store(None);
