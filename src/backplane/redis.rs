@@ -190,14 +190,19 @@ impl Target {
             (true, rest)
         } else if let Some(rest) = url.strip_prefix(SENTINEL_SCHEME) {
             (false, rest)
-        } else if url.starts_with("redis://") || url.starts_with("rediss://") {
+        } else if url.starts_with("rediss") {
+            // fred is built without TLS: it would connect in clear text (with a warning), and
+            // send the password that way.
+            return Err(
+                "TLS to Redis (rediss://) is not built in: use redis:// on a private network"
+                    .into(),
+            );
+        } else if url.starts_with("redis://") {
             return RedisConfig::from_url_centralized(url)
                 .map(|config| Target { config })
                 .map_err(fred_err);
         } else {
-            return Err(
-                "must start with redis://, rediss://, redis-cluster:// or redis-sentinel://".into(),
-            );
+            return Err("must start with redis://, redis-cluster:// or redis-sentinel://".into());
         };
         if rest.contains('?') {
             return Err("takes no query parameters".into());
@@ -1095,6 +1100,8 @@ mod tests {
 
         for bad in [
             "http://a:1",
+            "rediss://a:1",
+            "rediss-cluster://a:1",
             "redis-cluster://a",
             "redis-cluster://a:1,",
             "redis-cluster://a:1/0",
