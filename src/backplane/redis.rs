@@ -14,7 +14,8 @@
 //! loss: the supervisor reconnects (asking the Sentinels or the cluster again) and every
 //! joined channel resyncs. What the promoted replica had not received is lost to Redis; a node
 //! that saw more of a channel than Redis now holds starts the channel's next epoch (the sync
-//! script does), so that no position of the old epoch can name a newer message and every
+//! script does, and so does the publish script, which carries the publisher's local
+//! position), so that no position of the old epoch can name a newer message and every
 //! subscriber behind the loss resumes with `recovered:false`.
 //!
 //! # Keys, per channel `ch`
@@ -72,12 +73,19 @@ use crate::types::{ChannelName, DataKind, Epoch, StreamPosition};
 /// How long one Redis command may take before the publish (or join) fails.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// `ARGV`: candidate epoch, kind, data, history size, history TTL ms, meta TTL ms, pub/sub
+/// channel, the publisher's local position (epoch or '', seq). A publisher that holds more of
+/// the epoch than Redis (history lost in a failover, see [`SYNC_LUA`]) moves the channel to the
+/// candidate epoch before numbering, so the new message never takes a lost one's seq.
 const PUBLISH_LUA: &str = r#"
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e then
   e = ARGV[1]
   redis.call('HSET', KEYS[1], 'e', e, 'top', 0)
   redis.call('DEL', KEYS[2])
+elseif e == ARGV[8] and tonumber(redis.call('HGET', KEYS[1], 'top') or '0') < tonumber(ARGV[9]) then
+  e = ARGV[1]
+  redis.call('HSET', KEYS[1], 'e', e)
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'top', 1)
 local t = redis.call('TIME')
@@ -382,6 +390,8 @@ async fn ask(config: RedisConfig, probe: &Probe) -> Option<Answer> {
 /// See the module docs.
 struct Redis {
     target: Target,
+    /// The local replica's positions (read by publishes: see [`PUBLISH_LUA`]).
+    engine: Arc<Engine>,
     settings: Settings,
     conn: ArcSwapOption<Conn>,
     /// Subscribes and unsubscribes, applied in order by [`control`].
@@ -609,6 +619,7 @@ pub fn start(
     let (ctl, ctl_rx) = mpsc::unbounded_channel();
     let redis = Arc::new(Redis {
         target,
+        engine: engine.clone(),
         seeds: Seeds::new(settings.seed),
         settings: settings.clone(),
         conn: ArcSwapOption::empty(),
@@ -705,6 +716,8 @@ impl Remote for Redis {
         data: Bytes,
     ) -> BoxFuture<Result<(Epoch, u64), BackplaneError>> {
         let keys = vec![meta_key(channel), hist_key(channel)];
+        // What this node holds of the channel (nothing when it does not receive it).
+        let known = self.engine.position(channel);
         let args: Vec<Value> = vec![
             self.seeds.epoch().to_string().into(),
             kind_code(kind).into(),
@@ -713,6 +726,8 @@ impl Remote for Redis {
             (self.settings.history_ttl.as_millis().max(1) as i64).into(),
             (self.meta_ttl_ms() as i64).into(),
             msg_key(channel).into(),
+            known.map_or(String::new(), |p| p.epoch.to_string()).into(),
+            (known.map_or(0, |p| p.seq) as i64).into(),
         ];
         let run = self.script(&self.scripts.publish, PUBLISH_LUA, keys, args);
         Box::pin(async move {
