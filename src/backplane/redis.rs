@@ -597,7 +597,7 @@ pub fn start(
             std::io::ErrorKind::InvalidInput,
             format!(
                 "--redis-url {}: {e}",
-                crate::tools::mask_url_password(&settings.url)
+                crate::types::mask_url_password(&settings.url, "<hidden>")
             ),
         )
     };
@@ -926,7 +926,7 @@ async fn supervise(redis: Arc<Redis>, replica: Arc<Replica>, stop: CancellationT
             }
             Some(Err(e)) => {
                 if attempt == 0 || attempt % 10 == 0 {
-                    tracing::warn!(node = %settings.node_id, url = %crate::tools::mask_url_password(&settings.url), error = %e, attempt, "backplane: cannot connect to redis");
+                    tracing::warn!(node = %settings.node_id, url = %crate::types::mask_url_password(&settings.url, "<hidden>"), error = %e, attempt, "backplane: cannot connect to redis");
                 }
             }
         }
