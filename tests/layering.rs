@@ -54,7 +54,7 @@ const BELOW_TRANSPORT: &[&str] = &[
 ];
 
 /// The transports proper: each depends on the shared parts of `transport` (`mod.rs`, `http`,
-/// `io`, `request`, `paging`, `users`), never on another one. `server_api` is the API's
+/// `io`, `request`, `session`, `paging`, `users`), never on another one. `server_api` is the API's
 /// server-command half (`/api/users/*`, `/api/batch`; it and `api` name each other); `admin`
 /// is a UI built over the others (the API's handlers, the SSE stream of its live tail, the
 /// landing page's fixed responses).

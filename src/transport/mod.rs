@@ -13,6 +13,7 @@ pub mod landing;
 pub mod pusher;
 pub mod request;
 pub mod server_api;
+pub mod session;
 pub mod sse;
 pub mod users;
 pub mod ws;
