@@ -22,6 +22,8 @@ fn publish(p: &[u8]) -> Frame<'_> {
         id: Some(1234),
         body: Body::Publish {
             channel: CHANNEL,
+            idempotency_key: None,
+            expected_seq: None,
             payload: p,
         },
     }

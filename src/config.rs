@@ -340,14 +340,16 @@ pub struct Config {
     )]
     pub admin_token: Option<String>,
     // --- backend integration (issue 14) ---
-    /// Webhook receiver, as `[EVENTS@]URL`: EVENTS is `+`-separated among channel_occupied,
-    /// channel_vacated, member_added, member_removed (all without it), e.g.
-    /// `channel_occupied+channel_vacated@https://app.example/hooks`; repeatable
+    /// Webhook receiver, as `[EVENTS][;PATTERN…]@URL`: EVENTS is `+`-separated among
+    /// channel_occupied, channel_vacated, member_added, member_removed (all four without it),
+    /// client_event (Pusher client events, only when named); each PATTERN limits it to the
+    /// channels matching it (`*` = any run), e.g.
+    /// `channel_occupied+channel_vacated;chat/*@https://app.example/hooks`; repeatable
     /// (comma-separated in the environment) [default: none].
     #[arg(
         long,
         env = "RELAY_WEBHOOK_URL",
-        value_name = "[EVENTS@]URL",
+        value_name = "[EVENTS][;PATTERN…]@URL",
         value_delimiter = ','
     )]
     pub webhook_url: Vec<String>,
@@ -395,6 +397,66 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub webhook_queue_size: usize,
+    /// Backend proxy: POST each new connection without a token here (the backend admits it,
+    /// maybe naming its user, presence info, expiry and server-side channels, or refuses it;
+    /// with JWT off this is the auth) [default: none].
+    #[arg(long, env = "RELAY_PROXY_CONNECT_URL", value_name = "URL")]
+    pub proxy_connect_url: Option<String>,
+    /// Backend proxy: POST each subscribe to a channel of --proxy-subscribe-channels here
+    /// (allow or refuse) [default: none].
+    #[arg(long, env = "RELAY_PROXY_SUBSCRIBE_URL", value_name = "URL")]
+    pub proxy_subscribe_url: Option<String>,
+    /// Backend proxy: POST each WebSocket publish to a channel of --proxy-publish-channels here
+    /// (allow, refuse, or replace the data) [default: none].
+    #[arg(long, env = "RELAY_PROXY_PUBLISH_URL", value_name = "URL")]
+    pub proxy_publish_url: Option<String>,
+    /// Channel patterns (`*` any run) whose subscribes go to --proxy-subscribe-url.
+    #[arg(
+        long,
+        env = "RELAY_PROXY_SUBSCRIBE_CHANNELS",
+        value_name = "PATTERN",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
+    pub proxy_subscribe_channels: Vec<String>,
+    /// Channel patterns (`*` any run) whose client publishes go to --proxy-publish-url.
+    #[arg(
+        long,
+        env = "RELAY_PROXY_PUBLISH_CHANNELS",
+        value_name = "PATTERN",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
+    pub proxy_publish_channels: Vec<String>,
+    /// A header of the client's WebSocket or SSE request to forward on every backend proxy POST,
+    /// e.g. cookie or authorization (repeatable) [default: none].
+    #[arg(
+        long,
+        env = "RELAY_PROXY_HEADER",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub proxy_header: Vec<String>,
+    /// A backend proxy POST not answered within this fails (see --proxy-failure).
+    #[arg(long, env = "RELAY_PROXY_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
+    pub proxy_timeout: Duration,
+    /// What a failed backend proxy POST (timeout, non-2xx, bad answer) comes to: deny (the
+    /// client gets `unavailable`) or allow (as if the backend said yes, unchanged).
+    #[arg(
+        long,
+        env = "RELAY_PROXY_FAILURE",
+        value_name = "deny|allow",
+        default_value = "deny"
+    )]
+    pub proxy_failure: String,
+    /// Most backend proxy POSTs in flight on the node; more are refused with `overloaded`.
+    #[arg(
+        long,
+        env = "RELAY_PROXY_MAX_IN_FLIGHT",
+        value_name = "N",
+        default_value_t = 1000
+    )]
+    pub proxy_max_in_flight: usize,
     /// How long a publish's idempotency_key is remembered: a repeat within it gets the first
     /// publish's seq and publishes nothing (the channel and its epoch are kept that long).
     #[arg(long, env = "RELAY_IDEMPOTENCY_WINDOW", value_name = "DURATION", value_parser = parse_duration, default_value = "60s")]
@@ -407,6 +469,19 @@ pub struct Config {
     /// relay channel pusher/ID/C (see docs/pusher.md).
     #[arg(long, env = "RELAY_PUSHER_APP", value_name = "APP", value_delimiter = ',', value_parser = crate::protocol::pusher::parse_app, hide_env_values = true)]
     pub pusher_app: Vec<crate::protocol::pusher::App>,
+    /// A webhook of a Pusher app, in Pusher's format (X-Pusher-Key, X-Pusher-Signature signed
+    /// with the app's secret), as APP_ID:[EVENTS][;PATTERN…]@URL: EVENTS is `+`-separated among
+    /// channel_occupied, channel_vacated, member_added, member_removed (all four without it),
+    /// client_event (only when named); each PATTERN limits it to the app's channels matching it
+    /// (`*` = any run), e.g. `my-app:client_event;private-*@https://app.example/pusher`;
+    /// repeatable (comma-separated in the environment) [default: none].
+    #[arg(
+        long,
+        env = "RELAY_PUSHER_WEBHOOK",
+        value_name = "APP_ID:[EVENTS][;PATTERN…]@URL",
+        value_delimiter = ','
+    )]
+    pub pusher_webhook: Vec<String>,
 }
 
 /// Options of `relay serve`: the config file and the settings.
@@ -834,6 +909,9 @@ impl Config {
                 invalid("pusher_app", "two apps with the same id or key");
             }
         }
+        if let Err(e) = self.pusher_webhooks() {
+            invalid("pusher_webhook", &e);
+        }
     }
 
     /// Checks the webhook, proxy and publish settings (issue 14).
@@ -878,6 +956,75 @@ impl Config {
         if self.idempotency_window.is_zero() {
             invalid("idempotency_window", "must be > 0");
         }
+        self.proxy_problems(&mut invalid);
+    }
+
+    /// Checks the backend proxy settings (`--proxy-*`).
+    fn proxy_problems(&self, invalid: &mut impl FnMut(&'static str, &str)) {
+        let c = self;
+        for (key, u) in [
+            ("proxy_connect_url", &c.proxy_connect_url),
+            ("proxy_subscribe_url", &c.proxy_subscribe_url),
+            ("proxy_publish_url", &c.proxy_publish_url),
+        ] {
+            let ok = u.as_deref().is_none_or(|u| {
+                u.parse::<hyper::Uri>().ok().is_some_and(|u| {
+                    matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+                })
+            });
+            if !ok {
+                invalid(key, "must be an http:// or https:// URL");
+            }
+        }
+        for (key, list) in [
+            ("proxy_subscribe_channels", &c.proxy_subscribe_channels),
+            ("proxy_publish_channels", &c.proxy_publish_channels),
+        ] {
+            for p in list {
+                if let Err(e) = crate::types::Pattern::parse(p) {
+                    invalid(key, &format!("{p:?}: {e}"));
+                } else if crate::types::Pattern::parse(p).is_ok_and(|p| p.uses_sub()) {
+                    invalid(key, &format!("{p:?}: {{sub}} has no meaning here"));
+                }
+            }
+        }
+        for h in &c.proxy_header {
+            if hyper::header::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                invalid("proxy_header", &format!("{h:?} is not a header name"));
+            }
+        }
+        if !matches!(c.proxy_failure.as_str(), "deny" | "allow") {
+            invalid("proxy_failure", "must be deny or allow");
+        }
+        if c.proxy_timeout.is_zero() {
+            invalid("proxy_timeout", "must be > 0");
+        }
+        if c.proxy_max_in_flight == 0 {
+            invalid("proxy_max_in_flight", "must be at least 1");
+        }
+    }
+
+    /// The `--pusher-webhook` hooks, `APP_ID:[EVENTS][;PATTERN…]@URL`: each one's app and the
+    /// rest parsed as `--webhook-url` takes it (its patterns over the app's own channel names).
+    pub fn pusher_webhooks(
+        &self,
+    ) -> Result<Vec<(&crate::protocol::pusher::App, crate::webhooks::HookSpec)>, String> {
+        self.pusher_webhook
+            .iter()
+            .map(|s| {
+                let (id, spec) = s
+                    .split_once(':')
+                    .ok_or_else(|| format!("{s:?}: expected APP_ID:[EVENTS][;PATTERN…]@URL"))?;
+                let app = self
+                    .pusher_app
+                    .iter()
+                    .find(|a| a.id == id)
+                    .ok_or_else(|| format!("{s:?}: no --pusher-app has the id {id:?}"))?;
+                let spec =
+                    crate::webhooks::parse_hook_spec(spec).map_err(|e| format!("app {id}: {e}"))?;
+                Ok((app, spec))
+            })
+            .collect()
     }
 
     /// Whether JWT connection auth is on.
@@ -1024,6 +1171,35 @@ mod tests {
 
     fn from_file(text: &str) -> Config {
         Config::from_file(Path::new("test.toml"), text).unwrap()
+    }
+
+    #[test]
+    fn every_bad_proxy_setting_is_named() {
+        let c = from_file(
+            r#"
+proxy_connect_url = "ftp://backend"
+proxy_subscribe_channels = [""]
+proxy_publish_channels = ["user:{sub}"]
+proxy_header = ["bad header"]
+proxy_failure = "maybe"
+proxy_timeout = "0s"
+proxy_max_in_flight = 0
+"#,
+        );
+        let found: Vec<String> = c.problems().iter().map(|p| p.to_string()).collect();
+        for key in [
+            "proxy_connect_url",
+            "proxy_subscribe_channels",
+            "proxy_publish_channels",
+            "proxy_header",
+            "proxy_failure",
+            "proxy_timeout",
+            "proxy_max_in_flight",
+        ] {
+            assert!(found.iter().any(|p| p.contains(key)), "{key}: {found:?}");
+        }
+        let good = from_file("proxy_connect_url = \"https://app.example/connect\"\n");
+        assert!(good.problems().is_empty(), "{:?}", good.problems());
     }
 
     #[test]
@@ -1296,5 +1472,23 @@ mod tests {
         assert!(c.auth_enabled());
         let e = load(&["--tls-cert=/c.pem"], "").unwrap_err();
         assert_eq!(e.to_string(), "invalid tls: give both tls_cert and tls_key");
+    }
+
+    #[test]
+    fn pusher_webhooks_come_from_the_file_and_must_name_an_app() {
+        let app = r#"pusher_app = ["app1:key1:secret-one-1234"]"#;
+        let c = load(
+            &[],
+            &format!("{app}\npusher_webhook = [\"app1:client_event;private-*@http://h/w\"]"),
+        )
+        .unwrap();
+        let hooks = c.pusher_webhooks().unwrap();
+        assert_eq!(hooks.len(), 1);
+        assert_eq!(hooks[0].0.id, "app1");
+        assert_eq!(hooks[0].1.patterns, ["private-*"]);
+        let e = load(&["--pusher-webhook=app2:http://h/w"], app).unwrap_err();
+        assert!(e.to_string().contains("pusher_webhook"), "{e}");
+        let e = load(&["--pusher-webhook=app1:nope@http://h/w"], app).unwrap_err();
+        assert!(e.to_string().contains("unknown webhook event"), "{e}");
     }
 }

@@ -24,6 +24,8 @@
 //!   the effective settings with secrets masked, a config with fresh secrets).
 //! - [`webhooks`]: POSTs to the application's backend when channels are occupied or vacated
 //!   and members come and go (batched, signed, retried), and the outbound HTTP client.
+//! - [`backend`]: the backend proxy: connect, subscribe and publish decisions POSTed to the
+//!   application (timeouts, failure policy, a bound on requests in flight).
 //! - [`transport`]: hyper services over the engine: `/ws`, `/sse`, `/api`, Pusher `/app`,
 //!   `/admin`, health; the transports never import one another.
 //! - [`server`]: the composition root (`compose`) and per-core shards (pinned
@@ -33,6 +35,7 @@
 //! rules.
 
 pub mod auth;
+pub mod backend;
 pub mod backplane;
 pub mod config;
 pub mod engine;

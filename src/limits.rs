@@ -58,9 +58,11 @@ pub enum Cause {
     MaxChannels,
     /// Presence info past `--presence-info-budget` (error `overloaded`).
     PresenceInfo,
+    /// Backend proxy requests past `--proxy-max-in-flight` (error `overloaded`).
+    ProxyInFlight,
 }
 
-const CAUSES: usize = 19;
+const CAUSES: usize = 20;
 
 impl Cause {
     /// The label value.
@@ -85,6 +87,7 @@ impl Cause {
             Cause::Memory => "memory",
             Cause::MaxChannels => "max_channels",
             Cause::PresenceInfo => "presence_info",
+            Cause::ProxyInFlight => "proxy_in_flight",
         }
     }
 }

@@ -241,6 +241,15 @@ fn describe() {
         Unit::Seconds,
         "Time of an accepted webhook POST."
     );
+    describe_counter!(
+        "relay_proxy_requests_total",
+        "Backend proxy requests by kind (connect, subscribe, publish) and result (allow, deny, disconnect, timeout, status, error, bad_answer, overloaded)."
+    );
+    describe_histogram!(
+        "relay_proxy_seconds",
+        Unit::Seconds,
+        "Time of a backend proxy POST, by kind."
+    );
     describe_histogram!(
         "relay_webhook_latency_seconds",
         Unit::Seconds,

@@ -170,7 +170,12 @@ impl BinWs {
     async fn publish(&mut self, channel: &str, id: u64, payload: &[u8]) -> StreamPosition {
         self.send(Frame {
             id: Some(id),
-            body: Body::Publish { channel, payload },
+            body: Body::Publish {
+                channel,
+                idempotency_key: None,
+                expected_seq: None,
+                payload,
+            },
         })
         .await;
         // Our own messages (we may be subscribed) can come first: keep them for later.
@@ -435,4 +440,60 @@ async fn binary_payloads_read_back_as_json_from_the_history_api() {
             {"seq": 2, "data": {"ok": true}},
         ])
     );
+}
+
+#[tokio::test]
+async fn binary_publish_conditions_apply_like_json() {
+    let relay = Relay::start(&[]);
+    let ch = "cond:1";
+    let mut bin = BinWs::connect(&relay).await;
+    let mut publish = async |id, key, expected| {
+        bin.send(Frame {
+            id: Some(id),
+            body: Body::Publish {
+                channel: ch,
+                idempotency_key: key,
+                expected_seq: expected,
+                payload: b"x",
+            },
+        })
+        .await;
+        bin.recv().await
+    };
+    // A repeated key answers the first seq and publishes nothing.
+    let Got::Published {
+        position: first, ..
+    } = publish(1, Some("k1"), None).await
+    else {
+        panic!("first keyed publish not published")
+    };
+    let Got::Published {
+        position: again, ..
+    } = publish(2, Some("k1"), None).await
+    else {
+        panic!("repeated key not answered with published")
+    };
+    assert_eq!((first.seq, again.seq), (1, 1));
+    // Compare-and-set: the top is 1, so 0 loses and 1 wins.
+    assert_eq!(
+        publish(3, None, Some(0)).await,
+        Got::Error {
+            id: Some(3),
+            code: "seq_mismatch".into()
+        }
+    );
+    let Got::Published { position, .. } = publish(4, None, Some(1)).await else {
+        panic!("matching expected_seq not published")
+    };
+    assert_eq!(position.seq, 2);
+    // An empty key is refused, the connection stays open.
+    assert_eq!(
+        publish(5, Some(""), None).await,
+        Got::Error {
+            id: Some(5),
+            code: "bad_request".into()
+        }
+    );
+    let history = relay.history(ch, "").await;
+    assert_eq!(history["messages"].as_array().unwrap().len(), 2);
 }

@@ -29,6 +29,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("jwks", &["types", "webhooks"]),
     ("auth", &["types", "config", "jwks"]),
     ("proxy", &["types"]),
+    // The backend proxy: POSTs decisions to the application with the HTTP client of
+    // `webhooks`; the transports act on its answers (`transport::proxied`). Its close code is
+    // in the catalogue (`protocol::codes`).
+    (
+        "backend",
+        &["types", "protocol", "config", "webhooks", "limits"],
+    ),
     ("limits", &["types"]),
     ("tls", &["types", "config"]),
     ("metrics", &["types"]),
@@ -51,6 +58,7 @@ const BELOW_TRANSPORT: &[&str] = &[
     "tls",
     "metrics",
     "webhooks",
+    "backend",
 ];
 
 /// The transports proper: each depends on the shared parts of `transport` (`mod.rs`, `http`,

@@ -239,3 +239,27 @@ async fn a_receiver_that_never_accepts_costs_a_counted_drop_not_the_node() {
     // The node serves on.
     assert_eq!(relay.publish_seq("lost", json!(1)).await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hooks_channel_patterns_keep_other_channels_out() {
+    let rx = Receiver::start(0).await;
+    let relay = Relay::start(&[
+        "--webhook-url",
+        &format!("channel_occupied;chat/*;news@{}", rx.url),
+        "--webhook-batch-delay",
+        "10ms",
+    ]);
+    let mut a = Ws::connect(&relay.ws_url()).await;
+    for c in ["other", "chat/1", "newsroom", "news", "x/chat/2", "chat/2"] {
+        a.subscribe(c).await;
+    }
+    let events = rx.wait_events(3).await;
+    let channels: Vec<&str> = events
+        .iter()
+        .map(|e| e["channel"].as_str().unwrap())
+        .collect();
+    assert_eq!(channels, ["chat/1", "news", "chat/2"], "{events:?}");
+    a.close_cleanly().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.accepted_events().len(), 3, "no vacated: not named");
+}

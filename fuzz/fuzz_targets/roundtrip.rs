@@ -78,6 +78,8 @@ fn check_frame(u: &mut Unstructured<'_>) -> Result<()> {
         1 => Body::Unsubscribe { channel: ch },
         2 => Body::Publish {
             channel: ch,
+            idempotency_key: opt_text(u)?.filter(|s| s.len() <= 128),
+            expected_seq: u.arbitrary()?,
             payload: u.arbitrary()?,
         },
         3 => Body::Heartbeat,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 pub const KEY_OVERHEAD: usize = 96;
 
 /// Longest idempotency key, bytes.
-pub const MAX_KEY_LEN: usize = 128;
+pub const MAX_KEY_LEN: usize = crate::types::MAX_IDEMPOTENCY_KEY_LEN;
 
 /// What a publish may require besides the message itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -46,6 +46,9 @@ pub const MAX_VARINT_LEN: usize = 10;
 /// Longest presence page cursor (a client id; servers send 16 hex digits).
 pub const MAX_CURSOR_LEN: usize = 256;
 
+/// Longest idempotency key a publish frame may carry (the engine's limit).
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = crate::types::MAX_IDEMPOTENCY_KEY_LEN;
+
 /// Type tags (second byte). Commands are `0x01..=0x05`, events `0x81..=0x89`.
 pub mod tag {
     /// Command: subscribe to a channel, maybe resuming.
@@ -117,6 +120,10 @@ pub mod flag {
     pub const PAGE: u8 = 0x40;
     /// `presence_state`: more members follow; the cursor of the next page follows the members.
     pub const MORE: u8 = 0x40;
+    /// `publish`: an idempotency key (text) follows the channel.
+    pub const IDEMPOTENCY_KEY: u8 = 0x02;
+    /// `publish`: the expected top seq (varint) follows the channel (and the key).
+    pub const EXPECTED_SEQ: u8 = 0x04;
 
     /// The flags `tag` allows.
     pub(super) fn allowed(tag: u8) -> u8 {
@@ -128,6 +135,7 @@ pub mod flag {
             tag::PRESENCE_EVENT => JOIN,
             tag::PRESENCE => ID | PAGE,
             tag::PRESENCE_STATE => ID | MORE,
+            tag::PUBLISH => ID | IDEMPOTENCY_KEY | EXPECTED_SEQ,
             tag::GAP => 0,
             _ => ID,
         }
@@ -203,10 +211,15 @@ pub enum Body<'a> {
         /// The channel.
         channel: &'a str,
     },
-    /// `0x03` publish: any bytes.
+    /// `0x03` publish: any bytes, with an idempotency key ([`flag::IDEMPOTENCY_KEY`]) and an
+    /// expected top seq ([`flag::EXPECTED_SEQ`]) when given.
     Publish {
         /// The channel.
         channel: &'a str,
+        /// A repeat within the idempotency window publishes nothing.
+        idempotency_key: Option<&'a str>,
+        /// Publish only when the channel's top seq is this.
+        expected_seq: Option<u64>,
         /// The payload.
         payload: &'a [u8],
     },
@@ -624,6 +637,16 @@ pub fn decode(input: &[u8]) -> Result<Frame<'_>, DecodeError> {
         }
         tag::PUBLISH => Body::Publish {
             channel: r.channel()?,
+            idempotency_key: if flags & flag::IDEMPOTENCY_KEY != 0 {
+                Some(r.text("idempotency_key", MAX_IDEMPOTENCY_KEY_LEN)?)
+            } else {
+                None
+            },
+            expected_seq: if flags & flag::EXPECTED_SEQ != 0 {
+                Some(r.varint("expected_seq")?)
+            } else {
+                None
+            },
             payload: r.rest(),
         },
         tag::HEARTBEAT => {
@@ -784,11 +807,16 @@ pub fn decode_command(input: &[u8]) -> Result<Request<'_>, CommandError<'_>> {
         },
         Body::Publish {
             channel: c,
+            idempotency_key,
+            expected_seq,
             payload,
         } => Command::Publish {
             channel: channel(c)?,
             data: Payload::Bytes(payload),
-            cond: Default::default(),
+            cond: super::PublishIf {
+                idempotency_key: idempotency_key.map(Cow::Borrowed),
+                expected_seq,
+            },
         },
         Body::Heartbeat => Command::Heartbeat,
         Body::Presence { channel: c, page } => Command::Presence {
@@ -874,7 +902,17 @@ pub fn encoded_len(frame: &Frame<'_>) -> usize {
             Body::Presence { channel, page } => {
                 ch(channel) + page.map_or(0, |(limit, c)| varint_len(limit) + text_len(c))
             }
-            Body::Publish { channel, payload } => ch(channel) + payload.len(),
+            Body::Publish {
+                channel,
+                idempotency_key,
+                expected_seq,
+                payload,
+            } => {
+                ch(channel)
+                    + idempotency_key.map_or(0, text_len)
+                    + expected_seq.map_or(0, varint_len)
+                    + payload.len()
+            }
             Body::Heartbeat | Body::HeartbeatReply => 0,
             Body::Subscribed {
                 channel, position, ..
@@ -936,6 +974,18 @@ pub fn encode<B: BufMut>(frame: &Frame<'_>, out: &mut B) {
         Body::PresenceEvent { join: true, .. } => flags |= flag::JOIN,
         Body::Presence { page: Some(_), .. } => flags |= flag::PAGE,
         Body::PresenceState { next: Some(_), .. } => flags |= flag::MORE,
+        Body::Publish {
+            idempotency_key,
+            expected_seq,
+            ..
+        } => {
+            if idempotency_key.is_some() {
+                flags |= flag::IDEMPOTENCY_KEY;
+            }
+            if expected_seq.is_some() {
+                flags |= flag::EXPECTED_SEQ;
+            }
+        }
         _ => {}
     }
     out.put_slice(&[VERSION, body.tag(), flags]);
@@ -974,8 +1024,19 @@ pub fn encode<B: BufMut>(frame: &Frame<'_>, out: &mut B) {
                 put_text(out, cursor.as_bytes());
             }
         }
-        Body::Publish { channel, payload } => {
+        Body::Publish {
+            channel,
+            idempotency_key,
+            expected_seq,
+            payload,
+        } => {
             put_short(out, channel);
+            if let Some(k) = idempotency_key {
+                put_text(out, k.as_bytes());
+            }
+            if let Some(s) = expected_seq {
+                put_varint(out, s);
+            }
             out.put_slice(payload);
         }
         Body::Heartbeat | Body::HeartbeatReply => {}
@@ -1267,6 +1328,21 @@ mod tests {
                     id: Some(300),
                     body: Body::Publish {
                         channel: "room:1",
+                        idempotency_key: None,
+                        expected_seq: None,
+                        payload: b"hi",
+                    },
+                },
+            ),
+            (
+                // Flags 0x07: id, key "k1", expected seq 300.
+                "01 03 07 01 06 72 6f 6f 6d 3a 31 02 6b 31 ac 02 68 69",
+                Frame {
+                    id: Some(1),
+                    body: Body::Publish {
+                        channel: "room:1",
+                        idempotency_key: Some("k1"),
+                        expected_seq: Some(300),
                         payload: b"hi",
                     },
                 },
@@ -1612,6 +1688,18 @@ mod tests {
             decode_command(&[1, 4, 0]).unwrap().command,
             Command::Heartbeat
         ));
+        // The conditions of a publish reach the neutral command.
+        let input = unhex("01 03 06 06 72 6f 6f 6d 3a 31 02 6b 31 07 00 ff");
+        let Command::Publish { cond, data, .. } = decode_command(&input).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(cond.idempotency_key.as_deref(), Some("k1"));
+        assert_eq!(cond.expected_seq, Some(7));
+        assert_eq!(data, Payload::Bytes(&[0, 0xff]));
+        // A key longer than the engine keeps is refused at decoding.
+        let mut long = unhex("01 03 02 01 61 81 01");
+        long.extend_from_slice(&[b'k'; 129]);
+        assert_eq!(decode_command(&long).unwrap_err().code, "bad_frame");
         // An empty publish payload is allowed.
         assert!(matches!(
             decode_command(&unhex("01 03 00 01 61")).unwrap().command,
@@ -1626,7 +1714,10 @@ mod tests {
     fn decoded_slices_borrow_the_input() {
         let input = unhex("01 03 00 01 61 01 02 03");
         let f = decode(&input).unwrap();
-        let Body::Publish { channel, payload } = f.body else {
+        let Body::Publish {
+            channel, payload, ..
+        } = f.body
+        else {
             panic!()
         };
         assert_eq!(channel.as_ptr(), input[4..].as_ptr());
@@ -1889,7 +1980,7 @@ mod tests {
         PresenceState(String, u64, u64, Vec<u8>, Option<String>),
         PresenceEvent(String, u64, bool, OwnedMember),
         Gap(String, u64, u64),
-        Publish(String, Vec<u8>),
+        Publish(String, Option<String>, Option<u64>, Vec<u8>),
         Heartbeat,
         Subscribed(String, StreamPosition, bool),
         Unsubscribed(String),
@@ -1935,8 +2026,10 @@ mod tests {
                     member: m.member(),
                 },
                 Owned::Unsubscribe(c) => Body::Unsubscribe { channel: c },
-                Owned::Publish(c, p) => Body::Publish {
+                Owned::Publish(c, k, s, p) => Body::Publish {
                     channel: c,
+                    idempotency_key: k.as_deref(),
+                    expected_seq: *s,
                     payload: p,
                 },
                 Owned::Heartbeat => Body::Heartbeat,
@@ -2042,7 +2135,13 @@ mod tests {
                 .prop_map(|(c, seq, j, m)| Owned::PresenceEvent(c, seq, j, m)),
             (channel(), any::<u64>(), any::<u64>()).prop_map(|(c, f, t)| Owned::Gap(c, f, t)),
             channel().prop_map(Owned::Unsubscribe),
-            (channel(), payload()).prop_map(|(c, p)| Owned::Publish(c, p)),
+            (
+                channel(),
+                proptest::option::of("[a-z0-9-]{0,128}"),
+                proptest::option::of(any::<u64>()),
+                payload()
+            )
+                .prop_map(|(c, k, s, p)| Owned::Publish(c, k, s, p)),
             Just(Owned::Heartbeat),
             (channel(), position(), any::<bool>()).prop_map(|(c, p, r)| Owned::Subscribed(c, p, r)),
             channel().prop_map(Owned::Unsubscribed),

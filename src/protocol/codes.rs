@@ -19,6 +19,8 @@ pub const CLOSE_DISCONNECTED: u16 = 4010;
 pub const CLOSE_DISCONNECTED_FOR_GOOD: u16 = 4011;
 /// Close code: inbound messages persistently over `--rate-limit`.
 pub const CLOSE_RATE_LIMITED: u16 = 4029;
+/// Close code: the connect proxy refused the connection without naming a code.
+pub const CLOSE_FORBIDDEN: u16 = 4403;
 
 /// Every close code relay's WebSocket protocol sends (`/ws`).
 pub const CLOSE_CODES: &[u16] = &[
@@ -36,6 +38,7 @@ pub const CLOSE_CODES: &[u16] = &[
     CLOSE_DISCONNECTED,
     CLOSE_DISCONNECTED_FOR_GOOD,
     CLOSE_RATE_LIMITED,
+    CLOSE_FORBIDDEN,
 ];
 
 /// Every error code of relay's protocol: the `code` of a WebSocket `error` event, and of an

@@ -119,7 +119,7 @@ pub enum Command<'a> {
         channel: ChannelName,
         /// The payload.
         data: Payload<'a>,
-        /// Its conditions (JSON only, for now).
+        /// Its conditions.
         cond: PublishIf<'a>,
     },
     /// Heartbeat (answered with a heartbeat).

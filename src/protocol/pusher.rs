@@ -234,7 +234,7 @@ impl ChannelKind {
 /// The Pusher name prefix of a user's own channel.
 pub const USER_CHANNEL: &str = "#server-to-user-";
 /// Its relay form, after `pusher/ID/`.
-const RELAY_USER: &str = "~user-";
+pub const RELAY_USER: &str = "~user-";
 
 /// The relay channel of Pusher channel `name` of app `app_id`; `None` for a name Pusher or
 /// relay would refuse (relay channel names have no `,` or `;`, which Pusher allows: see

@@ -74,6 +74,7 @@ pub fn node(
         pusher: Arc::new(crate::transport::pusher::Registry::new(&config.pusher_app)),
         draining: Default::default(),
         webhooks: None,
+        backend: None,
         users: crate::transport::users::UserControl::new(shards),
         auth,
         tls,
@@ -133,11 +134,14 @@ pub fn start_webhooks(
     let mut hooks = Vec::new();
     for spec in &node.config.webhook_url {
         // Checked by `Config::problems` already.
-        let (events, url) =
-            crate::webhooks::parse_hook_spec(spec).map_err(std::io::Error::other)?;
+        let spec = crate::webhooks::parse_hook_spec(spec).map_err(std::io::Error::other)?;
         hooks.push(crate::webhooks::Hook {
-            url,
-            events,
+            url: spec.url,
+            events: spec.events,
+            channels: crate::webhooks::ChannelFilter {
+                scope: None,
+                patterns: spec.patterns,
+            },
             format: format.clone(),
         });
     }

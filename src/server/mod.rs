@@ -146,8 +146,12 @@ fn build_node(
     crate::protocol::deflate::set_min_size(config.deflate_min_size);
     let mut node = compose::node(config, shards, seed, auth, tls);
     compose::start_backplane(&mut node, seed)?;
-    compose::start_webhooks(&mut node, Vec::new(), seed)?;
+    // Checked by `Config::problems` already.
+    let pusher_hooks =
+        crate::transport::pusher::webhooks(&node.config).map_err(std::io::Error::other)?;
+    compose::start_webhooks(&mut node, pusher_hooks, seed)?;
     compose::start_jwks(&node)?;
+    node.backend = crate::backend::Proxy::from_config(&node.config)?.map(Arc::new);
     let node = Arc::new(node);
     crate::transport::admin::announce(&node)?;
     Ok(node)

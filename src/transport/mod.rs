@@ -10,6 +10,7 @@ pub mod demo;
 pub mod http;
 pub mod io;
 pub mod landing;
+pub mod proxied;
 pub mod pusher;
 pub mod request;
 pub mod server_api;
@@ -61,6 +62,8 @@ pub struct Node {
     pub load: Box<[crate::metrics::ShardLoad]>,
     /// The webhook dispatcher, when hooks are configured ([`Node::start_webhooks`]).
     pub webhooks: Option<Arc<crate::webhooks::Webhooks>>,
+    /// The backend proxy (`--proxy-*-url`), when one is configured.
+    pub backend: Option<Arc<crate::backend::Proxy>>,
     /// Server API commands for users' connections, one inbox per shard.
     pub users: users::UserControl,
     /// The Pusher apps (`--pusher-app`), their connection counts and signed-in users.

@@ -44,7 +44,7 @@ impl ConnAuth {
 }
 
 /// The token of a request: `?token=`, else `Authorization: Bearer`.
-pub(crate) fn request_token(req: &Request<Incoming>) -> Option<String> {
+pub(crate) fn request_token<B>(req: &Request<B>) -> Option<String> {
     let query = req.uri().query().unwrap_or("");
     form_pairs(query)
         .find(|(k, _)| k == "token")

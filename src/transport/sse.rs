@@ -31,6 +31,46 @@ pub async fn open(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bod
     open_as(ctx, req, None).await
 }
 
+/// The backend proxy's word on a stream (when one is configured): the connect proxy (which may
+/// name the user and add server-side channels), then the subscribe proxy on each channel the
+/// request names. A refusal is the error response.
+async fn ask_backend(
+    ctx: &ShardContext,
+    req: &Request<Incoming>,
+    id: crate::engine::hub::ConnId,
+    auth: &mut super::request::ConnAuth,
+    channels: &mut Vec<ChannelName>,
+) -> Result<(), Response<Body>> {
+    let Some(hs) = super::proxied::handshake(ctx, req, ("sse", "sse"), auth) else {
+        return Ok(());
+    };
+    let refused = |r: crate::backend::Refusal| {
+        let status = match r.code {
+            "forbidden" => StatusCode::FORBIDDEN,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        error(status, r.code, &r.message)
+    };
+    let client = ctx.node.engine.client_id(ctx.shard, id);
+    let extra = super::proxied::admit(&hs, &client, auth)
+        .await
+        .map_err(refused)?;
+    for ch in channels.iter() {
+        if let Some(a) = hs
+            .caller
+            .subscribe_asker(&client, auth.user.as_ref(), ch.as_str())
+        {
+            a.subscribe(ch.clone()).await.map_err(refused)?;
+        }
+    }
+    for ch in extra {
+        if !channels.contains(&ch) {
+            channels.push(ch);
+        }
+    }
+    Ok(())
+}
+
 /// Answers an SSE request as `given` when it is `Some` (the admin UI's live tail, authorised
 /// by its session), else as the request's token says.
 pub(crate) async fn open_as(
@@ -80,13 +120,20 @@ pub(crate) async fn open_as(
         };
         return error(StatusCode::BAD_REQUEST, "bad_request", message);
     }
-    let auth = match given.map_or_else(|| super::request::connection_auth(&ctx, &req), Ok) {
+    let as_admin = given.is_some();
+    let mut auth = match given.map_or_else(|| super::request::connection_auth(&ctx, &req), Ok) {
         Ok(a) => a,
         Err(e) => {
             crate::limits::refused(crate::limits::Cause::Unauthorized, &e.to_string());
             return error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string());
         }
     };
+    let id = ctx.next_conn_id();
+    if !as_admin {
+        if let Err(res) = ask_backend(&ctx, &req, id, &mut auth, &mut channels).await {
+            return res;
+        }
+    }
     if let Some(ch) = channels
         .iter()
         .find(|c| !auth.grants.allows(crate::auth::Perm::Subscribe, c.as_str()))
@@ -144,7 +191,6 @@ pub(crate) async fn open_as(
             }
         }
     }
-    let id = ctx.next_conn_id();
     let outbox = ctx.new_outbox();
     let now = Instant::now();
     let member = ask.identity(&ctx, &auth, id, now);

@@ -76,6 +76,11 @@ pub fn upgrade(ctx: Rc<ShardContext>, mut req: Request<Incoming>) -> Response<Bo
         Ok(g) => g,
         Err(res) => return res,
     };
+    let protocol = match wire {
+        Some(Wire::Binary) => "binary",
+        _ => "json",
+    };
+    let hs = super::proxied::handshake(&ctx, &req, ("websocket", protocol), &auth);
     let (mut res, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(x) => x,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
@@ -118,12 +123,12 @@ pub fn upgrade(ctx: Rc<ShardContext>, mut req: Request<Incoming>) -> Response<Bo
                 } else {
                     [unread, parts.read_buf].concat().into()
                 };
-                run(ctx, (wire, deflate), auth, rd, wr, pre).await;
+                run(ctx, (wire, deflate), (auth, hs), rd, wr, pre).await;
             }
             Err(up) => {
                 // TLS (and anything else hyper may hand us): its own buffer comes first.
                 let (rd, wr) = tokio::io::split(TokioIo::new(up));
-                run(ctx, (wire, deflate), auth, rd, wr, Bytes::new()).await;
+                run(ctx, (wire, deflate), (auth, hs), rd, wr, Bytes::new()).await;
             }
         }
         drop(guard);
@@ -192,7 +197,7 @@ fn publish_reply(
     wire: Wire,
     id: Option<ReqId<'_>>,
     channel: &ChannelName,
-    r: Result<(crate::engine::Published, bool), super::PublishError>,
+    r: Result<(crate::engine::Published, bool), crate::backend::Refusal>,
 ) -> Bytes {
     match r {
         Ok((p, duplicate)) => {
@@ -205,16 +210,13 @@ fn publish_reply(
             };
             wire.encode(id, &Event::Published { channel, position })
         }
-        Err(e) => {
-            e.count();
-            wire.encode(
-                id,
-                &Event::Error {
-                    code: e.code(),
-                    message: &e.to_string(),
-                },
-            )
-        }
+        Err(e) => wire.encode(
+            id,
+            &Event::Error {
+                code: e.code,
+                message: &e.message,
+            },
+        ),
     }
 }
 
@@ -251,9 +253,11 @@ struct Session {
     bucket: Option<crate::limits::TokenBucket>,
     /// Subscribes waiting for the backplane to bring their channel in sync (never in memory
     /// mode).
-    joining: Pending<PendingJoin, Result<(), super::PublishError>>,
+    joining: Pending<PendingJoin, Result<(), crate::backend::Refusal>>,
     /// Server API commands for this connection's user (`None`: no user, not in the index).
     mailbox: Option<Rc<super::users::Mailbox>>,
+    /// Who the backend proxy is told is asking (`None`: no proxy configured).
+    caller: Option<Arc<crate::backend::Caller>>,
 }
 
 /// A subscribe that waits for [`super::Node::join`] before it is added to the hub.
@@ -267,7 +271,7 @@ struct PendingJoin {
 async fn run<R, W>(
     ctx: Rc<ShardContext>,
     (wire, deflate): (Wire, bool),
-    auth: ConnAuth,
+    (mut auth, hs): (ConnAuth, Option<crate::backend::Handshake>),
     mut rd: R,
     mut wr: W,
     pre: Bytes,
@@ -281,10 +285,16 @@ async fn run<R, W>(
     let cfg = &node.config;
     let mut decoder = Decoder::new(cfg.max_message_size).with_deflate(deflate);
     let id = ctx.next_conn_id();
+    let client = ctx.node.engine.client_id(ctx.shard, id);
+    // The connect proxy decides before the session starts (nothing is read meanwhile).
+    let admitted = match &hs {
+        Some(hs) => super::proxied::admit(hs, &client, &mut auth).await,
+        None => Ok(Vec::new()),
+    };
     let live = Arc::new(Liveness::default());
     live.touch(ctx.node.engine.millis(Instant::now()));
     let mut s = Session {
-        client: ctx.node.engine.client_id(ctx.shard, id),
+        client,
         live,
         clean: false,
         id,
@@ -309,8 +319,10 @@ async fn run<R, W>(
         auth,
         joining: Pending::default(),
         mailbox: None,
+        caller: hs.map(|h| h.caller),
     };
     s.register_user();
+    s.on_admitted(admitted);
     let m = &s.ctx.metrics;
     m.ws_accepted.increment(1);
     m.ws_connections.increment(1.0);
@@ -393,7 +405,7 @@ async fn run<R, W>(
                 let id = p.id.as_ref().map(|i| i.as_req_id());
                 match r {
                     Ok(()) => s.subscribe_now(id, p.channel, p.resume, p.join, Instant::now()),
-                    Err(e) => s.reply(id, &Event::Error { code: "unavailable", message: &e.to_string() }),
+                    Err(r) => s.refused(id, &r),
                 }
             }
             _ = mailbox_ready(&s.mailbox), if s.mailbox.is_some() && !s.clock.is_closing() => {
@@ -646,7 +658,7 @@ impl Session {
                 if !self.auth.grants.allows(Perm::Subscribe, channel.as_str()) {
                     return self.forbidden(id, Perm::Subscribe);
                 }
-                self.subscribe_granted(id, channel, resume, presence, now);
+                self.subscribe_granted(id, channel, resume, presence, now, true);
             }
             Command::Unsubscribe { channel } => self.unsubscribe(id, channel, now),
             other => self.on_other_command(id, other, now),
@@ -661,6 +673,7 @@ impl Session {
         resume: Option<StreamPosition>,
         presence: Option<crate::protocol::ClientPresence<'_>>,
         now: Instant,
+        ask: bool,
     ) {
         let error = |code, message| Event::Error { code, message };
         {
@@ -688,7 +701,12 @@ impl Session {
                     Ok(join) => join,
                     Err(message) => return self.reply(id, &error("forbidden", message)),
                 };
-                if let Some(wait) = self.ctx.node.join(&channel) {
+                let asker = self.caller.as_ref().filter(|_| ask).and_then(|c| {
+                    c.subscribe_asker(&self.client, self.auth.user.as_ref(), channel.as_str())
+                });
+                if let Some(wait) =
+                    super::proxied::before_subscribe(&self.ctx.node, asker, &channel)
+                {
                     // The backplane brings the channel in sync first; the session loop
                     // subscribes when it has (or answers `unavailable`).
                     let request = PendingJoin {
@@ -758,8 +776,12 @@ impl Session {
                     Payload::Bytes(b) => (DataKind::Binary, Bytes::copy_from_slice(b)),
                 };
                 let node = self.ctx.node.clone();
+                let asker = self.caller.as_ref().and_then(|c| {
+                    c.publish_asker(&self.client, self.auth.user.as_ref(), channel.as_str())
+                });
                 let mut publish = Box::pin(async move {
-                    let r = node.publish_with(&channel, kind, bytes, cond).await;
+                    let r =
+                        super::proxied::publish(&node, asker, &channel, (kind, bytes), cond).await;
                     (channel, r)
                 });
                 // A node that sequences locally answers at once: reply in order, inline. A
@@ -776,7 +798,13 @@ impl Session {
                         self.ctx.tracker.spawn_local(async move {
                             let (channel, r) = publish.await;
                             let id = id.as_ref().map(|i| i.as_req_id());
+                            let close = r.as_ref().err().and_then(|e| e.close.clone());
                             outbox.push(Out::control(publish_reply(&ctx, wire, id, &channel, r)));
+                            // The backend asked to disconnect: the session ends once the close
+                            // frame is written (and the client answers it, or goes idle).
+                            if let Some((code, reason)) = close {
+                                outbox.close_with(frame::close_frame(code, &reason), true);
+                            }
                         });
                     }
                 }
@@ -811,6 +839,50 @@ impl Session {
                     &error("presence_disabled", "this channel has no presence"),
                 ),
             },
+        }
+    }
+
+    /// Applies the connect proxy's decision: a refusal ends the connection (after the error);
+    /// an admission subscribes the connection to the channels the backend named.
+    fn on_admitted(&mut self, admitted: Result<Vec<ChannelName>, crate::backend::Refusal>) {
+        match admitted {
+            Ok(channels) => {
+                for channel in channels {
+                    self.subscribe_granted(None, channel, None, None, Instant::now(), false);
+                }
+            }
+            Err(mut r) => {
+                let close = r.close.take().unwrap_or_else(|| {
+                    let reason = format!("{}: {}", r.code, r.message);
+                    let mut end = reason.len().min(120);
+                    while !reason.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    (crate::backend::CLOSE_FORBIDDEN, reason[..end].to_owned())
+                });
+                self.reply(
+                    None,
+                    &Event::Error {
+                        code: r.code,
+                        message: &r.message,
+                    },
+                );
+                self.close(close.0, &close.1, true);
+            }
+        }
+    }
+
+    /// Answers a refused command; closes the connection when the backend asked for it.
+    fn refused(&mut self, id: Option<ReqId<'_>>, r: &crate::backend::Refusal) {
+        self.reply(
+            id,
+            &Event::Error {
+                code: r.code,
+                message: &r.message,
+            },
+        );
+        if let Some((code, reason)) = &r.close {
+            self.close(*code, reason, true);
         }
     }
 
@@ -863,7 +935,7 @@ impl Session {
                 UserCommand::Subscribe(channel) => {
                     if !self.subs.contains(&channel) && !self.joining.any(|j| j.channel == channel)
                     {
-                        self.subscribe_granted(None, channel, None, None, Instant::now());
+                        self.subscribe_granted(None, channel, None, None, Instant::now(), false);
                     }
                 }
                 UserCommand::Unsubscribe(channel) => {

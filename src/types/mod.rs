@@ -166,6 +166,10 @@ pub const MAX_USER_LEN: usize = 256;
 /// Largest presence info object.
 pub const MAX_INFO_LEN: usize = 4096;
 
+/// Longest publish `idempotency_key`, in bytes (the engine keeps keys this long; the wire
+/// codecs refuse longer ones).
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
+
 /// Most shards an engine serves (the dirty mask is one `u64`).
 pub const MAX_SHARDS: usize = 64;
 

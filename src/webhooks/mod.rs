@@ -2,9 +2,11 @@
 //!
 //! - [`Event`]s (`channel_occupied`, `channel_vacated`, `member_added`, `member_removed`) come
 //!   from the engine's [`Observer`] calls, under the channel lock, so each hook's queue holds a
-//!   channel's events in the order they happened.
-//! - Each [`Hook`] (a URL, an event filter and a [`Format`]) has its own bounded queue and one
-//!   sender task: one POST in flight per hook, so a receiver sees every channel's events in order.
+//!   channel's events in the order they happened. `client_event` comes from the Pusher
+//!   client-event path ([`Webhooks::client_event`]), once the event is published.
+//! - Each [`Hook`] (a URL, an event filter, a channel filter and a [`Format`]) has its own
+//!   bounded queue and one sender task: one POST in flight per hook, so a receiver sees every
+//!   channel's events in order. The filters are checked before anything is built or copied.
 //!   A POST carries up to `batch_size` events, sent when that many are queued or `batch_delay`
 //!   after the first. A failed POST (network error, timeout, non-2xx status) is retried with the
 //!   same body and event ids after a full-jitter backoff, up to `max_attempts`: delivery is
@@ -46,15 +48,18 @@ pub enum EventKind {
     MemberAdded,
     /// A user left a presence channel (its last connection there).
     MemberRemoved,
+    /// A client sent an event to the other subscribers of a channel (Pusher `client-` events).
+    ClientEvent,
 }
 
 impl EventKind {
     /// Every kind.
-    pub const ALL: [EventKind; 4] = [
+    pub const ALL: [EventKind; 5] = [
         EventKind::ChannelOccupied,
         EventKind::ChannelVacated,
         EventKind::MemberAdded,
         EventKind::MemberRemoved,
+        EventKind::ClientEvent,
     ];
 
     /// The event's `name` in bodies and filters.
@@ -64,6 +69,7 @@ impl EventKind {
             EventKind::ChannelVacated => "channel_vacated",
             EventKind::MemberAdded => "member_added",
             EventKind::MemberRemoved => "member_removed",
+            EventKind::ClientEvent => "client_event",
         }
     }
 
@@ -87,6 +93,13 @@ impl EventSet {
         Self(EventKind::ALL.iter().fold(0, |m, k| m | k.bit()))
     }
 
+    /// The kinds of a hook that names none: channel and member changes. Client events are a
+    /// message stream, as busy as the clients make it: a hook gets them only when it names
+    /// `client_event` (Pusher's dashboard too has them opt-in).
+    pub fn lifecycle() -> Self {
+        Self(Self::all().0 & !EventKind::ClientEvent.bit())
+    }
+
     /// Whether `kind` is in the set.
     pub fn contains(self, kind: EventKind) -> bool {
         self.0 & kind.bit() != 0
@@ -105,6 +118,17 @@ impl EventSet {
     }
 }
 
+/// What a `client_event` carries besides its channel and user.
+#[derive(Clone, Debug)]
+pub struct ClientEvent {
+    /// The event name (`client-…`).
+    pub event: Arc<str>,
+    /// Its data, the raw JSON value the client sent.
+    pub data: Arc<str>,
+    /// The sender's Pusher `socket_id`.
+    pub socket_id: Arc<str>,
+}
+
 /// One event, as every hook sends it.
 #[derive(Clone, Debug)]
 pub struct Event {
@@ -115,10 +139,12 @@ pub struct Event {
     pub kind: EventKind,
     /// Where.
     pub channel: ChannelName,
-    /// Who (member events).
+    /// Who (member events, client events on presence channels).
     pub user: Option<Arc<str>>,
     /// When, in Unix milliseconds.
     pub time_ms: u64,
+    /// The client event (kind `client_event`).
+    pub client: Option<ClientEvent>,
 }
 
 /// How a hook's POST looks: its body and its headers (the signature).
@@ -131,7 +157,8 @@ pub trait Format: Send + Sync {
 }
 
 /// relay's own webhook format. Body:
-/// `{"time_ms":…,"events":[{"id":"…","name":"member_added","channel":"…","user_id":"…","time_ms":…}]}`.
+/// `{"time_ms":…,"events":[{"id":"…","name":"member_added","channel":"…","user_id":"…","time_ms":…}]}`;
+/// a `client_event` adds `"event":"client-…","data":<the client's JSON value>,"socket_id":"…"`.
 /// Headers: `X-Relay-Timestamp` (Unix seconds) and, with a secret, `X-Relay-Signature:
 /// v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`.
 pub struct RelayFormat {
@@ -175,6 +202,12 @@ impl Format for RelayFormat {
             #[serde(skip_serializing_if = "Option::is_none")]
             user_id: Option<&'a str>,
             time_ms: u64,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            event: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            data: Option<&'a serde_json::value::RawValue>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            socket_id: Option<&'a str>,
         }
         #[derive(serde::Serialize)]
         struct Body<'a> {
@@ -191,6 +224,14 @@ impl Format for RelayFormat {
                     channel: e.channel.as_str(),
                     user_id: e.user.as_deref(),
                     time_ms: e.time_ms,
+                    event: e.client.as_ref().map(|c| &*c.event),
+                    // The client path checked it is JSON; a value that is not is left out
+                    // rather than breaking the body.
+                    data: e
+                        .client
+                        .as_ref()
+                        .and_then(|c| serde_json::from_str(&c.data).ok()),
+                    socket_id: e.client.as_ref().map(|c| &*c.socket_id),
                 })
                 .collect(),
         };
@@ -211,6 +252,34 @@ impl Format for RelayFormat {
     }
 }
 
+/// The channels a hook hears of: those under `scope` (all without one) whose name after the
+/// scope matches one of `patterns` (`*` = any run of characters; all without patterns).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChannelFilter {
+    /// A prefix every channel must have (a Pusher app's `pusher/ID/`), not part of the match.
+    pub scope: Option<String>,
+    /// Globs over the rest of the name.
+    pub patterns: Vec<String>,
+}
+
+impl ChannelFilter {
+    /// Whether events of `channel` go to the hook.
+    pub fn matches(&self, channel: &str) -> bool {
+        let name = match &self.scope {
+            Some(scope) => match channel.strip_prefix(scope.as_str()) {
+                Some(rest) => rest,
+                None => return false,
+            },
+            None => channel,
+        };
+        self.patterns.is_empty()
+            || self
+                .patterns
+                .iter()
+                .any(|p| crate::engine::presence::glob_match(p, name))
+    }
+}
+
 /// Where and what one hook sends.
 #[derive(Clone)]
 pub struct Hook {
@@ -218,22 +287,67 @@ pub struct Hook {
     pub url: hyper::Uri,
     /// The events it gets.
     pub events: EventSet,
+    /// The channels it gets them of.
+    pub channels: ChannelFilter,
     /// Its body and signature.
     pub format: Arc<dyn Format>,
 }
 
-/// Parses a `--webhook-url` value: `[EVENTS@]URL`, EVENTS being `+`-separated event names
-/// (`channel_occupied+channel_vacated@https://app.example/hooks`); all events without it.
-pub fn parse_hook_spec(s: &str) -> Result<(EventSet, hyper::Uri), String> {
-    let (events, url) = match s.split_once('@') {
-        Some((events, url)) if !events.contains("://") => (EventSet::parse(events)?, url),
-        _ => (EventSet::all(), s),
+/// A parsed `[EVENTS][;PATTERN…]@URL`.
+#[derive(Debug)]
+pub struct HookSpec {
+    /// The events named (channel and member events without a name).
+    pub events: EventSet,
+    /// The channel patterns (all channels without one).
+    pub patterns: Vec<String>,
+    /// The receiver.
+    pub url: hyper::Uri,
+}
+
+/// Parses a `--webhook-url` value: `[EVENTS][;PATTERN…]@URL`. EVENTS is `+`-separated event
+/// names (`channel_occupied+channel_vacated@https://app.example/hooks`): channel_occupied,
+/// channel_vacated, member_added and member_removed without it (`client_event` only when
+/// named). Each PATTERN (`;`-separated; `*` = any run) limits the hook to the matching
+/// channels: `;chat/*;rooms/*@https://…`.
+pub fn parse_hook_spec(s: &str) -> Result<HookSpec, String> {
+    // The filter ends at the `@` just before the scheme: a pattern may hold `@` (a channel
+    // byte) and so may the URL's user info, but a scheme never does.
+    let scheme = s.find("://").unwrap_or(s.len());
+    let (filter, url) = match s[..scheme].rfind('@') {
+        Some(at) => (Some(&s[..at]), &s[at + 1..]),
+        None => (None, s),
+    };
+    let (events, patterns) = match filter {
+        None => (EventSet::lifecycle(), Vec::new()),
+        Some(f) => {
+            let mut terms = f.split(';');
+            let events = match terms.next().unwrap_or("") {
+                "" => EventSet::lifecycle(),
+                names => EventSet::parse(names)?,
+            };
+            let patterns: Vec<String> = terms.map(str::to_owned).collect();
+            if patterns.iter().any(|p| p.is_empty()) {
+                return Err(format!("{f:?}: an empty channel pattern"));
+            }
+            // `#`: a Pusher user channel, `#server-to-user-*`.
+            let pattern_byte = |b: u8| b == b'*' || b == b'#' || crate::types::is_channel_byte(b);
+            if let Some(p) = patterns.iter().find(|p| !p.bytes().all(pattern_byte)) {
+                return Err(format!(
+                    "channel pattern {p:?} holds a byte no channel name has"
+                ));
+            }
+            (events, patterns)
+        }
     };
     let uri: hyper::Uri = url
         .parse()
         .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
     match uri.scheme_str() {
-        Some("http" | "https") if uri.host().is_some() => Ok((events, uri)),
+        Some("http" | "https") if uri.host().is_some() => Ok(HookSpec {
+            events,
+            patterns,
+            url: uri,
+        }),
         _ => Err(format!("{url:?} must be an http:// or https:// URL")),
     }
 }
@@ -264,6 +378,12 @@ struct Queue {
     hook: Hook,
     events: Mutex<VecDeque<Event>>,
     ready: Notify,
+}
+
+impl Queue {
+    fn wants(&self, kind: EventKind, channel: &ChannelName) -> bool {
+        self.hook.events.contains(kind) && self.hook.channels.matches(channel.as_str())
+    }
 }
 
 /// The dispatcher: the queues the engine's events go into. Cheap to share.
@@ -336,11 +456,50 @@ impl Webhooks {
         Ok(me)
     }
 
-    /// Queues an event for every hook that wants its kind. Never blocks: a full queue drops the
-    /// event (counted).
+    /// Queues an event for every hook that wants its kind and channel. Never blocks: a full
+    /// queue drops the event (counted).
     pub fn emit(&self, kind: EventKind, channel: &ChannelName, user: Option<&Arc<str>>) {
+        self.emit_with(kind, channel, user, || None);
+    }
+
+    /// The `client_event` of a client's `client-` event `event` with `data` (raw JSON) sent by
+    /// `socket_id` (as `user` on a presence channel), to queue with [`PendingEvent::emit`] once
+    /// the event is published; `None` (nothing copied) when no hook takes it.
+    pub fn client_event(
+        self: &Arc<Self>,
+        channel: &ChannelName,
+        user: Option<&Arc<str>>,
+        event: &str,
+        data: &str,
+        socket_id: &str,
+    ) -> Option<PendingEvent> {
+        let kind = EventKind::ClientEvent;
+        self.queues
+            .iter()
+            .any(|q| q.wants(kind, channel))
+            .then(|| PendingEvent {
+                hooks: self.clone(),
+                channel: channel.clone(),
+                user: user.cloned(),
+                client: ClientEvent {
+                    event: event.into(),
+                    data: data.into(),
+                    socket_id: socket_id.into(),
+                },
+            })
+    }
+
+    /// [`Self::emit`], with the client event built only if a hook takes it.
+    fn emit_with(
+        &self,
+        kind: EventKind,
+        channel: &ChannelName,
+        user: Option<&Arc<str>>,
+        client: impl FnOnce() -> Option<ClientEvent>,
+    ) {
         let mut event = None;
-        for q in self.queues.iter().filter(|q| q.hook.events.contains(kind)) {
+        let mut client = Some(client);
+        for q in self.queues.iter().filter(|q| q.wants(kind, channel)) {
             let e = event
                 .get_or_insert_with(|| Event {
                     id: format!(
@@ -353,6 +512,7 @@ impl Webhooks {
                     channel: channel.clone(),
                     user: user.cloned(),
                     time_ms: unix_ms(),
+                    client: client.take().and_then(|f| f()),
                 })
                 .clone();
             let mut events = q.events.lock();
@@ -366,6 +526,27 @@ impl Webhooks {
             drop(events);
             q.ready.notify_one();
         }
+    }
+}
+
+/// A `client_event` waiting for its event to be published ([`Webhooks::client_event`]).
+pub struct PendingEvent {
+    hooks: Arc<Webhooks>,
+    channel: ChannelName,
+    user: Option<Arc<str>>,
+    client: ClientEvent,
+}
+
+impl PendingEvent {
+    /// Queues it for the hooks that take it.
+    pub fn emit(self) {
+        let client = self.client;
+        self.hooks.emit_with(
+            EventKind::ClientEvent,
+            &self.channel,
+            self.user.as_ref(),
+            || Some(client),
+        );
     }
 }
 
@@ -482,19 +663,67 @@ mod tests {
 
     #[test]
     fn hook_specs_take_an_optional_event_filter() {
-        let (all, u) = parse_hook_spec("http://127.0.0.1:9/h").unwrap();
-        assert_eq!(all, EventSet::all());
-        assert_eq!(u.port_u16(), Some(9));
-        let (some, _) =
+        let all = parse_hook_spec("http://127.0.0.1:9/h").unwrap();
+        assert_eq!(all.events, EventSet::lifecycle());
+        assert!(!all.events.contains(EventKind::ClientEvent));
+        assert!(all.patterns.is_empty());
+        assert_eq!(all.url.port_u16(), Some(9));
+        let some =
             parse_hook_spec("channel_occupied+member_added@https://user@app.example/h").unwrap();
-        assert!(some.contains(EventKind::ChannelOccupied));
-        assert!(some.contains(EventKind::MemberAdded));
-        assert!(!some.contains(EventKind::ChannelVacated));
-        let (userinfo, u) = parse_hook_spec("https://user@app.example/h").unwrap();
-        assert_eq!((userinfo, u.host()), (EventSet::all(), Some("app.example")));
+        assert!(some.events.contains(EventKind::ChannelOccupied));
+        assert!(some.events.contains(EventKind::MemberAdded));
+        assert!(!some.events.contains(EventKind::ChannelVacated));
+        let userinfo = parse_hook_spec("https://user@app.example/h").unwrap();
+        assert_eq!(
+            (userinfo.events, userinfo.url.host()),
+            (EventSet::lifecycle(), Some("app.example"))
+        );
+        let client = parse_hook_spec("client_event@http://a/h").unwrap();
+        assert_eq!(client.events, EventSet::parse("client_event").unwrap());
         assert!(parse_hook_spec("channel_ocupied@http://a/h").is_err());
         assert!(parse_hook_spec("ftp://a/h").is_err());
         assert!(parse_hook_spec("/relative").is_err());
+    }
+
+    #[test]
+    fn hook_specs_take_channel_patterns_which_may_hold_an_at_sign() {
+        let h = parse_hook_spec(";chat/*;a@b*@https://u@app.example/h").unwrap();
+        assert_eq!(h.events, EventSet::lifecycle());
+        assert_eq!(h.patterns, ["chat/*", "a@b*"]);
+        assert_eq!(h.url.host(), Some("app.example"));
+        let h = parse_hook_spec("member_added;presence:*@http://a/h").unwrap();
+        assert_eq!(h.events, EventSet::parse("member_added").unwrap());
+        assert_eq!(h.patterns, ["presence:*"]);
+        assert!(parse_hook_spec(";;@http://a/h").is_err(), "empty pattern");
+        assert!(
+            parse_hook_spec(";a b@http://a/h").is_err(),
+            "no channel has a space"
+        );
+    }
+
+    #[test]
+    fn channel_filters_match_below_their_scope() {
+        let any = ChannelFilter::default();
+        assert!(any.matches("x") && any.matches("pusher/a/x"));
+        let chat = ChannelFilter {
+            scope: None,
+            patterns: vec!["chat/*".into(), "news".into()],
+        };
+        assert!(chat.matches("chat/1") && chat.matches("news"));
+        assert!(!chat.matches("newsroom") && !chat.matches("x/chat/1"));
+        let app = ChannelFilter {
+            scope: Some("pusher/a/".into()),
+            patterns: Vec::new(),
+        };
+        assert!(app.matches("pusher/a/news"));
+        assert!(!app.matches("pusher/ab/news") && !app.matches("news"));
+        let presence = ChannelFilter {
+            scope: Some("pusher/a/".into()),
+            patterns: vec!["presence-*".into()],
+        };
+        assert!(presence.matches("pusher/a/presence-x"));
+        assert!(!presence.matches("pusher/a/private-x"));
+        assert!(!presence.matches("pusher/b/presence-x"));
     }
 
     #[test]

@@ -227,6 +227,9 @@ export interface SubscribeOptions {
     /** Called for each message of this channel (in addition to the `message` event). */
     onMessage?: (m: MessageEvent) => void;
 }
+/** Close code of a server disconnect for good (`POST /api/users/disconnect`, `reconnect: false`):
+ * the client does not reconnect; its final `close` event carries the code and the reason. */
+export declare const CLOSE_DISCONNECTED_FOR_GOOD = 4011;
 /** The delay a 1012 close reason advises (`service restart; reconnect in N ms`: the server spreads
  * its clients over a window that grows with its connections), or `undefined` without one. */
 export declare function restartDelay(reason: string): number | undefined;
@@ -401,6 +404,9 @@ export declare class RelayClient {
     private teardown;
     /** The transport went down: schedule the next attempt (or give up). */
     private down;
+    /** No more reconnecting: `closed`, a final `close` event, every pending command and subscribe
+     * rejected with `closed` and `why`. */
+    private giveUp;
     /** The transport is up: `open` once per change of state (an SSE stream reopened for a new
      * channel list while open is no new `open`). */
     private opened;

@@ -27,6 +27,9 @@ export class RelayError extends Error {
 // Pure helpers (exported for tests)
 /** Most a server-advised restart delay is followed (a longer one is capped here). */
 const MAX_RESTART_DELAY_MS = 60000;
+/** Close code of a server disconnect for good (`POST /api/users/disconnect`, `reconnect: false`):
+ * the client does not reconnect; its final `close` event carries the code and the reason. */
+export const CLOSE_DISCONNECTED_FOR_GOOD = 4011;
 /** The delay a 1012 close reason advises (`service restart; reconnect in N ms`: the server spreads
  * its clients over a window that grows with its connections), or `undefined` without one. */
 export function restartDelay(reason) {
@@ -535,18 +538,15 @@ export class RelayClient {
                 this.attempt = 0;
             }
         }
+        // The server said not to come back (`POST /api/users/disconnect` with `reconnect: false`):
+        // another try would only be refused again, or reopen what the backend meant to end.
+        if (code === CLOSE_DISCONNECTED_FOR_GOOD)
+            return this.giveUp(code, reason, `disconnected by the server: ${reason || code}`);
         if (code === 1012)
             this.restartHint = restartDelay(reason) ?? true;
         const { baseMs, capMs, maxAttempts } = this.opts.backoff;
-        if (this.attempt >= maxAttempts) {
-            this.wanted = false;
-            this.setState("closed");
-            this.emit("close", { code, reason, willReconnect: false });
-            this.failPending("closed", "gave up reconnecting");
-            for (const s of this.subs.values())
-                this.rejectWaiters(s, new RelayError("closed", "gave up reconnecting", s.channel));
-            return;
-        }
+        if (this.attempt >= maxAttempts)
+            return this.giveUp(code, reason, "gave up reconnecting");
         const delayMs = typeof this.restartHint === "number"
             ? this.restartHint
             : this.restartHint
@@ -562,6 +562,16 @@ export class RelayClient {
             if (this.wanted)
                 this.open();
         }, delayMs);
+    }
+    /** No more reconnecting: `closed`, a final `close` event, every pending command and subscribe
+     * rejected with `closed` and `why`. */
+    giveUp(code, reason, why) {
+        this.wanted = false;
+        this.setState("closed");
+        this.emit("close", { code, reason, willReconnect: false });
+        this.failPending("closed", why);
+        for (const s of this.subs.values())
+            this.rejectWaiters(s, new RelayError("closed", why, s.channel));
     }
     /** The transport is up: `open` once per change of state (an SSE stream reopened for a new
      * channel list while open is no new `open`). */

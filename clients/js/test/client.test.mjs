@@ -4,6 +4,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
+  CLOSE_DISCONNECTED_FOR_GOOD,
   RelayClient,
   RelayError,
   backoffDelay,
@@ -269,6 +270,29 @@ test("a 1012 close with a server-advised delay reconnects after that delay", asy
   assert.deepEqual(delays, [30], "the advised delay, not random * restartDelayMs");
   await until(() => FakeWS.instances.length === 2, "a reconnect after the advised delay", 1000);
   c.close();
+});
+
+test("a 4011 close (disconnected for good) stops reconnecting and reports the code and reason", async () => {
+  reset();
+  const c = client({ random: () => 0.5, backoff: { baseMs: 1, capMs: 2 } });
+  const closes = [];
+  c.on("close", (e) => closes.push(e));
+  const ws = latest();
+  ws.accept();
+  const sub = c.subscribe("a");
+  ws.serverClose(CLOSE_DISCONNECTED_FOR_GOOD, "banned");
+  assert.equal(c.state, "closed");
+  assert.deepEqual(closes, [{ code: 4011, reason: "banned", willReconnect: false }]);
+  await assert.rejects(sub, (e) => e.code === "closed" && /banned/.test(e.message));
+  await sleep(30);
+  assert.equal(FakeWS.instances.length, 1, "no new connection after 4011");
+  // A 4010 (disconnected, come back) still reconnects.
+  reset();
+  const c2 = client({ random: () => 0.5, backoff: { baseMs: 1, capMs: 2 } });
+  latest().accept();
+  latest().serverClose(4010, "token revoked");
+  await until(() => FakeWS.instances.length === 2, "a reconnect after 4010", 1000);
+  c2.close();
 });
 
 test("gives up after maxAttempts consecutive failures", async () => {

@@ -4,6 +4,9 @@
 //   library's authorizeChannel) and presence channels, events from `trigger` and
 //   `triggerBatch`, member_added / member_removed, a client event from one client to another,
 //   sign-in (authenticateUser) and a server-to-user event (sendToUser);
+// - webhooks in Pusher's format (--pusher-webhook): a receiver here verifies each POST with the
+//   `pusher` library's own `pusher.webhook({headers, rawBody}).isValid()` and collects
+//   `getEvents()`: channel_occupied, member_added, client_event, member_removed, channel_vacated;
 // - a relay-protocol WebSocket client on the same channel gets the same publishes;
 // - headless Chromium (Debian's /usr/bin/chromium via playwright-core): pusher-js's browser
 //   bundle under Laravel Echo (Echo.channel / private / join, whisper).
@@ -60,9 +63,10 @@ async function until(what, pred, ms = STEP_MS) {
 }
 
 /** Starts the relay; resolves with its address once it printed `listening on http://ADDR`. */
-function startRelay() {
+function startRelay(extra = []) {
   const app = `${APP.appId}:${APP.key}:${APP.secret}:client_events=true`;
-  const proc = spawn(RELAY, ["serve", "--listen", "127.0.0.1:0", "--pusher-app", app, "--drain-period", "0s", "--shutdown-timeout", "3s"], {
+  const args = ["serve", "--listen", "127.0.0.1:0", "--pusher-app", app, "--drain-period", "0s", "--shutdown-timeout", "3s", ...extra];
+  const proc = spawn(RELAY, args, {
     stdio: ["ignore", "pipe", "pipe"],
     env: { ...process.env, RUST_LOG: process.env.RUST_LOG || "warn" },
   });
@@ -86,6 +90,28 @@ function startRelay() {
     });
     proc.once("exit", (code) => reject(new Error(`relay exited early (${code})`)));
   });
+}
+
+/**
+ * The app's webhook endpoint, as an app written for Pusher has it: every POST goes through the
+ * `pusher` library's verifier (`pusher.webhook`). Resolves with its address; `hooks` collects
+ * `{valid, events}` per POST.
+ */
+function startWebhookReceiver(server, hooks) {
+  const srv = http.createServer((req, res) => {
+    let rawBody = "";
+    req.setEncoding("utf8");
+    req.on("data", (d) => (rawBody += d));
+    req.on("end", () => {
+      const hook = server.webhook({ headers: req.headers, rawBody });
+      const valid = hook.isValid();
+      hooks.push({ valid, events: valid ? hook.getEvents() : [], time: valid ? hook.getTime() : null });
+      res.writeHead(valid ? 200 : 401);
+      res.end();
+    });
+  });
+  cleanups.push(() => new Promise((r) => srv.close(r)));
+  return new Promise((resolve) => srv.listen(0, "127.0.0.1", () => resolve(`127.0.0.1:${srv.address().port}`)));
 }
 
 /** The app's backend: the auth endpoints (the `pusher` library signs) and the browser page. */
@@ -168,7 +194,13 @@ async function sub(p, name) {
 const seen = (rec, event, pred = () => true) => until(`${event}`, () => rec.got.find((e) => e.event === event && pred(e.data)));
 
 async function main() {
-  const relayAddr = await startRelay();
+  // The webhook verifier needs only the app's key and secret; the relay's port is not known yet.
+  const verifier = new PusherServer({ ...APP, host: "127.0.0.1", useTLS: false });
+  const hooks = [];
+  const hookAddr = await startWebhookReceiver(verifier, hooks);
+  // Every kind, on the channels of this test's webhook part only (`*hooked`).
+  const kinds = "channel_occupied+channel_vacated+member_added+member_removed+client_event";
+  const relayAddr = await startRelay(["--pusher-webhook", `${APP.appId}:${kinds};*hooked@http://${hookAddr}/pusher/webhooks`, "--webhook-batch-delay", "10ms"]);
   const relayPort = Number(relayAddr.split(":").pop());
   const server = new PusherServer({ ...APP, host: "127.0.0.1", port: String(relayPort), useTLS: false });
   const backend = await startBackend(server, relayPort);
@@ -233,6 +265,56 @@ async function main() {
   const info = await (await server.get({ path: "/channels/presence-room", params: { info: "user_count" } })).json();
   assert.deepEqual(info, { occupied: true, user_count: 1 });
   console.log("ok - channel info through the server library");
+
+  // --- webhooks, verified by the `pusher` library ---
+  const dave = await nodeClient(relayPort, backend, "dave");
+  await sub(dave, "hooked");
+  const davePresence = await sub(dave, "presence-hooked");
+  davePresence.ch.trigger("client-ping", { n: 1 });
+  await sleep(100); // the client event is published before the leave
+  dave.disconnect();
+  const want = [
+    ["channel_occupied", "hooked"],
+    ["channel_occupied", "presence-hooked"],
+    ["member_added", "presence-hooked"],
+    ["client_event", "presence-hooked"],
+    ["member_removed", "presence-hooked"],
+    ["channel_vacated", "hooked"],
+    ["channel_vacated", "presence-hooked"],
+  ];
+  const hookEvents = () => hooks.flatMap((h) => h.events);
+  await until("every webhook event", () => hookEvents().length >= want.length);
+  assert.ok(hooks.length > 0 && hooks.every((h) => h.valid), `a webhook did not verify: ${JSON.stringify(hooks)}`);
+  assert.ok(hooks.every((h) => h.time instanceof Date && Math.abs(h.time - Date.now()) < 60_000));
+  const events = hookEvents();
+  const have = events.map((e) => [e.name, e.channel]);
+  assert.deepEqual([...have].sort(), [...want].sort(), JSON.stringify(events));
+  const at = (name, channel) => have.findIndex(([n, c]) => n === name && c === channel);
+  // Per channel, in the order things happened.
+  assert.ok(at("channel_occupied", "hooked") < at("channel_vacated", "hooked"));
+  for (const [a, b] of [
+    ["channel_occupied", "member_added"],
+    ["member_added", "client_event"],
+    ["client_event", "member_removed"],
+  ]) {
+    assert.ok(at(a, "presence-hooked") < at(b, "presence-hooked"), `${a} before ${b}: ${JSON.stringify(have)}`);
+  }
+  assert.deepEqual(
+    events.filter((e) => e.name.startsWith("member_")).map((e) => e.user_id),
+    ["dave", "dave"],
+  );
+  const client = events.find((e) => e.name === "client_event");
+  assert.equal(client.event, "client-ping");
+  assert.equal(client.user_id, "dave");
+  assert.match(client.socket_id, /^\d+\.\d+$/);
+  assert.deepEqual(JSON.parse(client.data), { n: 1 });
+  // A forged POST does not verify with the same library.
+  const forged = verifier.webhook({
+    headers: { "x-pusher-key": APP.key, "x-pusher-signature": "00".repeat(32), "content-type": "application/json" },
+    rawBody: JSON.stringify({ time_ms: Date.now(), events: [] }),
+  });
+  assert.equal(forged.isValid(), false);
+  console.log("ok - webhooks: channel_occupied, member_added, client_event, member_removed, channel_vacated, each verified by pusher.webhook()");
 
   // --- headless Chromium: pusher-js's browser bundle under Laravel Echo ---
   const browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"], timeout: 30_000 });

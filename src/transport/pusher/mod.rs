@@ -15,7 +15,8 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::config::Config;
-use crate::protocol::pusher::{App, PRESENCE_PATTERN};
+use crate::protocol::pusher::{self as wire, App, PRESENCE_PATTERN};
+use crate::webhooks::{ChannelFilter, Event, Format, Hook};
 
 /// The presence patterns of the engine: the configured ones, plus every app's `presence-`
 /// channels when there are apps.
@@ -158,4 +159,109 @@ pub fn query_pairs(query: &str) -> Vec<(String, String)> {
             (decode(k), decode(v))
         })
         .collect()
+}
+
+/// Pusher's webhook format for one app: the body `{"time_ms":…,"events":[…]}` with Pusher's
+/// event shapes and the app's channel names, `X-Pusher-Key: KEY` and `X-Pusher-Signature:` the
+/// hex HMAC-SHA256 of the body with the app's secret (what `pusher.webhook(req)` of the
+/// server libraries checks). Pusher events carry no id: a retry repeats the same body.
+pub struct PusherFormat {
+    app: App,
+}
+
+impl PusherFormat {
+    /// The format of `app`'s hooks.
+    pub fn new(app: App) -> Self {
+        Self { app }
+    }
+}
+
+impl Format for PusherFormat {
+    fn body(&self, events: &[Event], now_ms: u64) -> bytes::Bytes {
+        let events: Vec<wire::WebhookEvent<'_>> = events
+            .iter()
+            .map(|e| wire::WebhookEvent {
+                name: e.kind.as_str(),
+                channel: e.channel.as_str(),
+                user_id: e.user.as_deref(),
+                client: e
+                    .client
+                    .as_ref()
+                    .map(|c| (&*c.event, &*c.data, &*c.socket_id)),
+            })
+            .collect();
+        // The hook's scope keeps other apps' channels out; an empty list is still a valid body.
+        wire::webhook_body(&self.app, &events, now_ms).unwrap_or_else(|| {
+            bytes::Bytes::from(format!("{{\"time_ms\":{now_ms},\"events\":[]}}"))
+        })
+    }
+
+    fn headers(&self, body: &[u8], _now_ms: u64) -> Vec<(hyper::header::HeaderName, String)> {
+        use hyper::header::HeaderName;
+        vec![
+            (
+                HeaderName::from_static("x-pusher-key"),
+                self.app.key.clone(),
+            ),
+            (
+                HeaderName::from_static("x-pusher-signature"),
+                wire::webhook_signature(&self.app, body),
+            ),
+        ]
+    }
+}
+
+/// The hooks of `--pusher-webhook`: each in Pusher's format, signed with its app's key and
+/// secret, hearing only of that app's channels.
+pub fn webhooks(config: &Config) -> Result<Vec<Hook>, String> {
+    Ok(config
+        .pusher_webhooks()?
+        .into_iter()
+        .map(|(app, spec)| {
+            let scope = format!("{}{}/", wire::PREFIX, app.id);
+            // A user's channel is `~user-U` below the scope (see `wire::relay_channel`).
+            let patterns = spec
+                .patterns
+                .into_iter()
+                .map(|p| match p.strip_prefix(wire::USER_CHANNEL) {
+                    Some(rest) => format!("{}{rest}", wire::RELAY_USER),
+                    None => p,
+                })
+                .collect();
+            Hook {
+                url: spec.url,
+                events: spec.events,
+                channels: ChannelFilter {
+                    scope: Some(scope),
+                    patterns,
+                },
+                format: std::sync::Arc::new(PusherFormat::new(app.clone())),
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pusher_hook_hears_of_its_apps_channels_only_by_their_pusher_names() {
+        let config = Config {
+            pusher_app: vec![App::new("app1", "key1", "secret-one-1234")],
+            pusher_webhook: vec![
+                "app1:http://h/all".into(),
+                "app1:;private-*;#server-to-user-*@http://h/some".into(),
+            ],
+            ..Config::default()
+        };
+        let hooks = webhooks(&config).unwrap();
+        let all = &hooks[0].channels;
+        assert!(all.matches("pusher/app1/news") && all.matches("pusher/app1/~user-7"));
+        assert!(!all.matches("pusher/app10/news") && !all.matches("news"));
+        let some = &hooks[1].channels;
+        assert!(some.matches("pusher/app1/private-x") && some.matches("pusher/app1/~user-7"));
+        assert!(!some.matches("pusher/app1/news") && !some.matches("pusher/app2/private-x"));
+    }
 }

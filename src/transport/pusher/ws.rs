@@ -719,15 +719,26 @@ impl Session {
                 return reject(self, "Client event rejected due to rate limit");
             }
         }
-        let payload = wire::payload(event, data, Some(&self.socket_id()), sub.user.as_deref());
+        let socket_id = self.socket_id();
+        let payload = wire::payload(event, data, Some(&socket_id), sub.user.as_deref());
         let node = self.ctx.node.clone();
+        // The app's `client_event` webhook, told once the event is published.
+        let hook = node
+            .webhooks
+            .as_ref()
+            .and_then(|w| w.client_event(&channel, sub.user.as_ref(), event, data, &socket_id));
         let mut publish =
             Box::pin(async move { node.publish(&channel, DataKind::Json, payload).await });
         // A node that sequences locally is done at once; a backplane round trip finishes in
         // a task, and only a failure is reported.
         let mut cx = Context::from_waker(std::task::Waker::noop());
         match publish.as_mut().poll(&mut cx) {
-            Poll::Ready(Ok(_)) => self.ctx.metrics.published.increment(1),
+            Poll::Ready(Ok(_)) => {
+                self.ctx.metrics.published.increment(1);
+                if let Some(h) = hook {
+                    h.emit();
+                }
+            }
             Poll::Ready(Err(e)) => {
                 e.count();
                 self.push(wire::error(None, &e.to_string()));
@@ -735,9 +746,16 @@ impl Session {
             Poll::Pending => {
                 let outbox = self.outbox.clone();
                 self.ctx.tracker.spawn_local(async move {
-                    if let Err(e) = publish.await {
-                        e.count();
-                        outbox.push(Out::control(wire::error(None, &e.to_string())));
+                    match publish.await {
+                        Ok(_) => {
+                            if let Some(h) = hook {
+                                h.emit();
+                            }
+                        }
+                        Err(e) => {
+                            e.count();
+                            outbox.push(Out::control(wire::error(None, &e.to_string())));
+                        }
                     }
                 });
             }
