@@ -12,13 +12,15 @@ if ! command -v cargo >/dev/null; then
 fi
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt || true
 
-# The cluster tests (tests/cluster_*.rs) start their own redis-server and nats-server.
-if ! command -v redis-server >/dev/null || ! command -v nats-server >/dev/null; then
+# The cluster tests (tests/cluster_*.rs, tests/redis_cluster.rs) start their own redis-server
+# (also as a Redis Cluster and as Sentinels, made with redis-cli) and nats-server.
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null \
+  || ! command -v nats-server >/dev/null; then
   log "installing redis-server and nats-server (cluster tests)"
   if command -v apt-get >/dev/null; then
-    apt-get update -qq && apt-get install -y -qq redis-server nats-server >/dev/null
+    apt-get update -qq && apt-get install -y -qq redis-server redis-tools nats-server >/dev/null
   else
-    echo "redis-server and nats-server are needed by the cluster tests" >&2
+    echo "redis-server, redis-cli and nats-server are needed by the cluster tests" >&2
   fi
 fi
 

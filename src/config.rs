@@ -133,7 +133,11 @@ pub struct Config {
     /// of nodes sharing channels, sequence and history).
     #[arg(long, env = "RELAY_BACKPLANE", value_name = "KIND", value_enum, default_value_t = BackplaneKind::Memory)]
     pub backplane: BackplaneKind,
-    /// Redis URL for --backplane redis.
+    /// Redis for --backplane redis: one server `redis://[user:pass@]host:port[/db]`, a
+    /// cluster `redis-cluster://[user:pass@]host:port,host:port,...` (any of its nodes), or a
+    /// Sentinel-managed master `redis-sentinel://[user:pass@]host:port,.../MASTER[/db]` (the
+    /// Sentinels' addresses and the master's name). Checked at start: a URL naming the wrong
+    /// kind of deployment, or a master no Sentinel knows, stops the node.
     #[arg(
         long,
         env = "RELAY_REDIS_URL",
@@ -762,10 +766,8 @@ impl Config {
         match self.backplane {
             BackplaneKind::Memory => {}
             BackplaneKind::Redis => {
-                if !(self.redis_url.starts_with("redis://")
-                    || self.redis_url.starts_with("rediss://"))
-                {
-                    invalid("redis_url", "must start with redis:// or rediss://");
+                if let Err(e) = crate::backplane::redis::Target::parse(&self.redis_url) {
+                    invalid("redis_url", &e);
                 }
             }
             BackplaneKind::Nats => {

@@ -277,27 +277,10 @@ fn mask(id: &str, v: toml::Value) -> toml::Value {
                 .collect(),
         ),
         (_, toml::Value::String(url)) if url.contains("://") => {
-            toml::Value::String(mask_url_password(&url))
+            toml::Value::String(crate::types::mask_url_password(&url, HIDDEN))
         }
         (_, v) => v,
     }
-}
-
-/// `redis://user:pass@host` → `redis://user:<hidden>@host`; `nats://token@host` →
-/// `nats://<hidden>@host`.
-fn mask_url_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = match rest[..at].split_once(':') {
-        Some((user, _)) => format!("{user}:{HIDDEN}"),
-        None => HIDDEN.to_owned(),
-    };
-    format!("{scheme}://{userinfo}{}", &rest[at..])
 }
 
 /// The example config (`deploy/relay.toml`, every option with a comment), embedded.

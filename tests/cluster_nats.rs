@@ -14,35 +14,50 @@ const KIND: Kind = Kind::Nats;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_deliver_every_message_in_one_order_with_one_seq_space() {
     if KIND.available() {
-        cluster::three_nodes_deliver_every_message_in_one_order_with_one_seq_space(KIND).await;
+        cluster::three_nodes_deliver_every_message_in_one_order_with_one_seq_space(
+            &cluster::Server::start(KIND),
+        )
+        .await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_publishers_on_different_nodes_make_no_gaps_or_repeats() {
     if KIND.available() {
-        cluster::concurrent_publishers_on_different_nodes_make_no_gaps_or_repeats(KIND).await;
+        cluster::concurrent_publishers_on_different_nodes_make_no_gaps_or_repeats(
+            &cluster::Server::start(KIND),
+        )
+        .await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_on_one_channel_is_sequenced_without_loss_or_repeat() {
     if KIND.available() {
-        cluster::a_burst_on_one_channel_is_sequenced_without_loss_or_repeat(KIND).await;
+        cluster::a_burst_on_one_channel_is_sequenced_without_loss_or_repeat(
+            &cluster::Server::start(KIND),
+        )
+        .await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_is_listed_by_a_node_without_subscribers_of_the_channel() {
     if KIND.available() {
-        cluster::presence_is_listed_by_a_node_without_subscribers_of_the_channel(KIND).await;
+        cluster::presence_is_listed_by_a_node_without_subscribers_of_the_channel(
+            &cluster::Server::start(KIND),
+        )
+        .await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_resumes_on_another_node_after_its_node_is_killed() {
     if KIND.available() {
-        cluster::a_client_resumes_on_another_node_after_its_node_is_killed(KIND).await;
+        cluster::a_client_resumes_on_another_node_after_its_node_is_killed(
+            &cluster::Server::start(KIND),
+        )
+        .await;
     }
 }
 
@@ -59,8 +74,10 @@ async fn nats_killed_and_restarted_mid_stream_nodes_recover_without_loss_or_repe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_spans_nodes_and_a_killed_nodes_members_leave_within_the_timeout() {
     if KIND.available() {
-        cluster::presence_spans_nodes_and_a_killed_nodes_members_leave_within_the_timeout(KIND)
-            .await;
+        cluster::presence_spans_nodes_and_a_killed_nodes_members_leave_within_the_timeout(
+            &cluster::Server::start(KIND),
+        )
+        .await;
     }
 }
 

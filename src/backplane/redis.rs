@@ -1,5 +1,22 @@
-//! The Redis backplane (standalone Redis; keys use `{channel}` hash tags so that one channel's
-//! keys share a cluster slot): the [`Remote`] of a [`Replica`].
+//! The Redis backplane: the [`Remote`] of a [`Replica`], on one Redis server, a Redis Cluster
+//! or a Sentinel-managed master ([`Target`], from `--redis-url`).
+//!
+//! # Topologies
+//! - `redis://[user:pass@]host:port[/db]`: one server.
+//! - `redis-cluster://[user:pass@]host:port,host:port,...`: a Redis Cluster, from any of its
+//!   nodes (the seeds; the rest is discovered). Every key of a channel carries the `{channel}`
+//!   hash tag, so each script touches one slot; pub/sub is the classic `PUBLISH`, which the
+//!   cluster carries to every node, so a node subscribes on any one of them.
+//! - `redis-sentinel://[user:pass@]host:port,host:port,.../master[/db]`: the master that the
+//!   Sentinels at those addresses know as `master` (the same credentials for both).
+//!
+//! A failover (a replica promoted by Sentinel or by the cluster) ends a connection like any
+//! loss: the supervisor reconnects (asking the Sentinels or the cluster again) and every
+//! joined channel resyncs. What the promoted replica had not received is lost to Redis; a node
+//! that saw more of a channel than Redis now holds starts the channel's next epoch (the sync
+//! script does, and so does the publish script, which carries the publisher's local
+//! position), so that no position of the old epoch can name a newer message and every
+//! subscriber behind the loss resumes with `recovered:false`.
 //!
 //! # Keys, per channel `ch`
 //! - `relay:{ch}:meta`, a hash: `e` the epoch (hex), `top` the last seq. Expires after
@@ -56,12 +73,19 @@ use crate::types::{ChannelName, DataKind, Epoch, StreamPosition};
 /// How long one Redis command may take before the publish (or join) fails.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// `ARGV`: candidate epoch, kind, data, history size, history TTL ms, meta TTL ms, pub/sub
+/// channel, the publisher's local position (epoch or '', seq). A publisher that holds more of
+/// the epoch than Redis (history lost in a failover, see [`SYNC_LUA`]) moves the channel to the
+/// candidate epoch before numbering, so the new message never takes a lost one's seq.
 const PUBLISH_LUA: &str = r#"
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e then
   e = ARGV[1]
   redis.call('HSET', KEYS[1], 'e', e, 'top', 0)
   redis.call('DEL', KEYS[2])
+elseif e == ARGV[8] and tonumber(redis.call('HGET', KEYS[1], 'top') or '0') < tonumber(ARGV[9]) then
+  e = ARGV[1]
+  redis.call('HSET', KEYS[1], 'e', e)
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'top', 1)
 local t = redis.call('TIME')
@@ -77,6 +101,11 @@ return {e, seq}
 /// `{epoch, top, mode, entries}`: mode 1 = every entry after `since` (the caller's epoch
 /// matches and the stream still holds `since + 1`), mode 0 = the last `limit` entries, newest
 /// first.
+///
+/// A caller that saw more of the epoch than Redis holds (`since > top`: a failover promoted a
+/// replica that had not received the last writes) proves that history was lost: the channel
+/// moves to the candidate epoch, keeping its top and stream, so that the next seqs are never
+/// taken for the lost messages that had the same numbers.
 const SYNC_LUA: &str = r#"
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e then
@@ -87,6 +116,11 @@ if not e then
 end
 local top = tonumber(redis.call('HGET', KEYS[1], 'top') or '0')
 local since = tonumber(ARGV[3])
+if e == ARGV[2] and since > top then
+  e = ARGV[1]
+  redis.call('HSET', KEYS[1], 'e', e)
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+end
 if e == ARGV[2] and since <= top then
   if since == top then
     return {e, top, 1, {}}
@@ -145,8 +179,219 @@ local top = tonumber(redis.call('HGET', KEYS[1], 'top') or '0')
 return {e, top, redis.call('XRANGE', KEYS[2], '(' .. ARGV[1] .. '-1', '+', 'COUNT', ARGV[2])}
 "#;
 
+/// The Redis deployment `--redis-url` names. See the module docs for the URL shapes.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// What fred connects with.
+    pub config: RedisConfig,
+}
+
+const CLUSTER_SCHEME: &str = "redis-cluster://";
+const SENTINEL_SCHEME: &str = "redis-sentinel://";
+
+impl Target {
+    /// Parses `--redis-url`; the error says what is wrong with it.
+    pub fn parse(url: &str) -> Result<Target, String> {
+        use fred::types::config::{ClusterDiscoveryPolicy, Server, ServerConfig};
+        let fred_err = |e: RedisError| e.details().to_owned();
+        let (cluster, rest) = if let Some(rest) = url.strip_prefix(CLUSTER_SCHEME) {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix(SENTINEL_SCHEME) {
+            (false, rest)
+        } else if url.starts_with("rediss") {
+            // fred is built without TLS: it would connect in clear text (with a warning), and
+            // send the password that way.
+            return Err(
+                "TLS to Redis (rediss://) is not built in: use redis:// on a private network"
+                    .into(),
+            );
+        } else if url.starts_with("redis://") {
+            return RedisConfig::from_url_centralized(url)
+                .map(|config| Target { config })
+                .map_err(fred_err);
+        } else {
+            return Err("must start with redis://, redis-cluster:// or redis-sentinel://".into());
+        };
+        if rest.contains('?') {
+            return Err("takes no query parameters".into());
+        }
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let (auth, hosts) = match authority.rsplit_once('@') {
+            Some((auth, hosts)) => (format!("{auth}@"), hosts),
+            None => (String::new(), authority),
+        };
+        let hosts = hosts
+            .split(',')
+            .map(parse_host)
+            .collect::<Result<Vec<Server>, String>>()?;
+        let Some(first) = hosts.first() else {
+            return Err("names no host".into());
+        };
+        let first = format!("{}:{}", first.host, first.port);
+        let mut db = "";
+        let server = if cluster {
+            if !path.is_empty() {
+                return Err("a cluster has no databases: drop the path".into());
+            }
+            ServerConfig::Clustered {
+                hosts,
+                policy: ClusterDiscoveryPolicy::default(),
+            }
+        } else {
+            let master;
+            (master, db) = path.split_once('/').unwrap_or((path, ""));
+            if master.is_empty() {
+                return Err("names no master: redis-sentinel://host:port,.../master[/db]".into());
+            }
+            ServerConfig::Sentinel {
+                hosts,
+                service_name: master.to_owned(),
+            }
+        };
+        // The credentials and database, parsed (and percent-decoded) by fred.
+        let mut config = RedisConfig::from_url_centralized(&format!("redis://{auth}{first}/{db}"))
+            .map_err(fred_err)?;
+        config.server = server;
+        Ok(Target { config })
+    }
+
+    /// The centralized config of one of this target's hosts (the seeds, or the Sentinels):
+    /// the same credentials, no database.
+    fn one(&self, host: &fred::types::config::Server) -> RedisConfig {
+        RedisConfig {
+            server: fred::types::config::ServerConfig::new_centralized(
+                host.host.to_string(),
+                host.port,
+            ),
+            database: None,
+            ..self.config.clone()
+        }
+    }
+
+    /// Asks the deployment, once, whether it is what the URL says: a cluster URL must reach
+    /// cluster nodes, a plain one a server that is not a cluster node, and the Sentinels must
+    /// know the master. Unreachable hosts prove nothing (the supervisor keeps trying); a host
+    /// that answers otherwise is a configuration mistake.
+    async fn check(&self) -> Result<(), String> {
+        use fred::types::config::ServerConfig;
+        let (hosts, want) = match &self.config.server {
+            ServerConfig::Centralized { server } => (vec![server.clone()], Probe::NotCluster),
+            ServerConfig::Clustered { hosts, .. } => (hosts.clone(), Probe::Cluster),
+            ServerConfig::Sentinel {
+                hosts,
+                service_name,
+                ..
+            } => (hosts.clone(), Probe::Sentinel(service_name.clone())),
+            #[allow(unreachable_patterns)]
+            _ => return Ok(()),
+        };
+        let mut unknown_master = None;
+        for host in &hosts {
+            let at = format!("{}:{}", host.host, host.port);
+            let mut config = self.one(host);
+            if matches!(want, Probe::Sentinel(_)) {
+                // A Sentinel takes no SELECT.
+                config.database = None;
+            }
+            let Some(answer) = ask(config, &want).await else {
+                continue;
+            };
+            match (&want, answer) {
+                (Probe::Cluster, Answer::Text(info)) if !info.contains("cluster_enabled:1") => {
+                    return Err(format!(
+                        "{at} is not a Redis Cluster node (cluster_enabled:0): use redis://{at} for one server"
+                    ));
+                }
+                (Probe::NotCluster, Answer::Text(info)) if info.contains("cluster_enabled:1") => {
+                    return Err(format!(
+                        "{at} is a Redis Cluster node: use redis-cluster://{at}[,host:port...]"
+                    ));
+                }
+                (Probe::Sentinel(_), Answer::Error(e)) => {
+                    return Err(format!("{at} is not a Redis Sentinel ({e})"));
+                }
+                (Probe::Sentinel(name), Answer::Nil) => {
+                    unknown_master = Some(format!(
+                        "the Sentinel at {at} knows no master named {name:?}"
+                    ));
+                }
+                (Probe::Sentinel(_), Answer::Text(_)) => return Ok(()),
+                _ => {}
+            }
+        }
+        unknown_master.map_or(Ok(()), Err)
+    }
+}
+
+/// `host:port` or `[v6]:port`.
+fn parse_host(s: &str) -> Result<fred::types::config::Server, String> {
+    let bad = || format!("{s:?} is not host:port");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || port == 0 {
+        return Err(bad());
+    }
+    Ok(fred::types::config::Server::new(host, port))
+}
+
+enum Probe {
+    Cluster,
+    NotCluster,
+    Sentinel(String),
+}
+
+enum Answer {
+    Text(String),
+    Nil,
+    Error(String),
+}
+
+/// One question to one host; `None` when it cannot be reached or does not answer in time.
+async fn ask(config: RedisConfig, probe: &Probe) -> Option<Answer> {
+    use fred::types::CustomCommand;
+    let client = Builder::from_config(config)
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(2);
+            c.internal_command_timeout = Duration::from_secs(2);
+            c.max_command_attempts = 1;
+        })
+        .build()
+        .ok()?;
+    let asked = async {
+        let handle = client.init().await.ok()?;
+        let (cmd, args): (&'static str, Vec<Value>) = match probe {
+            Probe::Sentinel(name) => (
+                "SENTINEL",
+                vec!["get-master-addr-by-name".into(), name.as_str().into()],
+            ),
+            _ => ("INFO", vec!["cluster".into()]),
+        };
+        let reply: Result<Value, RedisError> = client
+            .custom(CustomCommand::new_static(cmd, None, false), args)
+            .await;
+        let _ = client.quit().await;
+        handle.abort();
+        Some(match reply {
+            Ok(Value::Null) => Answer::Nil,
+            Ok(v) => Answer::Text(v.as_string().unwrap_or_default()),
+            Err(e) => Answer::Error(e.details().to_owned()),
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(3), asked)
+        .await
+        .ok()
+        .flatten()
+}
+
 /// See the module docs.
 struct Redis {
+    target: Target,
+    /// The local replica's positions (read by publishes: see [`PUBLISH_LUA`]).
+    engine: Arc<Engine>,
     settings: Settings,
     conn: ArcSwapOption<Conn>,
     /// Subscribes and unsubscribes, applied in order by [`control`].
@@ -165,6 +410,9 @@ struct Scripts {
 struct Conn {
     cmd: Client,
     sub: Client,
+    /// Redis answered `READONLY`: the server is a replica now (a master demoted by a failover
+    /// that kept the connection open, e.g. behind a DNS name). The supervisor reconnects.
+    demoted: tokio::sync::Notify,
 }
 
 enum Ctl {
@@ -344,10 +592,34 @@ pub fn start(
     wakers: Wakers,
     stop: CancellationToken,
 ) -> std::io::Result<Arc<Replica>> {
-    RedisConfig::from_url(&settings.url)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    let invalid = |e: String| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "--redis-url {}: {e}",
+                crate::types::mask_url_password(&settings.url, "<hidden>")
+            ),
+        )
+    };
+    let target = Target::parse(&settings.url).map_err(invalid)?;
+    // Before the node serves: a URL that names the wrong kind of deployment stops the start.
+    let probe = target.clone();
+    std::thread::Builder::new()
+        .name("relay-redis-check".into())
+        .spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?
+                .block_on(probe.check())
+        })?
+        .join()
+        .map_err(|_| invalid("the check panicked".into()))?
+        .map_err(invalid)?;
     let (ctl, ctl_rx) = mpsc::unbounded_channel();
     let redis = Arc::new(Redis {
+        target,
+        engine: engine.clone(),
         seeds: Seeds::new(settings.seed),
         settings: settings.clone(),
         conn: ArcSwapOption::empty(),
@@ -417,7 +689,12 @@ impl Redis {
                         Err(_) => Err(unavailable("redis timed out")),
                     }
                 }
-                Err(e) => Err(unavailable(e)),
+                Err(e) => {
+                    if e.details().contains("READONLY") {
+                        conn.demoted.notify_one();
+                    }
+                    Err(unavailable(e))
+                }
             }
         })
     }
@@ -439,6 +716,8 @@ impl Remote for Redis {
         data: Bytes,
     ) -> BoxFuture<Result<(Epoch, u64), BackplaneError>> {
         let keys = vec![meta_key(channel), hist_key(channel)];
+        // What this node holds of the channel (nothing when it does not receive it).
+        let known = self.engine.position(channel);
         let args: Vec<Value> = vec![
             self.seeds.epoch().to_string().into(),
             kind_code(kind).into(),
@@ -447,6 +726,8 @@ impl Remote for Redis {
             (self.settings.history_ttl.as_millis().max(1) as i64).into(),
             (self.meta_ttl_ms() as i64).into(),
             msg_key(channel).into(),
+            known.map_or(String::new(), |p| p.epoch.to_string()).into(),
+            (known.map_or(0, |p| p.seq) as i64).into(),
         ];
         let run = self.script(&self.scripts.publish, PUBLISH_LUA, keys, args);
         Box::pin(async move {
@@ -556,7 +837,7 @@ impl Remote for Redis {
 async fn connect(
     redis: &Redis,
 ) -> Result<(Client, Client, Vec<fred::types::ConnectHandle>), RedisError> {
-    let config = RedisConfig::from_url(&redis.settings.url)?;
+    let config = redis.target.config.clone();
     let build = || {
         Builder::from_config(config.clone())
             .with_connection_config(|c| {
@@ -582,7 +863,13 @@ async fn connect(
         }
     };
     for lua in [PUBLISH_LUA, SYNC_LUA, HISTORY_LUA, PRESENCE_LUA] {
-        if let Err(e) = cmd.script_load::<Value, _>(lua).await {
+        // A cluster: on every primary (a script runs where its keys are).
+        let loaded = if cmd.is_clustered() {
+            cmd.script_load_cluster::<Value, _>(lua).await
+        } else {
+            cmd.script_load::<Value, _>(lua).await.map(|_| Value::Null)
+        };
+        if let Err(e) = loaded {
             let _ = cmd.quit().await;
             let _ = sub.quit().await;
             return Err(e);
@@ -608,7 +895,11 @@ async fn supervise(redis: Arc<Redis>, replica: Arc<Replica>, stop: CancellationT
             Some(Ok((cmd, sub, handles))) => {
                 attempt = 0;
                 let rx = sub.message_rx();
-                let conn = Arc::new(Conn { cmd, sub });
+                let conn = Arc::new(Conn {
+                    cmd,
+                    sub,
+                    demoted: tokio::sync::Notify::new(),
+                });
                 let reader = tokio::spawn(read_messages(replica.clone(), rx));
                 redis.conn.store(Some(conn.clone()));
                 replica.connected(std::mem::take(&mut first));
@@ -617,6 +908,10 @@ async fn supervise(redis: Arc<Redis>, replica: Arc<Replica>, stop: CancellationT
                 let stopped = tokio::select! {
                     _ = async { if let Some(h) = h1 { let _ = h.await; } } => false,
                     _ = async { if let Some(h) = h2 { let _ = h.await; } } => false,
+                    _ = conn.demoted.notified() => {
+                        tracing::warn!(node = %settings.node_id, "backplane: redis answered READONLY (no longer the master); reconnecting");
+                        false
+                    }
                     _ = stop.cancelled() => true,
                 };
                 redis.conn.store(None);
@@ -631,7 +926,7 @@ async fn supervise(redis: Arc<Redis>, replica: Arc<Replica>, stop: CancellationT
             }
             Some(Err(e)) => {
                 if attempt == 0 || attempt % 10 == 0 {
-                    tracing::warn!(node = %settings.node_id, url = %settings.url, error = %e, attempt, "backplane: cannot connect to redis");
+                    tracing::warn!(node = %settings.node_id, url = %crate::types::mask_url_password(&settings.url, "<hidden>"), error = %e, attempt, "backplane: cannot connect to redis");
                 }
             }
         }
@@ -777,6 +1072,61 @@ mod tests {
             panic!("a message");
         };
         assert!(empty.data.is_empty());
+    }
+
+    #[test]
+    fn redis_urls_name_one_server_a_cluster_or_a_sentinel_master() {
+        use fred::types::config::ServerConfig;
+        let hosts = |c: &RedisConfig| -> Vec<String> {
+            c.server
+                .hosts()
+                .iter()
+                .map(|h| format!("{}:{}", h.host, h.port))
+                .collect()
+        };
+        let one = Target::parse("redis://u:p%40ss@10.0.0.1:7000/2")
+            .unwrap()
+            .config;
+        assert!(matches!(one.server, ServerConfig::Centralized { .. }));
+        assert_eq!(
+            (one.username.as_deref(), one.password.as_deref()),
+            (Some("u"), Some("p@ss"))
+        );
+        assert_eq!(one.database, Some(2));
+
+        let c = Target::parse("redis-cluster://:secret@a:7000,b:7001,[::1]:7002")
+            .unwrap()
+            .config;
+        assert!(matches!(c.server, ServerConfig::Clustered { .. }));
+        let mut seeds = hosts(&c);
+        seeds.sort();
+        assert_eq!(seeds, ["::1:7002", "a:7000", "b:7001"]);
+        assert_eq!(c.password.as_deref(), Some("secret"));
+
+        let s = Target::parse("redis-sentinel://s1:26379,s2:26380/mymaster/3")
+            .unwrap()
+            .config;
+        let ServerConfig::Sentinel { service_name, .. } = &s.server else {
+            panic!("a sentinel config");
+        };
+        assert_eq!(service_name, "mymaster");
+        assert_eq!(hosts(&s).len(), 2);
+        assert_eq!(s.database, Some(3));
+
+        for bad in [
+            "http://a:1",
+            "rediss://a:1",
+            "rediss-cluster://a:1",
+            "redis-cluster://a",
+            "redis-cluster://a:1,",
+            "redis-cluster://a:1/0",
+            "redis-cluster://a:1?node=b:2",
+            "redis-sentinel://a:26379",
+            "redis-sentinel://a:26379/",
+            "redis-sentinel://a:x/m",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad} is refused");
+        }
     }
 
     #[test]

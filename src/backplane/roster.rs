@@ -7,7 +7,7 @@
 //! not run it. Its names are outside every client channel's space:
 //! - Redis: `relay:admin:node:<id>` (the record, expiring after [`FORGET_AFTER`]) and the set
 //!   `relay:admin:nodes` of ids (an id whose record expired is removed by the next reader);
-//!   channel keys are `relay:{<channel>}:…` and `relay:msg:{<channel>}`.
+//!   channel keys are `relay:{<channel>}:…` and `relay:msg:<channel>` (pub/sub).
 //! - NATS: core subject `relay.admin.nodes` (channels are `relay.log.<hex>` and
 //!   `relay.msg.<hex>`).
 //!
@@ -120,8 +120,9 @@ async fn redis(
     record: &Record,
     stop: &CancellationToken,
 ) -> Result<(), Failure> {
-    use fred::prelude::{Builder, ClientLike, Config, Expiration, KeysInterface, SetsInterface};
-    let client = Builder::from_config(Config::from_url(url)?).build()?;
+    use fred::prelude::{Builder, ClientLike, Expiration, KeysInterface, SetsInterface};
+    let target = super::redis::Target::parse(url)?;
+    let client = Builder::from_config(target.config).build()?;
     let conn = client.init().await?;
     let key = |id: &str| format!("relay:admin:node:{id}");
     let result: Result<(), Failure> = async {

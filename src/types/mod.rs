@@ -7,7 +7,7 @@ mod net;
 mod publication;
 mod rules;
 
-pub use net::TrustedNet;
+pub use net::{mask_url_password, TrustedNet};
 pub(crate) use publication::identity_len;
 pub use publication::{
     Encoder, FrameGauge, Identity, PresenceEvent, Publication, ENTRY_OVERHEAD, EVENT_OVERHEAD,

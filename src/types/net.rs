@@ -1,5 +1,5 @@
 //! `--trusted-proxies` entries: the networks whose forwarding headers are believed (checked in
-//! `proxy`).
+//! `proxy`); and server URLs with their password hidden (`check-config`, backplane logs).
 
 use std::net::IpAddr;
 
@@ -50,4 +50,21 @@ impl std::fmt::Display for TrustedNet {
             TrustedNet::Net(n) => write!(f, "{n}"),
         }
     }
+}
+
+/// `redis://user:pass@host` → `redis://user:<hidden>@host`; `nats://token@host` →
+/// `nats://<hidden>@host` (`hidden` in place of the secret), for output and logs.
+pub fn mask_url_password(url: &str, hidden: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{user}:{hidden}"),
+        None => hidden.to_owned(),
+    };
+    format!("{scheme}://{userinfo}{}", &rest[at..])
 }

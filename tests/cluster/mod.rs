@@ -14,6 +14,8 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
+pub mod redis_ha;
+
 /// The backplane server a cluster test runs against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -71,27 +73,68 @@ impl Kind {
 pub struct Server {
     kind: Kind,
     child: Option<Child>,
-    port: u16,
+    pub port: u16,
     dir: std::path::PathBuf,
+    /// The server's arguments (made once its port and directory are known).
+    args: Vec<String>,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
 }
 
+/// The usual arguments of a server on `port` keeping its files in `dir`.
+pub fn default_args(kind: Kind, port: u16, dir: &std::path::Path) -> Vec<String> {
+    let port = port.to_string();
+    let args: Vec<&str> = match kind {
+        Kind::Redis => vec![
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            dir.to_str().unwrap(),
+        ],
+        Kind::Nats => vec![
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-sd",
+            dir.to_str().unwrap(),
+        ],
+    };
+    args.into_iter().map(str::to_owned).collect()
+}
+
 impl Server {
     pub fn start(kind: Kind) -> Server {
+        Self::start_with(kind, |port, dir| default_args(kind, port, dir))
+    }
+
+    /// A server run with the arguments `args` makes from its port and directory.
+    pub fn start_with(
+        kind: Kind,
+        args: impl FnOnce(u16, &std::path::Path) -> Vec<String>,
+    ) -> Server {
         let dir = std::env::temp_dir().join(format!(
             "relay-cluster-{}-{}",
             std::process::id(),
             free_port()
         ));
         std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
         let mut s = Server {
             kind,
             child: None,
-            port: free_port(),
+            port,
+            args: args(port, &dir),
             dir,
         };
         s.spawn();
@@ -100,29 +143,8 @@ impl Server {
 
     fn spawn(&mut self) {
         let bin = self.kind.binary().expect("server binary");
-        let port = self.port.to_string();
         let mut cmd = Command::new(bin);
-        match self.kind {
-            Kind::Redis => cmd.args([
-                "--port",
-                &port,
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ]),
-            Kind::Nats => cmd.args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-sd",
-                self.dir.to_str().unwrap(),
-            ]),
-        };
+        cmd.args(&self.args);
         let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -149,18 +171,9 @@ impl Server {
         }
     }
 
-    /// The relay flags that point a node at this server.
-    pub fn flags(&self) -> Vec<String> {
-        let (backplane, flag) = match self.kind {
-            Kind::Redis => ("redis", "--redis-url"),
-            Kind::Nats => ("nats", "--nats-url"),
-        };
-        vec![
-            "--backplane".into(),
-            backplane.into(),
-            flag.into(),
-            self.url(),
-        ]
+    /// Whether the process is running (not killed by the test).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// SIGKILL. Redis has no persistence (it comes back empty); NATS keeps its JetStream
@@ -195,8 +208,35 @@ impl Drop for Server {
     }
 }
 
+/// What relay nodes are pointed at: a server, or a deployment of several.
+pub trait Backend {
+    /// The relay flags that point a node at it.
+    fn flags(&self) -> Vec<String>;
+}
+
+impl<T: Backend> Backend for &T {
+    fn flags(&self) -> Vec<String> {
+        (*self).flags()
+    }
+}
+
+impl Backend for Server {
+    fn flags(&self) -> Vec<String> {
+        let (backplane, flag) = match self.kind {
+            Kind::Redis => ("redis", "--redis-url"),
+            Kind::Nats => ("nats", "--nats-url"),
+        };
+        vec![
+            "--backplane".into(),
+            backplane.into(),
+            flag.into(),
+            self.url(),
+        ]
+    }
+}
+
 /// A relay node on `server`, ready (its `/readyz` says so).
-pub async fn node(server: &Server, id: &str, extra: &[&str]) -> Relay {
+pub async fn node(server: &impl Backend, id: &str, extra: &[&str]) -> Relay {
     let flags = server.flags();
     let mut args: Vec<&str> = flags.iter().map(String::as_str).collect();
     args.extend_from_slice(&["--node-id", id]);
@@ -262,8 +302,9 @@ async fn collect(ws: &mut Ws, channel: &str, n: usize, within: Duration) -> Vec<
     out
 }
 
-pub async fn three_nodes_deliver_every_message_in_one_order_with_one_seq_space(kind: Kind) {
-    let redis = Server::start(kind);
+pub async fn three_nodes_deliver_every_message_in_one_order_with_one_seq_space(
+    redis: &impl Backend,
+) {
     let nodes = [
         node(&redis, "n1", &[]).await,
         node(&redis, "n2", &[]).await,
@@ -309,8 +350,9 @@ pub async fn three_nodes_deliver_every_message_in_one_order_with_one_seq_space(k
     assert_eq!(seqs, [26, 27, 28, 29, 30]);
 }
 
-pub async fn concurrent_publishers_on_different_nodes_make_no_gaps_or_repeats(kind: Kind) {
-    let redis = Server::start(kind);
+pub async fn concurrent_publishers_on_different_nodes_make_no_gaps_or_repeats(
+    redis: &impl Backend,
+) {
     let nodes = [
         node(&redis, "a", &[]).await,
         node(&redis, "b", &[]).await,
@@ -377,8 +419,7 @@ pub async fn concurrent_publishers_on_different_nodes_make_no_gaps_or_repeats(ki
 /// commands, not waiting for replies): every publish gets its own seq, without gap or repeat,
 /// subscribers on both nodes get every message once in seq order, and the history another node
 /// serves from the store has them one by one (NATS stores a burst as batches).
-pub async fn a_burst_on_one_channel_is_sequenced_without_loss_or_repeat(kind: Kind) {
-    let server = Server::start(kind);
+pub async fn a_burst_on_one_channel_is_sequenced_without_loss_or_repeat(server: &impl Backend) {
     let a = node(&server, "a", &["--rate-limit", "0"]).await;
     let b = node(&server, "b", &[]).await;
     let mut subs = Vec::new();
@@ -436,8 +477,7 @@ pub async fn a_burst_on_one_channel_is_sequenced_without_loss_or_repeat(kind: Ki
     assert_eq!(tail, want[want.len() - 5..], "history: {h}");
 }
 
-pub async fn a_client_resumes_on_another_node_after_its_node_is_killed(kind: Kind) {
-    let redis = Server::start(kind);
+pub async fn a_client_resumes_on_another_node_after_its_node_is_killed(redis: &impl Backend) {
     let a = node(&redis, "a", &[]).await;
     let b = node(&redis, "b", &[]).await;
     let mut ws = Ws::connect(&a.ws_url()).await;
@@ -489,7 +529,7 @@ struct Seen {
 }
 
 /// Subscribes to `channel` on `url`, and on every close (4008 after a backplane resync, or
-/// anything else) reconnects and resumes from the last position, until `stop` or 30 s.
+/// anything else) reconnects and resumes from the last position, until `stop` or 90 s.
 async fn resuming_subscriber(
     url: String,
     channel: &'static str,
@@ -497,7 +537,8 @@ async fn resuming_subscriber(
 ) -> Seen {
     let mut seen = Seen::default();
     let mut pos: Option<(String, u64)> = None;
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // A bound only: every test stops its subscribers when done (a failover may take a while).
+    let deadline = Instant::now() + Duration::from_secs(90);
     'connections: while Instant::now() < deadline && !*stop.borrow() {
         let Ok(Ok((mut ws, _))) = tokio::time::timeout(
             Duration::from_secs(2),
@@ -747,8 +788,9 @@ async fn presence_member(n: &Relay, ch: &str, user: &str) -> Ws {
 
 /// A node with no subscriber of a channel (so it does not receive it) lists the channel's
 /// members of every node from the store, and sees a leave.
-pub async fn presence_is_listed_by_a_node_without_subscribers_of_the_channel(kind: Kind) {
-    let server = Server::start(kind);
+pub async fn presence_is_listed_by_a_node_without_subscribers_of_the_channel(
+    server: &impl Backend,
+) {
     let a = node(&server, "a", &PRESENCE_OPTS).await;
     let b = node(&server, "b", &PRESENCE_OPTS).await;
     let ch = "presence:far";
@@ -782,8 +824,9 @@ pub async fn presence_is_listed_by_a_node_without_subscribers_of_the_channel(kin
     wait_members(&b, ch, &["alice"], Duration::from_secs(5)).await;
 }
 
-pub async fn presence_spans_nodes_and_a_killed_nodes_members_leave_within_the_timeout(kind: Kind) {
-    let redis = Server::start(kind);
+pub async fn presence_spans_nodes_and_a_killed_nodes_members_leave_within_the_timeout(
+    redis: &impl Backend,
+) {
     let a = node(&redis, "a", &PRESENCE_OPTS).await;
     let b = node(&redis, "b", &PRESENCE_OPTS).await;
     let c = node(&redis, "c", &PRESENCE_OPTS).await;
@@ -853,5 +896,194 @@ pub async fn presence_spans_nodes_and_a_killed_nodes_members_leave_within_the_ti
             ["carol"],
             "only carol leaves, once"
         );
+    }
+}
+
+/// Publishes over HTTP until Redis takes it (503 while a node reconnects), at most 20 s.
+async fn publish_through(r: &Relay, channel: &str, data: Value) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = publish(r, channel, data.clone()).await;
+        if status == 200 {
+            return body;
+        }
+        assert!(
+            status == 503 && Instant::now() < deadline,
+            "publish: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Subscribers on two nodes while the Redis master fails over (`fail_over` kills it once its
+/// writes reached the replica, and returns when the replica is promoted): every subscriber
+/// gets every message once, in order, without a `recovered:false` (nothing was lost), and
+/// publishes go on through the new master.
+pub async fn a_master_failover_loses_no_message<B: Backend + Send>(
+    backend: &mut B,
+    fail_over: impl FnOnce(&mut B),
+) {
+    let a = node(&*backend, "a", &[]).await;
+    let b = node(&*backend, "b", &[]).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let subs: Vec<_> = [&a, &b, &a, &b]
+        .iter()
+        .map(|n| tokio::spawn(resuming_subscriber(n.ws_url(), "ha", stop_rx.clone())))
+        .collect();
+    a.wait_subscribers("ha", 2, Duration::from_secs(10)).await;
+    b.wait_subscribers("ha", 2, Duration::from_secs(10)).await;
+    let mut replies = Vec::new();
+    for i in 0..20 {
+        let n = if i % 2 == 0 { &a } else { &b };
+        replies.push(publish_through(n, "ha", json!(i)).await);
+    }
+    tokio::task::block_in_place(|| fail_over(backend));
+    for i in 20..40 {
+        let n = if i % 2 == 0 { &a } else { &b };
+        replies.push(publish_through(n, "ha", json!(i)).await);
+    }
+    let epoch = replies[0]["epoch"].clone();
+    let seqs: Vec<u64> = replies.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert!(
+        replies.iter().all(|r| r["epoch"] == epoch),
+        "one epoch throughout: nothing was lost: {replies:?}"
+    );
+    let last = *seqs.iter().max().unwrap();
+    // Give the subscribers a moment to get the last ones, then stop them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in [&a, &b] {
+        while Instant::now() < deadline {
+            match n.channel_info("ha").await {
+                Some(v) if v["seq"].as_u64() >= Some(last) => break,
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_tx.send(true).unwrap();
+    for (i, t) in subs.into_iter().enumerate() {
+        let seen = t.await.unwrap();
+        let who = format!("subscriber {i}");
+        assert_gap_free(&who, &seen);
+        assert!(
+            seen.runs.iter().skip(1).all(|r| r.1),
+            "{who}: every resume recovered (nothing was lost): {seen:?}"
+        );
+        let all: Vec<u64> = seen.runs.iter().flat_map(|r| r.2.iter().copied()).collect();
+        assert_eq!(
+            all,
+            (1..=last).collect::<Vec<_>>(),
+            "{who}: every message once, in order: {seen:?}"
+        );
+    }
+}
+
+/// Redis loses the last messages of a channel that the nodes had delivered (what a failover to
+/// a replica that had not received them does; simulated on one server by dropping them, and
+/// with `cut` by cutting every connection as a failover does): the nodes start the channel's
+/// next epoch (on resync after the cut, or at the next publish without it), every subscriber
+/// resumes with `recovered:false` into it, and the next publishes reach everyone.
+pub async fn history_lost_by_redis_is_resumed_with_recovered_false(redis: &Server, cut: bool) {
+    let a = node(redis, "a", &[]).await;
+    let b = node(redis, "b", &[]).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let subs: Vec<_> = [&a, &b]
+        .iter()
+        .map(|n| tokio::spawn(resuming_subscriber(n.ws_url(), "lost", stop_rx.clone())))
+        .collect();
+    a.wait_subscribers("lost", 1, Duration::from_secs(10)).await;
+    b.wait_subscribers("lost", 1, Duration::from_secs(10)).await;
+    let mut before = None;
+    for i in 1..=10 {
+        let n = if i % 2 == 0 { &a } else { &b };
+        let body = publish_through(n, "lost", json!(i)).await;
+        before.get_or_insert(body["epoch"].clone());
+    }
+    for n in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while n.channel_info("lost").await.and_then(|v| v["seq"].as_u64()) != Some(10) {
+            assert!(Instant::now() < deadline, "both nodes have seq 10");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::task::block_in_place(|| {
+        use redis_ha::cli;
+        cli(redis.port, &["hset", "relay:{lost}:meta", "top", "5"]);
+        let mut xdel = vec!["xdel", "relay:{lost}:hist"];
+        xdel.extend(["6-1", "7-1", "8-1", "9-1", "10-1"]);
+        assert_eq!(cli(redis.port, &xdel), "5");
+        // As on a replica that never had them: the stream's last id is 5 again.
+        assert_eq!(
+            cli(redis.port, &["xsetid", "relay:{lost}:hist", "5-1"]),
+            "OK"
+        );
+        if cut {
+            cli(redis.port, &["client", "kill", "type", "pubsub"]);
+            cli(redis.port, &["client", "kill", "type", "normal"]);
+        }
+    });
+    if cut {
+        // The nodes reconnect and resync before anyone publishes again.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let mut after = Vec::new();
+    for i in 11..=15 {
+        let n = if i % 2 == 0 { &a } else { &b };
+        after.push(publish_through(n, "lost", json!(i)).await);
+    }
+    let epoch = after[0]["epoch"].clone();
+    assert_ne!(Some(&epoch), before.as_ref(), "a new epoch");
+    assert!(after.iter().all(|r| r["epoch"] == epoch), "{after:?}");
+    let seqs: Vec<u64> = after.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        [6, 7, 8, 9, 10],
+        "the new epoch goes on from what Redis kept"
+    );
+    // Once every subscriber is back: one more, which each must get.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let body = publish_through(&a, "lost", json!(16)).await;
+    assert_eq!(
+        (&body["epoch"], &body["seq"]),
+        (&epoch, &json!(11)),
+        "{body}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_tx.send(true).unwrap();
+    for (i, t) in subs.into_iter().enumerate() {
+        let seen = t.await.unwrap();
+        let who = format!("subscriber {i}");
+        assert_gap_free(&who, &seen);
+        assert_eq!(
+            seen.runs[0].2,
+            (1..=10).collect::<Vec<_>>(),
+            "{who}: {seen:?}"
+        );
+        let last = seen.runs.last().unwrap();
+        assert_eq!(
+            json!(last.0),
+            epoch,
+            "{who}: ends in the new epoch: {seen:?}"
+        );
+        assert!(
+            seen.runs
+                .iter()
+                .skip(1)
+                .any(|r| !r.1 && json!(r.0) == epoch),
+            "{who}: told recovered:false into the new epoch: {seen:?}"
+        );
+        let new: Vec<u64> = seen
+            .runs
+            .iter()
+            .filter(|r| json!(r.0) == epoch)
+            .flat_map(|r| r.2.iter().copied())
+            .collect();
+        if cut {
+            assert_eq!(new, [6, 7, 8, 9, 10, 11], "{who}: {seen:?}");
+        } else {
+            // The first publish of the new epoch closed it for resume: it resumed (with
+            // recovered:false) where the new epoch then stood, and has everything after.
+            assert_eq!(new.last(), Some(&11), "{who}: {seen:?}");
+        }
     }
 }
