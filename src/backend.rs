@@ -30,8 +30,8 @@ use crate::webhooks::client::{Client, PostError};
 /// The lowest and highest close code a backend may ask for (the application range).
 const CLOSE_CODES: std::ops::RangeInclusive<u16> = 4000..=4999;
 
-/// Close code when the connect proxy refuses a connection without naming a code.
-pub const CLOSE_FORBIDDEN: u16 = 4403;
+// The close code of a refused connect, from the catalogue; its old path.
+pub use crate::protocol::codes::CLOSE_FORBIDDEN;
 
 /// Why the backend (or the proxy itself) said no: what the client is told.
 #[derive(Clone, Debug, PartialEq, Eq)]

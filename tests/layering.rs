@@ -31,8 +31,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("auth", &["types", "config", "jwks"]),
     ("proxy", &["types"]),
     // The backend proxy: POSTs decisions to the application with the HTTP client of
-    // `webhooks`; the transports act on its answers (`transport::proxied`).
-    ("backend", &["types", "config", "webhooks", "limits"]),
+    // `webhooks`; the transports act on its answers (`transport::proxied`). Its close code is
+    // in the catalogue (`protocol::codes`).
+    (
+        "backend",
+        &["types", "protocol", "config", "webhooks", "limits"],
+    ),
     ("limits", &["types"]),
     ("tls", &["types", "config"]),
     ("metrics", &["types"]),
@@ -59,7 +63,7 @@ const BELOW_TRANSPORT: &[&str] = &[
 ];
 
 /// The transports proper: each depends on the shared parts of `transport` (`mod.rs`, `http`,
-/// `io`, `request`, `paging`, `users`), never on another one. `server_api` is the API's
+/// `io`, `request`, `session`, `paging`, `users`), never on another one. `server_api` is the API's
 /// server-command half (`/api/users/*`, `/api/batch`; it and `api` name each other); `admin`
 /// is a UI built over the others (the API's handlers, the SSE stream of its live tail, the
 /// landing page's fixed responses).

@@ -11,6 +11,7 @@
 //! a [`Wire`] per connection and never looks inside a codec.
 
 pub mod binary;
+pub mod codes;
 pub mod deflate;
 pub mod json;
 pub mod pusher;

@@ -104,22 +104,7 @@ fn launch(
 ) -> Result<ServerHandle, StartError> {
     let shards = listeners.len();
     let local_addr = listeners[0].local_addr()?;
-    let seed = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-        ^ u64::from(std::process::id()).rotate_left(32);
-    crate::protocol::deflate::set_min_size(config.deflate_min_size);
-    let mut node = compose::node(config, shards, seed, auth, tls);
-    compose::start_backplane(&mut node, seed)?;
-    // Checked by `Config::problems` already.
-    let pusher_hooks =
-        crate::transport::pusher::webhooks(&node.config).map_err(std::io::Error::other)?;
-    compose::start_webhooks(&mut node, pusher_hooks, seed)?;
-    compose::start_jwks(&node)?;
-    node.backend = crate::backend::Proxy::from_config(&node.config)?.map(Arc::new);
-    let node = Arc::new(node);
-    crate::transport::admin::announce(&node)?;
+    let node = build_node(config, shards, auth, tls)?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let pin = shards <= cores.len();
     // Every shard's runtime (its epoll and timer descriptors) exists before any shard serves:
@@ -144,6 +129,59 @@ fn launch(
         node,
         threads,
     })
+}
+
+/// The shared node of `shards` shards, with what the settings name started.
+fn build_node(
+    config: Config,
+    shards: usize,
+    auth: Option<crate::auth::Auth>,
+    tls: Option<Arc<crate::tls::Tls>>,
+) -> Result<Arc<Node>, StartError> {
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ u64::from(std::process::id()).rotate_left(32);
+    crate::protocol::deflate::set_min_size(config.deflate_min_size);
+    let mut node = compose::node(config, shards, seed, auth, tls);
+    compose::start_backplane(&mut node, seed)?;
+    // Checked by `Config::problems` already.
+    let pusher_hooks =
+        crate::transport::pusher::webhooks(&node.config).map_err(std::io::Error::other)?;
+    compose::start_webhooks(&mut node, pusher_hooks, seed)?;
+    compose::start_jwks(&node)?;
+    node.backend = crate::backend::Proxy::from_config(&node.config)?.map(Arc::new);
+    let node = Arc::new(node);
+    crate::transport::admin::announce(&node)?;
+    Ok(node)
+}
+
+/// The test mode of [`run`]: one shard served on the caller's runtime (a `current_thread`
+/// one: the shard's tasks are `!Send` and run in a `LocalSet` here) instead of on a thread of
+/// its own, until `shutdown` completes. Its timers are the caller's, so a test that pauses
+/// tokio's clock (`start_paused`, `tokio::time::pause`) drives the sessions' timeouts
+/// (auth, keep-alive, close grace) without waiting for them. Production never uses it: a
+/// shard there is a pinned thread with its own runtime.
+pub async fn run_here(
+    config: Config,
+    listener: std::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    crate::metrics::install();
+    let (auth, tls) = read_files(&config).map_err(|mut e| e.swap_remove(0))?;
+    listener.set_nonblocking(true)?;
+    let node = build_node(config, 1, auth, tls)?;
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async {
+            let shard = tokio::task::spawn_local(shard::serve(node.clone(), 0, listener));
+            shutdown.await;
+            node.shutdown.cancel();
+            let _ = shard.await;
+        })
+        .await;
+    Ok(())
 }
 
 /// Reads and checks the JWT keys and the TLS certificate and key that `config` names, as

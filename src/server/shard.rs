@@ -45,7 +45,7 @@ pub fn run(
     local.block_on(&rt, serve(node, index, listener));
 }
 
-async fn serve(node: Arc<Node>, index: usize, listener: StdListener) {
+pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {

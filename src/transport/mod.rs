@@ -14,6 +14,7 @@ pub mod proxied;
 pub mod pusher;
 pub mod request;
 pub mod server_api;
+pub mod session;
 pub mod sse;
 pub mod users;
 pub mod ws;

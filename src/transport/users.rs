@@ -30,10 +30,8 @@ pub const INBOX: usize = 4096;
 /// Commands waiting per connection, at most.
 pub const MAILBOX: usize = 16;
 
-/// WebSocket close code of a server-side disconnect after which the client may reconnect.
-pub const CLOSE_DISCONNECTED: u16 = 4010;
-/// WebSocket close code of a server-side disconnect after which the client must not reconnect.
-pub const CLOSE_DISCONNECTED_FOR_GOOD: u16 = 4011;
+// The close codes of a server-side disconnect, from the catalogue; their old paths.
+pub use crate::protocol::codes::{CLOSE_DISCONNECTED, CLOSE_DISCONNECTED_FOR_GOOD};
 
 /// What to do with each connection of a user.
 #[derive(Clone, Debug, PartialEq, Eq)]

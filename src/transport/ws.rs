@@ -22,6 +22,7 @@ use super::io::{TimedIo, TimedWrite};
 
 use super::http::{error, Body};
 use super::request::{connection_auth, instant_of, ConnAuth};
+use super::session::{self, Due, Pending, SessionClock, Timeouts};
 use super::ShardContext;
 use crate::auth::Perm;
 use crate::engine::hub::{ConnId, Subscriber};
@@ -187,12 +188,8 @@ fn choose_wire(req: &Request<Incoming>) -> Option<Wire> {
         })
 }
 
-/// Close code: no valid token (a bad `auth` command, or none within `--auth-timeout`).
-pub const CLOSE_UNAUTHORIZED: u16 = 4001;
-/// Close code: the token expired and no `refresh` came within `--auth-timeout`.
-pub const CLOSE_TOKEN_EXPIRED: u16 = 4003;
-/// Close code: inbound messages persistently over `--rate-limit`.
-pub const CLOSE_RATE_LIMITED: u16 = 4029;
+// The session's own close codes, from the catalogue (`protocol::codes`); their old paths.
+pub use crate::protocol::codes::{CLOSE_RATE_LIMITED, CLOSE_TOKEN_EXPIRED, CLOSE_UNAUTHORIZED};
 
 /// The reply to a publish: `published`, or an `unavailable` error when it was not sequenced.
 fn publish_reply(
@@ -242,8 +239,8 @@ struct Session {
     subs: Vec<ChannelName>,
     /// Bytes of a frame not yet complete.
     partial: BytesMut,
-    last_inbound: Instant,
-    ping_sent: bool,
+    /// Keep-alive, auth deadlines and the close grace (sans-IO, `super::session`).
+    clock: SessionClock,
     /// No more reading: the peer closed, broke the protocol, or we are closing.
     read_closed: bool,
     /// Our close frame is written and our side shut down: read and discard until the client
@@ -251,19 +248,12 @@ struct Session {
     /// input would make the kernel reset the connection, and the client could lose the close
     /// frame and its code.
     draining: bool,
-    close_deadline: Option<Instant>,
     auth: ConnAuth,
-    /// Close with 4001 at this time unless an `auth` command comes.
-    auth_deadline: Option<Instant>,
-    /// When the token expires (then `token_expired` is sent and `refresh_deadline` set).
-    expiry: Option<Instant>,
-    /// Close with 4003 at this time unless a `refresh` comes.
-    refresh_deadline: Option<Instant>,
     /// Inbound message rate; `None`: no limit.
     bucket: Option<crate::limits::TokenBucket>,
     /// Subscribes waiting for the backplane to bring their channel in sync (never in memory
     /// mode).
-    joining: Vec<PendingJoin>,
+    joining: Pending<PendingJoin, Result<(), crate::backend::Refusal>>,
     /// Server API commands for this connection's user (`None`: no user, not in the index).
     mailbox: Option<Rc<super::users::Mailbox>>,
     /// Who the backend proxy is told is asking (`None`: no proxy configured).
@@ -272,26 +262,10 @@ struct Session {
 
 /// A subscribe that waits for [`super::Node::join`] before it is added to the hub.
 struct PendingJoin {
-    wait: crate::backplane::BoxFuture<Result<(), crate::backend::Refusal>>,
     id: Option<crate::protocol::OwnedReqId>,
     channel: ChannelName,
     resume: Option<StreamPosition>,
     join: Option<Join>,
-}
-
-/// The first pending join to complete, taken out of the list.
-async fn poll_joins(
-    joining: &mut Vec<PendingJoin>,
-) -> (PendingJoin, Result<(), crate::backend::Refusal>) {
-    poll_fn(|cx| {
-        for i in 0..joining.len() {
-            if let Poll::Ready(r) = joining[i].wait.as_mut().poll(cx) {
-                return Poll::Ready((joining.swap_remove(i), r));
-            }
-        }
-        Poll::Pending
-    })
-    .await
 }
 
 async fn run<R, W>(
@@ -330,30 +304,25 @@ async fn run<R, W>(
         ctx,
         subs: Vec::new(),
         partial: BytesMut::new(),
-        last_inbound: Instant::now(),
-        ping_sent: false,
+        clock: SessionClock::new(
+            &Timeouts::from_config(cfg, CLOSE_GRACE),
+            session::now(),
+            auth.exp.map(instant_of),
+            // A client that may do nothing without a token must authenticate in time.
+            auth.user.is_none() && node.auth.as_ref().is_some_and(|a| !a.anonymous_allowed()),
+        ),
         read_closed: false,
         draining: false,
-        close_deadline: None,
-        auth_deadline: None,
-        expiry: auth.exp.map(instant_of),
-        refresh_deadline: None,
         bucket: (cfg.rate_limit > 0).then(|| {
             crate::limits::TokenBucket::new(cfg.rate_limit, cfg.rate_burst, Instant::now())
         }),
         auth,
-        joining: Vec::new(),
+        joining: Pending::default(),
         mailbox: None,
         caller: hs.map(|h| h.caller),
     };
     s.register_user();
     s.on_admitted(admitted);
-    // A client that may do nothing without a token must authenticate in time.
-    if let Some(a) = &s.ctx.node.auth {
-        if s.auth.user.is_none() && !a.anonymous_allowed() {
-            s.auth_deadline = Some(Instant::now() + cfg.auth_timeout);
-        }
-    }
     let m = &s.ctx.metrics;
     m.ws_accepted.increment(1);
     m.ws_connections.increment(1.0);
@@ -382,13 +351,13 @@ async fn run<R, W>(
     let timer = tokio::time::sleep(cfg.ping_interval);
     tokio::pin!(timer);
     loop {
-        let deadline = s.next_deadline(cfg);
+        let deadline = s.clock.poll_timeout(&s.timeouts());
         if timer.deadline() != deadline.into() {
             timer.as_mut().reset(deadline.into());
         }
         tokio::select! {
             biased;
-            _ = &mut stop, if s.close_deadline.is_none() => {
+            _ = &mut stop, if !s.clock.is_closing() => {
                 // Ids are per shard: interleaved, they tell every connection of the node apart.
                 let shards = s.ctx.node.wakers.len() as u64;
                 let key = s.id * shards + s.ctx.shard as u64;
@@ -423,27 +392,27 @@ async fn run<R, W>(
                 }
                 Ok(_) if s.draining => {}
                 Ok(n) => {
-                    s.last_inbound = Instant::now();
-                    s.live.touch(s.ctx.node.engine.millis(s.last_inbound));
-                    s.ping_sent = false;
+                    let now = session::now();
+                    s.clock.on_inbound(now);
+                    s.live.touch(s.ctx.node.engine.millis(now));
                     SCRATCH_BUF.with(|b| {
                         let mut b = b.borrow_mut();
                         s.on_read(&mut decoder, &mut b[..n]);
                     });
                 }
             },
-            (p, r) = poll_joins(&mut s.joining), if !s.joining.is_empty() => {
+            (p, r) = s.joining.next(), if !s.joining.is_empty() => {
                 let id = p.id.as_ref().map(|i| i.as_req_id());
                 match r {
                     Ok(()) => s.subscribe_now(id, p.channel, p.resume, p.join, Instant::now()),
                     Err(r) => s.refused(id, &r),
                 }
             }
-            _ = mailbox_ready(&s.mailbox), if s.mailbox.is_some() && s.close_deadline.is_none() => {
+            _ = mailbox_ready(&s.mailbox), if s.mailbox.is_some() && !s.clock.is_closing() => {
                 s.on_user_commands();
             }
             _ = &mut timer => {
-                if s.on_timer(cfg) {
+                if s.on_timer() {
                     break;
                 }
             }
@@ -511,62 +480,36 @@ async fn read_some<R: AsyncRead + Unpin>(rd: &mut R) -> io::Result<usize> {
 }
 
 impl Session {
-    fn next_deadline(&self, cfg: &crate::config::Config) -> Instant {
-        if let Some(d) = self.close_deadline {
-            return d;
-        }
-        let keepalive = if self.ping_sent {
-            self.last_inbound + cfg.idle_timeout
-        } else {
-            self.last_inbound + cfg.ping_interval
-        };
-        [self.auth_deadline, self.expiry, self.refresh_deadline]
-            .into_iter()
-            .flatten()
-            .fold(keepalive, Instant::min)
+    /// The clock's settings (read from the node's config, not kept per connection).
+    fn timeouts(&self) -> Timeouts {
+        Timeouts::from_config(self.ctx.config(), CLOSE_GRACE)
     }
 
-    /// Returns true when the session must end now.
-    fn on_timer(&mut self, cfg: &crate::config::Config) -> bool {
-        let now = Instant::now();
-        if self.close_deadline.is_some_and(|d| now >= d) {
-            return true;
-        }
-        if self.on_auth_timer(now, cfg) {
-            return false;
-        }
-        if now >= self.last_inbound + cfg.idle_timeout {
-            self.close(frame::CLOSE_GOING_AWAY, "idle timeout", true);
-        } else if !self.ping_sent && now >= self.last_inbound + cfg.ping_interval {
-            self.ping_sent = true;
-            self.push(frame::frame(frame::OP_PING, b""));
-        }
-        false
-    }
-
-    /// Auth deadlines; true when the session is now closing.
-    fn on_auth_timer(&mut self, now: Instant, cfg: &crate::config::Config) -> bool {
+    /// Acts on what the clock says is due; returns true when the session must end now.
+    fn on_timer(&mut self) -> bool {
         use crate::limits::{refused, Cause};
-        if self.auth_deadline.is_some_and(|d| now >= d) {
-            refused(Cause::Unauthorized, "no auth command in time");
-            self.close(CLOSE_UNAUTHORIZED, "authentication timeout", true);
-            return true;
-        }
-        if self.refresh_deadline.is_some_and(|d| now >= d) {
-            refused(Cause::TokenExpired, "no refresh in time");
-            self.close(CLOSE_TOKEN_EXPIRED, "token expired", true);
-            return true;
-        }
-        if self.expiry.is_some_and(|d| now >= d) {
-            self.expiry = None;
-            if self.wire == Wire::Json {
-                self.refresh_deadline = Some(now + cfg.auth_timeout);
-                self.push(json::token_expired(cfg.auth_timeout.as_millis()));
-            } else {
-                // The binary protocol has no refresh: reconnect with a new token and resume.
-                refused(Cause::TokenExpired, "binary connection");
+        match self.clock.handle_timeout(session::now(), &self.timeouts()) {
+            Due::Nothing => {}
+            Due::End => return true,
+            Due::Ping => self.push(frame::frame(frame::OP_PING, b"")),
+            Due::Idle => self.close(frame::CLOSE_GOING_AWAY, "idle timeout", true),
+            Due::AuthTimeout => {
+                refused(Cause::Unauthorized, "no auth command in time");
+                self.close(CLOSE_UNAUTHORIZED, "authentication timeout", true);
+            }
+            Due::RefreshTimeout => {
+                refused(Cause::TokenExpired, "no refresh in time");
                 self.close(CLOSE_TOKEN_EXPIRED, "token expired", true);
-                return true;
+            }
+            Due::TokenExpired { refresh_within } => {
+                if self.wire == Wire::Json {
+                    self.push(json::token_expired(refresh_within.as_millis()));
+                } else {
+                    // The binary protocol has no refresh: reconnect with a new token and
+                    // resume.
+                    refused(Cause::TokenExpired, "binary connection");
+                    self.close(CLOSE_TOKEN_EXPIRED, "token expired", true);
+                }
             }
         }
         false
@@ -576,11 +519,9 @@ impl Session {
     /// Every close but the slow-consumer one is clean (presence leaves at once); a slow
     /// consumer is expected back with a resume, so its presence waits for the timeout.
     fn close(&mut self, code: u16, reason: &str, flush: bool) {
-        if code != frame::CLOSE_SLOW_CONSUMER && self.close_deadline.is_none() {
+        if self.clock.close(session::now(), &self.timeouts()) && code != frame::CLOSE_SLOW_CONSUMER
+        {
             self.clean = true;
-        }
-        if self.close_deadline.is_none() {
-            self.close_deadline = Some(Instant::now() + CLOSE_GRACE);
         }
         self.read_closed = true;
         self.outbox
@@ -737,8 +678,7 @@ impl Session {
         let error = |code, message| Event::Error { code, message };
         {
             {
-                if self.subs.contains(&channel) || self.joining.iter().any(|j| j.channel == channel)
-                {
+                if self.subs.contains(&channel) || self.joining.any(|j| j.channel == channel) {
                     return self.reply(
                         id,
                         &error("already_subscribed", "already subscribed to this channel"),
@@ -769,13 +709,13 @@ impl Session {
                 {
                     // The backplane brings the channel in sync first; the session loop
                     // subscribes when it has (or answers `unavailable`).
-                    self.joining.push(PendingJoin {
-                        wait,
+                    let request = PendingJoin {
                         id: id.map(|i| i.to_owned_id()),
                         channel,
                         resume,
                         join,
-                    });
+                    };
+                    self.joining.hold(request, wait);
                     return;
                 }
                 self.subscribe_now(id, channel, resume, join, now);
@@ -787,8 +727,7 @@ impl Session {
         let error = |code, message| Event::Error { code, message };
         {
             {
-                if let Some(i) = self.joining.iter().position(|j| j.channel == channel) {
-                    self.joining.swap_remove(i);
+                if self.joining.cancel(|j| j.channel == channel).is_some() {
                     return self.reply(id, &Event::Unsubscribed { channel: &channel });
                 }
                 let left = self
@@ -994,16 +933,13 @@ impl Session {
                     return self.close(code, &reason[..end], true);
                 }
                 UserCommand::Subscribe(channel) => {
-                    if !self.subs.contains(&channel)
-                        && !self.joining.iter().any(|j| j.channel == channel)
+                    if !self.subs.contains(&channel) && !self.joining.any(|j| j.channel == channel)
                     {
                         self.subscribe_granted(None, channel, None, None, Instant::now(), false);
                     }
                 }
                 UserCommand::Unsubscribe(channel) => {
-                    if self.subs.contains(&channel)
-                        || self.joining.iter().any(|j| j.channel == channel)
-                    {
+                    if self.subs.contains(&channel) || self.joining.any(|j| j.channel == channel) {
                         self.unsubscribe(None, channel, Instant::now());
                     }
                 }
@@ -1036,8 +972,7 @@ impl Session {
             Ok(p) => {
                 let reply = json::authenticated(id, &p.sub, p.exp);
                 self.auth = ConnAuth::from_principal(p);
-                self.auth_deadline = None;
-                self.expiry = self.auth.exp.map(instant_of);
+                self.clock.authenticated(self.auth.exp.map(instant_of));
                 self.register_user();
                 self.push(reply);
             }
@@ -1081,8 +1016,7 @@ impl Session {
             Ok(p) => {
                 let reply = json::refreshed(id, p.exp);
                 self.auth = ConnAuth::from_principal(p);
-                self.expiry = self.auth.exp.map(instant_of);
-                self.refresh_deadline = None;
+                self.clock.refreshed(self.auth.exp.map(instant_of));
                 self.push(reply);
             }
             Err(e) => {

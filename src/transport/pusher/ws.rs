@@ -29,6 +29,7 @@ use crate::protocol::ws::{self as frame, Decoder, Message};
 use crate::protocol::ENC_PUSHER;
 use crate::transport::http::{error, Body};
 use crate::transport::io::{TimedIo, TimedWrite};
+use crate::transport::session::{self, Due, Pending, SessionClock, Timeouts};
 use crate::transport::ShardContext;
 use crate::types::{ChannelName, DataKind};
 
@@ -165,7 +166,6 @@ struct Sub {
 
 /// A subscribe waiting for the backplane to bring its channel in sync.
 struct PendingJoin {
-    wait: crate::backplane::BoxFuture<Result<(), crate::transport::PublishError>>,
     name: String,
     channel: ChannelName,
     member: Option<(Arc<str>, Option<Bytes>)>,
@@ -183,16 +183,15 @@ struct Session {
     outbox: Rc<Outbox>,
     subs: Vec<Sub>,
     partial: BytesMut,
-    last_inbound: Instant,
-    ping_sent: bool,
+    /// Keep-alive and the close grace (sans-IO, `transport::session`).
+    clock: SessionClock,
     read_closed: bool,
     draining: bool,
-    close_deadline: Option<Instant>,
     /// The signed-in user and the notice `terminate_connections` sends it.
     user: Option<(Arc<str>, Arc<Notify>)>,
     /// Client events per second.
     bucket: Option<crate::limits::TokenBucket>,
-    joining: Vec<PendingJoin>,
+    joining: Pending<PendingJoin, Result<(), crate::transport::PublishError>>,
 }
 
 async fn run<R, W>(
@@ -230,14 +229,17 @@ async fn run<R, W>(
         ctx,
         subs: Vec::new(),
         partial: BytesMut::new(),
-        last_inbound: Instant::now(),
-        ping_sent: false,
+        clock: SessionClock::new(
+            &Timeouts::from_config(cfg, CLOSE_GRACE),
+            session::now(),
+            None,
+            false,
+        ),
         read_closed: false,
         draining: false,
-        close_deadline: None,
         user: None,
         bucket: (rate > 0).then(|| crate::limits::TokenBucket::new(rate, rate, Instant::now())),
-        joining: Vec::new(),
+        joining: Pending::default(),
     };
     let m = &s.ctx.metrics;
     m.ws_accepted.increment(1);
@@ -262,16 +264,16 @@ async fn run<R, W>(
     let timer = tokio::time::sleep(cfg.ping_interval);
     tokio::pin!(timer);
     loop {
-        let deadline = s.next_deadline(cfg);
+        let deadline = s.clock.poll_timeout(&s.timeouts());
         if timer.deadline() != deadline.into() {
             timer.as_mut().reset(deadline.into());
         }
         tokio::select! {
             biased;
-            _ = &mut stop, if s.close_deadline.is_none() => {
+            _ = &mut stop, if !s.clock.is_closing() => {
                 s.close(code::RECONNECT, "service restart");
             }
-            _ = killed(&s.user), if s.close_deadline.is_none() => {
+            _ = killed(&s.user), if !s.clock.is_closing() => {
                 s.push(wire::error(Some(code::TERMINATED), "Connection terminated by the server"));
                 s.close(code::TERMINATED, "terminated");
             }
@@ -287,7 +289,7 @@ async fn run<R, W>(
                     s.clean = false;
                     s.outbox.close_with(frame::close_frame(code::RECONNECT, "slow consumer"), false);
                     s.read_closed = true;
-                    s.close_deadline.get_or_insert(Instant::now() + CLOSE_GRACE);
+                    s.clock.close(session::now(), &s.timeouts());
                 }
                 Err(_) => break,
             },
@@ -295,21 +297,21 @@ async fn run<R, W>(
                 Ok(0) | Err(_) => break,
                 Ok(_) if s.draining => {}
                 Ok(n) => {
-                    s.last_inbound = Instant::now();
-                    s.live.touch(s.ctx.node.engine.millis(s.last_inbound));
-                    s.ping_sent = false;
+                    let now = session::now();
+                    s.clock.on_inbound(now);
+                    s.live.touch(s.ctx.node.engine.millis(now));
                     SCRATCH_BUF.with(|b| {
                         let mut b = b.borrow_mut();
                         s.on_read(&mut decoder, &mut b[..n]);
                     });
                 }
             },
-            (p, r) = poll_joins(&mut s.joining), if !s.joining.is_empty() => match r {
+            (p, r) = s.joining.next(), if !s.joining.is_empty() => match r {
                 Ok(()) => s.subscribe_now(&p.name, p.channel, p.member),
                 Err(e) => s.push(wire::subscription_error(&p.name, 503, &e.to_string())),
             },
             _ = &mut timer => {
-                if s.on_timer(cfg) {
+                if s.on_timer() {
                     break;
                 }
             }
@@ -369,20 +371,6 @@ async fn read_some<R: AsyncRead + Unpin>(rd: &mut R) -> io::Result<usize> {
     .await
 }
 
-async fn poll_joins(
-    joining: &mut Vec<PendingJoin>,
-) -> (PendingJoin, Result<(), crate::transport::PublishError>) {
-    poll_fn(|cx| {
-        for i in 0..joining.len() {
-            if let Poll::Ready(r) = joining[i].wait.as_mut().poll(cx) {
-                return Poll::Ready((joining.swap_remove(i), r));
-            }
-        }
-        Poll::Pending
-    })
-    .await
-}
-
 impl Session {
     fn app(&self) -> Option<&crate::protocol::pusher::App> {
         self.ctx.node.pusher.app(self.app)
@@ -396,28 +384,19 @@ impl Session {
         self.outbox.push(Out::control(frame));
     }
 
-    fn next_deadline(&self, cfg: &crate::config::Config) -> Instant {
-        if let Some(d) = self.close_deadline {
-            return d;
-        }
-        if self.ping_sent {
-            self.last_inbound + cfg.idle_timeout
-        } else {
-            self.last_inbound + cfg.ping_interval
-        }
+    /// The clock's settings (read from the node's config, not kept per connection).
+    fn timeouts(&self) -> Timeouts {
+        Timeouts::from_config(self.ctx.config(), CLOSE_GRACE)
     }
 
-    /// Returns true when the session must end now.
-    fn on_timer(&mut self, cfg: &crate::config::Config) -> bool {
-        let now = Instant::now();
-        if self.close_deadline.is_some_and(|d| now >= d) {
-            return true;
-        }
-        if now >= self.last_inbound + cfg.idle_timeout {
-            self.close(code::PONG_TIMEOUT, "Pong reply not received");
-        } else if !self.ping_sent && now >= self.last_inbound + cfg.ping_interval {
-            self.ping_sent = true;
-            self.push(wire::ping());
+    /// Acts on what the clock says is due; returns true when the session must end now.
+    /// (Pusher connections carry no token: no auth deadline is ever due.)
+    fn on_timer(&mut self) -> bool {
+        match self.clock.handle_timeout(session::now(), &self.timeouts()) {
+            Due::End => return true,
+            Due::Ping => self.push(wire::ping()),
+            Due::Idle => self.close(code::PONG_TIMEOUT, "Pong reply not received"),
+            Due::Nothing | Due::AuthTimeout | Due::RefreshTimeout | Due::TokenExpired { .. } => {}
         }
         false
     }
@@ -425,9 +404,7 @@ impl Session {
     /// Queues a close frame; the session ends once it is written (or after a grace period).
     fn close(&mut self, c: u16, reason: &str) {
         self.clean = true;
-        if self.close_deadline.is_none() {
-            self.close_deadline = Some(Instant::now() + CLOSE_GRACE);
-        }
+        self.clock.close(session::now(), &self.timeouts());
         self.read_closed = true;
         self.outbox.close_with(frame::close_frame(c, reason), true);
     }
@@ -515,7 +492,7 @@ impl Session {
         };
         // `name` is valid from here: frames may carry it verbatim.
         if self.subs.iter().any(|s| s.channel == channel)
-            || self.joining.iter().any(|j| j.channel == channel)
+            || self.joining.any(|j| j.channel == channel)
         {
             return self.push(wire::error(None, "Existing subscription to this channel"));
         }
@@ -570,12 +547,12 @@ impl Session {
             _ => None,
         };
         if let Some(wait) = self.ctx.node.join(&channel) {
-            self.joining.push(PendingJoin {
-                wait,
+            let request = PendingJoin {
                 name: name.to_owned(),
                 channel,
                 member,
-            });
+            };
+            self.joining.hold(request, wait);
             return;
         }
         self.subscribe_now(name, channel, member);
@@ -659,7 +636,7 @@ impl Session {
         let Some(channel) = self.app().and_then(|a| wire::relay_channel(&a.id, name)) else {
             return;
         };
-        self.joining.retain(|j| j.channel != channel);
+        self.joining.cancel(|j| j.channel == channel);
         let Some(i) = self.subs.iter().position(|s| s.channel == channel) else {
             return;
         };
