@@ -148,6 +148,7 @@ impl Store {
             node_id: id.to_owned(),
             seed: seed(id),
             presence_timeout: self.setup.presence_timeout,
+            idempotency_window: Duration::from_secs(60),
         };
         let stop = CancellationToken::new();
         self.stops.lock().unwrap().push(stop.clone());

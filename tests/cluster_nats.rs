@@ -90,3 +90,24 @@ async fn nats_restarted_without_its_data_nodes_start_new_epochs_and_say_recovere
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_command_sent_through_one_node_acts_on_every_node() {
+    if KIND.available() {
+        cluster::a_user_command_sent_through_one_node_acts_on_every_node(KIND).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_publish_retried_on_every_node_at_once_is_published_once() {
+    if KIND.available() {
+        cluster::an_idempotent_publish_retried_on_every_node_at_once_is_published_once(KIND).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_writers_on_different_nodes_win_once_per_seq() {
+    if KIND.available() {
+        cluster::conditional_writers_on_different_nodes_win_once_per_seq(KIND).await;
+    }
+}

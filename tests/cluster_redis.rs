@@ -80,3 +80,32 @@ async fn presence_spans_nodes_and_a_killed_nodes_members_leave_within_the_timeou
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_are_sent_once_per_cluster_and_a_killed_nodes_holds_are_settled() {
+    if KIND.available() {
+        cluster::webhooks_are_sent_once_per_cluster_and_a_killed_nodes_holds_are_settled(KIND)
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_publish_retried_on_every_node_at_once_is_published_once() {
+    if KIND.available() {
+        cluster::an_idempotent_publish_retried_on_every_node_at_once_is_published_once(KIND).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_writers_on_different_nodes_win_once_per_seq() {
+    if KIND.available() {
+        cluster::conditional_writers_on_different_nodes_win_once_per_seq(KIND).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_command_sent_through_one_node_acts_on_every_node() {
+    if KIND.available() {
+        cluster::a_user_command_sent_through_one_node_acts_on_every_node(KIND).await;
+    }
+}

@@ -20,6 +20,7 @@
 //! [`Engine::ingest`]: crate::engine::Engine::ingest
 //! [`Engine::reset`]: crate::engine::Engine::reset
 
+pub mod agree;
 pub mod memory;
 pub mod nats;
 pub mod presence;
@@ -39,6 +40,9 @@ use tokio::sync::Notify;
 use crate::engine::presence::Identity;
 use crate::engine::{mask_iter, mix_public, History, ShardMask};
 use crate::types::{ChannelName, DataKind, Epoch};
+
+/// What a node does with a control message ([`Backplane::set_control`]).
+pub type ControlHandler = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
 /// A boxed, sendable future (what trait objects can return).
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -80,23 +84,16 @@ pub trait Backplane: Send + Sync {
 
     /// [`Backplane::publish`] under conditions (idempotency key, expected seq): see
     /// [`crate::engine::Engine::publish_with`]. Returns the position and whether the publish
-    /// was a duplicate (nothing published). A backplane that cannot do it refuses conditions
-    /// with [`BackplaneError::Unsupported`] (never ignores them).
+    /// was a duplicate (nothing published). Every backplane applies the conditions for the
+    /// whole cluster (the key and the compare-and-set live where the seq is made); none
+    /// ignores them.
     fn publish_with(
         &self,
         channel: &ChannelName,
         kind: DataKind,
         data: Bytes,
         cond: crate::engine::idempotency::PublishConditions,
-    ) -> BoxFuture<Result<(Epoch, u64, bool), BackplaneError>> {
-        if !cond.is_empty() {
-            return Box::pin(std::future::ready(Err(BackplaneError::Unsupported(
-                "idempotency_key and expected_seq are not available with this backplane yet",
-            ))));
-        }
-        let f = self.publish(channel, kind, data);
-        Box::pin(async move { f.await.map(|(e, s)| (e, s, false)) })
-    }
+    ) -> BoxFuture<Result<(Epoch, u64, bool), BackplaneError>>;
 
     /// Called before a subscriber is added on this node. `None` when the local channel is
     /// already in sync (subscribe at once); otherwise a future that completes once this node
@@ -123,6 +120,45 @@ pub trait Backplane: Send + Sync {
         _channel: &ChannelName,
     ) -> Option<BoxFuture<Result<Vec<Identity>, BackplaneError>>> {
         None
+    }
+
+    /// Sends `message` to every node's control handler ([`Backplane::set_control`]), this
+    /// node's included; answers how many nodes it reached when the store can tell. `None`:
+    /// one node only (memory mode).
+    fn send_control(
+        &self,
+        _message: Bytes,
+    ) -> Option<BoxFuture<Result<Option<u64>, BackplaneError>>> {
+        None
+    }
+
+    /// Sets what this node does with the control messages of every node (once; later calls
+    /// are ignored). The handler runs on the backplane's thread and must not block.
+    fn set_control(&self, _handler: ControlHandler) {}
+
+    /// Whether the backplane agrees on channel events across nodes ([`Backplane::agree`]).
+    /// `false` (memory mode): the node alone decides, every change it sees is an event.
+    fn agrees(&self) -> bool {
+        false
+    }
+
+    /// Writes this node's `claims` about `channel` (see [`agree`]) and returns the
+    /// cluster-wide changes they (and the expired claims of other nodes found meanwhile)
+    /// made, for this node to report.
+    fn agree(
+        &self,
+        _channel: &ChannelName,
+        _claims: Vec<agree::Claim>,
+    ) -> BoxFuture<Result<Vec<agree::Agreed>, BackplaneError>> {
+        Box::pin(std::future::ready(Err(BackplaneError::Unsupported(
+            "this backplane does not agree on channel events",
+        ))))
+    }
+
+    /// Removes the claims whose lease ran out on channels no live node touches any more (a
+    /// crashed node's) and returns the changes that made, for this node to report.
+    fn reap(&self) -> BoxFuture<Result<Vec<(ChannelName, agree::Agreed)>, BackplaneError>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
     }
 }
 
@@ -242,4 +278,6 @@ pub struct Settings {
     pub seed: u64,
     /// A presence member not refreshed for this long leaves (`--presence-timeout`).
     pub presence_timeout: std::time::Duration,
+    /// How long a publish's idempotency key is remembered (`--idempotency-window`).
+    pub idempotency_window: std::time::Duration,
 }

@@ -52,10 +52,13 @@ use super::replica::{
     Entry, Incoming, Remote, Replica, Snapshot, Stored, BACKOFF_BASE, BACKOFF_CAP, TICK,
 };
 use super::{backoff, wall_ms, BackplaneError, BoxFuture, Seeds, Settings, Wakers};
+use crate::engine::idempotency::PublishConditions;
 use crate::engine::Engine;
 use crate::types::{ChannelName, DataKind, Epoch, StreamPosition};
 
 const STREAM: &str = "RELAY";
+/// The core subject of control messages (server API user commands), outside the channels'.
+const CONTROL_SUBJECT: &str = "relay.control";
 const PRESENCE_STREAM: &str = "RELAY_PRESENCE";
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 const PUBLISH_ATTEMPTS: usize = 100;
@@ -330,6 +333,18 @@ async fn supervise(nats: Arc<Nats>, replica: Arc<Replica>, stop: CancellationTok
     };
     nats.js
         .store(Some(Arc::new(jetstream::new(client.clone()))));
+    // One subscription for the node's life: async-nats subscribes again after a reconnect.
+    match client.subscribe(CONTROL_SUBJECT).await {
+        Ok(mut control) => {
+            let replica = replica.clone();
+            tokio::spawn(async move {
+                while let Some(m) = control.next().await {
+                    replica.on_control(&m.payload);
+                }
+            });
+        }
+        Err(e) => tracing::error!(error = %e, "backplane: cannot subscribe to the control subject"),
+    }
     nats.client.store(Some(Arc::new(client)));
     let mut connects = 0u64;
     // The first connection may already be up when the callback is installed: check once.
@@ -450,6 +465,11 @@ impl Nats {
             max_age: self.settings.history_ttl,
             storage: jetstream::stream::StorageType::File,
             allow_direct: true,
+            // Idempotency keys (`Nats-Msg-Id`); JetStream bounds the window by the max age.
+            duplicate_window: self
+                .settings
+                .idempotency_window
+                .min(self.settings.history_ttl),
             republish: Some(jetstream::stream::Republish {
                 source: "relay.log.>".to_owned(),
                 destination: "relay.msg.>".to_owned(),
@@ -494,6 +514,15 @@ impl Nats {
         }
         self.ready.store(true, Ordering::Release);
         replica.connected(connects == 1);
+    }
+
+    /// `channel`'s publish slot on this node.
+    fn slot(&self, channel: &ChannelName) -> Arc<Slot> {
+        self.lasts
+            .lock()
+            .entry(channel.clone())
+            .or_default()
+            .clone()
     }
 
     fn parts(
@@ -590,6 +619,18 @@ async fn try_publish(
     h: HeaderMap,
     data: Bytes,
 ) -> Result<Option<u64>, BackplaneError> {
+    Ok(try_publish_ack(js, ch, h, data)
+        .await?
+        .map(|ack| ack.sequence))
+}
+
+/// [`try_publish`], answering JetStream's whole ack (a duplicate `Nats-Msg-Id` is one).
+async fn try_publish_ack(
+    js: &jetstream::Context,
+    ch: &ChannelName,
+    h: HeaderMap,
+    data: Bytes,
+) -> Result<Option<jetstream::publish::PublishAck>, BackplaneError> {
     use jetstream::context::PublishErrorKind;
     let r = tokio::time::timeout(COMMAND_TIMEOUT, async {
         let ack = js.publish_with_headers(log_subject(ch), h, data).await?;
@@ -598,9 +639,77 @@ async fn try_publish(
     .await;
     match r {
         Err(_) => Err(unavailable("nats timed out")),
-        Ok(Ok(ack)) => Ok(Some(ack.sequence)),
+        Ok(Ok(ack)) => Ok(Some(ack)),
         Ok(Err(e)) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
         Ok(Err(e)) => Err(unavailable(e)),
+    }
+}
+
+/// A publish under conditions, alone (never batched: its `Nats-Msg-Id` and expectation are
+/// its own). The idempotency key is JetStream's `Nats-Msg-Id` (`<hex channel>:<key>`, kept for
+/// the stream's duplicate window); `expected_seq` is compared with the subject's last message,
+/// and the publish expects that message's stream sequence (compare-and-set). With a key and a
+/// mismatch the publish is still sent, expecting a sequence no subject has: JetStream answers
+/// a repeated id as a duplicate before it checks expectations, and refuses anything else.
+async fn publish_if(
+    js: &jetstream::Context,
+    stream: &jetstream::stream::Stream,
+    ch: &ChannelName,
+    fresh: Epoch,
+    (kind, data): (DataKind, Bytes),
+    cond: &PublishConditions,
+) -> Result<(Epoch, u64, bool), BackplaneError> {
+    let id = cond
+        .idempotency_key
+        .as_ref()
+        .map(|k| format!("{}:{k}", hex(ch)));
+    for _ in 0..PUBLISH_ATTEMPTS {
+        let last = read_last(stream, ch).await?.unwrap_or(Last {
+            stream_seq: 0,
+            epoch: fresh,
+            seq: 0,
+        });
+        let at = StreamPosition {
+            epoch: last.epoch,
+            seq: last.seq,
+        };
+        let mismatch = cond.expected_seq.is_some_and(|e| e != last.seq);
+        if mismatch && id.is_none() {
+            return Err(BackplaneError::SeqMismatch(at));
+        }
+        let expect = if mismatch { u64::MAX } else { last.stream_seq };
+        let mut h = headers(last.epoch, last.seq + 1, kind_code(kind), expect);
+        if let Some(id) = &id {
+            h.insert("Nats-Msg-Id", id.as_str());
+        }
+        match try_publish_ack(js, ch, h, data.clone()).await? {
+            Some(ack) if ack.duplicate => return first_of(stream, ack.sequence).await,
+            Some(_) => return Ok((last.epoch, last.seq + 1, false)),
+            None if mismatch => return Err(BackplaneError::SeqMismatch(at)),
+            // Another publish got there first: read again (a conditional one then mismatches).
+            None => {}
+        }
+    }
+    Err(unavailable("too much contention on the channel"))
+}
+
+/// The position of the message stored at `stream_seq` (the first publish of a repeated key).
+async fn first_of(
+    stream: &jetstream::stream::Stream,
+    stream_seq: u64,
+) -> Result<(Epoch, u64, bool), BackplaneError> {
+    let m = match tokio::time::timeout(COMMAND_TIMEOUT, stream.direct_get(stream_seq)).await {
+        Err(_) => return Err(unavailable("nats timed out")),
+        Ok(Err(e)) => return Err(unavailable(e)),
+        Ok(Ok(m)) => m,
+    };
+    let mut got = Vec::new();
+    parse_stored(&m.headers, m.payload, &mut got);
+    match got.first() {
+        Some(Incoming::Message(e, m)) => Ok((*e, m.seq, true)),
+        _ => Err(BackplaneError::Protocol(
+            "the first publish of this idempotency key is not readable".into(),
+        )),
     }
 }
 
@@ -681,6 +790,49 @@ impl Remote for Nats {
         "nats"
     }
 
+    fn publish_with(
+        &self,
+        channel: &ChannelName,
+        kind: DataKind,
+        data: Bytes,
+        cond: PublishConditions,
+    ) -> BoxFuture<Result<(Epoch, u64, bool), BackplaneError>> {
+        let (js, stream) = match self.parts() {
+            Ok(p) => p,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
+        let slot = self.slot(channel);
+        let fresh = self.seeds.epoch();
+        let ch = channel.clone();
+        Box::pin(async move {
+            // In turn with this node's batches of the channel; the cached last is then stale.
+            let mut cached = slot.last.lock().await;
+            *cached = None;
+            publish_if(&js, &stream, &ch, fresh, (kind, data), &cond).await
+        })
+    }
+
+    fn send_control(
+        &self,
+        message: Bytes,
+    ) -> Option<BoxFuture<Result<Option<u64>, BackplaneError>>> {
+        let client = self.client.load_full();
+        Some(Box::pin(async move {
+            let client = client.ok_or_else(|| unavailable("nats is unavailable"))?;
+            let sent = async {
+                client.publish(CONTROL_SUBJECT, message).await?;
+                client.flush().await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            };
+            match tokio::time::timeout(COMMAND_TIMEOUT, sent).await {
+                // Core NATS does not say how many subscribers got it.
+                Ok(Ok(())) => Ok(None),
+                Ok(Err(e)) => Err(unavailable(e)),
+                Err(_) => Err(unavailable("nats timed out")),
+            }
+        }))
+    }
+
     fn is_up(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
@@ -695,12 +847,7 @@ impl Remote for Nats {
             Ok(p) => p,
             Err(e) => return Box::pin(std::future::ready(Err(e))),
         };
-        let slot = self
-            .lasts
-            .lock()
-            .entry(channel.clone())
-            .or_default()
-            .clone();
+        let slot = self.slot(channel);
         let (done, mut answer) = oneshot::channel();
         {
             let mut queue = slot.queue.lock();

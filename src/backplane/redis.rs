@@ -49,6 +49,8 @@
 //! re-subscribed and resynced ([`Replica::connected`]): subscribers either get what they missed
 //! or are closed and resume (`recovered:false` when the history cannot cover their gap).
 
+mod agree;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,30 +64,50 @@ use fred::prelude::{
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::agree::{Agreed, Claim};
 use super::presence::{decode_member, encode_member, Members, PresenceOp};
 use super::replica::{
     Batch, Entry, Incoming, Remote, Replica, Snapshot, Stored, BACKOFF_BASE, BACKOFF_CAP,
 };
 use super::{backoff, wall_ms, BackplaneError, BoxFuture, Seeds, Settings, Wakers};
+use crate::engine::idempotency::PublishConditions;
 use crate::engine::Engine;
 use crate::types::{ChannelName, DataKind, Epoch, StreamPosition};
 
 /// How long one Redis command may take before the publish (or join) fails.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// `ARGV`: candidate epoch, kind, data, history size, history TTL ms, meta TTL ms, pub/sub
-/// channel, the publisher's local position (epoch or '', seq). A publisher that holds more of
-/// the epoch than Redis (history lost in a failover, see [`SYNC_LUA`]) moves the channel to the
-/// candidate epoch before numbering, so the new message never takes a lost one's seq.
+/// `KEYS`: meta, stream and, with an idempotency key, its key. `ARGV`: candidate epoch, kind,
+/// data, history size, history TTL ms, meta TTL ms, pub/sub channel, the publisher's local
+/// position (epoch or '', seq) and, for a conditional publish, the expected seq ('' none) and
+/// the key's window ms. A publisher that holds more of the epoch than Redis (history lost in a
+/// failover, see [`SYNC_LUA`]) moves the channel to the candidate epoch before numbering, so
+/// the new message never takes a lost one's seq. Returns `{epoch, seq, 0}`; `{epoch, seq, 1}`
+/// when the key was seen (the first publish's position, nothing published); `{epoch, top, 2}`
+/// when the top is not the expected seq (nothing published).
 const PUBLISH_LUA: &str = r#"
+if KEYS[3] then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then
+    local e, seq = string.match(seen, '^(%S+) (%d+)$')
+    return {e, tonumber(seq), 1}
+  end
+end
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e then
   e = ARGV[1]
   redis.call('HSET', KEYS[1], 'e', e, 'top', 0)
   redis.call('DEL', KEYS[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
 elseif e == ARGV[8] and tonumber(redis.call('HGET', KEYS[1], 'top') or '0') < tonumber(ARGV[9]) then
   e = ARGV[1]
   redis.call('HSET', KEYS[1], 'e', e)
+end
+if ARGV[10] and ARGV[10] ~= '' then
+  local top = tonumber(redis.call('HGET', KEYS[1], 'top'))
+  if top ~= tonumber(ARGV[10]) then
+    return {e, top, 2}
+  end
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'top', 1)
 local t = redis.call('TIME')
@@ -94,7 +116,10 @@ redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], seq .. '-1', 'k', ARGV[2], 't', m
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('PUBLISH', ARGV[7], e .. ' ' .. seq .. ' ' .. ARGV[2] .. ' ' .. ms .. ' ' .. ARGV[3])
-return {e, seq}
+if KEYS[3] then
+  redis.call('SET', KEYS[3], e .. ' ' .. seq, 'PX', ARGV[11])
+end
+return {e, seq, 0}
 "#;
 
 /// `ARGV`: candidate epoch, since epoch (or ''), since seq, limit, meta TTL ms. Returns
@@ -433,6 +458,10 @@ fn hist_key(ch: &ChannelName) -> String {
 
 const MSG_PREFIX: &str = "relay:msg:";
 
+/// The pub/sub channel of control messages (server API user commands), outside the channels'
+/// namespace: every node subscribes to it on each connection.
+const CONTROL_KEY: &str = "relay:control";
+
 fn msg_key(ch: &ChannelName) -> String {
     format!("{MSG_PREFIX}{ch}")
 }
@@ -651,6 +680,64 @@ impl Redis {
             .ok_or_else(|| unavailable("redis is unavailable"))
     }
 
+    /// Runs the publish script, with `cond` (a conditional publish) or without.
+    fn publish_script(
+        &self,
+        channel: &ChannelName,
+        kind: DataKind,
+        data: Bytes,
+        cond: Option<PublishConditions>,
+    ) -> BoxFuture<Result<(Epoch, u64, bool), BackplaneError>> {
+        let mut keys = vec![meta_key(channel), hist_key(channel)];
+        // What this node holds of the channel (nothing when it does not receive it).
+        let known = self.engine.position(channel);
+        let mut args: Vec<Value> = vec![
+            self.seeds.epoch().to_string().into(),
+            kind_code(kind).into(),
+            Value::Bytes(data),
+            (self.settings.history_size as i64).into(),
+            (self.settings.history_ttl.as_millis().max(1) as i64).into(),
+            (self.meta_ttl_ms() as i64).into(),
+            msg_key(channel).into(),
+            known.map_or(String::new(), |p| p.epoch.to_string()).into(),
+            (known.map_or(0, |p| p.seq) as i64).into(),
+        ];
+        if let Some(cond) = cond {
+            if let Some(key) = &cond.idempotency_key {
+                keys.push(format!("relay:{{{channel}}}:idem:{key}"));
+            }
+            args.push(
+                cond.expected_seq
+                    .map_or(String::new(), |s| s.to_string())
+                    .into(),
+            );
+            args.push((self.settings.idempotency_window.as_millis().max(1) as i64).into());
+        }
+        let run = self.script(&self.scripts.publish, PUBLISH_LUA, keys, args);
+        Box::pin(async move {
+            let mut parts = run.await?.into_array().into_iter();
+            let (Some(e), Some(seq)) = (parts.next(), parts.next()) else {
+                return Err(protocol("short publish reply"));
+            };
+            let epoch = value_epoch(&e).ok_or_else(|| protocol("bad epoch"))?;
+            let seq = value_u64(&seq).ok_or_else(|| protocol("bad seq"))?;
+            match parts.next().as_ref().and_then(value_u64) {
+                Some(0) => Ok((epoch, seq, false)),
+                Some(1) => Ok((epoch, seq, true)),
+                Some(2) => Err(BackplaneError::SeqMismatch(StreamPosition { epoch, seq })),
+                _ => Err(protocol("bad publish outcome")),
+            }
+        })
+    }
+
+    /// This node's lease on what it claims about channels (see [`agree`]).
+    fn lease(&self) -> agree::Lease {
+        agree::Lease {
+            node: self.settings.node_id.clone(),
+            length: self.settings.presence_timeout,
+        }
+    }
+
     fn meta_ttl_ms(&self) -> u64 {
         self.settings
             .history_ttl
@@ -668,35 +755,41 @@ impl Redis {
     ) -> BoxFuture<Result<Value, BackplaneError>> {
         let conn = self.current();
         let sha = sha.to_owned();
-        Box::pin(async move {
-            let conn = conn?;
-            let first: Result<Value, RedisError> = match tokio::time::timeout(
-                COMMAND_TIMEOUT,
-                conn.cmd.evalsha(sha, keys.clone(), args.clone()),
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(_) => return Err(unavailable("redis timed out")),
-            };
-            match first {
-                Ok(v) => Ok(v),
-                Err(e) if e.details().contains("NOSCRIPT") => {
-                    match tokio::time::timeout(COMMAND_TIMEOUT, conn.cmd.eval(lua, keys, args))
-                        .await
-                    {
-                        Ok(r) => r.map_err(unavailable),
-                        Err(_) => Err(unavailable("redis timed out")),
-                    }
-                }
-                Err(e) => {
-                    if e.details().contains("READONLY") {
-                        conn.demoted.notify_one();
-                    }
-                    Err(unavailable(e))
-                }
+        Box::pin(async move { eval(&*conn?, &sha, lua, keys, args).await })
+    }
+}
+
+/// Runs a script by hash on `conn`, loading it when Redis does not know it (a restart).
+async fn eval(
+    conn: &Conn,
+    sha: &str,
+    lua: &'static str,
+    keys: Vec<String>,
+    args: Vec<Value>,
+) -> Result<Value, BackplaneError> {
+    let first: Result<Value, RedisError> = match tokio::time::timeout(
+        COMMAND_TIMEOUT,
+        conn.cmd.evalsha(sha, keys.clone(), args.clone()),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => return Err(unavailable("redis timed out")),
+    };
+    match first {
+        Ok(v) => Ok(v),
+        Err(e) if e.details().contains("NOSCRIPT") => {
+            match tokio::time::timeout(COMMAND_TIMEOUT, conn.cmd.eval(lua, keys, args)).await {
+                Ok(r) => r.map_err(unavailable),
+                Err(_) => Err(unavailable("redis timed out")),
             }
-        })
+        }
+        Err(e) => {
+            if e.details().contains("READONLY") {
+                conn.demoted.notify_one();
+            }
+            Err(unavailable(e))
+        }
     }
 }
 
@@ -715,30 +808,18 @@ impl Remote for Redis {
         kind: DataKind,
         data: Bytes,
     ) -> BoxFuture<Result<(Epoch, u64), BackplaneError>> {
-        let keys = vec![meta_key(channel), hist_key(channel)];
-        // What this node holds of the channel (nothing when it does not receive it).
-        let known = self.engine.position(channel);
-        let args: Vec<Value> = vec![
-            self.seeds.epoch().to_string().into(),
-            kind_code(kind).into(),
-            Value::Bytes(data),
-            (self.settings.history_size as i64).into(),
-            (self.settings.history_ttl.as_millis().max(1) as i64).into(),
-            (self.meta_ttl_ms() as i64).into(),
-            msg_key(channel).into(),
-            known.map_or(String::new(), |p| p.epoch.to_string()).into(),
-            (known.map_or(0, |p| p.seq) as i64).into(),
-        ];
-        let run = self.script(&self.scripts.publish, PUBLISH_LUA, keys, args);
-        Box::pin(async move {
-            let mut parts = run.await?.into_array().into_iter();
-            let (Some(e), Some(seq)) = (parts.next(), parts.next()) else {
-                return Err(protocol("short publish reply"));
-            };
-            let epoch = value_epoch(&e).ok_or_else(|| protocol("bad epoch"))?;
-            let seq = value_u64(&seq).ok_or_else(|| protocol("bad seq"))?;
-            Ok((epoch, seq))
-        })
+        let run = self.publish_script(channel, kind, data, None);
+        Box::pin(async move { run.await.map(|(e, s, _)| (e, s)) })
+    }
+
+    fn publish_with(
+        &self,
+        channel: &ChannelName,
+        kind: DataKind,
+        data: Bytes,
+        cond: PublishConditions,
+    ) -> BoxFuture<Result<(Epoch, u64, bool), BackplaneError>> {
+        self.publish_script(channel, kind, data, Some(cond))
     }
 
     fn subscribe(
@@ -832,6 +913,43 @@ impl Remote for Redis {
             Ok(read.then(|| parse_members(v)))
         })
     }
+
+    fn send_control(
+        &self,
+        message: Bytes,
+    ) -> Option<BoxFuture<Result<Option<u64>, BackplaneError>>> {
+        let conn = self.current();
+        Some(Box::pin(async move {
+            let conn = conn?;
+            let sent = conn.cmd.publish::<i64, _, _>(CONTROL_KEY, message);
+            match tokio::time::timeout(COMMAND_TIMEOUT, sent).await {
+                // PUBLISH answers how many subscribers got it: every node subscribes.
+                Ok(Ok(n)) => Ok(Some(n.max(0) as u64)),
+                Ok(Err(e)) => Err(unavailable(e)),
+                Err(_) => Err(unavailable("redis timed out")),
+            }
+        }))
+    }
+
+    fn agrees(&self) -> bool {
+        true
+    }
+
+    fn agree(
+        &self,
+        channel: &ChannelName,
+        claims: Vec<Claim>,
+    ) -> BoxFuture<Result<Vec<Agreed>, BackplaneError>> {
+        let (conn, channel) = (self.current(), channel.clone());
+        let lease = self.lease();
+        Box::pin(async move { agree::agree(&*conn?, &channel, &claims, lease).await })
+    }
+
+    fn reap(&self) -> BoxFuture<Result<Vec<(ChannelName, Agreed)>, BackplaneError>> {
+        let conn = self.current();
+        let lease = self.lease();
+        Box::pin(async move { agree::reap(&*conn?, lease).await })
+    }
 }
 
 async fn connect(
@@ -874,6 +992,11 @@ async fn connect(
             let _ = sub.quit().await;
             return Err(e);
         }
+    }
+    if let Err(e) = sub.subscribe(CONTROL_KEY).await {
+        let _ = cmd.quit().await;
+        let _ = sub.quit().await;
+        return Err(e);
     }
     Ok((cmd, sub, vec![h1, h2]))
 }
@@ -983,6 +1106,12 @@ async fn read_messages(replica: Arc<Replica>, mut rx: broadcast::Receiver<fred::
 }
 
 fn on_message(replica: &Replica, m: fred::types::Message, batch: &mut Batch) {
+    if m.channel == CONTROL_KEY {
+        if let Some(payload) = m.value.into_bytes() {
+            replica.on_control(&payload);
+        }
+        return;
+    }
     let Some(name) = m
         .channel
         .strip_prefix(MSG_PREFIX)

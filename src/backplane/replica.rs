@@ -36,10 +36,12 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use super::agree::{Agreed, Claim};
 use super::presence::{decode_member, Members, Mirror, PresenceOp};
 use super::{
     backoff, instant_of, wall_ms, Backplane, BackplaneError, BoxFuture, Seeds, Settings, Wakers,
 };
+use crate::engine::idempotency::PublishConditions;
 use crate::engine::presence::Identity;
 use crate::engine::{Engine, History, IngestOutcome, Publication, RemoteEntry, ShardMask};
 use crate::types::{ChannelName, DataKind, Epoch, StreamPosition};
@@ -159,6 +161,21 @@ pub trait Remote: Send + Sync + 'static {
         data: Bytes,
     ) -> BoxFuture<Result<(Epoch, u64), BackplaneError>>;
 
+    /// [`Backplane::publish_with`] with conditions (the replica handles unconditional
+    /// publishes with [`Remote::publish`]). Both stores implement it; the default (test
+    /// fakes) refuses.
+    fn publish_with(
+        &self,
+        _channel: &ChannelName,
+        _kind: DataKind,
+        _data: Bytes,
+        _cond: PublishConditions,
+    ) -> BoxFuture<Result<(Epoch, u64, bool), BackplaneError>> {
+        Box::pin(std::future::ready(Err(BackplaneError::Unsupported(
+            "this store cannot publish under conditions",
+        ))))
+    }
+
     /// Makes this node receive `channels`: their messages and presence announcements go to
     /// `to` ([`Replica::on_messages`], [`Replica::presence_joined`], [`Replica::presence_left`]).
     /// Completes once what is published from then on will arrive. Subscribing a channel that
@@ -198,6 +215,35 @@ pub trait Remote: Send + Sync + 'static {
         ops: Vec<PresenceOp>,
         read: bool,
     ) -> BoxFuture<Result<Option<Members>, BackplaneError>>;
+
+    /// See [`Backplane::send_control`]; `None` when the store has no control channel.
+    fn send_control(
+        &self,
+        _message: Bytes,
+    ) -> Option<BoxFuture<Result<Option<u64>, BackplaneError>>> {
+        None
+    }
+
+    /// Whether the store implements [`Remote::agree`] and [`Remote::reap`].
+    fn agrees(&self) -> bool {
+        false
+    }
+
+    /// See [`Backplane::agree`].
+    fn agree(
+        &self,
+        _channel: &ChannelName,
+        _claims: Vec<Claim>,
+    ) -> BoxFuture<Result<Vec<Agreed>, BackplaneError>> {
+        Box::pin(std::future::ready(Err(BackplaneError::Unsupported(
+            "this backplane does not agree on channel events",
+        ))))
+    }
+
+    /// See [`Backplane::reap`].
+    fn reap(&self) -> BoxFuture<Result<Vec<(ChannelName, Agreed)>, BackplaneError>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
 }
 
 /// Where a received channel stands.
@@ -286,6 +332,8 @@ pub struct Replica {
     chans: Mutex<HashMap<ChannelName, Chan>>,
     seeds: Seeds,
     metrics: Metrics,
+    /// What this node does with control messages ([`Replica::on_control`]).
+    control: std::sync::OnceLock<super::ControlHandler>,
 }
 
 /// Starts a remote backplane on its own thread and `current_thread` runtime: the replica's
@@ -356,7 +404,15 @@ impl Replica {
             rt,
             chans: Mutex::new(HashMap::new()),
             metrics,
+            control: std::sync::OnceLock::new(),
         })
+    }
+
+    /// A control message from the store (any node's, this one's included).
+    pub fn on_control(&self, message: &[u8]) {
+        if let Some(handle) = self.control.get() {
+            handle(message);
+        }
     }
 
     /// Runs `task` on the backplane's runtime (remotes start their readers with it).
@@ -819,6 +875,20 @@ impl Backplane for Replica {
         })
     }
 
+    fn publish_with(
+        &self,
+        channel: &ChannelName,
+        kind: DataKind,
+        data: Bytes,
+        cond: PublishConditions,
+    ) -> BoxFuture<Result<(Epoch, u64, bool), BackplaneError>> {
+        if cond.is_empty() {
+            let f = self.publish(channel, kind, data);
+            return Box::pin(async move { f.await.map(|(e, s)| (e, s, false)) });
+        }
+        self.remote.publish_with(channel, kind, data, cond)
+    }
+
     fn join(&self, channel: &ChannelName) -> Option<BoxFuture<Result<(), BackplaneError>>> {
         let now = Instant::now();
         let mut chans = self.chans.lock();
@@ -907,6 +977,33 @@ impl Backplane for Replica {
                 .map(|(_, who, _)| who)
                 .collect())
         }))
+    }
+
+    fn send_control(
+        &self,
+        message: Bytes,
+    ) -> Option<BoxFuture<Result<Option<u64>, BackplaneError>>> {
+        self.remote.send_control(message)
+    }
+
+    fn set_control(&self, handler: super::ControlHandler) {
+        let _ = self.control.set(handler);
+    }
+
+    fn agrees(&self) -> bool {
+        self.remote.agrees()
+    }
+
+    fn agree(
+        &self,
+        channel: &ChannelName,
+        claims: Vec<Claim>,
+    ) -> BoxFuture<Result<Vec<Agreed>, BackplaneError>> {
+        self.remote.agree(channel, claims)
+    }
+
+    fn reap(&self) -> BoxFuture<Result<Vec<(ChannelName, Agreed)>, BackplaneError>> {
+        self.remote.reap()
     }
 }
 

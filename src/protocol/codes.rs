@@ -63,7 +63,6 @@ pub const ERROR_CODES: &[&str] = &[
     "unavailable",
     "rate_limited",
     "seq_mismatch",
-    "not_supported",
     "not_found",
 ];
 

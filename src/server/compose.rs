@@ -75,7 +75,7 @@ pub fn node(
         draining: Default::default(),
         webhooks: None,
         backend: None,
-        users: crate::transport::users::UserControl::new(shards),
+        users: Arc::new(crate::transport::users::UserControl::new(shards)),
         auth,
         tls,
         config,
@@ -94,6 +94,7 @@ fn backplane_settings(node: &Node, url: &str, seed: u64) -> crate::backplane::Se
         node_id: node.config.node_id().to_owned(),
         seed,
         presence_timeout: node.config.presence_timeout,
+        idempotency_window: node.config.idempotency_window,
     }
 }
 
@@ -117,6 +118,7 @@ pub fn start_backplane(node: &mut Node, seed: u64) -> std::io::Result<()> {
         Wakers(node.wakers.clone()),
         node.shutdown.clone(),
     )?;
+    crate::transport::users::listen(node);
     Ok(())
 }
 
@@ -149,13 +151,6 @@ pub fn start_webhooks(
     if hooks.is_empty() {
         return Ok(());
     }
-    if node.config.backplane != crate::config::BackplaneKind::Memory {
-        tracing::warn!(
-            "webhooks with a cluster backplane report what each node sees: occupancy per \
-             node, and members of other nodes once per node; receivers must deduplicate \
-             (not yet agreed across nodes)"
-        );
-    }
     let webhooks = crate::webhooks::Webhooks::start(
         hooks,
         webhook_settings(&node.config),
@@ -163,7 +158,26 @@ pub fn start_webhooks(
         seed,
         node.shutdown.clone(),
     )?;
-    node.engine.set_observer(webhooks.clone());
+    if node.backplane.agrees() {
+        // In a cluster the backplane decides which node reports each event.
+        let agreement = crate::webhooks::agree::Agreement::start(
+            webhooks.clone(),
+            node.engine.clone(),
+            node.backplane.clone(),
+            node.config.presence_timeout,
+            node.shutdown.clone(),
+        )?;
+        node.engine.set_observer(agreement);
+    } else {
+        if node.config.backplane != crate::config::BackplaneKind::Memory {
+            tracing::warn!(
+                "webhooks with this backplane report what each node sees: occupancy per \
+                 node, and members of other nodes once per node; receivers must deduplicate \
+                 (agreed across nodes with --backplane redis only)"
+            );
+        }
+        node.engine.set_observer(webhooks.clone());
+    }
     node.webhooks = Some(webhooks);
     Ok(())
 }

@@ -233,8 +233,7 @@ pub(super) fn published_json(ch: &ChannelName, p: &super::Published, duplicate: 
     )
 }
 
-/// The refusal of a publish: 409 `seq_mismatch` with the channel's position, 501
-/// `not_supported`, else 503.
+/// The refusal of a publish: 409 `seq_mismatch` with the channel's position, else 503.
 pub(super) fn publish_refused(e: &PublishError) -> Response<Body> {
     match e {
         PublishError::SeqMismatch(at) => json(
@@ -246,7 +245,6 @@ pub(super) fn publish_refused(e: &PublishError) -> Response<Body> {
                 at.seq
             ),
         ),
-        PublishError::Unsupported(_) => error(StatusCode::NOT_IMPLEMENTED, e.code(), &e.to_string()),
         _ => unavailable(e),
     }
 }

@@ -65,7 +65,7 @@ pub struct Node {
     /// The backend proxy (`--proxy-*-url`), when one is configured.
     pub backend: Option<Arc<crate::backend::Proxy>>,
     /// Server API commands for users' connections, one inbox per shard.
-    pub users: users::UserControl,
+    pub users: Arc<users::UserControl>,
     /// The Pusher apps (`--pusher-app`), their connection counts and signed-in users.
     pub pusher: Arc<pusher::Registry>,
     /// Set on SIGTERM: `/readyz` answers 503 for the drain period, while everything else is
@@ -187,7 +187,6 @@ impl Node {
             )),
             Err(BackplaneError::Overloaded(o)) => Err(PublishError::Overloaded(o)),
             Err(BackplaneError::SeqMismatch(at)) => Err(PublishError::SeqMismatch(at)),
-            Err(BackplaneError::Unsupported(what)) => Err(PublishError::Unsupported(what)),
             Err(e) => Err(PublishError::Unavailable(e.to_string())),
         }
     }
@@ -266,9 +265,6 @@ pub enum PublishError {
     /// `expected_seq` is not the channel's top, which is this (HTTP 409, WS `seq_mismatch`).
     #[error("expected_seq is not the channel's top seq, which is {}:{}", .0.epoch, .0.seq)]
     SeqMismatch(crate::types::StreamPosition),
-    /// The backplane cannot apply the publish's conditions (HTTP 501, WS `not_supported`).
-    #[error("{0}")]
-    Unsupported(&'static str),
 }
 
 impl PublishError {
@@ -278,7 +274,6 @@ impl PublishError {
             PublishError::Unavailable(_) => "unavailable",
             PublishError::Overloaded(_) => "overloaded",
             PublishError::SeqMismatch(_) => "seq_mismatch",
-            PublishError::Unsupported(_) => "not_supported",
         }
     }
 

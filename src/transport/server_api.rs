@@ -112,9 +112,18 @@ pub async fn handle(ctx: &ShardContext, g: &Grants, req: Request<Incoming>) -> R
         Err(res) => return res,
     };
     let result = match path.as_str() {
-        "/api/users/disconnect" => parse(&body).and_then(|b| disconnect(ctx, b)),
-        "/api/users/subscribe" => parse(&body).and_then(|b| subscribe(ctx, b, true)),
-        "/api/users/unsubscribe" => parse(&body).and_then(|b| subscribe(ctx, b, false)),
+        "/api/users/disconnect" => match parse(&body) {
+            Ok(b) => disconnect(ctx, b).await,
+            Err(r) => Err(r),
+        },
+        "/api/users/subscribe" => match parse(&body) {
+            Ok(b) => subscribe(ctx, b, true).await,
+            Err(r) => Err(r),
+        },
+        "/api/users/unsubscribe" => match parse(&body) {
+            Ok(b) => subscribe(ctx, b, false).await,
+            Err(r) => Err(r),
+        },
         "/api/batch" => match parse::<BatchBody>(&body) {
             Ok(b) => batch(ctx, b).await,
             Err(r) => Err(r),
@@ -154,8 +163,20 @@ fn user(name: &str) -> Result<&str, Refusal> {
     Ok(name)
 }
 
-fn full(e: super::users::InboxFull) -> Refusal {
-    Refusal(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e.to_string())
+/// `,"nodes":N` when the number of nodes a user command reached is known.
+fn nodes(reach: super::users::Reach) -> String {
+    reach
+        .nodes
+        .map_or_else(String::new, |n| format!(",\"nodes\":{n}"))
+}
+
+fn refused(e: super::users::UserCommandError) -> Refusal {
+    use super::users::UserCommandError;
+    let code = match e {
+        UserCommandError::Full(_) => "overloaded",
+        UserCommandError::NotSent(_) => "unavailable",
+    };
+    Refusal(StatusCode::SERVICE_UNAVAILABLE, code, e.to_string())
 }
 
 /// `{"channel","subscribers","epoch","seq","presence":{"clients","users"}}`: `epoch` only when
@@ -183,33 +204,36 @@ fn channel_info(ctx: &ShardContext, ch: &ChannelName) -> String {
     out
 }
 
-fn disconnect(ctx: &ShardContext, b: UserBody<'_>) -> Result<String, Refusal> {
+async fn disconnect(ctx: &ShardContext, b: UserBody<'_>) -> Result<String, Refusal> {
     let u = user(&b.user)?;
     let reason = b.reason.as_deref().unwrap_or("disconnected by the server");
     if reason.len() > 120 {
         return Err(Refusal::bad("reason must be at most 120 bytes"));
     }
-    ctx.node
+    let reach = ctx
+        .node
         .disconnect_user(u, reason, b.reconnect)
-        .map_err(full)?;
-    Ok(format!("{{\"user\":{}}}", json_string(u)))
+        .await
+        .map_err(refused)?;
+    Ok(format!("{{\"user\":{}{}}}", json_string(u), nodes(reach)))
 }
 
-fn subscribe(ctx: &ShardContext, b: UserBody<'_>, on: bool) -> Result<String, Refusal> {
+async fn subscribe(ctx: &ShardContext, b: UserBody<'_>, on: bool) -> Result<String, Refusal> {
     let u = user(&b.user)?;
     let Some(name) = b.channel.as_deref() else {
         return Err(Refusal::bad("give a channel"));
     };
     let ch = channel(name)?;
-    if on {
-        ctx.node.subscribe_user(u, &ch)
+    let reach = if on {
+        ctx.node.subscribe_user(u, &ch).await
     } else {
-        ctx.node.unsubscribe_user(u, &ch)
+        ctx.node.unsubscribe_user(u, &ch).await
     }
-    .map_err(full)?;
+    .map_err(refused)?;
     Ok(format!(
-        "{{\"user\":{},\"channel\":\"{ch}\"}}",
-        json_string(u)
+        "{{\"user\":{},\"channel\":\"{ch}\"{}}}",
+        json_string(u),
+        nodes(reach)
     ))
 }
 
@@ -229,7 +253,6 @@ async fn publish(ctx: &ShardContext, b: PublishBody<'_>) -> Result<String, Refus
             e.count();
             let status = match e {
                 super::PublishError::SeqMismatch(_) => StatusCode::CONFLICT,
-                super::PublishError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
                 _ => StatusCode::SERVICE_UNAVAILABLE,
             };
             Refusal(status, e.code(), e.to_string())
@@ -251,9 +274,9 @@ async fn batch(ctx: &ShardContext, b: BatchBody<'_>) -> Result<String, Refusal> 
     for (i, c) in b.commands.into_iter().enumerate() {
         let r = match c {
             BatchCommand::Publish(p) => publish(ctx, p).await,
-            BatchCommand::Disconnect(u) => disconnect(ctx, u),
-            BatchCommand::Subscribe(u) => subscribe(ctx, u, true),
-            BatchCommand::Unsubscribe(u) => subscribe(ctx, u, false),
+            BatchCommand::Disconnect(u) => disconnect(ctx, u).await,
+            BatchCommand::Subscribe(u) => subscribe(ctx, u, true).await,
+            BatchCommand::Unsubscribe(u) => subscribe(ctx, u, false).await,
         };
         if i > 0 {
             out.push(',');

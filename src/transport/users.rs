@@ -197,35 +197,149 @@ pub async fn run_shard(ctx: Rc<super::ShardContext>) {
     }
 }
 
+/// A user command as one node sends it to the others: `{"node","user","command":
+/// "disconnect"|"subscribe"|"unsubscribe","reason"?,"reconnect"?,"channel"?}`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow)]
+    node: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    user: std::borrow::Cow<'a, str>,
+    command: &'a str,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    reconnect: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    channel: Option<std::borrow::Cow<'a, str>>,
+}
+
+fn encode(node: &str, user: &str, command: &UserCommand) -> bytes::Bytes {
+    let (name, reason, reconnect, channel) = match command {
+        UserCommand::Disconnect { reason, reconnect } => {
+            ("disconnect", Some(&**reason), *reconnect, None)
+        }
+        UserCommand::Subscribe(c) => ("subscribe", None, false, Some(c.as_str())),
+        UserCommand::Unsubscribe(c) => ("unsubscribe", None, false, Some(c.as_str())),
+    };
+    let wire = Wire {
+        node: node.into(),
+        user: user.into(),
+        command: name,
+        reason: reason.map(Into::into),
+        reconnect,
+        channel: channel.map(Into::into),
+    };
+    bytes::Bytes::from(serde_json::to_vec(&wire).unwrap_or_default())
+}
+
+/// `(node, user, command)` of a control message, `None` when it is not one.
+fn decode(message: &[u8]) -> Option<(String, String, UserCommand)> {
+    let w: Wire = serde_json::from_slice(message).ok()?;
+    let channel = || ChannelName::new(w.channel.as_deref()?).ok();
+    let command = match w.command {
+        "disconnect" => UserCommand::Disconnect {
+            reason: w.reason.as_deref()?.into(),
+            reconnect: w.reconnect,
+        },
+        "subscribe" => UserCommand::Subscribe(channel()?),
+        "unsubscribe" => UserCommand::Unsubscribe(channel()?),
+        _ => return None,
+    };
+    Some((w.node.into_owned(), w.user.into_owned(), command))
+}
+
+/// How far a user command went: the nodes it reached (this one included).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reach {
+    /// 1 on a single node; in a cluster, the nodes the backplane delivered it to, or `None`
+    /// when the backplane cannot tell (NATS: sent to every node subscribed).
+    pub nodes: Option<u64>,
+}
+
+/// Why a user command was not carried out everywhere.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UserCommandError {
+    /// This node's inboxes are full: nothing was done (503 `overloaded`).
+    #[error(transparent)]
+    Full(#[from] InboxFull),
+    /// Applied on this node, but the other nodes could not be told (503 `unavailable`; the
+    /// commands are idempotent, a retry is safe).
+    #[error("applied on this node only; the backplane is unavailable ({0}); retry")]
+    NotSent(String),
+}
+
+/// Makes `node` apply the user commands other nodes send over the backplane.
+pub fn listen(node: &super::Node) {
+    let users = node.users.clone();
+    let me = node.config.node_id().to_owned();
+    node.backplane.set_control(std::sync::Arc::new(move |message: &[u8]| {
+        let Some((from, user, command)) = decode(message) else {
+            tracing::warn!("backplane: unreadable control message ignored");
+            return;
+        };
+        // The sender applied it already.
+        if from != me && users.send(&user, command).is_err() {
+            tracing::warn!(%user, %from, "a user command from another node was dropped: inboxes full");
+            metrics::counter!("relay_user_commands_dropped_total").increment(1);
+        }
+    }));
+}
+
 /// What the server API (and compatibility APIs) can ask of the node, transport-neutral.
 impl super::Node {
-    /// Closes every connection of `user` on this node (see [`UserCommand::Disconnect`]).
-    pub fn disconnect_user(
+    /// Closes every connection of `user` in the cluster (see [`UserCommand::Disconnect`]).
+    pub async fn disconnect_user(
         &self,
         user: &str,
         reason: &str,
         reconnect: bool,
-    ) -> Result<(), InboxFull> {
-        self.users.send(
-            user,
-            UserCommand::Disconnect {
-                reason: reason.into(),
-                reconnect,
+    ) -> Result<Reach, UserCommandError> {
+        let command = UserCommand::Disconnect {
+            reason: reason.into(),
+            reconnect,
+        };
+        self.user_command(user, command).await
+    }
+
+    /// Subscribes every WebSocket connection of `user` in the cluster to `channel`, whatever
+    /// its grants (the server decides).
+    pub async fn subscribe_user(
+        &self,
+        user: &str,
+        channel: &ChannelName,
+    ) -> Result<Reach, UserCommandError> {
+        self.user_command(user, UserCommand::Subscribe(channel.clone()))
+            .await
+    }
+
+    /// Unsubscribes every WebSocket connection of `user` in the cluster from `channel`.
+    pub async fn unsubscribe_user(
+        &self,
+        user: &str,
+        channel: &ChannelName,
+    ) -> Result<Reach, UserCommandError> {
+        self.user_command(user, UserCommand::Unsubscribe(channel.clone()))
+            .await
+    }
+
+    /// Applies `command` on this node's shards, then sends it to the other nodes.
+    async fn user_command(
+        &self,
+        user: &str,
+        command: UserCommand,
+    ) -> Result<Reach, UserCommandError> {
+        let message = encode(self.config.node_id(), user, &command);
+        self.users.send(user, command)?;
+        match self.backplane.send_control(message) {
+            None => Ok(Reach { nodes: Some(1) }),
+            Some(sent) => match sent.await {
+                Ok(nodes) => Ok(Reach {
+                    nodes: nodes.map(|n| n.max(1)),
+                }),
+                Err(e) => Err(UserCommandError::NotSent(e.to_string())),
             },
-        )
-    }
-
-    /// Subscribes every WebSocket connection of `user` on this node to `channel`, whatever its
-    /// grants (the server decides).
-    pub fn subscribe_user(&self, user: &str, channel: &ChannelName) -> Result<(), InboxFull> {
-        self.users
-            .send(user, UserCommand::Subscribe(channel.clone()))
-    }
-
-    /// Unsubscribes every WebSocket connection of `user` on this node from `channel`.
-    pub fn unsubscribe_user(&self, user: &str, channel: &ChannelName) -> Result<(), InboxFull> {
-        self.users
-            .send(user, UserCommand::Unsubscribe(channel.clone()))
+        }
     }
 
     /// What this node knows of `channel` (reading creates nothing).
@@ -271,5 +385,32 @@ mod tests {
         assert_eq!(m.take(), None);
         users.remove("alice", 1);
         assert_eq!(users.count("alice"), 0);
+    }
+}
+
+#[cfg(test)]
+mod wire_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn user_commands_cross_the_backplane_unchanged() {
+        let ch = ChannelName::new("private:ann").unwrap();
+        for command in [
+            UserCommand::Disconnect {
+                reason: "banned \"for good\"".into(),
+                reconnect: false,
+            },
+            UserCommand::Subscribe(ch.clone()),
+            UserCommand::Unsubscribe(ch),
+        ] {
+            let b = encode("node-1", "ann", &command);
+            let (node, user, back) = decode(&b).unwrap();
+            assert_eq!((node.as_str(), user.as_str()), ("node-1", "ann"));
+            assert_eq!(back, command);
+        }
+        assert!(decode(b"{}").is_none());
+        assert!(decode(br#"{"node":"a","user":"u","command":"explode"}"#).is_none());
+        assert!(decode(br#"{"node":"a","user":"u","command":"subscribe","channel":""}"#).is_none());
     }
 }

@@ -21,6 +21,7 @@
 //! The dispatcher runs on its own thread and runtime, so a slow receiver never touches the
 //! shards.
 
+pub mod agree;
 pub mod client;
 
 use std::collections::VecDeque;

@@ -899,6 +899,374 @@ pub async fn presence_spans_nodes_and_a_killed_nodes_members_leave_within_the_ti
     }
 }
 
+/// A local webhook receiver: every event of every POST, in arrival order.
+struct HookReceiver {
+    url: String,
+    events: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+impl HookReceiver {
+    async fn start() -> HookReceiver {
+        let events: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
+        let e = events.clone();
+        let base = crate::common::serve_http(move |_, body| {
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            e.lock()
+                .unwrap()
+                .extend(v["events"].as_array().unwrap().iter().cloned());
+            (200, bytes::Bytes::new())
+        })
+        .await;
+        HookReceiver {
+            url: format!("{base}/hooks"),
+            events,
+        }
+    }
+
+    /// `name[ user]` of every event of `channel` so far.
+    fn names(&self, channel: &str) -> Vec<String> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["channel"] == channel)
+            .map(|e| match e["user_id"].as_str() {
+                Some(u) => format!("{} {u}", e["name"].as_str().unwrap()),
+                None => e["name"].as_str().unwrap().to_owned(),
+            })
+            .collect()
+    }
+
+    /// How many events of `channel` are `name` so far.
+    fn count(&self, channel: &str, name: &str) -> usize {
+        self.names(channel).iter().filter(|n| *n == name).count()
+    }
+
+    /// Waits (at most `within`) until `channel` has had the event `name`; returns when.
+    async fn wait(&self, channel: &str, name: &str, within: Duration) -> Instant {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.count(channel, name) > 0 {
+                return Instant::now();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {name} for {channel} within {within:?}: {:?}",
+                self.names(channel)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Sends heartbeats on `ws` (and reads what comes) until `stop`; gives the socket back.
+fn keep_alive(
+    mut ws: Ws,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Ws> {
+    tokio::spawn(async move {
+        let end = Instant::now() + Duration::from_secs(30);
+        let mut next_beat = Instant::now();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < end {
+            if Instant::now() >= next_beat {
+                ws.send_json(json!({"type":"heartbeat"})).await;
+                next_beat = Instant::now() + Duration::from_millis(300);
+            }
+            let wait = next_beat.saturating_duration_since(Instant::now());
+            let _ = ws.recv_json_within(wait).await;
+        }
+        ws
+    })
+}
+
+/// Three nodes with the same webhook receiver report each occupancy and membership change
+/// once for the cluster; a SIGKILLed node's subscribers and members are settled (vacated,
+/// removed) by the others within the presence timeout, and only where it was the last holder.
+pub async fn webhooks_are_sent_once_per_cluster_and_a_killed_nodes_holds_are_settled(kind: Kind) {
+    let server = Server::start(kind);
+    let rx = HookReceiver::start().await;
+    let mut opts: Vec<&str> = PRESENCE_OPTS.to_vec();
+    opts.extend_from_slice(&["--webhook-url", &rx.url, "--webhook-batch-delay", "10ms"]);
+    let a = node(&server, "a", &opts).await;
+    let b = node(&server, "b", &opts).await;
+    let c = node(&server, "c", &opts).await;
+    let (hall, solo) = ("presence:hall", "solo");
+    let mut members = Vec::new();
+    for (n, user) in [(&a, "alice"), (&b, "bob"), (&c, "alice"), (&c, "carol")] {
+        members.push(presence_member(n, hall, user).await);
+    }
+    let mut on_c = Ws::connect(&c.ws_url()).await;
+    on_c.subscribe(solo).await;
+    for name in [
+        "channel_occupied",
+        "member_added alice",
+        "member_added bob",
+        "member_added carol",
+    ] {
+        rx.wait(hall, name, Duration::from_secs(5)).await;
+    }
+    rx.wait(solo, "channel_occupied", Duration::from_secs(5))
+        .await;
+    // Past a lease refresh (timeout / 4 = 500 ms) of every node: nothing is reported again.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut before = rx.names(hall);
+    before.sort();
+    assert_eq!(
+        before,
+        [
+            "channel_occupied",
+            "member_added alice",
+            "member_added bob",
+            "member_added carol"
+        ],
+        "once per cluster, not once per node"
+    );
+    assert_eq!(rx.names(solo), ["channel_occupied"]);
+
+    // c dies: carol and solo's subscriber were only there; alice is still on a.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut it = members.drain(..2);
+    let (on_a, on_b) = (it.next().unwrap(), it.next().unwrap());
+    drop(it);
+    let (keep_a, keep_b) = (
+        keep_alive(on_a, stop.clone()),
+        keep_alive(on_b, stop.clone()),
+    );
+    c.signal("KILL");
+    let killed = Instant::now();
+    let removed = rx
+        .wait(hall, "member_removed carol", Duration::from_secs(6))
+        .await;
+    let vacated = rx
+        .wait(solo, "channel_vacated", Duration::from_secs(6))
+        .await;
+    for (what, at) in [("carol removed", removed), ("solo vacated", vacated)] {
+        let after = at.duration_since(killed);
+        assert!(
+            after < Duration::from_millis(2000 + 1000),
+            "{what} {after:?} after her node died (timeout 2 s)"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(rx.count(hall, "member_removed alice"), 0, "alice is on a");
+    assert_eq!(
+        rx.count(hall, "channel_vacated"),
+        0,
+        "a and b hold the hall"
+    );
+    assert_eq!(rx.count(hall, "member_removed carol"), 1);
+    assert_eq!(rx.names(solo), ["channel_occupied", "channel_vacated"]);
+
+    // The last holders leave: each change once.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (on_a, on_b) = (keep_a.await.unwrap(), keep_b.await.unwrap());
+    on_b.close_cleanly().await;
+    rx.wait(hall, "member_removed bob", Duration::from_secs(5))
+        .await;
+    on_a.close_cleanly().await;
+    rx.wait(hall, "channel_vacated", Duration::from_secs(5))
+        .await;
+    rx.wait(hall, "member_removed alice", Duration::from_secs(5))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut all = rx.names(hall);
+    all.sort();
+    assert_eq!(
+        all,
+        [
+            "channel_occupied",
+            "channel_vacated",
+            "member_added alice",
+            "member_added bob",
+            "member_added carol",
+            "member_removed alice",
+            "member_removed bob",
+            "member_removed carol",
+        ]
+    );
+    drop(on_c);
+    drop(c);
+}
+
+/// The seqs of `channel`'s history, read on `n`.
+async fn history_seqs(n: &Relay, channel: &str) -> Vec<u64> {
+    let (status, h) = n.get(&format!("/api/history/{channel}?since=0")).await;
+    assert_eq!(status, 200, "{h}");
+    h["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect()
+}
+
+/// Ten concurrent tries of one publish with the same idempotency key, spread over three
+/// nodes, publish one message: every try answers its seq, all but one as a duplicate.
+pub async fn an_idempotent_publish_retried_on_every_node_at_once_is_published_once(kind: Kind) {
+    let server = Server::start(kind);
+    let nodes = [
+        node(&server, "a", &[]).await,
+        node(&server, "b", &[]).await,
+        node(&server, "c", &[]).await,
+    ];
+    let ch = "orders";
+    let mut ws = Ws::connect(&nodes[0].ws_url()).await;
+    ws.subscribe(ch).await;
+    let body = json!({"channel": ch, "data": {"order": 7}, "idempotency_key": "order-7"});
+    let answers =
+        futures_util::future::join_all((0..10).map(|i| nodes[i % 3].post("/api/publish", &body)))
+            .await;
+    let mut firsts = 0;
+    for (status, v) in &answers {
+        assert_eq!(*status, 200, "{v}");
+        assert_eq!(
+            (&v["seq"], &v["epoch"]),
+            (&answers[0].1["seq"], &answers[0].1["epoch"])
+        );
+        if v["duplicate"] != json!(true) {
+            firsts += 1;
+        }
+    }
+    assert_eq!(
+        firsts, 1,
+        "one try publishes, the others are duplicates: {answers:?}"
+    );
+    let got = collect(&mut ws, ch, 1, Duration::from_secs(5)).await;
+    assert_eq!(got, [(1, json!({"order": 7}))]);
+    while let Some(v) = ws.recv_json_within(Duration::from_millis(500)).await {
+        assert_ne!(v["type"], "message", "published twice: {v}");
+    }
+    for n in &nodes {
+        assert_eq!(history_seqs(n, ch).await, [1]);
+    }
+}
+
+/// Ten writers on three nodes publish with the same `expected_seq` at once, round after
+/// round: exactly one wins each seq, the others get 409 `seq_mismatch` with the new top.
+pub async fn conditional_writers_on_different_nodes_win_once_per_seq(kind: Kind) {
+    let server = Server::start(kind);
+    let nodes = [
+        node(&server, "a", &[]).await,
+        node(&server, "b", &[]).await,
+        node(&server, "c", &[]).await,
+    ];
+    let ch = "ledger";
+    for round in 0..5u64 {
+        let nodes = &nodes;
+        let answers = futures_util::future::join_all((0..10).map(|i| {
+            let body = json!({"channel": ch, "data": {"round": round, "writer": i},
+                "expected_seq": round});
+            async move { nodes[i % 3].post("/api/publish", &body).await }
+        }))
+        .await;
+        let winners: Vec<&Value> = answers
+            .iter()
+            .filter(|(s, _)| *s == 200)
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(winners.len(), 1, "round {round}: {answers:?}");
+        assert_eq!(winners[0]["seq"], round + 1);
+        for (status, v) in answers.iter().filter(|(s, _)| *s != 200) {
+            assert_eq!(*status, 409, "{v}");
+            assert_eq!(v["error"]["code"], "seq_mismatch", "{v}");
+            assert_eq!(v["seq"], round + 1, "{v}");
+        }
+    }
+    assert_eq!(history_seqs(&nodes[1], ch).await, [1, 2, 3, 4, 5]);
+    // The retry of a conditional publish that went through (through another node) answers
+    // its seq as a duplicate, not a mismatch.
+    let body = json!({"channel": ch, "data": "once", "expected_seq": 5, "idempotency_key": "k"});
+    let (status, first) = nodes[0].post("/api/publish", &body).await;
+    assert_eq!((status, &first["seq"]), (200, &json!(6)), "{first}");
+    let (status, again) = nodes[2].post("/api/publish", &body).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(
+        (&again["seq"], &again["duplicate"]),
+        (&json!(6), &json!(true))
+    );
+    assert_eq!(history_seqs(&nodes[1], ch).await, [1, 2, 3, 4, 5, 6]);
+}
+
+const USER_SECRET: &str = "cluster-user-secret-0123456789";
+const USER_KEY: &str = "cluster-api-key";
+
+/// A WebSocket of `user` (a token with that subject) on `n`, subscribed to `channel`.
+async fn user_socket(n: &Relay, user: &str, channel: &str) -> Ws {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 300;
+    let token = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": user, "exp": exp, "channels": {"subscribe": ["*"]}}),
+        &EncodingKey::from_secret(USER_SECRET.as_bytes()),
+    )
+    .unwrap();
+    let mut ws = Ws::connect(&format!("{}?token={token}", n.ws_url())).await;
+    ws.subscribe(channel).await;
+    ws
+}
+
+/// The server API's user commands sent to one node act on the user's connections on every
+/// node, and say how many nodes they reached; other users' connections are untouched.
+pub async fn a_user_command_sent_through_one_node_acts_on_every_node(kind: Kind) {
+    let server = Server::start(kind);
+    let opts = ["--jwt-secret", USER_SECRET, "--api-key", USER_KEY];
+    let mut nodes = Vec::new();
+    for id in ["a", "b", "c"] {
+        let mut n = node(&server, id, &opts).await;
+        n.set_api_key(USER_KEY);
+        nodes.push(n);
+    }
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let mut alice = [
+        user_socket(b, "alice", "room").await,
+        user_socket(c, "alice", "room").await,
+    ];
+    let mut bob = user_socket(b, "bob", "room").await;
+
+    // Redis's PUBLISH says how many nodes got a command; core NATS cannot.
+    let reached = match kind {
+        Kind::Redis => json!(3),
+        Kind::Nats => Value::Null,
+    };
+    let (status, v) = a
+        .post(
+            "/api/users/subscribe",
+            &json!({"user": "alice", "channel": "news"}),
+        )
+        .await;
+    assert_eq!((status, &v["nodes"]), (200, &reached), "{v}");
+    for ws in &mut alice {
+        let v = ws.recv_json_within(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(
+            (&v["type"], &v["channel"]),
+            (&json!("subscribed"), &json!("news")),
+            "{v}"
+        );
+    }
+    a.publish("news", json!("for alice")).await;
+    for ws in &mut alice {
+        assert_eq!(ws.expect_message("news", 1).await, "for alice");
+    }
+
+    let (status, v) = a
+        .post(
+            "/api/users/disconnect",
+            &json!({"user": "alice", "reason": "banned", "reconnect": false}),
+        )
+        .await;
+    assert_eq!((status, &v["nodes"]), (200, &reached), "{v}");
+    for ws in &mut alice {
+        assert_eq!(ws.expect_close_within(Duration::from_secs(5)).await, 4011);
+    }
+    // Bob, on the same node as one of alice's connections, stays and is served.
+    c.publish("room", json!("still here")).await;
+    assert_eq!(bob.expect_message("room", 1).await, "still here");
+}
+
 /// Publishes over HTTP until Redis takes it (503 while a node reconnects), at most 20 s.
 async fn publish_through(r: &Relay, channel: &str, data: Value) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -270,6 +270,7 @@ fn node() -> Node {
         node_id: "me".into(),
         seed: 7,
         presence_timeout: Duration::from_secs(2),
+        idempotency_window: Duration::from_secs(60),
     };
     let replica = Replica::new(
         fake.clone(),
