@@ -31,6 +31,10 @@
 //! header `Relay-Expiry`); a leave writes an empty record. Joins and leaves are also announced
 //! on the channel's fan-out subject (headers `Relay-Presence: +|-`, `Relay-Client`). See
 //! [`super::presence`] for the rest (shared with Redis).
+//!
+//! # Webhook agreement
+//! A JetStream KV bucket `relay_hooks`, one entry per channel, written with compare-and-set on
+//! its revision: see [`agree`].
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
