@@ -556,14 +556,6 @@ impl Nats {
         Ok(js.get_key_value(agree::BUCKET).await?)
     }
 
-    /// This node's lease on what it claims about channels (see [`agree`]).
-    fn lease(&self) -> agree::Lease {
-        agree::Lease {
-            node: self.settings.node_id.clone(),
-            length: self.settings.presence_timeout,
-        }
-    }
-
     fn hooks(&self) -> Result<Arc<jetstream::kv::Store>, BackplaneError> {
         self.hooks
             .load_full()
@@ -901,12 +893,12 @@ impl Remote for Nats {
         channel: &ChannelName,
         claims: Vec<Claim>,
     ) -> BoxFuture<Result<Vec<Agreed>, BackplaneError>> {
-        let (kv, channel, lease) = (self.hooks(), channel.clone(), self.lease());
+        let (kv, channel, lease) = (self.hooks(), channel.clone(), self.settings.lease());
         Box::pin(async move { agree::agree(&*kv?, &channel, &claims, &lease).await })
     }
 
     fn reap(&self) -> BoxFuture<Result<Vec<(ChannelName, Agreed)>, BackplaneError>> {
-        let (kv, lease) = (self.hooks(), self.lease());
+        let (kv, lease) = (self.hooks(), self.settings.lease());
         Box::pin(async move { agree::reap(&*kv?, &lease).await })
     }
 

@@ -18,14 +18,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::jetstream::kv::{Operation, Store, UpdateErrorKind};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::{hex, unavailable, unhex, COMMAND_TIMEOUT};
-use crate::backplane::agree::{Agreed, Claim, ClaimOp};
+use crate::backplane::agree::{Agreed, Claim, ClaimOp, Lease};
 use crate::backplane::{wall_ms, BackplaneError};
 use crate::types::ChannelName;
 
@@ -37,15 +36,6 @@ const ATTEMPTS: usize = 64;
 
 /// Channels a reaper pass settles at most (the next pass takes the rest).
 const REAP_BATCH: usize = 256;
-
-/// Whose claims, for how long.
-#[derive(Clone, Debug)]
-pub struct Lease {
-    /// This node's id.
-    pub node: String,
-    /// A claim not kept for this long expires.
-    pub length: Duration,
-}
 
 /// A channel's entry: node → lease expiry (ms) for occupancy, and per user.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
