@@ -92,6 +92,14 @@ async fn nats_restarted_without_its_data_nodes_start_new_epochs_and_say_recovere
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_are_sent_once_per_cluster_and_a_killed_nodes_holds_are_settled() {
+    if KIND.available() {
+        cluster::webhooks_are_sent_once_per_cluster_and_a_killed_nodes_holds_are_settled(KIND)
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_command_sent_through_one_node_acts_on_every_node() {
     if KIND.available() {
         cluster::a_user_command_sent_through_one_node_acts_on_every_node(KIND).await;

@@ -12,6 +12,16 @@
 //! what their removal means, once.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+/// Whose claims, for how long (the store drops a claim not kept for `length`).
+#[derive(Clone, Debug)]
+pub struct Lease {
+    /// This node's id.
+    pub node: String,
+    /// A claim not kept for this long expires.
+    pub length: Duration,
+}
 
 /// What a claim does to a fact this node holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

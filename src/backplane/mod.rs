@@ -281,3 +281,13 @@ pub struct Settings {
     /// How long a publish's idempotency key is remembered (`--idempotency-window`).
     pub idempotency_window: std::time::Duration,
 }
+
+impl Settings {
+    /// This node's lease on what it claims about channels (see [`agree`]).
+    pub fn lease(&self) -> agree::Lease {
+        agree::Lease {
+            node: self.node_id.clone(),
+            length: self.presence_timeout,
+        }
+    }
+}

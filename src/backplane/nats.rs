@@ -31,6 +31,10 @@
 //! header `Relay-Expiry`); a leave writes an empty record. Joins and leaves are also announced
 //! on the channel's fan-out subject (headers `Relay-Presence: +|-`, `Relay-Client`). See
 //! [`super::presence`] for the rest (shared with Redis).
+//!
+//! # Webhook agreement
+//! A JetStream KV bucket `relay_hooks`, one entry per channel, written with compare-and-set on
+//! its revision: see [`agree`].
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
@@ -47,6 +51,7 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use super::agree::{Agreed, Claim};
 use super::presence::{decode_member, encode_member, Members, PresenceOp};
 use super::replica::{
     Entry, Incoming, Remote, Replica, Snapshot, Stored, BACKOFF_BASE, BACKOFF_CAP, TICK,
@@ -55,6 +60,8 @@ use super::{backoff, wall_ms, BackplaneError, BoxFuture, Seeds, Settings, Wakers
 use crate::engine::idempotency::PublishConditions;
 use crate::engine::Engine;
 use crate::types::{ChannelName, DataKind, Epoch, StreamPosition};
+
+mod agree;
 
 const STREAM: &str = "RELAY";
 /// The core subject of control messages (server API user commands), outside the channels'.
@@ -72,6 +79,8 @@ struct Nats {
     js: ArcSwapOption<jetstream::Context>,
     stream: ArcSwapOption<jetstream::stream::Stream>,
     presence_stream: ArcSwapOption<jetstream::stream::Stream>,
+    /// The bucket of the channels' holds (see [`agree`]).
+    hooks: ArcSwapOption<jetstream::kv::Store>,
     /// Connected and the stream exists.
     ready: AtomicBool,
     /// Per channel: this node's publishes waiting, and the last message it knows of.
@@ -295,6 +304,7 @@ pub fn start(
         js: ArcSwapOption::empty(),
         stream: ArcSwapOption::empty(),
         presence_stream: ArcSwapOption::empty(),
+        hooks: ArcSwapOption::empty(),
         ready: AtomicBool::new(false),
         lasts: Mutex::new(HashMap::new()),
         readers: Mutex::new(HashMap::new()),
@@ -512,8 +522,45 @@ impl Nats {
             }
             Err(_) => tracing::warn!("backplane: timed out setting up the presence stream"),
         }
+        match tokio::time::timeout(COMMAND_TIMEOUT, self.hooks_bucket(&js)).await {
+            Ok(Ok(kv)) => self.hooks.store(Some(Arc::new(kv))),
+            // Agreement writes fail (and are retried) until a later connection sets it up.
+            Ok(Err(e)) => tracing::warn!(error = %e, "backplane: cannot set up the hooks bucket"),
+            Err(_) => tracing::warn!("backplane: timed out setting up the hooks bucket"),
+        }
         self.ready.store(true, Ordering::Release);
         replica.connected(connects == 1);
+    }
+
+    /// The bucket of the webhooks agreement, created by the first node.
+    async fn hooks_bucket(
+        &self,
+        js: &jetstream::Context,
+    ) -> Result<jetstream::kv::Store, async_nats::Error> {
+        // The bucket's stream, as `create_key_value` would make it (which first reads the
+        // account's info in a shape servers before 2.10 do not answer).
+        let config = jetstream::stream::Config {
+            name: format!("KV_{}", agree::BUCKET),
+            subjects: vec![format!("$KV.{}.>", agree::BUCKET)],
+            max_messages_per_subject: 1,
+            // Entries no node is left to settle (the whole cluster stopped) go after 3 leases.
+            max_age: (self.settings.presence_timeout * 3).max(Duration::from_secs(1)),
+            storage: jetstream::stream::StorageType::File,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: jetstream::stream::DiscardPolicy::New,
+            ..Default::default()
+        };
+        js.get_or_create_stream(config).await?;
+        Ok(js.get_key_value(agree::BUCKET).await?)
+    }
+
+    fn hooks(&self) -> Result<Arc<jetstream::kv::Store>, BackplaneError> {
+        self.hooks
+            .load_full()
+            .filter(|_| self.is_up())
+            .ok_or_else(|| unavailable("nats is unavailable"))
     }
 
     /// `channel`'s publish slot on this node.
@@ -835,6 +882,24 @@ impl Remote for Nats {
 
     fn is_up(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    fn agrees(&self) -> bool {
+        true
+    }
+
+    fn agree(
+        &self,
+        channel: &ChannelName,
+        claims: Vec<Claim>,
+    ) -> BoxFuture<Result<Vec<Agreed>, BackplaneError>> {
+        let (kv, channel, lease) = (self.hooks(), channel.clone(), self.settings.lease());
+        Box::pin(async move { agree::agree(&*kv?, &channel, &claims, &lease).await })
+    }
+
+    fn reap(&self) -> BoxFuture<Result<Vec<(ChannelName, Agreed)>, BackplaneError>> {
+        let (kv, lease) = (self.hooks(), self.settings.lease());
+        Box::pin(async move { agree::reap(&*kv?, &lease).await })
     }
 
     fn publish(

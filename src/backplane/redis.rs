@@ -730,14 +730,6 @@ impl Redis {
         })
     }
 
-    /// This node's lease on what it claims about channels (see [`agree`]).
-    fn lease(&self) -> agree::Lease {
-        agree::Lease {
-            node: self.settings.node_id.clone(),
-            length: self.settings.presence_timeout,
-        }
-    }
-
     fn meta_ttl_ms(&self) -> u64 {
         self.settings
             .history_ttl
@@ -941,13 +933,13 @@ impl Remote for Redis {
         claims: Vec<Claim>,
     ) -> BoxFuture<Result<Vec<Agreed>, BackplaneError>> {
         let (conn, channel) = (self.current(), channel.clone());
-        let lease = self.lease();
+        let lease = self.settings.lease();
         Box::pin(async move { agree::agree(&*conn?, &channel, &claims, lease).await })
     }
 
     fn reap(&self) -> BoxFuture<Result<Vec<(ChannelName, Agreed)>, BackplaneError>> {
         let conn = self.current();
-        let lease = self.lease();
+        let lease = self.settings.lease();
         Box::pin(async move { agree::reap(&*conn?, lease).await })
     }
 }

@@ -169,13 +169,7 @@ pub fn start_webhooks(
         )?;
         node.engine.set_observer(agreement);
     } else {
-        if node.config.backplane != crate::config::BackplaneKind::Memory {
-            tracing::warn!(
-                "webhooks with this backplane report what each node sees: occupancy per \
-                 node, and members of other nodes once per node; receivers must deduplicate \
-                 (agreed across nodes with --backplane redis only)"
-            );
-        }
+        // One node (memory mode): every change it sees is an event.
         node.engine.set_observer(webhooks.clone());
     }
     node.webhooks = Some(webhooks);

@@ -15,12 +15,11 @@
 //! entries, and any node's reaper settles it.
 
 use std::sync::{Arc, LazyLock};
-use std::time::Duration;
 
 use fred::prelude::Value;
 
 use super::{eval, protocol, wall_ms, Agreed, BackplaneError, Claim, Conn};
-use crate::backplane::agree::ClaimOp;
+use crate::backplane::agree::{ClaimOp, Lease};
 use crate::types::ChannelName;
 
 /// `KEYS`: hocc, husr, hcnt. `ARGV`: now ms, expiry ms, node, key TTL ms, then pairs
@@ -118,15 +117,6 @@ const INDEX_KEY: &str = "relay:hooks:chans";
 
 /// Channels a reaper pass settles at most (the next pass takes the rest).
 const REAP_BATCH: usize = 256;
-
-/// Whose claims, for how long.
-#[derive(Clone, Debug)]
-pub struct Lease {
-    /// This node's id.
-    pub node: String,
-    /// A claim not kept for this long expires.
-    pub length: Duration,
-}
 
 fn keys(ch: &ChannelName) -> Vec<String> {
     ["hocc", "husr", "hcnt"]
