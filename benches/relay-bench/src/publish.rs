@@ -39,13 +39,18 @@ pub enum Mode {
     /// signed with the app's secret, one event per request, pipelined like `pipelined`. The
     /// event's `data` is the payload as a JSON string, as the Pusher server libraries send it.
     PusherApi,
+    /// The same signed publishes, one request in flight per connection (several: --publishers,
+    /// default 8), a new connection when the server closes one: for servers that close every
+    /// API connection after one response (Sockudo answers each with `Connection: close`), where
+    /// pipelined requests behind the first would go unanswered.
+    PusherApiHttp,
 }
 
 impl Mode {
     /// Publisher connections unless --publishers says otherwise.
     pub fn default_conns(self) -> u32 {
         match self {
-            Mode::Http => 8,
+            Mode::Http | Mode::PusherApiHttp => 8,
             Mode::Pipelined | Mode::Broadcast | Mode::Ws | Mode::PusherApi => 1,
         }
     }
@@ -86,6 +91,9 @@ pub struct PubSpec {
 struct Shared {
     /// Next schedule slot (and so the next channel, round-robin).
     next: Cell<u64>,
+    /// `next` when the current step began: slot `next - step_base` of a step is due at
+    /// `(next - step_base) / rate` after its start.
+    step_base: Cell<u64>,
     sent: Cell<u64>,
     /// Acknowledged publishes per channel.
     acked: RefCell<Vec<u64>>,
@@ -167,8 +175,10 @@ impl Publisher {
         if spec.mode == Mode::Ws && matches!(spec.target, Target::Nchan | Target::Pusher) {
             bail!("WebSocket publishing is implemented for relay, node and uws only");
         }
-        if spec.mode == Mode::PusherApi && spec.target != Target::Pusher {
-            bail!("--publish pusher-api is for --target pusher");
+        if matches!(spec.mode, Mode::PusherApi | Mode::PusherApiHttp)
+            && spec.target != Target::Pusher
+        {
+            bail!("--publish pusher-api and pusher-api-http are for --target pusher");
         }
         let spec = Rc::new(spec);
         let mut conns = Vec::new();
@@ -237,6 +247,7 @@ impl Publisher {
                 self.conns.push(Some(c));
             }
         }
+        self.shared.step_base.set(self.shared.next.get());
         let start = Instant::now();
         let end = start + dur;
         let n = self.conns.len() as f64;
@@ -292,7 +303,7 @@ impl Publisher {
 impl PubConn {
     async fn open(spec: &Rc<PubSpec>, id: u32, sh: &Rc<Shared>) -> Result<Self> {
         Ok(match spec.mode {
-            Mode::Http => PubConn::Http(HttpPub {
+            Mode::Http | Mode::PusherApiHttp => PubConn::Http(HttpPub {
                 id,
                 seq: 0,
                 stream: Some(connect(spec.addr).await?),
@@ -385,7 +396,7 @@ fn http_request(spec: &PubSpec, ch: u32, stamp: Stamp, body: &mut Vec<u8>, out: 
             owned_path = format!("/pub?id={}{ch}", spec.prefix);
             owned_path.as_str()
         }
-        (_, Mode::PusherApi) => {
+        (_, Mode::PusherApi | Mode::PusherApiHttp) => {
             let mut data = Vec::with_capacity(spec.payload + 16);
             wire::payload(&mut data, stamp, spec.payload);
             let _ = write!(
@@ -514,7 +525,10 @@ async fn read_responses(
             }
             off += end + len;
             if head.close {
-                break 'conn "the server closed the publisher connection".to_string();
+                break 'conn "the server answered `Connection: close` (a server that closes every \
+                             API connection needs one request per connection: --publish http or \
+                             pusher-api-http)"
+                    .to_string();
             }
         }
         buf.drain(..off);
@@ -610,11 +624,12 @@ impl HttpPub {
     async fn step(&mut self, spec: &PubSpec, sh: &Shared, start: Instant, end: Instant, rate: f64) {
         loop {
             let idx = sh.next.get();
-            sh.next.set(idx + 1);
-            let due = start + Duration::from_secs_f64(idx as f64 / rate);
+            let slot = idx - sh.step_base.get();
+            let due = start + Duration::from_secs_f64(slot as f64 / rate);
             if due >= end {
                 return;
             }
+            sh.next.set(idx + 1);
             if due > Instant::now() {
                 tokio::time::sleep_until(due).await;
             }
@@ -1031,6 +1046,49 @@ mod tests {
                     assert_eq!(stamp.s, i as u64 + 1);
                     assert_eq!(f.stamp(body), Some(stamp));
                 }
+                Ok(())
+            })
+            .await
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_server_that_closes_after_each_answer_gets_every_publish_on_new_connections(
+    ) -> Result<()> {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let listener = TcpListener::bind("127.0.0.1:0").await?;
+                let addr = listener.local_addr()?;
+                // Sockudo's way: every API answer says `connection: close`, then closes.
+                let server = tokio::spawn(async move {
+                    let mut conns = 0;
+                    let mut paths = Vec::new();
+                    while paths.len() < 40 {
+                        let (mut s, _) = listener.accept().await?;
+                        conns += 1;
+                        let (reqs, _) = read_requests(&mut s, 1).await?;
+                        paths.extend(reqs.into_iter().map(|(p, _)| p));
+                        let close = "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 11\r\n\r\n{\"ok\":true}";
+                        s.write_all(close.as_bytes()).await?;
+                    }
+                    Ok::<_, anyhow::Error>((conns, paths))
+                });
+                let mut spec = spec(addr, Mode::PusherApiHttp, 1);
+                spec.target = Target::Pusher;
+                spec.conns = 2;
+                let mut p = Publisher::connect(spec).await?;
+                // Two steps: the second's schedule starts at its own start, not where the
+                // first's slots left off.
+                for step in 1..=2 {
+                    let r = p.run(200.0, Duration::from_millis(100)).await?;
+                    p.settle(Duration::from_secs(5)).await;
+                    assert_eq!(r.sent, 20);
+                    assert_eq!(p.totals(), (20 * step, 20 * step, 0));
+                }
+                drop(p);
+                let (conns, paths) = server.await??;
+                assert_eq!(conns, 40);
+                assert!(paths.iter().all(|p| p.starts_with("/apps/bench/events?auth_key=bench-key&")));
                 Ok(())
             })
             .await
