@@ -816,7 +816,9 @@ async fn step(
         achieved: p.sent as f64 / secs,
         expected,
         delivered,
-        per_sec: delivered as f64 / dur.as_secs_f64().max(1e-9),
+        // Over the time the publisher took: a publisher that fell behind (one request in flight
+        // per connection to a slow server) spreads the step's publishes over longer than --duration.
+        per_sec: delivered as f64 / secs.max(dur.as_secs_f64()).max(1e-9),
         loss: expected.saturating_sub(delivered),
         pub_errors: p.errors,
         max_lag: p.max_lag,
