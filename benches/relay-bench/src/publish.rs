@@ -912,6 +912,21 @@ mod tests {
         Ok((out, reads))
     }
 
+    /// Accepts one connection, reads `n` requests, then writes `answers` and holds the
+    /// connection until the client closes it; returns the requests and the reads they took.
+    async fn answer_after(
+        listener: TcpListener,
+        n: usize,
+        answers: String,
+    ) -> Result<(Vec<(String, Vec<u8>)>, usize)> {
+        let (mut s, _) = listener.accept().await?;
+        let got = read_requests(&mut s, n).await?;
+        s.write_all(answers.as_bytes()).await?;
+        let mut tmp = [0u8; 16];
+        let _ = s.read(&mut tmp).await;
+        Ok(got)
+    }
+
     fn response(seq: u64) -> String {
         let body = format!(r#"{{"channel":"t0","seq":{seq},"epoch":"e"}}"#);
         format!(
@@ -930,19 +945,11 @@ mod tests {
                 let addr = listener.local_addr()?;
                 // The server answers nothing until it has every request of the run: a
                 // publisher that waited for answers would stall at the first.
-                let server = tokio::spawn(async move {
-                    let (mut s, _) = listener.accept().await?;
-                    let (reqs, reads) = read_requests(&mut s, 200).await?;
-                    let mut all = String::new();
-                    for (i, _) in reqs.iter().enumerate() {
-                        all.push_str(&response(i as u64 + 1));
-                    }
-                    s.write_all(all.as_bytes()).await?;
-                    // Keep the connection open until the client is done.
-                    let mut tmp = [0u8; 16];
-                    let _ = s.read(&mut tmp).await;
-                    Ok::<_, anyhow::Error>((reqs, reads))
-                });
+                let server = tokio::spawn(answer_after(
+                    listener,
+                    200,
+                    (1..=200).map(response).collect(),
+                ));
                 let mut p = Publisher::connect(spec(addr, Mode::Pipelined, 2)).await?;
                 let r = p.run(1000.0, Duration::from_millis(200)).await?;
                 p.settle(Duration::from_secs(5)).await;
@@ -968,20 +975,14 @@ mod tests {
             .run_until(async {
                 let listener = TcpListener::bind("127.0.0.1:0").await?;
                 let addr = listener.local_addr()?;
-                let server = tokio::spawn(async move {
-                    let (mut s, _) = listener.accept().await?;
-                    let (reqs, reads) = read_requests(&mut s, 20).await?;
-                    let all: String = (1..=20).map(response).collect();
-                    s.write_all(all.as_bytes()).await?;
-                    let mut tmp = [0u8; 16];
-                    let _ = s.read(&mut tmp).await;
-                    Ok::<_, anyhow::Error>((reqs.len(), reads))
-                });
+                let server =
+                    tokio::spawn(answer_after(listener, 20, (1..=20).map(response).collect()));
                 let mut p = Publisher::connect(spec(addr, Mode::Pipelined, 1)).await?;
                 p.run(100.0, Duration::from_millis(200)).await?;
                 p.settle(Duration::from_secs(5)).await;
                 drop(p);
-                let (n, reads) = server.await??;
+                let (reqs, reads) = server.await??;
+                let n = reqs.len();
                 // 100/s: one publish every 10 ms, each written on its own (TCP_NODELAY), so the
                 // server sees them one read at a time.
                 assert_eq!(n, 20);
@@ -1000,15 +1001,8 @@ mod tests {
                 let addr = listener.local_addr()?;
                 // Answers nothing until every request is in (pipelined), then `{}` as Pusher
                 // servers do.
-                let server = tokio::spawn(async move {
-                    let (mut s, _) = listener.accept().await?;
-                    let (reqs, _) = read_requests(&mut s, 20).await?;
-                    let ok = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".repeat(20);
-                    s.write_all(ok.as_bytes()).await?;
-                    let mut tmp = [0u8; 16];
-                    let _ = s.read(&mut tmp).await;
-                    Ok::<_, anyhow::Error>(reqs)
-                });
+                let ok = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".repeat(20);
+                let server = tokio::spawn(answer_after(listener, 20, ok));
                 let mut spec = spec(addr, Mode::PusherApi, 2);
                 spec.target = Target::Pusher;
                 spec.pusher = "app7:key7:secret7"
@@ -1020,7 +1014,7 @@ mod tests {
                 assert_eq!(p.totals(), (20, 20, 0));
                 assert_eq!(p.acked_per_channel(), vec![10, 10]);
                 drop(p);
-                let reqs = server.await??;
+                let (reqs, _) = server.await??;
                 let f = Finders::default();
                 for (i, (target, body)) in reqs.iter().enumerate() {
                     let (path, query) = target.split_once('?').unwrap_or_default();
