@@ -16,6 +16,7 @@
 
 mod procfs;
 mod publish;
+mod pusher;
 mod soak;
 mod storm;
 mod subs;
@@ -107,6 +108,11 @@ pub struct Common {
     /// load is counted against the key, not the per-address API rate limit.
     #[arg(long)]
     pub api_key: Option<String>,
+    /// The Pusher app of `--target pusher`, as ID:KEY:SECRET: subscribers connect to
+    /// `/app/KEY`; `--publish pusher-api` signs its `POST /apps/ID/events` with SECRET; other
+    /// publish shapes (relay only) post to relay channel `pusher/ID/CH`.
+    #[arg(long, default_value = "bench:bench-key:bench-secret")]
+    pub pusher_app: pusher::PusherApp,
 }
 
 impl Common {
@@ -523,6 +529,7 @@ async fn run_load(a: &MaxArgs, sse: bool, stepping: bool) -> Result<()> {
         sample: l.sample.max(1),
         concurrency: c.concurrency,
         reconnect: None,
+        pusher: c.pusher_app.clone(),
     };
     let groups = Groups::new(spec, procs_for(c, l.subs))?;
     let t0 = Instant::now();
@@ -552,6 +559,7 @@ async fn run_load(a: &MaxArgs, sse: bool, stepping: bool) -> Result<()> {
         payload: l.payload,
         prefix,
         headers: c.publish_headers(),
+        pusher: c.pusher_app.clone(),
     })
     .await?;
     println!(
@@ -808,7 +816,9 @@ async fn step(
         achieved: p.sent as f64 / secs,
         expected,
         delivered,
-        per_sec: delivered as f64 / dur.as_secs_f64().max(1e-9),
+        // Over the time the publisher took: a publisher that fell behind (one request in flight
+        // per connection to a slow server) spreads the step's publishes over longer than --duration.
+        per_sec: delivered as f64 / secs.max(dur.as_secs_f64()).max(1e-9),
         loss: expected.saturating_sub(delivered),
         pub_errors: p.errors,
         max_lag: p.max_lag,
@@ -849,6 +859,7 @@ async fn run_idle(a: &IdleArgs) -> Result<()> {
         sample: 1,
         concurrency: c.concurrency,
         reconnect: None,
+        pusher: c.pusher_app.clone(),
     };
     let total = a.points.last().copied().unwrap_or(a.conns);
     let procs = procs_for(c, total);
@@ -951,7 +962,7 @@ async fn run_connect(a: &ConnectArgs) -> Result<()> {
         Target::Relay => "/ws".to_string(),
         Target::Node | Target::Uws => "/".to_string(),
         Target::Nchan => format!("/sub/{prefix}0"),
-        Target::Pusher => subs::PUSHER_PATH.to_string(),
+        Target::Pusher => c.pusher_app.ws_path(),
     };
     if a.hold && a.count > 19_000 {
         bail!("--hold keeps every connection open: at most 19,000 (--count)");
@@ -1162,6 +1173,7 @@ async fn run_hold(a: &HoldArgs) -> Result<()> {
         sample: 1,
         concurrency: c.concurrency,
         reconnect: None,
+        pusher: c.pusher_app.clone(),
     };
     let groups = Groups::new(spec, procs_for(c, a.subs))?;
     let s = groups.open(0, a.subs).await?;

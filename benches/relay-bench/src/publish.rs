@@ -5,10 +5,11 @@
 //! a reader task reads and checks the responses as they come. Each payload carries its send
 //! time and a per-publisher sequence (`wire::payload`).
 
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,6 +17,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::pusher::{self, PusherApp};
 use crate::subs::{now_ns, Target};
 use crate::wire::{self, Finders, Stamp};
 
@@ -33,14 +35,23 @@ pub enum Mode {
     /// WebSocket `publish` commands written once per 1 ms tick, not waiting for replies
     /// (relay, node and uws).
     Ws,
+    /// Pusher HTTP API publishes (`--target pusher`, any Pusher server): `POST /apps/ID/events`
+    /// signed with the app's secret, one event per request, pipelined like `pipelined`. The
+    /// event's `data` is the payload as a JSON string, as the Pusher server libraries send it.
+    PusherApi,
+    /// The same signed publishes, one request in flight per connection (several: --publishers,
+    /// default 8), a new connection when the server closes one: for servers that close every
+    /// API connection after one response (Sockudo answers each with `Connection: close`), where
+    /// pipelined requests behind the first would go unanswered.
+    PusherApiHttp,
 }
 
 impl Mode {
     /// Publisher connections unless --publishers says otherwise.
     pub fn default_conns(self) -> u32 {
         match self {
-            Mode::Http => 8,
-            Mode::Pipelined | Mode::Broadcast | Mode::Ws => 1,
+            Mode::Http | Mode::PusherApiHttp => 8,
+            Mode::Pipelined | Mode::Broadcast | Mode::Ws | Mode::PusherApi => 1,
         }
     }
 }
@@ -52,6 +63,9 @@ const WS_PER_CONN: f64 = 500.0;
 /// Most requests in flight on one pipelined connection; past it a tick's publishes are counted
 /// as errors instead of written (keeps the bookkeeping bounded if a server stops answering).
 const MAX_IN_FLIGHT: usize = 1 << 20;
+
+/// The event name of `pusher-api` publishes.
+const PUSHER_EVENT: &str = "bench";
 
 /// `acked` index meaning "every channel" (a broadcast).
 const ALL: u32 = u32::MAX;
@@ -68,6 +82,8 @@ pub struct PubSpec {
     /// More request header lines for HTTP publishes, each ending in `\r\n` (an
     /// `Authorization: Bearer` API key, an `X-Forwarded-For`).
     pub headers: String,
+    /// The app of the `pusher` target (signs `pusher-api` publishes).
+    pub pusher: PusherApp,
 }
 
 /// Counters shared by the publisher connections (cumulative).
@@ -75,6 +91,9 @@ pub struct PubSpec {
 struct Shared {
     /// Next schedule slot (and so the next channel, round-robin).
     next: Cell<u64>,
+    /// `next` when the current step began: slot `next - step_base` of a step is due at
+    /// `(next - step_base) / rate` after its start.
+    step_base: Cell<u64>,
     sent: Cell<u64>,
     /// Acknowledged publishes per channel.
     acked: RefCell<Vec<u64>>,
@@ -156,6 +175,11 @@ impl Publisher {
         if spec.mode == Mode::Ws && matches!(spec.target, Target::Nchan | Target::Pusher) {
             bail!("WebSocket publishing is implemented for relay, node and uws only");
         }
+        if matches!(spec.mode, Mode::PusherApi | Mode::PusherApiHttp)
+            && spec.target != Target::Pusher
+        {
+            bail!("--publish pusher-api and pusher-api-http are for --target pusher");
+        }
         let spec = Rc::new(spec);
         let mut conns = Vec::new();
         for id in 0..spec.conns.max(1) {
@@ -223,6 +247,7 @@ impl Publisher {
                 self.conns.push(Some(c));
             }
         }
+        self.shared.step_base.set(self.shared.next.get());
         let start = Instant::now();
         let end = start + dur;
         let n = self.conns.len() as f64;
@@ -278,7 +303,7 @@ impl Publisher {
 impl PubConn {
     async fn open(spec: &Rc<PubSpec>, id: u32, sh: &Rc<Shared>) -> Result<Self> {
         Ok(match spec.mode {
-            Mode::Http => PubConn::Http(HttpPub {
+            Mode::Http | Mode::PusherApiHttp => PubConn::Http(HttpPub {
                 id,
                 seq: 0,
                 stream: Some(connect(spec.addr).await?),
@@ -286,7 +311,7 @@ impl PubConn {
                 req: Vec::with_capacity(512),
                 body: Vec::with_capacity(512),
             }),
-            Mode::Pipelined | Mode::Broadcast => PubConn::Pipe(PipePub {
+            Mode::Pipelined | Mode::Broadcast | Mode::PusherApi => PubConn::Pipe(PipePub {
                 id,
                 seq: 0,
                 shared: sh.clone(),
@@ -351,25 +376,43 @@ where
     }
 }
 
-/// Appends a publish request (HTTP/1.1, keep-alive) for channel `ch` (or a broadcast) to `out`.
-/// What comes before a channel's name in relay's API: `pusher/APP/` for the Pusher target
-/// (its channel `CH` is relay channel `pusher/bench/CH`).
-fn relay_prefix(spec: &PubSpec) -> &'static str {
+/// What comes before a channel's name in relay's API: `pusher/ID/` for the Pusher target
+/// (its channel `CH` is relay channel `pusher/ID/CH`).
+fn relay_prefix(spec: &PubSpec) -> Cow<'static, str> {
     match spec.target {
-        Target::Pusher => crate::subs::PUSHER_RELAY_PREFIX,
-        _ => "",
+        Target::Pusher => Cow::Owned(spec.pusher.relay_prefix()),
+        _ => Cow::Borrowed(""),
     }
 }
 
+/// Appends a publish request (HTTP/1.1, keep-alive) for channel `ch` (or a broadcast) to `out`.
 fn http_request(spec: &PubSpec, ch: u32, stamp: Stamp, body: &mut Vec<u8>, out: &mut Vec<u8>) {
     use std::io::Write;
     body.clear();
-    let nchan_path;
+    let owned_path;
     let path = match (spec.target, spec.mode) {
         (Target::Nchan, _) => {
             wire::payload(body, stamp, spec.payload);
-            nchan_path = format!("/pub?id={}{ch}", spec.prefix);
-            nchan_path.as_str()
+            owned_path = format!("/pub?id={}{ch}", spec.prefix);
+            owned_path.as_str()
+        }
+        (_, Mode::PusherApi | Mode::PusherApiHttp) => {
+            let mut data = Vec::with_capacity(spec.payload + 16);
+            wire::payload(&mut data, stamp, spec.payload);
+            let _ = write!(
+                body,
+                r#"{{"name":"{PUSHER_EVENT}","channel":"{}{ch}","data":"#,
+                spec.prefix
+            );
+            pusher::push_json_string(body, &data);
+            body.push(b'}');
+            let app = &spec.pusher;
+            let events = app.events_path();
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            owned_path = format!("{events}?{}", app.signed_query(&events, body, now));
+            owned_path.as_str()
         }
         (_, Mode::Broadcast) => {
             body.extend_from_slice(br#"{"channels":["#);
@@ -482,7 +525,10 @@ async fn read_responses(
             }
             off += end + len;
             if head.close {
-                break 'conn "the server closed the publisher connection".to_string();
+                break 'conn "the server answered `Connection: close` (a server that closes every \
+                             API connection needs one request per connection: --publish http or \
+                             pusher-api-http)"
+                    .to_string();
             }
         }
         buf.drain(..off);
@@ -578,11 +624,12 @@ impl HttpPub {
     async fn step(&mut self, spec: &PubSpec, sh: &Shared, start: Instant, end: Instant, rate: f64) {
         loop {
             let idx = sh.next.get();
-            sh.next.set(idx + 1);
-            let due = start + Duration::from_secs_f64(idx as f64 / rate);
+            let slot = idx - sh.step_base.get();
+            let due = start + Duration::from_secs_f64(slot as f64 / rate);
             if due >= end {
                 return;
             }
+            sh.next.set(idx + 1);
             if due > Instant::now() {
                 tokio::time::sleep_until(due).await;
             }
@@ -697,7 +744,8 @@ impl WsPub {
     async fn connect(spec: &PubSpec, id: u32, sh: Rc<Shared>) -> Result<Self> {
         let mut s = connect(spec.addr).await?;
         s.write_all(
-            wire::upgrade_request(&spec.addr.to_string(), spec.target.ws_path()).as_bytes(),
+            wire::upgrade_request(&spec.addr.to_string(), &spec.target.ws_path(&spec.pusher))
+                .as_bytes(),
         )
         .await?;
         let mut buf = Vec::new();
@@ -827,6 +875,7 @@ mod tests {
             payload: 64,
             prefix: "t".into(),
             headers: String::new(),
+            pusher: PusherApp::default(),
         }
     }
 
@@ -863,6 +912,21 @@ mod tests {
         Ok((out, reads))
     }
 
+    /// Accepts one connection, reads `n` requests, then writes `answers` and holds the
+    /// connection until the client closes it; returns the requests and the reads they took.
+    async fn answer_after(
+        listener: TcpListener,
+        n: usize,
+        answers: String,
+    ) -> Result<(Vec<(String, Vec<u8>)>, usize)> {
+        let (mut s, _) = listener.accept().await?;
+        let got = read_requests(&mut s, n).await?;
+        s.write_all(answers.as_bytes()).await?;
+        let mut tmp = [0u8; 16];
+        let _ = s.read(&mut tmp).await;
+        Ok(got)
+    }
+
     fn response(seq: u64) -> String {
         let body = format!(r#"{{"channel":"t0","seq":{seq},"epoch":"e"}}"#);
         format!(
@@ -881,19 +945,11 @@ mod tests {
                 let addr = listener.local_addr()?;
                 // The server answers nothing until it has every request of the run: a
                 // publisher that waited for answers would stall at the first.
-                let server = tokio::spawn(async move {
-                    let (mut s, _) = listener.accept().await?;
-                    let (reqs, reads) = read_requests(&mut s, 200).await?;
-                    let mut all = String::new();
-                    for (i, _) in reqs.iter().enumerate() {
-                        all.push_str(&response(i as u64 + 1));
-                    }
-                    s.write_all(all.as_bytes()).await?;
-                    // Keep the connection open until the client is done.
-                    let mut tmp = [0u8; 16];
-                    let _ = s.read(&mut tmp).await;
-                    Ok::<_, anyhow::Error>((reqs, reads))
-                });
+                let server = tokio::spawn(answer_after(
+                    listener,
+                    200,
+                    (1..=200).map(response).collect(),
+                ));
                 let mut p = Publisher::connect(spec(addr, Mode::Pipelined, 2)).await?;
                 let r = p.run(1000.0, Duration::from_millis(200)).await?;
                 p.settle(Duration::from_secs(5)).await;
@@ -919,24 +975,114 @@ mod tests {
             .run_until(async {
                 let listener = TcpListener::bind("127.0.0.1:0").await?;
                 let addr = listener.local_addr()?;
-                let server = tokio::spawn(async move {
-                    let (mut s, _) = listener.accept().await?;
-                    let (reqs, reads) = read_requests(&mut s, 20).await?;
-                    let all: String = (1..=20).map(response).collect();
-                    s.write_all(all.as_bytes()).await?;
-                    let mut tmp = [0u8; 16];
-                    let _ = s.read(&mut tmp).await;
-                    Ok::<_, anyhow::Error>((reqs.len(), reads))
-                });
+                let server =
+                    tokio::spawn(answer_after(listener, 20, (1..=20).map(response).collect()));
                 let mut p = Publisher::connect(spec(addr, Mode::Pipelined, 1)).await?;
                 p.run(100.0, Duration::from_millis(200)).await?;
                 p.settle(Duration::from_secs(5)).await;
                 drop(p);
-                let (n, reads) = server.await??;
+                let (reqs, reads) = server.await??;
+                let n = reqs.len();
                 // 100/s: one publish every 10 ms, each written on its own (TCP_NODELAY), so the
                 // server sees them one read at a time.
                 assert_eq!(n, 20);
                 assert!(reads >= 15, "{reads} reads for 20 publishes 10 ms apart");
+                Ok(())
+            })
+            .await
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn pusher_api_publishes_are_signed_events_one_per_request_pipelined() -> Result<()> {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let listener = TcpListener::bind("127.0.0.1:0").await?;
+                let addr = listener.local_addr()?;
+                // Answers nothing until every request is in (pipelined), then `{}` as Pusher
+                // servers do.
+                let ok = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".repeat(20);
+                let server = tokio::spawn(answer_after(listener, 20, ok));
+                let mut spec = spec(addr, Mode::PusherApi, 2);
+                spec.target = Target::Pusher;
+                spec.pusher = "app7:key7:secret7"
+                    .parse()
+                    .map_err(|e: String| anyhow!(e))?;
+                let mut p = Publisher::connect(spec).await?;
+                p.run(1000.0, Duration::from_millis(20)).await?;
+                p.settle(Duration::from_secs(5)).await;
+                assert_eq!(p.totals(), (20, 20, 0));
+                assert_eq!(p.acked_per_channel(), vec![10, 10]);
+                drop(p);
+                let (reqs, _) = server.await??;
+                let f = Finders::default();
+                for (i, (target, body)) in reqs.iter().enumerate() {
+                    let (path, query) = target.split_once('?').unwrap_or_default();
+                    assert_eq!(path, "/apps/app7/events");
+                    let (signed, sig) = query.split_once("&auth_signature=").unwrap_or_default();
+                    assert!(
+                        signed.starts_with("auth_key=key7&auth_timestamp=")
+                            && signed.ends_with(&format!(
+                                "&auth_version=1.0&body_md5={}",
+                                pusher::md5_hex(body)
+                            )),
+                        "{signed}"
+                    );
+                    let want =
+                        pusher::sign("secret7", format!("POST\n{path}\n{signed}").as_bytes());
+                    assert_eq!(sig, want);
+                    // One event per request; data is a JSON string holding the stamp.
+                    let ev: serde_json::Value = serde_json::from_slice(body)?;
+                    assert_eq!(ev["name"], PUSHER_EVENT);
+                    assert_eq!(ev["channel"], format!("t{}", i % 2));
+                    let data = ev["data"].as_str().unwrap_or_default();
+                    let stamp = f.stamp(data.as_bytes()).ok_or_else(|| anyhow!("{data}"))?;
+                    assert_eq!(stamp.s, i as u64 + 1);
+                    assert_eq!(f.stamp(body), Some(stamp));
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_server_that_closes_after_each_answer_gets_every_publish_on_new_connections(
+    ) -> Result<()> {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let listener = TcpListener::bind("127.0.0.1:0").await?;
+                let addr = listener.local_addr()?;
+                // Sockudo's way: every API answer says `connection: close`, then closes.
+                let server = tokio::spawn(async move {
+                    let mut conns = 0;
+                    let mut paths = Vec::new();
+                    while paths.len() < 40 {
+                        let (mut s, _) = listener.accept().await?;
+                        conns += 1;
+                        let (reqs, _) = read_requests(&mut s, 1).await?;
+                        paths.extend(reqs.into_iter().map(|(p, _)| p));
+                        let close = "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 11\r\n\r\n{\"ok\":true}";
+                        s.write_all(close.as_bytes()).await?;
+                    }
+                    Ok::<_, anyhow::Error>((conns, paths))
+                });
+                let mut spec = spec(addr, Mode::PusherApiHttp, 1);
+                spec.target = Target::Pusher;
+                spec.conns = 2;
+                let mut p = Publisher::connect(spec).await?;
+                // Two steps: the second's schedule starts at its own start, not where the
+                // first's slots left off.
+                for step in 1..=2 {
+                    let r = p.run(200.0, Duration::from_millis(100)).await?;
+                    p.settle(Duration::from_secs(5)).await;
+                    assert_eq!(r.sent, 20);
+                    assert_eq!(p.totals(), (20 * step, 20 * step, 0));
+                }
+                drop(p);
+                let (conns, paths) = server.await??;
+                assert_eq!(conns, 40);
+                assert!(paths.iter().all(|p| p.starts_with("/apps/bench/events?auth_key=bench-key&")));
                 Ok(())
             })
             .await

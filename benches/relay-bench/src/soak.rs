@@ -193,6 +193,7 @@ pub async fn run(a: &SoakArgs) -> Result<()> {
             sample: 1,
             concurrency: c.concurrency,
             reconnect: None,
+            pusher: c.pusher_app.clone(),
         },
         procs_for(c, a.subs),
     )?;
@@ -531,6 +532,7 @@ fn pub_spec(c: &Common, prefix: &str, channels: u32, payload: usize, headers: &s
         payload,
         prefix: prefix.to_string(),
         headers: headers.to_string(),
+        pusher: c.pusher_app.clone(),
     }
 }
 

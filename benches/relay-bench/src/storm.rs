@@ -173,6 +173,7 @@ pub async fn run(a: &StormArgs) -> Result<()> {
             jitter_ms: a.jitter.as_millis() as u64,
             give_up_ms: a.max_storm.as_millis() as u64,
         }),
+        pusher: c.pusher_app.clone(),
     };
     let groups = Groups::new(spec, procs_for(c, a.subs))?;
     let opened = groups.open(0, a.subs).await?;
@@ -196,6 +197,7 @@ pub async fn run(a: &StormArgs) -> Result<()> {
         payload: a.payload,
         prefix,
         headers: a.common.publish_headers(),
+        pusher: c.pusher_app.clone(),
     })
     .await?;
     publisher.run(a.rate, a.before).await?;

@@ -7,6 +7,7 @@
 //! frames in place, and takes `"seq":` and the payload stamp by substring search. The clock is read
 //! once per read, not per message.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
@@ -22,6 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::pusher::PusherApp;
 use crate::wire::{self, Dechunk, Finders};
 
 /// Which server relay-bench talks to (URL shapes and message framing differ).
@@ -37,20 +39,21 @@ pub enum Target {
     /// The uWebSockets comparator (C++, `app.publish` to a topic; built outside the repo, see
     /// benches/RESULTS.md): the same subset of the protocol as `node`.
     Uws,
-    /// relay's Pusher endpoint (start relay with `--pusher-app bench:bench-key:bench-secret`):
-    /// `GET /app/bench-key` + `pusher:subscribe` to the public channel `CH`; published through
-    /// `POST /api/publish` to its relay name `pusher/bench/CH` (the same fan-out path as a
-    /// signed Pusher API publish).
+    /// A Pusher Channels server (relay's Pusher endpoint, Sockudo, soketi) serving the app of
+    /// --pusher-app (default `bench:bench-key:bench-secret`): `GET /app/KEY` +
+    /// `pusher:subscribe` to the public channel `CH`. Published with `--publish pusher-api`
+    /// (signed `POST /apps/ID/events`, any Pusher server), or, relay only, through
+    /// `POST /api/publish` to its relay name `pusher/ID/CH`.
     Pusher,
 }
 
 impl Target {
-    /// The WebSocket path (Nchan's is per channel: `/sub/CH`).
-    pub fn ws_path(self) -> &'static str {
+    /// The WebSocket path (Nchan's is per channel: `/sub/CH`; a Pusher app's is `/app/KEY`).
+    pub fn ws_path(self, app: &PusherApp) -> Cow<'static, str> {
         match self {
-            Target::Relay => "/ws",
-            Target::Node | Target::Uws | Target::Nchan => "/",
-            Target::Pusher => PUSHER_PATH,
+            Target::Relay => Cow::Borrowed("/ws"),
+            Target::Node | Target::Uws | Target::Nchan => Cow::Borrowed("/"),
+            Target::Pusher => Cow::Owned(app.ws_path()),
         }
     }
 }
@@ -64,11 +67,6 @@ pub struct Reconnect {
     pub jitter_ms: u64,
     pub give_up_ms: u64,
 }
-
-/// Where the `pusher` target's subscribers connect (app key `bench-key`).
-pub const PUSHER_PATH: &str = "/app/bench-key?protocol=7&client=relay-bench&version=1";
-/// The relay name of the `pusher` target's channel `CH` is this prefix + `CH` (app id `bench`).
-pub const PUSHER_RELAY_PREFIX: &str = "pusher/bench/";
 
 /// Everything a subscriber connection needs to know (also sent to worker processes as JSON).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -88,6 +86,9 @@ pub struct SubSpec {
     /// Reconnect and resume when closed (storm scenario).
     #[serde(default)]
     pub reconnect: Option<Reconnect>,
+    /// The app of the `pusher` target.
+    #[serde(default)]
+    pub pusher: PusherApp,
 }
 
 impl SubSpec {
@@ -486,7 +487,7 @@ impl Conn {
             (Target::Relay, true) => sse_request(&host, &format!("/sse?channel={ch}")),
             (Target::Nchan, true) => sse_request(&host, &format!("/sub/{ch}")),
             (Target::Node | Target::Uws, true) => bail!("{:?} has no SSE endpoint", spec.target),
-            (Target::Pusher, false) => wire::upgrade_request(&host, PUSHER_PATH),
+            (Target::Pusher, false) => wire::upgrade_request(&host, &spec.pusher.ws_path()),
             (Target::Pusher, true) => bail!("Pusher has no SSE endpoint"),
         };
         stream.write_all(req.as_bytes()).await?;
@@ -683,10 +684,13 @@ impl Conn {
             return;
         }
         if spec.target == Target::Pusher {
-            // A relay payload without an event name reaches Pusher clients as event `message`
-            // with the payload (relay-bench's stamp) as its data. Pusher has no seq.
-            if msg.starts_with(br#"{"event":"message""#) {
-                self.delivery(spec, None, f.stamp(msg), now, agg);
+            // Every event not Pusher's own is a delivery: `message` for a relay payload without
+            // an event name (its data the stamp as JSON), the event of a signed API publish
+            // (its data the stamp as a JSON string). Pusher has no seq.
+            if !msg.starts_with(br#"{"event":"pusher"#) {
+                if msg.starts_with(br#"{"event":"#) {
+                    self.delivery(spec, None, f.stamp(msg), now, agg);
+                }
             } else if msg.starts_with(br#"{"event":"pusher_internal:subscription_succeeded""#) {
                 self.ready = true;
             } else if msg.starts_with(br#"{"event":"pusher:ping""#) {

@@ -241,6 +241,7 @@ impl Dechunk {
 pub struct Finders {
     seq: memmem::Finder<'static>,
     t: memmem::Finder<'static>,
+    t_escaped: memmem::Finder<'static>,
     p: memmem::Finder<'static>,
     s: memmem::Finder<'static>,
     id: memmem::Finder<'static>,
@@ -252,6 +253,7 @@ impl Default for Finders {
         Self {
             seq: memmem::Finder::new(b"\"seq\":"),
             t: memmem::Finder::new(b"\"t\":"),
+            t_escaped: memmem::Finder::new(br#"{\"t\":"#),
             p: memmem::Finder::new(b",\"p\":"),
             s: memmem::Finder::new(b",\"s\":"),
             id: memmem::Finder::new(b"\"id\":"),
@@ -347,11 +349,37 @@ impl Finders {
         Some((Some(seq), Some(stamp_at(&msg[i..])?)))
     }
 
-    /// relay-bench's stamp `{"t":T,"p":P,"s":S` anywhere in the message.
+    /// relay-bench's stamp `{"t":T,"p":P,"s":S` anywhere in the message, or escaped inside a
+    /// JSON string (`{\"t\":T,\"p\":P,\"s\":S`: a Pusher event's `data`).
     pub fn stamp(&self, msg: &[u8]) -> Option<Stamp> {
         if let Some(s) = stamp_at(msg) {
             return Some(s);
         }
+        self.plain_stamp(msg).or_else(|| self.escaped_stamp(msg))
+    }
+
+    /// The stamp in a JSON string, as its exact escaped text (servers pass a string through).
+    fn escaped_stamp(&self, msg: &[u8]) -> Option<Stamp> {
+        let mut i = self.t_escaped.find(msg)? + br#"{\"t\":"#.len();
+        let mut next = |key: &[u8]| {
+            let (v, n) = digits(&msg[i..])?;
+            i += n;
+            if !key.is_empty() {
+                i += msg[i..].strip_prefix(key).map(|_| key.len())?;
+            }
+            Some(v)
+        };
+        let t = next(br#",\"p\":"#)?;
+        let p = next(br#",\"s\":"#)?;
+        let s = next(b"")?;
+        Some(Stamp {
+            t,
+            p: u32::try_from(p).ok()?,
+            s,
+        })
+    }
+
+    fn plain_stamp(&self, msg: &[u8]) -> Option<Stamp> {
         let mut i = self.t.find(msg)? + 4;
         let (t, n) = digits(&msg[i..])?;
         i += n;
@@ -457,6 +485,25 @@ mod tests {
         client_frame(OP_TEXT, &[b'z'; 200], &mut out);
         assert_eq!(&out[..4], &[0x81, 0x80 | 126, 0, 200]);
         assert_eq!(out.len(), 4 + 4 + 200);
+    }
+
+    #[test]
+    fn a_stamp_escaped_in_a_json_string_is_found() {
+        let mut p = Vec::new();
+        let want = Stamp {
+            t: 1_700_000_000_123_456_789,
+            p: 2,
+            s: 77,
+        };
+        payload(&mut p, want, 64);
+        let mut frame = br#"{"event":"bench","channel":"c0","data":"#.to_vec();
+        crate::pusher::push_json_string(&mut frame, &p);
+        frame.push(b'}');
+        let f = Finders::default();
+        assert_eq!(f.stamp(&frame), Some(want));
+        // A cut-off stamp is no stamp.
+        let cut = br#"{"event":"bench","data":"{\"t\":17,\"p\":2}"}"#;
+        assert_eq!(f.stamp(cut), None);
     }
 
     #[test]
