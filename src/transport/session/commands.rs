@@ -433,9 +433,11 @@ impl SessionCore {
 }
 
 /// The code a refused hub subscribe answers with (`presence_full` or `overloaded`), counted.
+// `let code = match`: the form the docs test (`tests/first_steps.rs`) reads codes from.
+#[allow(clippy::let_and_return)]
 pub fn subscribe_refusal(e: SubscribeError, detail: &str) -> &'static str {
     use crate::engine::presence::PresenceError;
-    match e {
+    let code = match e {
         SubscribeError::Presence(PresenceError::Full) => "presence_full",
         SubscribeError::Presence(PresenceError::InfoBudget) => {
             crate::limits::refused(Cause::PresenceInfo, detail);
@@ -449,7 +451,8 @@ pub fn subscribe_refusal(e: SubscribeError, detail: &str) -> &'static str {
             crate::limits::refused(cause, detail);
             "overloaded"
         }
-    }
+    };
+    code
 }
 
 /// When Unix time `exp` comes, on the clock whose present is `now` (at most a year away).
@@ -462,6 +465,7 @@ pub fn instant_at(exp: u64, now: Instant) -> Instant {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::auth::{Grants, Rule};
 
