@@ -427,6 +427,15 @@ impl Frames for Session {
     }
 }
 
+/// What checks `token` for the core, when auth is on.
+fn verifier<'a>(
+    ctx: &'a ShardContext,
+    token: &'a str,
+) -> Option<impl FnOnce() -> Result<crate::auth::Principal, String> + 'a> {
+    let auth = ctx.node.auth.as_ref()?;
+    Some(move || auth.verify(token).map_err(|e| e.to_string()))
+}
+
 /// Waits for a server API command (never without a mailbox).
 async fn mailbox_ready(m: &Option<Rc<super::users::Mailbox>>) {
     match m {
@@ -865,13 +874,10 @@ impl Session {
     /// `{"type":"auth","token":…}`: authenticates a connection opened without a token. A bad
     /// token closes the connection (4001) after the error.
     fn on_auth(&mut self, id: Option<ReqId<'_>>, token: &str) {
-        let verify = self
-            .ctx
-            .node
-            .auth
-            .as_ref()
-            .map(|a| || a.verify(token).map_err(|e| e.to_string()));
-        match self.core.on_auth(session::now(), verify) {
+        match self
+            .core
+            .on_auth(session::now(), verifier(&self.ctx, token))
+        {
             Ok((user, exp)) => {
                 self.register_user();
                 self.push(json::authenticated(id, &user, exp));
@@ -888,13 +894,10 @@ impl Session {
     /// `{"type":"refresh","token":…}`: a new token for the same subject; its grants and expiry
     /// replace the old ones. A bad one gets an error and changes nothing.
     fn on_refresh(&mut self, id: Option<ReqId<'_>>, token: &str) {
-        let verify = self
-            .ctx
-            .node
-            .auth
-            .as_ref()
-            .map(|a| || a.verify(token).map_err(|e| e.to_string()));
-        match self.core.on_refresh(session::now(), verify) {
+        match self
+            .core
+            .on_refresh(session::now(), verifier(&self.ctx, token))
+        {
             Ok(exp) => self.push(json::refreshed(id, exp)),
             Err(r) => self.refuse(id, &r),
         }
