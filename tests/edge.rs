@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{assert_http_error, refused_count, sample, RawWs, Relay, Sse, Ws, BIN};
+use common::{api_get, assert_http_error, refused_count, sample, RawWs, Relay, Sse, Ws, BIN};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -603,48 +603,6 @@ async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
 // ---------------------------------------------------------------------------------------------
 // Item 7: API rate limits, accept errors
 // ---------------------------------------------------------------------------------------------
-
-/// `GET path` with extra headers: status, `Retry-After`, body.
-async fn api_get(relay: &Relay, path: &str, headers: &[(&str, &str)]) -> (u16, Option<u64>) {
-    let mut rb = relay.client().get(relay.http(path));
-    for (k, v) in headers {
-        rb = rb.header(*k, *v);
-    }
-    let r = rb.send().await.unwrap();
-    let retry = r
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok()?.parse().ok());
-    let status = r.status().as_u16();
-    if status == 429 {
-        let body: serde_json::Value = r.json().await.unwrap();
-        assert_eq!(body["error"]["code"], "rate_limited", "{body}");
-    }
-    (status, retry)
-}
-
-/// Requests without an API key are limited per client address: a burst of twice the rate,
-/// then 429 with `Retry-After`; other clients and the proxy's own requests go on.
-#[tokio::test]
-async fn the_api_is_rate_limited_per_client_address() {
-    let relay = Relay::start(&["--api-rate-limit", "5"]);
-    let alice = [("x-forwarded-for", "198.51.100.1")];
-    for _ in 0..10 {
-        assert_eq!(api_get(&relay, "/api/history/h", &alice).await.0, 200);
-    }
-    let (status, retry) = api_get(&relay, "/api/history/h", &alice).await;
-    assert_eq!(status, 429);
-    let retry = retry.expect("Retry-After");
-    assert!((1..=2).contains(&retry), "{retry}");
-    let bob = [("x-forwarded-for", "198.51.100.2")];
-    assert_eq!(api_get(&relay, "/api/history/h", &bob).await.0, 200);
-    for _ in 0..30 {
-        assert_eq!(api_get(&relay, "/api/history/h", &[]).await.0, 200);
-    }
-    tokio::time::sleep(Duration::from_secs(retry)).await;
-    assert_eq!(api_get(&relay, "/api/history/h", &alice).await.0, 200);
-    assert!(refused_count(&relay.scrape().await, "api_rate_limited") >= 1);
-}
 
 /// Requests with an API key are counted per key (and never per address).
 #[tokio::test]
