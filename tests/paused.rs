@@ -2,7 +2,7 @@
 //! (`server::run_here`, `common::paused`), whose clock the test pauses, so a 30 s timeout
 //! passes at once and a test asserts it to the second without waiting for it. The engine's
 //! deadlines (presence expiry, history TTL) and the rate buckets read the same clock.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
