@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{api_get, refused_count, Relay, Ws};
+use common::{api_get, head_of, read_until_closed, refused_count, Relay, Ws};
 use serde_json::{json, Value};
 
 use futures_util::StreamExt;
@@ -213,6 +213,31 @@ async fn the_api_is_rate_limited_per_client_address() {
         tokio::time::sleep(Duration::from_secs(retry)).await;
         assert_eq!(api_get(&relay, "/api/history/h", &alice).await.0, 200);
         assert!(refused_count(&relay.scrape().await, "api_rate_limited") >= 1);
+    })
+    .await;
+}
+
+/// A keep-alive connection serves requests while they come, and is closed once idle for the
+/// keep-alive timeout (hyper's timer, on the shard's clock).
+#[tokio::test(start_paused = true)]
+async fn an_idle_keep_alive_connection_closes_at_the_keepalive_timeout() {
+    let timeout = Duration::from_secs(20);
+    let args = ["--keepalive-timeout", "20s", "--sse-keepalive", "1s"];
+    common::paused(&args, |relay: Relay| async move {
+        let mut s = tokio::net::TcpStream::connect(relay.addr()).await.unwrap();
+        let req = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(head_of(&mut s, req).await.starts_with("HTTP/1.1 200"));
+        // Idle for most of the timeout: the connection still serves.
+        tokio::time::sleep(timeout - Duration::from_secs(1)).await;
+        assert!(head_of(&mut s, req).await.starts_with("HTTP/1.1 200"));
+        let idle = Instant::now();
+        assert!(read_until_closed(&mut s, 3 * timeout).await.is_some());
+        let waited = idle.elapsed();
+        assert!(waited >= timeout, "closed after {waited:?} idle");
+        assert!(
+            waited <= timeout + Duration::from_secs(1),
+            "closed after {waited:?} idle"
+        );
     })
     .await;
 }

@@ -516,6 +516,41 @@ pub fn refused_count(text: &str, cause: &str) -> u64 {
     sample(text, &format!("relay_refused_total{{cause=\"{cause}\"}}")).unwrap_or(0.0) as u64
 }
 
+/// Reads until the peer closes (EOF or reset) within `d`: the bytes read, or `None` if it is
+/// still open then.
+pub async fn read_until_closed(s: &mut TcpStream, d: Duration) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + d;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(out),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Sends `request` on `s` and reads the response head (status line and headers).
+pub async fn head_of(s: &mut TcpStream, request: &str) -> String {
+    s.write_all(request.as_bytes()).await.unwrap();
+    let deadline = Instant::now() + RECV_TIMEOUT;
+    let mut buf = Vec::new();
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return String::from_utf8_lossy(&buf[..end]).into_owned();
+        }
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            r => panic!(
+                "no response head ({r:?}); got {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+        }
+    }
+}
+
 /// `GET path` with extra headers: status, `Retry-After`, body.
 pub async fn api_get(relay: &Relay, path: &str, headers: &[(&str, &str)]) -> (u16, Option<u64>) {
     let mut rb = relay.client().get(relay.http(path));
