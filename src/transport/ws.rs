@@ -367,6 +367,13 @@ async fn run<R, W>(
             r = write_some(&mut wr, &s.outbox) => match r {
                 Ok(WriteEvent::Wrote(w)) if w.finished => {
                     let _ = wr.shutdown().await;
+                    // A restart closes every connection at once: waiting for each client's
+                    // close reply would keep the old process (and its port) for round trips.
+                    // With nothing unread the kernel sends our close frame and FIN as a
+                    // graceful close; only unread input would turn it into a reset.
+                    if shutdown.is_cancelled() && nothing_unread(&mut rd) {
+                        break;
+                    }
                     s.draining = true;
                 }
                 Ok(WriteEvent::Wrote(w)) => {
@@ -465,6 +472,20 @@ async fn write_some<W: AsyncWrite + Unpin>(wr: &mut W, outbox: &Outbox) -> io::R
             .map_ok(WriteEvent::Wrote)
     })
     .await
+}
+
+/// Whether the peer has sent nothing we have not read (or has closed): one read that does not
+/// wait; what it reads is discarded (the session is closing).
+fn nothing_unread<R: AsyncRead + Unpin>(rd: &mut R) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    SCRATCH_BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        let mut buf = ReadBuf::new(&mut b[..]);
+        match Pin::new(rd).poll_read(&mut cx, &mut buf) {
+            Poll::Pending | Poll::Ready(Err(_)) => true,
+            Poll::Ready(Ok(())) => buf.filled().is_empty(),
+        }
+    })
 }
 
 async fn read_some<R: AsyncRead + Unpin>(rd: &mut R) -> io::Result<usize> {
