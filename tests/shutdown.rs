@@ -117,19 +117,25 @@ async fn server_run_serves_until_its_shutdown_future_completes() {
     );
 }
 
-/// A restart tells each WebSocket client when to come back, spread over a window, so that a
-/// fleet does not reconnect at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_spreads_the_clients_reconnect_delays() {
-    let mut relay = Relay::start(&["--shutdown-timeout", "5s", "--drain-period", "0s"]);
-    let mut clients = Vec::new();
-    for _ in 0..16 {
+/// `n` raw WebSocket clients subscribed to `s`.
+async fn raw_subscribers(relay: &Relay, n: usize) -> Vec<RawWs> {
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
         let mut raw = RawWs::connect(relay.addr()).await;
         raw.send_json(json!({"type":"subscribe","channel":"s"}))
             .await;
         assert_subscribed(&raw.recv_json().await, "s");
         clients.push(raw);
     }
+    clients
+}
+
+/// A restart tells each WebSocket client when to come back, spread over a window, so that a
+/// fleet does not reconnect at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_spreads_the_clients_reconnect_delays() {
+    let mut relay = Relay::start(&["--shutdown-timeout", "5s", "--drain-period", "0s"]);
+    let mut clients = raw_subscribers(&relay, 16).await;
     relay.signal("TERM");
     let mut delays = Vec::new();
     for raw in &mut clients {
@@ -170,14 +176,7 @@ async fn a_restart_does_not_wait_for_the_clients_close_replies() {
         "--max-connections-per-ip",
         "0",
     ]);
-    let mut clients = Vec::new();
-    for _ in 0..100 {
-        let mut raw = RawWs::connect(relay.addr()).await;
-        raw.send_json(json!({"type":"subscribe","channel":"s"}))
-            .await;
-        assert_subscribed(&raw.recv_json().await, "s");
-        clients.push(raw);
-    }
+    let mut clients = raw_subscribers(&relay, 100).await;
     relay.signal("TERM");
     // Every client is told (and none answers).
     for raw in &mut clients {
