@@ -36,7 +36,11 @@ async fn expect_rest(mut ws: RawWs, from: u64) {
     for seq in from + 1..=MESSAGES {
         let v = ws.recv_json().await;
         assert_eq!(v["type"], "message", "after seq {}: {v}", seq - 1);
-        assert_eq!(v["seq"], json!(seq), "expected seq {seq} (resumed from {from}): {v}");
+        assert_eq!(
+            v["seq"],
+            json!(seq),
+            "expected seq {seq} (resumed from {from}): {v}"
+        );
         assert_eq!(v["data"], json!(seq), "{v}");
     }
 }

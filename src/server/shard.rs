@@ -448,7 +448,9 @@ mod tests {
         accept_batch(&listener, &mut batch, 4).await.unwrap();
         assert_eq!(batch.len(), 4, "a batch is bounded");
         batch.clear();
-        accept_batch(&listener, &mut batch, ACCEPT_BATCH).await.unwrap();
+        accept_batch(&listener, &mut batch, ACCEPT_BATCH)
+            .await
+            .unwrap();
         assert_eq!(batch.len(), 6, "the rest come in one call");
         let peers: std::collections::HashSet<_> = batch.iter().map(|(_, p)| *p).collect();
         assert_eq!(peers.len(), 6);
