@@ -231,6 +231,16 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub max_connections_per_ip: usize,
+    /// Connections each shard's listener holds ready before the kernel drops new ones (a
+    /// fleet reconnecting after a restart arrives at once). The kernel caps it at
+    /// net.core.somaxconn (a warning at start says so).
+    #[arg(
+        long,
+        env = "RELAY_LISTEN_BACKLOG",
+        value_name = "N",
+        default_value_t = 4096
+    )]
+    pub listen_backlog: i32,
     /// Time for a new connection to finish its TLS handshake and send its first request
     /// headers (slowloris defence).
     #[arg(long, env = "RELAY_HANDSHAKE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
@@ -875,6 +885,9 @@ impl Config {
         }
         if self.handshake_timeout.is_zero() {
             invalid("handshake_timeout", "must be > 0");
+        }
+        if self.listen_backlog < 1 {
+            invalid("listen_backlog", "must be at least 1");
         }
         if !(8 * 1024..=1024 * 1024).contains(&self.max_header_size) {
             invalid("max_header_size", "must be between 8KiB and 1MiB");

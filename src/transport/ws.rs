@@ -351,6 +351,13 @@ async fn run<R, W>(
             r = write_some(&mut wr, &s.outbox) => match r {
                 Ok(WriteEvent::Wrote(w)) if w.finished => {
                     let _ = wr.shutdown().await;
+                    // A restart closes every connection at once: waiting for each client's
+                    // close reply would keep the old process (and its port) for round trips.
+                    // With nothing unread the kernel sends our close frame and FIN as a
+                    // graceful close; only unread input would turn it into a reset.
+                    if shutdown.is_cancelled() && reader::nothing_unread(&mut rd) {
+                        break;
+                    }
                     s.draining = true;
                 }
                 Ok(WriteEvent::Wrote(w)) => {
