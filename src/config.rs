@@ -481,8 +481,8 @@ pub struct Config {
     /// max_connections=N, max_event_bytes=BYTES, max_channels_per_event=N, max_batch=N,
     /// client_event_rate=N (repeatable; comma-separated in the environment). Its channel C is
     /// relay channel pusher/ID/C (see docs/pusher.md).
-    #[arg(long, env = "RELAY_PUSHER_APP", value_name = "APP", value_delimiter = ',', value_parser = crate::protocol::pusher::parse_app, hide_env_values = true)]
-    pub pusher_app: Vec<crate::protocol::pusher::App>,
+    #[arg(long, env = "RELAY_PUSHER_APP", value_name = "APP", value_delimiter = ',', value_parser = crate::types::pusher_app::parse_app, hide_env_values = true)]
+    pub pusher_app: Vec<crate::types::pusher_app::App>,
     /// A webhook of a Pusher app, in Pusher's format (X-Pusher-Key, X-Pusher-Signature signed
     /// with the app's secret), as APP_ID:[EVENTS][;PATTERN…]@URL: EVENTS is `+`-separated among
     /// channel_occupied, channel_vacated, member_added, member_removed (all four without it),
@@ -1023,7 +1023,7 @@ impl Config {
     /// rest parsed as `--webhook-url` takes it (its patterns over the app's own channel names).
     pub fn pusher_webhooks(
         &self,
-    ) -> Result<Vec<(&crate::protocol::pusher::App, crate::webhooks::HookSpec)>, String> {
+    ) -> Result<Vec<(&crate::types::pusher_app::App, crate::webhooks::HookSpec)>, String> {
         self.pusher_webhook
             .iter()
             .map(|s| {
