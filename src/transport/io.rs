@@ -147,6 +147,17 @@ impl TimedIo {
         (self.tcp, self.pre, self.write.timeout)
     }
 
+    /// `self` with `more` (bytes hyper read past a WebSocket upgrade request) served after
+    /// what is already read ahead, before the socket.
+    pub fn read_ahead(mut self, more: Bytes) -> TimedIo {
+        if self.pre.is_empty() {
+            self.pre = more;
+        } else if !more.is_empty() {
+            self.pre = [&self.pre[..], &more[..]].concat().into();
+        }
+        self
+    }
+
     fn moved(&self) {
         if let Some(a) = &self.activity {
             a.fetch_add(1, Ordering::Relaxed);
@@ -165,6 +176,11 @@ impl AsyncRead for TimedIo {
             let n = this.pre.len().min(buf.remaining());
             buf.put_slice(&this.pre[..n]);
             this.pre.advance(n);
+            if this.pre.is_empty() {
+                // An empty slice of hyper's read buffer would still pin it (about 8 KiB)
+                // for a WebSocket session's whole life.
+                this.pre = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
@@ -271,6 +287,85 @@ impl AsyncWrite for TimedWrite<'_> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.wr).poll_shutdown(cx);
         this.write.check(cx, this.wr.as_ref(), r, false)
+    }
+}
+
+/// The socket of an upgraded WebSocket session: ours (plain TCP: the write deadline, and the
+/// bytes read ahead served first), or whatever else hyper hands over (TLS), with its own
+/// buffer first. One type, so that a session's task is one future whatever the transport.
+pub enum SessionIo {
+    /// Plain TCP.
+    Tcp(TimedIo),
+    /// TLS (and anything else hyper may hand us).
+    Other(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>),
+}
+
+impl SessionIo {
+    /// The socket of a connection hyper upgraded.
+    pub fn new(upgraded: hyper::upgrade::Upgraded) -> SessionIo {
+        match upgraded.downcast::<hyper_util::rt::TokioIo<TimedIo>>() {
+            // Bytes read past a PROXY header come before hyper's.
+            Ok(parts) => SessionIo::Tcp(parts.io.into_inner().read_ahead(parts.read_buf)),
+            Err(up) => SessionIo::Other(hyper_util::rt::TokioIo::new(up)),
+        }
+    }
+}
+
+impl AsyncRead for SessionIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            SessionIo::Tcp(io) => Pin::new(io).poll_read(cx, buf),
+            SessionIo::Other(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for SessionIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            SessionIo::Tcp(io) => Pin::new(io).poll_write(cx, data),
+            SessionIo::Other(io) => Pin::new(io).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            SessionIo::Tcp(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            SessionIo::Other(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            SessionIo::Tcp(io) => io.is_write_vectored(),
+            SessionIo::Other(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            SessionIo::Tcp(io) => Pin::new(io).poll_flush(cx),
+            SessionIo::Other(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            SessionIo::Tcp(io) => Pin::new(io).poll_shutdown(cx),
+            SessionIo::Other(io) => Pin::new(io).poll_shutdown(cx),
+        }
     }
 }
 
