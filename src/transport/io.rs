@@ -150,11 +150,17 @@ impl TimedIo {
     /// `self` with `more` (bytes hyper read past a WebSocket upgrade request) served after
     /// what is already read ahead, before the socket.
     pub fn read_ahead(mut self, more: Bytes) -> TimedIo {
-        if self.pre.is_empty() {
-            self.pre = more;
-        } else if !more.is_empty() {
-            self.pre = [&self.pre[..], &more[..]].concat().into();
+        // Even empty, `more` is a slice of hyper's read buffer and would pin it (8 KiB or
+        // more) for the session's whole life: kept only with bytes in it, and only until they
+        // are read.
+        if more.is_empty() {
+            return self;
         }
+        self.pre = if self.pre.is_empty() {
+            more
+        } else {
+            [&self.pre[..], &more[..]].concat().into()
+        };
         self
     }
 
@@ -395,6 +401,33 @@ mod tests {
         };
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(t0.elapsed() >= Duration::from_secs(5));
+    }
+
+    /// What hyper hands over with an upgraded connection: the request it parsed and the rest
+    /// of its read buffer, both parts of one allocation.
+    fn hyper_buffer(read: &[u8], request_len: usize) -> (Bytes, Bytes) {
+        let mut buf = BytesMut::with_capacity(8192);
+        buf.extend_from_slice(read);
+        let request = buf.split_to(request_len).freeze();
+        (request, buf.freeze())
+    }
+
+    #[tokio::test]
+    async fn an_upgraded_socket_keeps_no_part_of_hyper_s_buffer() {
+        let (server, _client) = pair().await;
+        let (request, rest) = hyper_buffer(b"GET /ws HTTP/1.1\r\n\r\n", 20);
+        assert!(!request.is_unique());
+        let _io = TimedIo::new(server, Duration::from_secs(5)).read_ahead(rest);
+        assert!(request.is_unique(), "an empty rest is not kept");
+
+        let (server, _client) = pair().await;
+        let (request, rest) = hyper_buffer(b"GET /ws HTTP/1.1\r\n\r\nab", 20);
+        let mut io = TimedIo::new(server, Duration::from_secs(5)).read_ahead(rest);
+        assert!(!request.is_unique(), "bytes not yet read are kept");
+        let mut got = [0u8; 2];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ab");
+        assert!(request.is_unique(), "and released once read");
     }
 
     #[tokio::test]
