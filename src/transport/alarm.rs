@@ -59,6 +59,13 @@ impl Alarms {
         Some(when)
     }
 
+    /// What is left of `conn`'s alarm `armed` after a ring: `None` when it is the one that
+    /// rang (rung alarms are removed), else still `armed` (the ring was for an alarm since
+    /// replaced).
+    pub fn after_ring(&self, conn: ConnId, armed: Option<Instant>) -> Option<Instant> {
+        armed.filter(|t| self.due.borrow().contains_key(&(*t, conn)))
+    }
+
     /// Removes `conn`'s alarm (the session ends).
     pub fn disarm(&self, conn: ConnId, armed: Option<Instant>) {
         if let Some(old) = armed {
@@ -178,6 +185,13 @@ mod tests {
         assert!(rung(&o));
         assert!(!rung(&o), "an alarm rings once");
         assert!(a.is_empty(), "a rung alarm is gone");
+        assert_eq!(a.after_ring(1, armed), None);
+        let armed = a.arm(1, None, t0 + Duration::from_secs(9), &o);
+        assert_eq!(
+            a.after_ring(1, armed),
+            armed,
+            "a ring for an earlier alarm keeps it"
+        );
         a.disarm(1, armed);
         let armed = a.arm(2, None, t0, &o);
         a.disarm(2, armed);

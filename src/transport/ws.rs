@@ -505,8 +505,9 @@ impl Session {
             }
             Wake::Mail => self.on_user_commands(),
             Wake::Alarm => {
-                // The alarm that rang was this session's: it is gone from the shard's.
-                *armed = None;
+                // A rung alarm is gone from the shard's (unless the ring was for one since
+                // replaced: then the session's alarm stays, and it keeps only one).
+                *armed = self.ctx.alarms.after_ring(self.id, *armed);
                 if self.on_timer() {
                     return Step::End;
                 }
