@@ -11,7 +11,7 @@ use std::net::TcpListener as StdListener;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -111,13 +111,13 @@ pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) 
             presence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = expiry.tick() => { node.engine.tick(Instant::now()); }
+                    _ = expiry.tick() => { node.engine.tick(crate::types::now()); }
                     _ = buckets.tick() => {
-                        node.api.sweep(Instant::now());
+                        node.api.sweep(crate::types::now());
                         crate::metrics::upkeep();
                     }
                     _ = presence.tick() => {
-                        let wake = node.engine.sweep_presence(Instant::now());
+                        let wake = node.engine.sweep_presence(crate::types::now());
                         node.wake(wake);
                     }
                     _ = stop.cancelled() => break,

@@ -741,7 +741,7 @@ impl Session {
                     .borrow_mut()
                     .unsubscribe(self.id, &channel, now);
                 if let Some(ch) = left {
-                    let wake = self.ctx.node.engine.leave_presence(&ch, &self.client);
+                    let wake = self.ctx.node.engine.leave_presence(&ch, &self.client, now);
                     self.ctx.node.wake(wake);
                 }
             }
@@ -1052,7 +1052,11 @@ impl Session {
         for ch in subs {
             if let Some(channel) = hub.unsubscribe(self.id, &ch, now) {
                 if self.clean {
-                    wake |= self.ctx.node.engine.leave_presence(&channel, &self.client);
+                    wake |= self
+                        .ctx
+                        .node
+                        .engine
+                        .leave_presence(&channel, &self.client, now);
                 }
             }
         }
