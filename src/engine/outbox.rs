@@ -89,6 +89,9 @@ struct Inner {
     /// A subscriber of this connection has a gap notice or a conflated message waiting for
     /// room (see `Hub::flush`).
     deferred: bool,
+    /// The connection's shard timer rang: one of its deadlines may be due (see
+    /// [`Outbox::ring`]).
+    alarm: bool,
     /// The shard's gauge, which holds this outbox's [`Inner::footprint`].
     gauge: Gauge,
 }
@@ -114,6 +117,7 @@ impl Outbox {
                 waker: None,
                 state: OutboxState::Open,
                 deferred: false,
+                alarm: false,
                 gauge,
             }),
         }
@@ -221,6 +225,26 @@ impl Outbox {
         false
     }
 
+    /// Wakes the connection's task for a timer: the shard keeps one timer for all its
+    /// connections (not one per connection) and rings the outbox, which already holds the
+    /// task's waker, when a connection's deadline comes.
+    pub fn ring(&self) {
+        let mut inner = self.inner.borrow_mut();
+        inner.alarm = true;
+        wake(&mut inner);
+    }
+
+    /// `Ready` once after each [`Outbox::ring`]; otherwise registers `cx`'s waker (the same
+    /// one [`Outbox::poll_ready`] keeps: one task drains the outbox and hears its alarm).
+    pub fn poll_alarm(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut inner = self.inner.borrow_mut();
+        if std::mem::take(&mut inner.alarm) {
+            return Poll::Ready(());
+        }
+        register(&mut inner, cx);
+        Poll::Pending
+    }
+
     /// The state.
     pub fn state(&self) -> OutboxState {
         self.inner.borrow().state
@@ -240,6 +264,11 @@ impl Outbox {
         }
     }
 
+    /// Queue entries allocated (what an idle outbox should not keep).
+    pub fn capacity(&self) -> usize {
+        self.inner.borrow().queue.capacity()
+    }
+
     /// Frames waiting.
     pub fn frames(&self) -> usize {
         self.inner.borrow().queue.len()
@@ -257,13 +286,7 @@ impl Outbox {
         if !inner.queue.is_empty() || inner.state == OutboxState::Overflowed {
             return Poll::Ready(());
         }
-        if !inner
-            .waker
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            inner.waker = Some(cx.waker().clone());
-        }
+        register(&mut inner, cx);
         Poll::Pending
     }
 
@@ -398,6 +421,17 @@ const OUT_SIZE: usize = std::mem::size_of::<Out>();
 
 /// Queue entries an emptied outbox may keep allocated for the next pass (about 3 KiB).
 const KEEP_ENTRIES: usize = 64;
+
+/// Keeps `cx`'s waker, unless the one kept already wakes the same task.
+fn register(inner: &mut Inner, cx: &Context<'_>) {
+    if !inner
+        .waker
+        .as_ref()
+        .is_some_and(|w| w.will_wake(cx.waker()))
+    {
+        inner.waker = Some(cx.waker().clone());
+    }
+}
 
 fn wake(inner: &mut Inner) {
     if let Some(w) = inner.waker.take() {

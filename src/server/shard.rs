@@ -90,6 +90,11 @@ pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) 
         }
     });
 
+    // The sessions' deadlines: one timer for the shard (see `transport::alarm`).
+    let alarm_ctx = ctx.clone();
+    let alarm_stop = shutdown.clone();
+    tokio::task::spawn_local(async move { alarm_ctx.alarms.run(alarm_stop).await });
+
     // Server API commands for this shard's users' connections.
     tokio::task::spawn_local(crate::transport::users::run_shard(ctx.clone()));
 

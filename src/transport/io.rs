@@ -162,6 +162,23 @@ impl TimedIo {
         (self.tcp, self.pre, self.write.timeout)
     }
 
+    /// `self` with `more` (bytes hyper read past a WebSocket upgrade request) served after
+    /// what is already read ahead, before the socket.
+    pub fn read_ahead(mut self, more: Bytes) -> TimedIo {
+        // Even empty, `more` is a slice of hyper's read buffer and would pin it (8 KiB or
+        // more) for the session's whole life: kept only with bytes in it, and only until they
+        // are read.
+        if more.is_empty() {
+            return self;
+        }
+        self.pre = if self.pre.is_empty() {
+            more
+        } else {
+            [&self.pre[..], &more[..]].concat().into()
+        };
+        self
+    }
+
     fn moved(&self) {
         if let Some(a) = &self.activity {
             a.fetch_add(1, Ordering::Relaxed);
@@ -180,6 +197,11 @@ impl AsyncRead for TimedIo {
             let n = this.pre.len().min(buf.remaining());
             buf.put_slice(&this.pre[..n]);
             this.pre.advance(n);
+            if this.pre.is_empty() {
+                // An empty slice of hyper's read buffer would still pin it (about 8 KiB)
+                // for a WebSocket session's whole life.
+                this.pre = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
@@ -290,6 +312,85 @@ impl AsyncWrite for TimedWrite<'_> {
     }
 }
 
+/// The socket of an upgraded WebSocket session: ours (plain TCP: the write deadline, and the
+/// bytes read ahead served first), or whatever else hyper hands over (TLS), with its own
+/// buffer first. One type, so that a session's task is one future whatever the transport.
+pub enum SessionIo {
+    /// Plain TCP.
+    Tcp(TimedIo),
+    /// TLS (and anything else hyper may hand us).
+    Other(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>),
+}
+
+impl SessionIo {
+    /// The socket of a connection hyper upgraded.
+    pub fn new(upgraded: hyper::upgrade::Upgraded) -> SessionIo {
+        match upgraded.downcast::<hyper_util::rt::TokioIo<TimedIo>>() {
+            // Bytes read past a PROXY header come before hyper's.
+            Ok(parts) => SessionIo::Tcp(parts.io.into_inner().read_ahead(parts.read_buf)),
+            Err(up) => SessionIo::Other(hyper_util::rt::TokioIo::new(up)),
+        }
+    }
+}
+
+impl AsyncRead for SessionIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            SessionIo::Tcp(io) => Pin::new(io).poll_read(cx, buf),
+            SessionIo::Other(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for SessionIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            SessionIo::Tcp(io) => Pin::new(io).poll_write(cx, data),
+            SessionIo::Other(io) => Pin::new(io).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            SessionIo::Tcp(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            SessionIo::Other(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            SessionIo::Tcp(io) => io.is_write_vectored(),
+            SessionIo::Other(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            SessionIo::Tcp(io) => Pin::new(io).poll_flush(cx),
+            SessionIo::Other(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            SessionIo::Tcp(io) => Pin::new(io).poll_shutdown(cx),
+            SessionIo::Other(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -316,6 +417,33 @@ mod tests {
         };
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(t0.elapsed() >= Duration::from_secs(5));
+    }
+
+    /// What hyper hands over with an upgraded connection: the request it parsed and the rest
+    /// of its read buffer, both parts of one allocation.
+    fn hyper_buffer(read: &[u8], request_len: usize) -> (Bytes, Bytes) {
+        let mut buf = BytesMut::with_capacity(8192);
+        buf.extend_from_slice(read);
+        let request = buf.split_to(request_len).freeze();
+        (request, buf.freeze())
+    }
+
+    #[tokio::test]
+    async fn an_upgraded_socket_keeps_no_part_of_hyper_s_buffer() {
+        let (server, _client) = pair().await;
+        let (request, rest) = hyper_buffer(b"GET /ws HTTP/1.1\r\n\r\n", 20);
+        assert!(!request.is_unique());
+        let _io = TimedIo::new(server, Duration::from_secs(5)).read_ahead(rest);
+        assert!(request.is_unique(), "an empty rest is not kept");
+
+        let (server, _client) = pair().await;
+        let (request, rest) = hyper_buffer(b"GET /ws HTTP/1.1\r\n\r\nab", 20);
+        let mut io = TimedIo::new(server, Duration::from_secs(5)).read_ahead(rest);
+        assert!(!request.is_unique(), "bytes not yet read are kept");
+        let mut got = [0u8; 2];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ab");
+        assert!(request.is_unique(), "and released once read");
     }
 
     #[tokio::test]

@@ -5,6 +5,7 @@
 //! without locks; publishes go through the shared engine and wake the shards it names.
 
 pub mod admin;
+pub mod alarm;
 pub mod api;
 pub mod demo;
 pub mod http;
@@ -312,6 +313,11 @@ pub struct ShardContext {
     pub responses: crate::engine::outbox::Gauge,
     /// This shard's connections by user (server API commands).
     pub users: users::ShardUsers,
+    /// The one timer of this shard's sessions (see [`alarm`]).
+    pub alarms: alarm::Alarms,
+    /// The auth of a connection without a user, shared by all of them (one per connection
+    /// would cost every idle anonymous connection 120 bytes).
+    pub(crate) anonymous: std::rc::Rc<request::ConnAuth>,
     next_conn: Cell<ConnId>,
 }
 
@@ -329,6 +335,12 @@ impl ShardContext {
             Some(load) => crate::metrics::ShardMetrics::with_load(load),
             None => crate::metrics::ShardMetrics::new(),
         };
+        let anonymous = std::rc::Rc::new(request::ConnAuth {
+            grants: node.anonymous_grants(),
+            user: None,
+            info: None,
+            exp: None,
+        });
         Self {
             node,
             shard,
@@ -338,6 +350,8 @@ impl ShardContext {
             outboxes,
             responses: Default::default(),
             users: Default::default(),
+            alarms: Default::default(),
+            anonymous,
             next_conn: Cell::new(1),
         }
     }

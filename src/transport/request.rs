@@ -32,6 +32,18 @@ impl ConnAuth {
         }
     }
 
+    /// This auth behind an `Rc`: `anonymous` (the shard's, shared by every connection without
+    /// a user) when it is the same, else its own.
+    pub(crate) fn shared(self, anonymous: &std::rc::Rc<ConnAuth>) -> std::rc::Rc<ConnAuth> {
+        // Without a user a connection's grants are the node's anonymous ones: the token or the
+        // connect proxy that would change them also names a user.
+        if self.user.is_none() && self.info.is_none() && self.exp.is_none() {
+            anonymous.clone()
+        } else {
+            std::rc::Rc::new(self)
+        }
+    }
+
     pub(crate) fn from_principal(p: crate::auth::Principal) -> ConnAuth {
         ConnAuth {
             grants: p.grants,

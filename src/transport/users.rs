@@ -18,6 +18,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -99,15 +100,22 @@ impl UserControl {
 #[derive(Default)]
 pub struct Mailbox {
     commands: RefCell<VecDeque<UserCommand>>,
-    ready: Notify,
+    /// The session's task, woken when a command comes.
+    waker: RefCell<Option<Waker>>,
 }
 
 impl Mailbox {
-    /// Waits until a command is there.
-    pub async fn ready(&self) {
-        if self.commands.borrow().is_empty() {
-            self.ready.notified().await;
+    /// `Ready` when a command is there; otherwise wakes `cx` when one comes. A poll rather
+    /// than a future, so that a session holds no future per source it waits on.
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.commands.borrow().is_empty() {
+            return Poll::Ready(());
         }
+        let mut w = self.waker.borrow_mut();
+        if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *w = Some(cx.waker().clone());
+        }
+        Poll::Pending
     }
 
     /// The next command.
@@ -129,7 +137,9 @@ impl Mailbox {
             q.push_back(command);
         }
         drop(q);
-        self.ready.notify_one();
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
     }
 }
 

@@ -14,10 +14,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::io::{TimedIo, TimedWrite};
+use super::io::SessionIo;
 
 use super::http::{error, Body};
 use super::request::{connection_auth, ConnAuth};
@@ -91,42 +90,15 @@ pub fn upgrade(ctx: Rc<ShardContext>, mut req: Request<Incoming>) -> Response<Bo
             hyper::header::HeaderValue::from_static(crate::protocol::deflate::RESPONSE),
         );
     }
-    let wire = wire.unwrap_or(Wire::Json);
-    let shutdown = ctx.node.shutdown.clone();
-    let tracker = ctx.tracker.clone();
-    tracker.spawn_local(async move {
-        if shutdown.is_cancelled() {
-            return;
-        }
-        let ws = match fut.await {
-            Ok(ws) => ws,
-            Err(e) => {
-                tracing::debug!(error = %e, "websocket upgrade failed");
-                return;
-            }
-        };
-        let upgraded = ws.into_inner().into_inner();
-        match upgraded.downcast::<TokioIo<TimedIo>>() {
-            Ok(parts) => {
-                let (mut tcp, unread, timeout) = parts.io.into_inner().into_parts();
-                let (rd, wr) = tcp.split();
-                let wr = TimedWrite::new(wr, timeout);
-                // Bytes read past a PROXY header come before hyper's.
-                let pre = if unread.is_empty() {
-                    parts.read_buf
-                } else {
-                    [unread, parts.read_buf].concat().into()
-                };
-                run(ctx, (wire, deflate), (auth, hs), rd, wr, pre).await;
-            }
-            Err(up) => {
-                // TLS (and anything else hyper may hand us): its own buffer comes first.
-                let (rd, wr) = tokio::io::split(TokioIo::new(up));
-                run(ctx, (wire, deflate), (auth, hs), rd, wr, Bytes::new()).await;
-            }
-        }
-        drop(guard);
+    let start = Box::new(Start {
+        wire: wire.unwrap_or(Wire::Json),
+        deflate,
+        auth,
+        hs,
     });
+    ctx.tracker
+        .clone()
+        .spawn_local(session_task(ctx, fut, start, guard));
     res.map(|_| Body::Empty)
 }
 
@@ -258,55 +230,42 @@ struct PendingJoin {
     join: Option<Join>,
 }
 
-async fn run<R, W>(
+/// What the handshake decided, for the session task. Boxed until the session is built: an
+/// `async fn` keeps its arguments for its whole life, so the task's future keeps one word of
+/// it rather than a second copy of the connection's auth.
+struct Start {
+    wire: Wire,
+    deflate: bool,
+    auth: ConnAuth,
+    hs: Option<crate::backend::Handshake>,
+}
+
+/// The task of one upgraded connection: the end of the upgrade, then the session until it
+/// ends. What it holds while the connection idles is what an idle connection costs, so it
+/// keeps only the session, its decoder and its socket (see the size test below): the
+/// upgrade's leftovers (hyper's parts, the request) are gone before the first await of the
+/// session, its deadlines wait in the shard's [`super::alarm::Alarms`], and the select is a
+/// plain poll of each source rather than a future per branch.
+async fn session_task(
     ctx: Rc<ShardContext>,
-    (wire, deflate): (Wire, bool),
-    (mut auth, hs): (ConnAuth, Option<crate::backend::Handshake>),
-    mut rd: R,
-    mut wr: W,
-    pre: Bytes,
-) where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    // Borrowed through the shared node (one `Arc` per session), not cloned: a `Config` holds
-    // vectors and strings, which every idle connection would otherwise carry.
-    let node = ctx.node.clone();
-    let cfg = &node.config;
-    let mut decoder = Decoder::new(cfg.max_message_size).with_deflate(deflate);
-    let id = ctx.next_conn_id();
-    let client = ctx.node.engine.client_id(ctx.shard, id);
-    // The connect proxy decides before the session starts (nothing is read meanwhile).
-    let admitted = match &hs {
-        Some(hs) => super::proxied::admit(hs, &client, &mut auth).await,
-        None => Ok(Vec::new()),
+    upgrade: fastwebsockets::upgrade::UpgradeFut,
+    start: Box<Start>,
+    guard: Option<Arc<crate::limits::IpGuard>>,
+) {
+    if ctx.node.shutdown.is_cancelled() {
+        return;
+    }
+    let mut io = match upgrade.await {
+        Ok(ws) => SessionIo::new(ws.into_inner().into_inner()),
+        Err(e) => {
+            tracing::debug!(error = %e, "websocket upgrade failed");
+            return;
+        }
     };
-    let live = Arc::new(Liveness::default());
-    let now = session::now();
-    live.touch(ctx.node.engine.millis(now));
-    // A client that may do nothing without a token must authenticate in time.
-    let needs_token = node.auth.as_ref().is_some_and(|a| !a.anonymous_allowed());
-    let rate = (cfg.rate_limit, cfg.rate_burst);
-    let t = Timeouts::from_config(cfg, CLOSE_GRACE);
-    let mut s = Session {
-        client,
-        live,
-        clean: false,
-        id,
-        wire,
-        deflate,
-        outbox: ctx.new_outbox(),
-        ctx,
-        partial: BytesMut::new(),
-        core: SessionCore::new(&t, now, auth, needs_token, rate),
-        read_closed: false,
-        draining: false,
-        joining: Pending::default(),
-        mailbox: None,
-        caller: hs.map(|h| h.caller),
-    };
-    s.register_user();
-    s.on_admitted(admitted);
+    let mut decoder = Decoder::new(ctx.config().max_message_size).with_deflate(start.deflate);
+    // Built in a future of its own, boxed and gone once the session is: what it needs on the
+    // way (the auth, the connect proxy's request) stays out of the task's future.
+    let mut s = Box::pin(Session::open(ctx, start)).await;
     let m = &s.ctx.metrics;
     m.ws_accepted.increment(1);
     m.ws_connections.increment(1.0);
@@ -320,96 +279,34 @@ async fn run<R, W>(
             true,
         );
     }
-    if !pre.is_empty() {
-        reader::on_read(&mut s, &mut decoder, &mut pre.to_vec());
-    }
-    // `pre` is a slice of hyper's read buffer (about 8 KiB): holding it for the session's life
-    // would pin that buffer to every idle connection.
-    drop(pre);
-    let shutdown = s.ctx.node.shutdown.clone();
-    // One registration with the token for the connection's life: a fresh `cancelled()` per
-    // turn of the loop would join and leave the token's waiter list on every wake-up, which
-    // is a measurable share of a delivery's CPU at 10,000 connections.
-    let stop = shutdown.cancelled();
-    tokio::pin!(stop);
-    let timer = tokio::time::sleep(cfg.ping_interval);
-    tokio::pin!(timer);
+    // The shard's alarm this session has armed (see `super::alarm`).
+    let mut armed = None;
     loop {
         let deadline = s.core.clock.poll_timeout(&s.timeouts());
-        if timer.deadline() != deadline.into() {
-            timer.as_mut().reset(deadline.into());
+        if armed.is_none_or(|a| a > deadline) {
+            armed = s.ctx.alarms.arm(s.id, armed, deadline, &s.outbox);
         }
-        tokio::select! {
-            biased;
-            _ = &mut stop, if !s.core.clock.is_closing() => {
-                // Ids are per shard: interleaved, they tell every connection of the node apart.
-                let shards = s.ctx.node.wakers.len() as u64;
-                let key = s.id * shards + s.ctx.shard as u64;
-                let reason = restart_reason(key, s.ctx.tracker.len());
-                s.close(frame::CLOSE_RESTART, &reason, true);
-            }
-            r = write_some(&mut wr, &s.outbox) => match r {
-                Ok(WriteEvent::Wrote(w)) if w.finished => {
-                    let _ = wr.shutdown().await;
-                    // A restart closes every connection at once: waiting for each client's
-                    // close reply would keep the old process (and its port) for round trips.
-                    // With nothing unread the kernel sends our close frame and FIN as a
-                    // graceful close; only unread input would turn it into a reset.
-                    if shutdown.is_cancelled() && reader::nothing_unread(&mut rd) {
-                        break;
-                    }
-                    s.draining = true;
-                }
-                Ok(WriteEvent::Wrote(w)) => {
-                    s.ctx.metrics.bytes_written.increment(w.bytes as u64);
-                    s.ctx.metrics.frames_per_write.record(w.frames as f64);
-                    if s.outbox.take_deferred() {
-                        let stats = s.ctx.hub.borrow_mut().flush(s.id, s.core.subs());
-                        s.ctx.metrics.pumped(&stats);
-                    }
-                }
-                Ok(WriteEvent::Overflowed) => {
-                    s.ctx.metrics.slow.increment(1);
-                    tracing::debug!(conn = s.id, "slow consumer closed");
-                    s.close(frame::CLOSE_SLOW_CONSUMER, "slow consumer: resume from your last seq", false);
-                }
-                Err(_) => break,
-            },
-            r = reader::read_some(&mut rd), if !s.read_closed || s.draining => match r {
-                Ok(0) | Err(_) => {
-                    // The peer is gone: it finished the close handshake we started (draining),
-                    // or it went away without one; either way nothing more can reach it.
+        let wake = poll_fn(|cx| s.poll_event(&mut io, cx)).await;
+        match s.on_wake(wake, &mut decoder, &mut armed) {
+            Step::Go => {}
+            Step::Shutdown => {
+                let _ = io.shutdown().await;
+                // A restart closes every connection at once: waiting for each client's close
+                // reply would keep the old process (and its port) for round trips. With
+                // nothing unread the kernel sends our close frame and FIN as a graceful close;
+                // only unread input would turn it into a reset.
+                if s.ctx.node.shutdown.is_cancelled() && reader::nothing_unread(&mut io) {
                     break;
                 }
-                Ok(_) if s.draining => {}
-                Ok(n) => {
-                    let now = session::now();
-                    s.core.clock.on_inbound(now);
-                    s.live.touch(s.ctx.node.engine.millis(now));
-                    reader::on_scratch(&mut s, &mut decoder, n);
-                }
-            },
-            (p, r) = s.joining.next(), if !s.joining.is_empty() => {
-                let id = p.id.as_ref().map(|i| i.as_req_id());
-                if s.core.join_answered(&p.channel) {
-                    match r {
-                        Ok(()) => s.subscribe_now(id, p.channel, p.resume, p.join, session::now()),
-                        Err(r) => s.refused(id, &r),
-                    }
-                }
+                s.draining = true;
             }
-            _ = mailbox_ready(&s.mailbox), if s.mailbox.is_some() && !s.core.clock.is_closing() => {
-                s.on_user_commands();
-            }
-            _ = &mut timer => {
-                if s.on_timer() {
-                    break;
-                }
-            }
+            Step::End => break,
         }
     }
+    s.ctx.alarms.disarm(s.id, armed);
     s.leave();
     s.ctx.metrics.ws_connections.decrement(1.0);
+    drop(guard);
 }
 
 impl Frames for Session {
@@ -443,12 +340,16 @@ fn verifier<'a>(
     Some(move || auth.verify(token).map_err(|e| e.to_string()))
 }
 
-/// Waits for a server API command (never without a mailbox).
-async fn mailbox_ready(m: &Option<Rc<super::users::Mailbox>>) {
-    match m {
-        Some(m) => m.ready().await,
-        None => std::future::pending().await,
-    }
+/// What woke a session, in the order it is looked at (the order of the old `select!`, which
+/// was biased).
+enum Wake {
+    /// The node is shutting down: close with 1012.
+    Restart,
+    Wrote(io::Result<WriteEvent>),
+    Read(io::Result<usize>),
+    Joined(PendingJoin, Result<(), crate::backend::Refusal>),
+    Mail,
+    Alarm,
 }
 
 /// Reconnections per second one shard is expected to take after a restart (handshake and
@@ -470,25 +371,191 @@ fn restart_reason(key: u64, open: usize) -> String {
     format!("service restart; reconnect in {delay} ms")
 }
 
+/// What the task does after a wake-up.
+enum Step {
+    /// Waits for the next one.
+    Go,
+    /// Our close frame is out: shut our side down, then drain the client's input.
+    Shutdown,
+    /// The session is over.
+    End,
+}
+
 enum WriteEvent {
     Wrote(Written),
     Overflowed,
 }
 
-async fn write_some<W: AsyncWrite + Unpin>(wr: &mut W, outbox: &Outbox) -> io::Result<WriteEvent> {
-    poll_fn(|cx| {
-        ready!(outbox.poll_ready(cx));
-        if outbox.state() == OutboxState::Overflowed {
-            return Poll::Ready(Ok(WriteEvent::Overflowed));
-        }
-        outbox
-            .write_with(|iov| Pin::new(&mut *wr).poll_write_vectored(cx, iov))
-            .map_ok(WriteEvent::Wrote)
-    })
-    .await
+/// Writes what the outbox holds, once it holds something.
+fn poll_write_some<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    outbox: &Outbox,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<WriteEvent>> {
+    ready!(outbox.poll_ready(cx));
+    if outbox.state() == OutboxState::Overflowed {
+        return Poll::Ready(Ok(WriteEvent::Overflowed));
+    }
+    outbox
+        .write_with(|iov| Pin::new(&mut *wr).poll_write_vectored(cx, iov))
+        .map_ok(WriteEvent::Wrote)
 }
 
 impl Session {
+    /// The session of a new connection, admitted by the connect proxy when one is configured
+    /// (nothing is read meanwhile).
+    async fn open(ctx: Rc<ShardContext>, start: Box<Start>) -> Session {
+        let Start {
+            wire,
+            deflate,
+            mut auth,
+            hs,
+        } = *start;
+        let id = ctx.next_conn_id();
+        let client = ctx.node.engine.client_id(ctx.shard, id);
+        let admitted = match &hs {
+            Some(hs) => super::proxied::admit(hs, &client, &mut auth).await,
+            None => Ok(Vec::new()),
+        };
+        let mut s = Session::new(ctx, (id, client), (wire, deflate), auth, hs);
+        s.register_user();
+        s.on_admitted(admitted);
+        s
+    }
+
+    /// A new session of connection `id` (`client` is its presence id), with the handshake's
+    /// choices and auth.
+    fn new(
+        ctx: Rc<ShardContext>,
+        (id, client): (ConnId, Arc<str>),
+        (wire, deflate): (Wire, bool),
+        auth: ConnAuth,
+        hs: Option<crate::backend::Handshake>,
+    ) -> Session {
+        let node = &ctx.node;
+        let cfg = &node.config;
+        let live = Arc::new(Liveness::default());
+        let now = session::now();
+        live.touch(node.engine.millis(now));
+        // A client that may do nothing without a token must authenticate in time.
+        let needs_token = node.auth.as_ref().is_some_and(|a| !a.anonymous_allowed());
+        let rate = (cfg.rate_limit, cfg.rate_burst);
+        let t = Timeouts::from_config(cfg, CLOSE_GRACE);
+        let core = SessionCore::new(&t, now, auth.shared(&ctx.anonymous), needs_token, rate);
+        Session {
+            client,
+            live,
+            clean: false,
+            id,
+            wire,
+            deflate,
+            outbox: ctx.new_outbox(),
+            ctx,
+            partial: BytesMut::new(),
+            core,
+            read_closed: false,
+            draining: false,
+            joining: Pending::default(),
+            mailbox: None,
+            caller: hs.map(|h| h.caller),
+        }
+    }
+
+    /// Acts on what woke the session; says what the task does next.
+    fn on_wake(&mut self, wake: Wake, decoder: &mut Decoder, armed: &mut Option<Instant>) -> Step {
+        match wake {
+            Wake::Restart => {
+                // Ids are per shard: interleaved, they tell every connection of the node apart.
+                let shards = self.ctx.node.wakers.len() as u64;
+                let key = self.id * shards + self.ctx.shard as u64;
+                let reason = restart_reason(key, self.ctx.tracker.len());
+                self.close(frame::CLOSE_RESTART, &reason, true);
+            }
+            Wake::Wrote(Ok(WriteEvent::Wrote(w))) if w.finished => return Step::Shutdown,
+            Wake::Wrote(Ok(WriteEvent::Wrote(w))) => {
+                self.ctx.metrics.bytes_written.increment(w.bytes as u64);
+                self.ctx.metrics.frames_per_write.record(w.frames as f64);
+                if self.outbox.take_deferred() {
+                    let stats = self.ctx.hub.borrow_mut().flush(self.id, self.core.subs());
+                    self.ctx.metrics.pumped(&stats);
+                }
+            }
+            Wake::Wrote(Ok(WriteEvent::Overflowed)) => {
+                self.ctx.metrics.slow.increment(1);
+                tracing::debug!(conn = self.id, "slow consumer closed");
+                self.close(
+                    frame::CLOSE_SLOW_CONSUMER,
+                    "slow consumer: resume from your last seq",
+                    false,
+                );
+            }
+            // The peer is gone: it finished the close handshake we started (draining), or it
+            // went away without one; either way nothing more can reach it.
+            Wake::Wrote(Err(_)) | Wake::Read(Ok(0) | Err(_)) => return Step::End,
+            Wake::Read(Ok(_)) if self.draining => {}
+            Wake::Read(Ok(n)) => {
+                let now = session::now();
+                self.core.clock.on_inbound(now);
+                self.live.touch(self.ctx.node.engine.millis(now));
+                reader::on_scratch(self, decoder, n);
+            }
+            Wake::Joined(p, r) => {
+                let id = p.id.as_ref().map(|i| i.as_req_id());
+                if self.core.join_answered(&p.channel) {
+                    match r {
+                        Ok(()) => {
+                            self.subscribe_now(id, p.channel, p.resume, p.join, session::now())
+                        }
+                        Err(r) => self.refused(id, &r),
+                    }
+                }
+            }
+            Wake::Mail => self.on_user_commands(),
+            Wake::Alarm => {
+                // A rung alarm is gone from the shard's (unless the ring was for one since
+                // replaced: then the session's alarm stays, and it keeps only one).
+                *armed = self.ctx.alarms.after_ring(self.id, *armed);
+                if self.on_timer() {
+                    return Step::End;
+                }
+            }
+        }
+        Step::Go
+    }
+
+    /// Polls what may wake the session, in a fixed order; borrows nothing across polls, so the
+    /// task's future holds no per-source future.
+    fn poll_event<IO: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut IO,
+        cx: &mut Context<'_>,
+    ) -> Poll<Wake> {
+        // Cancellation is heard through the alarm (the shard rings every session when the
+        // node shuts down) and read here: one load, no waiter per connection.
+        if !self.core.clock.is_closing() && self.ctx.node.shutdown.is_cancelled() {
+            return Poll::Ready(Wake::Restart);
+        }
+        if let Poll::Ready(r) = poll_write_some(io, &self.outbox, cx) {
+            return Poll::Ready(Wake::Wrote(r));
+        }
+        if !self.read_closed || self.draining {
+            if let Poll::Ready(r) = reader::poll_read_some(io, cx) {
+                return Poll::Ready(Wake::Read(r));
+            }
+        }
+        if !self.joining.is_empty() {
+            if let Poll::Ready((p, r)) = self.joining.poll_next(cx) {
+                return Poll::Ready(Wake::Joined(p, r));
+            }
+        }
+        if let (Some(m), false) = (&self.mailbox, self.core.clock.is_closing()) {
+            if m.poll_ready(cx).is_ready() {
+                return Poll::Ready(Wake::Mail);
+            }
+        }
+        self.outbox.poll_alarm(cx).map(|()| Wake::Alarm)
+    }
+
     /// The clock's settings (read from the node's config, not kept per connection).
     fn timeouts(&self) -> Timeouts {
         Timeouts::from_config(self.ctx.config(), CLOSE_GRACE)
@@ -1002,5 +1069,37 @@ impl Session {
         }
         drop(hub);
         self.ctx.node.wake(wake);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of what `f` returns, without calling it: an `async fn`'s future.
+    fn returned<A, B, C, D, F>(_: fn(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// The task's future is what an idle connection holds besides its outbox, its hub entry
+    /// and the task header, so it is most of what an idle connection costs (issue 12: at most
+    /// 1 KiB each). It is the session (`SESSION`), the socket (a `TimedIo`, 104 bytes), the
+    /// decoder (64), the alarm armed (16) and the task's arguments (4 words), plus a few words
+    /// of state. Before the reshape, the session's `run` future alone was 2,544 bytes in a
+    /// debug build (1,248 in release), and the upgrade block around it kept a second copy of
+    /// the auth, hyper's parts and the PROXY bytes across the session, and a `Sleep` (112)
+    /// and a cancellation future (72) besides. A debug build lays futures out least tightly,
+    /// so the budgets hold for release builds too. Whatever grows them (a field, a future kept
+    /// across an await) costs every idle connection: box what is rarely used instead.
+    const TASK: usize = 600;
+    const SESSION: usize = 328;
+
+    #[test]
+    fn an_idle_session_holds_a_small_future() {
+        let task = returned(session_task);
+        let session = std::mem::size_of::<Session>();
+        eprintln!("session task {task} B, session {session} B");
+        assert!(session <= SESSION, "the session is {session} bytes");
+        assert!(task <= TASK, "the session task's future is {task} bytes");
     }
 }

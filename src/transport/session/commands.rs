@@ -8,10 +8,12 @@
 //! message (fan-out goes from the hub to the outbox without the session).
 
 use std::borrow::Cow;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use smallvec::SmallVec;
 
 use super::{Due, SessionClock, Timeouts};
 use crate::auth::{Perm, Principal};
@@ -156,13 +158,15 @@ const CLAIM_OFF: &str = "presence identity comes from the server here (--client-
 pub struct SessionCore {
     /// Keep-alive, auth deadlines and the close grace.
     pub clock: SessionClock,
-    auth: ConnAuth,
+    /// Shared by a shard's anonymous connections (see `ConnAuth::shared`).
+    auth: Rc<ConnAuth>,
     /// Inbound message rate; `None`: no limit.
     bucket: Option<TokenBucket>,
     /// The subscribed channels, in the order the hub numbered them, then the last `joining`:
     /// those waiting for the backplane to bring them in sync (they count as subscriptions).
-    /// One vector rather than two: every connection holds this, and joins are rare.
-    subs: Vec<ChannelName>,
+    /// One vector rather than two, with one channel inline: every connection holds this, most
+    /// subscribe to one channel, and joins are rare.
+    subs: SmallVec<[ChannelName; 1]>,
     joining: u32,
 }
 
@@ -173,16 +177,17 @@ impl SessionCore {
     pub(crate) fn new(
         t: &Timeouts,
         now: Instant,
-        auth: ConnAuth,
+        auth: impl Into<Rc<ConnAuth>>,
         needs_token: bool,
         (rate, burst): (u32, u32),
     ) -> Self {
+        let auth = auth.into();
         let expiry = auth.exp.map(|e| instant_at(e, now));
         Self {
             clock: SessionClock::new(t, now, expiry, needs_token && auth.user.is_none()),
             auth,
             bucket: (rate > 0).then(|| TokenBucket::new(rate, burst, now)),
-            subs: Vec::new(),
+            subs: SmallVec::new(),
             joining: 0,
         }
     }
@@ -338,7 +343,7 @@ impl SessionCore {
         let mut subs = std::mem::take(&mut self.subs);
         subs.truncate(subs.len() - self.joining as usize);
         self.joining = 0;
-        subs
+        subs.into_vec()
     }
 
     /// `auth` with a token that `verify` checks (`None`: auth is off on this node): the new
@@ -359,7 +364,7 @@ impl SessionCore {
         match verify() {
             Ok(p) => {
                 let confirmed = (p.sub.clone(), p.exp);
-                self.auth = ConnAuth::from_principal(p);
+                self.auth = Rc::new(ConnAuth::from_principal(p));
                 let expiry = self.auth.exp.map(|e| instant_at(e, now));
                 self.clock.authenticated(expiry);
                 Ok(confirmed)
@@ -399,7 +404,7 @@ impl SessionCore {
             .counted("refresh subject")),
             Ok(p) => {
                 let exp = p.exp;
-                self.auth = ConnAuth::from_principal(p);
+                self.auth = Rc::new(ConnAuth::from_principal(p));
                 self.clock.refreshed(Some(instant_at(exp, now)));
                 Ok(exp)
             }

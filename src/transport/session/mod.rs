@@ -244,16 +244,18 @@ impl<T, R> Pending<T, R> {
     /// The first request whose answer has come, with the answer; pending while none has (and
     /// for ever when none waits).
     pub async fn next(&mut self) -> (T, R) {
-        std::future::poll_fn(|cx| {
-            for i in 0..self.waiting.len() {
-                if let Poll::Ready(r) = self.waiting[i].1.as_mut().poll(cx) {
-                    let (t, _) = self.waiting.swap_remove(i);
-                    return Poll::Ready((t, r));
-                }
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// [`Pending::next`] as a poll, for a driver that polls its sources itself.
+    pub fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> Poll<(T, R)> {
+        for i in 0..self.waiting.len() {
+            if let Poll::Ready(r) = self.waiting[i].1.as_mut().poll(cx) {
+                let (t, _) = self.waiting.swap_remove(i);
+                return Poll::Ready((t, r));
             }
-            Poll::Pending
-        })
-        .await
+        }
+        Poll::Pending
     }
 }
 

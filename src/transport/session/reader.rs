@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
-use std::task::{ready, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, ReadBuf};
@@ -39,15 +39,20 @@ pub trait Frames {
 
 /// Reads into the shard's buffer: the number of bytes read (0: the peer closed).
 pub async fn read_some<R: AsyncRead + Unpin>(rd: &mut R) -> io::Result<usize> {
-    poll_fn(|cx| {
-        SCRATCH_BUF.with(|b| {
-            let mut b = b.borrow_mut();
-            let mut buf = ReadBuf::new(&mut b[..]);
-            ready!(Pin::new(&mut *rd).poll_read(cx, &mut buf))?;
-            Poll::Ready(Ok(buf.filled().len()))
-        })
+    poll_fn(|cx| poll_read_some(rd, cx)).await
+}
+
+/// [`read_some`] as a poll, for a driver that polls its sources itself.
+pub fn poll_read_some<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    SCRATCH_BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        let mut buf = ReadBuf::new(&mut b[..]);
+        ready!(Pin::new(&mut *rd).poll_read(cx, &mut buf))?;
+        Poll::Ready(Ok(buf.filled().len()))
     })
-    .await
 }
 
 /// Whether the peer has sent nothing we have not read (or has closed): one read that does not
