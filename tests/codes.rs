@@ -27,21 +27,32 @@ fn literals_after<'a>(text: &'a str, before: &str) -> Vec<&'a str> {
     out
 }
 
+/// The `.rs` files under `dir`, in its subdirectories too (`session/`, `pusher/`).
+fn rust_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(rust_files(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+    out
+}
+
 #[test]
 fn the_transports_answer_only_with_catalogued_error_codes() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/transport");
     let mut seen = 0;
     let mut bad = Vec::new();
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_none_or(|e| e != "rs") {
-            continue;
-        }
+    for path in rust_files(&dir) {
         let text = std::fs::read_to_string(&path).unwrap();
-        // An `Event::Error { code: … }`, an HTTP `error(status, code, …)`, and the sessions'
-        // `error(code, …)` / `err(code, …)` helpers.
+        // An `Event::Error { code: … }`, an HTTP `error(status, code, …)`, the sessions'
+        // `error(code, …)` / `err(code, …)` helpers and the session core's refusals.
         let mut codes = literals_after(&text, "code: ");
         for helper in [
+            "Refusal::new(",
             "error(",
             "err(",
             "StatusCode::BAD_REQUEST,",

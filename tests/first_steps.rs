@@ -334,6 +334,7 @@ fn codes_in_source() -> std::collections::BTreeSet<String> {
             grab(&format!("StatusCode::{status}, "));
         }
         grab("code: ");
+        grab("Refusal::new(");
         grab("error(");
         grab("err(");
         // Codes chosen by a match: `let code = match … { … => "presence_full", … };`.

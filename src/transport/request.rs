@@ -3,7 +3,6 @@
 //! Here so that the transports share it without importing one another.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::Incoming;
@@ -71,14 +70,6 @@ pub(crate) fn connection_auth(
         None => Ok(ConnAuth::anonymous(ctx)),
         Some(t) => auth.verify(&t).map(ConnAuth::from_principal),
     }
-}
-
-/// When Unix time `exp` comes, as an `Instant` (at most a year away).
-pub(crate) fn instant_of(exp: u64) -> Instant {
-    let left = exp
-        .saturating_sub(crate::auth::unix_now())
-        .min(365 * 24 * 3600);
-    Instant::now() + Duration::from_secs(left)
 }
 
 /// Decodes `application/x-www-form-urlencoded` pairs.

@@ -17,7 +17,10 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::http::{error, Body};
 use super::request::form_pairs;
+use super::session::commands::{instant_at, subscribe_refusal, CLAIM_WITH_TOKEN};
+use super::session::{self, Claim, Refusal, Rules, SessionCore, Timeouts};
 use super::ShardContext;
+use crate::auth::Perm;
 use crate::engine::hub::{ConnId, Subscriber};
 use crate::engine::outbox::{Outbox, OutboxState, NO_SLOT};
 use crate::engine::presence::{Identity, Liveness};
@@ -134,34 +137,32 @@ pub(crate) async fn open_as(
             return res;
         }
     }
-    if let Some(ch) = channels
-        .iter()
-        .find(|c| !auth.grants.allows(crate::auth::Perm::Subscribe, c.as_str()))
-    {
-        crate::limits::refused(crate::limits::Cause::Forbidden, "sse subscribe");
-        return error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            &format!("no subscribe permission on {ch}"),
-        );
-    }
-    if let Err((status, code, message)) = ask.check(&ctx, &auth) {
-        if status == StatusCode::FORBIDDEN {
-            crate::limits::refused(crate::limits::Cause::Forbidden, "sse presence claim");
+    // The stream's decisions are a WebSocket session's (`session::commands`): its grants, its
+    // presence identity and the subscription limit, its channels waiting for the backplane.
+    let rules = Rules::of(&cfg, ctx.node.auth.is_some());
+    let now = session::now();
+    let timeouts = Timeouts::from_config(&cfg, std::time::Duration::ZERO);
+    let expires = auth.exp.map(|exp| instant_at(exp, now));
+    let mut core = SessionCore::new(&timeouts, now, auth, false, (0, 0));
+    for ch in &channels {
+        if let Err(r) = core.may(Perm::Subscribe, ch) {
+            let message = format!("no subscribe permission on {ch}");
+            return error(StatusCode::FORBIDDEN, r.code, &message);
         }
-        return error(status, code, message);
+    }
+    if let Err(res) = ask.check(&rules, &core) {
+        return res;
     }
     let slot = match super::http::stream_slot(&ctx, &req) {
         Ok(s) => s,
         Err(res) => return res,
     };
-    if channels.len() > cfg.max_subscriptions {
-        crate::limits::refused(crate::limits::Cause::TooManySubscriptions, "sse");
-        return error(
-            StatusCode::BAD_REQUEST,
-            "too_many_subscriptions",
-            "more channels than --max-subscriptions",
-        );
+    for ch in &channels {
+        if let Err(r) = core.admit(&rules, ch) {
+            let message = "more channels than --max-subscriptions";
+            return error(StatusCode::BAD_REQUEST, r.code, message);
+        }
+        core.wait_join(ch.clone());
     }
     let resume = match last_event_id.as_deref().filter(|s| !s.trim().is_empty()) {
         None => None,
@@ -190,10 +191,14 @@ pub(crate) async fn open_as(
                 );
             }
         }
+        core.join_answered(ch);
     }
     let outbox = ctx.new_outbox();
-    let now = Instant::now();
-    let member = ask.identity(&ctx, &auth, id, now);
+    let now = session::now();
+    let member = match ask.identity(&ctx, &rules, &core, id, now) {
+        Ok(m) => m,
+        Err(r) => return error(StatusCode::FORBIDDEN, r.code, &r.message),
+    };
     let mut head = BytesMut::new();
     head.put_slice(&sse::retry(cfg.sse_retry.as_millis()));
     let mut gaps = BytesMut::new();
@@ -206,7 +211,7 @@ pub(crate) async fn open_as(
                 (Some(c), Some(true)) => Some(c[i]),
                 _ => None,
             };
-            let sub = Subscriber::new(outbox.clone(), ENC_SSE, i as u16);
+            let sub = Subscriber::new(outbox.clone(), ENC_SSE, core.next_slot());
             // A stream is a presence member only when it asks (`?presence=1`): its liveness is
             // the stream itself (see `SseBody::member`).
             let join = match &member {
@@ -227,26 +232,12 @@ pub(crate) async fn open_as(
                         }
                     }
                     ctx.node.wake(wake);
-                    use crate::engine::presence::PresenceError;
-                    use crate::engine::SubscribeError;
-                    let code = match e {
-                        SubscribeError::Presence(PresenceError::Full) => "presence_full",
-                        SubscribeError::Presence(PresenceError::InfoBudget) => {
-                            crate::limits::refused(
-                                crate::limits::Cause::PresenceInfo,
-                                "sse subscribe",
-                            );
-                            "overloaded"
-                        }
-                        SubscribeError::Overloaded(o) => {
-                            crate::limits::refused(super::overload_cause(o), "sse subscribe");
-                            "overloaded"
-                        }
-                    };
+                    let code = subscribe_refusal(e, "sse subscribe");
                     return error(StatusCode::SERVICE_UNAVAILABLE, code, &e.to_string());
                 }
             };
             ctx.node.wake(s.wake);
+            core.subscribed(ch.clone());
             let reason = match (cursor_fits, s.gap) {
                 (Some(false), _) => Some("bad_cursor"),
                 (_, Some(g)) => Some(g.as_str()),
@@ -302,11 +293,9 @@ pub(crate) async fn open_as(
         member: member.map(|(who, live)| (who.client, live)),
         ended: false,
         _slot: slot,
-        expires: auth.exp.map(|exp| {
-            Box::pin(tokio::time::sleep_until(
-                super::request::instant_of(exp).into(),
-            ))
-        }),
+        // No refresh reaches a stream: at its token's expiry it ends (`Timed::Close` of a
+        // session that cannot refresh), with a `token_expired` event.
+        expires: expires.map(|at| Box::pin(tokio::time::sleep_until(at.into()))),
     };
     let mut res = Response::new(Body::Sse(Box::new(body)));
     let h = res.headers_mut();
@@ -353,56 +342,43 @@ struct PresenceAsk {
 }
 
 impl PresenceAsk {
-    fn claims(&self) -> bool {
-        self.user.is_some() || self.info.is_some()
+    /// The claim, as a WebSocket subscribe's `presence`.
+    fn claim(&self) -> Claim {
+        Claim {
+            user: self.user.as_deref().map(Arc::from),
+            info: self
+                .info
+                .as_deref()
+                .map(crate::protocol::json::normalize_data),
+        }
     }
 
-    /// Refuses a claim that a WebSocket subscribe could not make either: the status, code and
-    /// message of the answer.
-    fn check(
-        &self,
-        ctx: &ShardContext,
-        auth: &super::request::ConnAuth,
-    ) -> Result<(), (StatusCode, &'static str, &'static str)> {
-        let refuse = |status, code, message| Err((status, code, message));
-        if !self.claims() {
-            return Ok(());
+    /// Refuses a claim that a WebSocket subscribe could not make either (the session core's
+    /// rule), or that does not parse: the answer.
+    // The error is the response itself, built once per refused stream: boxing it buys nothing.
+    #[allow(clippy::result_large_err)]
+    fn check(&self, rules: &Rules, core: &SessionCore) -> Result<(), Response<Body>> {
+        if let Err(r) = core.check_claim(rules, &self.claim()) {
+            let message = match r.message {
+                m if m == CLAIM_WITH_TOKEN => format!("{m}: use ?presence=1"),
+                m => m.into_owned(),
+            };
+            return Err(error(StatusCode::FORBIDDEN, r.code, &message));
         }
-        if ctx.node.auth.is_some() || auth.user.is_some() {
-            return refuse(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "presence identity comes from the token here (JWT auth is on): use ?presence=1",
-            );
-        }
-        if !ctx.config().client_presence() {
-            return refuse(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "presence identity comes from the server here (--client-presence false)",
-            );
-        }
+        let bad = |message| Err(error(StatusCode::BAD_REQUEST, "bad_request", message));
         if self
             .user
             .as_ref()
             .is_some_and(|u| u.is_empty() || u.len() > crate::protocol::MAX_USER_LEN)
         {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "presence_user must be 1 to 256 bytes",
-            );
+            return bad("presence_user must be 1 to 256 bytes");
         }
         let object = |i: &str| {
             i.len() <= crate::protocol::MAX_INFO_LEN
                 && serde_json::from_str::<serde_json::Value>(i).is_ok_and(|v| v.is_object())
         };
         if self.info.as_deref().is_some_and(|i| !object(i)) {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "presence_info must be a JSON object of at most 4096 bytes",
-            );
+            return bad("presence_info must be a JSON object of at most 4096 bytes");
         }
         Ok(())
     }
@@ -411,32 +387,20 @@ impl PresenceAsk {
     fn identity(
         self,
         ctx: &ShardContext,
-        auth: &super::request::ConnAuth,
+        rules: &Rules,
+        core: &SessionCore,
         id: ConnId,
         now: Instant,
-    ) -> Option<(Identity, Arc<Liveness>)> {
-        if !self.join && !self.claims() {
-            return None;
+    ) -> Result<Option<(Identity, Arc<Liveness>)>, Refusal> {
+        let claim = self.claim();
+        if !self.join && claim.user.is_none() && claim.info.is_none() {
+            return Ok(None);
         }
         let client = ctx.node.engine.client_id(ctx.shard, id);
+        let who = core.presence_identity(rules, &client, claim)?;
         let live = Arc::new(Liveness::default());
         live.touch(ctx.node.engine.millis(now));
-        let who = match &auth.user {
-            Some(user) => Identity {
-                client,
-                user: user.clone(),
-                info: auth.info.clone(),
-            },
-            None => Identity {
-                user: self.user.map_or_else(|| client.clone(), Arc::from),
-                info: self
-                    .info
-                    .as_deref()
-                    .map(crate::protocol::json::normalize_data),
-                client,
-            },
-        };
-        Some((who, live))
+        Ok(Some((who, live)))
     }
 }
 

@@ -2,7 +2,6 @@
 //! frames with the sans-IO decoder (from a buffer shared by the shard) and writes its outbox
 //! with vectored writes.
 
-use std::cell::RefCell;
 use std::future::poll_fn;
 use std::future::Future;
 use std::io;
@@ -12,38 +11,33 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::io::{TimedIo, TimedWrite};
 
 use super::http::{error, Body};
-use super::request::{connection_auth, instant_of, ConnAuth};
-use super::session::{self, Due, Pending, SessionClock, Timeouts};
+use super::request::{connection_auth, ConnAuth};
+use super::session::commands::subscribe_refusal;
+use super::session::reader::{self, Frames};
+use super::session::{
+    self, Claim, Gate, Pending, Refusal, Rules, SessionCore, Timed, Timeouts, Unsubscribe,
+};
 use super::ShardContext;
 use crate::auth::Perm;
 use crate::engine::hub::{ConnId, Subscriber};
 use crate::engine::outbox::{Out, Outbox, OutboxState, Written};
-use crate::engine::presence::{Identity, Liveness};
+use crate::engine::presence::Liveness;
 use crate::engine::Join;
-use crate::protocol::ws::{self as frame, Decoder, Message};
+use crate::protocol::ws::{self as frame, Decoder, Message, WsError};
 use crate::protocol::{binary, json, ClientPresence, Command, Event, Payload, ReqId, Wire};
 use crate::types::{ChannelName, DataKind, StreamPosition};
 
-/// Size of the shard's shared read buffer.
-const SCRATCH: usize = 64 * 1024;
-
 /// How long a closing connection may take to flush its close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
-
-thread_local! {
-    /// Every connection of the shard reads into this buffer; only a partial frame is kept per
-    /// connection. Borrowed only inside one poll or one synchronous parse, never across an await.
-    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
-}
 
 /// Answers `GET /ws`: the 101 response, and a task that runs the session once upgraded.
 pub fn upgrade(ctx: Rc<ShardContext>, mut req: Request<Incoming>) -> Response<Body> {
@@ -236,11 +230,10 @@ struct Session {
     /// `--deflate-min-size`), in a frame shared by every such subscriber.
     deflate: bool,
     outbox: Rc<Outbox>,
-    subs: Vec<ChannelName>,
     /// Bytes of a frame not yet complete.
     partial: BytesMut,
-    /// Keep-alive, auth deadlines and the close grace (sans-IO, `super::session`).
-    clock: SessionClock,
+    /// Auth, clock, rate and subscriptions: the decisions (sans-IO, `super::session`).
+    core: SessionCore,
     /// No more reading: the peer closed, broke the protocol, or we are closing.
     read_closed: bool,
     /// Our close frame is written and our side shut down: read and discard until the client
@@ -248,11 +241,8 @@ struct Session {
     /// input would make the kernel reset the connection, and the client could lose the close
     /// frame and its code.
     draining: bool,
-    auth: ConnAuth,
-    /// Inbound message rate; `None`: no limit.
-    bucket: Option<crate::limits::TokenBucket>,
     /// Subscribes waiting for the backplane to bring their channel in sync (never in memory
-    /// mode).
+    /// mode); the core counts them as subscriptions.
     joining: Pending<PendingJoin, Result<(), crate::backend::Refusal>>,
     /// Server API commands for this connection's user (`None`: no user, not in the index).
     mailbox: Option<Rc<super::users::Mailbox>>,
@@ -292,7 +282,12 @@ async fn run<R, W>(
         None => Ok(Vec::new()),
     };
     let live = Arc::new(Liveness::default());
-    live.touch(ctx.node.engine.millis(Instant::now()));
+    let now = session::now();
+    live.touch(ctx.node.engine.millis(now));
+    // A client that may do nothing without a token must authenticate in time.
+    let needs_token = node.auth.as_ref().is_some_and(|a| !a.anonymous_allowed());
+    let rate = (cfg.rate_limit, cfg.rate_burst);
+    let t = Timeouts::from_config(cfg, CLOSE_GRACE);
     let mut s = Session {
         client,
         live,
@@ -302,21 +297,10 @@ async fn run<R, W>(
         deflate,
         outbox: ctx.new_outbox(),
         ctx,
-        subs: Vec::new(),
         partial: BytesMut::new(),
-        clock: SessionClock::new(
-            &Timeouts::from_config(cfg, CLOSE_GRACE),
-            session::now(),
-            auth.exp.map(instant_of),
-            // A client that may do nothing without a token must authenticate in time.
-            auth.user.is_none() && node.auth.as_ref().is_some_and(|a| !a.anonymous_allowed()),
-        ),
+        core: SessionCore::new(&t, now, auth, needs_token, rate),
         read_closed: false,
         draining: false,
-        bucket: (cfg.rate_limit > 0).then(|| {
-            crate::limits::TokenBucket::new(cfg.rate_limit, cfg.rate_burst, Instant::now())
-        }),
-        auth,
         joining: Pending::default(),
         mailbox: None,
         caller: hs.map(|h| h.caller),
@@ -337,7 +321,7 @@ async fn run<R, W>(
         );
     }
     if !pre.is_empty() {
-        s.on_read(&mut decoder, &mut pre.to_vec());
+        reader::on_read(&mut s, &mut decoder, &mut pre.to_vec());
     }
     // `pre` is a slice of hyper's read buffer (about 8 KiB): holding it for the session's life
     // would pin that buffer to every idle connection.
@@ -351,13 +335,13 @@ async fn run<R, W>(
     let timer = tokio::time::sleep(cfg.ping_interval);
     tokio::pin!(timer);
     loop {
-        let deadline = s.clock.poll_timeout(&s.timeouts());
+        let deadline = s.core.clock.poll_timeout(&s.timeouts());
         if timer.deadline() != deadline.into() {
             timer.as_mut().reset(deadline.into());
         }
         tokio::select! {
             biased;
-            _ = &mut stop, if !s.clock.is_closing() => {
+            _ = &mut stop, if !s.core.clock.is_closing() => {
                 // Ids are per shard: interleaved, they tell every connection of the node apart.
                 let shards = s.ctx.node.wakers.len() as u64;
                 let key = s.id * shards + s.ctx.shard as u64;
@@ -373,7 +357,7 @@ async fn run<R, W>(
                     s.ctx.metrics.bytes_written.increment(w.bytes as u64);
                     s.ctx.metrics.frames_per_write.record(w.frames as f64);
                     if s.outbox.take_deferred() {
-                        let stats = s.ctx.hub.borrow_mut().flush(s.id, &s.subs);
+                        let stats = s.ctx.hub.borrow_mut().flush(s.id, s.core.subs());
                         s.ctx.metrics.pumped(&stats);
                     }
                 }
@@ -384,7 +368,7 @@ async fn run<R, W>(
                 }
                 Err(_) => break,
             },
-            r = read_some(&mut rd), if !s.read_closed || s.draining => match r {
+            r = reader::read_some(&mut rd), if !s.read_closed || s.draining => match r {
                 Ok(0) | Err(_) => {
                     // The peer is gone: it finished the close handshake we started (draining),
                     // or it went away without one; either way nothing more can reach it.
@@ -393,22 +377,21 @@ async fn run<R, W>(
                 Ok(_) if s.draining => {}
                 Ok(n) => {
                     let now = session::now();
-                    s.clock.on_inbound(now);
+                    s.core.clock.on_inbound(now);
                     s.live.touch(s.ctx.node.engine.millis(now));
-                    SCRATCH_BUF.with(|b| {
-                        let mut b = b.borrow_mut();
-                        s.on_read(&mut decoder, &mut b[..n]);
-                    });
+                    reader::on_scratch(&mut s, &mut decoder, n);
                 }
             },
             (p, r) = s.joining.next(), if !s.joining.is_empty() => {
                 let id = p.id.as_ref().map(|i| i.as_req_id());
-                match r {
-                    Ok(()) => s.subscribe_now(id, p.channel, p.resume, p.join, Instant::now()),
-                    Err(r) => s.refused(id, &r),
+                if s.core.join_answered(&p.channel) {
+                    match r {
+                        Ok(()) => s.subscribe_now(id, p.channel, p.resume, p.join, session::now()),
+                        Err(r) => s.refused(id, &r),
+                    }
                 }
             }
-            _ = mailbox_ready(&s.mailbox), if s.mailbox.is_some() && !s.clock.is_closing() => {
+            _ = mailbox_ready(&s.mailbox), if s.mailbox.is_some() && !s.core.clock.is_closing() => {
                 s.on_user_commands();
             }
             _ = &mut timer => {
@@ -420,6 +403,37 @@ async fn run<R, W>(
     }
     s.leave();
     s.ctx.metrics.ws_connections.decrement(1.0);
+}
+
+impl Frames for Session {
+    const NAME: &'static str = "websocket";
+
+    fn on_message(&mut self, msg: Message<'_>) {
+        Session::on_message(self, msg);
+    }
+
+    fn on_protocol_error(&mut self, e: WsError) {
+        self.ctx.metrics.protocol_errors.increment(1);
+        tracing::debug!(conn = self.id, error = %e, "websocket protocol error");
+        self.close(e.close_code(), &e.to_string(), true);
+    }
+
+    fn read_closed(&self) -> bool {
+        self.read_closed
+    }
+
+    fn partial(&mut self) -> &mut BytesMut {
+        &mut self.partial
+    }
+}
+
+/// What checks `token` for the core, when auth is on.
+fn verifier<'a>(
+    ctx: &'a ShardContext,
+    token: &'a str,
+) -> Option<impl FnOnce() -> Result<crate::auth::Principal, String> + 'a> {
+    let auth = ctx.node.auth.as_ref()?;
+    Some(move || auth.verify(token).map_err(|e| e.to_string()))
 }
 
 /// Waits for a server API command (never without a mailbox).
@@ -467,50 +481,31 @@ async fn write_some<W: AsyncWrite + Unpin>(wr: &mut W, outbox: &Outbox) -> io::R
     .await
 }
 
-async fn read_some<R: AsyncRead + Unpin>(rd: &mut R) -> io::Result<usize> {
-    poll_fn(|cx| {
-        SCRATCH_BUF.with(|b| {
-            let mut b = b.borrow_mut();
-            let mut buf = ReadBuf::new(&mut b[..]);
-            ready!(Pin::new(&mut *rd).poll_read(cx, &mut buf))?;
-            Poll::Ready(Ok(buf.filled().len()))
-        })
-    })
-    .await
-}
-
 impl Session {
     /// The clock's settings (read from the node's config, not kept per connection).
     fn timeouts(&self) -> Timeouts {
         Timeouts::from_config(self.ctx.config(), CLOSE_GRACE)
     }
 
+    /// The node's rules for the core's decisions.
+    fn rules(&self) -> Rules {
+        Rules::of(self.ctx.config(), self.ctx.node.auth.is_some())
+    }
+
     /// Acts on what the clock says is due; returns true when the session must end now.
     fn on_timer(&mut self) -> bool {
-        use crate::limits::{refused, Cause};
-        match self.clock.handle_timeout(session::now(), &self.timeouts()) {
-            Due::Nothing => {}
-            Due::End => return true,
-            Due::Ping => self.push(frame::frame(frame::OP_PING, b"")),
-            Due::Idle => self.close(frame::CLOSE_GOING_AWAY, "idle timeout", true),
-            Due::AuthTimeout => {
-                refused(Cause::Unauthorized, "no auth command in time");
-                self.close(CLOSE_UNAUTHORIZED, "authentication timeout", true);
-            }
-            Due::RefreshTimeout => {
-                refused(Cause::TokenExpired, "no refresh in time");
-                self.close(CLOSE_TOKEN_EXPIRED, "token expired", true);
-            }
-            Due::TokenExpired { refresh_within } => {
-                if self.wire == Wire::Json {
-                    self.push(json::token_expired(refresh_within.as_millis()));
-                } else {
-                    // The binary protocol has no refresh: reconnect with a new token and
-                    // resume.
-                    refused(Cause::TokenExpired, "binary connection");
-                    self.close(CLOSE_TOKEN_EXPIRED, "token expired", true);
-                }
-            }
+        // The binary protocol has no refresh: an expired token closes (reconnect with a new
+        // one and resume).
+        let refresh = self.wire == Wire::Json;
+        match self
+            .core
+            .on_timeout(session::now(), &self.timeouts(), refresh)
+        {
+            Timed::Nothing => {}
+            Timed::End => return true,
+            Timed::Ping => self.push(frame::frame(frame::OP_PING, b"")),
+            Timed::Close((code, reason)) => self.close(code, reason, true),
+            Timed::TokenExpired(within) => self.push(json::token_expired(within.as_millis())),
         }
         false
     }
@@ -519,7 +514,8 @@ impl Session {
     /// Every close but the slow-consumer one is clean (presence leaves at once); a slow
     /// consumer is expected back with a resume, so its presence waits for the timeout.
     fn close(&mut self, code: u16, reason: &str, flush: bool) {
-        if self.clock.close(session::now(), &self.timeouts()) && code != frame::CLOSE_SLOW_CONSUMER
+        if self.core.clock.close(session::now(), &self.timeouts())
+            && code != frame::CLOSE_SLOW_CONSUMER
         {
             self.clean = true;
         }
@@ -528,58 +524,11 @@ impl Session {
             .close_with(frame::close_frame(code, reason), flush);
     }
 
-    fn on_read(&mut self, decoder: &mut Decoder, data: &mut [u8]) {
-        if self.partial.is_empty() {
-            let used = self.parse(decoder, data);
-            if used < data.len() && !self.read_closed {
-                self.partial.extend_from_slice(&data[used..]);
-            }
-        } else {
-            self.partial.extend_from_slice(data);
-            let mut buf = std::mem::take(&mut self.partial);
-            let used = self.parse(decoder, &mut buf);
-            buf.advance(used);
-            if !buf.is_empty() && !self.read_closed {
-                self.partial = buf;
-            }
-        }
-    }
-
-    /// Handles every whole frame at the start of `buf`; returns the bytes consumed.
-    fn parse(&mut self, decoder: &mut Decoder, buf: &mut [u8]) -> usize {
-        let mut pos = 0;
-        while !self.read_closed {
-            match decoder.decode(&mut buf[pos..]) {
-                Ok(None) => break,
-                Ok(Some((n, msg))) => {
-                    if let Some(msg) = msg {
-                        self.on_message(msg);
-                    }
-                    pos += n;
-                }
-                Err(e) => {
-                    if e.close_code() == frame::CLOSE_TOO_BIG {
-                        crate::limits::refused(crate::limits::Cause::MessageTooLarge, "websocket");
-                    }
-                    self.ctx.metrics.protocol_errors.increment(1);
-                    tracing::debug!(conn = self.id, error = %e, "websocket protocol error");
-                    self.close(e.close_code(), &e.to_string(), true);
-                }
-            }
-        }
-        pos
-    }
-
     fn on_message(&mut self, msg: Message<'_>) {
-        if let (Some(bucket), false) = (
-            self.bucket.as_mut(),
-            matches!(msg, Message::Close(..) | Message::Pong(_)),
-        ) {
-            use crate::limits::{refused, Cause, Verdict};
-            match bucket.take(Instant::now()) {
-                Verdict::Ok => {}
-                Verdict::Refuse => {
-                    refused(Cause::RateLimited, "inbound message rate");
+        let control = matches!(msg, Message::Close(..) | Message::Pong(_));
+        if let (false, Err(gate)) = (control, self.core.on_message(session::now())) {
+            return match gate {
+                Gate::Refuse(r) => {
                     // The id lets the client fail that command now instead of at its timeout.
                     let id = match (&msg, self.wire) {
                         (Message::Text(t), Wire::Json) => {
@@ -590,19 +539,10 @@ impl Session {
                         }
                         _ => None,
                     };
-                    return self.reply(
-                        id,
-                        &Event::Error {
-                            code: "rate_limited",
-                            message: "too many messages: slow down (--rate-limit)",
-                        },
-                    );
+                    self.refuse(id, &r)
                 }
-                Verdict::Close => {
-                    refused(Cause::RateClosed, "inbound message rate");
-                    return self.close(CLOSE_RATE_LIMITED, "rate limit exceeded", true);
-                }
-            }
+                Gate::Close((code, reason)) => self.close(code, reason, true),
+            };
         }
         let decoded = match (msg, self.wire) {
             (Message::Text(text), Wire::Json) => json::parse_command(text.as_bytes()),
@@ -647,16 +587,25 @@ impl Session {
         self.push(self.wire.encode(id, event));
     }
 
+    /// Answers a command the core refused.
+    fn refuse(&self, id: Option<ReqId<'_>>, r: &Refusal) {
+        let event = Event::Error {
+            code: r.code,
+            message: &r.message,
+        };
+        self.reply(id, &event);
+    }
+
     fn on_command(&mut self, id: Option<ReqId<'_>>, command: Command<'_>) {
-        let now = Instant::now();
+        let now = session::now();
         match command {
             Command::Subscribe {
                 channel,
                 resume,
                 presence,
             } => {
-                if !self.auth.grants.allows(Perm::Subscribe, channel.as_str()) {
-                    return self.forbidden(id, Perm::Subscribe);
+                if let Err(r) = self.core.may(Perm::Subscribe, &channel) {
+                    return self.refuse(id, &r);
                 }
                 self.subscribe_granted(id, channel, resume, presence, now, true);
             }
@@ -675,34 +624,22 @@ impl Session {
         now: Instant,
         ask: bool,
     ) {
-        let error = |code, message| Event::Error { code, message };
+        let rules = self.rules();
         {
             {
-                if self.subs.contains(&channel) || self.joining.any(|j| j.channel == channel) {
-                    return self.reply(
-                        id,
-                        &error("already_subscribed", "already subscribed to this channel"),
-                    );
+                if let Err(r) = self.core.admit(&rules, &channel) {
+                    return self.refuse(id, &r);
                 }
-                if self.subs.len() + self.joining.len() >= self.ctx.config().max_subscriptions {
-                    crate::limits::refused(
-                        crate::limits::Cause::TooManySubscriptions,
-                        "websocket subscribe",
-                    );
-                    return self.reply(
-                        id,
-                        &error(
-                            "too_many_subscriptions",
-                            "this connection has the most subscriptions allowed",
-                        ),
-                    );
-                }
-                let join = match self.presence_identity(&channel, presence) {
+                let join = match self.presence_join(&rules, &channel, presence) {
                     Ok(join) => join,
-                    Err(message) => return self.reply(id, &error("forbidden", message)),
+                    Err(r) => return self.refuse(id, &r),
                 };
                 let asker = self.caller.as_ref().filter(|_| ask).and_then(|c| {
-                    c.subscribe_asker(&self.client, self.auth.user.as_ref(), channel.as_str())
+                    c.subscribe_asker(
+                        &self.client,
+                        self.core.auth().user.as_ref(),
+                        channel.as_str(),
+                    )
                 });
                 if let Some(wait) =
                     super::proxied::before_subscribe(&self.ctx.node, asker, &channel)
@@ -715,6 +652,7 @@ impl Session {
                         resume,
                         join,
                     };
+                    self.core.wait_join(request.channel.clone());
                     self.joining.hold(request, wait);
                     return;
                 }
@@ -724,31 +662,31 @@ impl Session {
     }
 
     fn unsubscribe(&mut self, id: Option<ReqId<'_>>, channel: ChannelName, now: Instant) {
-        let error = |code, message| Event::Error { code, message };
-        {
-            {
-                if self.joining.cancel(|j| j.channel == channel).is_some() {
-                    return self.reply(id, &Event::Unsubscribed { channel: &channel });
-                }
+        match self.core.unsubscribe(&channel) {
+            Unsubscribe::Waiting => {
+                self.joining.cancel(|j| j.channel == channel);
+            }
+            Unsubscribe::Subscribed => {
+                self.ctx.metrics.subscriptions.decrement(1.0);
                 let left = self
                     .ctx
                     .hub
                     .borrow_mut()
                     .unsubscribe(self.id, &channel, now);
                 if let Some(ch) = left {
-                    self.subs.retain(|c| c != &channel);
-                    self.ctx.metrics.subscriptions.decrement(1.0);
                     let wake = self.ctx.node.engine.leave_presence(&ch, &self.client);
                     self.ctx.node.wake(wake);
-                    self.reply(id, &Event::Unsubscribed { channel: &channel });
-                } else {
-                    self.reply(
-                        id,
-                        &error("not_subscribed", "not subscribed to this channel"),
-                    );
                 }
             }
+            Unsubscribe::Not => {
+                let error = Event::Error {
+                    code: "not_subscribed",
+                    message: "not subscribed to this channel",
+                };
+                return self.reply(id, &error);
+            }
         }
+        self.reply(id, &Event::Unsubscribed { channel: &channel });
     }
 
     fn on_other_command(&mut self, id: Option<ReqId<'_>>, command: Command<'_>, _: Instant) {
@@ -761,8 +699,8 @@ impl Session {
                 data,
                 cond,
             } => {
-                if !self.auth.grants.allows(Perm::Publish, channel.as_str()) {
-                    return self.forbidden(id, Perm::Publish);
+                if let Err(r) = self.core.may(Perm::Publish, &channel) {
+                    return self.refuse(id, &r);
                 }
                 let cond = match crate::engine::idempotency::PublishConditions::checked(
                     cond.idempotency_key.as_deref(),
@@ -777,7 +715,11 @@ impl Session {
                 };
                 let node = self.ctx.node.clone();
                 let asker = self.caller.as_ref().and_then(|c| {
-                    c.publish_asker(&self.client, self.auth.user.as_ref(), channel.as_str())
+                    c.publish_asker(
+                        &self.client,
+                        self.core.auth().user.as_ref(),
+                        channel.as_str(),
+                    )
                 });
                 let mut publish = Box::pin(async move {
                     let r =
@@ -810,35 +752,36 @@ impl Session {
                 }
             }
             Command::Heartbeat => self.reply(id, &Event::Heartbeat),
-            Command::Presence { channel, .. }
-                if !self.auth.grants.allows(Perm::Presence, channel.as_str()) =>
-            {
-                self.forbidden(id, Perm::Presence)
-            }
             Command::Auth { token } => self.on_auth(id, &token),
             Command::Refresh { token } => self.on_refresh(id, &token),
-            Command::Presence { channel, page } => match self.ctx.node.engine.presence(
-                &channel,
-                page.cursor.as_deref(),
-                super::paging::limit(page.limit),
-                // A page leaves most of the outbox free: a client that reads never overflows
-                // by asking.
-                super::paging::MAX_PAGE_BYTES.min(self.outbox.limit() / 4),
-            ) {
-                Some(p) => self.reply(
-                    id,
-                    &Event::PresenceState {
-                        channel: &channel,
-                        seq: p.seq,
-                        members: &p.members,
-                        next: p.next.as_deref(),
-                    },
-                ),
-                None => self.reply(
-                    id,
-                    &error("presence_disabled", "this channel has no presence"),
-                ),
-            },
+            Command::Presence { channel, page } => {
+                if let Err(r) = self.core.may(Perm::Presence, &channel) {
+                    return self.refuse(id, &r);
+                }
+                let page = self.ctx.node.engine.presence(
+                    &channel,
+                    page.cursor.as_deref(),
+                    super::paging::limit(page.limit),
+                    // A page leaves most of the outbox free: a client that reads never
+                    // overflows by asking.
+                    super::paging::MAX_PAGE_BYTES.min(self.outbox.limit() / 4),
+                );
+                match page {
+                    Some(p) => self.reply(
+                        id,
+                        &Event::PresenceState {
+                            channel: &channel,
+                            seq: p.seq,
+                            members: &p.members,
+                            next: p.next.as_deref(),
+                        },
+                    ),
+                    None => self.reply(
+                        id,
+                        &error("presence_disabled", "this channel has no presence"),
+                    ),
+                }
+            }
         }
     }
 
@@ -848,7 +791,7 @@ impl Session {
         match admitted {
             Ok(channels) => {
                 for channel in channels {
-                    self.subscribe_granted(None, channel, None, None, Instant::now(), false);
+                    self.subscribe_granted(None, channel, None, None, session::now(), false);
                 }
             }
             Err(mut r) => {
@@ -886,28 +829,10 @@ impl Session {
         }
     }
 
-    /// Answers a command the grants do not allow.
-    fn forbidden(&self, id: Option<ReqId<'_>>, perm: Perm) {
-        crate::limits::refused(crate::limits::Cause::Forbidden, perm.as_str());
-        let message = match perm {
-            Perm::Subscribe => "no subscribe permission on this channel",
-            Perm::Publish => "no publish permission on this channel",
-            Perm::Presence => "no presence permission on this channel",
-            Perm::History => "no history permission on this channel",
-        };
-        self.reply(
-            id,
-            &Event::Error {
-                code: "forbidden",
-                message,
-            },
-        );
-    }
-
     /// Puts the connection in its shard's user index once it has a user (from the token at the
     /// handshake or an `auth` command), so that the server API can act on it.
     fn register_user(&mut self) {
-        if let (None, Some(user)) = (&self.mailbox, &self.auth.user) {
+        if let (None, Some(user)) = (&self.mailbox, &self.core.auth().user) {
             self.mailbox = Some(self.ctx.users.add(user, self.id));
         }
     }
@@ -933,14 +858,13 @@ impl Session {
                     return self.close(code, &reason[..end], true);
                 }
                 UserCommand::Subscribe(channel) => {
-                    if !self.subs.contains(&channel) && !self.joining.any(|j| j.channel == channel)
-                    {
-                        self.subscribe_granted(None, channel, None, None, Instant::now(), false);
+                    if !self.core.has(&channel) {
+                        self.subscribe_granted(None, channel, None, None, session::now(), false);
                     }
                 }
                 UserCommand::Unsubscribe(channel) => {
-                    if self.subs.contains(&channel) || self.joining.any(|j| j.channel == channel) {
-                        self.unsubscribe(None, channel, Instant::now());
+                    if self.core.has(&channel) {
+                        self.unsubscribe(None, channel, session::now());
                     }
                 }
             }
@@ -950,42 +874,19 @@ impl Session {
     /// `{"type":"auth","token":…}`: authenticates a connection opened without a token. A bad
     /// token closes the connection (4001) after the error.
     fn on_auth(&mut self, id: Option<ReqId<'_>>, token: &str) {
-        let Some(auth) = &self.ctx.node.auth else {
-            return self.reply(
-                id,
-                &Event::Error {
-                    code: "bad_request",
-                    message: "auth is off on this node",
-                },
-            );
-        };
-        if self.auth.user.is_some() {
-            return self.reply(
-                id,
-                &Event::Error {
-                    code: "bad_request",
-                    message: "already authenticated: use refresh",
-                },
-            );
-        }
-        match auth.verify(token) {
-            Ok(p) => {
-                let reply = json::authenticated(id, &p.sub, p.exp);
-                self.auth = ConnAuth::from_principal(p);
-                self.clock.authenticated(self.auth.exp.map(instant_of));
+        match self
+            .core
+            .on_auth(session::now(), verifier(&self.ctx, token))
+        {
+            Ok((user, exp)) => {
                 self.register_user();
-                self.push(reply);
+                self.push(json::authenticated(id, &user, exp));
             }
-            Err(e) => {
-                crate::limits::refused(crate::limits::Cause::Unauthorized, &e.to_string());
-                self.reply(
-                    id,
-                    &Event::Error {
-                        code: "unauthorized",
-                        message: &e.to_string(),
-                    },
-                );
-                self.close(CLOSE_UNAUTHORIZED, "invalid token", true);
+            Err((r, close)) => {
+                self.refuse(id, &r);
+                if let Some((code, reason)) = close {
+                    self.close(code, reason, true);
+                }
             }
         }
     }
@@ -993,36 +894,12 @@ impl Session {
     /// `{"type":"refresh","token":…}`: a new token for the same subject; its grants and expiry
     /// replace the old ones. A bad one gets an error and changes nothing.
     fn on_refresh(&mut self, id: Option<ReqId<'_>>, token: &str) {
-        let (Some(auth), Some(user)) = (&self.ctx.node.auth, &self.auth.user) else {
-            return self.reply(
-                id,
-                &Event::Error {
-                    code: "bad_request",
-                    message: "nothing to refresh: the connection has no token",
-                },
-            );
-        };
-        fn err<'a>(code: &'a str, message: &'a str) -> Event<'a> {
-            Event::Error { code, message }
-        }
-        match auth.verify(token) {
-            Ok(p) if p.sub != *user => {
-                crate::limits::refused(crate::limits::Cause::Forbidden, "refresh subject");
-                self.reply(
-                    id,
-                    &err("forbidden", "a refresh token must have the same subject"),
-                )
-            }
-            Ok(p) => {
-                let reply = json::refreshed(id, p.exp);
-                self.auth = ConnAuth::from_principal(p);
-                self.clock.refreshed(self.auth.exp.map(instant_of));
-                self.push(reply);
-            }
-            Err(e) => {
-                crate::limits::refused(crate::limits::Cause::Unauthorized, &e.to_string());
-                self.reply(id, &err("unauthorized", &e.to_string()))
-            }
+        match self
+            .core
+            .on_refresh(session::now(), verifier(&self.ctx, token))
+        {
+            Ok(exp) => self.push(json::refreshed(id, exp)),
+            Err(r) => self.refuse(id, &r),
         }
     }
 
@@ -1037,7 +914,7 @@ impl Session {
     ) {
         let error = |code, message| Event::Error { code, message };
         let encoding = self.wire.message_encoding_with(self.deflate);
-        let sub = Subscriber::new(self.outbox.clone(), encoding, self.subs.len() as u16);
+        let sub = Subscriber::new(self.outbox.clone(), encoding, self.core.next_slot());
         let s = match self
             .ctx
             .hub
@@ -1046,25 +923,13 @@ impl Session {
         {
             Ok(s) => s,
             Err(e) => {
-                use crate::engine::presence::PresenceError;
-                use crate::engine::SubscribeError;
-                let code = match e {
-                    SubscribeError::Presence(PresenceError::Full) => "presence_full",
-                    SubscribeError::Presence(PresenceError::InfoBudget) => {
-                        crate::limits::refused(crate::limits::Cause::PresenceInfo, "subscribe");
-                        "overloaded"
-                    }
-                    SubscribeError::Overloaded(o) => {
-                        crate::limits::refused(super::overload_cause(o), "subscribe");
-                        "overloaded"
-                    }
-                };
+                let code = subscribe_refusal(e, "subscribe");
                 return self.reply(id, &error(code, &e.to_string()));
             }
         };
         self.ctx.node.wake(s.wake);
         self.ctx.metrics.subscriptions.increment(1.0);
-        self.subs.push(channel.clone());
+        self.core.subscribed(channel.clone());
         self.reply(
             id,
             &Event::Subscribed {
@@ -1085,58 +950,39 @@ impl Session {
     }
 
     /// The presence member to add when subscribing to `channel`: `None` when the channel has
-    /// no presence; an error when the client claims an identity it may not.
-    fn presence_identity(
+    /// no presence; the refusal when the client claims an identity it may not.
+    fn presence_join(
         &self,
+        rules: &Rules,
         channel: &ChannelName,
         claimed: Option<ClientPresence<'_>>,
-    ) -> Result<Option<Join>, &'static str> {
+    ) -> Result<Option<Join>, Refusal> {
         if !self.ctx.node.engine.has_presence(channel) {
             return Ok(None);
         }
         let claimed = claimed.unwrap_or_default();
-        let claims = claimed.user.is_some() || claimed.info.is_some();
-        if claims && self.ctx.node.auth.is_some() {
-            return Err("presence identity comes from the token here (JWT auth is on)");
-        }
-        if claims && !self.ctx.config().client_presence() {
-            return Err("presence identity comes from the server here (--client-presence false)");
-        }
-        if let Some(user) = &self.auth.user {
-            return Ok(Some(Join {
-                who: Identity {
-                    client: self.client.clone(),
-                    user: user.clone(),
-                    info: self.auth.info.clone(),
-                },
-                live: self.live.clone(),
-            }));
-        }
+        let claim = Claim {
+            user: claimed.user.map(|u| Arc::from(&*u)),
+            info: claimed.info.map(json::normalize_data),
+        };
+        let who = self.core.presence_identity(rules, &self.client, claim)?;
         Ok(Some(Join {
-            who: Identity {
-                client: self.client.clone(),
-                user: claimed
-                    .user
-                    .map_or_else(|| self.client.clone(), |u| Arc::from(&*u)),
-                info: claimed.info.map(json::normalize_data),
-            },
+            who,
             live: self.live.clone(),
         }))
     }
 
     /// Releases every subscription; leaves presence at once if the connection ended cleanly.
     fn leave(&mut self) {
-        let now = Instant::now();
-        if let (Some(_), Some(user)) = (self.mailbox.take(), &self.auth.user) {
+        let now = session::now();
+        if let (Some(_), Some(user)) = (self.mailbox.take(), &self.core.auth().user) {
             self.ctx.users.remove(user, self.id);
         }
         let mut wake = 0;
         let mut hub = self.ctx.hub.borrow_mut();
-        self.ctx
-            .metrics
-            .subscriptions
-            .decrement(self.subs.len() as f64);
-        for ch in self.subs.drain(..) {
+        let subs = self.core.take_subs();
+        self.ctx.metrics.subscriptions.decrement(subs.len() as f64);
+        for ch in subs {
             if let Some(channel) = hub.unsubscribe(self.id, &ch, now) {
                 if self.clean {
                     wake |= self.ctx.node.engine.leave_presence(&channel, &self.client);

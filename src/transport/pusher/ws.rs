@@ -3,7 +3,6 @@
 //! subscriber with the Pusher encoding and the connection's tag (so that its own client events
 //! and `socket_id`-excluded publishes, and its own `member_added`, are not sent back to it).
 
-use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
@@ -12,11 +11,11 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use super::ConnSlot;
@@ -25,16 +24,14 @@ use crate::engine::outbox::{Out, Outbox, OutboxState};
 use crate::engine::presence::{Identity, Liveness};
 use crate::engine::Join;
 use crate::protocol::pusher::{self as wire, code, ChannelKind, ClientMessage};
-use crate::protocol::ws::{self as frame, Decoder, Message};
+use crate::protocol::ws::{self as frame, Decoder, Message, WsError};
 use crate::protocol::ENC_PUSHER;
 use crate::transport::http::{error, Body};
 use crate::transport::io::{TimedIo, TimedWrite};
+use crate::transport::session::reader::{self, Frames};
 use crate::transport::session::{self, Due, Pending, SessionClock, Timeouts};
 use crate::transport::ShardContext;
 use crate::types::{ChannelName, DataKind};
-
-/// Size of the shard's read buffer for Pusher connections.
-const SCRATCH: usize = 64 * 1024;
 
 /// How long a closing connection may take to flush its close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
@@ -42,12 +39,6 @@ const CLOSE_GRACE: Duration = Duration::from_secs(3);
 /// Most members listed in a presence channel's `subscription_succeeded` (Pusher's limit is
 /// 100 members per channel).
 const MAX_LISTED_MEMBERS: usize = 1000;
-
-thread_local! {
-    /// Every Pusher connection of the shard reads into this buffer; only a partial frame is
-    /// kept per connection.
-    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
-}
 
 /// Why a connection is refused right after the handshake (Pusher tells it with `pusher:error`
 /// and the same close code, which a browser sees where it would not see an HTTP status).
@@ -252,7 +243,7 @@ async fn run<R, W>(
         activity,
     ));
     if !pre.is_empty() {
-        s.on_read(&mut decoder, &mut pre.to_vec());
+        reader::on_read(&mut s, &mut decoder, &mut pre.to_vec());
     }
     drop(pre);
     let shutdown = s.ctx.node.shutdown.clone();
@@ -293,17 +284,14 @@ async fn run<R, W>(
                 }
                 Err(_) => break,
             },
-            r = read_some(&mut rd), if !s.read_closed || s.draining => match r {
+            r = reader::read_some(&mut rd), if !s.read_closed || s.draining => match r {
                 Ok(0) | Err(_) => break,
                 Ok(_) if s.draining => {}
                 Ok(n) => {
                     let now = session::now();
                     s.clock.on_inbound(now);
                     s.live.touch(s.ctx.node.engine.millis(now));
-                    SCRATCH_BUF.with(|b| {
-                        let mut b = b.borrow_mut();
-                        s.on_read(&mut decoder, &mut b[..n]);
-                    });
+                    reader::on_scratch(&mut s, &mut decoder, n);
                 }
             },
             (p, r) = s.joining.next(), if !s.joining.is_empty() => match r {
@@ -359,16 +347,25 @@ async fn write_some<W: AsyncWrite + Unpin>(
     .await
 }
 
-async fn read_some<R: AsyncRead + Unpin>(rd: &mut R) -> io::Result<usize> {
-    poll_fn(|cx| {
-        SCRATCH_BUF.with(|b| {
-            let mut b = b.borrow_mut();
-            let mut buf = ReadBuf::new(&mut b[..]);
-            ready!(Pin::new(&mut *rd).poll_read(cx, &mut buf))?;
-            Poll::Ready(Ok(buf.filled().len()))
-        })
-    })
-    .await
+impl Frames for Session {
+    const NAME: &'static str = "pusher";
+
+    fn on_message(&mut self, msg: Message<'_>) {
+        Session::on_message(self, msg);
+    }
+
+    fn on_protocol_error(&mut self, e: WsError) {
+        self.ctx.metrics.protocol_errors.increment(1);
+        self.close(e.close_code(), &e.to_string());
+    }
+
+    fn read_closed(&self) -> bool {
+        self.read_closed
+    }
+
+    fn partial(&mut self) -> &mut BytesMut {
+        &mut self.partial
+    }
 }
 
 impl Session {
@@ -407,46 +404,6 @@ impl Session {
         self.clock.close(session::now(), &self.timeouts());
         self.read_closed = true;
         self.outbox.close_with(frame::close_frame(c, reason), true);
-    }
-
-    fn on_read(&mut self, decoder: &mut Decoder, data: &mut [u8]) {
-        if self.partial.is_empty() {
-            let used = self.parse(decoder, data);
-            if used < data.len() && !self.read_closed {
-                self.partial.extend_from_slice(&data[used..]);
-            }
-        } else {
-            self.partial.extend_from_slice(data);
-            let mut buf = std::mem::take(&mut self.partial);
-            let used = self.parse(decoder, &mut buf);
-            buf.advance(used);
-            if !buf.is_empty() && !self.read_closed {
-                self.partial = buf;
-            }
-        }
-    }
-
-    fn parse(&mut self, decoder: &mut Decoder, buf: &mut [u8]) -> usize {
-        let mut pos = 0;
-        while !self.read_closed {
-            match decoder.decode(&mut buf[pos..]) {
-                Ok(None) => break,
-                Ok(Some((n, msg))) => {
-                    if let Some(msg) = msg {
-                        self.on_message(msg);
-                    }
-                    pos += n;
-                }
-                Err(e) => {
-                    if e.close_code() == frame::CLOSE_TOO_BIG {
-                        crate::limits::refused(crate::limits::Cause::MessageTooLarge, "pusher");
-                    }
-                    self.ctx.metrics.protocol_errors.increment(1);
-                    self.close(e.close_code(), &e.to_string());
-                }
-            }
-        }
-        pos
     }
 
     fn on_message(&mut self, msg: Message<'_>) {

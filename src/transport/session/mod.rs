@@ -1,10 +1,20 @@
-//! The sans-IO core of a session's timers, shared by the WebSocket sessions (`/ws` and
-//! Pusher's `/app/KEY`): keep-alive (ping after `--ping-interval` of silence, close after
-//! `--idle-timeout`), the auth deadlines (no token within `--auth-timeout`, an expired token not
-//! refreshed in time) and the close grace. It reads no clock: `now` comes in with every call,
-//! so that its rules are tested as scripts (`tests` below) and a driver decides whose clock
-//! is used. The driver asks [`SessionClock::poll_timeout`] when to wake it, and acts on what
+//! The sans-IO core of a session: inputs come in with `now`, decisions go out as values, and a
+//! driver (`ws.rs`, `sse.rs`, `pusher/ws.rs`) does the I/O. [`commands`]: who a connection is,
+//! what it may do and which channels it holds ([`SessionCore`], shared by `/ws` and `/sse`).
+//! [`reader`]: the read side of a WebSocket session (shared by `/ws` and Pusher's `/app/KEY`).
+//!
+//! Here: the session's timers, shared by the WebSocket sessions: keep-alive (ping after
+//! `--ping-interval` of silence, close after `--idle-timeout`), the auth deadlines (no token
+//! within `--auth-timeout`, an expired token not refreshed in time) and the close grace. It
+//! reads no clock: `now` comes in with every call, so that its rules are tested as scripts
+//! (`tests` below) and a driver decides whose clock is used. The driver asks
+//! [`SessionClock::poll_timeout`] when to wake it, and acts on what
 //! [`SessionClock::handle_timeout`] says is [`Due`]. Nothing here runs per delivered message.
+
+pub mod commands;
+pub mod reader;
+
+pub use commands::{Claim, Close, Gate, Refusal, Rules, SessionCore, Timed, Unsubscribe};
 
 use std::future::Future;
 use std::pin::Pin;

@@ -1,0 +1,101 @@
+//! The read side of a WebSocket session, shared by `/ws` and Pusher's `/app/KEY`: reads into
+//! the shard's scratch buffer, keeps only a partial frame per connection, and hands each whole
+//! message to the session ([`Frames`]). What a message means is the session's business.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, ReadBuf};
+
+use crate::protocol::ws::{Decoder, Message, WsError, CLOSE_TOO_BIG};
+
+/// Size of the shard's shared read buffer.
+const SCRATCH: usize = 64 * 1024;
+
+thread_local! {
+    /// Every WebSocket connection of the shard reads into this buffer; only a partial frame is
+    /// kept per connection. Borrowed only inside one poll or one synchronous parse, never across
+    /// an await.
+    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
+}
+
+/// A session that takes whole messages.
+pub trait Frames {
+    /// What `relay_refused_total` calls a message over `--max-message-size` on it.
+    const NAME: &'static str;
+    /// A whole message.
+    fn on_message(&mut self, msg: Message<'_>);
+    /// A frame broke the protocol: the session closes with `e.close_code()`.
+    fn on_protocol_error(&mut self, e: WsError);
+    /// Whether the session reads no more (it closed, or is closing).
+    fn read_closed(&self) -> bool;
+    /// The bytes of a frame not yet complete.
+    fn partial(&mut self) -> &mut BytesMut;
+}
+
+/// Reads into the shard's buffer: the number of bytes read (0: the peer closed).
+pub async fn read_some<R: AsyncRead + Unpin>(rd: &mut R) -> io::Result<usize> {
+    poll_fn(|cx| {
+        SCRATCH_BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            let mut buf = ReadBuf::new(&mut b[..]);
+            ready!(Pin::new(&mut *rd).poll_read(cx, &mut buf))?;
+            Poll::Ready(Ok(buf.filled().len()))
+        })
+    })
+    .await
+}
+
+/// Hands the first `n` bytes of the shard's buffer (just read by [`read_some`]) to `s`.
+pub fn on_scratch<S: Frames>(s: &mut S, decoder: &mut Decoder, n: usize) {
+    SCRATCH_BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        on_read(s, decoder, &mut b[..n]);
+    });
+}
+
+/// Hands every whole message in `data` (after the partial frame kept from before) to `s`, and
+/// keeps what is left of an incomplete frame.
+pub fn on_read<S: Frames>(s: &mut S, decoder: &mut Decoder, data: &mut [u8]) {
+    if s.partial().is_empty() {
+        let used = parse(s, decoder, data);
+        if used < data.len() && !s.read_closed() {
+            s.partial().extend_from_slice(&data[used..]);
+        }
+    } else {
+        s.partial().extend_from_slice(data);
+        let mut buf = std::mem::take(s.partial());
+        let used = parse(s, decoder, &mut buf);
+        buf.advance(used);
+        if !buf.is_empty() && !s.read_closed() {
+            *s.partial() = buf;
+        }
+    }
+}
+
+/// Handles every whole frame at the start of `buf`; returns the bytes consumed.
+fn parse<S: Frames>(s: &mut S, decoder: &mut Decoder, buf: &mut [u8]) -> usize {
+    let mut pos = 0;
+    while !s.read_closed() {
+        match decoder.decode(&mut buf[pos..]) {
+            Ok(None) => break,
+            Ok(Some((n, msg))) => {
+                if let Some(msg) = msg {
+                    s.on_message(msg);
+                }
+                pos += n;
+            }
+            Err(e) => {
+                if e.close_code() == CLOSE_TOO_BIG {
+                    crate::limits::refused(crate::limits::Cause::MessageTooLarge, S::NAME);
+                }
+                s.on_protocol_error(e);
+            }
+        }
+    }
+    pos
+}
