@@ -63,17 +63,14 @@ pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) 
     // outboxes hold after each pass (growth) and every upkeep tick (what writers drained).
     let pump_ctx = ctx.clone();
     let pump_stop = shutdown.clone();
-    // With a remote backplane, a publish is answered when its round trip to the store ends, and
-    // HTTP/1 answers a connection's pipelined requests one at a time: a publisher's messages
-    // come in one per round trip. Were the pass to wake every writer at once, the publisher's
-    // next answer would wait behind all the subscribers' writes (the shard's run queue is
-    // first in, first out), so one message per pass, one write syscall per delivery. Instead
-    // the pass wakes its writers a few at a time, going to the back of the run queue between
-    // groups: the publisher's round trips go on while the subscribers are written, and the next
-    // pass (which waits for the last group) carries every message that came meanwhile. The
-    // longer the writes take, the more messages the next pass carries, as in memory mode, where
-    // a connection's pipelined publishes are all sequenced before the pump runs.
-    let paced = pump_ctx.node.config.backplane != crate::config::BackplaneKind::Memory;
+    // A pass wakes its writers a few at a time, going to the back of the shard's run queue
+    // between groups, and the next pass waits for the last group. The run queue is first in,
+    // first out: woken all at once, every subscriber's write would run before anything woken
+    // after them, such as the publisher's connection with its next pipelined requests or, with
+    // a remote backplane, its next answer (HTTP/1 answers a connection's requests one at a
+    // time, so through a store a publisher's messages come one per round trip). Paced, those
+    // go on while the subscribers are written, and the next pass carries every message that
+    // came meanwhile: the longer the writes take, the more messages per pass and per write.
     tokio::task::spawn_local(async move {
         let waker = &pump_ctx.node.wakers[index];
         let mut writers = Vec::new();
@@ -82,12 +79,6 @@ pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) 
         loop {
             tokio::select! {
                 _ = waker.notified() => {
-                    if !paced {
-                        let stats = pump_ctx.hub.borrow_mut().pump();
-                        pump_ctx.metrics.pumped(&stats);
-                        pump_ctx.report_memory();
-                        continue;
-                    }
                     let stats = crate::engine::outbox::collect_wakes(&mut writers, || {
                         pump_ctx.hub.borrow_mut().pump()
                     });
@@ -408,7 +399,7 @@ async fn serve_h2<I, S>(
 /// Most concurrent streams (requests, SSE streams) on one HTTP/2 connection.
 const MAX_H2_STREAMS: u32 = 128;
 
-/// Writers a paced pump pass wakes at once (see `serve`): few enough that a task woken meanwhile
+/// Writers a pump pass wakes at once (see `serve`): few enough that a task woken meanwhile
 /// waits for about this many writes, not for every subscriber's.
 const WRITERS_AT_ONCE: usize = 64;
 
