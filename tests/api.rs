@@ -235,30 +235,6 @@ async fn history_bounded_by_size() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn history_incomplete_after_ttl_expiry() {
-    let relay = Relay::in_process(&["--history-ttl", "2s"]);
-    for n in 1..=3 {
-        relay.publish("t", json!(n)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    relay.publish("t", json!(4)).await;
-    relay.publish("t", json!(5)).await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    // Now 1..=3 are 2.5 s old (expired) and 4..=5 are 1 s old.
-    let h = relay.history("t", "").await;
-    assert_eq!(h["seq"], json!(5), "{h}");
-    assert_eq!(h["complete"], json!(false), "{h}");
-    assert_eq!(
-        h["messages"],
-        json!([{"seq":4,"data":4},{"seq":5,"data":5}]),
-        "{h}"
-    );
-    let h = relay.history("t", "?since=3").await;
-    assert_eq!(h["complete"], json!(true), "{h}");
-    assert_eq!(h["messages"].as_array().unwrap().len(), 2, "{h}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_lists_subscriber_counts() {
     let relay = Relay::in_process(&[]);
     let mut subs = Vec::new();

@@ -613,7 +613,8 @@ async fn presence_joins_leaves_and_expiries_are_seen_on_every_node(store: Store)
             .await;
     }
     // A clean leave on a reaches b (alice is still heartbeating: only the leave removes her).
-    a.engine.leave_presence(&alice.channel, "ca");
+    a.engine
+        .leave_presence(&alice.channel, "ca", std::time::Instant::now());
     b.wait_users(&lobby, &["bob", "carol"], Duration::from_secs(3))
         .await;
     // Carol's node dies (and her connection with it): she is not gone at once, and leaves

@@ -11,9 +11,12 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{assert_http_error, refused_count, sample, RawWs, Relay, Sse, Ws, BIN};
+use common::{
+    api_get, assert_http_error, head_of, read_until_closed, refused_count, sample, RawWs, Relay,
+    Sse, Ws, BIN,
+};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
@@ -26,41 +29,6 @@ async fn small_window(addr: SocketAddr) -> TcpStream {
         .await
         .unwrap()
         .unwrap()
-}
-
-/// Reads until the peer closes (EOF or reset) within `d`: the bytes read, or `None` if it is
-/// still open then.
-async fn read_until_closed(s: &mut TcpStream, d: Duration) -> Option<Vec<u8>> {
-    let deadline = Instant::now() + d;
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Err(_) => return None,
-            Ok(Ok(0)) | Ok(Err(_)) => return Some(out),
-            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-        }
-    }
-}
-
-/// Sends `request` on `s` and reads the response head (status line and headers).
-async fn head_of(s: &mut TcpStream, request: &str) -> String {
-    s.write_all(request.as_bytes()).await.unwrap();
-    let deadline = Instant::now() + common::RECV_TIMEOUT;
-    let mut buf = Vec::new();
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            return String::from_utf8_lossy(&buf[..end]).into_owned();
-        }
-        let mut chunk = [0u8; 4096];
-        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-            r => panic!(
-                "no response head ({r:?}); got {:?}",
-                String::from_utf8_lossy(&buf)
-            ),
-        }
-    }
 }
 
 /// A WebSocket upgrade request for `/ws` with extra header lines.
@@ -238,29 +206,6 @@ async fn a_websocket_that_stops_reading_is_cut_at_the_write_timeout() {
         .wait_subscribers("w", 0, Duration::from_secs(10))
         .await;
     assert!(refused_count(&relay.scrape().await, "write_timeout") >= 1);
-}
-
-/// A keep-alive connection serves requests while they come, and is closed once idle for the
-/// keep-alive timeout.
-#[tokio::test]
-async fn an_idle_keep_alive_connection_closes_at_the_keepalive_timeout() {
-    let relay = Relay::start(&["--keepalive-timeout", "2s", "--sse-keepalive", "1s"]);
-    let mut s = TcpStream::connect(relay.addr()).await.unwrap();
-    let req = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
-    assert!(head_of(&mut s, req).await.starts_with("HTTP/1.1 200"));
-    let _ = tokio::time::timeout(Duration::from_millis(200), s.read(&mut [0u8; 256])).await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert!(head_of(&mut s, req).await.starts_with("HTTP/1.1 200"));
-    let _ = tokio::time::timeout(Duration::from_millis(200), s.read(&mut [0u8; 256])).await;
-    let idle = Instant::now();
-    assert!(read_until_closed(&mut s, Duration::from_secs(5))
-        .await
-        .is_some());
-    let waited = idle.elapsed();
-    assert!(
-        waited >= Duration::from_millis(1500),
-        "closed after {waited:?} idle"
-    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -603,48 +548,6 @@ async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
 // ---------------------------------------------------------------------------------------------
 // Item 7: API rate limits, accept errors
 // ---------------------------------------------------------------------------------------------
-
-/// `GET path` with extra headers: status, `Retry-After`, body.
-async fn api_get(relay: &Relay, path: &str, headers: &[(&str, &str)]) -> (u16, Option<u64>) {
-    let mut rb = relay.client().get(relay.http(path));
-    for (k, v) in headers {
-        rb = rb.header(*k, *v);
-    }
-    let r = rb.send().await.unwrap();
-    let retry = r
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok()?.parse().ok());
-    let status = r.status().as_u16();
-    if status == 429 {
-        let body: serde_json::Value = r.json().await.unwrap();
-        assert_eq!(body["error"]["code"], "rate_limited", "{body}");
-    }
-    (status, retry)
-}
-
-/// Requests without an API key are limited per client address: a burst of twice the rate,
-/// then 429 with `Retry-After`; other clients and the proxy's own requests go on.
-#[tokio::test]
-async fn the_api_is_rate_limited_per_client_address() {
-    let relay = Relay::start(&["--api-rate-limit", "5"]);
-    let alice = [("x-forwarded-for", "198.51.100.1")];
-    for _ in 0..10 {
-        assert_eq!(api_get(&relay, "/api/history/h", &alice).await.0, 200);
-    }
-    let (status, retry) = api_get(&relay, "/api/history/h", &alice).await;
-    assert_eq!(status, 429);
-    let retry = retry.expect("Retry-After");
-    assert!((1..=2).contains(&retry), "{retry}");
-    let bob = [("x-forwarded-for", "198.51.100.2")];
-    assert_eq!(api_get(&relay, "/api/history/h", &bob).await.0, 200);
-    for _ in 0..30 {
-        assert_eq!(api_get(&relay, "/api/history/h", &[]).await.0, 200);
-    }
-    tokio::time::sleep(Duration::from_secs(retry)).await;
-    assert_eq!(api_get(&relay, "/api/history/h", &alice).await.0, 200);
-    assert!(refused_count(&relay.scrape().await, "api_rate_limited") >= 1);
-}
 
 /// Requests with an API key are counted per key (and never per address).
 #[tokio::test]

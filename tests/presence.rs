@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Relay, Ws};
 use serde_json::{json, Value};
@@ -96,76 +96,6 @@ async fn joins_and_leaves_are_per_user_and_ordered() {
             .is_none(),
         "no event beyond one join and one leave per user"
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vanished_client_leaves_at_the_timeout_not_before() {
-    let timeout = Duration::from_millis(1500);
-    let sweep = Duration::from_millis(300);
-    let relay = Relay::in_process(&[
-        "--presence-channels",
-        "presence:*",
-        "--heartbeat-interval",
-        "500ms",
-        "--presence-timeout",
-        "1500ms",
-        "--presence-sweep",
-        "300ms",
-    ]);
-    let ch = "presence:vanish";
-    let mut obs = Ws::connect(&relay.ws_url()).await;
-    join(&mut obs, ch, "observer", json!({})).await;
-    presence_event(&mut obs).await;
-
-    let mut ghost = Ws::connect(&relay.ws_url()).await;
-    // The ghost's last frame is its subscribe, sent after this instant, so the server saw its
-    // last sign of life after it too.
-    let last_life = Instant::now();
-    join(&mut ghost, ch, "ghost", json!({})).await;
-    assert_eq!(presence_event(&mut obs).await.1, "ghost");
-    // Vanish: drop the TCP connection without a close frame.
-    drop(ghost);
-
-    // The observer keeps heartbeating, so it must stay.
-    let hb = async {
-        loop {
-            obs.send_json(json!({"type":"heartbeat"})).await;
-            match obs.recv_json_within(Duration::from_millis(400)).await {
-                // Paced like a real client (and under the inbound rate limit).
-                Some(v) if v["type"] == "heartbeat" => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-                Some(v) => return v,
-                None => continue,
-            }
-        }
-    };
-    let v = tokio::time::timeout(Duration::from_secs(6), hb)
-        .await
-        .expect("the vanished client never left");
-    let waited = last_life.elapsed();
-    assert_eq!(
-        (v["event"].as_str(), v["user"].as_str()),
-        (Some("leave"), Some("ghost")),
-        "{v}"
-    );
-    assert!(
-        waited >= timeout,
-        "left after {waited:?}, before the {timeout:?} timeout"
-    );
-    assert!(
-        waited <= timeout + sweep + Duration::from_millis(1200),
-        "left after {waited:?}, much later than timeout + sweep"
-    );
-    let members = relay.get("/api/presence/presence:vanish").await.1;
-    let users: Vec<&str> = members["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["user"].as_str().unwrap())
-        .collect();
-    assert_eq!(users, ["observer"], "the heartbeating client stays");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

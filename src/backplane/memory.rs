@@ -2,7 +2,6 @@
 //! every future is ready at once. The reference for the others' contract.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -30,7 +29,10 @@ impl Backplane for MemoryBackplane {
         kind: DataKind,
         data: Bytes,
     ) -> BoxFuture<Result<(Epoch, u64), BackplaneError>> {
-        let r = match self.engine.publish(channel, kind, data, Instant::now()) {
+        let r = match self
+            .engine
+            .publish(channel, kind, data, crate::types::now())
+        {
             Ok(p) => {
                 self.wakers.wake(p.wake);
                 Ok((p.epoch, p.seq))
@@ -50,7 +52,7 @@ impl Backplane for MemoryBackplane {
         use crate::engine::PublishRefused;
         let r = match self
             .engine
-            .publish_with(channel, kind, data, &cond, Instant::now())
+            .publish_with(channel, kind, data, &cond, crate::types::now())
         {
             Ok((p, duplicate)) => {
                 self.wakers.wake(p.wake);
@@ -72,7 +74,9 @@ impl Backplane for MemoryBackplane {
         since: u64,
         limit: usize,
     ) -> BoxFuture<Result<History, BackplaneError>> {
-        let h = self.engine.history(channel, since, limit, Instant::now());
+        let h = self
+            .engine
+            .history(channel, since, limit, crate::types::now());
         Box::pin(std::future::ready(Ok(h)))
     }
 

@@ -484,7 +484,7 @@ impl Replica {
     /// buffered for after it.
     pub fn on_messages(&self, channel: &ChannelName, msgs: impl IntoIterator<Item = Incoming>) {
         let mut chans = self.chans.lock();
-        let (now, now_ms) = (Instant::now(), wall_ms());
+        let (now, now_ms) = (crate::types::now(), wall_ms());
         let wake = self.ingest_run(&mut chans, channel, msgs, now, now_ms);
         drop(chans);
         self.wakers.wake(wake);
@@ -498,7 +498,7 @@ impl Replica {
             return;
         }
         let mut chans = self.chans.lock();
-        let (now, now_ms) = (Instant::now(), wall_ms());
+        let (now, now_ms) = (crate::types::now(), wall_ms());
         let mut wake = 0;
         for (channel, msgs) in runs.runs.drain(..) {
             wake |= self.ingest_run(&mut chans, &channel, msgs, now, now_ms);
@@ -578,7 +578,7 @@ impl Replica {
         let Some((node, who)) = decode_member(client, member) else {
             return;
         };
-        let now = Instant::now();
+        let now = crate::types::now();
         let mut chans = self.chans.lock();
         let Some(c) = chans.get_mut(channel) else {
             return;
@@ -593,7 +593,7 @@ impl Replica {
 
     /// Another node announced a presence leave.
     pub fn presence_left(&self, channel: &ChannelName, client: &str) {
-        let now = Instant::now();
+        let now = crate::types::now();
         let mut chans = self.chans.lock();
         let Some(c) = chans.get_mut(channel) else {
             return;
@@ -665,7 +665,7 @@ impl Replica {
     pub async fn run_presence(&self, channel: &ChannelName, ops: Vec<PresenceOp>, read: bool) {
         match self.remote.presence(channel, ops, read).await {
             Ok(Some(members)) => {
-                let now = Instant::now();
+                let now = crate::types::now();
                 let mut chans = self.chans.lock();
                 let Some(c) = chans.get_mut(channel) else {
                     return;
@@ -701,7 +701,7 @@ impl Replica {
                 _ = tick.tick() => {}
                 _ = stop.cancelled() => break,
             }
-            for (name, ops, read) in self.maintain(Instant::now()) {
+            for (name, ops, read) in self.maintain(crate::types::now()) {
                 self.run_presence(&name, ops, read).await;
             }
         }
@@ -803,7 +803,7 @@ impl Replica {
         if c.sync_id != id || c.state == State::Synced {
             return;
         }
-        let (now, now_ms) = (Instant::now(), wall_ms());
+        let (now, now_ms) = (crate::types::now(), wall_ms());
         let mut wake = 0;
         // The run after the local top, in the local epoch: local subscribers keep going.
         let mut continuous = s.since && since.is_some_and(|p| p.epoch == s.epoch);
@@ -901,7 +901,7 @@ impl Backplane for Replica {
         let took = self.metrics.publish.clone();
         let (me, channel) = (self.me.clone(), channel.clone());
         Box::pin(async move {
-            let start = Instant::now();
+            let start = crate::types::now();
             let r = published.await;
             if let Ok((epoch, seq)) = r {
                 took.record(start.elapsed().as_secs_f64());
@@ -937,7 +937,7 @@ impl Backplane for Replica {
     }
 
     fn join(&self, channel: &ChannelName) -> Option<BoxFuture<Result<(), BackplaneError>>> {
-        let now = Instant::now();
+        let now = crate::types::now();
         let mut chans = self.chans.lock();
         let rx = match chans.get_mut(channel) {
             Some(c) => {
@@ -985,7 +985,7 @@ impl Backplane for Replica {
         Box::pin(async move {
             let Some(stored) = read.await? else {
                 // Never published (or expired): what the local engine says.
-                return Ok(engine.history(&channel, since, limit, Instant::now()));
+                return Ok(engine.history(&channel, since, limit, crate::types::now()));
             };
             Ok(visible_history(stored, since, limit, size, ttl))
         })
@@ -1064,7 +1064,7 @@ fn visible_history(
     size: usize,
     ttl: Duration,
 ) -> History {
-    let (now, now_ms) = (Instant::now(), wall_ms());
+    let (now, now_ms) = (crate::types::now(), wall_ms());
     let ttl_ms = ttl.as_millis() as u64;
     let top = stored.position.seq;
     let oldest = top.saturating_sub(size as u64).saturating_add(1);

@@ -91,7 +91,7 @@ impl Roster {
 
     /// The nodes seen within [`FORGET_AFTER`]: `(id, record)`, by id.
     pub fn peers(&self) -> Vec<(String, String)> {
-        let now = Instant::now();
+        let now = crate::types::now();
         let mut seen = self.seen.lock();
         seen.retain(|_, (_, at)| now.saturating_duration_since(*at) < FORGET_AFTER);
         let mut out: Vec<(String, String)> = seen
@@ -138,7 +138,7 @@ async fn redis(
                 let rec: Option<String> = client.get(key(&other)).await?;
                 match rec {
                     Some(rec) => {
-                        live.insert(other, (rec, Instant::now()));
+                        live.insert(other, (rec, crate::types::now()));
                     }
                     None => {
                         let () = client.srem(REDIS_SET, other).await?;
@@ -186,7 +186,7 @@ async fn nats(
                     .ok()
                     .and_then(|v| v["node"].as_str().map(str::to_owned));
                 if let Some(id) = id {
-                    roster.saw(id, rec, Instant::now());
+                    roster.saw(id, rec, crate::types::now());
                 }
             }
         }

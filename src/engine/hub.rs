@@ -803,11 +803,11 @@ mod tests {
         assert_eq!(frames(&c), ["join:bob@1"]);
         let ch = hubs[0].channel(&name).unwrap().clone();
         assert_eq!(
-            e.leave_presence(&ch, "c1"),
+            e.leave_presence(&ch, "c1", Instant::now()),
             0,
             "alice still has c2: no event"
         );
-        assert_ne!(e.leave_presence(&ch, "c2"), 0);
+        assert_ne!(e.leave_presence(&ch, "c2", Instant::now()), 0);
         hubs[0].pump();
         assert_eq!(frames(&a), ["leave:alice@1"]);
     }

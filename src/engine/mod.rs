@@ -360,7 +360,7 @@ impl Engine {
             hasher: Default::default(),
             epochs: AtomicU64::new(0),
             dirty_lists: (0..cfg.shards).map(|_| Mutex::default()).collect(),
-            base: Instant::now(),
+            base: crate::types::now(),
             count: AtomicUsize::new(0),
             meter: Meter::new(cfg.max_memory, cfg.shards),
             expiry: Mutex::default(),

@@ -454,10 +454,10 @@ impl Engine {
         Some(r)
     }
 
-    /// Removes `client` from the channel's presence at once (a clean leave). Returns the shards
-    /// to wake.
-    pub fn leave_presence(&self, channel: &Arc<Channel>, client: &str) -> ShardMask {
-        let now_ms = self.millis(Instant::now());
+    /// Removes `client` from the channel's presence at once (a clean leave) at `now`. Returns
+    /// the shards to wake.
+    pub fn leave_presence(&self, channel: &Arc<Channel>, client: &str, now: Instant) -> ShardMask {
+        let now_ms = self.millis(now);
         let wake = {
             let mut st = channel.state.lock();
             let seq = st.top;

@@ -664,7 +664,7 @@ fn the_presence_info_budget_refuses_info_past_it_and_comes_back() {
     e.subscribe(0, &ch("p:1"), None, join("d", None), now)
         .unwrap();
     assert_eq!(e.presence_info_bytes(), 8000);
-    e.leave_presence(&a.channel, "a");
+    e.leave_presence(&a.channel, "a", Instant::now());
     assert_eq!(e.presence_info_bytes(), 4000);
     e.subscribe(0, &ch("p:1"), None, join("c", Some(4000)), now)
         .unwrap();
@@ -699,7 +699,7 @@ fn presence_memory_returns_once_members_leave_and_their_events_age_out() {
     }
     assert!(e.meter().bytes(Kind::Presence) > 2 * 50 * 4096);
     for (i, s) in subs.iter().enumerate() {
-        e.leave_presence(&s.channel, &format!("c{i}"));
+        e.leave_presence(&s.channel, &format!("c{i}"), Instant::now());
         e.unsubscribe(0, &s.channel, t0);
     }
     assert!(e.meter().bytes(Kind::Presence) > 0, "the leave events");

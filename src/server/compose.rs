@@ -66,7 +66,7 @@ pub fn node(
             config.api_rate_limit,
             config.api_key_rate_limit,
             config.api_key.len(),
-            std::time::Instant::now(),
+            crate::types::now(),
         ),
         trusted: crate::proxy::TrustedProxies::new(&config.trusted_proxies),
         admin: crate::transport::admin::Admin::new(&config),

@@ -87,7 +87,7 @@ impl Admin {
             }
         };
         let tag = |s: &Option<String>| s.as_ref().map(|s| hmac::sign(&key, s.as_bytes()));
-        let now = Instant::now();
+        let now = crate::types::now();
         Some(Admin {
             password: tag(&config.admin_password),
             token: tag(&config.admin_token),
@@ -132,7 +132,7 @@ impl Admin {
     /// Counts a login attempt of the request's client; the wait before the next one when it is
     /// over [`LOGIN_RATE`].
     fn login_allowed(&self, node: &Node, req: &Request<Incoming>) -> Result<(), Duration> {
-        let now = Instant::now();
+        let now = crate::types::now();
         // Forget refilled buckets at most once a second (logins are rare; no timer needed).
         let ms = now.saturating_duration_since(self.started).as_millis() as u64;
         let last = self.swept.load(Relaxed);

@@ -3,7 +3,6 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::rc::Rc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
@@ -167,7 +166,7 @@ fn within_rate(
             .and_then(|p| ctx.node.client(p, req.headers()))
             .map_or(ApiClient::Unknown, ApiClient::Ip),
     };
-    let Err(wait) = ctx.node.api.check(who, Instant::now()) else {
+    let Err(wait) = ctx.node.api.check(who, crate::types::now()) else {
         return Ok(());
     };
     let (flag, detail) = match who {

@@ -143,7 +143,7 @@ impl Node {
         data: Bytes,
     ) -> Result<Published, PublishError> {
         self.engine
-            .admit(channel, std::time::Instant::now())
+            .admit(channel, crate::types::now())
             .map_err(PublishError::Overloaded)?;
         match self.backplane.publish(channel, kind, data).await {
             Ok((epoch, seq)) => Ok(Published {
@@ -174,7 +174,7 @@ impl Node {
             return self.publish(channel, kind, data).await.map(|p| (p, false));
         }
         self.engine
-            .admit(channel, std::time::Instant::now())
+            .admit(channel, crate::types::now())
             .map_err(PublishError::Overloaded)?;
         match self.backplane.publish_with(channel, kind, data, cond).await {
             Ok((epoch, seq, duplicate)) => Ok((

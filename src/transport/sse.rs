@@ -228,7 +228,7 @@ pub(crate) async fn open_as(
                     for done in &channels[..i] {
                         if let (Some(c), Some((who, _))) = (hub.unsubscribe(id, done, now), &member)
                         {
-                            wake |= ctx.node.engine.leave_presence(&c, &who.client);
+                            wake |= ctx.node.engine.leave_presence(&c, &who.client, now);
                         }
                     }
                     ctx.node.wake(wake);
@@ -414,7 +414,7 @@ impl HttpBody for SseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
         if let Some((_, live)) = &this.member {
-            live.touch(this.ctx.node.engine.millis(Instant::now()));
+            live.touch(this.ctx.node.engine.millis(crate::types::now()));
         }
         if let Some(head) = this.head.take() {
             return Poll::Ready(Some(Ok(Frame::data(head))));
@@ -498,13 +498,13 @@ impl Drop for SseBody {
         let m = &self.ctx.metrics;
         m.sse_connections.decrement(1.0);
         m.subscriptions.decrement(self.channels.len() as f64);
-        let now = Instant::now();
+        let now = crate::types::now();
         if let Ok(mut hub) = self.ctx.hub.try_borrow_mut() {
             let mut wake = 0;
             for ch in &self.channels {
                 let left = hub.unsubscribe(self.id, ch, now);
                 if let (Some(c), Some((client, _))) = (left, &self.member) {
-                    wake |= self.ctx.node.engine.leave_presence(&c, client);
+                    wake |= self.ctx.node.engine.leave_presence(&c, client, now);
                 }
             }
             self.ctx.node.wake(wake);

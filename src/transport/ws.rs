@@ -351,6 +351,13 @@ async fn run<R, W>(
             r = write_some(&mut wr, &s.outbox) => match r {
                 Ok(WriteEvent::Wrote(w)) if w.finished => {
                     let _ = wr.shutdown().await;
+                    // A restart closes every connection at once: waiting for each client's
+                    // close reply would keep the old process (and its port) for round trips.
+                    // With nothing unread the kernel sends our close frame and FIN as a
+                    // graceful close; only unread input would turn it into a reset.
+                    if shutdown.is_cancelled() && reader::nothing_unread(&mut rd) {
+                        break;
+                    }
                     s.draining = true;
                 }
                 Ok(WriteEvent::Wrote(w)) => {
@@ -674,7 +681,7 @@ impl Session {
                     .borrow_mut()
                     .unsubscribe(self.id, &channel, now);
                 if let Some(ch) = left {
-                    let wake = self.ctx.node.engine.leave_presence(&ch, &self.client);
+                    let wake = self.ctx.node.engine.leave_presence(&ch, &self.client, now);
                     self.ctx.node.wake(wake);
                 }
             }
@@ -985,7 +992,11 @@ impl Session {
         for ch in subs {
             if let Some(channel) = hub.unsubscribe(self.id, &ch, now) {
                 if self.clean {
-                    wake |= self.ctx.node.engine.leave_presence(&channel, &self.client);
+                    wake |= self
+                        .ctx
+                        .node
+                        .engine
+                        .leave_presence(&channel, &self.client, now);
                 }
             }
         }

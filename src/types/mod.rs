@@ -5,6 +5,7 @@
 
 mod net;
 mod publication;
+pub mod pusher_app;
 mod rules;
 
 pub use net::{mask_url_password, TrustedNet};
@@ -18,6 +19,15 @@ pub use rules::{Pattern, Perm, Perms, Rule, MAX_PATTERN_LEN};
 
 use std::fmt;
 use std::sync::Arc;
+
+/// The node's clock, read by every layer that passes `now` into the engine or a session:
+/// tokio's, which is the system's in production and a test's paused clock under
+/// `tokio::time::pause()` (outside a runtime, the system's). One clock, so that the engine's
+/// deadlines (channel TTL, presence expiry, history age, linger) and the drivers' timers agree
+/// when a test pauses time.
+pub fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
 
 /// Longest channel name accepted, in bytes.
 pub const MAX_CHANNEL_LEN: usize = 200;

@@ -34,6 +34,40 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_relay");
 // The server process
 // ---------------------------------------------------------------------------------------------
 
+/// Runs `test` against `relay serve --shards 1 <extra>` served on this test's own runtime
+/// (`relay::server::run_here`), then stops the server. Under `#[tokio::test(start_paused =
+/// true)]` the test's clock is the server's: its timers, the sessions' deadlines and the
+/// engine's (presence expiry, history and channel TTL, rate buckets) follow the paused clock,
+/// which jumps ahead whenever everything waits, so a test asserts a 30 s timeout to the
+/// millisecond without waiting for it.
+pub async fn paused<F, Fut>(extra: &[&str], test: F)
+where
+    F: FnOnce(Relay) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback port 0");
+    let addr = listener.local_addr().expect("its address");
+    let config = relay::config::Config::from_args(extra.iter().copied())
+        .unwrap_or_else(|e| panic!("settings {extra:?}: {e}"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = relay::server::run_here(config, listener, async {
+        let _ = stopped.await;
+    });
+    let relay = Relay {
+        server: Server::Here,
+        addr,
+        client: http_client(),
+        api_key: None,
+        exited: None,
+    };
+    let client = async move {
+        test(relay).await;
+        let _ = stop.send(());
+    };
+    let (served, ()) = tokio::join!(server, client);
+    served.expect("the server ran");
+}
+
 /// A running relay: a `relay serve` child process (killed with SIGKILL and reaped on drop) or
 /// a server in this process (shut down on drop).
 pub struct Relay {
@@ -62,6 +96,8 @@ fn base_command() -> Command {
 enum Server {
     Process(Child),
     InProcess(relay::server::ServerHandle),
+    /// Served on the test's own runtime by [`paused`], which stops it.
+    Here,
 }
 
 impl Relay {
@@ -199,14 +235,18 @@ impl Relay {
     fn child(&mut self) -> &mut Child {
         match &mut self.server {
             Server::Process(child) => child,
-            Server::InProcess(_) => panic!("an in-process relay has no process: use Relay::start"),
+            Server::InProcess(_) | Server::Here => {
+                panic!("an in-process relay has no process: use Relay::start")
+            }
         }
     }
 
     pub fn pid(&self) -> u32 {
         match &self.server {
             Server::Process(child) => child.id(),
-            Server::InProcess(_) => panic!("an in-process relay has no process: use Relay::start"),
+            Server::InProcess(_) | Server::Here => {
+                panic!("an in-process relay has no process: use Relay::start")
+            }
         }
     }
 
@@ -343,6 +383,7 @@ impl Drop for Relay {
             }
             // The shards shut down on their threads; the test need not wait for them.
             Server::InProcess(handle) => handle.shutdown(),
+            Server::Here => {}
         }
     }
 }
@@ -473,6 +514,60 @@ pub async fn send(rb: reqwest::RequestBuilder) -> (u16, Value) {
 /// `relay_refused_total{cause}` in Prometheus text (see [`Relay::scrape`]); 0 when absent.
 pub fn refused_count(text: &str, cause: &str) -> u64 {
     sample(text, &format!("relay_refused_total{{cause=\"{cause}\"}}")).unwrap_or(0.0) as u64
+}
+
+/// Reads until the peer closes (EOF or reset) within `d`: the bytes read, or `None` if it is
+/// still open then.
+pub async fn read_until_closed(s: &mut TcpStream, d: Duration) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + d;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(out),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Sends `request` on `s` and reads the response head (status line and headers).
+pub async fn head_of(s: &mut TcpStream, request: &str) -> String {
+    s.write_all(request.as_bytes()).await.unwrap();
+    let deadline = Instant::now() + RECV_TIMEOUT;
+    let mut buf = Vec::new();
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return String::from_utf8_lossy(&buf[..end]).into_owned();
+        }
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            r => panic!(
+                "no response head ({r:?}); got {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+        }
+    }
+}
+
+/// `GET path` with extra headers: status, `Retry-After`, body.
+pub async fn api_get(relay: &Relay, path: &str, headers: &[(&str, &str)]) -> (u16, Option<u64>) {
+    let mut rb = relay.client().get(relay.http(path));
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    let r = rb.send().await.unwrap();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let status = r.status().as_u16();
+    if status == 429 {
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+    }
+    (status, retry)
 }
 
 /// Assert an HTTP error response: `status` and `{"error":{"code":code,"message":"…"}}`.

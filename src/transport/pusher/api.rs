@@ -70,7 +70,7 @@ pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<B
             crate::limits::ApiClient::Unknown,
             crate::limits::ApiClient::Ip,
         );
-        if ctx.node.api.check(who, std::time::Instant::now()).is_err() {
+        if ctx.node.api.check(who, crate::types::now()).is_err() {
             crate::limits::refused(crate::limits::Cause::ApiRateLimited, "pusher api");
             return text(
                 StatusCode::TOO_MANY_REQUESTS,

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use hyper::body::Incoming;
@@ -206,7 +206,7 @@ async fn run<R, W>(
     let client = ctx.node.engine.client_id(ctx.shard, id);
     let tag = client_tag(&client);
     let live = Arc::new(Liveness::default());
-    live.touch(ctx.node.engine.millis(Instant::now()));
+    live.touch(ctx.node.engine.millis(crate::types::now()));
     let rate = node.pusher.app(app).map_or(0, |a| a.client_event_rate);
     let mut s = Session {
         app,
@@ -229,7 +229,8 @@ async fn run<R, W>(
         read_closed: false,
         draining: false,
         user: None,
-        bucket: (rate > 0).then(|| crate::limits::TokenBucket::new(rate, rate, Instant::now())),
+        bucket: (rate > 0)
+            .then(|| crate::limits::TokenBucket::new(rate, rate, crate::types::now())),
         joining: Pending::default(),
     };
     let m = &s.ctx.metrics;
@@ -521,7 +522,7 @@ impl Session {
         channel: ChannelName,
         member: Option<(Arc<str>, Option<Bytes>)>,
     ) {
-        let now = Instant::now();
+        let now = crate::types::now();
         let join = member.as_ref().map(|(user, info)| Join {
             who: Identity {
                 client: self.client.clone(),
@@ -598,14 +599,15 @@ impl Session {
             return;
         };
         self.subs.swap_remove(i);
+        let now = crate::types::now();
         let left = self
             .ctx
             .hub
             .borrow_mut()
-            .unsubscribe(self.id, &channel, Instant::now());
+            .unsubscribe(self.id, &channel, now);
         if let Some(ch) = left {
             self.ctx.metrics.subscriptions.decrement(1.0);
-            let wake = self.ctx.node.engine.leave_presence(&ch, &self.client);
+            let wake = self.ctx.node.engine.leave_presence(&ch, &self.client, now);
             self.ctx.node.wake(wake);
         }
     }
@@ -671,7 +673,7 @@ impl Session {
             );
         };
         if let Some(b) = self.bucket.as_mut() {
-            if b.take(Instant::now()) != crate::limits::Verdict::Ok {
+            if b.take(crate::types::now()) != crate::limits::Verdict::Ok {
                 crate::limits::refused(crate::limits::Cause::RateLimited, "pusher client event");
                 return reject(self, "Client event rejected due to rate limit");
             }
@@ -722,7 +724,7 @@ impl Session {
     /// Releases every subscription and the sign-in; leaves presence at once if the connection
     /// ended cleanly (a vanished one leaves at the presence timeout).
     fn leave(&mut self) {
-        let now = Instant::now();
+        let now = crate::types::now();
         let mut wake = 0;
         let mut hub = self.ctx.hub.borrow_mut();
         self.ctx
@@ -732,7 +734,11 @@ impl Session {
         for s in self.subs.drain(..) {
             if let Some(channel) = hub.unsubscribe(self.id, &s.channel, now) {
                 if self.clean {
-                    wake |= self.ctx.node.engine.leave_presence(&channel, &self.client);
+                    wake |= self
+                        .ctx
+                        .node
+                        .engine
+                        .leave_presence(&channel, &self.client, now);
                 }
             }
         }

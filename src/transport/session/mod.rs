@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 /// clock under `start_paused` / `tokio::time::pause()`; the drivers' timers sleep on the same
 /// clock, so a paused test drives the sessions' timeouts. (The core itself never reads it.)
 pub fn now() -> Instant {
-    tokio::time::Instant::now().into_std()
+    crate::types::now()
 }
 
 /// The settings the clock follows (from the node's config).
