@@ -32,6 +32,16 @@ async fn concurrent_publishers_on_different_nodes_make_no_gaps_or_repeats() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_publishes_from_one_connection_reach_two_nodes_in_order() {
+    if KIND.available() {
+        cluster::pipelined_publishes_from_one_connection_reach_two_nodes_in_order(
+            &cluster::Server::start(KIND),
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_on_one_channel_is_sequenced_without_loss_or_repeat() {
     if KIND.available() {
         cluster::a_burst_on_one_channel_is_sequenced_without_loss_or_repeat(

@@ -182,6 +182,26 @@ impl Wakers {
     }
 }
 
+thread_local! {
+    /// Whether this thread is a shard's (see [`enter_shard`]).
+    static ON_SHARD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread as a shard's: a remote backplane then sends the publishes made on
+/// it over a connection of the shard's own (on its runtime), not through the backplane's
+/// thread. Why: a publish is a round trip, and HTTP/1 answers a connection's pipelined
+/// requests one at a time, so a publisher's rate is one publish per round trip; every
+/// hand-over to another thread on the way is a scheduler wake-up (up to a time slice on a busy
+/// core), several per publish through the backplane's thread.
+pub fn enter_shard() {
+    ON_SHARD.with(|s| s.set(true));
+}
+
+/// Whether the calling thread is a shard's ([`enter_shard`]).
+pub(crate) fn on_shard() -> bool {
+    ON_SHARD.with(|s| s.get())
+}
+
 /// Wall-clock milliseconds since the UNIX epoch.
 pub fn wall_ms() -> u64 {
     SystemTime::now()

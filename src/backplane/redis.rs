@@ -31,8 +31,9 @@
 //! # Publish
 //! One Lua script (atomic for the channel): create the epoch if absent (and drop a stale
 //! stream), `HINCRBY top`, `XADD`, `PEXPIRE` both keys, `PUBLISH`. Redis runs scripts one at a
-//! time, so pub/sub order is seq order. Publishes from every shard share one multiplexed
-//! connection: many `EVALSHA`s are in flight at once, pipelined.
+//! time, so pub/sub order is seq order. A shard publishes on a multiplexed connection of its own
+//! ([`OwnConn`]; the supervisor's until that one is up): many `EVALSHA`s are in flight at once,
+//! pipelined, and no publish waits for another thread to be scheduled.
 //!
 //! # Receive
 //! The [`Replica`] joins, ingests and resyncs; here a join is `SUBSCRIBE relay:msg:{ch}` and a
@@ -52,8 +53,9 @@
 mod agree;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
@@ -412,6 +414,48 @@ async fn ask(config: RedisConfig, probe: &Probe) -> Option<Answer> {
         .flatten()
 }
 
+/// A shard's own publish connection ([`super::enter_shard`]): the publishes made on a shard go
+/// to Redis from the shard's runtime, with no hand-over to the backplane's thread on the way
+/// out or back. One per shard thread, made on its first publish (meanwhile, and whenever it is
+/// down, publishes take the shared connection). It belongs to one connection of the
+/// supervisor ([`Redis::generation`]) and is replaced after a reconnect, so that a failover
+/// moves it to the new master too.
+#[derive(Default)]
+struct OwnConn {
+    generation: u64,
+    client: Option<Client>,
+    /// Where the connect under way puts its client (`None`: it failed). Shared with the
+    /// connecting task, which may run on another thread (a test's runtime): when nobody holds
+    /// it any more (a reconnect of the supervisor started over), the task closes its client.
+    connecting: Option<Arc<parking_lot::Mutex<Option<Option<Client>>>>>,
+    /// After a failed connect, none before this.
+    retry_at: Option<Instant>,
+    /// Publishes of this shard in flight on the shared connection. The shard's publishes move
+    /// to its own connection only when there are none: two connections do not keep the order
+    /// of a publisher's pipelined publishes between them.
+    on_shared: Arc<AtomicUsize>,
+}
+
+thread_local! {
+    static OWN: std::cell::RefCell<OwnConn> = std::cell::RefCell::default();
+}
+
+/// Counts a publish in flight on the shared connection ([`OwnConn::on_shared`]).
+struct OnShared(Arc<AtomicUsize>);
+
+impl OnShared {
+    fn new(n: &Arc<AtomicUsize>) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        OnShared(n.clone())
+    }
+}
+
+impl Drop for OnShared {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// See the module docs.
 struct Redis {
     target: Target,
@@ -423,6 +467,9 @@ struct Redis {
     ctl: mpsc::UnboundedSender<Ctl>,
     seeds: Seeds,
     scripts: Scripts,
+    /// Counts the supervisor's connections: a shard's own publish connection belongs to one
+    /// of them ([`OwnConn`]) and is replaced after a reconnect.
+    generation: AtomicU64,
 }
 
 struct Scripts {
@@ -659,6 +706,7 @@ pub fn start(
             history: fred::util::sha1_hash(HISTORY_LUA),
             presence: fred::util::sha1_hash(PRESENCE_LUA),
         },
+        generation: AtomicU64::new(0),
     });
     super::replica::start(
         redis,
@@ -674,6 +722,82 @@ pub fn start(
 }
 
 impl Redis {
+    /// The connection a publish made on this thread goes out on: the shard's own (`Some`), or
+    /// the shared one (`None`, with the count of the shard's publishes in flight on it). On a
+    /// shard, starts its own connection when it has none for the current `conn`.
+    fn publish_route(&self) -> (Option<Client>, Option<OnShared>) {
+        if !super::on_shard() {
+            return (None, None);
+        }
+        let generation = self.generation.load(Ordering::Relaxed);
+        OWN.with(|own| {
+            let mut own = own.borrow_mut();
+            if own.generation != generation {
+                if let Some(old) = own.client.take() {
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(Duration::from_millis(500), old.quit()).await;
+                    });
+                }
+                *own = OwnConn {
+                    generation,
+                    on_shared: own.on_shared.clone(),
+                    ..OwnConn::default()
+                };
+            }
+            if let Some(made) = own.connecting.as_ref().and_then(|m| m.lock().take()) {
+                own.connecting = None;
+                match made {
+                    Some(c) => own.client = Some(c),
+                    None => own.retry_at = Some(Instant::now() + BACKOFF_CAP),
+                }
+            }
+            if let Some(c) = &own.client {
+                if c.is_connected() {
+                    if own.on_shared.load(Ordering::Relaxed) == 0 {
+                        return (Some(c.clone()), None);
+                    }
+                } else {
+                    own.client = None;
+                }
+            }
+            let due = own.retry_at.is_none_or(|t| Instant::now() >= t);
+            if own.client.is_none() && own.connecting.is_none() && due {
+                own.connecting = Some(self.connect_own());
+            }
+            (None, Some(OnShared::new(&own.on_shared)))
+        })
+    }
+
+    /// Connects a shard's own publish connection (on the shard's runtime); the client (or
+    /// `None`, failed) goes into the returned slot.
+    fn connect_own(&self) -> Arc<parking_lot::Mutex<Option<Option<Client>>>> {
+        let config = self.target.config.clone();
+        let slot = Arc::new(parking_lot::Mutex::new(None));
+        let to = slot.clone();
+        tokio::spawn(async move {
+            let made = async {
+                let client = build_client(&config, false).ok()?;
+                match tokio::time::timeout(COMMAND_TIMEOUT, client.init()).await {
+                    Ok(Ok(_handle)) => Some(client),
+                    _ => {
+                        let _ = client.quit().await;
+                        None
+                    }
+                }
+            }
+            .await;
+            if Arc::strong_count(&to) == 1 {
+                // Given up on (the supervisor reconnected meanwhile).
+                if let Some(c) = made {
+                    let _ = tokio::time::timeout(Duration::from_millis(500), c.quit()).await;
+                }
+                return;
+            }
+            *to.lock() = Some(made);
+        });
+        slot
+    }
+
     fn current(&self) -> Result<Arc<Conn>, BackplaneError> {
         self.conn
             .load_full()
@@ -713,9 +837,19 @@ impl Redis {
             );
             args.push((self.settings.idempotency_window.as_millis().max(1) as i64).into());
         }
-        let run = self.script(&self.scripts.publish, PUBLISH_LUA, keys, args);
+        let conn = self.current();
+        let sha = self.scripts.publish.clone();
+        let route = conn.as_ref().ok().map(|_| self.publish_route());
         Box::pin(async move {
-            let mut parts = run.await?.into_array().into_iter();
+            let conn = conn?;
+            let reply = match route {
+                Some((Some(ref own), _)) => {
+                    eval_on(own, &conn, &sha, PUBLISH_LUA, keys, args).await
+                }
+                _ => eval(&conn, &sha, PUBLISH_LUA, keys, args).await,
+            };
+            drop(route);
+            let mut parts = reply?.into_array().into_iter();
             let (Some(e), Some(seq)) = (parts.next(), parts.next()) else {
                 return Err(protocol("short publish reply"));
             };
@@ -759,9 +893,21 @@ async fn eval(
     keys: Vec<String>,
     args: Vec<Value>,
 ) -> Result<Value, BackplaneError> {
+    eval_on(&conn.cmd, conn, sha, lua, keys, args).await
+}
+
+/// [`eval`] on `cmd` (`conn`'s, or a shard's own connection made for it).
+async fn eval_on(
+    cmd: &Client,
+    conn: &Conn,
+    sha: &str,
+    lua: &'static str,
+    keys: Vec<String>,
+    args: Vec<Value>,
+) -> Result<Value, BackplaneError> {
     let first: Result<Value, RedisError> = match tokio::time::timeout(
         COMMAND_TIMEOUT,
-        conn.cmd.evalsha(sha, keys.clone(), args.clone()),
+        cmd.evalsha(sha, keys.clone(), args.clone()),
     )
     .await
     {
@@ -771,7 +917,7 @@ async fn eval(
     match first {
         Ok(v) => Ok(v),
         Err(e) if e.details().contains("NOSCRIPT") => {
-            match tokio::time::timeout(COMMAND_TIMEOUT, conn.cmd.eval(lua, keys, args)).await {
+            match tokio::time::timeout(COMMAND_TIMEOUT, cmd.eval(lua, keys, args)).await {
                 Ok(r) => r.map_err(unavailable),
                 Err(_) => Err(unavailable("redis timed out")),
             }
@@ -944,26 +1090,32 @@ impl Remote for Redis {
     }
 }
 
+/// A client of the supervisor's settings: no reconnect of its own (the supervisor's, or the
+/// shard's for its own connection), one attempt per command. `pubsub`: it receives pub/sub
+/// messages (a deep broadcast buffer, so that a burst does not lag the reader); a client that
+/// only sends commands keeps fred's small default.
+fn build_client(config: &RedisConfig, pubsub: bool) -> Result<Client, RedisError> {
+    Builder::from_config(config.clone())
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(2);
+            c.internal_command_timeout = Duration::from_secs(2);
+            c.max_command_attempts = 1;
+            c.unresponsive.max_timeout = Some(Duration::from_secs(5));
+            c.unresponsive.interval = Duration::from_secs(1);
+        })
+        .with_performance_config(|p| {
+            if pubsub {
+                p.broadcast_channel_capacity = 1 << 16;
+            }
+        })
+        .build()
+}
+
 async fn connect(
     redis: &Redis,
 ) -> Result<(Client, Client, Vec<fred::types::ConnectHandle>), RedisError> {
-    let config = redis.target.config.clone();
-    let build = || {
-        Builder::from_config(config.clone())
-            .with_connection_config(|c| {
-                c.connection_timeout = Duration::from_secs(2);
-                c.internal_command_timeout = Duration::from_secs(2);
-                c.max_command_attempts = 1;
-                c.unresponsive.max_timeout = Some(Duration::from_secs(5));
-                c.unresponsive.interval = Duration::from_secs(1);
-            })
-            .with_performance_config(|p| {
-                p.broadcast_channel_capacity = 1 << 16;
-            })
-            .build()
-    };
-    let cmd = build()?;
-    let sub = build()?;
+    let cmd = build_client(&redis.target.config, false)?;
+    let sub = build_client(&redis.target.config, true)?;
     let h1 = cmd.init().await?;
     let h2 = match sub.init().await {
         Ok(h) => h,
@@ -1016,6 +1168,7 @@ async fn supervise(redis: Arc<Redis>, replica: Arc<Replica>, stop: CancellationT
                     demoted: tokio::sync::Notify::new(),
                 });
                 let reader = tokio::spawn(read_messages(replica.clone(), rx));
+                redis.generation.fetch_add(1, Ordering::Relaxed);
                 redis.conn.store(Some(conn.clone()));
                 replica.connected(std::mem::take(&mut first));
                 let mut handles = handles.into_iter();

@@ -14,7 +14,9 @@
 //!   and from then on the channel is *synced*: messages are ingested as they come.
 //! - **Ingest** ([`Replica::on_messages`], a run of messages of one channel): one lock, one
 //!   wake. A message that does not follow the local top (a gap: pub/sub lost one) or belongs to
-//!   another epoch starts the same sync (*resyncing*).
+//!   another epoch starts the same sync (*resyncing*). This node's own publishes are ingested
+//!   from the store's answer when they are the next message ([`Replica::published`]), so their
+//!   fan-out does not wait for the store's delivery; that delivery is then a duplicate.
 //! - **Maintenance** (every 500 ms): a channel without local subscribers for the grace period
 //!   (two quiet passes after 2 s) is unsubscribed; a channel with local subscribers that is not
 //!   received is joined (a safety net); presence is written and read back.
@@ -538,6 +540,38 @@ impl Replica {
         wake
     }
 
+    /// This node's own publish as the store answered it (`seq` in `epoch`): ingested at once
+    /// when the channel is synced here and the message is the next one, so that the shards
+    /// fan it out without waiting for the store to deliver it back (its echo, a hop through
+    /// this backplane's thread, is then a duplicate). Otherwise nothing happens here and the
+    /// echo brings it in the store's order like any other node's message: when the local top
+    /// is behind it (another node's message before it has not arrived yet), in another epoch,
+    /// or while the channel syncs or is not received. Never starts a resync: only what the
+    /// store delivers, in its order, is evidence of a gap.
+    pub fn published(
+        &self,
+        channel: &ChannelName,
+        epoch: Epoch,
+        seq: u64,
+        kind: DataKind,
+        data: Bytes,
+    ) {
+        let chans = self.chans.lock();
+        if !chans.get(channel).is_some_and(|c| c.state == State::Synced) {
+            return;
+        }
+        let now = Instant::now();
+        let wake = match self
+            .engine
+            .ingest(channel, epoch, seq, kind, data, now, now)
+        {
+            IngestOutcome::Appended(w) => w,
+            _ => 0,
+        };
+        drop(chans);
+        self.wakers.wake(wake);
+    }
+
     /// Another node announced a presence join (`member` as [`super::presence::encode_member`]
     /// wrote it; this node's own announcements are ignored).
     pub fn presence_joined(&self, channel: &ChannelName, client: &str, member: &[u8]) {
@@ -863,13 +897,17 @@ impl Backplane for Replica {
         kind: DataKind,
         data: Bytes,
     ) -> BoxFuture<Result<(Epoch, u64), BackplaneError>> {
-        let published = self.remote.publish(channel, kind, data);
+        let published = self.remote.publish(channel, kind, data.clone());
         let took = self.metrics.publish.clone();
+        let (me, channel) = (self.me.clone(), channel.clone());
         Box::pin(async move {
             let start = crate::types::now();
             let r = published.await;
-            if r.is_ok() {
+            if let Ok((epoch, seq)) = r {
                 took.record(start.elapsed().as_secs_f64());
+                if let Some(me) = me.upgrade() {
+                    me.published(&channel, epoch, seq, kind, data);
+                }
             }
             r
         })
@@ -886,7 +924,16 @@ impl Backplane for Replica {
             let f = self.publish(channel, kind, data);
             return Box::pin(async move { f.await.map(|(e, s)| (e, s, false)) });
         }
-        self.remote.publish_with(channel, kind, data, cond)
+        let published = self.remote.publish_with(channel, kind, data.clone(), cond);
+        let (me, channel) = (self.me.clone(), channel.clone());
+        Box::pin(async move {
+            let r = published.await;
+            // A duplicate published nothing: its position is the first publish's.
+            if let (Ok((epoch, seq, false)), Some(me)) = (&r, me.upgrade()) {
+                me.published(&channel, *epoch, *seq, kind, data);
+            }
+            r
+        })
     }
 
     fn join(&self, channel: &ChannelName) -> Option<BoxFuture<Result<(), BackplaneError>>> {

@@ -433,9 +433,35 @@ fn register(inner: &mut Inner, cx: &Context<'_>) {
     }
 }
 
+thread_local! {
+    /// The wakes that pushes on this thread hold back while [`collect_wakes`] runs.
+    static HELD: RefCell<Option<Vec<Waker>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` (a hub's pass) with the wakes of the writers it queues frames for put into `into`
+/// instead of done, for the caller to do in its own time (a shard wakes them a few at a time,
+/// so that the other tasks it runs do not wait behind every subscriber's write).
+pub fn collect_wakes<R>(into: &mut Vec<Waker>, f: impl FnOnce() -> R) -> R {
+    /// Puts the collected wakes into `into` however `f` ends.
+    struct Restore<'a>(&'a mut Vec<Waker>);
+    impl Drop for Restore<'_> {
+        fn drop(&mut self) {
+            if let Some(held) = HELD.with_borrow_mut(Option::take) {
+                *self.0 = held;
+            }
+        }
+    }
+    HELD.with_borrow_mut(|h| *h = Some(std::mem::take(into)));
+    let _restore = Restore(into);
+    f()
+}
+
 fn wake(inner: &mut Inner) {
     if let Some(w) = inner.waker.take() {
-        w.wake();
+        HELD.with_borrow_mut(|held| match held {
+            Some(held) => held.push(w),
+            None => w.wake(),
+        });
     }
 }
 
@@ -458,6 +484,42 @@ mod tests {
 
     fn capacity(o: &Outbox) -> usize {
         o.inner.borrow().queue.capacity()
+    }
+
+    /// A waker that counts its wakes.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn woken(c: &std::sync::Arc<Count>) -> usize {
+        c.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    #[test]
+    fn wakes_held_during_a_pass_are_handed_over_not_done_and_later_ones_are_done() {
+        let count = std::sync::Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let (a, b) = (Outbox::new(1024), Outbox::new(1024));
+        assert!(a.poll_ready(&mut cx).is_pending());
+        assert!(b.poll_ready(&mut cx).is_pending());
+        let mut held = Vec::new();
+        let queued = collect_wakes(&mut held, || a.push(frame(8)) && b.push(frame(8)));
+        assert!(queued);
+        assert_eq!(woken(&count), 0, "held, not done");
+        assert_eq!(held.len(), 2, "one per writer that waited");
+        held.drain(..).for_each(Waker::wake);
+        assert_eq!(woken(&count), 2);
+        // Outside a pass, a push wakes at once again.
+        assert!(a.poll_ready(&mut cx).is_ready(), "something queued");
+        write_all(&a, usize::MAX);
+        assert!(a.poll_ready(&mut cx).is_pending());
+        a.push(frame(8));
+        assert_eq!(woken(&count), 3);
     }
 
     #[test]

@@ -47,6 +47,7 @@ pub fn run(
 }
 
 pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) {
+    crate::backplane::enter_shard();
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -63,26 +64,32 @@ pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) 
     // outboxes hold after each pass (growth) and every upkeep tick (what writers drained).
     let pump_ctx = ctx.clone();
     let pump_stop = shutdown.clone();
-    // With a remote backplane, a publish is answered when its round trip ends, usually at the
-    // moment its message arrives to be fanned out; HTTP/1 answers a connection's pipelined
-    // requests one at a time. A pump pass that ran first would write every subscriber before
-    // the publisher's next request is read, so one message per pass and one write per
-    // subscriber per message. Yielding first lets the answer go and the next publish start, so
-    // its round trip overlaps the pass and the messages that arrive meanwhile share the writes.
-    let yield_first = pump_ctx.node.config.backplane != crate::config::BackplaneKind::Memory;
+    // A pass wakes its writers a few at a time, going to the back of the shard's run queue
+    // between groups, and the next pass waits for the last group. The run queue is first in,
+    // first out: woken all at once, every subscriber's write would run before anything woken
+    // after them, such as the publisher's connection with its next pipelined requests or, with
+    // a remote backplane, its next answer (HTTP/1 answers a connection's requests one at a
+    // time, so through a store a publisher's messages come one per round trip). Paced, those
+    // go on while the subscribers are written, and the next pass carries every message that
+    // came meanwhile: the longer the writes take, the more messages per pass and per write.
     tokio::task::spawn_local(async move {
         let waker = &pump_ctx.node.wakers[index];
+        let mut writers = Vec::new();
         let mut upkeep = tokio::time::interval(UPKEEP);
         upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = waker.notified() => {
-                    if yield_first {
-                        tokio::task::yield_now().await;
-                    }
-                    let stats = pump_ctx.hub.borrow_mut().pump();
+                    let stats = crate::engine::outbox::collect_wakes(&mut writers, || {
+                        pump_ctx.hub.borrow_mut().pump()
+                    });
                     pump_ctx.metrics.pumped(&stats);
                     pump_ctx.report_memory();
+                    for group in writers.chunks(WRITERS_AT_ONCE) {
+                        group.iter().for_each(std::task::Waker::wake_by_ref);
+                        to_the_back().await;
+                    }
+                    writers.clear();
                 }
                 _ = upkeep.tick() => pump_ctx.report_memory(),
                 _ = pump_stop.cancelled() => break,
@@ -434,6 +441,28 @@ async fn serve_h2<I, S>(
 
 /// Most concurrent streams (requests, SSE streams) on one HTTP/2 connection.
 const MAX_H2_STREAMS: u32 = 128;
+
+/// Writers a pump pass wakes at once (see `serve`): few enough that a task woken meanwhile
+/// waits for about this many writes, not for every subscriber's.
+const WRITERS_AT_ONCE: usize = 64;
+
+/// Returns once every task woken before it on this shard has run: it wakes its own task and
+/// yields, and a `LocalSet` queues a wake from its own thread at the back of its run queue
+/// (`tokio::task::yield_now` defers the wake to the driver's next poll instead, which puts the
+/// task ahead of a long queue).
+async fn to_the_back() {
+    let mut woke = false;
+    std::future::poll_fn(|cx| {
+        if woke {
+            std::task::Poll::Ready(())
+        } else {
+            woke = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
 
 #[cfg(test)]
 mod tests {

@@ -477,6 +477,119 @@ pub async fn a_burst_on_one_channel_is_sequenced_without_loss_or_repeat(server: 
     assert_eq!(tail, want[want.len() - 5..], "history: {h}");
 }
 
+/// Writes `bodies` as pipelined `POST /api/publish` requests on one connection (all at once,
+/// not waiting for answers) and returns the answers' seqs, in request order.
+async fn pipelined_publishes(addr: std::net::SocketAddr, bodies: &[Value]) -> Vec<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut out = Vec::new();
+    for b in bodies {
+        let body = b.to_string();
+        out.extend_from_slice(
+            format!(
+                "POST /api/publish HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+    }
+    conn.write_all(&out).await.unwrap();
+    let mut seqs = Vec::with_capacity(bodies.len());
+    let mut buf: Vec<u8> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seqs.len() < bodies.len() {
+        // One whole answer at the front of `buf`: head, then Content-Length bytes of JSON.
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .expect("a Content-Length");
+            if buf.len() >= end + 4 + len {
+                let v: Value = serde_json::from_slice(&buf[end + 4..end + 4 + len]).unwrap();
+                seqs.push(v["seq"].as_u64().unwrap());
+                buf.drain(..end + 4 + len);
+                continue;
+            }
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, conn.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| panic!("{} of {} answers", seqs.len(), bodies.len()))
+            .unwrap();
+        assert!(n > 0, "closed after {} answers", seqs.len());
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    seqs
+}
+
+/// One HTTP connection on node a pipelines many publishes (the node answers them one at a
+/// time, each from the store's answer) while node b publishes on the same channel: every
+/// answer has its own seq, a's in the order sent; subscribers on both nodes get every message
+/// once, in seq order.
+pub async fn pipelined_publishes_from_one_connection_reach_two_nodes_in_order(
+    server: &impl Backend,
+) {
+    let a = node(&server, "a", &["--rate-limit", "0"]).await;
+    let b = node(&server, "b", &["--rate-limit", "0"]).await;
+    let mut subs = Vec::new();
+    for n in [&a, &a, &b] {
+        let mut ws = Ws::connect(&n.ws_url()).await;
+        ws.subscribe("pipe").await;
+        subs.push(ws);
+    }
+    const N: u64 = 1000;
+    const OTHER: u64 = 100;
+    let bodies: Vec<Value> = (0..N)
+        .map(|i| json!({"channel": "pipe", "data": {"a": i}}))
+        .collect();
+    let other = {
+        let url = b.http("/api/publish");
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut seqs = Vec::new();
+            for k in 0..OTHER {
+                let r = client
+                    .post(&url)
+                    .json(&json!({"channel": "pipe", "data": {"b": k}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), 200);
+                let v: Value = r.json().await.unwrap();
+                seqs.push((v["seq"].as_u64().unwrap(), json!({"b": k})));
+            }
+            seqs
+        })
+    };
+    let mine = pipelined_publishes(a.addr(), &bodies).await;
+    assert!(
+        mine.windows(2).all(|w| w[0] < w[1]),
+        "one connection's publishes are sequenced in the order sent"
+    );
+    let mut by_seq: BTreeMap<u64, Value> = mine
+        .into_iter()
+        .zip(bodies.iter().map(|b| b["data"].clone()))
+        .collect();
+    for (seq, data) in other.await.unwrap() {
+        assert!(by_seq.insert(seq, data).is_none(), "seq {seq} given twice");
+    }
+    assert_eq!(
+        by_seq.keys().copied().collect::<Vec<_>>(),
+        (1..=N + OTHER).collect::<Vec<_>>(),
+        "publish answers: no gap, no repeat"
+    );
+    let want: Vec<(u64, Value)> = by_seq.into_iter().collect();
+    for ws in &mut subs {
+        let got = collect(ws, "pipe", want.len(), Duration::from_secs(30)).await;
+        assert_eq!(got, want, "each node: every message once, in seq order");
+    }
+}
+
 pub async fn a_client_resumes_on_another_node_after_its_node_is_killed(redis: &impl Backend) {
     let a = node(&redis, "a", &[]).await;
     let b = node(&redis, "b", &[]).await;

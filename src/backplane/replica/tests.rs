@@ -36,6 +36,11 @@ struct FakeState {
     /// Presence writes: `(channel, op, client)`.
     written: Vec<(String, &'static str, String)>,
     epochs: u64,
+    /// Idempotency keys seen: key → the first publish's position.
+    keys: HashMap<String, (Epoch, u64)>,
+    /// What the store's fan-out would deliver of the publishes made through the replica, in
+    /// the store's order; the tests deliver them by hand.
+    echoes: Vec<Incoming>,
 }
 
 #[derive(Default)]
@@ -102,6 +107,11 @@ impl Fake {
         std::mem::take(&mut self.st.lock().calls)
     }
 
+    /// The fan-out of the publishes made through the replica so far, in the store's order.
+    fn echoes(&self) -> Vec<Incoming> {
+        std::mem::take(&mut self.st.lock().echoes)
+    }
+
     fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
     }
@@ -129,11 +139,33 @@ impl Remote for Fake {
         _kind: DataKind,
         data: Bytes,
     ) -> BoxFuture<Result<(Epoch, u64), BackplaneError>> {
-        let r = match self.append(channel, std::str::from_utf8(&data).unwrap()) {
-            Incoming::Message(e, m) => Ok((e, m.seq)),
+        let echo = self.append(channel, std::str::from_utf8(&data).unwrap());
+        let r = match &echo {
+            Incoming::Message(e, m) => Ok((*e, m.seq)),
             Incoming::Epoch(_) => unreachable!(),
         };
+        self.st.lock().echoes.push(echo);
         Box::pin(std::future::ready(r))
+    }
+
+    fn publish_with(
+        &self,
+        channel: &ChannelName,
+        kind: DataKind,
+        data: Bytes,
+        cond: PublishConditions,
+    ) -> BoxFuture<Result<(Epoch, u64, bool), BackplaneError>> {
+        let key = cond.idempotency_key.expect("the tests publish with a key");
+        if let Some(&(e, seq)) = self.st.lock().keys.get(&*key) {
+            return Box::pin(std::future::ready(Ok((e, seq, true))));
+        }
+        let published = self.publish(channel, kind, data);
+        let st = &self.st;
+        let r = published.now_or_never().expect("ready");
+        if let Ok(at) = r {
+            st.lock().keys.insert(key.to_string(), at);
+        }
+        Box::pin(std::future::ready(r.map(|(e, s)| (e, s, false))))
     }
 
     fn subscribe(
@@ -792,4 +824,167 @@ async fn a_batch_ingests_each_channel_in_order_and_a_gap_resyncs_only_its_channe
     assert_eq!(n.fake.calls(), ["snapshot b"]);
     assert_eq!(n.seqs(&b), [1, 2, 3]);
     assert_eq!(n.replica.state(&b), Some(State::Synced));
+}
+
+/// Publishes `data` on `ch` through the replica (as a transport does) and returns its seq.
+async fn publish(n: &Node, ch: &ChannelName, data: &str) -> u64 {
+    let data = Bytes::from(data.to_owned());
+    n.replica.publish(ch, DataKind::Json, data).await.unwrap().1
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_own_publish_is_fanned_out_from_the_answer_and_its_echo_is_a_duplicate() {
+    let n = node();
+    let a = ch("a");
+    n.join(&a).await.unwrap();
+    let sub = n.subscriber(&a);
+    n.fake.calls();
+    for i in 1..=3 {
+        assert_eq!(publish(&n, &a, &format!("m{i}")).await, i);
+    }
+    assert_eq!(
+        n.held(&a),
+        (1..=3).map(|i| (i, format!("m{i}"))).collect::<Vec<_>>(),
+        "in the ring before the store delivered them"
+    );
+    assert_eq!(n.engine.position(&a), Some(n.fake.position(&a)));
+    n.replica.on_messages(&a, n.fake.echoes());
+    let m4 = n.fake.append(&a, "other node's");
+    n.replica.on_messages(&a, [m4]);
+    assert_eq!(
+        n.seqs(&a),
+        [1, 2, 3, 4],
+        "echoes ignored, the next one follows"
+    );
+    assert_eq!(n.replica.state(&a), Some(State::Synced));
+    assert!(!was_reset(&sub));
+    settle().await;
+    assert!(n.fake.calls().is_empty(), "no resync");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_own_publish_behind_another_nodes_undelivered_message_waits_for_the_store_order() {
+    let n = node();
+    let a = ch("a");
+    n.join(&a).await.unwrap();
+    let sub = n.subscriber(&a);
+    n.fake.calls();
+    // Another node's message 1 is sequenced but not delivered yet when ours (2) is answered.
+    let theirs = n.fake.append(&a, "theirs");
+    assert_eq!(publish(&n, &a, "mine").await, 2);
+    assert!(n.seqs(&a).is_empty(), "2 cannot come before 1");
+    assert_eq!(
+        n.replica.state(&a),
+        Some(State::Synced),
+        "not a gap: no resync"
+    );
+    // The store delivers both, in its order: 1, then our 2.
+    n.replica.on_messages(&a, [theirs]);
+    n.replica.on_messages(&a, n.fake.echoes());
+    assert_eq!(
+        n.held(&a),
+        [(1, "theirs".to_owned()), (2, "mine".to_owned())]
+    );
+    // Interleaved the other way: ours answered first, theirs after it.
+    assert_eq!(publish(&n, &a, "mine again").await, 3);
+    let theirs = n.fake.append(&a, "theirs again");
+    n.replica.on_messages(&a, n.fake.echoes());
+    n.replica.on_messages(&a, [theirs]);
+    assert_eq!(n.seqs(&a), [1, 2, 3, 4]);
+    assert!(!was_reset(&sub));
+    settle().await;
+    assert!(n.fake.calls().is_empty(), "no resync");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gap_in_the_stores_delivery_still_resyncs_when_own_publishes_are_answered() {
+    let n = node();
+    let a = ch("a");
+    n.join(&a).await.unwrap();
+    let sub = n.subscriber(&a);
+    n.fake.calls();
+    assert_eq!(publish(&n, &a, "m1").await, 1);
+    // Another node's 2 is lost by the fan-out; our 3 cannot be appended from its answer.
+    let _lost = n.fake.append(&a, "m2");
+    assert_eq!(publish(&n, &a, "m3").await, 3);
+    assert_eq!(n.seqs(&a), [1]);
+    // The store's delivery shows the gap: 1 (a duplicate), then 3.
+    n.replica.on_messages(&a, n.fake.echoes());
+    assert_eq!(n.replica.state(&a), Some(State::Resyncing));
+    settle().await;
+    assert_eq!(n.fake.calls(), ["snapshot a"]);
+    assert_eq!(n.seqs(&a), [1, 2, 3]);
+    assert!(!was_reset(&sub), "the run was ingested");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_own_publish_in_another_epoch_or_during_a_sync_is_left_to_the_store() {
+    let n = node();
+    let a = ch("a");
+    n.fake.append(&a, "old");
+    n.join(&a).await.unwrap();
+    let sub = n.subscriber(&a);
+    n.fake.calls();
+    // The store lost the channel: our publish starts its next epoch.
+    n.fake.forget(&a);
+    let before = n.engine.position(&a).unwrap();
+    assert_eq!(publish(&n, &a, "new").await, 1);
+    assert_eq!(
+        n.engine.position(&a),
+        Some(before),
+        "another epoch: not ingested"
+    );
+    assert_eq!(n.replica.state(&a), Some(State::Synced));
+    // The echo names the new epoch: the channel resyncs and resets.
+    let release = n.fake.hold_snapshot();
+    n.replica.on_messages(&a, n.fake.echoes());
+    assert_eq!(n.replica.state(&a), Some(State::Resyncing));
+    settle().await;
+    // While it syncs, an answered publish waits for the sync too.
+    assert_eq!(publish(&n, &a, "during").await, 2);
+    assert_eq!(n.engine.position(&a), Some(before));
+    release.send(()).unwrap();
+    settle().await;
+    assert_eq!(n.replica.state(&a), Some(State::Synced));
+    n.replica.on_messages(&a, n.fake.echoes());
+    assert_eq!(
+        n.held(&a),
+        [(1, "new".to_owned()), (2, "during".to_owned())]
+    );
+    assert_eq!(n.engine.position(&a), Some(n.fake.position(&a)));
+    assert!(was_reset(&sub));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_repeated_idempotent_publish_is_not_ingested_twice() {
+    let n = node();
+    let a = ch("a");
+    n.join(&a).await.unwrap();
+    let cond = PublishConditions {
+        idempotency_key: Some("k".into()),
+        expected_seq: None,
+    };
+    let first = n
+        .replica
+        .publish_with(&a, DataKind::Json, Bytes::from_static(b"m1"), cond.clone())
+        .await
+        .unwrap();
+    let again = n
+        .replica
+        .publish_with(&a, DataKind::Json, Bytes::from_static(b"m1"), cond)
+        .await
+        .unwrap();
+    assert_eq!((first.1, first.2), (1, false));
+    assert_eq!((again.1, again.2), (1, true));
+    assert_eq!(n.held(&a), [(1, "m1".to_owned())]);
+    assert_eq!(publish(&n, &a, "m2").await, 2);
+    assert_eq!(n.seqs(&a), [1, 2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_own_publish_on_a_channel_not_received_here_is_not_ingested() {
+    let n = node();
+    let a = ch("a");
+    assert_eq!(publish(&n, &a, "m1").await, 1);
+    assert_eq!(n.engine.position(&a), None, "no channel made on this node");
 }
