@@ -231,6 +231,16 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub max_connections_per_ip: usize,
+    /// Connections each shard's listener holds ready before the kernel drops new ones (a
+    /// fleet reconnecting after a restart arrives at once). The kernel caps it at
+    /// net.core.somaxconn (a warning at start says so).
+    #[arg(
+        long,
+        env = "RELAY_LISTEN_BACKLOG",
+        value_name = "N",
+        default_value_t = 4096
+    )]
+    pub listen_backlog: i32,
     /// Time for a new connection to finish its TLS handshake and send its first request
     /// headers (slowloris defence).
     #[arg(long, env = "RELAY_HANDSHAKE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
@@ -471,8 +481,8 @@ pub struct Config {
     /// max_connections=N, max_event_bytes=BYTES, max_channels_per_event=N, max_batch=N,
     /// client_event_rate=N (repeatable; comma-separated in the environment). Its channel C is
     /// relay channel pusher/ID/C (see docs/pusher.md).
-    #[arg(long, env = "RELAY_PUSHER_APP", value_name = "APP", value_delimiter = ',', value_parser = crate::protocol::pusher::parse_app, hide_env_values = true)]
-    pub pusher_app: Vec<crate::protocol::pusher::App>,
+    #[arg(long, env = "RELAY_PUSHER_APP", value_name = "APP", value_delimiter = ',', value_parser = crate::types::pusher_app::parse_app, hide_env_values = true)]
+    pub pusher_app: Vec<crate::types::pusher_app::App>,
     /// A webhook of a Pusher app, in Pusher's format (X-Pusher-Key, X-Pusher-Signature signed
     /// with the app's secret), as APP_ID:[EVENTS][;PATTERN…]@URL: EVENTS is `+`-separated among
     /// channel_occupied, channel_vacated, member_added, member_removed (all four without it),
@@ -876,6 +886,9 @@ impl Config {
         if self.handshake_timeout.is_zero() {
             invalid("handshake_timeout", "must be > 0");
         }
+        if self.listen_backlog < 1 {
+            invalid("listen_backlog", "must be at least 1");
+        }
         if !(8 * 1024..=1024 * 1024).contains(&self.max_header_size) {
             invalid("max_header_size", "must be between 8KiB and 1MiB");
         }
@@ -1010,7 +1023,7 @@ impl Config {
     /// rest parsed as `--webhook-url` takes it (its patterns over the app's own channel names).
     pub fn pusher_webhooks(
         &self,
-    ) -> Result<Vec<(&crate::protocol::pusher::App, crate::webhooks::HookSpec)>, String> {
+    ) -> Result<Vec<(&crate::types::pusher_app::App, crate::webhooks::HookSpec)>, String> {
         self.pusher_webhook
             .iter()
             .map(|s| {

@@ -18,11 +18,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("engine", &["types"]),
     // The replica layer drives the engine (`ingest`, `reset`); nothing above.
     ("backplane", &["types", "engine"]),
-    // Plain data: parsed and checked, never a file read or a verifier built. Three settings
-    // hold values of a lower module's own grammar, checked by its parser: a Pusher app
-    // (`protocol::pusher`), a `--webhook-url` spec (`webhooks::parse_hook_spec`) and a
-    // `--redis-url` (`backplane::redis::Target::parse`: one server, a cluster or Sentinels).
-    ("config", &["types", "protocol", "webhooks", "backplane"]),
+    // Plain data: parsed and checked, never a file read or a verifier built. A Pusher app is
+    // a leaf type (`types::pusher_app`). Two settings hold values of a lower module's own
+    // grammar, checked by its parser: a `--webhook-url` spec (`webhooks::parse_hook_spec`,
+    // a `hyper::Uri` inside) and a `--redis-url` (`backplane::redis::Target::parse`: fred's
+    // config for one server, a cluster or Sentinels).
+    ("config", &["types", "webhooks", "backplane"]),
     // The webhook dispatcher (and the outbound HTTP client): the engine's observer; never the
     // config (the composition root turns settings into `webhooks::Settings`).
     ("webhooks", &["types", "engine", "backplane"]),

@@ -117,19 +117,25 @@ async fn server_run_serves_until_its_shutdown_future_completes() {
     );
 }
 
-/// A restart tells each WebSocket client when to come back, spread over a window, so that a
-/// fleet does not reconnect at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_spreads_the_clients_reconnect_delays() {
-    let mut relay = Relay::start(&["--shutdown-timeout", "5s", "--drain-period", "0s"]);
-    let mut clients = Vec::new();
-    for _ in 0..16 {
+/// `n` raw WebSocket clients subscribed to `s`.
+async fn raw_subscribers(relay: &Relay, n: usize) -> Vec<RawWs> {
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
         let mut raw = RawWs::connect(relay.addr()).await;
         raw.send_json(json!({"type":"subscribe","channel":"s"}))
             .await;
         assert_subscribed(&raw.recv_json().await, "s");
         clients.push(raw);
     }
+    clients
+}
+
+/// A restart tells each WebSocket client when to come back, spread over a window, so that a
+/// fleet does not reconnect at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_spreads_the_clients_reconnect_delays() {
+    let mut relay = Relay::start(&["--shutdown-timeout", "5s", "--drain-period", "0s"]);
+    let mut clients = raw_subscribers(&relay, 16).await;
     relay.signal("TERM");
     let mut delays = Vec::new();
     for raw in &mut clients {
@@ -155,4 +161,32 @@ async fn a_restart_spreads_the_clients_reconnect_delays() {
     );
     drop(clients);
     assert!(relay.wait_exit(Duration::from_secs(6)).await.is_some());
+}
+
+/// A restart does not wait for each client to answer its close frame: once a connection's
+/// 1012 is sent the node lets go of it, so a fleet of clients that answer late (or never)
+/// does not hold the old process and its port for the close grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_does_not_wait_for_the_clients_close_replies() {
+    let mut relay = Relay::start(&[
+        "--shutdown-timeout",
+        "30s",
+        "--drain-period",
+        "0s",
+        "--max-connections-per-ip",
+        "0",
+    ]);
+    let mut clients = raw_subscribers(&relay, 100).await;
+    relay.signal("TERM");
+    // Every client is told (and none answers).
+    for raw in &mut clients {
+        let close = raw.expect_close_frame(RECV_TIMEOUT).await;
+        assert_eq!(close.map(|c| c.0), Some(1012));
+    }
+    // A session waiting for the reply would keep the node for its 3 s close grace.
+    let status = relay.wait_exit(Duration::from_secs(2)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the node waited for close replies that never came: {status:?}"
+    );
 }

@@ -104,6 +104,17 @@ fn launch(
 ) -> Result<ServerHandle, StartError> {
     let shards = listeners.len();
     let local_addr = listeners[0].local_addr()?;
+    if let Some(cap) = listener::somaxconn().filter(|&cap| cap < config.listen_backlog) {
+        // Not an error: the listeners work, but a fleet arriving at once overflows sooner
+        // than the operator planned (its clients retry their SYN after a second).
+        tracing::warn!(
+            listen_backlog = config.listen_backlog,
+            somaxconn = cap,
+            "the kernel caps each listener's backlog at net.core.somaxconn, below \
+             --listen-backlog; raise it (sysctl -w net.core.somaxconn=N) for a fleet that \
+             reconnects at once"
+        );
+    }
     let node = build_node(config, shards, auth, tls)?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let pin = shards <= cores.len();

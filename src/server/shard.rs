@@ -11,6 +11,7 @@ use std::net::TcpListener as StdListener;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
@@ -126,17 +127,22 @@ pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) 
         });
     }
 
+    if let Err(e) = super::listener::prepare(
+        &listener,
+        node.config.write_timeout,
+        node.config.listen_backlog,
+    ) {
+        tracing::warn!(shard = index, error = %e, "cannot set the listener's socket options");
+    }
+
+    let stop = shutdown.cancelled();
+    tokio::pin!(stop);
+    let mut batch = Vec::with_capacity(ACCEPT_BATCH);
     loop {
         tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    // Bytes the kernel holds for a client that reads nothing (an answer already
-                    // handed to the socket, which no write of ours waits on) are bounded by the
-                    // write timeout too: the kernel resets a connection whose data stays
-                    // unacknowledged, zero-window probes included, for that long.
-                    let _ = socket2::SockRef::from(&stream)
-                        .set_tcp_user_timeout(Some(node.config.write_timeout));
+            // Unconstrained: tokio's cooperative budget would end a batch after 128.
+            r = tokio::task::unconstrained(accept_batch(&listener, &mut batch, ACCEPT_BATCH)) => {
+                for (stream, peer) in batch.drain(..) {
                     if node.config.proxy_protocol {
                         // The client is known once the PROXY header is read.
                         tracker.spawn_local(serve_proxied(ctx.clone(), stream, peer.ip()));
@@ -146,13 +152,16 @@ pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) 
                         tracker.spawn_local(serve_connection(ctx.clone(), io, peer, deadline));
                     }
                 }
-                Err(e) => {
+                if let Err(e) = r {
                     // Out of file descriptors and the like: back off instead of spinning.
                     crate::limits::accept_failed(index, &e);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-            },
-            _ = shutdown.cancelled() => break,
+                // Let the connections just accepted (and everything else) run before the next
+                // batch: a fleet arriving at once is served in batches, not all accepted first.
+                tokio::task::yield_now().await;
+            }
+            _ = &mut stop => break,
         }
     }
     drop(listener);
@@ -167,6 +176,35 @@ pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) 
             "shutdown timeout: dropping connections"
         );
     }
+}
+
+/// Most connections a shard accepts per wake-up before it lets them (and its other tasks) run.
+/// A connection the kernel's accept queue has no room for costs its client a second (the SYN
+/// is retried after the initial RTO), so a fleet arriving at once is moved out of that queue
+/// fast: accepting is cheap (one syscall and an epoll registration), serving comes after. At
+/// ~10 µs per accept, a batch delays the shard's other tasks by a few ms at most.
+const ACCEPT_BATCH: usize = 512;
+
+/// Waits until the listener has a connection, then takes every ready one, up to `max`, into
+/// `out`: one wake-up of the shard serves a burst of arrivals. An error ends the batch (with
+/// what was accepted before it in `out`).
+pub(crate) async fn accept_batch(
+    listener: &TcpListener,
+    out: &mut Vec<(tokio::net::TcpStream, std::net::SocketAddr)>,
+    max: usize,
+) -> std::io::Result<()> {
+    std::future::poll_fn(|cx| {
+        while out.len() < max {
+            match listener.poll_accept(cx) {
+                Poll::Ready(Ok(conn)) => out.push(conn),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending if out.is_empty() => return Poll::Pending,
+                Poll::Pending => break,
+            }
+        }
+        Poll::Ready(Ok(()))
+    })
+    .await
 }
 
 /// How often shards report their outboxes and shard 0 runs the engine's tick.
@@ -396,3 +434,30 @@ async fn serve_h2<I, S>(
 
 /// Most concurrent streams (requests, SSE streams) on one HTTP/2 connection.
 const MAX_H2_STREAMS: u32 = 128;
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn one_wake_up_accepts_every_ready_connection_up_to_the_batch() {
+        let std = crate::server::listener::bind_reuseport("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = std.local_addr().unwrap();
+        let listener = TcpListener::from_std(std).unwrap();
+        // The kernel completes these handshakes itself: all ten wait in the accept queue.
+        let _clients: Vec<_> = (0..10)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let mut batch = Vec::new();
+        accept_batch(&listener, &mut batch, 4).await.unwrap();
+        assert_eq!(batch.len(), 4, "a batch is bounded");
+        batch.clear();
+        accept_batch(&listener, &mut batch, ACCEPT_BATCH)
+            .await
+            .unwrap();
+        assert_eq!(batch.len(), 6, "the rest come in one call");
+        let peers: std::collections::HashSet<_> = batch.iter().map(|(_, p)| *p).collect();
+        assert_eq!(peers.len(), 6);
+    }
+}

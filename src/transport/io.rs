@@ -56,6 +56,9 @@ impl WriteDeadline {
             if write {
                 self.stall = None;
             }
+            // The kernel gives up on unacknowledged data after TCP_USER_TIMEOUT, which is set to
+            // the same --write-timeout: whichever of the two fires first, the cause is the same.
+            kernel_timeout(&r);
             return r;
         }
         let timeout = self.timeout;
@@ -75,6 +78,18 @@ impl WriteDeadline {
             io::ErrorKind::TimedOut,
             "write timeout: the client read nothing",
         )))
+    }
+}
+
+/// Counts a socket error that is the kernel's TCP_USER_TIMEOUT: it is set to the same
+/// `--write-timeout` as our own deadline, so whichever fires first (a read or a write may see
+/// it), the cause is the same: the client stopped reading.
+fn kernel_timeout<T>(r: &Poll<io::Result<T>>) {
+    if matches!(r, Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::TimedOut) {
+        crate::limits::refused(
+            crate::limits::Cause::WriteTimeout,
+            "the client stopped reading",
+        );
     }
 }
 
@@ -194,6 +209,7 @@ impl AsyncRead for TimedIo {
         if buf.filled().len() > before {
             this.moved();
         }
+        kernel_timeout(&r);
         r
     }
 }

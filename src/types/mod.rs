@@ -5,6 +5,7 @@
 
 mod net;
 mod publication;
+pub mod pusher_app;
 mod rules;
 
 pub use net::{mask_url_password, TrustedNet};

@@ -162,12 +162,13 @@ pub struct SessionCore {
     auth: Rc<ConnAuth>,
     /// Inbound message rate; `None`: no limit.
     bucket: Option<TokenBucket>,
-    /// Subscribed channels, in the order the hub numbered them.
-    /// Most connections subscribe to one channel: it is kept inline (a `Vec` would allocate
-    /// room for four).
+    /// The subscribed channels, in the order the hub numbered them, then the last `joining`:
+    /// those waiting for the backplane to bring them in sync (they count as subscriptions).
+    /// One vector rather than two: every connection holds this, and joins are rare. Most
+    /// connections subscribe to one channel: it is kept inline (a `Vec` would allocate room
+    /// for four).
     subs: SmallVec<[ChannelName; 1]>,
-    /// Channels waiting for the backplane to bring them in sync (counted as subscriptions).
-    joining: Vec<ChannelName>,
+    joining: u32,
 }
 
 impl SessionCore {
@@ -188,7 +189,7 @@ impl SessionCore {
             auth,
             bucket: (rate > 0).then(|| TokenBucket::new(rate, burst, now)),
             subs: SmallVec::new(),
-            joining: Vec::new(),
+            joining: 0,
         }
     }
 
@@ -199,12 +200,12 @@ impl SessionCore {
 
     /// The subscribed channels.
     pub fn subs(&self) -> &[ChannelName] {
-        &self.subs
+        &self.subs[..self.subs.len() - self.joining as usize]
     }
 
     /// Whether `channel` is subscribed or waiting to be.
     pub fn has(&self, channel: &ChannelName) -> bool {
-        self.subs.contains(channel) || self.joining.contains(channel)
+        self.subs.contains(channel)
     }
 
     /// A message (not a control frame) came in at `now`: `Ok` to handle it, else what the
@@ -244,7 +245,7 @@ impl SessionCore {
         if self.has(channel) {
             return Err(ALREADY);
         }
-        if self.subs.len() + self.joining.len() >= rules.max_subscriptions {
+        if self.subs.len() >= rules.max_subscriptions {
             return Err(TOO_MANY.counted("subscribe"));
         }
         Ok(())
@@ -295,15 +296,18 @@ impl SessionCore {
     /// `channel` waits for the backplane (after [`SessionCore::admit`]); it counts as a
     /// subscription meanwhile.
     pub fn wait_join(&mut self, channel: ChannelName) {
-        self.joining.push(channel);
+        self.subs.push(channel);
+        self.joining += 1;
     }
 
     /// The backplane answered for `channel`: it no longer waits. False when it was not waiting
     /// (unsubscribed meanwhile: the answer no longer matters).
     pub fn join_answered(&mut self, channel: &ChannelName) -> bool {
-        match self.joining.iter().position(|c| c == channel) {
+        let waiting = self.subs.len() - self.joining as usize;
+        match self.subs[waiting..].iter().position(|c| c == channel) {
             Some(i) => {
-                self.joining.swap_remove(i);
+                self.subs.remove(waiting + i);
+                self.joining -= 1;
                 true
             }
             None => false,
@@ -312,12 +316,13 @@ impl SessionCore {
 
     /// The hub took the subscription: the slot the hub numbers it with (its index).
     pub fn subscribed(&mut self, channel: ChannelName) {
-        self.subs.push(channel);
+        let at = self.subs.len() - self.joining as usize;
+        self.subs.insert(at, channel);
     }
 
     /// The slot the next subscription gets.
     pub fn next_slot(&self) -> u16 {
-        self.subs.len() as u16
+        (self.subs.len() - self.joining as usize) as u16
     }
 
     /// An unsubscribe: where the channel was (it is neither afterwards).
@@ -325,7 +330,7 @@ impl SessionCore {
         if self.join_answered(channel) {
             return Unsubscribe::Waiting;
         }
-        match self.subs.iter().position(|c| c == channel) {
+        match self.subs().iter().position(|c| c == channel) {
             Some(i) => {
                 self.subs.remove(i);
                 Unsubscribe::Subscribed
@@ -336,8 +341,10 @@ impl SessionCore {
 
     /// The session ends: every subscription, for the driver to release.
     pub fn take_subs(&mut self) -> Vec<ChannelName> {
-        self.joining.clear();
-        std::mem::take(&mut self.subs).into_vec()
+        let mut subs = std::mem::take(&mut self.subs);
+        subs.truncate(subs.len() - self.joining as usize);
+        self.joining = 0;
+        subs.into_vec()
     }
 
     /// `auth` with a token that `verify` checks (`None`: auth is off on this node): the new

@@ -55,6 +55,20 @@ pub fn poll_read_some<R: AsyncRead + Unpin>(
     })
 }
 
+/// Whether the peer has sent nothing we have not read (or has closed): one read that does not
+/// wait; what it reads is discarded (the session is closing).
+pub fn nothing_unread<R: AsyncRead + Unpin>(rd: &mut R) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    SCRATCH_BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        let mut buf = ReadBuf::new(&mut b[..]);
+        match Pin::new(rd).poll_read(&mut cx, &mut buf) {
+            Poll::Pending | Poll::Ready(Err(_)) => true,
+            Poll::Ready(Ok(())) => buf.filled().is_empty(),
+        }
+    })
+}
+
 /// Hands the first `n` bytes of the shard's buffer (just read by [`read_some`]) to `s`.
 pub fn on_scratch<S: Frames>(s: &mut S, decoder: &mut Decoder, n: usize) {
     SCRATCH_BUF.with(|b| {
