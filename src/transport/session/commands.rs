@@ -164,8 +164,9 @@ pub struct SessionCore {
     bucket: Option<TokenBucket>,
     /// The subscribed channels, in the order the hub numbered them, then the last `joining`:
     /// those waiting for the backplane to bring them in sync (they count as subscriptions).
-    /// One vector rather than two, with one channel inline: every connection holds this, most
-    /// subscribe to one channel, and joins are rare.
+    /// One vector rather than two: every connection holds this, and joins are rare. Most
+    /// connections subscribe to one channel: it is kept inline (a `Vec` would allocate room
+    /// for four).
     subs: SmallVec<[ChannelName; 1]>,
     joining: u32,
 }
