@@ -1568,3 +1568,47 @@ pub async fn history_lost_by_redis_is_resumed_with_recovered_false(redis: &Serve
         }
     }
 }
+
+/// The scenarios every backplane runs, written once: each becomes a test of the file that
+/// invokes this with its [`Kind`] (`tests/cluster_redis.rs`, `tests/cluster_nats.rs`), skipped
+/// only where the server is not installed and never in CI (see [`Kind::available`]).
+#[allow(unused_macros)] // Only the per-backplane cluster files run the whole list.
+macro_rules! every_backplane_runs {
+    ($kind:expr) => {
+        cluster::every_backplane_runs!(@server $kind;
+            three_nodes_deliver_every_message_in_one_order_with_one_seq_space,
+            concurrent_publishers_on_different_nodes_make_no_gaps_or_repeats,
+            pipelined_publishes_from_one_connection_reach_two_nodes_in_order,
+            a_burst_on_one_channel_is_sequenced_without_loss_or_repeat,
+            presence_is_listed_by_a_node_without_subscribers_of_the_channel,
+            a_client_resumes_on_another_node_after_its_node_is_killed,
+            presence_spans_nodes_and_a_killed_nodes_members_leave_within_the_timeout
+        );
+        cluster::every_backplane_runs!(@kind $kind;
+            webhooks_are_sent_once_per_cluster_and_a_killed_nodes_holds_are_settled,
+            an_idempotent_publish_retried_on_every_node_at_once_is_published_once,
+            conditional_writers_on_different_nodes_win_once_per_seq,
+            a_user_command_sent_through_one_node_acts_on_every_node
+        );
+    };
+    // Scenarios on one server started for the test.
+    (@server $kind:expr; $($name:ident),*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            if $kind.available() {
+                cluster::$name(&cluster::Server::start($kind)).await;
+            }
+        }
+    )*};
+    // Scenarios that start (and stop) their servers themselves.
+    (@kind $kind:expr; $($name:ident),*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            if $kind.available() {
+                cluster::$name($kind).await;
+            }
+        }
+    )*};
+}
+#[allow(unused_imports)] // Only the per-backplane cluster files run the whole list.
+pub(crate) use every_backplane_runs;
