@@ -261,7 +261,7 @@ const HS: &[Algorithm] = &[Algorithm::HS256, Algorithm::HS384, Algorithm::HS512]
 impl Auth {
     /// The verifier of `cfg`, or `None` when no JWT key is configured (auth off).
     /// `public_keys` holds the contents of the `--jwt-public-key` files, read by the caller
-    /// (`server::read_files`): this module does no I/O.
+    /// (`server::prepare`): this module does no I/O.
     pub fn new(
         cfg: &Config,
         public_keys: &[(PathBuf, Vec<u8>)],

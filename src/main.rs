@@ -175,7 +175,7 @@ fn check_config(args: CheckArgs, matches: &ArgMatches) -> ExitCode {
     };
     let file = file.as_ref().map(|(p, t)| (p.as_path(), t.as_str()));
     let (config, mut problems) = Config::load_all(args.serve.settings, matches, file);
-    if let Err(more) = relay::server::read_files(&config) {
+    if let Err(more) = relay::server::prepare(&config) {
         problems.extend(more);
     }
     if problems.is_empty() {

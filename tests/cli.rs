@@ -294,6 +294,12 @@ fn check_config_lists_every_problem_and_exits_2() {
             "/nonexistent/relay-cert.pem",
             "--tls-key",
             "/nonexistent/relay-key.pem",
+            "--backplane",
+            "redis",
+            "--redis-url",
+            "redis-cluster://a:7000/0",
+            "--webhook-url",
+            "ftp://app.example/hooks",
         ],
         &[],
         T,
@@ -307,7 +313,9 @@ fn check_config_lists_every_problem_and_exits_2() {
         "history_size",
         "/nonexistent/relay-key.pem",
         "/nonexistent/relay-cert.pem",
-        "6 problems",
+        "invalid redis_url",
+        "invalid webhook_url",
+        "8 problems",
     ] {
         assert!(err.contains(problem), "{problem} not listed:\n{err}");
     }

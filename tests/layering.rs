@@ -18,12 +18,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("engine", &["types"]),
     // The replica layer drives the engine (`ingest`, `reset`); nothing above.
     ("backplane", &["types", "engine"]),
-    // Plain data: parsed and checked, never a file read or a verifier built. A Pusher app is
-    // a leaf type (`types::pusher_app`). Two settings hold values of a lower module's own
-    // grammar, checked by its parser: a `--webhook-url` spec (`webhooks::parse_hook_spec`,
-    // a `hyper::Uri` inside) and a `--redis-url` (`backplane::redis::Target::parse`: fred's
-    // config for one server, a cluster or Sentinels).
-    ("config", &["types", "webhooks", "backplane"]),
+    // Plain data: parsed and checked, never a file read, a verifier built or a lower module's
+    // grammar parsed. A Pusher app is a leaf type (`types::pusher_app`). The settings written
+    // in a module's own grammar (`--redis-url`, `--webhook-url`, `--pusher-webhook`) are kept
+    // as strings and parsed by the composition root (`server::prepare`).
+    ("config", &["types"]),
     // The webhook dispatcher (and the outbound HTTP client): the engine's observer; never the
     // config (the composition root turns settings into `webhooks::Settings`).
     ("webhooks", &["types", "engine", "backplane"]),

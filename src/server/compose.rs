@@ -135,7 +135,7 @@ pub fn start_webhooks(
     ));
     let mut hooks = Vec::new();
     for spec in &node.config.webhook_url {
-        // Checked by `Config::problems` already.
+        // Checked by `server::prepare` already.
         let spec = crate::webhooks::parse_hook_spec(spec).map_err(std::io::Error::other)?;
         hooks.push(crate::webhooks::Hook {
             url: spec.url,

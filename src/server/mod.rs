@@ -47,7 +47,7 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
     crate::metrics::install();
     // Before anything is bound: a bad file stops the start, so the node never serves without
     // auth or in clear text by mistake.
-    let (auth, tls) = read_files(&config).map_err(|mut e| e.swap_remove(0))?;
+    let (auth, tls) = prepare(&config).map_err(|mut e| e.swap_remove(0))?;
     let listeners = listener::bind_shards(config.listen, config.effective_shards())?;
     launch(config, listeners, auth, tls)
 }
@@ -77,7 +77,7 @@ pub fn start_on(
     listeners: Vec<std::net::TcpListener>,
 ) -> Result<ServerHandle, StartError> {
     crate::metrics::install();
-    let (auth, tls) = read_files(&config).map_err(|mut e| e.swap_remove(0))?;
+    let (auth, tls) = prepare(&config).map_err(|mut e| e.swap_remove(0))?;
     if listeners.is_empty() || listeners.len() > crate::types::MAX_SHARDS {
         return Err(StartError::Io(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -157,7 +157,7 @@ fn build_node(
     crate::protocol::deflate::set_min_size(config.deflate_min_size);
     let mut node = compose::node(config, shards, seed, auth, tls);
     compose::start_backplane(&mut node, seed)?;
-    // Checked by `Config::problems` already.
+    // Checked by `prepare` already.
     let pusher_hooks =
         crate::transport::pusher::webhooks(&node.config).map_err(std::io::Error::other)?;
     compose::start_webhooks(&mut node, pusher_hooks, seed)?;
@@ -180,7 +180,7 @@ pub async fn run_here(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
     crate::metrics::install();
-    let (auth, tls) = read_files(&config).map_err(|mut e| e.swap_remove(0))?;
+    let (auth, tls) = prepare(&config).map_err(|mut e| e.swap_remove(0))?;
     listener.set_nonblocking(true)?;
     let node = build_node(config, 1, auth, tls)?;
     let local = tokio::task::LocalSet::new();
@@ -195,10 +195,53 @@ pub async fn run_here(
     Ok(())
 }
 
-/// Reads and checks the JWT keys and the TLS certificate and key that `config` names, as
-/// [`start`] does; every problem, not only the first (`relay check-config` lists them all).
+/// What the server checks before it starts, beyond [`Config::problems`] (plain data: it
+/// reads no file and knows no lower module's grammar), as [`start`] does: the settings written
+/// in a lower module's grammar, parsed by that module (`--redis-url`, `--webhook-url`,
+/// `--pusher-webhook`), and the JWT keys and the TLS certificate and key read from their
+/// files. Every problem, not only the first (`relay check-config` lists them all).
 #[allow(clippy::type_complexity)]
-pub fn read_files(
+pub fn prepare(
+    config: &Config,
+) -> Result<(Option<crate::auth::Auth>, Option<Arc<crate::tls::Tls>>), Vec<ConfigError>> {
+    let mut problems = grammar_problems(config);
+    match read_files(config) {
+        Ok(files) if problems.is_empty() => Ok(files),
+        Ok(_) => Err(problems),
+        Err(more) => {
+            problems.extend(more);
+            Err(problems)
+        }
+    }
+}
+
+/// The settings of a lower module's grammar that do not parse.
+fn grammar_problems(config: &Config) -> Vec<ConfigError> {
+    let invalid = |key, reason: String| ConfigError::Invalid { key, reason };
+    let mut problems = Vec::new();
+    if matches!(config.backplane, crate::config::BackplaneKind::Redis) {
+        // One server, a cluster or Sentinels, as fred takes them.
+        if let Err(e) = crate::backplane::redis::Target::parse(&config.redis_url) {
+            problems.push(invalid("redis_url", e));
+        }
+    }
+    for url in &config.webhook_url {
+        if let Err(e) = crate::webhooks::parse_hook_spec(url) {
+            problems.push(invalid("webhook_url", e));
+        }
+    }
+    // A hook naming no app is the config's own problem, listed once by `Config::problems`.
+    if config.pusher_webhooks().is_ok() {
+        if let Err(e) = crate::transport::pusher::webhooks(config) {
+            problems.push(invalid("pusher_webhook", e));
+        }
+    }
+    problems
+}
+
+/// Reads and checks the JWT keys and the TLS certificate and key that `config` names.
+#[allow(clippy::type_complexity)]
+fn read_files(
     config: &Config,
 ) -> Result<(Option<crate::auth::Auth>, Option<Arc<crate::tls::Tls>>), Vec<ConfigError>> {
     let invalid = |key, e: &dyn std::fmt::Display| ConfigError::Invalid {
@@ -272,5 +315,48 @@ impl ServerHandle {
 impl Drop for ServerHandle {
     fn drop(&mut self) {
         self.node.shutdown.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn problems(args: &[&str]) -> Vec<String> {
+        let config = Config::from_args(args).unwrap();
+        match prepare(&config) {
+            Ok(_) => Vec::new(),
+            Err(problems) => problems.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn settings_of_a_modules_grammar_are_parsed_before_the_start_every_one_named() {
+        let found = problems(&[
+            "--backplane=redis",
+            "--redis-url=rediss://r:6379",
+            "--webhook-url=channel_ocupied@http://a/h",
+            "--pusher-app=app1:key1:secret-one-1234",
+            "--pusher-webhook=app1:nope@http://h/w",
+            "--tls-cert=/nonexistent/cert.pem",
+            "--tls-key=/nonexistent/key.pem",
+        ]);
+        assert_eq!(found.len(), 4, "{found:?}");
+        assert!(found[0].starts_with("invalid redis_url: TLS"), "{found:?}");
+        assert!(found[1].starts_with("invalid webhook_url: unknown webhook event"));
+        assert!(
+            found[2].starts_with("invalid pusher_webhook: app app1: unknown webhook event"),
+            "{found:?}"
+        );
+        assert!(found[3].contains("/nonexistent/cert.pem"), "{found:?}");
+        // The URL of a Redis the node does not use is not its concern.
+        assert!(problems(&["--redis-url=rediss://r:6379"]).is_empty());
+        assert!(problems(&[
+            "--backplane=redis",
+            "--redis-url=redis-cluster://a:7000,b:7001",
+            "--webhook-url=member_added;presence:*@https://app.example/h",
+        ])
+        .is_empty());
     }
 }

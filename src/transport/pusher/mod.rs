@@ -214,10 +214,12 @@ impl Format for PusherFormat {
 /// The hooks of `--pusher-webhook`: each in Pusher's format, signed with its app's key and
 /// secret, hearing only of that app's channels.
 pub fn webhooks(config: &Config) -> Result<Vec<Hook>, String> {
-    Ok(config
+    config
         .pusher_webhooks()?
         .into_iter()
         .map(|(app, spec)| {
+            let spec = crate::webhooks::parse_hook_spec(spec)
+                .map_err(|e| format!("app {}: {e}", app.id))?;
             let scope = format!("{}{}/", wire::PREFIX, app.id);
             // A user's channel is `~user-U` below the scope (see `wire::relay_channel`).
             let patterns = spec
@@ -228,7 +230,7 @@ pub fn webhooks(config: &Config) -> Result<Vec<Hook>, String> {
                     None => p,
                 })
                 .collect();
-            Hook {
+            Ok(Hook {
                 url: spec.url,
                 events: spec.events,
                 channels: ChannelFilter {
@@ -236,9 +238,9 @@ pub fn webhooks(config: &Config) -> Result<Vec<Hook>, String> {
                     patterns,
                 },
                 format: std::sync::Arc::new(PusherFormat::new(app.clone())),
-            }
+            })
         })
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]
