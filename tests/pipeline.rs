@@ -118,7 +118,11 @@ async fn answers_until_closed(addr: SocketAddr, wire: &str) -> Vec<Answer> {
         .await
         .expect("the server closes the connection");
     let got: Vec<Answer> = std::iter::from_fn(|| take_answer(&mut buf)).collect();
-    assert!(buf.is_empty(), "only whole answers: {:?}", String::from_utf8_lossy(&buf));
+    assert!(
+        buf.is_empty(),
+        "only whole answers: {:?}",
+        String::from_utf8_lossy(&buf)
+    );
     got
 }
 
@@ -177,7 +181,11 @@ async fn pipelined_api_requests_are_answered_in_request_order_and_framed_exactly
             }
             "history" => {
                 assert_eq!(a.status, 200, "{a:?}");
-                assert_eq!(a.json()["seq"], next_seq - 1, "a read sees every publish before it");
+                assert_eq!(
+                    a.json()["seq"],
+                    next_seq - 1,
+                    "a read sees every publish before it"
+                );
             }
             "channels" => assert!(a.json()["channels"].is_array(), "{a:?}"),
             _ => {
@@ -185,12 +193,19 @@ async fn pipelined_api_requests_are_answered_in_request_order_and_framed_exactly
                 assert_eq!(a.header("access-control-allow-origin"), Some("*"));
             }
         }
-        assert!(a.header("date").is_some_and(|d| d.ends_with(" GMT")), "{a:?}");
+        assert!(
+            a.header("date").is_some_and(|d| d.ends_with(" GMT")),
+            "{a:?}"
+        );
         assert_eq!(a.header("x-relay-shard"), Some("0"));
     }
     assert!(buf.is_empty(), "nothing after the last answer");
     let want: Vec<(u64, Value)> = (0..N).map(|i| (i + 1, json!({"i": i}))).collect();
-    assert_eq!(collect(&mut ws, N as usize).await, want, "every message once, in order");
+    assert_eq!(
+        collect(&mut ws, N as usize).await,
+        want,
+        "every message once, in order"
+    );
     // The connection stays open for more.
     conn.write_all(publish_request("pipe", &json!("more"), "").as_bytes())
         .await
@@ -281,14 +296,21 @@ async fn a_close_request_is_the_last_one_served() {
     let relay = relay(&[]);
     let mut wire = String::new();
     wire.push_str(&publish_request("close", &json!(1), ""));
-    wire.push_str(&publish_request("close", &json!(2), "Connection: close\r\n"));
+    wire.push_str(&publish_request(
+        "close",
+        &json!(2),
+        "Connection: close\r\n",
+    ));
     wire.push_str(&publish_request("close", &json!(3), ""));
     let got = answers_until_closed(relay.addr(), &wire).await;
     assert_eq!(got.len(), 2, "nothing after the close: {got:?}");
     assert_eq!(got[1].json()["seq"], 2);
     assert_eq!(got[1].header("connection"), Some("close"));
     let h = relay.history("close", "?since=0").await;
-    assert_eq!(h["seq"], 2, "the request after the close is not served: {h}");
+    assert_eq!(
+        h["seq"], 2,
+        "the request after the close is not served: {h}"
+    );
 }
 
 #[tokio::test]
@@ -297,7 +319,9 @@ async fn a_body_that_stops_short_gets_408_after_the_answers_before_it() {
     let mut wire = String::new();
     wire.push_str(&publish_request("slow", &json!(1), ""));
     wire.push_str(&publish_request("slow", &json!(2), ""));
-    wire.push_str("POST /api/publish HTTP/1.1\r\nHost: relay\r\nContent-Length: 100\r\n\r\n{\"chan");
+    wire.push_str(
+        "POST /api/publish HTTP/1.1\r\nHost: relay\r\nContent-Length: 100\r\n\r\n{\"chan",
+    );
     let got = answers_until_closed(relay.addr(), &wire).await;
     let statuses: Vec<u16> = got.iter().map(|a| a.status).collect();
     assert_eq!(statuses, [200, 200, 408]);
@@ -308,9 +332,21 @@ async fn a_body_that_stops_short_gets_408_after_the_answers_before_it() {
 async fn a_request_with_an_unknown_key_is_refused_in_its_place() {
     let relay = relay(&["--api-key", "secret"]);
     let mut wire = String::new();
-    wire.push_str(&publish_request("auth", &json!(1), "Authorization: Bearer secret\r\n"));
-    wire.push_str(&publish_request("auth", &json!(2), "Authorization: Bearer wrong\r\n"));
-    wire.push_str(&publish_request("auth", &json!(3), "Authorization: Bearer secret\r\n"));
+    wire.push_str(&publish_request(
+        "auth",
+        &json!(1),
+        "Authorization: Bearer secret\r\n",
+    ));
+    wire.push_str(&publish_request(
+        "auth",
+        &json!(2),
+        "Authorization: Bearer wrong\r\n",
+    ));
+    wire.push_str(&publish_request(
+        "auth",
+        &json!(3),
+        "Authorization: Bearer secret\r\n",
+    ));
     let mut conn = connect(relay.addr()).await;
     conn.write_all(wire.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
