@@ -42,6 +42,64 @@ pub const DEPTH: usize = 128;
 /// when none is in flight, so a body up to `--max-message-size` still goes).
 pub const DEPTH_BYTES: usize = 1 << 20;
 
+/// Most body bytes of the requests in flight on a shard's connections, past the first of each
+/// connection (which hyper would hold too): what pipelining adds to a node is bounded by
+/// shards × this, whatever the number of connections.
+pub const SHARD_BYTES: usize = 64 << 20;
+
+thread_local! {
+    /// Body bytes in flight past each connection's first, on this shard (one thread).
+    static SHARD_HELD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The body bytes of one connection's requests in flight: counted in the shard's total while
+/// there, given back when answered or when the connection goes.
+#[derive(Default)]
+struct Held {
+    bytes: usize,
+    /// Of `bytes`, those counted in [`SHARD_HELD`].
+    shared: usize,
+}
+
+impl Held {
+    /// Takes `n` more bytes if the connection and the shard have room (always with nothing in
+    /// flight, uncounted by the shard): how many of them the shard counts.
+    fn take(&mut self, n: usize, idle: bool) -> Option<usize> {
+        if idle {
+            self.bytes += n;
+            return Some(0);
+        }
+        if self.bytes + n > DEPTH_BYTES || SHARD_HELD.get() + n > SHARD_BYTES {
+            return None;
+        }
+        self.bytes += n;
+        self.shared += n;
+        SHARD_HELD.set(SHARD_HELD.get() + n);
+        Some(n)
+    }
+
+    /// Gives back what [`Held::take`] took: `n` bytes, `shared` of them the shard's.
+    fn give_back(&mut self, (n, shared): (usize, usize)) {
+        self.bytes -= n;
+        self.shared -= shared;
+        SHARD_HELD.set(SHARD_HELD.get() - shared);
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        SHARD_HELD.set(SHARD_HELD.get() - self.shared);
+    }
+}
+
+/// Whether a request may share the connection with others in flight: publishes and
+/// broadcasts, whose answers are small. Any other (reads with answers up to a page of 1 MiB,
+/// server API commands) runs alone, as through hyper: taken when nothing is in flight, and
+/// nothing is taken after it until it is answered.
+fn pipelines(req: &Request<()>) -> bool {
+    req.method() == Method::POST && matches!(req.uri().path(), "/api/publish" | "/api/broadcast")
+}
+
 /// Most headers in a head the front takes; a head with more goes to hyper (whose limit is the
 /// same, and whose answer is 431).
 const MAX_HEADERS: usize = 100;
@@ -160,7 +218,9 @@ where
     let mut out = BytesMut::new();
     let mut inflight = FuturesOrdered::new();
     // Body bytes of the requests in flight.
-    let mut held = 0usize;
+    let mut held = Held::default();
+    // A request that runs alone ([`pipelines`]) is in flight.
+    let mut alone = false;
     // A request for hyper is next in `buf`.
     let mut other = false;
     // No more requests: answer those in flight, then close.
@@ -174,7 +234,8 @@ where
     loop {
         // Start every whole simple request the buffer holds, while there is room.
         let mut need_more = false;
-        while !other && !closing && inflight.len() < DEPTH {
+        alone &= !inflight.is_empty();
+        while !other && !closing && !alone && inflight.len() < DEPTH {
             let (req, head_len, body_len) = match parse(&buf, max_head, max_body) {
                 Head::Other => {
                     other = true;
@@ -191,7 +252,8 @@ where
                 } => (req, head_len, body_len),
             };
             started.set(true);
-            if !inflight.is_empty() && held + body_len > DEPTH_BYTES {
+            let pipelined = pipelines(&req);
+            if !inflight.is_empty() && !pipelined {
                 break;
             }
             if buf.len() < head_len + body_len {
@@ -199,15 +261,18 @@ where
                 need_more = true;
                 break;
             }
+            let Some(shared) = held.take(body_len, inflight.is_empty()) else {
+                break;
+            };
+            alone = !pipelined;
             body_since = None;
             buf.advance(head_len);
             let body = buf.split_to(body_len).freeze();
             let mut req = req.map(|()| Full::new(body));
             req.extensions_mut().insert(peer.clone());
-            held += body_len;
             let ctx = ctx.clone();
             inflight.push_back(Either::Left(async move {
-                (body_len, http::handle_api(ctx, req).await)
+                ((body_len, shared), http::handle_api(ctx, req).await)
             }));
         }
         if need_more && eof {
@@ -256,7 +321,7 @@ where
                 if body_since.take().is_some() {
                     // Answered after those in flight; nothing after it is read.
                     let res = crate::transport::api::body_timed_out(cfg.body_timeout);
-                    inflight.push_back(Either::Right(future::ready((0, res))));
+                    inflight.push_back(Either::Right(future::ready(((0, 0), res))));
                     closing = true;
                 } else {
                     if !started.get() {
@@ -354,16 +419,16 @@ async fn sleep_until(at: Option<Instant>) {
 async fn drain<F>(
     inflight: &mut FuturesOrdered<F>,
     out: &mut BytesMut,
-    held: &mut usize,
+    held: &mut Held,
     closing: &mut bool,
 ) where
-    F: std::future::Future<Output = (usize, Response<Body>)>,
+    F: std::future::Future<Output = ((usize, usize), Response<Body>)>,
 {
     let mut closed = false;
     std::future::poll_fn(|cx| {
         let mut any = false;
         while let Poll::Ready(Some((len, res))) = inflight.poll_next_unpin(cx) {
-            *held -= len;
+            held.give_back(len);
             any = true;
             if !closed && encode(res, out) {
                 closed = true;
@@ -617,6 +682,45 @@ mod tests {
         let mut out = BytesMut::new();
         let res = crate::transport::api::body_timed_out(std::time::Duration::from_secs(1));
         assert!(encode(res, &mut out), "the 408 closes");
+    }
+
+    #[test]
+    fn only_publishes_and_broadcasts_share_the_connection() {
+        let req = |head: &[u8]| simple(head).0;
+        assert!(pipelines(&req(b"POST /api/publish HTTP/1.1\r\n\r\n")));
+        assert!(pipelines(&req(b"POST /api/broadcast HTTP/1.1\r\n\r\n")));
+        assert!(!pipelines(&req(b"GET /api/history/a HTTP/1.1\r\n\r\n")));
+        assert!(!pipelines(&req(b"POST /api/batch HTTP/1.1\r\n\r\n")));
+        assert!(!pipelines(&req(b"GET /api/publish HTTP/1.1\r\n\r\n")));
+    }
+
+    #[test]
+    fn bodies_past_a_connections_first_take_room_of_the_connection_and_the_shard() {
+        let mut a = Held::default();
+        assert_eq!(a.take(DEPTH_BYTES, true), Some(0), "the first always goes");
+        assert_eq!(a.take(1, false), None, "the connection is full");
+        a.give_back((DEPTH_BYTES, 0));
+        let mut others: Vec<Held> = Vec::new();
+        while SHARD_HELD.get() + DEPTH_BYTES <= SHARD_BYTES {
+            let mut h = Held::default();
+            assert_eq!(h.take(10, true), Some(0));
+            assert_eq!(h.take(DEPTH_BYTES - 10, false), Some(DEPTH_BYTES - 10));
+            others.push(h);
+        }
+        assert_eq!(a.take(5, true), Some(0));
+        let left = SHARD_BYTES - SHARD_HELD.get();
+        assert_eq!(a.take(left + 1, false), None, "the shard is full");
+        assert_eq!(a.take(left, false), Some(left));
+        drop(others);
+        a.give_back((left, left));
+        assert_eq!(
+            SHARD_HELD.get(),
+            0,
+            "a connection gone gives its share back"
+        );
+        assert_eq!(a.take(DEPTH_BYTES - 5, false), Some(DEPTH_BYTES - 5));
+        drop(a);
+        assert_eq!(SHARD_HELD.get(), 0);
     }
 
     #[test]
