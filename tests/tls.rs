@@ -263,3 +263,82 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
     assert_eq!(m["data"], "after reload", "{m}");
     old_sse.expect_message("r", 1).await;
 }
+
+/// Pipelined publishes over TLS (HTTP/1.1 by ALPN) are answered in order by the front, and a
+/// WebSocket upgrade after them on the same connection is served by hyper.
+#[tokio::test]
+async fn pipelined_publishes_over_tls_are_answered_in_order_then_an_upgrade_is_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let files = Files::new("pipe");
+    let c = cert();
+    files.write(&c);
+    let relay = Relay::start(&[
+        "--tls-cert",
+        &files.cert(),
+        "--tls-key",
+        &files.key(),
+        "--api-rate-limit",
+        "0",
+    ]);
+    let mut tls = tls_connect(&relay, &[&c]).await;
+    const N: usize = 50;
+    let mut wire = String::new();
+    for i in 0..N {
+        let body = json!({"channel": "tp", "data": i}).to_string();
+        wire.push_str(&format!(
+            "POST /api/publish HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    }
+    wire.push_str(
+        "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    );
+    tls.write_all(wire.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let text = loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if text.contains("HTTP/1.1 101") && text.ends_with("\r\n\r\n") {
+            break text;
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        let n = tokio::time::timeout(common::RECV_TIMEOUT, tls.read(&mut chunk))
+            .await
+            .expect("answers within the timeout")
+            .unwrap();
+        assert!(n > 0, "closed: {text}");
+        got.extend_from_slice(&chunk[..n]);
+    };
+    assert_eq!(text.matches("HTTP/1.1 200 OK\r\n").count(), N, "{text}");
+    let seqs: Vec<u64> = text
+        .split("\"seq\":")
+        .skip(1)
+        .map(|s| {
+            s.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=N as u64).collect::<Vec<_>>(),
+        "answers in request order"
+    );
+    let mut ws = WebSocketStream::from_raw_socket(
+        tls,
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    send(&mut ws, json!({"type": "subscribe", "channel": "tp"})).await;
+    assert_eq!(recv(&mut ws).await["type"], "subscribed");
+    let client = client_for(&relay, &c, true);
+    publish(&client, &relay, "tp", json!("live")).await;
+    let m = recv(&mut ws).await;
+    assert_eq!(
+        (m["seq"].as_u64(), &m["data"]),
+        (Some(N as u64 + 1), &json!("live"))
+    );
+}

@@ -12,6 +12,7 @@
 //! - [`listener`]: `SO_REUSEPORT` sockets.
 
 pub mod compose;
+mod front;
 pub mod listener;
 pub mod shard;
 

@@ -285,6 +285,14 @@ async fn serve_connection(
     deadline: tokio::time::Instant,
 ) {
     let started = Rc::new(Cell::new(false));
+    if ctx.node.tls.is_none() {
+        // Pipelined API requests are answered by the front; hyper serves the rest.
+        match super::front::serve(&ctx, &mut io, &peer, deadline, &started).await {
+            Some(ahead) => io = io.read_ahead(ahead),
+            None => return,
+        }
+    }
+    let front_peer = peer.clone();
     let svc_ctx = ctx.clone();
     let svc_started = started.clone();
     let svc = service_fn(move |mut req| {
@@ -323,7 +331,14 @@ async fn serve_connection(
         )
         .await
     } else {
-        serve_http1(&ctx, TokioIo::new(stream), svc, &started, deadline).await
+        let mut stream = stream;
+        let Some(ahead) =
+            super::front::serve(&ctx, &mut stream, &front_peer, deadline, &started).await
+        else {
+            return;
+        };
+        let io = super::front::Rewind::new(stream, ahead);
+        serve_http1(&ctx, TokioIo::new(io), svc, &started, deadline).await
     }
 }
 

@@ -6,7 +6,6 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_LENGTH};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
@@ -24,8 +23,14 @@ use crate::types::{ChannelName, DataKind};
 /// Most channels in one broadcast.
 pub const MAX_BROADCAST: usize = 100;
 
+/// What a request body must be for the API: hyper's, or a whole one the pipelining front
+/// (`server::front`) read ahead.
+pub trait ApiBody: http_body::Body<Data = Bytes, Error: Into<BoxError>> {}
+impl<B: http_body::Body<Data = Bytes, Error: Into<BoxError>>> ApiBody for B {}
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Routes `/api/*`.
-pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle<B: ApiBody>(ctx: Rc<ShardContext>, req: Request<B>) -> Response<Body> {
     let key = api_key(&ctx.config().api_key, &req);
     if let Err(res) = within_rate(&ctx, &req, key) {
         return res;
@@ -93,9 +98,9 @@ pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<B
 /// configured); with JWT auth, what its bearer token grants, or what anonymous clients may.
 // The error is the response itself, built once per refused request: boxing it buys nothing.
 #[allow(clippy::result_large_err)]
-fn grants(
+fn grants<B>(
     ctx: &ShardContext,
-    req: &Request<Incoming>,
+    req: &Request<B>,
     has_key: bool,
 ) -> Result<Grants, Response<Body>> {
     let cfg = ctx.config();
@@ -132,7 +137,7 @@ fn forbidden(message: &str) -> Response<Body> {
 
 /// Which of `keys` the request's bearer is, if any. Every key is compared in full, in constant
 /// time, so timing tells nothing about a key.
-fn api_key(keys: &[String], req: &Request<Incoming>) -> Option<usize> {
+fn api_key<B>(keys: &[String], req: &Request<B>) -> Option<usize> {
     let given = req
         .headers()
         .get(AUTHORIZATION)
@@ -152,9 +157,9 @@ fn api_key(keys: &[String], req: &Request<Incoming>) -> Option<usize> {
 /// the 429 (with `Retry-After`) of one over it.
 // The error is the response itself, built once per refused request: boxing it buys nothing.
 #[allow(clippy::result_large_err)]
-fn within_rate(
+fn within_rate<B>(
     ctx: &ShardContext,
-    req: &Request<Incoming>,
+    req: &Request<B>,
     key: Option<usize>,
 ) -> Result<(), Response<Body>> {
     use crate::limits::ApiClient;
@@ -249,9 +254,9 @@ pub(super) fn publish_refused(e: &PublishError) -> Response<Body> {
 }
 
 /// Reads a body of at most `--max-message-size` bytes.
-pub(super) async fn read_body(
+pub(super) async fn read_body<B: ApiBody>(
     ctx: &ShardContext,
-    req: Request<Incoming>,
+    req: Request<B>,
 ) -> Result<Bytes, Response<Body>> {
     let max = ctx.config().max_message_size;
     let too_large = || {
@@ -280,24 +285,27 @@ pub(super) async fn read_body(
             "bad_request",
             "could not read the body",
         )),
-        Err(_) => {
-            // A slow body holds the connection: it is closed after this answer.
-            crate::limits::refused(crate::limits::Cause::BodyTimeout, "http body");
-            let mut res = error(
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
-                &format!(
-                    "the body did not arrive within {} ms (--body-timeout)",
-                    timeout.as_millis()
-                ),
-            );
-            res.headers_mut().insert(
-                hyper::header::CONNECTION,
-                hyper::header::HeaderValue::from_static("close"),
-            );
-            Err(res)
-        }
+        Err(_) => Err(body_timed_out(timeout)),
     }
+}
+
+/// The 408 of a body that did not arrive within `timeout` (`--body-timeout`). A slow body
+/// holds the connection: it is closed after this answer.
+pub(crate) fn body_timed_out(timeout: std::time::Duration) -> Response<Body> {
+    crate::limits::refused(crate::limits::Cause::BodyTimeout, "http body");
+    let mut res = error(
+        StatusCode::REQUEST_TIMEOUT,
+        "request_timeout",
+        &format!(
+            "the body did not arrive within {} ms (--body-timeout)",
+            timeout.as_millis()
+        ),
+    );
+    res.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    res
 }
 
 /// Parses a JSON body: `bad_json` when it is not JSON, `bad_request` when fields are wrong.

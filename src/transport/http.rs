@@ -103,6 +103,22 @@ pub fn overloaded() -> Response<Body> {
 /// Routes one request. Every response names the shard that served it (`x-relay-shard`), which
 /// is how tests and operators see the kernel's `SO_REUSEPORT` spread.
 pub async fn handle(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> {
+    guard(ctx, req, route).await
+}
+
+/// Routes an `/api/` request the pipelining front (`server::front`) read whole: the same
+/// answer [`handle`] gives it.
+pub async fn handle_api<B: api::ApiBody>(ctx: Rc<ShardContext>, req: Request<B>) -> Response<Body> {
+    guard(ctx, req, api::handle).await
+}
+
+/// What every route shares: the Origin check and CORS of the browser-facing paths, and the
+/// `x-relay-shard` header.
+async fn guard<B, F, R>(ctx: Rc<ShardContext>, req: Request<B>, route: R) -> Response<Body>
+where
+    R: FnOnce(Rc<ShardContext>, Request<B>) -> F,
+    F: std::future::Future<Output = Response<Body>>,
+{
     let shard = HeaderValue::from(ctx.shard);
     let origin = req.headers().get(hyper::header::ORIGIN).cloned();
     let path = req.uri().path();

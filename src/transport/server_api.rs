@@ -6,7 +6,6 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 
-use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 
@@ -75,7 +74,11 @@ struct BatchBody<'a> {
 }
 
 /// Routes `/api/users/*`, `/api/channels/{channel}` and `/api/batch`.
-pub async fn handle(ctx: &ShardContext, g: &Grants, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle<B: super::api::ApiBody>(
+    ctx: &ShardContext,
+    g: &Grants,
+    req: Request<B>,
+) -> Response<Body> {
     if !g.is_all() {
         return Refusal(
             StatusCode::FORBIDDEN,

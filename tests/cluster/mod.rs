@@ -527,8 +527,8 @@ async fn pipelined_publishes(addr: std::net::SocketAddr, bodies: &[Value]) -> Ve
     seqs
 }
 
-/// One HTTP connection on node a pipelines many publishes (the node answers them one at a
-/// time, each from the store's answer) while node b publishes on the same channel: every
+/// One HTTP connection on node a pipelines many publishes (the node's front keeps many in
+/// flight to the store at once) while node b publishes on the same channel: every
 /// answer has its own seq, a's in the order sent; subscribers on both nodes get every message
 /// once, in seq order.
 pub async fn pipelined_publishes_from_one_connection_reach_two_nodes_in_order(
