@@ -36,7 +36,9 @@ pub struct Subscriber {
     /// Where its frames go.
     pub outbox: Rc<Outbox>,
     /// Which encoding it reads (index into the publication's frame cache).
-    pub encoding: usize,
+    /// (Below [`FRAME_SLOTS`]; one byte, so that the entry is 64 bytes, not 72: every
+    /// subscription of every connection has one.)
+    pub encoding: u8,
     /// The connection's own index for this subscription (SSE cursors use it).
     pub slot: u16,
     /// Nonzero: the connection's tag ([`client_tag`] of its client id). Publications whose
@@ -72,7 +74,7 @@ impl Subscriber {
     pub fn new(outbox: Rc<Outbox>, encoding: usize, slot: u16) -> Self {
         Self {
             outbox,
-            encoding,
+            encoding: (encoding % FRAME_SLOTS) as u8,
             slot,
             tag: 0,
             after: 0,
@@ -359,7 +361,7 @@ fn replay_page(
         return;
     };
     let half = sub.outbox.limit() / 2;
-    let enc = sub.encoding % FRAME_SLOTS;
+    let enc = usize::from(sub.encoding);
     let mut page = Vec::new();
     loop {
         page.clear();
@@ -431,7 +433,7 @@ fn deliver_publication(
         if sub.tag != 0 && *origin.get_or_insert_with(|| (encode.origin)(p)) == sub.tag {
             continue;
         }
-        let enc = sub.encoding % FRAME_SLOTS;
+        let enc = usize::from(sub.encoding);
         let len = *lens[enc]
             .get_or_insert_with(|| p.frame(enc, |p| (encode.publication)(enc, name, p)).len());
         if policy != SlowPolicy::Disconnect {
@@ -457,7 +459,7 @@ fn deliver_publication(
 
 /// Queues what `sub` deferred, in order, as far as its outbox has room.
 fn flush_sub(stats: &mut PumpStats, sub: &mut Subscriber, name: &ChannelName, encode: Encoder) {
-    let enc = sub.encoding % FRAME_SLOTS;
+    let enc = usize::from(sub.encoding);
     let out = match &sub.deferred {
         Deferred::Gap(from, to) => Out::control((encode.gap)(enc, name, *from, *to)),
         Deferred::Stash(p) => {
@@ -489,7 +491,7 @@ fn deliver_presence(
         if sub.tag != 0 && *origin.get_or_insert_with(|| client_tag(&e.who.client)) == sub.tag {
             continue;
         }
-        let enc = sub.encoding % FRAME_SLOTS;
+        let enc = usize::from(sub.encoding);
         if !built[enc] {
             e.frame(enc, |e| (encode.presence)(enc, local.channel.name(), e));
             built[enc] = true;
@@ -573,6 +575,12 @@ mod tests {
         let mut v = Vec::new();
         o.drain_into(|out| v.push(String::from_utf8_lossy(out.frame()).into_owned()));
         v
+    }
+
+    #[test]
+    fn a_subscriber_entry_is_a_cache_line() {
+        // One per subscription of every connection (issue 12 item 4).
+        assert!(std::mem::size_of::<Subscriber>() <= 64);
     }
 
     #[test]
