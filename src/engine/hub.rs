@@ -9,7 +9,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use indexmap::IndexMap;
 
 use super::outbox::{Gauge, Out, Outbox, OutboxState};
@@ -37,7 +36,9 @@ pub struct Subscriber {
     /// Where its frames go.
     pub outbox: Rc<Outbox>,
     /// Which encoding it reads (index into the publication's frame cache).
-    pub encoding: usize,
+    /// (Below [`FRAME_SLOTS`]; one byte, so that the entry is 64 bytes, not 72: every
+    /// subscription of every connection has one.)
+    pub encoding: u8,
     /// The connection's own index for this subscription (SSE cursors use it).
     pub slot: u16,
     /// Nonzero: the connection's tag ([`client_tag`] of its client id). Publications whose
@@ -73,7 +74,7 @@ impl Subscriber {
     pub fn new(outbox: Rc<Outbox>, encoding: usize, slot: u16) -> Self {
         Self {
             outbox,
-            encoding,
+            encoding: (encoding % FRAME_SLOTS) as u8,
             slot,
             tag: 0,
             after: 0,
@@ -360,7 +361,7 @@ fn replay_page(
         return;
     };
     let half = sub.outbox.limit() / 2;
-    let enc = sub.encoding % FRAME_SLOTS;
+    let enc = usize::from(sub.encoding);
     let mut page = Vec::new();
     loop {
         page.clear();
@@ -377,12 +378,7 @@ fn replay_page(
                 sub.deferred = Deferred::Replay(at);
                 return;
             }
-            let out = Out {
-                frame,
-                slot: sub.slot,
-                seq: p.seq,
-                shared: p.counts_frames(),
-            };
+            let out = Out::message(p.clone(), enc, sub.slot);
             let cost = Outbox::cost(&out);
             if !sub.outbox.push_uncounted(out) {
                 sub.deferred = Deferred::None;
@@ -423,7 +419,8 @@ fn deliver_publication(
     encode: Encoder,
     p: &Arc<Publication>,
 ) {
-    let mut frames: [Option<Bytes>; FRAME_SLOTS] = Default::default();
+    // The length of its frame in each encoding, once built.
+    let mut lens: [Option<usize>; FRAME_SLOTS] = Default::default();
     let policy = local.channel.policy();
     let name = local.channel.name();
     // Summed in a local, added to the stats once: the loop over subscribers stays as it was.
@@ -436,13 +433,12 @@ fn deliver_publication(
         if sub.tag != 0 && *origin.get_or_insert_with(|| (encode.origin)(p)) == sub.tag {
             continue;
         }
-        let enc = sub.encoding % FRAME_SLOTS;
-        let frame = frames[enc]
-            .get_or_insert_with(|| p.frame(enc, |p| (encode.publication)(enc, name, p)))
-            .clone();
+        let enc = usize::from(sub.encoding);
+        let len = *lens[enc]
+            .get_or_insert_with(|| p.frame(enc, |p| (encode.publication)(enc, name, p)).len());
         if policy != SlowPolicy::Disconnect {
             flush_sub(stats, sub, name, encode);
-            if sub.pending() || !sub.outbox.has_room(frame.len()) {
+            if sub.pending() || !sub.outbox.has_room(len) {
                 // Skip it (drop: widen the gap; conflate: keep it as the latest) and flush
                 // when the writer frees room.
                 sub.deferred = match (policy, &sub.deferred) {
@@ -455,13 +451,7 @@ fn deliver_publication(
                 continue;
             }
         }
-        let out = Out {
-            frame,
-            slot: sub.slot,
-            seq: p.seq,
-            shared: p.counts_frames(),
-        };
-        queued += deliver(stats, sub, out);
+        queued += deliver(stats, sub, Out::message(p.clone(), enc, sub.slot));
     }
     stats.queued += queued;
     local.cursor = p.seq;
@@ -469,26 +459,29 @@ fn deliver_publication(
 
 /// Queues what `sub` deferred, in order, as far as its outbox has room.
 fn flush_sub(stats: &mut PumpStats, sub: &mut Subscriber, name: &ChannelName, encode: Encoder) {
-    let enc = sub.encoding % FRAME_SLOTS;
+    let enc = usize::from(sub.encoding);
     let out = match &sub.deferred {
         Deferred::Gap(from, to) => Out::control((encode.gap)(enc, name, *from, *to)),
-        Deferred::Stash(p) => Out {
-            frame: p.frame(enc, |p| (encode.publication)(enc, name, p)),
-            slot: sub.slot,
-            seq: p.seq,
-            shared: p.counts_frames(),
-        },
+        Deferred::Stash(p) => {
+            p.frame(enc, |p| (encode.publication)(enc, name, p));
+            Out::message(p.clone(), enc, sub.slot)
+        }
         Deferred::None | Deferred::Replay(_) => return,
     };
-    if !sub.outbox.has_room(out.frame.len()) {
+    if !sub.outbox.has_room(out.frame().len()) {
         return;
     }
     sub.deferred = Deferred::None;
     stats.queued += deliver(stats, sub, out);
 }
 
-fn deliver_presence(stats: &mut PumpStats, local: &mut Local, encode: Encoder, e: &PresenceEvent) {
-    let mut frames: [Option<Bytes>; FRAME_SLOTS] = Default::default();
+fn deliver_presence(
+    stats: &mut PumpStats,
+    local: &mut Local,
+    encode: Encoder,
+    e: &Arc<PresenceEvent>,
+) {
+    let mut built = [false; FRAME_SLOTS];
     let mut queued = 0;
     let mut origin = None;
     for sub in local.subs.values() {
@@ -498,13 +491,12 @@ fn deliver_presence(stats: &mut PumpStats, local: &mut Local, encode: Encoder, e
         if sub.tag != 0 && *origin.get_or_insert_with(|| client_tag(&e.who.client)) == sub.tag {
             continue;
         }
-        let enc = sub.encoding % FRAME_SLOTS;
-        let frame = frames[enc]
-            .get_or_insert_with(|| {
-                e.frame(enc, |e| (encode.presence)(enc, local.channel.name(), e))
-            })
-            .clone();
-        queued += deliver(stats, sub, Out::control(frame));
+        let enc = usize::from(sub.encoding);
+        if !built[enc] {
+            e.frame(enc, |e| (encode.presence)(enc, local.channel.name(), e));
+            built[enc] = true;
+        }
+        queued += deliver(stats, sub, Out::event(e.clone(), enc));
     }
     stats.queued += queued;
     local.pcursor = e.pseq;
@@ -531,6 +523,7 @@ mod tests {
     use super::*;
     use crate::engine::outbox::OutboxState;
     use crate::engine::EngineConfig;
+    use bytes::Bytes;
     use std::time::Duration;
 
     fn encode_pub(enc: usize, _: &ChannelName, p: &Publication) -> Bytes {
@@ -580,8 +573,14 @@ mod tests {
 
     fn frames(o: &Outbox) -> Vec<String> {
         let mut v = Vec::new();
-        o.drain_into(|out| v.push(String::from_utf8_lossy(&out.frame).into_owned()));
+        o.drain_into(|out| v.push(String::from_utf8_lossy(out.frame()).into_owned()));
         v
+    }
+
+    #[test]
+    fn a_subscriber_entry_is_a_cache_line() {
+        // One per subscription of every connection (issue 12 item 4).
+        assert!(std::mem::size_of::<Subscriber>() <= 64);
     }
 
     #[test]

@@ -5,48 +5,118 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
+use crate::types::{PresenceEvent, Publication, FRAME_SLOTS};
+
 /// `Out::slot` of a frame that belongs to no subscription (replies, control frames).
 pub const NO_SLOT: u16 = u16::MAX;
 
-/// One queued frame.
-#[derive(Clone, Debug)]
-pub struct Out {
-    /// Complete bytes to write (shared with every other subscriber of the same message).
-    pub frame: Bytes,
-    /// The connection's subscription slot the frame belongs to, or [`NO_SLOT`].
-    pub slot: u16,
-    /// The message's seq (0 for frames that are not messages).
-    pub seq: u64,
-    /// The frame is counted once for the node, wherever it is queued (a message frame, see
-    /// `memory::FrameGauge`): the outbox counts only its entry. Otherwise the outbox counts
-    /// the frame too.
-    pub shared: bool,
+/// One queued frame: 16 bytes. Fan-out queues one per subscriber and message, so when
+/// subscribers fall behind (the top step of a max search at 10,000 subscribers) these entries
+/// are most of what the node holds: an entry names the publication or presence event whose
+/// frame it writes (cached there, shared by every subscriber; see `Publication::frame`) with
+/// one pointer, instead of a 32-byte `Bytes` handle plus its seq and slot (48 bytes).
+#[derive(Clone)]
+pub enum Out {
+    /// A publication's frame in encoding `enc`, built (`Publication::frame`) before it is
+    /// queued; `slot` is the connection's subscription it belongs to.
+    Message {
+        /// The publication (its frames and seq).
+        p: Arc<Publication>,
+        /// The encoding slot of its frame.
+        enc: u8,
+        /// The connection's subscription slot.
+        slot: u16,
+    },
+    /// A presence event's frame in encoding `enc`, built before it is queued.
+    Event {
+        /// The event.
+        e: Arc<PresenceEvent>,
+        /// The encoding slot of its frame.
+        enc: u8,
+    },
+    /// A frame of this connection's own (replies, gap notices, control frames), boxed so that
+    /// the entries of shared frames stay one pointer wide.
+    Private(Box<Bytes>),
 }
 
 impl Out {
     /// A frame that belongs to no subscription.
     pub fn control(frame: Bytes) -> Self {
-        Self {
-            frame,
-            slot: NO_SLOT,
-            seq: 0,
-            shared: false,
+        Out::Private(Box::new(frame))
+    }
+
+    /// `p`'s frame in encoding `enc` for subscription `slot`: the frame must be built
+    /// (`p.frame(enc, …)`) first; the entry writes what the publication caches.
+    pub fn message(p: Arc<Publication>, enc: usize, slot: u16) -> Self {
+        Out::Message {
+            p,
+            enc: (enc % FRAME_SLOTS) as u8,
+            slot,
         }
     }
 
-    /// The bytes it adds to its outbox's footprint besides the entry.
+    /// `e`'s frame in encoding `enc`, built first (`e.frame(enc, …)`).
+    pub fn event(e: Arc<PresenceEvent>, enc: usize) -> Self {
+        Out::Event {
+            e,
+            enc: (enc % FRAME_SLOTS) as u8,
+        }
+    }
+
+    /// The bytes to write.
+    pub fn frame(&self) -> &[u8] {
+        match self {
+            Out::Message { p, enc, .. } => p.built_frame(usize::from(*enc)),
+            Out::Event { e, enc } => e.built_frame(usize::from(*enc)),
+            Out::Private(b) => b,
+        }
+    }
+
+    /// The connection's subscription slot the frame belongs to, or [`NO_SLOT`].
+    pub fn slot(&self) -> u16 {
+        match self {
+            Out::Message { slot, .. } => *slot,
+            _ => NO_SLOT,
+        }
+    }
+
+    /// The message's seq (0 for frames that are not messages).
+    pub fn seq(&self) -> u64 {
+        match self {
+            Out::Message { p, .. } => p.seq,
+            _ => 0,
+        }
+    }
+
+    /// The bytes it adds to its outbox's footprint besides the entry: nothing for a message
+    /// frame counted once for the node (see `memory::FrameGauge`), wherever it is queued;
+    /// otherwise the frame (and, for a private one, its box).
     fn private_len(&self) -> usize {
-        if self.shared {
-            0
-        } else {
-            self.frame.len()
+        match self {
+            Out::Message { p, .. } if p.counts_frames() => 0,
+            Out::Private(b) => b.len() + PRIVATE_BOX,
+            _ => self.frame().len(),
         }
     }
 }
+
+impl std::fmt::Debug for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Out")
+            .field("len", &self.frame().len())
+            .field("slot", &self.slot())
+            .field("seq", &self.seq())
+            .finish()
+    }
+}
+
+/// What a private frame's box costs besides the frame.
+const PRIVATE_BOX: usize = std::mem::size_of::<Bytes>();
 
 /// Whether the outbox still takes frames.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,12 +218,12 @@ impl Outbox {
         if inner.state != OutboxState::Open {
             return false;
         }
-        if inner.bytes + out.frame.len() > inner.limit {
+        if inner.bytes + out.frame().len() > inner.limit {
             drop(inner);
             self.mark_overflowed();
             return false;
         }
-        inner.bytes += out.frame.len();
+        inner.bytes += out.frame().len();
         inner.private += out.private_len();
         inner.queue.push_back(out);
         wake(&mut inner);
@@ -181,9 +251,10 @@ impl Outbox {
             inner.recount_queue();
         }
         inner.state = OutboxState::Closing;
-        inner.bytes += frame.len();
-        inner.private += frame.len();
-        inner.queue.push_back(Out::control(frame));
+        let out = Out::control(frame);
+        inner.bytes += out.frame().len();
+        inner.private += out.private_len();
+        inner.queue.push_back(out);
         inner.recount(before);
         wake(&mut inner);
     }
@@ -303,7 +374,7 @@ impl Outbox {
             let mut count = 0;
             for (i, out) in inner.queue.iter().take(MAX_IOV).enumerate() {
                 let skip = if i == 0 { inner.front_written } else { 0 };
-                slices[count] = IoSlice::new(&out.frame[skip..]);
+                slices[count] = IoSlice::new(&out.frame()[skip..]);
                 count += 1;
             }
             if count == 0 {
@@ -324,7 +395,7 @@ impl Outbox {
         let mut n = 0;
         let mut freed = 0;
         while let Some(out) = inner.queue.pop_front() {
-            inner.bytes -= out.frame.len() - inner.front_written;
+            inner.bytes -= out.frame().len() - inner.front_written;
             inner.private -= out.private_len();
             inner.front_written = 0;
             freed += Self::cost(&out);
@@ -360,7 +431,7 @@ impl Inner {
             let Some(front) = self.queue.front() else {
                 break;
             };
-            let left = front.frame.len() - self.front_written;
+            let left = front.frame().len() - self.front_written;
             if n >= left {
                 n -= left;
                 self.front_written = 0;
@@ -397,7 +468,7 @@ impl Inner {
 
     /// Sets `bytes` and `private` from the queue (after it was cut).
     fn recount_queue(&mut self) {
-        self.bytes = self.queue.iter().map(|o| o.frame.len()).sum::<usize>() - self.front_written;
+        self.bytes = self.queue.iter().map(|o| o.frame().len()).sum::<usize>() - self.front_written;
         self.private = self.queue.iter().map(Out::private_len).sum();
     }
 
@@ -554,6 +625,66 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_is_two_words() {
+        // One per subscriber and message: at 10,000 subscribers 1,000 messages behind, each
+        // byte here is 10 MB.
+        assert_eq!(std::mem::size_of::<Out>(), 16);
+    }
+
+    #[test]
+    fn shared_and_private_frames_go_out_whole_and_in_order() {
+        use crate::types::{DataKind, Identity};
+        let p = Arc::new(Publication::new(
+            7,
+            std::time::Instant::now(),
+            DataKind::Json,
+            Bytes::from_static(b"data"),
+        ));
+        p.frame(1, |p| Bytes::from(format!("[msg {}]", p.seq)));
+        let who = Identity {
+            client: "c".into(),
+            user: "u".into(),
+            info: None,
+        };
+        let e = Arc::new(PresenceEvent::new(1, 7, true, who));
+        e.frame(1, |e| Bytes::from(format!("[{} {}]", e.kind(), e.who.user)));
+        let o = Outbox::new(1000);
+        assert!(o.push(Out::control(Bytes::from_static(b"[reply]"))));
+        assert!(o.push(Out::message(p.clone(), 1, 3)));
+        assert!(o.push(Out::event(e, 1)));
+        assert!(o.push(Out::message(p, 1, 3)));
+        assert_eq!(o.queued_bytes(), 7 + 7 + 8 + 7);
+        let mut wire = Vec::new();
+        // Short writes cut frames anywhere; what goes out is every frame once, in order.
+        while !o.is_empty() {
+            let _ = o.write_with::<()>(|iov| {
+                let n = iov.iter().map(|s| s.len()).sum::<usize>().min(5);
+                let mut left = n;
+                for s in iov {
+                    let k = s.len().min(left);
+                    wire.extend_from_slice(&s[..k]);
+                    left -= k;
+                }
+                Poll::Ready(Ok(n))
+            });
+        }
+        assert_eq!(wire, b"[reply][msg 7][join u][msg 7]");
+        // The cursor an SSE stream keeps comes from the entry.
+        let p = Arc::new(Publication::new(
+            9,
+            std::time::Instant::now(),
+            DataKind::Json,
+            Bytes::new(),
+        ));
+        p.frame(0, |_| Bytes::from_static(b"m"));
+        o.push(Out::message(p, 0, 2));
+        o.push(frame(1));
+        let mut seen = Vec::new();
+        o.drain_into(|out| seen.push((out.slot(), out.seq(), out.frame().to_vec())));
+        assert_eq!(seen, [(2, 9, b"m".to_vec()), (NO_SLOT, 0, b"x".to_vec())]);
+    }
+
+    #[test]
     fn overflow_drops_the_queue_and_refuses_more() {
         let o = Outbox::new(100);
         assert!(o.push(frame(60)));
@@ -579,7 +710,8 @@ mod tests {
     #[test]
     fn the_shard_gauge_follows_what_outboxes_hold() {
         let g = Gauge::default();
-        let per = std::mem::size_of::<Out>();
+        // A private frame costs its entry and its box besides its bytes.
+        let per = std::mem::size_of::<Out>() + PRIVATE_BOX;
         let a = Outbox::with_gauge(1000, g.clone());
         let b = Outbox::with_gauge(1000, g.clone());
         a.push(frame(10));

@@ -458,13 +458,13 @@ impl HttpBody for SseBody {
         );
         let cursor = &mut this.cursor;
         this.outbox.drain_into(|out| {
-            if out.slot != NO_SLOT {
-                if let Some(p) = cursor.get_mut(out.slot as usize) {
-                    p.seq = out.seq;
+            if out.slot() != NO_SLOT {
+                if let Some(p) = cursor.get_mut(out.slot() as usize) {
+                    p.seq = out.seq();
                 }
                 sse::write_id(cursor, &mut buf);
             }
-            buf.put_slice(&out.frame);
+            buf.put_slice(out.frame());
         });
         if this.outbox.take_deferred() {
             if let Ok(mut hub) = this.ctx.hub.try_borrow_mut() {

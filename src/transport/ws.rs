@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -190,10 +190,9 @@ fn publish_reply(
 struct Session {
     ctx: Rc<ShardContext>,
     id: ConnId,
-    /// The client id presence shows.
-    client: Arc<str>,
-    /// Touched on every read; presence sweeps read it.
-    live: Arc<Liveness>,
+    /// Touched on every read once the connection is in a presence channel (presence sweeps
+    /// read it); `None` before: most connections never join one.
+    live: Option<Arc<Liveness>>,
     /// Whether the connection ends cleanly (close handshake, or closed by us): then it leaves
     /// presence at once; otherwise (vanished) at the presence timeout.
     clean: bool,
@@ -203,7 +202,7 @@ struct Session {
     deflate: bool,
     outbox: Rc<Outbox>,
     /// Bytes of a frame not yet complete.
-    partial: BytesMut,
+    partial: reader::Partial,
     /// Auth, clock, rate and subscriptions: the decisions (sans-IO, `super::session`).
     core: SessionCore,
     /// No more reading: the peer closed, broke the protocol, or we are closing.
@@ -213,6 +212,14 @@ struct Session {
     /// input would make the kernel reset the connection, and the client could lose the close
     /// frame and its code.
     draining: bool,
+    /// What an anonymous session without a backplane or a proxy does not use, boxed: one word
+    /// in every session (issue 12 item 4).
+    rare: Option<Box<Rare>>,
+}
+
+/// The parts of a [`Session`] that most sessions never use.
+#[derive(Default)]
+struct Rare {
     /// Subscribes waiting for the backplane to bring their channel in sync (never in memory
     /// mode); the core counts them as subscriptions.
     joining: Pending<PendingJoin, Result<(), crate::backend::Refusal>>,
@@ -326,7 +333,7 @@ impl Frames for Session {
         self.read_closed
     }
 
-    fn partial(&mut self) -> &mut BytesMut {
+    fn partial(&mut self) -> &mut reader::Partial {
         &mut self.partial
     }
 }
@@ -417,47 +424,46 @@ impl Session {
             Some(hs) => super::proxied::admit(hs, &client, &mut auth).await,
             None => Ok(Vec::new()),
         };
-        let mut s = Session::new(ctx, (id, client), (wire, deflate), auth, hs);
+        let mut s = Session::new(ctx, id, (wire, deflate), auth, hs);
         s.register_user();
         s.on_admitted(admitted);
         s
     }
 
-    /// A new session of connection `id` (`client` is its presence id), with the handshake's
-    /// choices and auth.
+    /// A new session of connection `id`, with the handshake's choices and auth.
     fn new(
         ctx: Rc<ShardContext>,
-        (id, client): (ConnId, Arc<str>),
+        id: ConnId,
         (wire, deflate): (Wire, bool),
         auth: ConnAuth,
         hs: Option<crate::backend::Handshake>,
     ) -> Session {
         let node = &ctx.node;
         let cfg = &node.config;
-        let live = Arc::new(Liveness::default());
         let now = session::now();
-        live.touch(node.engine.millis(now));
         // A client that may do nothing without a token must authenticate in time.
         let needs_token = node.auth.as_ref().is_some_and(|a| !a.anonymous_allowed());
         let rate = (cfg.rate_limit, cfg.rate_burst);
         let t = Timeouts::from_config(cfg, CLOSE_GRACE);
         let core = SessionCore::new(&t, now, auth.shared(&ctx.anonymous), needs_token, rate);
         Session {
-            client,
-            live,
+            live: None,
             clean: false,
             id,
             wire,
             deflate,
             outbox: ctx.new_outbox(),
             ctx,
-            partial: BytesMut::new(),
+            partial: reader::Partial::default(),
             core,
             read_closed: false,
             draining: false,
-            joining: Pending::default(),
-            mailbox: None,
-            caller: hs.map(|h| h.caller),
+            rare: hs.map(|h| {
+                Box::new(Rare {
+                    caller: Some(h.caller),
+                    ..Rare::default()
+                })
+            }),
         }
     }
 
@@ -496,7 +502,9 @@ impl Session {
             Wake::Read(Ok(n)) => {
                 let now = session::now();
                 self.core.clock.on_inbound(now);
-                self.live.touch(self.ctx.node.engine.millis(now));
+                if let Some(live) = &self.live {
+                    live.touch(self.ctx.node.engine.millis(now));
+                }
                 reader::on_scratch(self, decoder, n);
             }
             Wake::Joined(p, r) => {
@@ -543,17 +551,30 @@ impl Session {
                 return Poll::Ready(Wake::Read(r));
             }
         }
-        if !self.joining.is_empty() {
-            if let Poll::Ready((p, r)) = self.joining.poll_next(cx) {
-                return Poll::Ready(Wake::Joined(p, r));
+        if let Some(rare) = &mut self.rare {
+            if !rare.joining.is_empty() {
+                if let Poll::Ready((p, r)) = rare.joining.poll_next(cx) {
+                    return Poll::Ready(Wake::Joined(p, r));
+                }
             }
-        }
-        if let (Some(m), false) = (&self.mailbox, self.core.clock.is_closing()) {
-            if m.poll_ready(cx).is_ready() {
-                return Poll::Ready(Wake::Mail);
+            if let (Some(m), false) = (&rare.mailbox, self.core.clock.is_closing()) {
+                if m.poll_ready(cx).is_ready() {
+                    return Poll::Ready(Wake::Mail);
+                }
             }
         }
         self.outbox.poll_alarm(cx).map(|()| Wake::Alarm)
+    }
+
+    /// The client id presence shows: derived from the connection's id when needed (presence,
+    /// the backend proxy), not kept in every session.
+    fn client(&self) -> Arc<str> {
+        self.ctx.node.engine.client_id(self.ctx.shard, self.id)
+    }
+
+    /// Who the backend proxy is told is asking (`None`: no proxy configured).
+    fn caller(&self) -> Option<&Arc<crate::backend::Caller>> {
+        self.rare.as_ref()?.caller.as_ref()
     }
 
     /// The clock's settings (read from the node's config, not kept per connection).
@@ -708,9 +729,9 @@ impl Session {
                     Ok(join) => join,
                     Err(r) => return self.refuse(id, &r),
                 };
-                let asker = self.caller.as_ref().filter(|_| ask).and_then(|c| {
+                let asker = self.caller().filter(|_| ask).and_then(|c| {
                     c.subscribe_asker(
-                        &self.client,
+                        &self.client(),
                         self.core.auth().user.as_ref(),
                         channel.as_str(),
                     )
@@ -727,7 +748,10 @@ impl Session {
                         join,
                     };
                     self.core.wait_join(request.channel.clone());
-                    self.joining.hold(request, wait);
+                    self.rare
+                        .get_or_insert_default()
+                        .joining
+                        .hold(request, wait);
                     return;
                 }
                 self.subscribe_now(id, channel, resume, join, now);
@@ -738,7 +762,9 @@ impl Session {
     fn unsubscribe(&mut self, id: Option<ReqId<'_>>, channel: ChannelName, now: Instant) {
         match self.core.unsubscribe(&channel) {
             Unsubscribe::Waiting => {
-                self.joining.cancel(|j| j.channel == channel);
+                if let Some(rare) = &mut self.rare {
+                    rare.joining.cancel(|j| j.channel == channel);
+                }
             }
             Unsubscribe::Subscribed => {
                 self.ctx.metrics.subscriptions.decrement(1.0);
@@ -748,7 +774,8 @@ impl Session {
                     .borrow_mut()
                     .unsubscribe(self.id, &channel, now);
                 if let Some(ch) = left {
-                    let wake = self.ctx.node.engine.leave_presence(&ch, &self.client, now);
+                    let client = self.client();
+                    let wake = self.ctx.node.engine.leave_presence(&ch, &client, now);
                     self.ctx.node.wake(wake);
                 }
             }
@@ -788,9 +815,9 @@ impl Session {
                     Payload::Bytes(b) => (DataKind::Binary, Bytes::copy_from_slice(b)),
                 };
                 let node = self.ctx.node.clone();
-                let asker = self.caller.as_ref().and_then(|c| {
+                let asker = self.caller().and_then(|c| {
                     c.publish_asker(
-                        &self.client,
+                        &self.client(),
                         self.core.auth().user.as_ref(),
                         channel.as_str(),
                     )
@@ -906,15 +933,16 @@ impl Session {
     /// Puts the connection in its shard's user index once it has a user (from the token at the
     /// handshake or an `auth` command), so that the server API can act on it.
     fn register_user(&mut self) {
-        if let (None, Some(user)) = (&self.mailbox, &self.core.auth().user) {
-            self.mailbox = Some(self.ctx.users.add(user, self.id));
+        let listed = self.rare.as_ref().is_some_and(|r| r.mailbox.is_some());
+        if let (false, Some(user)) = (listed, &self.core.auth().user) {
+            self.rare.get_or_insert_default().mailbox = Some(self.ctx.users.add(user, self.id));
         }
     }
 
     /// Applies what the server API asked of this connection's user.
     fn on_user_commands(&mut self) {
         use super::users::UserCommand;
-        let Some(mailbox) = self.mailbox.clone() else {
+        let Some(mailbox) = self.rare.as_ref().and_then(|r| r.mailbox.clone()) else {
             return;
         };
         while let Some(command) = mailbox.take() {
@@ -1026,7 +1054,7 @@ impl Session {
     /// The presence member to add when subscribing to `channel`: `None` when the channel has
     /// no presence; the refusal when the client claims an identity it may not.
     fn presence_join(
-        &self,
+        &mut self,
         rules: &Rules,
         channel: &ChannelName,
         claimed: Option<ClientPresence<'_>>,
@@ -1039,32 +1067,34 @@ impl Session {
             user: claimed.user.map(|u| Arc::from(&*u)),
             info: claimed.info.map(json::normalize_data),
         };
-        let who = self.core.presence_identity(rules, &self.client, claim)?;
+        let who = self.core.presence_identity(rules, &self.client(), claim)?;
+        let live = self.live.get_or_insert_with(|| {
+            let live = Arc::new(Liveness::default());
+            live.touch(self.ctx.node.engine.millis(session::now()));
+            live
+        });
         Ok(Some(Join {
             who,
-            live: self.live.clone(),
+            live: live.clone(),
         }))
     }
 
     /// Releases every subscription; leaves presence at once if the connection ended cleanly.
     fn leave(&mut self) {
         let now = session::now();
-        if let (Some(_), Some(user)) = (self.mailbox.take(), &self.core.auth().user) {
+        let mailbox = self.rare.as_mut().and_then(|r| r.mailbox.take());
+        if let (Some(_), Some(user)) = (mailbox, &self.core.auth().user) {
             self.ctx.users.remove(user, self.id);
         }
         let mut wake = 0;
+        // Only a clean end leaves presence at once.
+        let client = self.clean.then(|| self.client());
         let mut hub = self.ctx.hub.borrow_mut();
         let subs = self.core.take_subs();
         self.ctx.metrics.subscriptions.decrement(subs.len() as f64);
         for ch in subs {
-            if let Some(channel) = hub.unsubscribe(self.id, &ch, now) {
-                if self.clean {
-                    wake |= self
-                        .ctx
-                        .node
-                        .engine
-                        .leave_presence(&channel, &self.client, now);
-                }
+            if let (Some(channel), Some(client)) = (hub.unsubscribe(self.id, &ch, now), &client) {
+                wake |= self.ctx.node.engine.leave_presence(&channel, client, now);
             }
         }
         drop(hub);
@@ -1090,9 +1120,13 @@ mod tests {
     /// the auth, hyper's parts and the PROXY bytes across the session, and a `Sleep` (112)
     /// and a cancellation future (72) besides. A debug build lays futures out least tightly,
     /// so the budgets hold for release builds too. Whatever grows them (a field, a future kept
-    /// across an await) costs every idle connection: box what is rarely used instead.
-    const TASK: usize = 584;
-    const SESSION: usize = 312;
+    /// across an await) costs every idle connection: box what is rarely used instead. Tokio
+    /// aligns a task's cell (header 32, scheduler and id 16, this future, trailer 48) to 128
+    /// bytes on x86_64, so each 128 the cell crosses costs a whole step: at 584 bytes the cell
+    /// took 768; since the partial frame, the backplane joins, the mailbox and the proxy
+    /// caller went into one box and the client id is derived when needed (session 6), 640.
+    const TASK: usize = 512;
+    const SESSION: usize = 240;
 
     #[test]
     fn an_idle_session_holds_a_small_future() {

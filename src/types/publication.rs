@@ -63,6 +63,15 @@ impl Publication {
             .clone()
     }
 
+    /// The frame [`Publication::frame`] built for `slot`, or nothing if none was built yet: what
+    /// an outbox entry, which holds the publication rather than a copy of the frame's handle,
+    /// writes.
+    pub fn built_frame(&self, slot: usize) -> &[u8] {
+        self.frames[slot % FRAME_SLOTS]
+            .get()
+            .map_or(&[], |b| &b[..])
+    }
+
     /// Whether its frames are counted in the node's meter (then an outbox counts only its
     /// entry for one, see [`FrameGauge`]).
     pub fn counts_frames(&self) -> bool {
@@ -129,6 +138,13 @@ impl PresenceEvent {
         self.frames[slot % FRAME_SLOTS]
             .get_or_init(|| encode(self))
             .clone()
+    }
+
+    /// The frame [`PresenceEvent::frame`] built for `slot`, or nothing if none was built yet.
+    pub fn built_frame(&self, slot: usize) -> &[u8] {
+        self.frames[slot % FRAME_SLOTS]
+            .get()
+            .map_or(&[], |b| &b[..])
     }
 
     /// `"join"` or `"leave"`.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -173,7 +173,7 @@ struct Session {
     clean: bool,
     outbox: Rc<Outbox>,
     subs: Vec<Sub>,
-    partial: BytesMut,
+    partial: reader::Partial,
     /// Keep-alive and the close grace (sans-IO, `transport::session`).
     clock: SessionClock,
     read_closed: bool,
@@ -219,7 +219,7 @@ async fn run<R, W>(
         outbox: ctx.new_outbox(),
         ctx,
         subs: Vec::new(),
-        partial: BytesMut::new(),
+        partial: reader::Partial::default(),
         clock: SessionClock::new(
             &Timeouts::from_config(cfg, CLOSE_GRACE),
             session::now(),
@@ -364,7 +364,7 @@ impl Frames for Session {
         self.read_closed
     }
 
-    fn partial(&mut self) -> &mut BytesMut {
+    fn partial(&mut self) -> &mut reader::Partial {
         &mut self.partial
     }
 }
