@@ -358,7 +358,11 @@ mod tests {
     fn the_rss_floor_drives_the_level_with_hysteresis() {
         let m = Meter::new(1 << 20, 1);
         m.add(Kind::History, 100 << 10);
-        assert_eq!(m.set_rss(900 << 10), Pressure::Evict, "88 % of RSS, 10 % counted");
+        assert_eq!(
+            m.set_rss(900 << 10),
+            Pressure::Evict,
+            "88 % of RSS, 10 % counted"
+        );
         assert_eq!(m.level(), 900 << 10);
         assert_eq!(m.unseen(), 800 << 10);
         assert_eq!(m.excess(), (900 << 10) - (1 << 20) / 100 * EVICT_TO);
@@ -366,7 +370,11 @@ mod tests {
         m.add(Kind::History, -(100 << 10));
         assert_eq!(m.recompute(), Pressure::Normal);
         assert_eq!(m.set_rss(1100 << 10), Pressure::Refuse);
-        assert_eq!(m.set_rss(1000 << 10), Pressure::Refuse, "not yet under 95 %");
+        assert_eq!(
+            m.set_rss(1000 << 10),
+            Pressure::Refuse,
+            "not yet under 95 %"
+        );
         assert_eq!(m.set_rss(950 << 10), Pressure::Evict, "recovered by itself");
         assert_eq!(m.set_rss(500 << 10), Pressure::Normal);
         assert_eq!(m.rss(), 500 << 10);

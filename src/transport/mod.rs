@@ -379,8 +379,7 @@ impl ShardContext {
     pub fn report_connections(&self) {
         use crate::engine::memory::{Kind, CONNECTION_COST, SUBSCRIPTION_COST};
         let subscriptions = self.node.load.get(self.shard).map_or(0, |l| {
-            usize::try_from(l.subscriptions.load(std::sync::atomic::Ordering::Relaxed))
-                .unwrap_or(0)
+            usize::try_from(l.subscriptions.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(0)
         });
         let bytes = self
             .tracker
