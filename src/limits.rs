@@ -204,20 +204,6 @@ pub fn resident_bytes() -> Option<usize> {
     Some(kb.saturating_mul(1024))
 }
 
-/// Hands what the calling thread's allocator heap has freed back to the OS now (mimalloc's
-/// `mi_collect(true)`: frees its empty pages, takes back blocks other threads freed into it,
-/// and purges unused memory at once instead of after mimalloc's purge delay). Each shard calls
-/// it on its own thread from its upkeep tick while the node is under memory pressure, so that
-/// allocator retention cannot hold the RSS floor over the budget once memory is free. Costs a
-/// walk of the thread's pages: well under a millisecond for hundreds of MiB. Harmless where
-/// mimalloc is not the global allocator (its heaps are then empty).
-#[allow(unsafe_code)]
-pub fn release_free_memory() {
-    // SAFETY: `mi_collect` takes no pointer and has no precondition: it may be called on any
-    // thread at any time and only frees memory the calling thread's heap no longer uses.
-    unsafe { libmimalloc_sys::mi_collect(true) }
-}
-
 /// What the process may use: its cgroup's limit, else physical memory; `None` if unknown.
 fn memory_limit() -> Option<usize> {
     let read = |path: &str| std::fs::read_to_string(path).ok();

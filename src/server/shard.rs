@@ -99,7 +99,7 @@ pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) 
                     // so that the RSS floor falls with what was freed (see `memory::Meter`).
                     let meter = pump_ctx.node.engine.meter();
                     if meter.pressure() != crate::engine::memory::Pressure::Normal {
-                        crate::limits::release_free_memory();
+                        crate::transport::alarm::return_free_pages(true);
                     }
                 }
                 _ = pump_stop.cancelled() => break,
