@@ -340,9 +340,10 @@ pub struct Config {
     )]
     pub max_channels: usize,
     /// Most presence info bytes of all members of the node together; a subscribe with info
-    /// past it gets `overloaded`.
-    #[arg(long, env = "RELAY_PRESENCE_INFO_BUDGET", value_name = "BYTES", value_parser = parse_bytes, default_value = "64MiB")]
-    pub presence_info_budget: usize,
+    /// past it gets `overloaded` [default: an eighth of --max-memory, at most 64MiB: a member's
+    /// info costs about 3.5 times its bytes while its join event lives].
+    #[arg(long, env = "RELAY_PRESENCE_INFO_BUDGET", value_name = "BYTES", value_parser = parse_bytes)]
+    pub presence_info_budget: Option<usize>,
     /// Admin UI at /admin: the password of its login form (at least 8 bytes). Setting it (or
     /// --admin-token) turns /admin on; prefer RELAY_ADMIN_PASSWORD to keep it out of `ps`
     /// [default: none, /admin is 404].
