@@ -313,13 +313,20 @@ pub struct Config {
     )]
     pub api_key_rate_limit: u32,
     // --- resource bounds (issue 11) ---
-    /// Memory budget for what clients make the node hold (history, presence, channels,
-    /// outboxes, API answers). From 85 % the history of the least recently used channels is
-    /// evicted; over it, new publishes, subscriptions and connections are refused (503,
+    /// Memory budget of the node: what clients make it hold (history, presence, channels,
+    /// outboxes, API answers, connections and subscriptions at an estimated cost each), and at
+    /// least its RSS (--rss-floor). From 85 % the history of the least recently used channels
+    /// is evicted; over it, new publishes, subscriptions and connections are refused (503,
     /// `overloaded`, close 1013) until it is back under 95 %. 0 for none [default: half the
     /// cgroup memory limit, or of physical memory].
     #[arg(long, env = "RELAY_MAX_MEMORY", value_name = "BYTES", value_parser = parse_bytes)]
     pub max_memory: Option<usize>,
+    /// Hold --max-memory against the process's resident memory (RSS, read every 100 ms) as
+    /// well as what relay counts: what no counter sees (allocator slack, buffers, the binary
+    /// itself) then also leads to eviction and refusal. false: only what relay counts (a relay
+    /// embedded in a larger process).
+    #[arg(long, env = "RELAY_RSS_FLOOR", value_name = "BOOL", action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", default_value_t = true)]
+    pub rss_floor: bool,
     /// Bytes of history kept per channel, as well as --history-size messages.
     #[arg(long, env = "RELAY_HISTORY_MAX_BYTES", value_name = "BYTES", value_parser = parse_bytes, default_value = "1MiB")]
     pub history_max_bytes: usize,
@@ -333,9 +340,10 @@ pub struct Config {
     )]
     pub max_channels: usize,
     /// Most presence info bytes of all members of the node together; a subscribe with info
-    /// past it gets `overloaded`.
-    #[arg(long, env = "RELAY_PRESENCE_INFO_BUDGET", value_name = "BYTES", value_parser = parse_bytes, default_value = "64MiB")]
-    pub presence_info_budget: usize,
+    /// past it gets `overloaded` [default: an eighth of --max-memory, at most 64MiB: a member's
+    /// info costs about 3.5 times its bytes while its join event lives].
+    #[arg(long, env = "RELAY_PRESENCE_INFO_BUDGET", value_name = "BYTES", value_parser = parse_bytes)]
+    pub presence_info_budget: Option<usize>,
     /// Admin UI at /admin: the password of its login form (at least 8 bytes). Setting it (or
     /// --admin-token) turns /admin on; prefer RELAY_ADMIN_PASSWORD to keep it out of `ps`
     /// [default: none, /admin is 404].

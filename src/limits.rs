@@ -194,6 +194,30 @@ pub fn default_memory_budget() -> usize {
     memory_limit().map_or(0, |limit| limit / 2)
 }
 
+/// The default of `--presence-info-budget` under a memory budget of `max_memory` bytes (0:
+/// none): an eighth of it, at most 64 MiB. Info is what presence members send, and in a burst
+/// of joins each byte of it cost about 3.5 bytes of RSS (the member's copy, its join event's
+/// frame for 5 s, and the allocator pages those pin among the burst's transient buffers):
+/// measured in issue 11's soak, 64 MiB of info took a 256 MiB node to 1.28 times its budget,
+/// 32 MiB to 0.84 times (benches/RESULTS.md, "RSS under the budget").
+pub fn default_presence_info_budget(max_memory: usize) -> usize {
+    const MOST: usize = 64 << 20;
+    match max_memory {
+        0 => MOST,
+        m => (m / 8).min(MOST),
+    }
+}
+
+/// The process's resident memory (RSS) in bytes, from `/proc/self/status`; `None` where there
+/// is no procfs. One open and read: for the upkeep tick (the memory budget's floor), never for
+/// a hot path.
+pub fn resident_bytes() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let kb: usize = kb.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb.saturating_mul(1024))
+}
+
 /// What the process may use: its cgroup's limit, else physical memory; `None` if unknown.
 fn memory_limit() -> Option<usize> {
     let read = |path: &str| std::fs::read_to_string(path).ok();
@@ -484,6 +508,27 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn the_presence_info_budget_follows_a_small_memory_budget() {
+        assert_eq!(default_presence_info_budget(256 << 20), 32 << 20);
+        assert_eq!(
+            default_presence_info_budget(16 << 30),
+            64 << 20,
+            "at most 64 MiB"
+        );
+        assert_eq!(
+            default_presence_info_budget(0),
+            64 << 20,
+            "no memory budget"
+        );
+    }
+
+    #[test]
+    fn the_resident_memory_is_read_from_proc() {
+        let rss = resident_bytes().unwrap();
+        assert!(rss > 1 << 20 && rss < 1 << 40, "{rss}");
+    }
 
     #[test]
     fn ip_slots_come_back() {

@@ -55,6 +55,11 @@ pub struct EngineFigures {
     pub memory_limit: usize,
     /// The memory pressure level (0 normal, 1 evict, 2 refuse).
     pub memory_pressure: u8,
+    /// The process's RSS at the budget's last sample (0: not sampled).
+    pub memory_rss: usize,
+    /// What the budget is held against: counted bytes plus what the last RSS sample held
+    /// beyond them.
+    pub memory_level: usize,
     /// Channels in the table.
     pub channels: usize,
     /// Presence info bytes of the node.
@@ -97,6 +102,8 @@ fn observe(e: &EngineFigures) {
     }
     gauge!("relay_memory_limit_bytes").set(e.memory_limit as f64);
     gauge!("relay_memory_pressure").set(f64::from(e.memory_pressure));
+    gauge!("relay_memory_rss_bytes").set(e.memory_rss as f64);
+    gauge!("relay_memory_level_bytes").set(e.memory_level as f64);
     gauge!("relay_channels").set(e.channels as f64);
     gauge!("relay_presence_info_bytes").set(e.presence_info_bytes as f64);
     counter!("relay_history_evictions_total").absolute(e.evictions);
@@ -182,12 +189,25 @@ fn describe() {
         Unit::Bytes,
         "What clients made the node hold, by kind: history (payload + per-message overhead), \
          presence (members, events), channels, outbox (queued frames; a frame shared by several \
-         outboxes counts in each), responses (API answers not yet sent)."
+         outboxes counts once), responses (API answers not yet sent), connections (open \
+         connections and subscriptions at an estimated cost each)."
     );
     describe_gauge!(
         "relay_memory_limit_bytes",
         Unit::Bytes,
         "The memory budget (--max-memory); 0: none."
+    );
+    describe_gauge!(
+        "relay_memory_rss_bytes",
+        Unit::Bytes,
+        "The process's resident memory at the memory budget's last sample (every 100 ms, \
+         --rss-floor); 0: not sampled."
+    );
+    describe_gauge!(
+        "relay_memory_level_bytes",
+        Unit::Bytes,
+        "What the memory budget is held against: the bytes counted by kind plus what the last \
+         RSS sample held beyond them."
     );
     describe_gauge!(
         "relay_memory_pressure",

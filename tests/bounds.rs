@@ -74,7 +74,8 @@ where
 /// recently used histories are evicted, and a resume that needed one says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn history_has_an_overall_bound_and_evicted_history_says_so() {
-    let relay = Relay::start(&["--max-memory", "32MiB"]);
+    // What relay counts, without the RSS floor: a debug binary holds 30 MiB at rest.
+    let relay = Relay::start(&["--max-memory", "32MiB", "--rss-floor", "false"]);
     assert_eq!(relay.metric("relay_memory_limit_bytes").await, 32.0 * MIB);
     let data = "x".repeat(60_000);
     let first = relay.publish("h:0", json!(data)).await;
@@ -520,9 +521,12 @@ async fn the_presence_info_budget_refuses_info_past_it() {
 /// answer; once the memory is back, the node takes them again by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn over_the_budget_new_work_is_refused_and_the_node_recovers() {
+    // What relay counts, without the RSS floor (a debug binary holds 30 MiB at rest).
     let relay = Relay::start(&[
         "--max-memory",
         "16MiB",
+        "--rss-floor",
+        "false",
         "--max-outbox-bytes",
         "8MiB",
         "--history-max-bytes",
@@ -584,4 +588,96 @@ async fn over_the_budget_new_work_is_refused_and_the_node_recovers() {
     early.subscribe("other").await;
     Ws::connect(&relay.ws_url()).await.subscribe("other").await;
     assert_eq!(relay.metric("relay_memory_pressure").await, 0.0);
+}
+
+/// Connections weigh in the budget (an estimated 4 KiB each, `memory::CONNECTION_COST`): once
+/// open connections alone fill it, new WebSocket connections are refused (1013) and so are
+/// subscriptions; when they leave, the node takes both again by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_alone_fill_the_budget_and_the_node_recovers_when_they_leave() {
+    let relay = Relay::start(&[
+        "--max-memory",
+        "16MiB",
+        "--rss-floor",
+        "false",
+        "--max-connections-per-ip",
+        "0",
+        "--handshake-timeout",
+        "60s",
+    ]);
+    let mut early = Ws::connect(&relay.ws_url()).await;
+    early.subscribe("before").await;
+    assert_eq!(relay.metric("relay_memory_pressure").await, 0.0);
+    // 16 MiB at 4 KiB a connection: 4,096 fill it. Plain TCP connections that send nothing
+    // (yet) are connections too.
+    let mut held = Vec::new();
+    for _ in 0..4200 {
+        held.push(
+            tokio::net::TcpStream::connect(relay.addr())
+                .await
+                .expect("connect"),
+        );
+    }
+    eventually(Duration::from_secs(10), "over the budget", || async {
+        relay.metric("relay_memory_pressure").await == 2.0
+    })
+    .await;
+    assert!(memory(&relay, "connections").await > 16.0 * MIB);
+    let mut late = RawWs::connect(relay.addr()).await;
+    assert_eq!(late.expect_close_code(RECV_TIMEOUT).await, Some(1013));
+    early
+        .expect_error_for(
+            r#"{"type":"subscribe","channel":"other","id":3}"#,
+            "overloaded",
+            Some(json!(3)),
+        )
+        .await;
+    assert_eq!(relay.get("/healthz").await.0, 200);
+
+    drop(held);
+    eventually(Duration::from_secs(10), "the connections counted out", || async {
+        memory(&relay, "connections").await < 1.0 * MIB
+    })
+    .await;
+    eventually(Duration::from_secs(5), "back under the budget", || async {
+        relay.metric("relay_memory_pressure").await == 0.0
+    })
+    .await;
+    early.subscribe("other").await;
+    Ws::connect(&relay.ws_url()).await.subscribe("other").await;
+}
+
+/// The budget holds the process's RSS as a floor: what no counter sees (here the binary, its
+/// runtimes and allocator: a relay holds more than 16 MiB at rest) also refuses new work, and
+/// the floor is visible in the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rss_floor_refuses_what_no_counter_sees() {
+    let relay = Relay::start(&["--max-memory", "16MiB"]);
+    eventually(Duration::from_secs(5), "an RSS sample", || async {
+        relay.metric("relay_memory_rss_bytes").await > 0.0
+    })
+    .await;
+    let sampled = relay.metric("relay_memory_rss_bytes").await;
+    let rss = relay.rss_kib() as f64 * 1024.0;
+    assert!(
+        (sampled - rss).abs() < rss / 4.0,
+        "sampled {sampled}, /proc says {rss}"
+    );
+    assert!(rss > 16.0 * MIB, "a relay at rest holds {rss} B");
+    let counted = memory(&relay, "history").await
+        + memory(&relay, "connections").await
+        + memory(&relay, "channels").await;
+    assert!(counted < 1.0 * MIB, "nothing much counted: {counted}");
+    assert!(relay.metric("relay_memory_level_bytes").await >= sampled);
+    eventually(Duration::from_secs(5), "refusing", || async {
+        relay.metric("relay_memory_pressure").await == 2.0
+    })
+    .await;
+    let r = relay
+        .post("/api/publish", &json!({"channel":"c","data":1}))
+        .await;
+    assert_http_error(&r, 503, "overloaded");
+    let mut late = RawWs::connect(relay.addr()).await;
+    assert_eq!(late.expect_close_code(RECV_TIMEOUT).await, Some(1013));
+    assert_eq!(relay.get("/healthz").await.0, 200);
 }

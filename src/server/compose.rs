@@ -48,7 +48,9 @@ pub fn node(
             patterns: crate::transport::pusher::presence_patterns(&config),
             timeout: config.presence_timeout,
             max_members: config.presence_max_members,
-            info_budget: config.presence_info_budget,
+            info_budget: config
+                .presence_info_budget
+                .unwrap_or_else(|| crate::limits::default_presence_info_budget(max_memory)),
         },
         slow_consumer: config.slow_consumer.clone(),
         idempotency_window: config.idempotency_window,

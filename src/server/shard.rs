@@ -1,8 +1,9 @@
 //! One shard: a thread pinned to a core, running a `current_thread` runtime with a `LocalSet`.
 //! It accepts on its own listener, serves its connections, pumps its hub when the engine wakes
-//! it, reports its outboxes to the memory meter, and (shard 0) runs the engine's upkeep: the
-//! expiry queue, eviction under memory pressure, the presence sweep, and the sweep of refilled
-//! API rate buckets.
+//! it, reports its outboxes and connections to the memory meter (and under memory pressure
+//! hands its freed pages back to the OS), and (shard 0) runs the engine's upkeep: the RSS
+//! sample of the memory budget, the expiry queue, eviction under memory pressure, the presence
+//! sweep, and the sweep of refilled API rate buckets.
 
 use std::cell::Cell;
 use std::convert::Infallible;
@@ -91,7 +92,16 @@ pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) 
                     }
                     writers.clear();
                 }
-                _ = upkeep.tick() => pump_ctx.report_memory(),
+                _ = upkeep.tick() => {
+                    pump_ctx.report_memory();
+                    pump_ctx.report_connections();
+                    // Under pressure, what this thread's heap freed goes back to the OS now,
+                    // so that the RSS floor falls with what was freed (see `memory::Meter`).
+                    let meter = pump_ctx.node.engine.meter();
+                    if meter.pressure() != crate::engine::memory::Pressure::Normal {
+                        crate::transport::alarm::return_free_pages(true);
+                    }
+                }
                 _ = pump_stop.cancelled() => break,
             }
         }
@@ -119,7 +129,17 @@ pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) 
             presence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = expiry.tick() => { node.engine.tick(crate::types::now()); }
+                    _ = expiry.tick() => {
+                        // What no counter sees (allocator slack, transient buffers) weighs
+                        // through the process's RSS: one read of /proc per tick.
+                        let meter = node.engine.meter();
+                        if node.config.rss_floor && meter.limit() > 0 {
+                            if let Some(rss) = crate::limits::resident_bytes() {
+                                meter.set_rss(rss);
+                            }
+                        }
+                        node.engine.tick(crate::types::now());
+                    }
                     _ = buckets.tick() => {
                         node.api.sweep(crate::types::now());
                         crate::metrics::upkeep();
@@ -159,6 +179,9 @@ pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) 
                         tracker.spawn_local(serve_connection(ctx.clone(), io, peer, deadline));
                     }
                 }
+                // A burst of connections weighs in the budget before the next batch, so that
+                // over it the next ones are refused at their upgrade.
+                ctx.report_connections();
                 if let Err(e) = r {
                     // Out of file descriptors and the like: back off instead of spinning.
                     crate::limits::accept_failed(index, &e);

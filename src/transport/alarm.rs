@@ -36,11 +36,14 @@ pub const SWEEP: Duration = Duration::from_secs(1);
 /// less than mimalloc's purge delay ago stay for reuse, so a busy shard frees nothing it is
 /// about to allocate again. Called once per [`SWEEP`] on each shard's thread (the heap is the
 /// calling thread's); it walks that heap's pages (a few thousand at 100 MiB), microseconds.
+/// `force` (every 100 ms while the node is under memory pressure, from the shard's upkeep
+/// tick): also what was freed within the purge delay, so that the memory budget's RSS floor
+/// falls as soon as memory is freed and retention cannot keep the node refusing.
 #[allow(unsafe_code)]
-fn return_free_pages() {
+pub(crate) fn return_free_pages(force: bool) {
     // SAFETY: `mi_collect` takes no pointer, may be called on any thread at any time, and only
     // frees memory the allocator itself holds unused.
-    unsafe { libmimalloc_sys::mi_collect(false) }
+    unsafe { libmimalloc_sys::mi_collect(force) }
 }
 
 /// The alarms of one shard. See the module docs.
@@ -141,7 +144,7 @@ impl Alarms {
                 o.release_idle();
             }
         }
-        return_free_pages();
+        return_free_pages(false);
     }
 
     /// The shard's timer task: rings alarms as they come due, and every armed connection

@@ -373,6 +373,25 @@ impl ShardContext {
         meter.set_shard(self.shard, Kind::Responses, self.responses.get());
     }
 
+    /// Tells the node's memory meter what this shard's connections hold besides their outboxes:
+    /// an estimated fixed cost per open connection and per subscription. After each accept
+    /// batch (so that a burst of connections weighs before the next batch) and on every tick.
+    pub fn report_connections(&self) {
+        use crate::engine::memory::{Kind, CONNECTION_COST, SUBSCRIPTION_COST};
+        let subscriptions = self.node.load.get(self.shard).map_or(0, |l| {
+            usize::try_from(l.subscriptions.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(0)
+        });
+        let bytes = self
+            .tracker
+            .len()
+            .saturating_mul(CONNECTION_COST)
+            .saturating_add(subscriptions.saturating_mul(SUBSCRIPTION_COST));
+        self.node
+            .engine
+            .meter()
+            .set_shard(self.shard, Kind::Connections, bytes);
+    }
+
     /// A connection id unique within the shard.
     pub fn next_conn_id(&self) -> ConnId {
         let id = self.next_conn.get();
@@ -399,6 +418,8 @@ pub fn engine_figures(engine: &Engine) -> crate::metrics::EngineFigures {
             .collect(),
         memory_limit: meter.limit(),
         memory_pressure: meter.pressure() as u8,
+        memory_rss: meter.rss(),
+        memory_level: meter.level(),
         channels: engine.channel_count(),
         presence_info_bytes: engine.presence_info_bytes(),
         evictions: s.evictions.load(Relaxed),
