@@ -775,12 +775,12 @@ async fn pusher_webhooks_are_signed_with_the_apps_secret_and_hold_only_its_chann
     .await;
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pusher_hook_gets_the_kinds_and_channels_it_names_and_client_events_only_when_named() {
     let rx = HookReceiver::start(0).await;
     let all = HookReceiver::start(0).await;
     let relay_format = HookReceiver::start(0).await;
-    let args = with_apps(&[
+    let relay = Relay::start(&strs(&with_apps(&[
         "--pusher-webhook",
         &format!("app1:client_event+member_added;presence-*@{}", rx.url),
         "--pusher-webhook",
@@ -789,71 +789,68 @@ async fn a_pusher_hook_gets_the_kinds_and_channels_it_names_and_client_events_on
         &format!("client_event@{}", relay_format.url),
         "--webhook-batch-delay",
         "10ms",
-    ]);
-    common::paused(&strs(&args), |relay: Relay| async move {
-        let (mut a, a_id) = connect(&relay, "key1").await;
-        let (mut b, b_id) = connect(&relay, "key1").await;
-        let ch = "presence-room";
-        for (ws, id, user) in [(&mut a, &a_id, "alice"), (&mut b, &b_id, "bob")] {
-            let data = format!(r#"{{"user_id":"{user}"}}"#);
-            subscribe(ws, ch, Some(auth(id, ch, Some(&data))), Some(&data)).await;
-            subscribed(ws, ch).await;
-            subscribe(
-                ws,
-                "private-chat",
-                Some(auth(id, "private-chat", None)),
-                None,
-            )
-            .await;
-            subscribed(ws, "private-chat").await;
-        }
-        a.send_json(json!({"event":"client-typing","channel":"private-chat","data":{"x":1}}))
-            .await;
-        a.send_json(json!({"event":"client-typing","channel":ch,"data":{"x":2}}))
-            .await;
-        // Both reached b (so both were published).
-        for _ in 0..2 {
-            loop {
-                let v = next(&mut b).await;
-                if v["event"] == "client-typing" {
-                    break;
-                }
+    ])));
+    let (mut a, a_id) = connect(&relay, "key1").await;
+    let (mut b, b_id) = connect(&relay, "key1").await;
+    let ch = "presence-room";
+    for (ws, id, user) in [(&mut a, &a_id, "alice"), (&mut b, &b_id, "bob")] {
+        let data = format!(r#"{{"user_id":"{user}"}}"#);
+        subscribe(ws, ch, Some(auth(id, ch, Some(&data))), Some(&data)).await;
+        subscribed(ws, ch).await;
+        subscribe(
+            ws,
+            "private-chat",
+            Some(auth(id, "private-chat", None)),
+            None,
+        )
+        .await;
+        subscribed(ws, "private-chat").await;
+    }
+    a.send_json(json!({"event":"client-typing","channel":"private-chat","data":{"x":1}}))
+        .await;
+    a.send_json(json!({"event":"client-typing","channel":ch,"data":{"x":2}}))
+        .await;
+    // Both reached b (so both were published).
+    for _ in 0..2 {
+        loop {
+            let v = next(&mut b).await;
+            if v["event"] == "client-typing" {
+                break;
             }
         }
+    }
 
-        let events = rx.wait_events(3).await;
-        assert_eq!(
-            summary(&events),
-            [
-                "member_added \"presence-room\" alice",
-                "member_added \"presence-room\" bob",
-                "client_event \"presence-room\" alice",
-            ],
-            "{events:?}"
-        );
-        let e = &events[2];
-        assert_eq!(e["event"], "client-typing");
-        assert_eq!(e["socket_id"], a_id.as_str());
-        let data: Value = serde_json::from_str(e["data"].as_str().unwrap()).unwrap();
-        assert_eq!(data, json!({"x":2}));
-        // A hook naming no kinds gets channel and member events, no client events.
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        assert_eq!(rx.events().len(), 3);
-        let names = summary(&all.events());
-        assert!(
-            names.iter().all(|n| !n.starts_with("client_event")),
-            "{names:?}"
-        );
-        assert!(names.contains(&"channel_occupied \"private-chat\"".to_owned()));
-        // relay's own format names the relay channel and carries the data as it was sent.
-        let events = relay_format.wait_events(2).await;
-        assert_eq!(events.len(), 2, "{events:?}");
-        assert_eq!(events[0]["channel"], "pusher/app1/private-chat");
-        assert_eq!(events[0]["data"], json!({"x":1}));
-        assert_eq!(events[0]["socket_id"], a_id.as_str());
-        assert_eq!(events[1]["user_id"], "alice");
-    })
-    .await;
+    let events = rx.wait_events(3).await;
+    assert_eq!(
+        summary(&events),
+        [
+            "member_added \"presence-room\" alice",
+            "member_added \"presence-room\" bob",
+            "client_event \"presence-room\" alice",
+        ],
+        "{events:?}"
+    );
+    let e = &events[2];
+    assert_eq!(e["event"], "client-typing");
+    assert_eq!(e["socket_id"], a_id.as_str());
+    let data: Value = serde_json::from_str(e["data"].as_str().unwrap()).unwrap();
+    assert_eq!(data, json!({"x":2}));
+    // A hook naming no kinds gets channel and member events, no client events.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.events().len(), 3);
+    let names = summary(&all.events());
+    assert!(
+        names.iter().all(|n| !n.starts_with("client_event")),
+        "{names:?}"
+    );
+    assert!(names.contains(&"channel_occupied \"private-chat\"".to_owned()));
+    // relay's own format names the relay channel and carries the data as it was sent.
+    let events = relay_format.wait_events(2).await;
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0]["channel"], "pusher/app1/private-chat");
+    assert_eq!(events[0]["data"], json!({"x":1}));
+    assert_eq!(events[0]["socket_id"], a_id.as_str());
+    assert_eq!(events[1]["user_id"], "alice");
 }
 
 #[tokio::test(start_paused = true)]
