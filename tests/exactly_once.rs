@@ -1,4 +1,5 @@
-//! Publish exactly once and conditionally, against the real binary (memory backplane):
+//! Publish exactly once and conditionally, against the real binary (memory backplane; the
+//! window's test on the paused clock of an in-process server):
 //! `idempotency_key` (a repeat within the window answers the first seq and publishes nothing)
 //! and `expected_seq` (compare-and-set: one winner per seq).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -36,44 +37,48 @@ async fn an_idempotent_publish_retried_ten_times_at_once_yields_one_message() {
     assert_eq!(h["messages"].as_array().unwrap().len(), 2, "{h}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_key_is_forgotten_after_the_window_and_applies_per_channel_in_broadcasts() {
-    let relay = Relay::start(&["--idempotency-window", "1s"]);
-    let publish = |key: &str| json!({"channel":"w","data":1,"idempotency_key":key});
-    let (_, a) = relay.post("/api/publish", &publish("k")).await;
-    let (_, b) = relay.post("/api/publish", &publish("k")).await;
-    assert_eq!(
-        (&a["seq"], &b["seq"], &b["duplicate"]),
-        (&json!(1), &json!(1), &json!(true))
-    );
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    let (_, c) = relay.post("/api/publish", &publish("k")).await;
-    assert_eq!(c["seq"], 2, "{c}");
-    assert!(c.get("duplicate").is_none(), "{c}");
+    let args = ["--idempotency-window", "60s"];
+    common::paused(&args, |relay: Relay| async move {
+        let publish = |key: &str| json!({"channel":"w","data":1,"idempotency_key":key});
+        let (_, a) = relay.post("/api/publish", &publish("k")).await;
+        let (_, b) = relay.post("/api/publish", &publish("k")).await;
+        assert_eq!(
+            (&a["seq"], &b["seq"], &b["duplicate"]),
+            (&json!(1), &json!(1), &json!(true))
+        );
+        // The window passes on the paused clock, at once.
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        let (_, c) = relay.post("/api/publish", &publish("k")).await;
+        assert_eq!(c["seq"], 2, "{c}");
+        assert!(c.get("duplicate").is_none(), "{c}");
 
-    // A broadcast retried after it reached one channel publishes on the others only.
-    relay
-        .post(
-            "/api/publish",
-            &json!({"channel":"b1","data":0,"idempotency_key":"bc"}),
-        )
-        .await;
-    let (status, v) = relay
-        .post(
-            "/api/broadcast",
-            &json!({"channels":["b1","b2"],"data":0,"idempotency_key":"bc"}),
-        )
-        .await;
-    assert_eq!(status, 200, "{v}");
-    assert_eq!(v["results"][0]["duplicate"], true, "{v}");
-    assert_eq!(v["results"][1]["seq"], 1, "{v}");
-    assert!(v["results"][1].get("duplicate").is_none(), "{v}");
+        // A broadcast retried after it reached one channel publishes on the others only.
+        relay
+            .post(
+                "/api/publish",
+                &json!({"channel":"b1","data":0,"idempotency_key":"bc"}),
+            )
+            .await;
+        let (status, v) = relay
+            .post(
+                "/api/broadcast",
+                &json!({"channels":["b1","b2"],"data":0,"idempotency_key":"bc"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["results"][0]["duplicate"], true, "{v}");
+        assert_eq!(v["results"][1]["seq"], 1, "{v}");
+        assert!(v["results"][1].get("duplicate").is_none(), "{v}");
 
-    let long = "x".repeat(129);
-    let r = relay.post("/api/publish", &publish(&long)).await;
-    assert_http_error(&r, 400, "bad_request");
-    let r = relay.post("/api/publish", &publish("")).await;
-    assert_http_error(&r, 400, "bad_request");
+        let long = "x".repeat(129);
+        let r = relay.post("/api/publish", &publish(&long)).await;
+        assert_http_error(&r, 400, "bad_request");
+        let r = relay.post("/api/publish", &publish("")).await;
+        assert_http_error(&r, 400, "bad_request");
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -699,75 +699,80 @@ fn with_apps(extra: &[&str]) -> Vec<String> {
     APPS.iter().chain(extra).map(|s| s.to_string()).collect()
 }
 
-fn start(args: &[String]) -> Relay {
-    Relay::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn pusher_webhooks_are_signed_with_the_apps_secret_and_hold_only_its_channels() {
     let rx1 = HookReceiver::start(0).await;
     let rx2 = HookReceiver::start(0).await;
-    let relay = start(&with_apps(&[
+    let args = with_apps(&[
         "--pusher-webhook",
         &format!("app1:{}", rx1.url),
         "--pusher-webhook",
         &format!("app2:{}", rx2.url),
         "--webhook-batch-delay",
         "10ms",
-    ]));
-    let (mut a, a_id) = connect(&relay, "key1").await;
-    subscribe(&mut a, "news", None, None).await;
-    subscribed(&mut a, "news").await;
-    let ch = "presence-room";
-    let data = r#"{"user_id":"alice"}"#;
-    subscribe(&mut a, ch, Some(auth(&a_id, ch, Some(data))), Some(data)).await;
-    subscribed(&mut a, ch).await;
-    // Another app's channel of the same name.
-    let (mut c, _) = connect(&relay, "key2").await;
-    subscribe(&mut c, "news", None, None).await;
-    subscribed(&mut c, "news").await;
-    c.close_cleanly().await;
-    a.close_cleanly().await;
+    ]);
+    common::paused(&strs(&args), |relay: Relay| async move {
+        let (mut a, a_id) = connect(&relay, "key1").await;
+        subscribe(&mut a, "news", None, None).await;
+        subscribed(&mut a, "news").await;
+        let ch = "presence-room";
+        let data = r#"{"user_id":"alice"}"#;
+        subscribe(&mut a, ch, Some(auth(&a_id, ch, Some(data))), Some(data)).await;
+        subscribed(&mut a, ch).await;
+        // Another app's channel of the same name.
+        let (mut c, _) = connect(&relay, "key2").await;
+        subscribe(&mut c, "news", None, None).await;
+        subscribed(&mut c, "news").await;
+        c.close_cleanly().await;
+        a.close_cleanly().await;
 
-    let events = rx1.wait_events(6).await;
-    let mut got = summary(&events);
-    got.sort();
-    assert_eq!(
-        got,
-        [
-            "channel_occupied \"news\"",
-            "channel_occupied \"presence-room\"",
-            "channel_vacated \"news\"",
-            "channel_vacated \"presence-room\"",
-            "member_added \"presence-room\" alice",
-            "member_removed \"presence-room\" alice",
-        ],
-        "{events:?}"
-    );
-    for p in rx1.posts() {
-        assert_pusher_signed(&p, "key1", SECRET1);
-    }
-    let events = rx2.wait_events(2).await;
-    assert_eq!(
-        summary(&events),
-        ["channel_occupied \"news\"", "channel_vacated \"news\""]
-    );
-    for p in rx2.posts() {
-        assert_pusher_signed(&p, "key2", "secret-two-1234");
-        let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET1.as_bytes());
-        let sig: Vec<u8> = (0..64)
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&p.signature.as_deref().unwrap()[i..i + 2], 16).unwrap())
-            .collect();
-        assert!(
-            ring::hmac::verify(&k, &p.body, &sig).is_err(),
-            "another app's secret does not verify it"
+        let events = rx1.wait_events(6).await;
+        let mut got = summary(&events);
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                "channel_occupied \"news\"",
+                "channel_occupied \"presence-room\"",
+                "channel_vacated \"news\"",
+                "channel_vacated \"presence-room\"",
+                "member_added \"presence-room\" alice",
+                "member_removed \"presence-room\" alice",
+            ],
+            "{events:?}"
         );
-    }
-    // Nothing of the other app comes later.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(rx1.events().len(), 6);
-    assert_eq!(rx2.events().len(), 2);
+        for p in rx1.posts() {
+            assert_pusher_signed(&p, "key1", SECRET1);
+        }
+        let events = rx2.wait_events(2).await;
+        assert_eq!(
+            summary(&events),
+            ["channel_occupied \"news\"", "channel_vacated \"news\""]
+        );
+        for p in rx2.posts() {
+            assert_pusher_signed(&p, "key2", "secret-two-1234");
+            let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET1.as_bytes());
+            let sig: Vec<u8> = (0..64)
+                .step_by(2)
+                .map(|i| {
+                    u8::from_str_radix(&p.signature.as_deref().unwrap()[i..i + 2], 16).unwrap()
+                })
+                .collect();
+            assert!(
+                ring::hmac::verify(&k, &p.body, &sig).is_err(),
+                "another app's secret does not verify it"
+            );
+        }
+        // Nothing of the other app comes later, however long one waits.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(rx1.events().len(), 6);
+        assert_eq!(rx2.events().len(), 2);
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -775,7 +780,7 @@ async fn a_pusher_hook_gets_the_kinds_and_channels_it_names_and_client_events_on
     let rx = HookReceiver::start(0).await;
     let all = HookReceiver::start(0).await;
     let relay_format = HookReceiver::start(0).await;
-    let relay = start(&with_apps(&[
+    let relay = Relay::start(&strs(&with_apps(&[
         "--pusher-webhook",
         &format!("app1:client_event+member_added;presence-*@{}", rx.url),
         "--pusher-webhook",
@@ -784,7 +789,7 @@ async fn a_pusher_hook_gets_the_kinds_and_channels_it_names_and_client_events_on
         &format!("client_event@{}", relay_format.url),
         "--webhook-batch-delay",
         "10ms",
-    ]));
+    ])));
     let (mut a, a_id) = connect(&relay, "key1").await;
     let (mut b, b_id) = connect(&relay, "key1").await;
     let ch = "presence-room";
@@ -848,29 +853,32 @@ async fn a_pusher_hook_gets_the_kinds_and_channels_it_names_and_client_events_on
     assert_eq!(events[1]["user_id"], "alice");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_failing_pusher_receiver_gets_the_same_signed_body_on_retry() {
     let rx = HookReceiver::start(2).await;
-    let relay = start(&with_apps(&[
+    let args = with_apps(&[
         "--pusher-webhook",
         &format!("app1:channel_occupied@{}", rx.url),
         "--webhook-retry-cap",
         "100ms",
-    ]));
-    let (mut a, _) = connect(&relay, "key1").await;
-    subscribe(&mut a, "news", None, None).await;
-    subscribed(&mut a, "news").await;
-    let events = rx.wait_events(1).await;
-    assert_eq!(summary(&events), ["channel_occupied \"news\""]);
-    let posts = rx.posts();
-    assert_eq!(
-        posts.iter().map(|p| p.status).collect::<Vec<_>>(),
-        [500, 500, 200]
-    );
-    assert!(posts.iter().all(|p| p.body == posts[0].body), "{posts:?}");
-    for p in &posts {
-        assert_pusher_signed(p, "key1", SECRET1);
-    }
+    ]);
+    common::paused(&strs(&args), |relay: Relay| async move {
+        let (mut a, _) = connect(&relay, "key1").await;
+        subscribe(&mut a, "news", None, None).await;
+        subscribed(&mut a, "news").await;
+        let events = rx.wait_events(1).await;
+        assert_eq!(summary(&events), ["channel_occupied \"news\""]);
+        let posts = rx.posts();
+        assert_eq!(
+            posts.iter().map(|p| p.status).collect::<Vec<_>>(),
+            [500, 500, 200]
+        );
+        assert!(posts.iter().all(|p| p.body == posts[0].body), "{posts:?}");
+        for p in &posts {
+            assert_pusher_signed(p, "key1", SECRET1);
+        }
+    })
+    .await;
 }
 
 #[test]

@@ -125,12 +125,13 @@ pub fn start_backplane(node: &mut Node, seed: u64) -> std::io::Result<()> {
 }
 
 /// Starts the webhook dispatcher for the `--webhook-url` hooks plus `extra` (hooks of
-/// another format, e.g. a compatibility API's) and makes it the engine's observer. Nothing
-/// without hooks. Call once, before the node is shared.
+/// another format, e.g. a compatibility API's), its senders where `runs` says, and makes it
+/// the engine's observer. Nothing without hooks. Call once, before the node is shared.
 pub fn start_webhooks(
     node: &mut Node,
     extra: Vec<crate::webhooks::Hook>,
     seed: u64,
+    runs: crate::webhooks::Runs,
 ) -> std::io::Result<()> {
     let format: Arc<dyn crate::webhooks::Format> = Arc::new(crate::webhooks::RelayFormat::new(
         node.config.webhook_secret.as_deref(),
@@ -159,6 +160,7 @@ pub fn start_webhooks(
         node.config.node_id(),
         seed,
         node.shutdown.clone(),
+        runs,
     )?;
     if node.backplane.agrees() {
         // In a cluster the backplane decides which node reports each event.

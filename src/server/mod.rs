@@ -24,6 +24,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::{Config, ConfigError};
 use crate::transport::Node;
+use crate::webhooks::Runs;
 
 /// Why the server did not start.
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +117,7 @@ fn launch(
              reconnects at once"
         );
     }
-    let node = build_node(config, shards, auth, tls)?;
+    let node = build_node(config, shards, auth, tls, Runs::OwnThread)?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let pin = shards <= cores.len();
     // Every shard's runtime (its epoll and timer descriptors) exists before any shard serves:
@@ -143,12 +144,14 @@ fn launch(
     })
 }
 
-/// The shared node of `shards` shards, with what the settings name started.
+/// The shared node of `shards` shards, with what the settings name started (the webhook
+/// senders where `runs` says).
 fn build_node(
     config: Config,
     shards: usize,
     auth: Option<crate::auth::Auth>,
     tls: Option<Arc<crate::tls::Tls>>,
+    runs: Runs,
 ) -> Result<Arc<Node>, StartError> {
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -161,7 +164,7 @@ fn build_node(
     // Checked by `prepare` already.
     let pusher_hooks =
         crate::transport::pusher::webhooks(&node.config).map_err(std::io::Error::other)?;
-    compose::start_webhooks(&mut node, pusher_hooks, seed)?;
+    compose::start_webhooks(&mut node, pusher_hooks, seed, runs)?;
     compose::start_jwks(&node)?;
     node.backend = crate::backend::Proxy::from_config(&node.config)?.map(Arc::new);
     let node = Arc::new(node);
@@ -173,8 +176,9 @@ fn build_node(
 /// one: the shard's tasks are `!Send` and run in a `LocalSet` here) instead of on a thread of
 /// its own, until `shutdown` completes. Its timers are the caller's, so a test that pauses
 /// tokio's clock (`start_paused`, `tokio::time::pause`) drives the sessions' timeouts
-/// (auth, keep-alive, close grace) without waiting for them. Production never uses it: a
-/// shard there is a pinned thread with its own runtime.
+/// (auth, keep-alive, close grace) and the webhook senders' (batching window, retry backoff)
+/// without waiting for them. Production never uses it: a shard there is a pinned thread with
+/// its own runtime, and so are the webhook senders.
 pub async fn run_here(
     config: Config,
     listener: std::net::TcpListener,
@@ -183,7 +187,7 @@ pub async fn run_here(
     crate::metrics::install();
     let (auth, tls) = prepare(&config).map_err(|mut e| e.swap_remove(0))?;
     listener.set_nonblocking(true)?;
-    let node = build_node(config, 1, auth, tls)?;
+    let node = build_node(config, 1, auth, tls, Runs::Here)?;
     let local = tokio::task::LocalSet::new();
     local
         .run_until(async {

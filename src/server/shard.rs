@@ -86,11 +86,16 @@ pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) 
                     });
                     pump_ctx.metrics.pumped(&stats);
                     pump_ctx.report_memory();
-                    for group in writers.chunks(WRITERS_AT_ONCE) {
-                        group.iter().for_each(std::task::Waker::wake_by_ref);
+                    // Taken out and woken by value (no clone of a waker), a group at a time;
+                    // `writers` keeps its capacity for the next round.
+                    let mut woken = writers.drain(..);
+                    while woken.len() > 0 {
+                        woken
+                            .by_ref()
+                            .take(WRITERS_AT_ONCE)
+                            .for_each(std::task::Waker::wake);
                         to_the_back().await;
                     }
-                    writers.clear();
                 }
                 _ = upkeep.tick() => {
                     pump_ctx.report_memory();

@@ -362,9 +362,6 @@ async fn admin_api(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Bo
             }
         }
         (Method::GET, "/admin/api/tail") => {
-            if ctx.node.engine.overloaded() {
-                return super::http::overloaded();
-            }
             let admin = super::request::ConnAuth {
                 grants: all,
                 user: None,

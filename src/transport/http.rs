@@ -90,12 +90,12 @@ pub fn json_counted(ctx: &ShardContext, status: StatusCode, body: String) -> Res
     res
 }
 
-/// The answer to a new WebSocket or SSE stream while the node is over its memory budget.
-pub fn overloaded() -> Response<Body> {
-    crate::limits::refused(crate::limits::Cause::Memory, "new stream");
+/// The answer to a new SSE stream the session core did not admit
+/// ([`super::session::on_connect`], which counted it): 503 `overloaded`.
+pub fn overloaded(_: super::session::OverBudget) -> Response<Body> {
     error(
         StatusCode::SERVICE_UNAVAILABLE,
-        "overloaded",
+        super::session::OverBudget::CODE,
         &crate::engine::Overloaded::Memory.to_string(),
     )
 }
@@ -191,7 +191,6 @@ async fn route(ctx: Rc<ShardContext>, req: Request<Incoming>) -> Response<Body> 
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/ws") => ws::upgrade(ctx, req),
-        (&Method::GET, "/sse") if ctx.node.engine.overloaded() => overloaded(),
         (&Method::GET, "/sse") => sse::open(ctx, req).await,
         (&Method::GET, "/metrics") => {
             match crate::metrics::render(|| super::engine_figures(&ctx.node.engine)) {

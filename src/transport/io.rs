@@ -24,20 +24,51 @@ use tokio::time::Sleep;
 use crate::proxy::{parse_proxy_header, ProxyHeaderError};
 
 /// The deadline of a stalled write: armed when a write cannot proceed, cleared by any
-/// progress.
+/// progress. Every connection holds one: it is kept to two words.
 pub struct WriteDeadline {
-    timeout: Duration,
+    /// In milliseconds (0: none).
+    timeout_ms: u32,
+    /// The connection's write timeout is counted (`relay_refused_total{cause="write_timeout"}`):
+    /// once per connection, whether our deadline or the kernel's fired, on a read or a write.
+    counted: bool,
     /// Boxed only while a write waits: an idle connection pays one word.
     stall: Option<Pin<Box<Sleep>>>,
 }
 
 impl WriteDeadline {
-    /// A deadline of `timeout` (zero: none).
+    /// A deadline of `timeout` (zero: none; rounded up to whole milliseconds).
     pub fn new(timeout: Duration) -> WriteDeadline {
+        let ms = timeout.as_nanos().div_ceil(1_000_000);
         WriteDeadline {
-            timeout,
+            timeout_ms: u32::try_from(ms).unwrap_or(u32::MAX),
+            counted: false,
             stall: None,
         }
+    }
+
+    /// The timeout (zero: none).
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(u64::from(self.timeout_ms))
+    }
+
+    /// Counts the connection's write timeout, the first time only; whether it did.
+    fn count(&mut self) -> bool {
+        let first = !std::mem::replace(&mut self.counted, true);
+        if first {
+            crate::limits::refused(
+                crate::limits::Cause::WriteTimeout,
+                "the client stopped reading",
+            );
+        }
+        first
+    }
+
+    /// Counts a socket error that is the kernel's TCP_USER_TIMEOUT: it is set to the same
+    /// `--write-timeout` as our own deadline, so whichever fires first (a read or a write may
+    /// see it, or both), the cause is the same: the client stopped reading.
+    /// Whether it counted one.
+    fn kernel_timeout<T>(&mut self, r: &Poll<io::Result<T>>) -> bool {
+        matches!(r, Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::TimedOut) && self.count()
     }
 
     /// Passes on the result of a write (`write: true`), flush or shutdown; pending with no
@@ -52,16 +83,16 @@ impl WriteDeadline {
         r: Poll<io::Result<T>>,
         write: bool,
     ) -> Poll<io::Result<T>> {
-        if r.is_ready() || self.timeout.is_zero() {
+        if r.is_ready() || self.timeout_ms == 0 {
             if write {
                 self.stall = None;
             }
             // The kernel gives up on unacknowledged data after TCP_USER_TIMEOUT, which is set to
             // the same --write-timeout: whichever of the two fires first, the cause is the same.
-            kernel_timeout(&r);
+            self.kernel_timeout(&r);
             return r;
         }
-        let timeout = self.timeout;
+        let timeout = self.timeout();
         let stall = self
             .stall
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
@@ -70,26 +101,11 @@ impl WriteDeadline {
         }
         self.stall = None;
         let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
-        crate::limits::refused(
-            crate::limits::Cause::WriteTimeout,
-            "the client stopped reading",
-        );
+        self.count();
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
             "write timeout: the client read nothing",
         )))
-    }
-}
-
-/// Counts a socket error that is the kernel's TCP_USER_TIMEOUT: it is set to the same
-/// `--write-timeout` as our own deadline, so whichever fires first (a read or a write may see
-/// it), the cause is the same: the client stopped reading.
-fn kernel_timeout<T>(r: &Poll<io::Result<T>>) {
-    if matches!(r, Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::TimedOut) {
-        crate::limits::refused(
-            crate::limits::Cause::WriteTimeout,
-            "the client stopped reading",
-        );
     }
 }
 
@@ -159,7 +175,7 @@ impl TimedIo {
     /// WebSocket session keeps (it splits the socket and wraps the write half in a
     /// [`TimedWrite`]), and nothing else, since it lives as long as the session.
     pub fn into_parts(self) -> (TcpStream, Bytes, Duration) {
-        (self.tcp, self.pre, self.write.timeout)
+        (self.tcp, self.pre, self.write.timeout())
     }
 
     /// `self` with `more` (bytes hyper read past a WebSocket upgrade request) served after
@@ -209,7 +225,7 @@ impl AsyncRead for TimedIo {
         if buf.filled().len() > before {
             this.moved();
         }
-        kernel_timeout(&r);
+        this.write.kernel_timeout(&r);
         r
     }
 }
@@ -417,6 +433,27 @@ mod tests {
         };
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(t0.elapsed() >= Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_connection_whose_read_and_write_both_time_out_counts_one_write_timeout() {
+        let timed_out = || Poll::Ready(Err::<(), _>(io::Error::from(io::ErrorKind::TimedOut)));
+        let mut d = WriteDeadline::new(Duration::from_secs(5));
+        assert!(!d.kernel_timeout(&Poll::Ready(Ok::<(), io::Error>(()))));
+        assert!(!d.kernel_timeout(&Poll::<io::Result<()>>::Pending));
+        let reset = Poll::Ready(Err::<(), _>(io::Error::from(
+            io::ErrorKind::ConnectionReset,
+        )));
+        assert!(!d.kernel_timeout(&reset), "only ETIMEDOUT counts");
+        // The read sees the kernel's ETIMEDOUT, then the write, then our own deadline fires:
+        // one count, the first.
+        assert!(d.kernel_timeout(&timed_out()), "the read's");
+        assert!(!d.kernel_timeout(&timed_out()), "the write's adds nothing");
+        assert!(!d.count(), "nor our own deadline's");
+        // And it stays two words, as every connection holds one.
+        assert_eq!(std::mem::size_of::<WriteDeadline>(), 16);
+        assert_eq!(WriteDeadline::new(Duration::from_micros(1)).timeout_ms, 1);
+        assert_eq!(WriteDeadline::new(Duration::ZERO).timeout_ms, 0);
     }
 
     /// What hyper hands over with an upgraded connection: the request it parsed and the rest

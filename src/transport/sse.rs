@@ -81,6 +81,9 @@ pub(crate) async fn open_as(
     req: Request<Incoming>,
     given: Option<super::request::ConnAuth>,
 ) -> Response<Body> {
+    if let Err(e) = session::on_connect(ctx.node.engine.overloaded(), "sse stream") {
+        return super::http::overloaded(e);
+    }
     let cfg = ctx.config().clone();
     let mut channels: Vec<ChannelName> = Vec::new();
     let mut last_event_id: Option<String> = None;

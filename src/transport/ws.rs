@@ -276,15 +276,9 @@ async fn session_task(
     let m = &s.ctx.metrics;
     m.ws_accepted.increment(1);
     m.ws_connections.increment(1.0);
-    if s.ctx.node.engine.overloaded() {
-        // Over the memory budget: no new connection (the browser sees the code, which an HTTP
-        // status before the upgrade would not show it).
-        crate::limits::refused(crate::limits::Cause::Memory, "websocket connection");
-        s.close(
-            frame::CLOSE_TRY_AGAIN,
-            "overloaded: the node is over its memory budget, try again later",
-            true,
-        );
+    if session::on_connect(s.ctx.node.engine.overloaded(), "websocket connection").is_err() {
+        let (code, reason) = session::OverBudget::CLOSE;
+        s.close(code, reason, true);
     }
     // The shard's alarm this session has armed (see `super::alarm`).
     let mut armed = None;

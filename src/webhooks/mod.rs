@@ -18,7 +18,8 @@
 //!   another scheme (e.g. Pusher's `X-Pusher-Key`/`X-Pusher-Signature`) plugs in as another
 //!   `Format` on its own hooks.
 //!
-//! The dispatcher runs on its own thread and runtime, so a slow receiver never touches the
+//! The dispatcher runs on its own thread and runtime (in a node; on the caller's under
+//! `server::run_here`, whose paused clock tests drive), so a slow receiver never touches the
 //! shards.
 
 pub mod agree;
@@ -387,6 +388,17 @@ impl Queue {
     }
 }
 
+/// Where the dispatcher's sender tasks run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runs {
+    /// On a thread `relay-webhooks` with a runtime of its own: a slow receiver never holds up
+    /// a shard.
+    OwnThread,
+    /// On the caller's runtime (`server::run_here`): their timers (batching window, retry
+    /// backoff, shutdown deadline) follow the caller's clock, which a test may pause.
+    Here,
+}
+
 /// The dispatcher: the queues the engine's events go into. Cheap to share.
 pub struct Webhooks {
     queues: Vec<Arc<Queue>>,
@@ -396,14 +408,15 @@ pub struct Webhooks {
 }
 
 impl Webhooks {
-    /// Starts one sender task per hook on a new thread `relay-webhooks`. The senders stop once
-    /// `shutdown` is cancelled and their queue is empty (or `shutdown_timeout` has passed).
+    /// Starts one sender task per hook where `runs` says. The senders stop once `shutdown` is
+    /// cancelled and their queue is empty (or `shutdown_timeout` has passed).
     pub fn start(
         hooks: Vec<Hook>,
         settings: Settings,
         node_id: &str,
         seed: u64,
         shutdown: CancellationToken,
+        runs: Runs,
     ) -> std::io::Result<Arc<Self>> {
         let run = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -423,37 +436,48 @@ impl Webhooks {
             next: AtomicU64::new(1),
             settings,
         });
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
+        let rt = match runs {
+            Runs::OwnThread => Some(
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?,
+            ),
+            Runs::Here => None,
+        };
         let queues = me.queues.clone();
         let settings = me.settings.clone();
         let client = {
-            let _enter = rt.enter();
+            let _enter = rt.as_ref().map(|rt| rt.enter());
             client::Client::new()?
         };
-        std::thread::Builder::new()
-            .name("relay-webhooks".into())
-            .spawn(move || {
-                rt.block_on(async move {
-                    let tasks: Vec<_> = queues
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, q)| {
-                            tokio::spawn(send_loop(
-                                q,
-                                client.clone(),
-                                settings.clone(),
-                                shutdown.clone(),
-                                seed ^ (i as u64).rotate_left(17),
-                            ))
-                        })
-                        .collect();
-                    for t in tasks {
-                        let _ = t.await;
-                    }
+        let senders = async move {
+            let tasks: Vec<_> = queues
+                .into_iter()
+                .enumerate()
+                .map(|(i, q)| {
+                    tokio::spawn(send_loop(
+                        q,
+                        client.clone(),
+                        settings.clone(),
+                        shutdown.clone(),
+                        seed ^ (i as u64).rotate_left(17),
+                    ))
                 })
-            })?;
+                .collect();
+            for t in tasks {
+                let _ = t.await;
+            }
+        };
+        match rt {
+            Some(rt) => {
+                std::thread::Builder::new()
+                    .name("relay-webhooks".into())
+                    .spawn(move || rt.block_on(senders))?;
+            }
+            None => {
+                tokio::spawn(senders);
+            }
+        }
         Ok(me)
     }
 

@@ -137,8 +137,7 @@ fn admit(ctx: &Rc<ShardContext>, req: &Request<Incoming>) -> Result<(usize, Conn
             "Unsupported protocol version",
         ));
     }
-    if ctx.node.engine.overloaded() {
-        crate::limits::refused(crate::limits::Cause::Memory, "pusher connection");
+    if session::on_connect(ctx.node.engine.overloaded(), "pusher connection").is_err() {
         return Err(Refusal(code::OVER_CAPACITY, "Over capacity"));
     }
     let slot = registry.connect(index).ok_or(Refusal(

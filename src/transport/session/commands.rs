@@ -20,7 +20,9 @@ use crate::auth::{Perm, Principal};
 use crate::engine::presence::Identity;
 use crate::engine::{Overloaded, SubscribeError};
 use crate::limits::{Cause, TokenBucket, Verdict};
-use crate::protocol::codes::{CLOSE_RATE_LIMITED, CLOSE_TOKEN_EXPIRED, CLOSE_UNAUTHORIZED};
+use crate::protocol::codes::{
+    CLOSE_RATE_LIMITED, CLOSE_TOKEN_EXPIRED, CLOSE_TRY_AGAIN, CLOSE_UNAUTHORIZED,
+};
 use crate::transport::request::ConnAuth;
 use crate::types::ChannelName;
 
@@ -445,6 +447,36 @@ impl SessionCore {
     }
 }
 
+/// A new session the node does not open: it is over its memory budget, and every session
+/// holds memory the budget counts (its outbox, its subscriptions). Decided at connect by
+/// [`on_connect`], for every transport; each tells the client in its own terms, listed here
+/// (Pusher's `/app/KEY` with its own catalogue's 4100 "Over capacity").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OverBudget;
+
+impl OverBudget {
+    /// `/ws`: closed with 1013 right after the upgrade (a browser sees a close code; it would
+    /// not see an HTTP status refused before the upgrade).
+    pub const CLOSE: Close = (
+        CLOSE_TRY_AGAIN,
+        "overloaded: the node is over its memory budget, try again later",
+    );
+    /// `/sse` and the admin's live tail: 503 with this error code, before the stream opens.
+    pub const CODE: &'static str = "overloaded";
+}
+
+/// The decision at connect, before a session holds anything, the same for every transport:
+/// a node `overloaded` (over its memory budget, `Engine::overloaded`) opens no new session.
+/// A refusal is counted (`relay_refused_total{cause="memory"}`; `detail`: the transport, for
+/// the log).
+pub fn on_connect(overloaded: bool, detail: &str) -> Result<(), OverBudget> {
+    if overloaded {
+        crate::limits::refused(Cause::Memory, detail);
+        return Err(OverBudget);
+    }
+    Ok(())
+}
+
 /// The code a refused hub subscribe answers with (`presence_full` or `overloaded`), counted.
 // `let code = match`: the form the docs test (`tests/first_steps.rs`) reads codes from.
 #[allow(clippy::let_and_return)]
@@ -524,6 +556,24 @@ mod tests {
         let auth = anonymous(&["all=public:*"]);
         let core = SessionCore::new(&T, t0, auth, needs_token, rate);
         (core, move |s| t0 + Duration::from_secs(s))
+    }
+
+    #[test]
+    fn a_node_over_its_memory_budget_opens_no_new_session_until_it_is_back_under() {
+        // The node's budget state at each connect, and the decision.
+        let script = [
+            (false, Ok(())),
+            (true, Err(OverBudget)),
+            (true, Err(OverBudget)),
+            (false, Ok(())),
+        ];
+        for (i, (overloaded, want)) in script.into_iter().enumerate() {
+            assert_eq!(on_connect(overloaded, "test"), want, "connect {i}");
+        }
+        // Told in the catalogue's terms: close 1013 (try again later), error `overloaded`.
+        assert_eq!(OverBudget::CLOSE.0, 1013);
+        assert!(crate::protocol::codes::CLOSE_CODES.contains(&OverBudget::CLOSE.0));
+        assert!(crate::protocol::codes::ERROR_CODES.contains(&OverBudget::CODE));
     }
 
     #[test]

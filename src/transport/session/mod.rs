@@ -14,7 +14,9 @@
 pub mod commands;
 pub mod reader;
 
-pub use commands::{Claim, Close, Gate, Refusal, Rules, SessionCore, Timed, Unsubscribe};
+pub use commands::{
+    on_connect, Claim, Close, Gate, OverBudget, Refusal, Rules, SessionCore, Timed, Unsubscribe,
+};
 
 use std::future::Future;
 use std::pin::Pin;
