@@ -635,9 +635,11 @@ async fn connections_alone_fill_the_budget_and_the_node_recovers_when_they_leave
     assert_eq!(relay.get("/healthz").await.0, 200);
 
     drop(held);
-    eventually(Duration::from_secs(10), "the connections counted out", || async {
-        memory(&relay, "connections").await < 1.0 * MIB
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the connections counted out",
+        || async { memory(&relay, "connections").await < 1.0 * MIB },
+    )
     .await;
     eventually(Duration::from_secs(5), "back under the budget", || async {
         relay.metric("relay_memory_pressure").await == 0.0
