@@ -86,6 +86,7 @@ pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) 
                     });
                     pump_ctx.metrics.pumped(&stats);
                     pump_ctx.report_memory();
+                    pump_ctx.alarms.fanned_out();
                     // Taken out and woken by value (no clone of a waker), a group at a time;
                     // `writers` keeps its capacity for the next round.
                     let mut woken = writers.drain(..);

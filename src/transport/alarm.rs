@@ -12,7 +12,7 @@
 //! traffic put off the ping) is harmless: the session finds nothing due and arms again, at
 //! most once per deadline, never per message.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::{Rc, Weak};
 use std::time::{Duration, Instant};
@@ -33,9 +33,9 @@ pub const SWEEP: Duration = Duration::from_secs(1);
 /// freed) a shard that goes quiet would keep them for good: the RSS of 10,000 idle connections
 /// read 3.2 KB each since start against 0.4 KB for the next 9,000, and RSS stayed up to 250
 /// MiB over idle after a max-load search (issue 12 items 3 and 4). Not forced: pages freed
-/// less than mimalloc's purge delay ago stay for reuse, so a busy shard frees nothing it is
-/// about to allocate again. Called once per [`SWEEP`] on each shard's thread (the heap is the
-/// calling thread's); it walks that heap's pages (a few thousand at 100 MiB), microseconds.
+/// less than mimalloc's purge delay ago stay for reuse. Called once per [`SWEEP`] on each
+/// shard's thread that fanned nothing out in it (the heap is the calling thread's); it walks
+/// that heap's pages (a few thousand at 100 MiB), microseconds.
 /// `force` (every 100 ms while the node is under memory pressure, from the shard's upkeep
 /// tick): also what was freed within the purge delay, so that the memory budget's RSS floor
 /// falls as soon as memory is freed and retention cannot keep the node refusing.
@@ -54,6 +54,8 @@ pub struct Alarms {
     due: RefCell<BTreeMap<(Instant, ConnId), Weak<Outbox>>>,
     /// An alarm earlier than the one the task sleeps for was armed.
     sooner: Notify,
+    /// A fan-out pass ran since the last sweep ([`Alarms::fanned_out`]).
+    busy: Cell<bool>,
 }
 
 impl Alarms {
@@ -144,7 +146,19 @@ impl Alarms {
                 o.release_idle();
             }
         }
-        return_free_pages(false);
+        // Only a shard that fanned nothing out for a whole sweep hands pages back: one that
+        // delivers even a few messages a second would take them back from the OS at its next
+        // pass, a page fault per page, on the delivery path (at 20 publishes/s to 1,000
+        // subscribers that showed in the p99). After a load or an arrival burst the next quiet
+        // sweep returns them.
+        if !self.busy.replace(false) {
+            return_free_pages(false);
+        }
+    }
+
+    /// Marks the shard busy for this sweep (the pump calls it after each pass).
+    pub fn fanned_out(&self) {
+        self.busy.set(true);
     }
 
     /// The shard's timer task: rings alarms as they come due, and every armed connection
