@@ -212,8 +212,15 @@ pub fn default_presence_info_budget(max_memory: usize) -> usize {
 /// is no procfs. One open and read: for the upkeep tick (the memory budget's floor), never for
 /// a hot path.
 pub fn resident_bytes() -> Option<usize> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    kb_field(
+        &std::fs::read_to_string("/proc/self/status").ok()?,
+        "VmRSS:",
+    )
+}
+
+/// The bytes of a `Key:   1234 kB` line of a /proc file.
+fn kb_field(text: &str, key: &str) -> Option<usize> {
+    let kb = text.lines().find_map(|l| l.strip_prefix(key))?;
     let kb: usize = kb.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kb.saturating_mul(1024))
 }
@@ -221,12 +228,7 @@ pub fn resident_bytes() -> Option<usize> {
 /// What the process may use: its cgroup's limit, else physical memory; `None` if unknown.
 fn memory_limit() -> Option<usize> {
     let read = |path: &str| std::fs::read_to_string(path).ok();
-    let physical = read("/proc/meminfo").and_then(|m| {
-        m.lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
-            .map(|kb| kb.saturating_mul(1024))
-    });
+    let physical = read("/proc/meminfo").and_then(|m| kb_field(&m, "MemTotal:"));
     // v2: "max" when unlimited; v1: a huge number when unlimited. Either way, never more than
     // the machine has.
     let cgroup = read("/sys/fs/cgroup/memory.max")

@@ -189,10 +189,10 @@ thread_local! {
 
 /// Marks the calling thread as a shard's: a remote backplane then sends the publishes made on
 /// it over a connection of the shard's own (on its runtime), not through the backplane's
-/// thread. Why: a publish is a round trip, and HTTP/1 answers a connection's pipelined
-/// requests one at a time, so a publisher's rate is one publish per round trip; every
-/// hand-over to another thread on the way is a scheduler wake-up (up to a time slice on a busy
-/// core), several per publish through the backplane's thread.
+/// thread. Why: a publish is a round trip (the pipelining front keeps several of one
+/// connection in flight, `server::front`), and every hand-over to another thread on the way is
+/// a scheduler wake-up (up to a time slice on a busy core), several per publish through the
+/// backplane's thread.
 pub fn enter_shard() {
     ON_SHARD.with(|s| s.set(true));
 }

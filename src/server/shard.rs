@@ -69,9 +69,8 @@ pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) 
     // between groups, and the next pass waits for the last group. The run queue is first in,
     // first out: woken all at once, every subscriber's write would run before anything woken
     // after them, such as the publisher's connection with its next pipelined requests or, with
-    // a remote backplane, its next answer (HTTP/1 answers a connection's requests one at a
-    // time, so through a store a publisher's messages come one per round trip). Paced, those
-    // go on while the subscribers are written, and the next pass carries every message that
+    // a remote backplane, the store's next answers. Paced, those go on while the subscribers
+    // are written, and the next pass carries every message that
     // came meanwhile: the longer the writes take, the more messages per pass and per write.
     tokio::task::spawn_local(async move {
         let waker = &pump_ctx.node.wakers[index];
