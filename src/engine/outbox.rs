@@ -804,7 +804,11 @@ mod tests {
         park(&b, &waker);
         let held = pass(&[&a, &b], &[b"one", b"two", b"three"]);
         assert!(held.wakes.is_empty(), "no writer to wake");
-        assert_eq!(held.direct.len(), 2, "each outbox listed once, not per frame");
+        assert_eq!(
+            held.direct.len(),
+            2,
+            "each outbox listed once, not per frame"
+        );
         assert!(g.get() > 0);
         for o in &held.direct {
             let done = o.write_direct();
@@ -872,7 +876,10 @@ mod tests {
         let held = pass(&[&o], &[b"a", b"bc"]);
         let done = held.direct[0].write_direct();
         assert_eq!(done.written, Written::default());
-        assert!(done.wake.is_some(), "WouldBlock: the writer waits for the socket");
+        assert!(
+            done.wake.is_some(),
+            "WouldBlock: the writer waits for the socket"
+        );
         assert_eq!((o.frames(), o.queued_bytes()), (2, 3));
         assert_eq!(write_all(&o, usize::MAX).bytes, 3);
         // An error: the writer's own write sees it.
