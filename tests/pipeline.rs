@@ -355,3 +355,105 @@ async fn a_request_with_an_unknown_key_is_refused_in_its_place() {
     assert_eq!(statuses, [200, 401, 200]);
     assert_eq!(got[2].json()["seq"], 2);
 }
+
+#[tokio::test]
+async fn a_pipelined_batch_over_many_channels_keeps_each_channels_order_and_its_keys() {
+    let relay = relay(&[]);
+    const CHANNELS: u64 = 20;
+    const ROUNDS: u64 = 5;
+    let mut subs = Vec::new();
+    for c in 0..CHANNELS {
+        let mut ws = Ws::connect(&relay.ws_url()).await;
+        ws.subscribe(&format!("room-{c}")).await;
+        subs.push(ws);
+    }
+    // One write: publishes round-robin over the channels (as a chat backend does), each round's
+    // first publish repeated with its idempotency key right after it.
+    let mut wire = String::new();
+    let mut want = Vec::new();
+    for r in 0..ROUNDS {
+        for c in 0..CHANNELS {
+            let ch = format!("room-{c}");
+            let body =
+                json!({"channel": ch, "data": {"r": r}, "idempotency_key": format!("k{r}-{c}")})
+                    .to_string();
+            let req = format!(
+                "POST /api/publish HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            wire.push_str(&req);
+            want.push((c, r + 1, false));
+            if c == 0 {
+                wire.push_str(&req);
+                want.push((c, r + 1, true));
+            }
+        }
+    }
+    let mut conn = connect(relay.addr()).await;
+    conn.write_all(wire.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let got = answers(&mut conn, &mut buf, want.len()).await;
+    for (a, (c, seq, dup)) in got.iter().zip(&want) {
+        assert_eq!(a.status, 200, "{a:?}");
+        let j = a.json();
+        assert_eq!(
+            j["channel"],
+            format!("room-{c}"),
+            "answers in request order"
+        );
+        assert_eq!(j["seq"], *seq, "each channel's seqs follow its requests");
+        assert_eq!(j["duplicate"].as_bool().unwrap_or(false), *dup, "{j}");
+    }
+    let expect: Vec<(u64, Value)> = (0..ROUNDS).map(|r| (r + 1, json!({"r": r}))).collect();
+    for (c, ws) in subs.iter_mut().enumerate() {
+        assert_eq!(
+            collect(ws, ROUNDS as usize).await,
+            expect,
+            "room-{c}: every message once, in order, a repeated key publishing nothing"
+        );
+    }
+    // Nothing more came: a repeated key did not publish.
+    conn.write_all(publish_request("room-0", &json!("last"), "").as_bytes())
+        .await
+        .unwrap();
+    let last = answers(&mut conn, &mut buf, 1).await;
+    assert_eq!(last[0].json()["seq"], ROUNDS + 1);
+    assert_eq!(
+        collect(&mut subs[0], 1).await,
+        [(ROUNDS + 1, json!("last"))]
+    );
+}
+
+#[tokio::test]
+async fn a_chunked_publish_body_in_several_pieces_is_published_whole() {
+    let relay = relay(&[]);
+    let mut ws = Ws::connect(&relay.ws_url()).await;
+    ws.subscribe("chunks").await;
+    let body = json!({"channel": "chunks", "data": {"text": "one two three"}}).to_string();
+    let (a, rest) = body.split_at(10);
+    let (b, c) = rest.split_at(12);
+    // Chunked goes to hyper, whose body comes in as the chunks arrive: three frames.
+    let mut conn = connect(relay.addr()).await;
+    conn.write_all(
+        b"POST /api/publish HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n\
+          Transfer-Encoding: chunked\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    for piece in [a, b, c] {
+        let chunk = format!("{:x}\r\n{piece}\r\n", piece.len());
+        conn.write_all(chunk.as_bytes()).await.unwrap();
+        conn.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    conn.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let got = answers(&mut conn, &mut buf, 1).await;
+    assert_eq!(got[0].status, 200, "{:?}", got[0]);
+    assert_eq!(got[0].json()["seq"], 1);
+    assert_eq!(
+        collect(&mut ws, 1).await,
+        [(1, json!({"text": "one two three"}))]
+    );
+}

@@ -44,7 +44,8 @@ impl Engine {
             st.top += 1;
             st.last_active = now;
             st.recent = true;
-            let cost = st.push(st.top, now, kind, data.clone(), self.meter.frames());
+            // Moved, not cloned: a clone of a fresh `Bytes` allocates its shared header.
+            let cost = st.push(st.top, now, kind, data, self.meter.frames());
             // One meter update for the append and what it pushed out.
             let freed = self.trim(ch, st, now);
             self.meter.add(Kind::History, cost as i64 - freed as i64);
@@ -104,7 +105,7 @@ impl Engine {
                 st.top += 1;
                 st.last_active = now;
                 st.recent = true;
-                let mut cost = st.push(st.top, now, kind, data.clone(), self.meter.frames());
+                let mut cost = st.push(st.top, now, kind, data, self.meter.frames());
                 if let Some(k) = key {
                     let top = st.top;
                     let keys = st.keys.get_or_insert_with(Box::default);

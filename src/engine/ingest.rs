@@ -64,7 +64,7 @@ impl Engine {
             st.top = seq;
             st.last_active = now;
             st.recent = true;
-            let cost = st.push(seq, at, kind, data.clone(), self.meter.frames());
+            let cost = st.push(seq, at, kind, data, self.meter.frames());
             let freed = self.trim(ch, st, now);
             self.meter.add(Kind::History, cost as i64 - freed as i64);
             let wake = Self::mark_dirty(ch, st);

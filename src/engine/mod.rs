@@ -514,7 +514,7 @@ impl Engine {
         name: &ChannelName,
         now: Instant,
         enforce: bool,
-        mut f: impl FnMut(&Arc<Channel>, &mut ChannelState) -> R,
+        f: impl FnOnce(&Arc<Channel>, &mut ChannelState) -> R,
     ) -> Result<R, Overloaded> {
         loop {
             let ch = self.get_or_create(name, enforce)?;

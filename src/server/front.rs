@@ -153,6 +153,8 @@ pub(crate) fn parse(buf: &[u8], max_head: usize, max_body: usize) -> Head {
     else {
         return Head::Other;
     };
+    // Sized once for the head's headers rather than grown as they are appended.
+    *req.headers_mut() = hyper::HeaderMap::with_capacity(r.headers.len());
     let mut body_len = None;
     for h in r.headers.iter() {
         let name = h.name;
@@ -499,12 +501,14 @@ pub(crate) fn encode(res: Response<Body>, out: &mut BytesMut) -> bool {
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
 }
 
-/// The bytes of a whole body (ready at once: it is in memory).
-fn whole(b: Full<Bytes>) -> Bytes {
-    b.collect()
+/// The bytes of a whole body (ready at once: it is in memory, in one frame or none; taken
+/// without the list `collect` would allocate).
+fn whole(mut b: Full<Bytes>) -> Bytes {
+    b.frame()
         .now_or_never()
+        .flatten()
         .and_then(Result::ok)
-        .map(http_body_util::Collected::to_bytes)
+        .and_then(|f| f.into_data().ok())
         .unwrap_or_default()
 }
 

@@ -40,8 +40,9 @@ pub async fn handle<B: ApiBody>(ctx: Rc<ShardContext>, req: Request<B>) -> Respo
         Err(res) => return res,
     };
     let g = &g;
-    let path = req.uri().path().to_owned();
-    match (req.method().clone(), path.as_str()) {
+    // Routed on the request's own path (no copy): the arms that take the request use no part
+    // of it.
+    match (req.method().clone(), req.uri().path()) {
         (Method::POST, "/api/publish") => match read_body(&ctx, req).await {
             Ok(b) => match parse(&b) {
                 Ok(body) => publish(&ctx, g, body).await,
@@ -276,9 +277,9 @@ pub(super) async fn read_body<B: ApiBody>(
         return Err(too_large());
     }
     let timeout = ctx.config().body_timeout;
-    let body = Limited::new(req.into_body(), max).collect();
+    let body = whole_body(Limited::new(req.into_body(), max));
     match tokio::time::timeout(timeout, body).await {
-        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Ok(b)) => Ok(b),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Ok(Err(_)) => Err(error(
             StatusCode::BAD_REQUEST,
@@ -306,6 +307,32 @@ pub(crate) fn body_timed_out(timeout: std::time::Duration) -> Response<Body> {
         hyper::header::HeaderValue::from_static("close"),
     );
     res
+}
+
+/// The bytes of a body: the frame itself when there is one (a body the front read whole, or a
+/// small one hyper read at once), else the frames joined. `collect` would allocate a list for
+/// every body.
+async fn whole_body<B: http_body::Body<Data = Bytes>>(body: B) -> Result<Bytes, B::Error> {
+    let mut body = std::pin::pin!(body);
+    let mut first = Bytes::new();
+    let mut joined: Option<bytes::BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        // Trailers carry no body bytes.
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        match &mut joined {
+            Some(j) => j.extend_from_slice(&data),
+            None if first.is_empty() => first = data,
+            None => {
+                let mut j = bytes::BytesMut::with_capacity(first.len() + data.len());
+                j.extend_from_slice(&first);
+                j.extend_from_slice(&data);
+                joined = Some(j);
+            }
+        }
+    }
+    Ok(joined.map_or(first, bytes::BytesMut::freeze))
 }
 
 /// Parses a JSON body: `bad_json` when it is not JSON, `bad_request` when fields are wrong.

@@ -119,7 +119,7 @@ where
     R: FnOnce(Rc<ShardContext>, Request<B>) -> F,
     F: std::future::Future<Output = Response<Body>>,
 {
-    let shard = HeaderValue::from(ctx.shard);
+    let shard = ctx.shard_header.clone();
     let origin = req.headers().get(hyper::header::ORIGIN).cloned();
     let path = req.uri().path();
     let guarded =

@@ -300,6 +300,8 @@ pub struct ShardContext {
     pub node: Arc<Node>,
     /// This shard's index.
     pub shard: usize,
+    /// The `x-relay-shard` header of every answer, made once (a clone shares its bytes).
+    pub(crate) shard_header: hyper::header::HeaderValue,
     /// This shard's subscribers.
     pub hub: RefCell<Hub>,
     /// This shard's metric handles.
@@ -344,6 +346,7 @@ impl ShardContext {
         Self {
             node,
             shard,
+            shard_header: hyper::header::HeaderValue::from(shard),
             hub: RefCell::new(hub),
             tracker: TaskTracker::new(),
             metrics,

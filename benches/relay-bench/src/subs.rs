@@ -24,7 +24,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::pusher::PusherApp;
-use crate::wire::{self, Dechunk, Finders};
+use crate::wire::{self, Dechunk, Finders, SseEvents};
 
 /// Which server relay-bench talks to (URL shapes and message framing differ).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -437,8 +437,8 @@ struct Conn {
     partial: Vec<u8>,
     /// SSE: the chunked-body decoder (None when the body is not chunked).
     dechunk: Option<Dechunk>,
-    /// SSE: decoded bytes of an incomplete event.
-    ev: Vec<u8>,
+    /// SSE: the event parser (what it holds of an incomplete event).
+    ev: SseEvents,
     /// Last publisher sequence seen, per publisher.
     last: Vec<u64>,
     /// Last server seq seen (0: none yet).
@@ -516,7 +516,7 @@ impl Conn {
             stream,
             partial: head[end..].to_vec(),
             dechunk: (spec.sse && h.chunked).then(Dechunk::default),
-            ev: Vec::new(),
+            ev: SseEvents::default(),
             last: Vec::new(),
             last_seq: resume.as_ref().map_or(0, |r| r.since),
             // Kept if this attempt is refused, for the next one.
@@ -801,38 +801,40 @@ impl Conn {
         agg: &mut Agg,
         f: &Finders,
     ) -> Result<usize> {
-        let used = match &mut self.dechunk {
-            Some(d) => {
-                let used = d.feed(data, &mut self.ev)?;
-                if d.done {
-                    self.closing = true;
-                }
-                used
-            }
+        // Events are parsed in place from the read buffer (a chunked body's data runs, handed
+        // over by the de-chunker without a copy); `on_event` needs `self`, so the parser and
+        // the de-chunker are taken out for the call.
+        let mut ev = std::mem::take(&mut self.ev);
+        let mut dechunk = self.dechunk.take();
+        let mut on_event = |name: &[u8], data: &[u8]| self.on_event(spec, name, data, now, agg, f);
+        let used = match &mut dechunk {
+            Some(d) => d.segments(data, |seg| ev.feed(seg, &mut on_event)),
             None => {
-                self.ev.extend_from_slice(data);
-                data.len()
+                ev.feed(data, &mut on_event);
+                Ok(data.len())
             }
         };
-        let mut start = 0;
-        let ev = std::mem::take(&mut self.ev);
-        while let Some(end) = memchr::memmem::find(&ev[start..], b"\n\n") {
-            let block = &ev[start..start + end];
-            start += end + 2;
-            self.on_event(spec, block, now, agg, f);
-        }
         self.ev = ev;
-        self.ev.drain(..start);
-        Ok(used)
+        if dechunk.as_ref().is_some_and(|d| d.done) {
+            self.closing = true;
+        }
+        self.dechunk = dechunk;
+        used
     }
 
-    fn on_event(&mut self, spec: &SubSpec, block: &[u8], now: u64, agg: &mut Agg, f: &Finders) {
-        let event = line_value(block, b"event: ");
-        let data = line_value(block, b"data: ").unwrap_or_default();
-        match event {
-            Some(b"subscribed") => self.ready = true,
-            Some(b"gap") => agg.error(String::from_utf8_lossy(block)),
-            Some(b"message") | None if !data.is_empty() => {
+    fn on_event(
+        &mut self,
+        spec: &SubSpec,
+        name: &[u8],
+        data: &[u8],
+        now: u64,
+        agg: &mut Agg,
+        f: &Finders,
+    ) {
+        match name {
+            b"subscribed" => self.ready = true,
+            b"gap" => agg.error(format!("gap: {}", String::from_utf8_lossy(data))),
+            b"message" | b"" if !data.is_empty() => {
                 let (seq, stamp) = match spec.target {
                     Target::Nchan => (None, f.stamp(data)),
                     _ => f.message(data),
@@ -842,13 +844,6 @@ impl Conn {
             _ => {}
         }
     }
-}
-
-/// The value of the first line of an SSE event block that starts with `name`.
-fn line_value<'a>(block: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
-    block
-        .split(|&b| b == b'\n')
-        .find_map(|l| l.strip_prefix(name))
 }
 
 /// The `n`th loopback source address: 127.0.0.1, 127.0.0.2, … (250 per third octet).

@@ -189,7 +189,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Head> {
 
 /// Streaming decoder of a chunked body: `feed` appends the data bytes found in `input` to `out`
 /// and returns how many input bytes it consumed (the rest, an incomplete size line, must be
-/// presented again with more bytes).
+/// presented again with more bytes); `segments` hands the data bytes over in place instead.
 #[derive(Debug, Default)]
 pub struct Dechunk {
     /// Data bytes left in the current chunk.
@@ -200,13 +200,23 @@ pub struct Dechunk {
     pub done: bool,
 }
 
+/// Longest chunk size line accepted (hex size plus extensions).
+const MAX_SIZE_LINE: usize = 64;
+
 impl Dechunk {
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<usize> {
+        self.segments(input, |data| out.extend_from_slice(data))
+    }
+
+    /// Calls `data` with each run of data bytes in `input`, borrowed from it (a chunk cut by the
+    /// end of `input` gives its first part now, the rest with the next call); returns how many
+    /// input bytes it consumed, as [`Dechunk::feed`].
+    pub fn segments(&mut self, input: &[u8], mut data: impl FnMut(&[u8])) -> Result<usize> {
         let mut i = 0;
         while i < input.len() && !self.done {
             if self.remaining > 0 {
                 let n = self.remaining.min(input.len() - i);
-                out.extend_from_slice(&input[i..i + n]);
+                data(&input[i..i + n]);
                 i += n;
                 self.remaining -= n;
                 if self.remaining == 0 {
@@ -216,16 +226,14 @@ impl Dechunk {
                 i += 1;
                 self.crlf -= 1;
             } else {
-                let Some(eol) = memmem::find(&input[i..], b"\r\n") else {
-                    if input.len() - i > 64 {
+                let Some(eol) = memchr::memchr(b'\n', &input[i..]) else {
+                    if input.len() - i > MAX_SIZE_LINE {
                         bail!("chunk size line too long");
                     }
                     break;
                 };
-                let line = &input[i..i + eol];
-                let hex = line.split(|&b| b == b';').next().unwrap_or_default();
-                let size = usize::from_str_radix(std::str::from_utf8(hex)?.trim(), 16)?;
-                i += eol + 2;
+                let size = chunk_size(&input[i..i + eol])?;
+                i += eol + 1;
                 if size == 0 {
                     self.done = true;
                 } else {
@@ -234,6 +242,163 @@ impl Dechunk {
             }
         }
         Ok(i)
+    }
+}
+
+/// The size of a chunk size line (`1a3f;ext=…\r`, without its `\n`).
+fn chunk_size(line: &[u8]) -> Result<usize> {
+    if line.len() > MAX_SIZE_LINE {
+        bail!("chunk size line too long");
+    }
+    let mut size: usize = 0;
+    let mut digits = 0;
+    for &b in line {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            b';' | b'\r' | b' ' | b'\t' => break,
+            _ => bail!("bad chunk size line {:?}", String::from_utf8_lossy(line)),
+        };
+        size = size
+            .checked_mul(16)
+            .and_then(|s| s.checked_add(usize::from(d)))
+            .ok_or_else(|| anyhow::anyhow!("chunk size overflows"))?;
+        digits += 1;
+    }
+    if digits == 0 {
+        bail!("bad chunk size line {:?}", String::from_utf8_lossy(line));
+    }
+    Ok(size)
+}
+
+/// Where the `data` of the event being read is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Data {
+    /// No `data:` line yet.
+    None,
+    /// In the segment being parsed, at this range.
+    Here(usize, usize),
+    /// Copied into `SseEvents::data` (it began in an earlier segment, or has several lines).
+    Kept,
+}
+
+/// Streaming parser of an SSE body (after de-chunking): lines are found with `memchr` in the
+/// bytes as they were read and an event's `data` is handed over in place. Only what a segment
+/// boundary cuts is copied (the incomplete line at its end, the `data` of an event whose blank
+/// line comes later), into buffers that are reused: no allocation per event.
+#[derive(Debug)]
+pub struct SseEvents {
+    /// An incomplete line left from the last segment.
+    line: Vec<u8>,
+    /// The `event:` name of the event being read (empty: none, which means `message`).
+    name: Vec<u8>,
+    data: Vec<u8>,
+    at: Data,
+}
+
+impl Default for SseEvents {
+    fn default() -> Self {
+        Self {
+            line: Vec::new(),
+            name: Vec::new(),
+            data: Vec::new(),
+            at: Data::None,
+        }
+    }
+}
+
+impl SseEvents {
+    /// Parses the next bytes of the stream (any split: mid-line, mid-field, mid-event); calls
+    /// `event(name, data)` for each complete event that has a `data:` or `event:` line (a
+    /// comment or a `retry:`-only block is none). The name is empty when the event has none.
+    pub fn feed(&mut self, seg: &[u8], mut event: impl FnMut(&[u8], &[u8])) {
+        let mut i = 0;
+        if !self.line.is_empty() {
+            let Some(n) = memchr::memchr(b'\n', seg) else {
+                self.line.extend_from_slice(seg);
+                return;
+            };
+            self.line.extend_from_slice(&seg[..n]);
+            let line = std::mem::take(&mut self.line);
+            self.on_line(&line, None, seg, &mut event);
+            self.line = line;
+            self.line.clear();
+            i = n + 1;
+        }
+        while let Some(n) = memchr::memchr(b'\n', &seg[i..]) {
+            self.on_line(&seg[i..i + n], Some(i), seg, &mut event);
+            i += n + 1;
+        }
+        if let Data::Here(a, b) = self.at {
+            self.data.clear();
+            self.data.extend_from_slice(&seg[a..b]);
+            self.at = Data::Kept;
+        }
+        self.line.extend_from_slice(&seg[i..]);
+    }
+
+    /// One line (without its `\n`); `start` is where it begins in `seg` when it is there (not
+    /// rebuilt from a carried part).
+    fn on_line(
+        &mut self,
+        line: &[u8],
+        start: Option<usize>,
+        seg: &[u8],
+        event: &mut impl FnMut(&[u8], &[u8]),
+    ) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            let data = match self.at {
+                Data::None => &[][..],
+                Data::Here(a, b) => &seg[a..b],
+                Data::Kept => &self.data[..],
+            };
+            if self.at != Data::None || !self.name.is_empty() {
+                event(&self.name, data);
+            }
+            self.name.clear();
+            self.at = Data::None;
+            return;
+        }
+        let (field, value) = match memchr::memchr(b':', line) {
+            Some(0) => return, // a comment (keep-alive)
+            Some(c) => {
+                let v = &line[c + 1..];
+                (&line[..c], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (line, &line[line.len()..]),
+        };
+        match field {
+            b"data" => match (self.at, start) {
+                (Data::None, Some(s)) => {
+                    let a = s + (value.as_ptr() as usize - line.as_ptr() as usize);
+                    self.at = Data::Here(a, a + value.len());
+                }
+                (Data::None, None) => {
+                    self.data.clear();
+                    self.data.extend_from_slice(value);
+                    self.at = Data::Kept;
+                }
+                // Several `data:` lines are one value joined by line breaks.
+                (Data::Here(a, b), _) => {
+                    self.data.clear();
+                    self.data.extend_from_slice(&seg[a..b]);
+                    self.data.push(b'\n');
+                    self.data.extend_from_slice(value);
+                    self.at = Data::Kept;
+                }
+                (Data::Kept, _) => {
+                    self.data.push(b'\n');
+                    self.data.extend_from_slice(value);
+                }
+            },
+            b"event" => {
+                self.name.clear();
+                self.name.extend_from_slice(value);
+            }
+            _ => {} // `id:` (the cursor: the data carries the seq), `retry:`
+        }
     }
 }
 
@@ -564,6 +729,123 @@ mod tests {
             Some(&b"9f2c"[..])
         );
         assert_eq!(f.epoch(br#"{"type":"subscribed","epoch":"9f2"#), None);
+    }
+
+    /// Every event of an SSE body, fed in the given pieces, as (name, data) pairs.
+    fn sse_events(pieces: &[&[u8]]) -> Vec<(String, String)> {
+        let mut p = SseEvents::default();
+        let mut got = Vec::new();
+        for piece in pieces {
+            p.feed(piece, |n, d| {
+                got.push((
+                    String::from_utf8_lossy(n).into_owned(),
+                    String::from_utf8_lossy(d).into_owned(),
+                ));
+            });
+        }
+        got
+    }
+
+    /// A stream as relay writes it (retry, cursor ids, named events, keep-alive comments),
+    /// plus what the format allows and other servers write: CRLF line ends, an unnamed event,
+    /// a field without a space after the colon, several `data:` lines, a `retry:`-only block.
+    const SSE_BODY: &[u8] = b"retry: 1000\n\n\
+        id: 9f2c:0\nevent: subscribed\ndata: {\"channels\":[]}\n\n\
+        : keep-alive\n\n\
+        id: 9f2c:1\nevent: message\ndata: {\"channel\":\"c0\",\"seq\":1,\"data\":{\"t\":5}}\n\n\
+        id: 9f2c:2\r\nevent: message\r\ndata: {\"seq\":2}\r\n\r\n\
+        id: 3\ndata:{\"plain\":3}\n\n\
+        event: gap\ndata: line one\ndata: line two\n\n\
+        retry: 5\n\n\
+        : keep-alive\n\n\
+        event: message\ndata: last\n\n";
+
+    fn sse_want() -> Vec<(String, String)> {
+        [
+            ("subscribed", r#"{"channels":[]}"#),
+            ("message", r#"{"channel":"c0","seq":1,"data":{"t":5}}"#),
+            ("message", r#"{"seq":2}"#),
+            ("", r#"{"plain":3}"#),
+            ("gap", "line one\nline two"),
+            ("message", "last"),
+        ]
+        .into_iter()
+        .map(|(n, d)| (n.to_owned(), d.to_owned()))
+        .collect()
+    }
+
+    #[test]
+    fn sse_events_are_the_same_wherever_the_reads_split() {
+        assert_eq!(sse_events(&[SSE_BODY]), sse_want());
+        // Two pieces, cut at every byte (mid-line, mid-`id:`, mid-`data:`, between the two
+        // line breaks of a blank line, between `\r` and `\n`)…
+        for i in 0..=SSE_BODY.len() {
+            let (a, b) = SSE_BODY.split_at(i);
+            assert_eq!(sse_events(&[a, b]), sse_want(), "cut at {i}");
+        }
+        // … three pieces, cut at every pair of bytes …
+        for i in 0..=SSE_BODY.len() {
+            for j in i..=SSE_BODY.len() {
+                let pieces = [&SSE_BODY[..i], &SSE_BODY[i..j], &SSE_BODY[j..]];
+                assert_eq!(sse_events(&pieces), sse_want(), "cuts at {i} and {j}");
+            }
+        }
+        // … and one byte at a time.
+        let bytes: Vec<&[u8]> = SSE_BODY.chunks(1).collect();
+        assert_eq!(sse_events(&bytes), sse_want());
+    }
+
+    #[test]
+    fn comments_and_retry_blocks_are_no_events() {
+        assert!(sse_events(&[b": keep-alive\n\n: keep-alive\n\nretry: 10\n\n\n"]).is_empty());
+        // An event is not over until its blank line.
+        assert!(sse_events(&[b"event: message\ndata: x\n"]).is_empty());
+    }
+
+    #[test]
+    fn chunked_sse_gives_the_same_events_in_place() -> Result<()> {
+        // The body in chunks of every size from 1 to 40 bytes, then read in every piece size:
+        // chunk boundaries and read boundaries fall anywhere in the events.
+        for chunk in 1..=40 {
+            let mut body = Vec::new();
+            for c in SSE_BODY.chunks(chunk) {
+                body.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+                body.extend_from_slice(c);
+                body.extend_from_slice(b"\r\n");
+            }
+            body.extend_from_slice(b"0\r\n\r\n");
+            for read in [1, 2, 3, 7, 64, body.len()] {
+                let mut d = Dechunk::default();
+                let mut p = SseEvents::default();
+                let mut got = Vec::new();
+                let mut pending: Vec<u8> = Vec::new();
+                for r in body.chunks(read) {
+                    pending.extend_from_slice(r);
+                    let used = d.segments(&pending, |seg| {
+                        p.feed(seg, |n, v| {
+                            got.push((
+                                String::from_utf8_lossy(n).into_owned(),
+                                String::from_utf8_lossy(v).into_owned(),
+                            ));
+                        });
+                    })?;
+                    pending.drain(..used);
+                }
+                assert_eq!(got, sse_want(), "chunks of {chunk}, reads of {read}");
+                assert!(d.done);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bad_chunk_size_lines_are_errors() {
+        for bad in [&b"zz\r\n"[..], b"\r\n", b"fffffffffffffffffffff\r\n"] {
+            let mut d = Dechunk::default();
+            assert!(d.segments(bad, |_| {}).is_err(), "{bad:?}");
+        }
+        let mut d = Dechunk::default();
+        assert!(d.segments(&[b'1'; 100], |_| {}).is_err());
     }
 
     #[test]
