@@ -144,6 +144,14 @@ fn describe() {
         Unit::Bytes,
         "Bytes written to WebSocket clients."
     );
+    describe_counter!(
+        "relay_direct_writes_total",
+        "Socket writes a fan-out pass made itself, for WebSocket connections whose writer was idle."
+    );
+    describe_counter!(
+        "relay_writer_wakes_total",
+        "Connection tasks a fan-out pass woke to write (direct writes that left data included)."
+    );
     describe_histogram!(
         "relay_frames_per_write",
         "Frames (WebSocket) or events (SSE) coalesced into one socket write."
@@ -341,6 +349,10 @@ pub struct ShardMetrics {
     pub bytes_written: Counter,
     /// Frames per vectored write.
     pub frames_per_write: Histogram,
+    /// Writes a fan-out pass made itself.
+    pub direct_writes: Counter,
+    /// Writers a fan-out pass woke.
+    pub writer_wakes: Counter,
     /// Publish → queued latency.
     pub fanout_latency: Histogram,
     /// Protocol violations.
@@ -375,6 +387,8 @@ impl ShardMetrics {
             slow: counter!("relay_slow_consumers_total"),
             bytes_written: counter!("relay_bytes_written_total"),
             frames_per_write: histogram!("relay_frames_per_write"),
+            direct_writes: counter!("relay_direct_writes_total"),
+            writer_wakes: counter!("relay_writer_wakes_total"),
             fanout_latency: histogram!("relay_fanout_latency_seconds"),
             protocol_errors: counter!("relay_protocol_errors_total"),
             replayed: counter!("relay_messages_replayed_total"),

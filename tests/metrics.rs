@@ -56,6 +56,10 @@ async fn metrics_follow_traffic() {
     assert_eq!(value(&text, "relay_messages_delivered_total"), 10.0);
     assert!(value(&text, "relay_bytes_written_total") > 0.0);
     assert!(value(&text, "relay_frames_per_write_count") >= 1.0);
+    // Each delivery went out in a write the pass made itself or one it woke a writer for.
+    let direct = value(&text, "relay_direct_writes_total");
+    let woken = value(&text, "relay_writer_wakes_total");
+    assert!(direct + woken >= 1.0, "direct {direct}, woken {woken}");
     assert!(value(&text, "relay_fanout_latency_seconds_count") >= 1.0);
 
     drop(a);

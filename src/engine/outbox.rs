@@ -3,8 +3,8 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::io::IoSlice;
-use std::rc::Rc;
+use std::io::{self, IoSlice};
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
@@ -164,6 +164,30 @@ struct Inner {
     alarm: bool,
     /// The shard's gauge, which holds this outbox's [`Inner::footprint`].
     gauge: Gauge,
+    /// The socket a pump pass may write to itself while the writer is idle (plain TCP
+    /// WebSocket connections only; see [`Outbox::set_direct`]).
+    direct: Option<Direct>,
+    /// Listed for a direct write after the current pass (see [`collect_wakes`]).
+    direct_due: bool,
+}
+
+/// A connection's socket as the pump sees it: a non-blocking vectored write. The transport
+/// implements it for its socket (a plain `TcpStream`); the engine never names one.
+pub trait Sink {
+    /// Writes what it can of `bufs` without waiting: the bytes written, or `WouldBlock`.
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+}
+
+/// What the direct path needs: the socket, and the outbox itself to list after a pass.
+struct Direct {
+    sink: Rc<dyn Sink>,
+    me: Weak<Outbox>,
+}
+
+impl std::fmt::Debug for Direct {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Direct")
+    }
 }
 
 /// Most frames gathered into one vectored write.
@@ -189,8 +213,66 @@ impl Outbox {
                 deferred: false,
                 alarm: false,
                 gauge,
+                direct: None,
+                direct_due: false,
             }),
         }
+    }
+
+    /// Lets pump passes write to `sink` themselves while the connection's writer is idle
+    /// (`None`: never; every frame waits for the writer's task). The transport sets it for a
+    /// plain TCP socket and clears it before the socket closes.
+    pub fn set_direct(self: &Rc<Self>, sink: Option<Rc<dyn Sink>>) {
+        let me = Rc::downgrade(self);
+        self.inner.borrow_mut().direct = sink.map(|sink| Direct { sink, me });
+    }
+
+    /// Writes what a pump pass queued to the socket itself, once, if the writer is still idle
+    /// (parked on this outbox with nothing of its own in flight); see [`collect_wakes`]. All
+    /// of it written: the writer stays parked. Otherwise (a partial write, `WouldBlock`, an
+    /// error, an overflow or close to act on, a flush to ask for) what is left stays queued
+    /// where the writer continues, and the writer's waker is handed back to be woken.
+    pub fn write_direct(&self) -> DirectWrite {
+        let mut inner = self.inner.borrow_mut();
+        inner.direct_due = false;
+        let mut done = DirectWrite::default();
+        // Woken meanwhile (by a read, a reply): the writer's task writes it all itself.
+        if inner.waker.is_none() {
+            return done;
+        }
+        let idle = inner.state == OutboxState::Open
+            && inner.front_written == 0
+            && !inner.deferred
+            && !inner.alarm;
+        let sink = match &inner.direct {
+            Some(d) if idle => d.sink.clone(),
+            // An overflow, a close, a flush or an alarm: the writer acts on it.
+            _ => {
+                done.wake = inner.waker.take();
+                return done;
+            }
+        };
+        if inner.queue.is_empty() {
+            return done;
+        }
+        let r = {
+            let mut slices: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
+            let mut count = 0;
+            for out in inner.queue.iter().take(MAX_IOV) {
+                slices[count] = IoSlice::new(out.frame());
+                count += 1;
+            }
+            sink.try_write_vectored(&slices[..count])
+        };
+        if let Ok(n) = r {
+            done.written = inner.consume(n);
+        }
+        // `WouldBlock` or a partial write: the writer continues (and arms its write deadline);
+        // an error: the writer's own write or read sees it and ends the connection.
+        if !inner.queue.is_empty() || r.is_err() {
+            done.wake = inner.waker.take();
+        }
+        done
     }
 
     /// The byte limit.
@@ -408,6 +490,15 @@ impl Outbox {
     }
 }
 
+/// What [`Outbox::write_direct`] did.
+#[derive(Debug, Default)]
+pub struct DirectWrite {
+    /// What went out (nothing if it did not write).
+    pub written: Written,
+    /// The writer, to wake: it has something left to do.
+    pub wake: Option<Waker>,
+}
+
 /// What one write consumed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Written {
@@ -420,6 +511,24 @@ pub struct Written {
 }
 
 impl Inner {
+    /// Whether a pass may write this outbox's frames itself rather than wake its writer:
+    /// a direct socket, a writer parked on the outbox, and the frame just queued the only one
+    /// (nothing of the writer's own in flight, nothing to act on but writing).
+    fn direct_idle(&self) -> Option<Rc<Outbox>> {
+        let d = self.direct.as_ref()?;
+        let idle = self.waker.is_some()
+            && self.queue.len() == 1
+            && self.front_written == 0
+            && self.state == OutboxState::Open
+            && !self.deferred
+            && !self.alarm;
+        if idle {
+            d.me.upgrade()
+        } else {
+            None
+        }
+    }
+
     fn consume(&mut self, mut n: usize) -> Written {
         let before = self.footprint();
         let mut w = Written {
@@ -506,15 +615,27 @@ fn register(inner: &mut Inner, cx: &Context<'_>) {
 
 thread_local! {
     /// The wakes that pushes on this thread hold back while [`collect_wakes`] runs.
-    static HELD: RefCell<Option<Vec<Waker>>> = const { RefCell::new(None) };
+    static HELD: RefCell<Option<Writers>> = const { RefCell::new(None) };
+}
+
+/// What a pump pass leaves to do for the writers it queued frames for.
+#[derive(Debug, Default)]
+pub struct Writers {
+    /// Writers to wake.
+    pub wakes: Vec<Waker>,
+    /// Outboxes whose writer was idle when the pass queued their first frame: the caller
+    /// writes them itself ([`Outbox::write_direct`]), and wakes only the writers that
+    /// have something left.
+    pub direct: Vec<Rc<Outbox>>,
 }
 
 /// Runs `f` (a hub's pass) with the wakes of the writers it queues frames for put into `into`
 /// instead of done, for the caller to do in its own time (a shard wakes them a few at a time,
-/// so that the other tasks it runs do not wait behind every subscriber's write).
-pub fn collect_wakes<R>(into: &mut Vec<Waker>, f: impl FnOnce() -> R) -> R {
+/// so that the other tasks it runs do not wait behind every subscriber's write), and the
+/// outboxes it can write to directly listed there too.
+pub fn collect_wakes<R>(into: &mut Writers, f: impl FnOnce() -> R) -> R {
     /// Puts the collected wakes into `into` however `f` ends.
-    struct Restore<'a>(&'a mut Vec<Waker>);
+    struct Restore<'a>(&'a mut Writers);
     impl Drop for Restore<'_> {
         fn drop(&mut self) {
             if let Some(held) = HELD.with_borrow_mut(Option::take) {
@@ -528,16 +649,32 @@ pub fn collect_wakes<R>(into: &mut Vec<Waker>, f: impl FnOnce() -> R) -> R {
 }
 
 fn wake(inner: &mut Inner) {
-    if let Some(w) = inner.waker.take() {
-        HELD.with_borrow_mut(|held| match held {
-            Some(held) => held.push(w),
-            None => w.wake(),
-        });
-    }
+    HELD.with_borrow_mut(|held| match held {
+        Some(held) => {
+            // Listed already: the pass's other frames go out in the same direct write.
+            if inner.direct_due {
+                return;
+            }
+            if let Some(me) = inner.direct_idle() {
+                // The writer stays parked (its waker kept) unless the direct write leaves
+                // something for it.
+                inner.direct_due = true;
+                held.direct.push(me);
+            } else if let Some(w) = inner.waker.take() {
+                held.wakes.push(w);
+            }
+        }
+        None => {
+            if let Some(w) = inner.waker.take() {
+                w.wake();
+            }
+        }
+    });
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::expect_used)]
     use super::*;
 
     fn frame(n: usize) -> Out {
@@ -578,12 +715,12 @@ mod tests {
         let (a, b) = (Outbox::new(1024), Outbox::new(1024));
         assert!(a.poll_ready(&mut cx).is_pending());
         assert!(b.poll_ready(&mut cx).is_pending());
-        let mut held = Vec::new();
+        let mut held = Writers::default();
         let queued = collect_wakes(&mut held, || a.push(frame(8)) && b.push(frame(8)));
         assert!(queued);
         assert_eq!(woken(&count), 0, "held, not done");
-        assert_eq!(held.len(), 2, "one per writer that waited");
-        held.drain(..).for_each(Waker::wake);
+        assert_eq!(held.wakes.len(), 2, "one per writer that waited");
+        held.wakes.drain(..).for_each(Waker::wake);
         assert_eq!(woken(&count), 2);
         // Outside a pass, a push wakes at once again.
         assert!(a.poll_ready(&mut cx).is_ready(), "something queued");
@@ -591,6 +728,208 @@ mod tests {
         assert!(a.poll_ready(&mut cx).is_pending());
         a.push(frame(8));
         assert_eq!(woken(&count), 3);
+    }
+
+    /// A socket for the direct path: takes at most `room` bytes per write (`None`:
+    /// `WouldBlock`), or fails.
+    #[derive(Default)]
+    struct Socket {
+        room: Cell<Option<usize>>,
+        fail: Cell<bool>,
+        wire: RefCell<Vec<u8>>,
+        writes: Cell<usize>,
+    }
+
+    impl Sink for Socket {
+        fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            self.writes.set(self.writes.get() + 1);
+            if self.fail.get() {
+                return Err(io::ErrorKind::ConnectionReset.into());
+            }
+            let Some(room) = self.room.get() else {
+                return Err(io::ErrorKind::WouldBlock.into());
+            };
+            let mut left = room;
+            for b in bufs {
+                let k = b.len().min(left);
+                self.wire.borrow_mut().extend_from_slice(&b[..k]);
+                left -= k;
+            }
+            Ok(room - left)
+        }
+    }
+
+    /// An outbox of a plain TCP connection whose writer is parked on it (as a session's task
+    /// is between wake-ups), counted in `gauge`.
+    fn parked(limit: usize, gauge: &Gauge, room: Option<usize>) -> (Rc<Outbox>, Rc<Socket>) {
+        let o = Rc::new(Outbox::with_gauge(limit, gauge.clone()));
+        let socket = Rc::new(Socket::default());
+        socket.room.set(room);
+        o.set_direct(Some(socket.clone()));
+        (o, socket)
+    }
+
+    fn park(o: &Outbox, waker: &Waker) {
+        let mut cx = Context::from_waker(waker);
+        assert!(o.poll_ready(&mut cx).is_pending());
+        assert!(o.poll_alarm(&mut cx).is_pending());
+    }
+
+    /// A pump pass: pushes `frames` uncounted and counts them at the end, as the hub does.
+    fn pass(outboxes: &[&Outbox], frames: &[&[u8]]) -> Writers {
+        let mut held = Writers::default();
+        collect_wakes(&mut held, || {
+            for o in outboxes {
+                for f in frames {
+                    let out = Out::control(Bytes::copy_from_slice(f));
+                    let cost = Outbox::cost(&out);
+                    if o.push_uncounted(out) {
+                        let g = &o.inner.borrow().gauge;
+                        g.set(g.get().wrapping_add(cost));
+                    }
+                }
+            }
+        });
+        held
+    }
+
+    #[test]
+    fn a_pass_writes_an_idle_writer_s_socket_itself_and_leaves_it_parked() {
+        let count = Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        let g = Gauge::default();
+        let (a, sa) = parked(100, &g, Some(1 << 20));
+        let (b, sb) = parked(100, &g, Some(1 << 20));
+        park(&a, &waker);
+        park(&b, &waker);
+        let held = pass(&[&a, &b], &[b"one", b"two", b"three"]);
+        assert!(held.wakes.is_empty(), "no writer to wake");
+        assert_eq!(
+            held.direct.len(),
+            2,
+            "each outbox listed once, not per frame"
+        );
+        assert!(g.get() > 0);
+        for o in &held.direct {
+            let done = o.write_direct();
+            assert!(done.wake.is_none(), "all of it went");
+            assert_eq!((done.written.bytes, done.written.frames), (11, 3));
+        }
+        assert_eq!(*sa.wire.borrow(), b"onetwothree");
+        assert_eq!(*sb.wire.borrow(), b"onetwothree");
+        assert_eq!(sa.writes.get(), 1, "one vectored write per pass");
+        assert_eq!(woken(&count), 0);
+        assert_eq!(g.get(), 0, "what went out directly left the gauge");
+        assert_eq!((a.queued_bytes(), a.frames()), (0, 0));
+        // What was written directly freed the room --max-outbox-bytes bounds: the next pass
+        // fits again, where without the direct write 11 + 99 bytes would overflow.
+        let big = [b'x'; 99];
+        let held = pass(&[&a], &[&big]);
+        assert_eq!(held.direct.len(), 1);
+        assert_eq!(a.state(), OutboxState::Open);
+        assert!(held.direct[0].write_direct().wake.is_none());
+        // The writer is still parked: a frame queued outside a pass wakes it as always.
+        a.push(frame(1));
+        assert_eq!(woken(&count), 1);
+    }
+
+    #[test]
+    fn a_partial_direct_write_leaves_the_rest_mid_frame_for_the_writer() {
+        let count = Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        let g = Gauge::default();
+        let (o, socket) = parked(1000, &g, Some(7));
+        park(&o, &waker);
+        let held = pass(&[&o], &[b"[first]", b"[second]", b"[third]"]);
+        let done = held.direct[0].write_direct();
+        assert_eq!((done.written.bytes, done.written.frames), (7, 1));
+        let w = done.wake.expect("the writer is woken for the rest");
+        w.wake();
+        assert_eq!(woken(&count), 1);
+        socket.room.set(Some(3));
+        // The writer continues where the direct write stopped, mid-frame: nothing lost, nothing
+        // twice, in order.
+        let mut wire = socket.wire.borrow().clone();
+        while !o.is_empty() {
+            let _ = o.write_with::<()>(|iov| {
+                let n = iov.iter().map(|s| s.len()).sum::<usize>().min(5);
+                let mut left = n;
+                for s in iov {
+                    let k = s.len().min(left);
+                    wire.extend_from_slice(&s[..k]);
+                    left -= k;
+                }
+                Poll::Ready(Ok(n))
+            });
+        }
+        assert_eq!(wire, b"[first][second][third]");
+        assert_eq!(g.get(), 0);
+    }
+
+    #[test]
+    fn a_direct_write_that_would_block_or_fails_wakes_the_writer_and_loses_nothing() {
+        let count = Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        let g = Gauge::default();
+        let (o, socket) = parked(1000, &g, None);
+        park(&o, &waker);
+        let held = pass(&[&o], &[b"a", b"bc"]);
+        let done = held.direct[0].write_direct();
+        assert_eq!(done.written, Written::default());
+        assert!(
+            done.wake.is_some(),
+            "WouldBlock: the writer waits for the socket"
+        );
+        assert_eq!((o.frames(), o.queued_bytes()), (2, 3));
+        assert_eq!(write_all(&o, usize::MAX).bytes, 3);
+        // An error: the writer's own write sees it.
+        park(&o, &waker);
+        socket.room.set(Some(100));
+        socket.fail.set(true);
+        let held = pass(&[&o], &[b"d"]);
+        let done = held.direct[0].write_direct();
+        assert!(done.wake.is_some());
+        assert_eq!(o.frames(), 1);
+    }
+
+    #[test]
+    fn a_writer_with_something_of_its_own_in_flight_is_never_bypassed() {
+        let count = Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        let g = Gauge::default();
+        // Mid-write of a partial frame, waiting for the socket: the pass wakes it instead.
+        let (o, socket) = parked(1000, &g, Some(1000));
+        o.push(frame(10));
+        write_all(&o, 4);
+        let mut cx = Context::from_waker(&waker);
+        assert!(o.poll_alarm(&mut cx).is_pending());
+        let held = pass(&[&o], &[b"next"]);
+        assert!(held.direct.is_empty());
+        assert_eq!(held.wakes.len(), 1);
+        assert_eq!(socket.writes.get(), 0);
+        // Woken (by a read, say) after the pass listed it and before the direct write: its
+        // task writes everything itself.
+        let (o, socket) = parked(1000, &g, Some(1000));
+        park(&o, &waker);
+        let held = pass(&[&o], &[b"x"]);
+        o.ring();
+        let done = held.direct[0].write_direct();
+        assert!(done.wake.is_none() && done.written.bytes == 0);
+        assert_eq!(socket.writes.get(), 0);
+        assert_eq!(o.frames(), 1);
+        // Overflowed during the pass that listed it: the writer is woken to close it.
+        let (o, socket) = parked(10, &g, Some(1000));
+        park(&o, &waker);
+        let held = pass(&[&o], &[b"12345", b"123456"]);
+        assert_eq!(o.state(), OutboxState::Overflowed);
+        assert!(held.direct[0].write_direct().wake.is_some());
+        assert_eq!(socket.writes.get(), 0);
+        // Without a socket to write to (TLS, SSE): the wake path, as before.
+        let o = Outbox::new(100);
+        park(&o, &waker);
+        let held = pass(&[&o], &[b"y"]);
+        assert!(held.direct.is_empty());
+        assert_eq!(held.wakes.len(), 1);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -21,6 +22,7 @@ use tokio::net::tcp::WriteHalf;
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
+use crate::engine::outbox::Sink;
 use crate::proxy::{parse_proxy_header, ProxyHeaderError};
 
 /// The deadline of a stalled write: armed when a write cannot proceed, cleared by any
@@ -328,12 +330,130 @@ impl AsyncWrite for TimedWrite<'_> {
     }
 }
 
-/// The socket of an upgraded WebSocket session: ours (plain TCP: the write deadline, and the
-/// bytes read ahead served first), or whatever else hyper hands over (TLS), with its own
-/// buffer first. One type, so that a session's task is one future whatever the transport.
+/// A pump pass writes to a session's socket directly while the session's writer is idle
+/// (`Outbox::write_direct`): without waiting, and only if tokio knows it writable.
+impl Sink for TcpStream {
+    fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        TcpStream::try_write_vectored(self, bufs)
+    }
+}
+
+/// The plain TCP socket of a WebSocket session, shared (`Rc`) with the session's outbox so
+/// that a pump pass can write to it while the session's writer is idle; the session reads it
+/// and writes the rest, through the `&self` readiness API (`poll_*_ready`, `try_*`), with the
+/// write deadline, the bytes read ahead served first.
+pub struct SessionTcp {
+    tcp: Rc<TcpStream>,
+    pre: Bytes,
+    write: WriteDeadline,
+}
+
+impl SessionTcp {
+    fn new(io: TimedIo) -> SessionTcp {
+        let (tcp, pre, timeout) = io.into_parts();
+        SessionTcp {
+            tcp: Rc::new(tcp),
+            pre,
+            write: WriteDeadline::new(timeout),
+        }
+    }
+
+    /// Waits until the socket is `ready`, then does `op` once it does not block.
+    fn poll_io<T>(
+        cx: &mut Context<'_>,
+        mut ready: impl FnMut(&mut Context<'_>) -> Poll<io::Result<()>>,
+        mut op: impl FnMut() -> io::Result<T>,
+    ) -> Poll<io::Result<T>> {
+        loop {
+            std::task::ready!(ready(cx))?;
+            match op() {
+                // tokio cleared its readiness: the next poll registers the waker.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+}
+
+impl AsyncRead for SessionTcp {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.pre.is_empty() {
+            let n = this.pre.len().min(buf.remaining());
+            buf.put_slice(&this.pre[..n]);
+            this.pre.advance(n);
+            if this.pre.is_empty() {
+                this.pre = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        let tcp = &*this.tcp;
+        let r = Self::poll_io(
+            cx,
+            |cx| tcp.poll_read_ready(cx),
+            || tcp.try_read(buf.initialize_unfilled()),
+        );
+        let r = r.map_ok(|n| buf.advance(n));
+        this.write.kernel_timeout(&r);
+        r
+    }
+}
+
+impl AsyncWrite for SessionTcp {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let tcp = &*this.tcp;
+        let r = Self::poll_io(cx, |cx| tcp.poll_write_ready(cx), || tcp.try_write(data));
+        this.write.check(cx, tcp, r, true)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let tcp = &*this.tcp;
+        let r = Self::poll_io(
+            cx,
+            |cx| tcp.poll_write_ready(cx),
+            || tcp.try_write_vectored(bufs),
+        );
+        this.write.check(cx, tcp, r, true)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // A socket has nothing of ours buffered.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let tcp = &*this.tcp;
+        let r = socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write);
+        this.write.check(cx, tcp, Poll::Ready(r), false)
+    }
+}
+
+/// The socket of an upgraded WebSocket session: ours (plain TCP: the write deadline, the
+/// bytes read ahead served first, and the pump's direct writes), or whatever else hyper hands
+/// over (TLS), with its own buffer first. One type, so that a session's task is one future
+/// whatever the transport.
 pub enum SessionIo {
     /// Plain TCP.
-    Tcp(TimedIo),
+    Tcp(SessionTcp),
     /// TLS (and anything else hyper may hand us).
     Other(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>),
 }
@@ -343,8 +463,19 @@ impl SessionIo {
     pub fn new(upgraded: hyper::upgrade::Upgraded) -> SessionIo {
         match upgraded.downcast::<hyper_util::rt::TokioIo<TimedIo>>() {
             // Bytes read past a PROXY header come before hyper's.
-            Ok(parts) => SessionIo::Tcp(parts.io.into_inner().read_ahead(parts.read_buf)),
+            Ok(parts) => SessionIo::Tcp(SessionTcp::new(
+                parts.io.into_inner().read_ahead(parts.read_buf),
+            )),
             Err(up) => SessionIo::Other(hyper_util::rt::TokioIo::new(up)),
+        }
+    }
+
+    /// The socket a pump pass may write to directly: plain TCP only (a TLS stream's writes go
+    /// through its session state, which only the connection's task holds).
+    pub fn sink(&self) -> Option<Rc<dyn Sink>> {
+        match self {
+            SessionIo::Tcp(t) => Some(t.tcp.clone()),
+            SessionIo::Other(_) => None,
         }
     }
 }

@@ -273,6 +273,8 @@ async fn session_task(
     // Built in a future of its own, boxed and gone once the session is: what it needs on the
     // way (the auth, the connect proxy's request) stays out of the task's future.
     let mut s = Box::pin(Session::open(ctx, start)).await;
+    // Plain TCP: pump passes write to the socket themselves while this task idles.
+    s.outbox.set_direct(io.sink());
     let m = &s.ctx.metrics;
     m.ws_accepted.increment(1);
     m.ws_connections.increment(1.0);
@@ -304,6 +306,8 @@ async fn session_task(
             Step::End => break,
         }
     }
+    // The socket closes with the task, not with the outbox (which the hub may hold a while).
+    s.outbox.set_direct(None);
     s.leave();
     s.ctx.metrics.ws_connections.decrement(1.0);
     drop(guard);
