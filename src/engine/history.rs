@@ -60,8 +60,8 @@ impl Engine {
                 ch.clone(),
             )
         })?;
-        self.enqueue_dirty(&ch, published.wake);
-        Ok(published)
+        let wake = self.enqueue_dirty(&ch, published.wake);
+        Ok(Published { wake, ..published })
     }
 
     /// [`Engine::publish`] under `cond`: a repeat of an idempotency key within the window
@@ -80,7 +80,7 @@ impl Engine {
     ) -> Result<(Published, bool), PublishRefused> {
         self.admit(name, now).map_err(PublishRefused::Overloaded)?;
         let window = self.cfg.idempotency_window;
-        let (r, ch) = self
+        let (mut r, ch) = self
             .with_channel(name, now, true, |ch, st| {
                 if let Some(keys) = st.keys.as_mut() {
                     let freed = keys.prune(now, window);
@@ -126,8 +126,8 @@ impl Engine {
                 (Ok((p, false)), ch.clone())
             })
             .map_err(PublishRefused::Overloaded)?;
-        if let Ok((p, false)) = &r {
-            self.enqueue_dirty(&ch, p.wake);
+        if let Ok((p, false)) = &mut r {
+            p.wake = self.enqueue_dirty(&ch, p.wake);
         }
         r
     }

@@ -74,7 +74,7 @@ impl Engine {
             return IngestOutcome::OtherEpoch;
         };
         if let (IngestOutcome::Appended(wake), Some(ch)) = (outcome, ch) {
-            self.enqueue_dirty(&ch, wake);
+            return IngestOutcome::Appended(self.enqueue_dirty(&ch, wake));
         }
         outcome
     }

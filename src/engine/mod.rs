@@ -231,7 +231,8 @@ pub struct Published {
     pub epoch: Epoch,
     /// The sequence ID given to the message.
     pub seq: u64,
-    /// Shards to wake: they have subscribers and were not already dirty.
+    /// Shards to wake: they have subscribers and no pass pending (see
+    /// [`Engine::enqueue_dirty`]).
     pub wake: ShardMask,
 }
 
@@ -435,10 +436,21 @@ impl Engine {
         st.interest & !prev
     }
 
-    fn enqueue_dirty(&self, ch: &Arc<Channel>, wake: ShardMask) {
+    /// Puts `ch` on the dirty list of each shard in `wake`; returns the shards to notify: those
+    /// whose list was empty. A list that already held a channel was notified when it got its
+    /// first one and has not been taken since, so the pass to come takes this one too: a burst
+    /// of publishes to many channels notifies a shard once per pass, not once per publish.
+    /// (Notifying a shard in `wake` that is not returned is harmless, a spare pass.)
+    fn enqueue_dirty(&self, ch: &Arc<Channel>, wake: ShardMask) -> ShardMask {
+        let mut notify: ShardMask = 0;
         for shard in mask_iter(wake) {
-            self.dirty_lists[shard].lock().push(ch.clone());
+            let mut list = self.dirty_lists[shard].lock();
+            if list.is_empty() {
+                notify |= 1 << shard;
+            }
+            list.push(ch.clone());
         }
+        notify
     }
 
     fn lookup(&self, name: &ChannelName) -> Option<Arc<Channel>> {

@@ -82,6 +82,53 @@ fn publish_wakes_each_subscribed_shard_once_until_it_pulls() {
 }
 
 #[test]
+fn publishes_to_many_channels_wake_a_shard_once_per_pass() {
+    let e = engine(10, 2);
+    let now = Instant::now();
+    let names: Vec<ChannelName> = (0..5).map(|i| ch(&format!("room-{i}"))).collect();
+    for n in &names {
+        e.subscribe(0, n, None, None, now).unwrap();
+        e.subscribe(1, n, None, None, now).unwrap();
+    }
+    let wakes: Vec<ShardMask> = names
+        .iter()
+        .map(|n| {
+            e.publish(n, DataKind::Json, Bytes::new(), now)
+                .unwrap()
+                .wake
+        })
+        .collect();
+    assert_eq!(
+        wakes,
+        [0b11, 0, 0, 0, 0],
+        "one wake per shard until it pulls"
+    );
+    // Shard 0 pulls every channel; shard 1's pass is still to come.
+    let mut dirty = Vec::new();
+    e.take_dirty(0, &mut dirty);
+    assert_eq!(dirty.len(), names.len(), "the pass takes every channel");
+    let again = e
+        .publish(&names[2], DataKind::Json, Bytes::new(), now)
+        .unwrap();
+    assert_eq!(
+        again.wake, 0b01,
+        "a new pass for the shard that pulled only"
+    );
+    let mut dirty1 = Vec::new();
+    e.take_dirty(1, &mut dirty1);
+    assert_eq!(
+        dirty1.len(),
+        names.len(),
+        "nothing lost for the shard not woken again"
+    );
+    let mut pubs = Vec::new();
+    e.take_dirty(0, &mut dirty);
+    assert_eq!(dirty.len(), 1);
+    assert!(!dirty[0].read_since(0, &mut pubs));
+    assert_eq!(pubs.iter().map(|p| p.seq).collect::<Vec<_>>(), [1, 2]);
+}
+
+#[test]
 fn resume_recovers_exactly_the_missed_messages() {
     let e = engine(5, 1);
     let now = Instant::now();

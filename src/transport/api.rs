@@ -232,10 +232,15 @@ struct BroadcastBody<'a> {
 /// repeat of an idempotency key.
 pub(super) fn published_json(ch: &ChannelName, p: &super::Published, duplicate: bool) -> String {
     let dup = if duplicate { ",\"duplicate\":true" } else { "" };
-    format!(
+    // Sized to the answer (seq and epoch take at most 20 digits each), so that `http::json`
+    // shrinks it in place.
+    let mut out = String::with_capacity(ch.as_str().len() + dup.len() + 80);
+    let _ = write!(
+        out,
         "{{\"channel\":\"{ch}\",\"seq\":{},\"epoch\":\"{}\"{dup}}}",
         p.seq, p.epoch
-    )
+    );
+    out
 }
 
 /// The refusal of a publish: 409 `seq_mismatch` with the channel's position, else 503.
