@@ -154,7 +154,7 @@ fn describe() {
     );
     describe_histogram!(
         "relay_frames_per_write",
-        "Frames coalesced into one vectored socket write."
+        "Frames (WebSocket) or events (SSE) coalesced into one socket write."
     );
     describe_histogram!(
         "relay_fanout_latency_seconds",

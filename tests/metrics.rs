@@ -73,3 +73,22 @@ async fn metrics_follow_traffic() {
     }
     assert!(gone, "a closed connection leaves the gauge");
 }
+
+/// An SSE stream's writes are counted too: each chunk it writes is one observation of
+/// `relay_frames_per_write`, holding the events queued since the last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_writes_count_in_frames_per_write() {
+    let relay = Relay::start(&[]);
+    let mut sse = common::Sse::connect(&relay.http("/sse?channel=f")).await;
+    sse.expect_event("subscribed").await;
+    for i in 1..=5 {
+        relay.publish("f", json!(i)).await;
+    }
+    for i in 1..=5 {
+        sse.expect_message("f", i).await;
+    }
+    let text = scrape(&relay).await;
+    let writes = value(&text, "relay_frames_per_write_count");
+    assert!((1.0..=5.0).contains(&writes), "{writes} writes");
+    assert_eq!(value(&text, "relay_frames_per_write_sum"), 5.0);
+}

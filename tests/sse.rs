@@ -184,3 +184,39 @@ async fn sse_http_errors() {
     let mut ok = Sse::connect(&relay.http("/sse?channel=a&channel=b")).await;
     ok.expect_event("subscribed").await;
 }
+
+/// Many messages queued between two writes go out as one chunk; each still carries its own
+/// cursor (`id:`) and arrives once, in order. Two channels on one stream: the cursor moves the
+/// position of the message's own channel and keeps the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_arrives_whole_in_order_with_a_cursor_per_event() {
+    let relay = Relay::in_process(&[]);
+    let mut sse = Sse::connect(&relay.http("/sse?channel=b1&channel=b2")).await;
+    let sub = sse.expect_event("subscribed").await.json();
+    let e1 = assert_epoch(&sub["channels"][0]["epoch"]);
+    let e2 = assert_epoch(&sub["channels"][1]["epoch"]);
+    const N: u64 = 300;
+    // Published concurrently, so that the pump finds several at a time.
+    let publishes = (1..=N).map(|i| {
+        let relay = &relay;
+        async move {
+            let ch = if i % 3 == 0 { "b2" } else { "b1" };
+            relay.publish(ch, json!({"i": i})).await
+        }
+    });
+    futures_util::future::join_all(publishes).await;
+    let (mut s1, mut s2) = (0u64, 0u64);
+    for _ in 0..N {
+        let ev = sse.expect_event("message").await;
+        let v = ev.json();
+        if v["channel"] == "b1" {
+            s1 += 1;
+            assert_eq!(v["seq"], json!(s1), "{ev:?}");
+        } else {
+            s2 += 1;
+            assert_eq!(v["seq"], json!(s2), "{ev:?}");
+        }
+        assert_eq!(ev.id, Some(format!("{e1}:{s1},{e2}:{s2}")), "{ev:?}");
+    }
+    assert_eq!((s1, s2), (N - N / 3, N / 3));
+}

@@ -44,16 +44,35 @@ pub fn parse_cursor(s: &str, max: usize) -> Result<Vec<StreamPosition>, CursorEr
     Ok(out)
 }
 
-/// Writes `id: <cursor>\n`.
+/// Writes `id: <cursor>\n`. Once per delivery (the cursor is the stream's own), so the numbers
+/// are written digit by digit rather than through `fmt`'s machinery.
 pub fn write_id(cursor: &[StreamPosition], out: &mut BytesMut) {
     out.put_slice(b"id: ");
     for (i, p) in cursor.iter().enumerate() {
         if i > 0 {
             out.put_u8(b',');
         }
-        let _ = write!(out, "{}:{}", p.epoch, p.seq);
+        put_radix(out, p.epoch.0, 16);
+        out.put_u8(b':');
+        put_radix(out, p.seq, 10);
     }
     out.put_u8(b'\n');
+}
+
+/// `v` in base 10 or 16 (lowercase, no leading zeros): what `{}` and `{:x}` write.
+fn put_radix(out: &mut BytesMut, mut v: u64, radix: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut b = [0u8; 20];
+    let mut i = b.len();
+    loop {
+        i -= 1;
+        b[i] = DIGITS[(v % radix) as usize];
+        v /= radix;
+        if v == 0 {
+            break;
+        }
+    }
+    out.put_slice(&b[i..]);
 }
 
 /// The `message` event body (everything after the `id:` line), shared by every SSE subscriber
@@ -137,6 +156,35 @@ mod tests {
         assert_eq!(&b[..], b"id: 9f2c:42,1:0\n");
         let s = std::str::from_utf8(&b[4..b.len() - 1]).unwrap();
         assert_eq!(parse_cursor(s, 2).unwrap(), c);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn id_lines_are_what_display_writes(e: u64, q: u64, e2: u64, q2: u64) {
+            let c = [
+                StreamPosition { epoch: Epoch(e), seq: q },
+                StreamPosition { epoch: Epoch(e2), seq: q2 },
+            ];
+            let mut b = BytesMut::new();
+            write_id(&c, &mut b);
+            let want = format!("id: {}:{q},{}:{q2}\n", Epoch(e), Epoch(e2));
+            proptest::prop_assert_eq!(&b[..], want.as_bytes());
+        }
+    }
+
+    #[test]
+    fn id_lines_at_the_edges() {
+        for (e, q) in [(0, 0), (1, 9), (0xf, 10), (u64::MAX, u64::MAX)] {
+            let mut b = BytesMut::new();
+            write_id(
+                &[StreamPosition {
+                    epoch: Epoch(e),
+                    seq: q,
+                }],
+                &mut b,
+            );
+            assert_eq!(&b[..], format!("id: {e:x}:{q}\n").as_bytes());
+        }
     }
 
     #[test]

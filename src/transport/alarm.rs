@@ -6,21 +6,28 @@
 //! armed connection, which then sees the token cancelled: no connection holds a cancellation
 //! future either.
 //!
-//! **Invariants:** a connection has at most one alarm (keyed by its deadline and id, so
-//! re-arming removes the old one), and a waiting session always has one: it can never sleep
-//! past a deadline or through a shutdown. An alarm rung early (the deadline moved later, e.g.
-//! traffic put off the ping) is harmless: the session finds nothing due and arms again, at
-//! most once per deadline, never per message.
+//! The alarms are a binary heap of 16-byte entries (deadline, outbox), not a map keyed by
+//! connection: every idle connection holds one (issue 12 item 4: a `BTreeMap` entry cost
+//! ~63 bytes per connection in its nodes at 10,000). Nothing is removed from the middle: an
+//! alarm a session replaces by an earlier one, or leaves when it ends, stays until its time
+//! (a ring then finds nothing due) or until the sweep drops those of ended sessions.
+//!
+//! **Invariants:** a waiting session always has an alarm at or before its next deadline: it
+//! can never sleep past a deadline or through a shutdown. An alarm rung early (the deadline
+//! moved later, e.g. traffic put off the ping, or the alarm was replaced) is harmless: the
+//! session finds nothing due and arms again, at most once per deadline, never per message.
+//! The alarms of a connection are at most its live one and those it replaced with earlier ones
+//! (rare: closing, authenticating), each rung once.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::rc::{Rc, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::hub::ConnId;
 use crate::engine::outbox::Outbox;
 
 /// How often the shard frees the queue buffers of idle outboxes and the pages its allocator
@@ -47,33 +54,82 @@ pub(crate) fn return_free_pages(force: bool) {
 }
 
 /// The alarms of one shard. See the module docs.
-#[derive(Default)]
 pub struct Alarms {
-    /// Deadline and connection → the outbox to ring. Weak: an alarm never keeps a closed
-    /// connection's outbox alive (connections disarm when they end anyway).
-    due: RefCell<BTreeMap<(Instant, ConnId), Weak<Outbox>>>,
+    /// The soonest first. Weak: an alarm never keeps a closed connection's outbox alive.
+    due: RefCell<BinaryHeap<Reverse<Alarm>>>,
+    /// What deadlines count from (nanoseconds in an [`Alarm`]).
+    base: Instant,
     /// An alarm earlier than the one the task sleeps for was armed.
     sooner: Notify,
     /// A fan-out pass ran since the last sweep ([`Alarms::fanned_out`]).
     busy: Cell<bool>,
+    /// Every alarm rang at shutdown: what a session holds as armed is gone.
+    all_rung: Cell<bool>,
+}
+
+/// One alarm: when, and whose outbox to ring.
+struct Alarm {
+    /// Nanoseconds after [`Alarms::base`] (584 years).
+    at: u64,
+    outbox: Weak<Outbox>,
+}
+
+impl PartialEq for Alarm {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at
+    }
+}
+
+impl Eq for Alarm {}
+
+impl PartialOrd for Alarm {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Alarm {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.at.cmp(&other.at)
+    }
+}
+
+impl Default for Alarms {
+    fn default() -> Self {
+        Alarms {
+            due: RefCell::default(),
+            base: super::session::now(),
+            sooner: Notify::new(),
+            busy: Cell::new(false),
+            all_rung: Cell::new(false),
+        }
+    }
 }
 
 impl Alarms {
-    /// Arms `conn`'s alarm at `when`, replacing the one it had (`armed`); returns the new
-    /// one, which the session keeps to re-arm or disarm it.
-    pub fn arm(
-        &self,
-        conn: ConnId,
-        armed: Option<Instant>,
-        when: Instant,
-        outbox: &Rc<Outbox>,
-    ) -> Option<Instant> {
+    /// `t` as an alarm's time (a deadline before the base rings at once).
+    fn at(&self, t: Instant) -> u64 {
+        let ns = t.saturating_duration_since(self.base).as_nanos();
+        u64::try_from(ns).unwrap_or(u64::MAX)
+    }
+
+    /// An alarm's time as an instant.
+    fn instant(&self, at: u64) -> Instant {
+        self.base + Duration::from_nanos(at)
+    }
+
+    /// Arms an alarm at `when` for the session of `outbox`; returns it, for the session to
+    /// keep to know whether it rang. The old one stays and rings
+    /// harmlessly (see the module docs); a session arms only a deadline sooner than the one
+    /// it has armed, or after its alarm rang.
+    pub fn arm(&self, when: Instant, outbox: &Rc<Outbox>) -> Option<Instant> {
+        let at = self.at(when);
         let mut due = self.due.borrow_mut();
-        if let Some(old) = armed {
-            due.remove(&(old, conn));
-        }
-        let first = due.first_key_value().is_none_or(|((t, _), _)| when < *t);
-        due.insert((when, conn), Rc::downgrade(outbox));
+        let first = due.peek().is_none_or(|Reverse(a)| at < a.at);
+        due.push(Reverse(Alarm {
+            at,
+            outbox: Rc::downgrade(outbox),
+        }));
         drop(due);
         if first {
             self.sooner.notify_one();
@@ -81,21 +137,19 @@ impl Alarms {
         Some(when)
     }
 
-    /// What is left of `conn`'s alarm `armed` after a ring: `None` when it is the one that
-    /// rang (rung alarms are removed), else still `armed` (the ring was for an alarm since
-    /// replaced).
-    pub fn after_ring(&self, conn: ConnId, armed: Option<Instant>) -> Option<Instant> {
-        armed.filter(|t| self.due.borrow().contains_key(&(*t, conn)))
-    }
-
-    /// Removes `conn`'s alarm (the session ends).
-    pub fn disarm(&self, conn: ConnId, armed: Option<Instant>) {
-        if let Some(old) = armed {
-            self.due.borrow_mut().remove(&(old, conn));
+    /// What is left of a session's alarm `armed` after a ring: `None` when it rang (a ring
+    /// rings every alarm due, and shutdown every alarm), else still `armed` (the ring was for
+    /// an alarm since replaced).
+    pub fn after_ring(&self, armed: Option<Instant>) -> Option<Instant> {
+        if self.all_rung.get() {
+            return None;
         }
+        let now = super::session::now();
+        armed.filter(|t| *t > now)
     }
 
-    /// How many alarms are armed (one per waiting session).
+    /// How many alarms are held (one per waiting session, and those replaced or of ended
+    /// sessions not yet rung or swept).
     pub fn len(&self) -> usize {
         self.due.borrow().len()
     }
@@ -107,15 +161,16 @@ impl Alarms {
 
     /// Rings (and removes) every alarm due at `now`.
     fn ring_due(&self, now: Instant) {
+        let now = self.at(now);
         loop {
             let mut due = self.due.borrow_mut();
-            match due.first_entry() {
-                Some(e) if e.key().0 <= now => {
-                    let outbox = e.remove();
+            match due.peek() {
+                Some(Reverse(a)) if a.at <= now => {
+                    let outbox = due.pop().map(|Reverse(a)| a.outbox);
                     // Rung outside the borrow: waking runs no task code now, but keep the
-                    // map free anyway.
+                    // heap free anyway.
                     drop(due);
-                    if let Some(o) = outbox.upgrade() {
+                    if let Some(o) = outbox.and_then(|o| o.upgrade()) {
                         o.ring();
                     }
                 }
@@ -127,9 +182,10 @@ impl Alarms {
     /// Rings (and removes) every alarm (shutdown): each connection sees the token cancelled,
     /// closes, and arms again for its close grace.
     fn ring_all(&self) {
+        self.all_rung.set(true);
         let all = std::mem::take(&mut *self.due.borrow_mut());
-        for outbox in all.into_values() {
-            if let Some(o) = outbox.upgrade() {
+        for Reverse(a) in all {
+            if let Some(o) = a.outbox.upgrade() {
                 o.ring();
             }
         }
@@ -139,13 +195,17 @@ impl Alarms {
     /// keeps its buffer between writes (no allocation per delivery), so without this an idle
     /// connection would keep the buffer of the last frames it was sent (its `subscribed`
     /// reply: 4 entries, 192 bytes) for good. A busy one allocates it again at most once per
-    /// sweep.
+    /// sweep. The alarms of ended sessions go too.
     fn release_idle(&self) {
-        for outbox in self.due.borrow().values() {
-            if let Some(o) = outbox.upgrade() {
-                o.release_idle();
-            }
-        }
+        self.due
+            .borrow_mut()
+            .retain(|Reverse(a)| match a.outbox.upgrade() {
+                Some(o) => {
+                    o.release_idle();
+                    true
+                }
+                None => false,
+            });
         // Only a shard that fanned nothing out for a whole sweep hands pages back: one that
         // delivers even a few messages a second would take them back from the OS at its next
         // pass, a page fault per page, on the delivery path (at 20 publishes/s to 1,000
@@ -174,7 +234,11 @@ impl Alarms {
         let sleep = tokio::time::sleep_until(tokio::time::Instant::now());
         tokio::pin!(sleep);
         loop {
-            let next = self.due.borrow().first_key_value().map(|((t, _), _)| *t);
+            let next = self
+                .due
+                .borrow()
+                .peek()
+                .map(|Reverse(a)| self.instant(a.at));
             if let Some(t) = next {
                 let t = tokio::time::Instant::from_std(t);
                 if sleep.deadline() != t {
@@ -207,48 +271,71 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_has_one_alarm_and_rearming_replaces_it() {
+    fn an_earlier_alarm_rings_first_and_a_replaced_one_rings_harmlessly() {
         let a = Alarms::default();
         let o = Rc::new(Outbox::new(100));
-        let t0 = Instant::now();
-        let armed = a.arm(1, None, t0 + Duration::from_secs(25), &o);
-        let armed = a.arm(1, armed, t0 + Duration::from_secs(3), &o);
-        assert_eq!(a.len(), 1);
+        let t0 = a.base;
+        let armed = a.arm(t0 + Duration::from_secs(25), &o);
+        assert!(armed.is_some());
+        let armed = a.arm(t0 + Duration::from_secs(3), &o);
         a.ring_due(t0 + Duration::from_secs(2));
         assert!(!rung(&o), "not due yet");
         a.ring_due(t0 + Duration::from_secs(3));
         assert!(rung(&o));
         assert!(!rung(&o), "an alarm rings once");
+        assert_eq!(a.len(), 1, "the replaced one waits for its time");
+        a.ring_due(t0 + Duration::from_secs(25));
+        assert!(rung(&o), "and rings then (the session finds nothing due)");
         assert!(a.is_empty(), "a rung alarm is gone");
-        assert_eq!(a.after_ring(1, armed), None);
-        let armed = a.arm(1, None, t0 + Duration::from_secs(9), &o);
+        assert_eq!(armed, Some(t0 + Duration::from_secs(3)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_learns_whether_its_own_alarm_rang() {
+        let a = Alarms::default();
+        let o = Rc::new(Outbox::new(100));
+        let t0 = super::super::session::now();
+        let armed = a.arm(t0 + Duration::from_secs(5), &o);
         assert_eq!(
-            a.after_ring(1, armed),
+            a.after_ring(armed),
             armed,
-            "a ring for an earlier alarm keeps it"
+            "a ring for another alarm keeps it"
         );
-        a.disarm(1, armed);
-        let armed = a.arm(2, None, t0, &o);
-        a.disarm(2, armed);
-        assert!(a.is_empty());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(a.after_ring(armed), None, "its own rang");
+        let armed = a.arm(t0 + Duration::from_secs(60), &o);
+        a.ring_all();
+        assert_eq!(a.after_ring(armed), None, "shutdown rings every alarm");
     }
 
     #[test]
     fn an_alarm_keeps_no_closed_connection_alive() {
         let a = Alarms::default();
         let o = Rc::new(Outbox::new(100));
-        a.arm(1, None, Instant::now(), &o);
+        a.arm(Instant::now(), &o);
         drop(o);
         a.ring_due(Instant::now() + Duration::from_secs(1));
         assert!(a.is_empty());
     }
 
     #[test]
+    fn the_sweep_drops_the_alarms_of_ended_sessions() {
+        let a = Alarms::default();
+        let (ended, live) = (Rc::new(Outbox::new(100)), Rc::new(Outbox::new(100)));
+        let t = a.base + Duration::from_secs(25);
+        a.arm(t, &ended);
+        a.arm(t, &live);
+        drop(ended);
+        a.release_idle();
+        assert_eq!(a.len(), 1, "only the live session's alarm is left");
+    }
+
+    #[test]
     fn the_sweep_frees_the_queue_buffers_of_idle_connections() {
         let a = Alarms::default();
         let (idle, busy) = (Rc::new(Outbox::new(1000)), Rc::new(Outbox::new(1000)));
-        for (id, o) in [(1, &idle), (2, &busy)] {
-            a.arm(id, None, Instant::now(), o);
+        for o in [&idle, &busy] {
+            a.arm(Instant::now(), o);
             o.push(crate::engine::outbox::Out::control(
                 bytes::Bytes::from_static(b"x"),
             ));
@@ -276,10 +363,10 @@ mod tests {
                 });
                 let (early, late) = (Rc::new(Outbox::new(100)), Rc::new(Outbox::new(100)));
                 let t0 = super::super::session::now();
-                a.arm(1, None, t0 + Duration::from_secs(60), &late);
+                a.arm(t0 + Duration::from_secs(60), &late);
                 tokio::task::yield_now().await;
                 // Armed after the task went to sleep for the later one: it wakes sooner.
-                a.arm(2, None, t0 + Duration::from_secs(5), &early);
+                a.arm(t0 + Duration::from_secs(5), &early);
                 tokio::time::sleep(Duration::from_millis(4_999)).await;
                 assert!(!rung(&early));
                 tokio::time::sleep(Duration::from_millis(2)).await;

@@ -407,6 +407,19 @@ impl PresenceAsk {
     }
 }
 
+impl SseBody {
+    /// Queues what the hub held back for this stream (a replay's next page, a gap notice, a
+    /// conflated message) once its outbox has drained enough.
+    fn flush_deferred(&self) {
+        if self.outbox.take_deferred() {
+            if let Ok(mut hub) = self.ctx.hub.try_borrow_mut() {
+                let stats = hub.flush(self.id, &self.channels);
+                self.ctx.metrics.pumped(&stats);
+            }
+        }
+    }
+}
+
 impl HttpBody for SseBody {
     type Data = Bytes;
     type Error = Infallible;
@@ -425,6 +438,45 @@ impl HttpBody for SseBody {
         if this.ended {
             return Poll::Ready(None);
         }
+        match this.outbox.state() {
+            // Ending the stream makes the client reconnect with Last-Event-ID and resume.
+            OutboxState::Overflowed => {
+                this.ctx.metrics.slow.increment(1);
+                this.ended = true;
+                return Poll::Ready(None);
+            }
+            OutboxState::Closing if this.outbox.is_empty() => {
+                this.ended = true;
+                return Poll::Ready(None);
+            }
+            _ => {}
+        }
+        // What is queued goes first; the stream's timers and the shutdown are looked at only
+        // when nothing is (hyper polls again after each chunk until the body is pending, so
+        // every wake-up still reaches them), which keeps a busy stream's wake-up to one pass
+        // over them instead of two. One chunk for everything queued, sized up front (frames,
+        // plus an `id:` line of up to ~40 bytes per channel each) so that copying them in
+        // never reallocates.
+        let frames = this.outbox.frames();
+        if frames > 0 {
+            let mut buf = BytesMut::with_capacity(
+                this.outbox.queued_bytes() + frames * (8 + 40 * this.cursor.len()),
+            );
+            let cursor = &mut this.cursor;
+            let n = this.outbox.drain_into(|out| {
+                if out.slot() != NO_SLOT {
+                    if let Some(p) = cursor.get_mut(out.slot() as usize) {
+                        p.seq = out.seq();
+                    }
+                    sse::write_id(cursor, &mut buf);
+                }
+                buf.put_slice(out.frame());
+            });
+            this.ctx.metrics.frames_per_write.record(n as f64);
+            this.flush_deferred();
+            return Poll::Ready(Some(Ok(Frame::data(buf.freeze()))));
+        }
+        this.flush_deferred();
         if this
             .expires
             .as_mut()
@@ -440,43 +492,6 @@ impl HttpBody for SseBody {
             let spread = this.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
             let ms = spread % (this.retry.as_millis() as u64).max(1);
             return Poll::Ready(Some(Ok(Frame::data(sse::retry(u128::from(ms))))));
-        }
-        match this.outbox.state() {
-            // Ending the stream makes the client reconnect with Last-Event-ID and resume.
-            OutboxState::Overflowed => {
-                this.ctx.metrics.slow.increment(1);
-                this.ended = true;
-                return Poll::Ready(None);
-            }
-            OutboxState::Closing if this.outbox.is_empty() => {
-                this.ended = true;
-                return Poll::Ready(None);
-            }
-            _ => {}
-        }
-        // One chunk for everything queued, sized up front (frames, plus an `id:` line of up to
-        // ~40 bytes per channel each) so that copying them in never reallocates.
-        let mut buf = BytesMut::with_capacity(
-            this.outbox.queued_bytes() + this.outbox.frames() * (8 + 40 * this.cursor.len()),
-        );
-        let cursor = &mut this.cursor;
-        this.outbox.drain_into(|out| {
-            if out.slot() != NO_SLOT {
-                if let Some(p) = cursor.get_mut(out.slot() as usize) {
-                    p.seq = out.seq();
-                }
-                sse::write_id(cursor, &mut buf);
-            }
-            buf.put_slice(out.frame());
-        });
-        if this.outbox.take_deferred() {
-            if let Ok(mut hub) = this.ctx.hub.try_borrow_mut() {
-                let stats = hub.flush(this.id, &this.channels);
-                this.ctx.metrics.pumped(&stats);
-            }
-        }
-        if !buf.is_empty() {
-            return Poll::Ready(Some(Ok(Frame::data(buf.freeze()))));
         }
         if this.keepalive.as_mut().poll(cx).is_ready() {
             let next = tokio::time::Instant::now() + this.keepalive_every;

@@ -287,7 +287,7 @@ async fn session_task(
     loop {
         let deadline = s.core.clock.poll_timeout(&s.timeouts());
         if armed.is_none_or(|a| a > deadline) {
-            armed = s.ctx.alarms.arm(s.id, armed, deadline, &s.outbox);
+            armed = s.ctx.alarms.arm(deadline, &s.outbox);
         }
         let wake = poll_fn(|cx| s.poll_event(&mut io, cx)).await;
         match s.on_wake(wake, &mut decoder, &mut armed) {
@@ -308,7 +308,6 @@ async fn session_task(
     }
     // The socket closes with the task, not with the outbox (which the hub may hold a while).
     s.outbox.set_direct(None);
-    s.ctx.alarms.disarm(s.id, armed);
     s.leave();
     s.ctx.metrics.ws_connections.decrement(1.0);
     drop(guard);
@@ -518,9 +517,8 @@ impl Session {
             }
             Wake::Mail => self.on_user_commands(),
             Wake::Alarm => {
-                // A rung alarm is gone from the shard's (unless the ring was for one since
-                // replaced: then the session's alarm stays, and it keeps only one).
-                *armed = self.ctx.alarms.after_ring(self.id, *armed);
+                // The session's alarm rang, or one it replaced did (then its own stays).
+                *armed = self.ctx.alarms.after_ring(*armed);
                 if self.on_timer() {
                     return Step::End;
                 }
