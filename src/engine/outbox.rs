@@ -690,6 +690,22 @@ mod tests {
         }
     }
 
+    /// Writes all `o` holds into `wire`, 5 bytes at a time.
+    fn write_in_short_writes(o: &Outbox, wire: &mut Vec<u8>) {
+        while !o.is_empty() {
+            let _ = o.write_with::<()>(|iov| {
+                let n = iov.iter().map(|s| s.len()).sum::<usize>().min(5);
+                let mut left = n;
+                for s in iov {
+                    let k = s.len().min(left);
+                    wire.extend_from_slice(&s[..k]);
+                    left -= k;
+                }
+                Poll::Ready(Ok(n))
+            });
+        }
+    }
+
     fn capacity(o: &Outbox) -> usize {
         o.inner.borrow().queue.capacity()
     }
@@ -846,22 +862,10 @@ mod tests {
         let w = done.wake.expect("the writer is woken for the rest");
         w.wake();
         assert_eq!(woken(&count), 1);
-        socket.room.set(Some(3));
         // The writer continues where the direct write stopped, mid-frame: nothing lost, nothing
         // twice, in order.
         let mut wire = socket.wire.borrow().clone();
-        while !o.is_empty() {
-            let _ = o.write_with::<()>(|iov| {
-                let n = iov.iter().map(|s| s.len()).sum::<usize>().min(5);
-                let mut left = n;
-                for s in iov {
-                    let k = s.len().min(left);
-                    wire.extend_from_slice(&s[..k]);
-                    left -= k;
-                }
-                Poll::Ready(Ok(n))
-            });
-        }
+        write_in_short_writes(&o, &mut wire);
         assert_eq!(wire, b"[first][second][third]");
         assert_eq!(g.get(), 0);
     }
@@ -995,18 +999,7 @@ mod tests {
         assert_eq!(o.queued_bytes(), 7 + 7 + 8 + 7);
         let mut wire = Vec::new();
         // Short writes cut frames anywhere; what goes out is every frame once, in order.
-        while !o.is_empty() {
-            let _ = o.write_with::<()>(|iov| {
-                let n = iov.iter().map(|s| s.len()).sum::<usize>().min(5);
-                let mut left = n;
-                for s in iov {
-                    let k = s.len().min(left);
-                    wire.extend_from_slice(&s[..k]);
-                    left -= k;
-                }
-                Poll::Ready(Ok(n))
-            });
-        }
+        write_in_short_writes(&o, &mut wire);
         assert_eq!(wire, b"[reply][msg 7][join u][msg 7]");
         // The cursor an SSE stream keeps comes from the entry.
         let p = Arc::new(Publication::new(

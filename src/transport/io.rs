@@ -204,6 +204,23 @@ impl TimedIo {
     }
 }
 
+/// Serves what was read ahead (past a PROXY header, or by hyper) into `buf`, if anything was:
+/// whether it did.
+fn read_ahead(pre: &mut Bytes, buf: &mut ReadBuf<'_>) -> bool {
+    if pre.is_empty() {
+        return false;
+    }
+    let n = pre.len().min(buf.remaining());
+    buf.put_slice(&pre[..n]);
+    pre.advance(n);
+    if pre.is_empty() {
+        // An empty slice of hyper's read buffer would still pin it (about 8 KiB) for a
+        // WebSocket session's whole life.
+        *pre = Bytes::new();
+    }
+    true
+}
+
 impl AsyncRead for TimedIo {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -211,15 +228,7 @@ impl AsyncRead for TimedIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.pre.is_empty() {
-            let n = this.pre.len().min(buf.remaining());
-            buf.put_slice(&this.pre[..n]);
-            this.pre.advance(n);
-            if this.pre.is_empty() {
-                // An empty slice of hyper's read buffer would still pin it (about 8 KiB)
-                // for a WebSocket session's whole life.
-                this.pre = Bytes::new();
-            }
+        if read_ahead(&mut this.pre, buf) {
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
@@ -382,13 +391,7 @@ impl AsyncRead for SessionTcp {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.pre.is_empty() {
-            let n = this.pre.len().min(buf.remaining());
-            buf.put_slice(&this.pre[..n]);
-            this.pre.advance(n);
-            if this.pre.is_empty() {
-                this.pre = Bytes::new();
-            }
+        if read_ahead(&mut this.pre, buf) {
             return Poll::Ready(Ok(()));
         }
         let tcp = &*this.tcp;
