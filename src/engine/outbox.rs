@@ -4,7 +4,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::rc::{Rc, Weak};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
@@ -153,7 +153,9 @@ struct Inner {
     private: usize,
     /// Bytes of the front frame already written.
     front_written: usize,
-    limit: usize,
+    /// The byte limit (`--max-outbox-bytes`, at most 4 GiB: see [`Outbox::with_gauge`]); a
+    /// `u32` so that, with the flags beside it, the outbox fits a 128-byte allocation.
+    limit: u32,
     waker: Option<Waker>,
     state: OutboxState,
     /// A subscriber of this connection has a gap notice or a conflated message waiting for
@@ -166,28 +168,16 @@ struct Inner {
     gauge: Gauge,
     /// The socket a pump pass may write to itself while the writer is idle (plain TCP
     /// WebSocket connections only; see [`Outbox::set_direct`]).
-    direct: Option<Direct>,
+    direct: Option<Rc<dyn Sink>>,
     /// Listed for a direct write after the current pass (see [`collect_wakes`]).
     direct_due: bool,
 }
 
 /// A connection's socket as the pump sees it: a non-blocking vectored write. The transport
 /// implements it for its socket (a plain `TcpStream`); the engine never names one.
-pub trait Sink {
+pub trait Sink: std::fmt::Debug {
     /// Writes what it can of `bufs` without waiting: the bytes written, or `WouldBlock`.
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
-}
-
-/// What the direct path needs: the socket, and the outbox itself to list after a pass.
-struct Direct {
-    sink: Rc<dyn Sink>,
-    me: Weak<Outbox>,
-}
-
-impl std::fmt::Debug for Direct {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Direct")
-    }
 }
 
 /// Most frames gathered into one vectored write.
@@ -207,7 +197,7 @@ impl Outbox {
                 bytes: 0,
                 private: 0,
                 front_written: 0,
-                limit,
+                limit: u32::try_from(limit).unwrap_or(u32::MAX),
                 waker: None,
                 state: OutboxState::Open,
                 deferred: false,
@@ -222,9 +212,8 @@ impl Outbox {
     /// Lets pump passes write to `sink` themselves while the connection's writer is idle
     /// (`None`: never; every frame waits for the writer's task). The transport sets it for a
     /// plain TCP socket and clears it before the socket closes.
-    pub fn set_direct(self: &Rc<Self>, sink: Option<Rc<dyn Sink>>) {
-        let me = Rc::downgrade(self);
-        self.inner.borrow_mut().direct = sink.map(|sink| Direct { sink, me });
+    pub fn set_direct(&self, sink: Option<Rc<dyn Sink>>) {
+        self.inner.borrow_mut().direct = sink;
     }
 
     /// Writes what a pump pass queued to the socket itself, once, if the writer is still idle
@@ -245,7 +234,7 @@ impl Outbox {
             && !inner.deferred
             && !inner.alarm;
         let sink = match &inner.direct {
-            Some(d) if idle => d.sink.clone(),
+            Some(sink) if idle => sink.clone(),
             // An overflow, a close, a flush or an alarm: the writer acts on it.
             _ => {
                 done.wake = inner.waker.take();
@@ -277,14 +266,14 @@ impl Outbox {
 
     /// The byte limit.
     pub fn limit(&self) -> usize {
-        self.inner.borrow().limit
+        self.inner.borrow().limit()
     }
 
     /// Queues a frame. Returns false if it was not taken: the outbox is closing, or it was
     /// full, in which case it is now [`OutboxState::Overflowed`] (and stays so).
     pub fn push(&self, out: Out) -> bool {
         let grown = Self::cost(&out);
-        let taken = self.push_uncounted(out);
+        let taken = self.queue(out, None);
         if taken {
             let inner = self.inner.borrow();
             inner.gauge.set(inner.gauge.get().wrapping_add(grown));
@@ -295,12 +284,19 @@ impl Outbox {
     /// [`Outbox::push`] without counting the frame in the shard's gauge: the caller adds
     /// [`Outbox::cost`] of what was taken to the gauge before the shard next reads it. For
     /// fan-out, which counts once per pass rather than once per delivery.
-    pub fn push_uncounted(&self, out: Out) -> bool {
+    /// Fan-out pushes through the outbox's `Rc`, so that a pass can list an idle writer's
+    /// outbox for a direct write (see [`collect_wakes`]).
+    pub fn push_uncounted(self: &Rc<Self>, out: Out) -> bool {
+        self.queue(out, Some(self))
+    }
+
+    /// Queues `out` unless closed or full; `me`: this outbox, to list for a direct write.
+    fn queue(&self, out: Out, me: Option<&Rc<Outbox>>) -> bool {
         let mut inner = self.inner.borrow_mut();
         if inner.state != OutboxState::Open {
             return false;
         }
-        if inner.bytes + out.frame().len() > inner.limit {
+        if inner.bytes + out.frame().len() > inner.limit() {
             drop(inner);
             self.mark_overflowed();
             return false;
@@ -308,7 +304,7 @@ impl Outbox {
         inner.bytes += out.frame().len();
         inner.private += out.private_len();
         inner.queue.push_back(out);
-        wake(&mut inner);
+        wake(&mut inner, me);
         true
     }
 
@@ -338,7 +334,7 @@ impl Outbox {
         inner.private += out.private_len();
         inner.queue.push_back(out);
         inner.recount(before);
-        wake(&mut inner);
+        wake(&mut inner, None);
     }
 
     /// Marks the outbox overflowed (its reader lost messages another way, e.g. its shard fell
@@ -352,14 +348,14 @@ impl Outbox {
             inner.queue.truncate(keep);
             inner.recount_queue();
             inner.recount(before);
-            wake(&mut inner);
+            wake(&mut inner, None);
         }
     }
 
     /// Whether `len` more bytes fit under the limit.
     pub fn has_room(&self, len: usize) -> bool {
         let inner = self.inner.borrow();
-        inner.state == OutboxState::Open && inner.bytes + len <= inner.limit
+        inner.state == OutboxState::Open && inner.bytes + len <= inner.limit()
     }
 
     /// Notes that a subscriber deferred something until there is room.
@@ -371,7 +367,7 @@ impl Outbox {
     /// hub to flush), so a connection that frees a little room does not flush one frame at a time.
     pub fn take_deferred(&self) -> bool {
         let mut inner = self.inner.borrow_mut();
-        if inner.deferred && inner.state == OutboxState::Open && inner.bytes <= inner.limit / 2 {
+        if inner.deferred && inner.state == OutboxState::Open && inner.bytes <= inner.limit() / 2 {
             inner.deferred = false;
             return true;
         }
@@ -384,7 +380,7 @@ impl Outbox {
     pub fn ring(&self) {
         let mut inner = self.inner.borrow_mut();
         inner.alarm = true;
-        wake(&mut inner);
+        wake(&mut inner, None);
     }
 
     /// `Ready` once after each [`Outbox::ring`]; otherwise registers `cx`'s waker (the same
@@ -514,19 +510,19 @@ impl Inner {
     /// Whether a pass may write this outbox's frames itself rather than wake its writer:
     /// a direct socket, a writer parked on the outbox, and the frame just queued the only one
     /// (nothing of the writer's own in flight, nothing to act on but writing).
-    fn direct_idle(&self) -> Option<Rc<Outbox>> {
-        let d = self.direct.as_ref()?;
+    fn direct_idle(&self, me: Option<&Rc<Outbox>>) -> Option<Rc<Outbox>> {
+        let me = me.filter(|_| self.direct.is_some())?;
         let idle = self.waker.is_some()
             && self.queue.len() == 1
             && self.front_written == 0
             && self.state == OutboxState::Open
             && !self.deferred
             && !self.alarm;
-        if idle {
-            d.me.upgrade()
-        } else {
-            None
-        }
+        idle.then(|| me.clone())
+    }
+
+    fn limit(&self) -> usize {
+        self.limit as usize
     }
 
     fn consume(&mut self, mut n: usize) -> Written {
@@ -648,14 +644,16 @@ pub fn collect_wakes<R>(into: &mut Writers, f: impl FnOnce() -> R) -> R {
     f()
 }
 
-fn wake(inner: &mut Inner) {
+/// Wakes the outbox's writer, or, in a pass, holds the wake back (or, for an idle writer
+/// with a direct socket, whose outbox is `me`, lists the outbox for a direct write).
+fn wake(inner: &mut Inner, me: Option<&Rc<Outbox>>) {
     HELD.with_borrow_mut(|held| match held {
         Some(held) => {
             // Listed already: the pass's other frames go out in the same direct write.
             if inner.direct_due {
                 return;
             }
-            if let Some(me) = inner.direct_idle() {
+            if let Some(me) = inner.direct_idle(me) {
                 // The writer stays parked (its waker kept) unless the direct write leaves
                 // something for it.
                 inner.direct_due = true;
@@ -748,7 +746,7 @@ mod tests {
 
     /// A socket for the direct path: takes at most `room` bytes per write (`None`:
     /// `WouldBlock`), or fails.
-    #[derive(Default)]
+    #[derive(Debug, Default)]
     struct Socket {
         room: Cell<Option<usize>>,
         fail: Cell<bool>,
@@ -792,7 +790,7 @@ mod tests {
     }
 
     /// A pump pass: pushes `frames` uncounted and counts them at the end, as the hub does.
-    fn pass(outboxes: &[&Outbox], frames: &[&[u8]]) -> Writers {
+    fn pass(outboxes: &[&Rc<Outbox>], frames: &[&[u8]]) -> Writers {
         let mut held = Writers::default();
         collect_wakes(&mut held, || {
             for o in outboxes {
@@ -807,6 +805,15 @@ mod tests {
             }
         });
         held
+    }
+
+    /// Every connection holds one outbox behind an `Rc` (16 bytes of counts): at most 112
+    /// bytes keeps that allocation in mimalloc's 128-byte class (issue 12 item 4: idle memory
+    /// per connection); the direct socket is one `Rc<dyn Sink>`, the limit a `u32`.
+    #[test]
+    fn an_outbox_fits_a_128_byte_allocation() {
+        let size = std::mem::size_of::<Outbox>();
+        assert!(size + 16 <= 128, "the outbox is {size} bytes");
     }
 
     #[test]
@@ -929,7 +936,7 @@ mod tests {
         assert!(held.direct[0].write_direct().wake.is_some());
         assert_eq!(socket.writes.get(), 0);
         // Without a socket to write to (TLS, SSE): the wake path, as before.
-        let o = Outbox::new(100);
+        let o = Rc::new(Outbox::new(100));
         park(&o, &waker);
         let held = pass(&[&o], &[b"y"]);
         assert!(held.direct.is_empty());
@@ -1055,7 +1062,7 @@ mod tests {
         b.mark_overflowed();
         assert_eq!(g.get(), 20 + per);
         // Fan-out pushes without counting, then counts the pass at once.
-        let c = Outbox::with_gauge(1000, g.clone());
+        let c = Rc::new(Outbox::with_gauge(1000, g.clone()));
         let out = frame(7);
         let cost = Outbox::cost(&out);
         assert!(c.push_uncounted(out));
