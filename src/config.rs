@@ -66,7 +66,7 @@ pub struct Config {
         default_value_t = 128
     )]
     pub max_subscriptions: usize,
-    /// Bytes queued for one connection before it is closed as a slow consumer (4008).
+    /// Bytes queued for one connection before it is closed as a slow consumer (4008); at least 4KiB, under 4GiB.
     #[arg(long, env = "RELAY_MAX_OUTBOX_BYTES", value_name = "BYTES", value_parser = parse_bytes, default_value = "1MiB")]
     pub max_outbox_bytes: usize,
     /// How long shutdown waits for clients to go.
@@ -802,8 +802,9 @@ impl Config {
         if self.max_subscriptions == 0 || self.max_subscriptions > 65_000 {
             invalid("max_subscriptions", "must be between 1 and 65000");
         }
-        if self.max_outbox_bytes < 4096 {
-            invalid("max_outbox_bytes", "must be at least 4KiB");
+        // An outbox keeps its limit in a `u32` (idle memory per connection, issue 12).
+        if self.max_outbox_bytes < 4096 || self.max_outbox_bytes > u32::MAX as usize {
+            invalid("max_outbox_bytes", "must be at least 4KiB and under 4GiB");
         }
         if self.ping_interval.is_zero() || self.idle_timeout <= self.ping_interval {
             invalid("idle_timeout", "must be longer than ping_interval (> 0)");
@@ -1216,6 +1217,30 @@ proxy_max_in_flight = 0
         }
         let good = from_file("proxy_connect_url = \"https://app.example/connect\"\n");
         assert!(good.problems().is_empty(), "{:?}", good.problems());
+    }
+
+    #[test]
+    fn an_outbox_limit_over_4_gib_is_refused_not_cut() {
+        let problems = |v: &str| -> Vec<String> {
+            let c = from_file(&format!("max_outbox_bytes = \"{v}\"\n"));
+            c.problems().iter().map(|p| p.to_string()).collect()
+        };
+        assert!(problems("3GiB").is_empty(), "{:?}", problems("3GiB"));
+        let found = problems("4GiB");
+        assert!(
+            found.iter().any(|p| p.contains("max_outbox_bytes")),
+            "{found:?}"
+        );
+        let found = problems("5GiB");
+        assert!(
+            found.iter().any(|p| p.contains("max_outbox_bytes")),
+            "{found:?}"
+        );
+        let found = problems("1KiB");
+        assert!(
+            found.iter().any(|p| p.contains("max_outbox_bytes")),
+            "{found:?}"
+        );
     }
 
     #[test]
