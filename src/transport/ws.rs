@@ -1122,8 +1122,9 @@ mod tests {
     /// The task's future is what an idle connection holds besides its outbox, its hub entry,
     /// its alarm and tokio's registration of its socket, so it is most of what an idle
     /// connection costs (issue 12: at most 1 KiB each). It is the session (`SESSION`), the
-    /// socket (a `TimedIo`, 104 bytes), the decoder (24), the alarm armed (16) and the task's
-    /// arguments (4 words), plus a few words of state. Before the reshape, the session's
+    /// socket (a `SessionIo`: over plain TCP an `Rc` of the stream, the bytes read ahead and
+    /// the write deadline), the decoder (24), the alarm armed (16) and the task's arguments (4
+    /// words), plus a few words of state. Before the reshape, the session's
     /// `run` future alone was 2,544 bytes in a debug build (1,248 in release), and the upgrade
     /// block around it kept a second copy of the auth, hyper's parts and the PROXY bytes
     /// across the session, and a `Sleep` (112) and a cancellation future (72) besides. A debug
