@@ -174,8 +174,9 @@ impl TimedIo {
     }
 
     /// The socket, the bytes read but not yet served, and the write timeout: what an upgraded
-    /// WebSocket session keeps (it splits the socket and wraps the write half in a
-    /// [`TimedWrite`]), and nothing else, since it lives as long as the session.
+    /// WebSocket session keeps (a [`SessionTcp`]; a Pusher session splits the socket and wraps
+    /// the write half in a [`TimedWrite`]), and nothing else, since it lives as long as the
+    /// session.
     pub fn into_parts(self) -> (TcpStream, Bytes, Duration) {
         (self.tcp, self.pre, self.write.timeout())
     }
