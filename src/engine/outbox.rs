@@ -1,5 +1,6 @@
-//! A connection's bounded queue of outgoing frames. Sans-IO: the writer task drains it, the hub
-//! and the command handlers fill it, and a `std::task::Waker` links the two.
+//! A connection's bounded queue of outgoing frames. Sans-IO: the writer task drains it (or, while
+//! that task idles, a pump pass through the transport's [`Sink`], see [`Outbox::write_direct`]),
+//! the hub and the command handlers fill it, and a `std::task::Waker` links the two.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
