@@ -90,15 +90,13 @@ pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) 
                     // tasks; then the writers with something left are woken. Both a group at
                     // a time, going to the back of the run queue between groups.
                     let m = &pump_ctx.metrics;
-                    if !writers.direct.is_empty() {
-                        m.direct_writes.increment(writers.direct.len() as u64);
-                    }
                     let mut direct = writers.direct.drain(..);
                     while direct.len() > 0 {
                         for outbox in direct.by_ref().take(WRITERS_AT_ONCE) {
                             let done = outbox.write_direct();
                             let w = done.written;
                             if w.bytes > 0 {
+                                m.direct_writes.increment(1);
                                 m.bytes_written.increment(w.bytes as u64);
                                 m.frames_per_write.record(w.frames as f64);
                             }
