@@ -247,11 +247,7 @@ impl Outbox {
         }
         let r = {
             let mut slices: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
-            let mut count = 0;
-            for out in inner.queue.iter().take(MAX_IOV) {
-                slices[count] = IoSlice::new(out.frame());
-                count += 1;
-            }
+            let count = inner.slices(&mut slices);
             sink.try_write_vectored(&slices[..count])
         };
         if let Ok(n) = r {
@@ -450,12 +446,7 @@ impl Outbox {
         let mut inner = self.inner.borrow_mut();
         let n = {
             let mut slices: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
-            let mut count = 0;
-            for (i, out) in inner.queue.iter().take(MAX_IOV).enumerate() {
-                let skip = if i == 0 { inner.front_written } else { 0 };
-                slices[count] = IoSlice::new(&out.frame()[skip..]);
-                count += 1;
-            }
+            let count = inner.slices(&mut slices);
             if count == 0 {
                 return Poll::Ready(Ok(Written::default()));
             }
@@ -524,6 +515,18 @@ impl Inner {
 
     fn limit(&self) -> usize {
         self.limit as usize
+    }
+
+    /// The queued frames (at most [`MAX_IOV`]) as I/O slices in `into`, the front one past
+    /// what was written of it; returns how many. What the writer and a direct write send.
+    fn slices<'a>(&'a self, into: &mut [IoSlice<'a>; MAX_IOV]) -> usize {
+        let mut count = 0;
+        for (slot, out) in into.iter_mut().zip(&self.queue) {
+            let skip = if count == 0 { self.front_written } else { 0 };
+            *slot = IoSlice::new(&out.frame()[skip..]);
+            count += 1;
+        }
+        count
     }
 
     fn consume(&mut self, mut n: usize) -> Written {

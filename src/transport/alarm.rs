@@ -141,11 +141,17 @@ impl Alarms {
     /// rings every alarm due, and shutdown every alarm), else still `armed` (the ring was for
     /// an alarm since replaced).
     pub fn after_ring(&self, armed: Option<Instant>) -> Option<Instant> {
-        if self.all_rung.get() {
+        if self.shutting_down() {
             return None;
         }
         let now = super::session::now();
         armed.filter(|t| *t > now)
+    }
+
+    /// Whether shutdown has rung this shard's alarms: a read of the shard's own state, for
+    /// checks made per write, where the node's token (a mutex every shard shares) would do.
+    pub fn shutting_down(&self) -> bool {
+        self.all_rung.get()
     }
 
     /// How many alarms are held (one per waiting session, and those replaced or of ended

@@ -456,12 +456,13 @@ impl HttpBody for SseBody {
         // every wake-up still reaches them), which keeps a busy stream's wake-up to one pass
         // over them instead of two. One chunk for everything queued, sized up front (frames,
         // plus an `id:` line of up to ~40 bytes per channel each) so that copying them in
-        // never reallocates. Not once the token expired or the node is going (two cheap reads):
-        // a stream that always has something queued would otherwise never reach its timers
-        // below (what is queued then is resumed by the client, as after any end of stream).
+        // never reallocates. Not once the token expired or the node is going (two reads of
+        // this thread's state, not the node's shared token): a stream that always has
+        // something queued would otherwise never reach its timers below (what is queued then
+        // is resumed by the client, as after any end of stream).
         let frames = this.outbox.frames();
         let ending = this.expires.as_ref().is_some_and(|e| e.is_elapsed())
-            || this.ctx.node.shutdown.is_cancelled();
+            || this.ctx.alarms.shutting_down();
         if frames > 0 && !ending {
             let mut buf = BytesMut::with_capacity(
                 this.outbox.queued_bytes() + frames * (8 + 40 * this.cursor.len()),
