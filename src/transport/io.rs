@@ -362,7 +362,7 @@ impl Sink for TcpStream {
 /// `fdget_pos`, the file hooks) before it reaches the socket's `sendmsg`; with one small frame
 /// per write, the common case when a pump pass writes each subscriber's socket directly, that
 /// layer is a visible part of the write: at 12,975 publishes/s to 10,000 subscribers over
-/// 1,000 channels, 11 % of the server's CPU sat between the syscall entry and `tcp_sendmsg`
+/// 1,000 channels, 11–14 % of the server's CPU sat between the syscall entry and `tcp_sendmsg`
 /// with `writev`, 9 % with `send`/`sendmsg` (`benches/RESULTS.md`, "send, not writev").
 pub fn try_send(tcp: &TcpStream, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
     match bufs {
