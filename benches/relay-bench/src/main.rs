@@ -371,6 +371,8 @@ struct StepResult {
     server_usage: Option<Usage>,
     /// Every syscall of the server in the same window (`--perf-syscalls`).
     perf_syscalls: Option<u64>,
+    /// What relay-bench's own processes (subscribers and publisher) used in the same window.
+    bench_usage: Option<Usage>,
 }
 
 impl StepResult {
@@ -402,6 +404,18 @@ impl StepResult {
             all_syscalls_per_delivery: self.perf_syscalls.map(|n| n as f64 / d),
             usage: u,
         })
+    }
+
+    /// relay-bench's own cost per delivery: CPU ns (its subscribers and its publisher, from the
+    /// step's start to the end of its drain), subscriber reads and bytes read.
+    fn bench_cost(&self) -> Option<(f64, f64, f64)> {
+        let u = self.bench_usage?;
+        let d = self.delivered.max(1) as f64;
+        Some((
+            u.cpu_s * 1e9 / d,
+            self.stats.reads as f64 / d,
+            self.stats.bytes as f64 / d,
+        ))
     }
 
     fn line(&self) -> String {
@@ -441,6 +455,12 @@ impl StepResult {
         ) + &self
             .cost()
             .map_or(String::new(), |k| format!("\n         cost: {}", k.line()))
+            + &self
+                .bench_cost()
+                .map_or(String::new(), |(ns, reads, bytes)| {
+                    let per = format!("{ns:.0} ns CPU, {reads:.4} reads, {bytes:.1} bytes read");
+                    format!("\n         relay-bench: {per} per delivery")
+                })
     }
 
     fn json(&self) -> serde_json::Value {
@@ -457,6 +477,12 @@ impl StepResult {
             "bench_cpu": self.self_cpu, "bench_bound": self.bench_bound(),
             "other_cpu": self.other_cpu, "pub_conns": self.pub_conns,
             "published": self.published, "cost": self.cost().map(|k| k.json()),
+            "bench_cost": self.bench_cost().map(|(ns, reads, bytes)| json!({
+                "cpu_ns_per_delivery": ns, "reads_per_delivery": reads,
+                "bytes_per_delivery": bytes,
+                "source": "relay-bench's processes: /proc/<pid>/stat utime+stime from the \
+                           step's start to the end of its drain; its subscribers' reads",
+            })),
         })
     }
 }
@@ -762,6 +788,7 @@ async fn step(
     let me = self_pids(groups);
     let acked0 = publisher.acked_per_channel();
     let usage0 = Usage::now(&server);
+    let bench0 = Usage::now(&me);
     let perf = if perf_syscalls {
         procfs::PerfSyscalls::start(&server)
     } else {
@@ -806,6 +833,7 @@ async fn step(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let server_usage = Usage::now(&server).zip(usage0).map(|(u1, u0)| u1.since(u0));
+    let bench_usage = Usage::now(&me).zip(bench0).map(|(u1, u0)| u1.since(u0));
     let perf_syscalls = perf.and_then(procfs::PerfSyscalls::stop);
     let stats = groups.stats(true).await?;
     let h = stats.histogram()?;
@@ -839,6 +867,7 @@ async fn step(
         published: acked1.iter().zip(&acked0).map(|(a1, a0)| a1 - a0).sum(),
         server_usage,
         perf_syscalls,
+        bench_usage,
     })
 }
 

@@ -286,7 +286,10 @@ enum Data {
 /// Streaming parser of an SSE body (after de-chunking): lines are found with `memchr` in the
 /// bytes as they were read and an event's `data` is handed over in place. Only what a segment
 /// boundary cuts is copied (the incomplete line at its end, the `data` of an event whose blank
-/// line comes later), into buffers that are reused: no allocation per event.
+/// line comes later), into buffers that are reused: no allocation per event. Between events, a
+/// whole event in the shape relay writes (`id:`, `event:`, `data:`, blank line) is read in one
+/// go ([`whole_event`]: three line ends found, no per-line field dispatch); anything else is
+/// read line by line.
 #[derive(Debug)]
 pub struct SseEvents {
     /// An incomplete line left from the last segment.
@@ -326,7 +329,17 @@ impl SseEvents {
             self.line.clear();
             i = n + 1;
         }
-        while let Some(n) = memchr::memchr(b'\n', &seg[i..]) {
+        loop {
+            // Between events, a whole event in the shape relay writes is read in one go.
+            if self.at == Data::None && self.name.is_empty() {
+                if let Some(n) = whole_event(&seg[i..], &mut event) {
+                    i += n;
+                    continue;
+                }
+            }
+            let Some(n) = memchr::memchr(b'\n', &seg[i..]) else {
+                break;
+            };
             self.on_line(&seg[i..i + n], Some(i), seg, &mut event);
             i += n + 1;
         }
@@ -402,6 +415,33 @@ impl SseEvents {
     }
 }
 
+/// The event at the front of `b` when it is whole and in the shape relay writes (an optional
+/// `id: …` line, an optional `event: NAME` line, one `data: …` line, the blank line; each field
+/// followed by one space, each line ended by a bare `\n`): calls `event(name, data)` and returns
+/// the bytes it took, as the line-by-line parser would read the same lines. Anything else
+/// (another field or order, several `data:` lines, CRLF, a comment, an event cut by the end of
+/// `b`) is `None`, with nothing called: the caller reads it line by line.
+fn whole_event(b: &[u8], event: &mut impl FnMut(&[u8], &[u8])) -> Option<usize> {
+    let mut i = 0;
+    if b.starts_with(b"id: ") {
+        i = memchr::memchr(b'\n', b)? + 1;
+    }
+    let mut name: &[u8] = b"";
+    if let Some(rest) = b[i..].strip_prefix(b"event: ") {
+        let n = memchr::memchr(b'\n', rest)?;
+        name = &rest[..n];
+        i += 7 + n + 1;
+    }
+    let d = b[i..].strip_prefix(b"data: ")?;
+    let n = memchr::memchr(b'\n', d)?;
+    let data = &d[..n];
+    if d.get(n + 1) != Some(&b'\n') || data.ends_with(b"\r") || name.ends_with(b"\r") {
+        return None;
+    }
+    event(name, data);
+    Some(i + 6 + n + 2)
+}
+
 /// Precompiled searches for the numbers in a message.
 pub struct Finders {
     seq: memmem::Finder<'static>,
@@ -435,11 +475,35 @@ pub struct Stamp {
     pub s: u64,
 }
 
-/// Reads the decimal digits at the front of `b`.
+/// Reads the decimal digits at the front of `b` (`None`: no digit, or more than a u64 holds).
+/// The first 16 go eight at a time while eight bytes are all digits (a 19-digit send time is
+/// read once per delivery: two 8-byte steps and three digits instead of 19 checked steps).
 fn digits(b: &[u8]) -> Option<(u64, usize)> {
+    const ZEROS: u64 = u64::from_le_bytes([b'0'; 8]);
+    const HIGH: u64 = 0xF0F0_F0F0_F0F0_F0F0;
     let mut v: u64 = 0;
     let mut n = 0;
-    for &c in b {
+    while n < 16 {
+        let Some(w) = b
+            .get(n..n + 8)
+            .and_then(|c| <[u8; 8]>::try_from(c).ok())
+            .map(u64::from_le_bytes)
+        else {
+            break;
+        };
+        // Every byte 0x30..=0x39 (no carry between bytes: each is at most 0x3f + 6).
+        if w & HIGH != ZEROS || w.wrapping_add(0x0606_0606_0606_0606) & HIGH != ZEROS {
+            break;
+        }
+        // The eight digits' value, first digit in the lowest byte: pairs, quads, then all.
+        let x = w - ZEROS;
+        let x = (x.wrapping_mul(10 << 8 | 1) >> 8) & 0x00FF_00FF_00FF_00FF;
+        let x = (x.wrapping_mul(100 << 16 | 1) >> 16) & 0x0000_FFFF_0000_FFFF;
+        let x = x.wrapping_mul(10_000 << 32 | 1) >> 32;
+        v = v * 100_000_000 + x; // below 10^16: no overflow
+        n += 8;
+    }
+    for &c in &b[n..] {
         if !c.is_ascii_digit() {
             break;
         }
@@ -610,6 +674,43 @@ mod tests {
     }
 
     #[test]
+    fn digits_are_read_as_str_parse_reads_them() {
+        let mut cases: Vec<String> = vec![
+            "0".into(),
+            "7".into(),
+            "12345678".into(),
+            "123456789".into(),
+            "1234567812345678".into(),
+            "1764000000123456789".into(),
+            u64::MAX.to_string(),
+            "18446744073709551616".into(), // u64::MAX + 1
+            "99999999999999999999".into(),
+            "000000000000000000000000042".into(),
+        ];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = 1 + (x % 20) as usize;
+            cases.push(x.to_string().chars().take(len).collect());
+        }
+        for digits_text in cases {
+            for tail in ["", ",", "x\"", ":", "/", "9"] {
+                let text = format!("{digits_text}{tail}");
+                let all: String = text.chars().take_while(char::is_ascii_digit).collect();
+                let want = all.parse::<u64>().ok().map(|v| (v, all.len()));
+                assert_eq!(digits(text.as_bytes()), want, "{text:?}");
+            }
+        }
+        assert_eq!(digits(b""), None);
+        assert_eq!(digits(b",1"), None);
+        // Bytes next to the digit range are not digits.
+        assert_eq!(digits(b"12345678:2345678"), Some((12_345_678, 8)));
+        assert_eq!(digits(b"1234567/12345678"), Some((1_234_567, 7)));
+    }
+
+    #[test]
     fn frames_of_every_length_form_parse_and_split() -> Result<()> {
         for n in [0usize, 1, 125, 126, 127, 300, 65535, 65536, 70000] {
             let body = vec![b'a'; n];
@@ -758,6 +859,14 @@ mod tests {
         event: gap\ndata: line one\ndata: line two\n\n\
         retry: 5\n\n\
         : keep-alive\n\n\
+        event:named\ndata: n\n\n\
+        id: 7\nevent: a\nid: 8\ndata: y\n\n\
+        data: a\nevent: b\n\n\
+        event: c\r\ndata: d\n\n\
+        data: e\r\n\n\
+        data: f\n: a comment inside an event\n\n\
+        id: 9\ndata: \n\n\
+        event: only\n\n\
         event: message\ndata: last\n\n";
 
     fn sse_want() -> Vec<(String, String)> {
@@ -767,6 +876,14 @@ mod tests {
             ("message", r#"{"seq":2}"#),
             ("", r#"{"plain":3}"#),
             ("gap", "line one\nline two"),
+            ("named", "n"),
+            ("a", "y"),
+            ("b", "a"),
+            ("c", "d"),
+            ("", "e"),
+            ("", "f"),
+            ("", ""),
+            ("only", ""),
             ("message", "last"),
         ]
         .into_iter()
@@ -793,6 +910,44 @@ mod tests {
         // … and one byte at a time.
         let bytes: Vec<&[u8]> = SSE_BODY.chunks(1).collect();
         assert_eq!(sse_events(&bytes), sse_want());
+    }
+
+    #[test]
+    fn relay_shaped_events_are_read_whole_and_others_line_by_line() {
+        let mut got = Vec::new();
+        let mut ev = |n: &[u8], d: &[u8]| got.push((n.to_vec(), d.to_vec()));
+        let relay = b"id: 9f2c:1\nevent: message\ndata: {\"seq\":1}\n\nid: 9f2c:2\n";
+        assert_eq!(
+            whole_event(relay, &mut ev),
+            Some(relay.len() - "id: 9f2c:2\n".len())
+        );
+        assert_eq!(whole_event(b"data: x\n\n", &mut ev), Some(9));
+        for other in [
+            &b"id: 1\nevent: message\ndata: {\"seq\":1}\n"[..], // no blank line yet
+            b"id: 1\nevent: message\ndata: {\"se",
+            b"id: 1\nevent: mess",
+            b"id: 1",
+            b"id: 1\r\nevent: message\r\ndata: x\r\n\r\n",
+            b"event: message\ndata: x\r\n\n",
+            b"event:message\ndata: x\n\n",
+            b"data:x\n\n",
+            b"data: x\ndata: y\n\n",
+            b"data: x\nid: 2\n\n",
+            b"event: a\nid: 2\ndata: x\n\n",
+            b"retry: 5\n\n",
+            b": keep-alive\n\n",
+            b"\n",
+            b"",
+        ] {
+            assert_eq!(whole_event(other, &mut ev), None, "{other:?}");
+        }
+        assert_eq!(
+            got,
+            [
+                (b"message".to_vec(), br#"{"seq":1}"#.to_vec()),
+                (Vec::new(), b"x".to_vec())
+            ]
+        );
     }
 
     #[test]
