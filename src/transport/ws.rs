@@ -262,14 +262,14 @@ async fn session_task(
     if ctx.node.shutdown.is_cancelled() {
         return;
     }
-    let mut io = match upgrade.await {
+    let io = match upgrade.await {
         Ok(ws) => SessionIo::new(ws.into_inner().into_inner()),
         Err(e) => {
             tracing::debug!(error = %e, "websocket upgrade failed");
             return;
         }
     };
-    let mut decoder = Decoder::new(ctx.config().max_message_size).with_deflate(start.deflate);
+    let decoder = Decoder::new(ctx.config().max_message_size).with_deflate(start.deflate);
     // Built in a future of its own, boxed and gone once the session is: what it needs on the
     // way (the auth, the connect proxy's request) stays out of the task's future.
     let mut s = Box::pin(Session::open(ctx, start)).await;
@@ -282,15 +282,60 @@ async fn session_task(
         let (code, reason) = session::OverBudget::CLOSE;
         s.close(code, reason, true);
     }
-    // The shard's alarm this session has armed (see `super::alarm`).
-    let mut armed = None;
+    run(Live {
+        s,
+        io,
+        decoder,
+        armed: None,
+        guard,
+    })
+    .await;
+}
+
+/// What a session's task holds: the session, its socket and decoder, the shard alarm it has
+/// armed (see `super::alarm`) and its per-IP slot.
+struct Live {
+    s: Session,
+    io: SessionIo,
+    decoder: Decoder,
+    armed: Option<Instant>,
+    guard: Option<Arc<crate::limits::IpGuard>>,
+}
+
+/// The session loop, from the upgrade or from the parking lot (see `super::park`) until the
+/// session ends or parks.
+async fn run(mut l: Live) {
+    // The last wake was the session's alarm: the time it may park at may have come.
+    let mut rang = false;
     loop {
-        let deadline = s.core.clock.poll_timeout(&s.timeouts());
-        if armed.is_none_or(|a| a > deadline) {
-            armed = s.ctx.alarms.arm(deadline, &s.outbox);
+        let now = session::now();
+        let mut deadline = l.s.core.clock.poll_timeout(&l.s.timeouts());
+        let park_at = l.s.park_at();
+        if let Some(at) = park_at.filter(|at| *at > now) {
+            deadline = deadline.min(at);
         }
-        let wake = poll_fn(|cx| s.poll_event(&mut io, cx)).await;
-        match s.on_wake(wake, &mut decoder, &mut armed) {
+        if l.armed.is_none_or(|a| a > deadline) {
+            l.armed = l.s.ctx.alarms.arm(deadline, &l.s.outbox);
+        }
+        // Parks only when its alarm says so, so that a session resumed to write (or to be
+        // pinged) does not park again before its next deadline: at most one park per quiet
+        // period or ping interval, whatever the traffic.
+        if rang && park_at.is_some_and(|at| at <= now) && l.s.may_park() {
+            match park(l) {
+                Some(back) => l = back,
+                None => return,
+            }
+        }
+        let Live {
+            s,
+            io,
+            decoder,
+            armed,
+            ..
+        } = &mut l;
+        let wake = poll_fn(|cx| s.poll_event(io, cx)).await;
+        rang = matches!(wake, Wake::Alarm);
+        match s.on_wake(wake, decoder, armed) {
             Step::Go => {}
             Step::Shutdown => {
                 let _ = io.shutdown().await;
@@ -298,7 +343,7 @@ async fn session_task(
                 // close reply would keep the old process (and its port) for round trips.
                 // With nothing unread the kernel sends our close frame and FIN as a
                 // graceful close; only unread input would turn it into a reset.
-                if s.ctx.node.shutdown.is_cancelled() && reader::nothing_unread(&mut io) {
+                if s.ctx.node.shutdown.is_cancelled() && reader::nothing_unread(io) {
                     break;
                 }
                 s.draining = true;
@@ -306,11 +351,123 @@ async fn session_task(
             Step::End => break,
         }
     }
-    // The socket closes with the task, not with the outbox (which the hub may hold a while).
+    finish(l.s, l.guard);
+}
+
+/// The end of a session: its socket closes (with the task or the lot's slot, not with the
+/// outbox, which the hub may hold a while), it leaves its channels.
+fn finish(mut s: Session, guard: Option<Arc<crate::limits::IpGuard>>) {
     s.outbox.set_direct(None);
     s.leave();
     s.ctx.metrics.ws_connections.decrement(1.0);
     drop(guard);
+}
+
+/// A session in its shard's parking lot (see `super::park`): what its task held, the socket
+/// out of the runtime and shared with the outbox, which pump passes write through.
+pub(crate) struct Parked {
+    s: Session,
+    decoder: Decoder,
+    armed: Option<Instant>,
+    guard: Option<Arc<crate::limits::IpGuard>>,
+    tcp: Rc<std::net::TcpStream>,
+}
+
+impl Parked {
+    /// The socket, as the lot's epoll set knows it.
+    pub(crate) fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.tcp.as_raw_fd()
+    }
+}
+
+/// Moves an idle session into its shard's parking lot: `None` once it is there (or, if the
+/// runtime could not let its socket go, over); otherwise the session goes on as it was.
+fn park(mut l: Live) -> Option<Live> {
+    l.s.outbox.set_direct(None);
+    let tcp = match l.io.park() {
+        super::io::Parking::Parked(tcp) => Rc::new(tcp),
+        super::io::Parking::Busy(io) => {
+            l.s.outbox.set_direct(io.sink());
+            l.io = io;
+            return Some(l);
+        }
+        super::io::Parking::Lost(e) => {
+            tracing::debug!(conn = l.s.id, error = %e, "a parking session lost its socket");
+            finish(l.s, l.guard);
+            return None;
+        }
+    };
+    let Live {
+        s,
+        decoder,
+        armed,
+        guard,
+        ..
+    } = l;
+    let (ctx, outbox) = (s.ctx.clone(), s.outbox.clone());
+    let parked = Box::new(Parked {
+        s,
+        decoder,
+        armed,
+        guard,
+        tcp: tcp.clone(),
+    });
+    match ctx.lot.park(parked, &*tcp) {
+        Ok(waker) => {
+            outbox.set_waker(&waker);
+            outbox.set_direct(Some(tcp));
+            ctx.metrics.parked.increment(1.0);
+            None
+        }
+        Err(parked) => {
+            drop(tcp);
+            unpark(parked)
+        }
+    }
+}
+
+/// A parked session's task state again, its socket back in the runtime: `None` if that
+/// failed (then the session is over).
+fn unpark(p: Box<Parked>) -> Option<Live> {
+    let Parked {
+        s,
+        decoder,
+        armed,
+        guard,
+        tcp,
+    } = *p;
+    // The outbox's handle on the socket goes first: then the parked one is the only one.
+    s.outbox.set_direct(None);
+    let io = Rc::try_unwrap(tcp)
+        .map_err(|_| io::Error::other("the parked socket is shared"))
+        .and_then(|tcp| SessionIo::resume(tcp, s.ctx.config().write_timeout));
+    match io {
+        Ok(io) => {
+            s.outbox.set_direct(io.sink());
+            Some(Live {
+                s,
+                io,
+                decoder,
+                armed,
+                guard,
+            })
+        }
+        Err(e) => {
+            tracing::debug!(conn = s.id, error = %e, "a parked session could not resume");
+            finish(s, guard);
+            None
+        }
+    }
+}
+
+/// Resumes a session taken out of the parking lot: its loop runs again as a task of the
+/// shard's tracker (which shutdown waits for).
+pub(crate) fn resume(ctx: Rc<super::ShardContext>, p: Box<Parked>) {
+    ctx.metrics.parked.decrement(1.0);
+    if let Some(l) = unpark(p) {
+        ctx.tracker.spawn_local(run(l));
+    }
 }
 
 impl Frames for Session {
@@ -560,6 +717,29 @@ impl Session {
             }
         }
         self.outbox.poll_alarm(cx).map(|()| Wake::Alarm)
+    }
+
+    /// When this session may park (see `super::park`): `--ws-park-after` after its last
+    /// input; `None`: never (parking off).
+    fn park_at(&self) -> Option<Instant> {
+        let after = self.ctx.config().ws_park_after;
+        (!after.is_zero() && self.ctx.lot.is_open()).then(|| self.core.clock.last_inbound() + after)
+    }
+
+    /// Whether the session has nothing to do but wait, with nothing a parked session cannot
+    /// hear: nothing to write or read, not closing, no backplane join or server API mailbox
+    /// pending, the node not shutting down.
+    fn may_park(&self) -> bool {
+        !self.read_closed
+            && !self.draining
+            && !self.core.clock.is_closing()
+            && self.partial.is_empty()
+            && self
+                .rare
+                .as_ref()
+                .is_none_or(|r| r.joining.is_empty() && r.mailbox.is_none())
+            && self.outbox.is_idle()
+            && !self.ctx.node.shutdown.is_cancelled()
     }
 
     /// The client id presence shows: derived from the connection's id when needed (presence,
