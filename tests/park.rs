@@ -14,6 +14,25 @@ use serde_json::json;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
+const SECRET: &str = "test-secret-0123456789abcdef";
+const KEY: &str = "server-api-key";
+
+/// A token for user `sub` that may subscribe anywhere.
+fn token(sub: &str) -> String {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 300;
+    encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": sub, "exp": exp, "channels": {"subscribe": ["*"]}}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
 /// Sessions park after 100 ms without input.
 const PARK: &[&str] = &["--ws-park-after", "100ms"];
 
@@ -152,7 +171,9 @@ async fn a_parked_connection_that_closes_or_vanishes_leaves_its_channels() {
     // A reset: the session wakes, reads the error and ends.
     wait_parked(&relay, 2.0).await;
     if let tokio_tungstenite::MaybeTlsStream::Plain(s) = b.inner.get_ref() {
-        s.set_linger(Some(Duration::ZERO)).unwrap();
+        socket2::SockRef::from(s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
     }
     drop(b);
     relay.wait_subscribers(ch, 1, RECV_TIMEOUT).await;
@@ -187,4 +208,36 @@ async fn a_restart_closes_parked_connections_with_1012() {
         .await
         .expect("the relay exits");
     assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_api_reaches_a_parked_user_connection() {
+    let mut relay = Relay::start(&args(&["--jwt-secret", SECRET, "--api-key", KEY]));
+    relay.set_api_key(KEY);
+    let mut ws = Ws::connect(&format!("{}?token={}", relay.ws_url(), token("carol"))).await;
+    wait_parked(&relay, 1.0).await;
+    let (status, v) = relay
+        .post(
+            "/api/users/subscribe",
+            &json!({"user":"carol","channel":"c"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let v = ws.recv_json().await;
+    assert_eq!(
+        (v["type"].as_str(), v["channel"].as_str()),
+        (Some("subscribed"), Some("c"))
+    );
+    wait_parked(&relay, 1.0).await;
+    relay.publish("c", json!(1)).await;
+    ws.expect_message("c", 1).await;
+    wait_parked(&relay, 1.0).await;
+    let (status, v) = relay
+        .post(
+            "/api/users/disconnect",
+            &json!({"user":"carol","reason":"bye","reconnect":false}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(ws.expect_close().await, 4011);
 }

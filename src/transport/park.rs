@@ -3,9 +3,9 @@
 //! socket in an epoll set of the lot's own (issue 12 item 4: the task's cell, 512 bytes, and
 //! tokio's registration, 256, were most of what an idle connection cost).
 //!
-//! A session parks (see `ws::run`) when its quiet period (`--ws-park-after` without input)
-//! ends with nothing to do: nothing queued or read ahead, no partial write, not closing, no
-//! backplane join or server API mailbox to listen to. Its socket leaves the runtime
+//! A session parks (see `ws::run`) when its quiet period (`--ws-park-after` without input,
+//! counted from when its task started or resumed at the earliest) ends with nothing to do: nothing queued or read ahead, no partial write, not closing, no
+//! backplane join to wait for. Its socket leaves the runtime
 //! (`TcpStream::into_std`) and joins the lot's epoll set (readable, which includes hang-ups
 //! and errors) under its slot's key; its outbox's waker becomes a [`ParkWaker`] for that key,
 //! and pump passes keep writing to the socket directly (a plain `writev`). It is resumed (the
@@ -15,7 +15,8 @@
 //!   in tokio's ([`run`]);
 //! - its outbox wakes its writer: a direct write left something (`WouldBlock`, a partial
 //!   write), the hub queued a reply or closed it, or its alarm rang (ping, idle, auth and
-//!   token deadlines stay in the shard's `alarm::Alarms`);
+//!   token deadlines stay in the shard's `alarm::Alarms`); or its user's server API mailbox
+//!   got a command;
 //! - the node shuts down ([`Lot::resume_all`], before the shard waits for its tracker).
 //!
 //! **Invariants:** a parked session is in exactly one place (its slot) and is resumed at most

@@ -282,76 +282,79 @@ async fn session_task(
         let (code, reason) = session::OverBudget::CLOSE;
         s.close(code, reason, true);
     }
-    run(Live {
+    // The session loop is a task of its own: its cell holds the loop's state only, not the
+    // upgrade's (and it is the task a parked session resumes as).
+    let tracker = s.ctx.tracker.clone();
+    tracker.spawn_local(run(Live {
         s,
         io,
         decoder,
         armed: None,
         guard,
-    })
-    .await;
+        since: session::now(),
+    }));
 }
 
 /// What a session's task holds: the session, its socket and decoder, the shard alarm it has
-/// armed (see `super::alarm`) and its per-IP slot.
+/// armed (see `super::alarm`), its per-IP slot, and when the task started (or resumed).
 struct Live {
     s: Session,
     io: SessionIo,
     decoder: Decoder,
     armed: Option<Instant>,
     guard: Option<Arc<crate::limits::IpGuard>>,
+    /// The quiet period before the session may park counts from its last input or from
+    /// this, whichever is later: a session resumed to write, for a server command or for a
+    /// ping stays a task at least that long (one park per quiet period at most).
+    since: Instant,
 }
 
 /// The session loop, from the upgrade or from the parking lot (see `super::park`) until the
 /// session ends or parks.
-async fn run(mut l: Live) {
-    // The last wake was the session's alarm: the time it may park at may have come.
-    let mut rang = false;
-    loop {
-        let now = session::now();
-        let mut deadline = l.s.core.clock.poll_timeout(&l.s.timeouts());
-        let park_at = l.s.park_at();
-        if let Some(at) = park_at.filter(|at| *at > now) {
-            deadline = deadline.min(at);
-        }
-        if l.armed.is_none_or(|a| a > deadline) {
-            l.armed = l.s.ctx.alarms.arm(deadline, &l.s.outbox);
-        }
-        // Parks only when its alarm says so, so that a session resumed to write (or to be
-        // pinged) does not park again before its next deadline: at most one park per quiet
-        // period or ping interval, whatever the traffic.
-        if rang && park_at.is_some_and(|at| at <= now) && l.s.may_park() {
-            match park(l) {
-                Some(back) => l = back,
-                None => return,
+// Not an `async fn`: that would copy its argument into a second slot of the future; the
+// block uses the one it captures.
+#[allow(clippy::manual_async_fn)]
+fn run(mut l: Live) -> impl Future<Output = ()> {
+    async move {
+        // The last wake was the session's alarm: the time it may park at may have come.
+        let mut rang = false;
+        loop {
+            let now = session::now();
+            let mut deadline = l.s.core.clock.poll_timeout(&l.s.timeouts());
+            let park_at = l.s.park_at(l.since);
+            if let Some(at) = park_at.filter(|at| *at > now) {
+                deadline = deadline.min(at);
             }
-        }
-        let Live {
-            s,
-            io,
-            decoder,
-            armed,
-            ..
-        } = &mut l;
-        let wake = poll_fn(|cx| s.poll_event(io, cx)).await;
-        rang = matches!(wake, Wake::Alarm);
-        match s.on_wake(wake, decoder, armed) {
-            Step::Go => {}
-            Step::Shutdown => {
-                let _ = io.shutdown().await;
-                // A restart closes every connection at once: waiting for each client's
-                // close reply would keep the old process (and its port) for round trips.
-                // With nothing unread the kernel sends our close frame and FIN as a
-                // graceful close; only unread input would turn it into a reset.
-                if s.ctx.node.shutdown.is_cancelled() && reader::nothing_unread(io) {
-                    break;
+            if l.armed.is_none_or(|a| a > deadline) {
+                l.armed = l.s.ctx.alarms.arm(deadline, &l.s.outbox);
+            }
+            // Parks when its alarm says the quiet period is over (and it has nothing to do).
+            if rang && park_at.is_some_and(|at| at <= now) && l.s.may_park() {
+                match park(l) {
+                    Some(back) => l = back,
+                    None => return,
                 }
-                s.draining = true;
             }
-            Step::End => break,
+            let wake = poll_fn(|cx| l.s.poll_event(&mut l.io, cx)).await;
+            rang = matches!(wake, Wake::Alarm);
+            match l.s.on_wake(wake, &mut l.decoder, &mut l.armed) {
+                Step::Go => {}
+                Step::Shutdown => {
+                    let _ = l.io.shutdown().await;
+                    // A restart closes every connection at once: waiting for each client's
+                    // close reply would keep the old process (and its port) for round trips.
+                    // With nothing unread the kernel sends our close frame and FIN as a
+                    // graceful close; only unread input would turn it into a reset.
+                    if l.s.ctx.node.shutdown.is_cancelled() && reader::nothing_unread(&mut l.io) {
+                        break;
+                    }
+                    l.s.draining = true;
+                }
+                Step::End => break,
+            }
         }
+        finish(l.s, l.guard);
     }
-    finish(l.s, l.guard);
 }
 
 /// The end of a session: its socket closes (with the task or the lot's slot, not with the
@@ -406,6 +409,7 @@ fn park(mut l: Live) -> Option<Live> {
         ..
     } = l;
     let (ctx, outbox) = (s.ctx.clone(), s.outbox.clone());
+    let mailbox = s.rare.as_ref().and_then(|r| r.mailbox.clone());
     let parked = Box::new(Parked {
         s,
         decoder,
@@ -418,6 +422,12 @@ fn park(mut l: Live) -> Option<Live> {
             outbox.set_waker(&waker);
             outbox.set_direct(Some(tcp));
             ctx.metrics.parked.increment(1.0);
+            // Server API commands for the session's user wake it too.
+            if let Some(m) = mailbox {
+                if m.poll_ready(&mut Context::from_waker(&waker)).is_ready() {
+                    waker.wake_by_ref();
+                }
+            }
             None
         }
         Err(parked) => {
@@ -451,6 +461,7 @@ fn unpark(p: Box<Parked>) -> Option<Live> {
                 decoder,
                 armed,
                 guard,
+                since: session::now(),
             })
         }
         Err(e) => {
@@ -720,24 +731,22 @@ impl Session {
     }
 
     /// When this session may park (see `super::park`): `--ws-park-after` after its last
-    /// input; `None`: never (parking off).
-    fn park_at(&self) -> Option<Instant> {
+    /// input or `since` (its task's start), whichever is later; `None`: never (parking off).
+    fn park_at(&self, since: Instant) -> Option<Instant> {
         let after = self.ctx.config().ws_park_after;
-        (!after.is_zero() && self.ctx.lot.is_open()).then(|| self.core.clock.last_inbound() + after)
+        let quiet = self.core.clock.last_inbound().max(since);
+        (!after.is_zero() && self.ctx.lot.is_open()).then(|| quiet + after)
     }
 
     /// Whether the session has nothing to do but wait, with nothing a parked session cannot
-    /// hear: nothing to write or read, not closing, no backplane join or server API mailbox
-    /// pending, the node not shutting down.
+    /// hear: nothing to write or read, not closing, no backplane join pending, the node not
+    /// shutting down. (A parked session's server API mailbox wakes it like its outbox.)
     fn may_park(&self) -> bool {
         !self.read_closed
             && !self.draining
             && !self.core.clock.is_closing()
             && self.partial.is_empty()
-            && self
-                .rare
-                .as_ref()
-                .is_none_or(|r| r.joining.is_empty() && r.mailbox.is_none())
+            && self.rare.as_ref().is_none_or(|r| r.joining.is_empty())
             && self.outbox.is_idle()
             && !self.ctx.node.shutdown.is_cancelled()
     }
@@ -1281,15 +1290,15 @@ impl Session {
 mod tests {
     use super::*;
 
-    /// The size of what `f` returns, without calling it: an `async fn`'s future.
-    fn returned<A, B, C, D, F>(_: fn(A, B, C, D) -> F) -> usize {
+    /// The size of what `f` returns, without calling it: the session loop's future.
+    fn returned<A, F>(_: fn(A) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 
     /// What tokio stores of the task `f` spawns through the shard's tracker: the tracked
     /// future in its stage enum (running, finished with a `JoinError`, consumed), which has
     /// no niche to share: 8 bytes over the tracked future, itself 8 over the session's.
-    fn staged<A, B, C, D, F>(_: fn(A, B, C, D) -> F) -> usize {
+    fn staged<A, F>(_: fn(A) -> F) -> usize {
         #[allow(dead_code)]
         enum Stage<T> {
             Running(T),
@@ -1299,9 +1308,10 @@ mod tests {
         std::mem::size_of::<Stage<tokio_util::task::task_tracker::TrackedFuture<F>>>()
     }
 
-    /// The task's future is what an idle connection holds besides its outbox, its hub entry,
-    /// its alarm and tokio's registration of its socket, so it is most of what an idle
-    /// connection costs (issue 12: at most 1 KiB each). It is the session (`SESSION`), the
+    /// The task's future is what a live connection holds besides its outbox, its hub entry,
+    /// its alarm and tokio's registration of its socket (a parked one holds a [`Parked`]
+    /// instead, see `parked_sessions_are_small`); until sessions parked (session 8) it was
+    /// most of what an idle connection cost (issue 12: at most 1 KiB each). It is the session (`SESSION`), the
     /// socket (a `SessionIo`: over plain TCP an `Rc` of the stream, the bytes read ahead and
     /// the write deadline), the decoder (24), the alarm armed (16) and the task's arguments (4
     /// words), plus a few words of state. Before the reshape, the session's
@@ -1318,18 +1328,33 @@ mod tests {
     /// connections until session 7): at a stage of 416 bytes the cell takes 512. Session 7
     /// boxed the clock's rare deadlines (88 → 32 bytes), the decoder's buffers (64 → 24) and
     /// made the rate bucket's settings integers (48 → 40): the future 504 → 400 bytes.
+    ///
+    /// Since session 8 the session loop (`run`) is a task of its own, spawned once the
+    /// upgrade is done (and again when a parked session resumes): its cell holds the loop's
+    /// state only (336 bytes in a debug build), not the upgrade's.
     const TASK: usize = 400;
     const STAGE: usize = 512 - 32 - 16 - 48;
     const SESSION: usize = 176;
 
     #[test]
     fn an_idle_session_holds_a_small_future() {
-        let task = returned(session_task);
-        let stage = staged(session_task);
+        let task = returned(run);
+        let stage = staged(run);
         let session = std::mem::size_of::<Session>();
         eprintln!("session task {task} B (staged {stage} B), session {session} B");
         assert!(session <= SESSION, "the session is {session} bytes");
         assert!(task <= TASK, "the session task's future is {task} bytes");
         assert!(stage <= STAGE, "the session task's stage is {stage} bytes");
+    }
+
+    /// What a parked session holds in its lot's slot (besides the slot's 16 bytes): the
+    /// session, its decoder, its alarm, its per-IP slot and its socket's `Rc`. One allocation
+    /// of mimalloc's 256-byte class; with its outbox (128), its socket (32), its waker (32),
+    /// its hub entry and its alarm, an idle parked connection costs about 600 bytes.
+    #[test]
+    fn parked_sessions_are_small() {
+        let parked = std::mem::size_of::<Parked>();
+        eprintln!("parked session {parked} B");
+        assert!(parked <= 256, "a parked session is {parked} bytes");
     }
 }
