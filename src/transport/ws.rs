@@ -419,6 +419,8 @@ fn park(mut l: Live) -> Option<Live> {
     });
     match ctx.lot.park(parked, &*tcp) {
         Ok(waker) => {
+            // Its queue buffer too (the alarms' sweep would free it within a second).
+            outbox.release_idle();
             outbox.set_waker(&waker);
             outbox.set_direct(Some(tcp));
             ctx.metrics.parked.increment(1.0);
