@@ -81,7 +81,7 @@ pub struct Config {
     /// Move a plain-TCP WebSocket session that has been quiet this long (no input, nothing to
     /// write) off the runtime into its shard's parking lot, where it holds no task and no
     /// runtime I/O registration until something happens (0: never).
-    #[arg(long, env = "RELAY_WS_PARK_AFTER", value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
+    #[arg(long, env = "RELAY_WS_PARK_AFTER", value_name = "DURATION", value_parser = parse_duration, default_value = "250ms")]
     pub ws_park_after: Duration,
     /// SSE keep-alive comment period.
     #[arg(long, env = "RELAY_SSE_KEEPALIVE", value_name = "DURATION", value_parser = parse_duration, default_value = "15s")]
