@@ -514,6 +514,11 @@ impl SessionIo {
         }
     }
 
+    /// Whether the socket can ever park (plain TCP).
+    pub fn can_park(&self) -> bool {
+        matches!(self, SessionIo::Tcp(_))
+    }
+
     /// Takes the socket out of the runtime (its registration freed) for a session that parks:
     /// only plain TCP with nothing read ahead, no write waiting, and no other owner (the
     /// outbox's direct sink cleared first).

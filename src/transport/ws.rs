@@ -321,7 +321,8 @@ fn run(mut l: Live) -> impl Future<Output = ()> {
         loop {
             let now = session::now();
             let mut deadline = l.s.core.clock.poll_timeout(&l.s.timeouts());
-            let park_at = l.s.park_at(l.since);
+            // TLS sessions never park: no alarm for it.
+            let park_at = l.s.park_at(l.since).filter(|_| l.io.can_park());
             if let Some(at) = park_at.filter(|at| *at > now) {
                 deadline = deadline.min(at);
             }
