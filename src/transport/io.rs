@@ -375,10 +375,14 @@ pub fn try_send(tcp: &TcpStream, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> 
 }
 
 /// A parked session's socket (`super::park`): out of the runtime, written by pump passes
-/// with a plain non-blocking `writev`.
+/// without waiting, `send(2)` or `sendmsg(2)` as [`try_send`] does (no readiness to clear).
 impl Sink for std::net::TcpStream {
     fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        io::Write::write_vectored(&mut &*self, bufs)
+        match bufs {
+            // std's `TcpStream::write` is `send(…, MSG_NOSIGNAL)`.
+            [one] => io::Write::write(&mut &*self, one),
+            _ => socket2::SockRef::from(self).send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL),
+        }
     }
 }
 
