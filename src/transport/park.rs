@@ -8,9 +8,9 @@
 //! backplane join to wait for. Its socket leaves the runtime
 //! (`TcpStream::into_std`) and joins the lot's epoll set (readable, which includes hang-ups
 //! and errors) under its slot's key; its outbox's waker becomes a [`ParkWaker`] for that key,
-//! and pump passes keep writing to the socket directly (`send`/`sendmsg`, as `io::try_send`). It is resumed (the
-//! socket back in the runtime, the session loop spawned again through the shard's tracker)
-//! when:
+//! and pump passes keep writing to the socket directly (`send`/`sendmsg`, as `io::try_send`).
+//! It is resumed (the socket back in the runtime, the session loop spawned again through the
+//! shard's tracker) when:
 //! - the socket is readable (input, a close, a reset): the lot's epoll fd is itself readable
 //!   in tokio's ([`run`]);
 //! - its outbox wakes its writer: a direct write left something (`WouldBlock`, a partial
