@@ -78,6 +78,11 @@ pub struct Config {
     /// Close a WebSocket client after this long without traffic (1001).
     #[arg(long, env = "RELAY_IDLE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "60s")]
     pub idle_timeout: Duration,
+    /// Move a plain-TCP WebSocket session that has been quiet this long (no input, nothing to
+    /// write) off the runtime into its shard's parking lot, where it holds no task and no
+    /// runtime I/O registration until something happens (0: never).
+    #[arg(long, env = "RELAY_WS_PARK_AFTER", value_name = "DURATION", value_parser = parse_duration, default_value = "250ms")]
+    pub ws_park_after: Duration,
     /// SSE keep-alive comment period.
     #[arg(long, env = "RELAY_SSE_KEEPALIVE", value_name = "DURATION", value_parser = parse_duration, default_value = "15s")]
     pub sse_keepalive: Duration,

@@ -144,6 +144,10 @@ fn describe() {
         Unit::Bytes,
         "Bytes written to WebSocket clients."
     );
+    describe_gauge!(
+        "relay_parked_sessions",
+        "Idle WebSocket sessions parked off the runtime (no task, no runtime I/O registration); counted in relay_connections too."
+    );
     describe_counter!(
         "relay_direct_writes_total",
         "Socket writes a fan-out pass made itself, for WebSocket connections whose writer was idle."
@@ -331,6 +335,8 @@ pub struct ShardMetrics {
     pub ws_connections: LoadGauge,
     /// Open SSE streams.
     pub sse_connections: LoadGauge,
+    /// WebSocket sessions parked off the runtime (counted in `ws_connections` too).
+    pub parked: Gauge,
     /// WebSocket connections accepted.
     pub ws_accepted: Counter,
     /// SSE streams opened.
@@ -378,6 +384,7 @@ impl ShardMetrics {
                 gauge!("relay_connections", "transport" => "sse"),
                 &load.sse,
             ),
+            parked: gauge!("relay_parked_sessions"),
             ws_accepted: counter!("relay_connections_total", "transport" => "ws"),
             sse_accepted: counter!("relay_connections_total", "transport" => "sse"),
             subscriptions: LoadGauge::new(gauge!("relay_subscriptions"), &load.subscriptions),

@@ -391,6 +391,22 @@ impl Outbox {
         Poll::Pending
     }
 
+    /// Whether the writer has nothing to do: nothing queued, open, nothing deferred, no alarm
+    /// rung. What a session checks before it parks (`transport::park`).
+    pub fn is_idle(&self) -> bool {
+        let inner = self.inner.borrow();
+        inner.queue.is_empty()
+            && inner.state == OutboxState::Open
+            && !inner.deferred
+            && !inner.alarm
+    }
+
+    /// Makes `waker` the one woken by the next push, ring, overflow or close, and by a direct
+    /// write that leaves something: a parked session's (`transport::park`), which has no task.
+    pub fn set_waker(&self, waker: &Waker) {
+        self.inner.borrow_mut().waker = Some(waker.clone());
+    }
+
     /// The state.
     pub fn state(&self) -> OutboxState {
         self.inner.borrow().state

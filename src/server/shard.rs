@@ -140,6 +140,9 @@ pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) 
     let alarm_stop = shutdown.clone();
     tokio::task::spawn_local(async move { alarm_ctx.alarms.run(alarm_stop).await });
 
+    // Idle WebSocket sessions (see `transport::park`).
+    tokio::task::spawn_local(crate::transport::park::run(ctx.clone()));
+
     // Server API commands for this shard's users' connections.
     tokio::task::spawn_local(crate::transport::users::run_shard(ctx.clone()));
 
@@ -223,6 +226,9 @@ pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) 
         }
     }
     drop(listener);
+    // Parked sessions join the tracker (and close with 1012) before it is waited for; none
+    // parks from now on.
+    ctx.lot.resume_all(&ctx);
     tracker.close();
     if tokio::time::timeout(node.config.shutdown_timeout, tracker.wait())
         .await

@@ -374,6 +374,28 @@ pub fn try_send(tcp: &TcpStream, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> 
     }
 }
 
+/// A parked session's socket (`super::park`): out of the runtime, written by pump passes
+/// without waiting, `send(2)` or `sendmsg(2)` as [`try_send`] does (no readiness to clear).
+impl Sink for std::net::TcpStream {
+    fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match bufs {
+            // std's `TcpStream::write` is `send(…, MSG_NOSIGNAL)`.
+            [one] => io::Write::write(&mut &*self, one),
+            _ => socket2::SockRef::from(self).send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL),
+        }
+    }
+}
+
+/// What [`SessionIo::park`] did.
+pub enum Parking {
+    /// The socket, out of the runtime (non-blocking).
+    Parked(std::net::TcpStream),
+    /// Not parkable (TLS, bytes read ahead, a write waiting, the socket shared): as it was.
+    Busy(SessionIo),
+    /// The runtime could not let the socket go: it is closed.
+    Lost(io::Error),
+}
+
 /// The plain TCP socket of a WebSocket session, shared (`Rc`) with the session's outbox so
 /// that a pump pass can write to it while the session's writer is idle; the session reads it
 /// and writes the rest, through the `&self` readiness API (`poll_*_ready`, `try_*`), with the
@@ -494,6 +516,38 @@ impl SessionIo {
             )),
             Err(up) => SessionIo::Other(hyper_util::rt::TokioIo::new(up)),
         }
+    }
+
+    /// Whether the socket can ever park (plain TCP).
+    pub fn can_park(&self) -> bool {
+        matches!(self, SessionIo::Tcp(_))
+    }
+
+    /// Takes the socket out of the runtime (its registration freed) for a session that parks:
+    /// only plain TCP with nothing read ahead, no write waiting, and no other owner (the
+    /// outbox's direct sink cleared first).
+    pub fn park(self) -> Parking {
+        let t = match self {
+            SessionIo::Tcp(t) if t.pre.is_empty() && t.write.stall.is_none() => t,
+            other => return Parking::Busy(other),
+        };
+        let SessionTcp { tcp, pre, write } = t;
+        match Rc::try_unwrap(tcp) {
+            Ok(tcp) => match tcp.into_std() {
+                Ok(std) => Parking::Parked(std),
+                Err(e) => Parking::Lost(e),
+            },
+            Err(tcp) => Parking::Busy(SessionIo::Tcp(SessionTcp { tcp, pre, write })),
+        }
+    }
+
+    /// The socket of a parked session, back in the runtime, with writes bounded by `timeout`.
+    pub fn resume(tcp: std::net::TcpStream, timeout: Duration) -> io::Result<SessionIo> {
+        Ok(SessionIo::Tcp(SessionTcp {
+            tcp: Rc::new(TcpStream::from_std(tcp)?),
+            pre: Bytes::new(),
+            write: WriteDeadline::new(timeout),
+        }))
     }
 
     /// The socket a pump pass may write to directly: plain TCP only (a TLS stream's writes go

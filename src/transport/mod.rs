@@ -11,6 +11,7 @@ pub mod demo;
 pub mod http;
 pub mod io;
 pub mod landing;
+pub mod park;
 pub mod proxied;
 pub mod pusher;
 pub mod request;
@@ -317,6 +318,8 @@ pub struct ShardContext {
     pub users: users::ShardUsers,
     /// The one timer of this shard's sessions (see [`alarm`]).
     pub alarms: alarm::Alarms,
+    /// This shard's idle WebSocket sessions, parked off the runtime (see [`park`]).
+    pub lot: park::Lot,
     /// The auth of a connection without a user, shared by all of them (one per connection
     /// would cost every idle anonymous connection 120 bytes).
     pub(crate) anonymous: std::rc::Rc<request::ConnAuth>,
@@ -354,6 +357,7 @@ impl ShardContext {
             responses: Default::default(),
             users: Default::default(),
             alarms: Default::default(),
+            lot: Default::default(),
             anonymous,
             next_conn: Cell::new(1),
         }
@@ -384,9 +388,7 @@ impl ShardContext {
         let subscriptions = self.node.load.get(self.shard).map_or(0, |l| {
             usize::try_from(l.subscriptions.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(0)
         });
-        let bytes = self
-            .tracker
-            .len()
+        let bytes = (self.tracker.len() + self.lot.len())
             .saturating_mul(CONNECTION_COST)
             .saturating_add(subscriptions.saturating_mul(SUBSCRIPTION_COST));
         self.node

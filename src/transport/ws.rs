@@ -262,14 +262,14 @@ async fn session_task(
     if ctx.node.shutdown.is_cancelled() {
         return;
     }
-    let mut io = match upgrade.await {
+    let io = match upgrade.await {
         Ok(ws) => SessionIo::new(ws.into_inner().into_inner()),
         Err(e) => {
             tracing::debug!(error = %e, "websocket upgrade failed");
             return;
         }
     };
-    let mut decoder = Decoder::new(ctx.config().max_message_size).with_deflate(start.deflate);
+    let decoder = Decoder::new(ctx.config().max_message_size).with_deflate(start.deflate);
     // Built in a future of its own, boxed and gone once the session is: what it needs on the
     // way (the auth, the connect proxy's request) stays out of the task's future.
     let mut s = Box::pin(Session::open(ctx, start)).await;
@@ -282,35 +282,206 @@ async fn session_task(
         let (code, reason) = session::OverBudget::CLOSE;
         s.close(code, reason, true);
     }
-    // The shard's alarm this session has armed (see `super::alarm`).
-    let mut armed = None;
-    loop {
-        let deadline = s.core.clock.poll_timeout(&s.timeouts());
-        if armed.is_none_or(|a| a > deadline) {
-            armed = s.ctx.alarms.arm(deadline, &s.outbox);
-        }
-        let wake = poll_fn(|cx| s.poll_event(&mut io, cx)).await;
-        match s.on_wake(wake, &mut decoder, &mut armed) {
-            Step::Go => {}
-            Step::Shutdown => {
-                let _ = io.shutdown().await;
-                // A restart closes every connection at once: waiting for each client's
-                // close reply would keep the old process (and its port) for round trips.
-                // With nothing unread the kernel sends our close frame and FIN as a
-                // graceful close; only unread input would turn it into a reset.
-                if s.ctx.node.shutdown.is_cancelled() && reader::nothing_unread(&mut io) {
-                    break;
-                }
-                s.draining = true;
+    // The session loop is a task of its own: its cell holds the loop's state only, not the
+    // upgrade's (and it is the task a parked session resumes as).
+    let tracker = s.ctx.tracker.clone();
+    tracker.spawn_local(run(Live {
+        s,
+        io,
+        decoder,
+        armed: None,
+        guard,
+        since: session::now(),
+    }));
+}
+
+/// What a session's task holds: the session, its socket and decoder, the shard alarm it has
+/// armed (see `super::alarm`), its per-IP slot, and when the task started (or resumed).
+struct Live {
+    s: Session,
+    io: SessionIo,
+    decoder: Decoder,
+    armed: Option<Instant>,
+    guard: Option<Arc<crate::limits::IpGuard>>,
+    /// The quiet period before the session may park counts from its last input or from
+    /// this, whichever is later: a session resumed to write, for a server command or for a
+    /// ping stays a task at least that long (one park per quiet period at most).
+    since: Instant,
+}
+
+/// The session loop, from the upgrade or from the parking lot (see `super::park`) until the
+/// session ends or parks.
+// Not an `async fn`: that would copy its argument into a second slot of the future; the
+// block uses the one it captures.
+#[allow(clippy::manual_async_fn)]
+fn run(mut l: Live) -> impl Future<Output = ()> {
+    async move {
+        // The last wake was the session's alarm: the time it may park at may have come.
+        let mut rang = false;
+        loop {
+            let now = session::now();
+            let mut deadline = l.s.core.clock.poll_timeout(&l.s.timeouts());
+            // TLS sessions never park: no alarm for it.
+            let park_at = l.s.park_at(l.since).filter(|_| l.io.can_park());
+            if let Some(at) = park_at.filter(|at| *at > now) {
+                deadline = deadline.min(at);
             }
-            Step::End => break,
+            if l.armed.is_none_or(|a| a > deadline) {
+                l.armed = l.s.ctx.alarms.arm(deadline, &l.s.outbox);
+            }
+            // Parks when its alarm says the quiet period is over (and it has nothing to do).
+            if rang && park_at.is_some_and(|at| at <= now) && l.s.may_park() {
+                match park(l) {
+                    Some(back) => l = back,
+                    None => return,
+                }
+            }
+            let wake = poll_fn(|cx| l.s.poll_event(&mut l.io, cx)).await;
+            rang = matches!(wake, Wake::Alarm);
+            match l.s.on_wake(wake, &mut l.decoder, &mut l.armed) {
+                Step::Go => {}
+                Step::Shutdown => {
+                    let _ = l.io.shutdown().await;
+                    // A restart closes every connection at once: waiting for each client's
+                    // close reply would keep the old process (and its port) for round trips.
+                    // With nothing unread the kernel sends our close frame and FIN as a
+                    // graceful close; only unread input would turn it into a reset.
+                    if l.s.ctx.node.shutdown.is_cancelled() && reader::nothing_unread(&mut l.io) {
+                        break;
+                    }
+                    l.s.draining = true;
+                }
+                Step::End => break,
+            }
         }
+        finish(l.s, l.guard);
     }
-    // The socket closes with the task, not with the outbox (which the hub may hold a while).
+}
+
+/// The end of a session: its socket closes (with the task or the lot's slot, not with the
+/// outbox, which the hub may hold a while), it leaves its channels.
+fn finish(mut s: Session, guard: Option<Arc<crate::limits::IpGuard>>) {
     s.outbox.set_direct(None);
     s.leave();
     s.ctx.metrics.ws_connections.decrement(1.0);
     drop(guard);
+}
+
+/// A session in its shard's parking lot (see `super::park`): what its task held, the socket
+/// out of the runtime and shared with the outbox, which pump passes write through.
+pub(crate) struct Parked {
+    s: Session,
+    decoder: Decoder,
+    armed: Option<Instant>,
+    guard: Option<Arc<crate::limits::IpGuard>>,
+    tcp: Rc<std::net::TcpStream>,
+}
+
+impl Parked {
+    /// The socket, as the lot's epoll set knows it.
+    pub(crate) fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.tcp.as_raw_fd()
+    }
+}
+
+/// Moves an idle session into its shard's parking lot: `None` once it is there (or, if the
+/// runtime could not let its socket go, over); otherwise the session goes on as it was.
+fn park(mut l: Live) -> Option<Live> {
+    l.s.outbox.set_direct(None);
+    let tcp = match l.io.park() {
+        super::io::Parking::Parked(tcp) => Rc::new(tcp),
+        super::io::Parking::Busy(io) => {
+            l.s.outbox.set_direct(io.sink());
+            l.io = io;
+            return Some(l);
+        }
+        super::io::Parking::Lost(e) => {
+            tracing::debug!(conn = l.s.id, error = %e, "a parking session lost its socket");
+            finish(l.s, l.guard);
+            return None;
+        }
+    };
+    let Live {
+        s,
+        decoder,
+        armed,
+        guard,
+        ..
+    } = l;
+    let (ctx, outbox) = (s.ctx.clone(), s.outbox.clone());
+    let mailbox = s.rare.as_ref().and_then(|r| r.mailbox.clone());
+    let parked = Box::new(Parked {
+        s,
+        decoder,
+        armed,
+        guard,
+        tcp: tcp.clone(),
+    });
+    match ctx.lot.park(parked, &*tcp) {
+        Ok(waker) => {
+            // Its queue buffer too (the alarms' sweep would free it within a second).
+            outbox.release_idle();
+            outbox.set_waker(&waker);
+            outbox.set_direct(Some(tcp));
+            ctx.metrics.parked.increment(1.0);
+            // Server API commands for the session's user wake it too.
+            if let Some(m) = mailbox {
+                if m.poll_ready(&mut Context::from_waker(&waker)).is_ready() {
+                    waker.wake_by_ref();
+                }
+            }
+            None
+        }
+        Err(parked) => {
+            drop(tcp);
+            unpark(parked)
+        }
+    }
+}
+
+/// A parked session's task state again, its socket back in the runtime: `None` if that
+/// failed (then the session is over).
+fn unpark(p: Box<Parked>) -> Option<Live> {
+    let Parked {
+        s,
+        decoder,
+        armed,
+        guard,
+        tcp,
+    } = *p;
+    // The outbox's handle on the socket goes first: then the parked one is the only one.
+    s.outbox.set_direct(None);
+    let io = Rc::try_unwrap(tcp)
+        .map_err(|_| io::Error::other("the parked socket is shared"))
+        .and_then(|tcp| SessionIo::resume(tcp, s.ctx.config().write_timeout));
+    match io {
+        Ok(io) => {
+            s.outbox.set_direct(io.sink());
+            Some(Live {
+                s,
+                io,
+                decoder,
+                armed,
+                guard,
+                since: session::now(),
+            })
+        }
+        Err(e) => {
+            tracing::debug!(conn = s.id, error = %e, "a parked session could not resume");
+            finish(s, guard);
+            None
+        }
+    }
+}
+
+/// Resumes a session taken out of the parking lot: its loop runs again as a task of the
+/// shard's tracker (which shutdown waits for).
+pub(crate) fn resume(ctx: Rc<super::ShardContext>, p: Box<Parked>) {
+    ctx.metrics.parked.decrement(1.0);
+    if let Some(l) = unpark(p) {
+        ctx.tracker.spawn_local(run(l));
+    }
 }
 
 impl Frames for Session {
@@ -560,6 +731,27 @@ impl Session {
             }
         }
         self.outbox.poll_alarm(cx).map(|()| Wake::Alarm)
+    }
+
+    /// When this session may park (see `super::park`): `--ws-park-after` after its last
+    /// input or `since` (its task's start), whichever is later; `None`: never (parking off).
+    fn park_at(&self, since: Instant) -> Option<Instant> {
+        let after = self.ctx.config().ws_park_after;
+        let quiet = self.core.clock.last_inbound().max(since);
+        (!after.is_zero() && self.ctx.lot.is_open()).then(|| quiet + after)
+    }
+
+    /// Whether the session has nothing to do but wait, with nothing a parked session cannot
+    /// hear: nothing to write or read, not closing, no backplane join pending, the node not
+    /// shutting down. (A parked session's server API mailbox wakes it like its outbox.)
+    fn may_park(&self) -> bool {
+        !self.read_closed
+            && !self.draining
+            && !self.core.clock.is_closing()
+            && self.partial.is_empty()
+            && self.rare.as_ref().is_none_or(|r| r.joining.is_empty())
+            && self.outbox.is_idle()
+            && !self.ctx.node.shutdown.is_cancelled()
     }
 
     /// The client id presence shows: derived from the connection's id when needed (presence,
@@ -1101,15 +1293,15 @@ impl Session {
 mod tests {
     use super::*;
 
-    /// The size of what `f` returns, without calling it: an `async fn`'s future.
-    fn returned<A, B, C, D, F>(_: fn(A, B, C, D) -> F) -> usize {
+    /// The size of what `f` returns, without calling it: the session loop's future.
+    fn returned<A, F>(_: fn(A) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 
     /// What tokio stores of the task `f` spawns through the shard's tracker: the tracked
     /// future in its stage enum (running, finished with a `JoinError`, consumed), which has
     /// no niche to share: 8 bytes over the tracked future, itself 8 over the session's.
-    fn staged<A, B, C, D, F>(_: fn(A, B, C, D) -> F) -> usize {
+    fn staged<A, F>(_: fn(A) -> F) -> usize {
         #[allow(dead_code)]
         enum Stage<T> {
             Running(T),
@@ -1119,9 +1311,10 @@ mod tests {
         std::mem::size_of::<Stage<tokio_util::task::task_tracker::TrackedFuture<F>>>()
     }
 
-    /// The task's future is what an idle connection holds besides its outbox, its hub entry,
-    /// its alarm and tokio's registration of its socket, so it is most of what an idle
-    /// connection costs (issue 12: at most 1 KiB each). It is the session (`SESSION`), the
+    /// The task's future is what a live connection holds besides its outbox, its hub entry,
+    /// its alarm and tokio's registration of its socket (a parked one holds a [`Parked`]
+    /// instead, see `parked_sessions_are_small`); until sessions parked (session 8) it was
+    /// most of what an idle connection cost (issue 12: at most 1 KiB each). It is the session (`SESSION`), the
     /// socket (a `SessionIo`: over plain TCP an `Rc` of the stream, the bytes read ahead and
     /// the write deadline), the decoder (24), the alarm armed (16) and the task's arguments (4
     /// words), plus a few words of state. Before the reshape, the session's
@@ -1138,18 +1331,33 @@ mod tests {
     /// connections until session 7): at a stage of 416 bytes the cell takes 512. Session 7
     /// boxed the clock's rare deadlines (88 → 32 bytes), the decoder's buffers (64 → 24) and
     /// made the rate bucket's settings integers (48 → 40): the future 504 → 400 bytes.
+    ///
+    /// Since session 8 the session loop (`run`) is a task of its own, spawned once the
+    /// upgrade is done (and again when a parked session resumes): its cell holds the loop's
+    /// state only (336 bytes in a debug build), not the upgrade's.
     const TASK: usize = 400;
     const STAGE: usize = 512 - 32 - 16 - 48;
     const SESSION: usize = 176;
 
     #[test]
     fn an_idle_session_holds_a_small_future() {
-        let task = returned(session_task);
-        let stage = staged(session_task);
+        let task = returned(run);
+        let stage = staged(run);
         let session = std::mem::size_of::<Session>();
         eprintln!("session task {task} B (staged {stage} B), session {session} B");
         assert!(session <= SESSION, "the session is {session} bytes");
         assert!(task <= TASK, "the session task's future is {task} bytes");
         assert!(stage <= STAGE, "the session task's stage is {stage} bytes");
+    }
+
+    /// What a parked session holds in its lot's slot (besides the slot's 16 bytes): the
+    /// session, its decoder, its alarm, its per-IP slot and its socket's `Rc`. One allocation
+    /// of mimalloc's 256-byte class; with its outbox (128), its socket (32), its waker (32),
+    /// its hub entry and its alarm, an idle parked connection costs about 600 bytes.
+    #[test]
+    fn parked_sessions_are_small() {
+        let parked = std::mem::size_of::<Parked>();
+        eprintln!("parked session {parked} B");
+        assert!(parked <= 256, "a parked session is {parked} bytes");
     }
 }
