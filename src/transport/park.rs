@@ -103,10 +103,18 @@ fn key(index: u32, generation: u32) -> u64 {
 
 impl Default for Lot {
     fn default() -> Self {
-        let poll = mio::Poll::new()
-            .and_then(|p| p.registry().try_clone().map(|r| (p, r)))
-            .map_err(|e| tracing::warn!(error = %e, "no parking lot: idle sessions stay tasks"))
-            .ok();
+        // A key (slot index and generation) is an epoll token: 64 bits. Where a token is
+        // narrower, nothing parks (a truncated key would never resume its session).
+        let poll = (usize::BITS >= 64)
+            .then(|| {
+                mio::Poll::new()
+                    .and_then(|p| p.registry().try_clone().map(|r| (p, r)))
+                    .map_err(
+                        |e| tracing::warn!(error = %e, "no parking lot: idle sessions stay tasks"),
+                    )
+                    .ok()
+            })
+            .flatten();
         let (poll, registry) = poll.unzip();
         Lot {
             registry,
