@@ -35,6 +35,10 @@ const BIG_EVERY: usize = 5;
 const BIG_COUNT: usize = 40;
 const BIG_PAD: usize = 12_000;
 
+/// A client that gets no frame for this long while it still waits for some has stalled (the
+/// publisher never pauses for more than a fraction of it).
+const STALL: Duration = Duration::from_secs(10);
+
 fn channel(i: usize) -> String {
     format!("churn-{i}")
 }
@@ -98,6 +102,17 @@ struct Run {
     joined: AtomicUsize,
     /// Reconnections made.
     reconnects: AtomicU64,
+    /// Set after a big burst until every client has all of it: clients send nothing, so that
+    /// no later publish or command carries on a blocked direct write (its session must be
+    /// woken to finish it).
+    quiet: AtomicBool,
+    /// The last seq of its home channel each client has seen.
+    seen: Vec<AtomicU64>,
+    /// Big bursts begun; slow clients stop reading through each (until `burst_done`), and
+    /// count themselves in `pausing` first.
+    episode: AtomicU64,
+    pausing: AtomicUsize,
+    burst_done: AtomicBool,
 }
 
 /// One client's view of its channels.
@@ -209,12 +224,36 @@ async fn client(k: usize, run: Arc<Run>) -> Track {
     let mut acts = 0u64;
     let mut joined = false;
     let mut sent = 0u64;
+    let mut last_frame = Instant::now();
+    let mut paused_in = 0;
     while !track.done() {
         let frame = tokio::select! {
             f = ws.inner.next() => f,
             _ = tokio::time::sleep_until(next) => {
                 next = Instant::now() + period;
                 acts += 1;
+                // Something stalled (a parked session nobody wakes): fail rather than hang.
+                assert!(
+                    last_frame.elapsed() < STALL,
+                    "client {k} ({kind:?}): no frame for {STALL:?}; last seqs {:?}, ended {:?}",
+                    track.last,
+                    track.ended
+                );
+                if run.quiet.load(Ordering::SeqCst) {
+                    let ep = run.episode.load(Ordering::SeqCst);
+                    if kind == Kind::Slow && ep != paused_in {
+                        // Not a byte read through the whole big burst: the socket fills,
+                        // a direct write blocks, and only a wake of the parked session
+                        // writes the rest.
+                        paused_in = ep;
+                        run.pausing.fetch_add(1, Ordering::SeqCst);
+                        while !run.burst_done.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        last_frame = Instant::now();
+                    }
+                    continue;
+                }
                 if run.stop.load(Ordering::SeqCst) {
                     if kind == Kind::Joiner && !joined {
                         joined = true;
@@ -260,12 +299,16 @@ async fn client(k: usize, run: Arc<Run>) -> Track {
                 continue;
             }
         };
+        last_frame = Instant::now();
         match frame {
             Some(Ok(Message::Text(t))) => {
                 let v: Value = serde_json::from_str(t.as_str())
                     .unwrap_or_else(|e| panic!("client {k}: non-JSON {t:?}: {e}"));
                 let was_pending = track.pending;
                 track.frame(k, &v);
+                if let Some(&seq) = track.last.get(&home) {
+                    run.seen[k].store(seq, Ordering::SeqCst);
+                }
                 if kind == Kind::Joiner
                     && was_pending > track.pending
                     && v["channel"] == json!(EXTRA)
@@ -312,7 +355,13 @@ async fn churn_over_parked_sessions_loses_and_reorders_nothing() {
         stop: AtomicBool::new(false),
         joined: AtomicUsize::new(0),
         reconnects: AtomicU64::new(0),
+        quiet: AtomicBool::new(false),
+        seen: (0..CLIENTS).map(|_| AtomicU64::new(0)).collect(),
+        episode: AtomicU64::new(0),
+        pausing: AtomicUsize::new(0),
+        burst_done: AtomicBool::new(false),
     });
+    let slow = (0..CLIENTS).filter(|k| kind(*k) == Kind::Slow).count();
     let mut clients = Vec::new();
     for k in 0..CLIENTS {
         clients.push(tokio::spawn(client(k, run.clone())));
@@ -329,23 +378,59 @@ async fn churn_over_parked_sessions_loses_and_reorders_nothing() {
 
     // The publisher: a burst on every channel, then a pause of several park periods.
     let pad = "p".repeat(BIG_PAD);
+    // The longest wait for the clients to drain a big burst (reported).
+    let mut drained = Duration::ZERO;
     for round in 0..ROUNDS {
         let big = round % BIG_EVERY == BIG_EVERY - 1;
         let (count, size) = if big { (BIG_COUNT, BIG_PAD) } else { (10, 0) };
+        if big {
+            run.burst_done.store(false, Ordering::SeqCst);
+            run.pausing.store(0, Ordering::SeqCst);
+            run.episode.fetch_add(1, Ordering::SeqCst);
+            run.quiet.store(true, Ordering::SeqCst);
+            let deadline = Instant::now() + STALL;
+            while run.pausing.load(Ordering::SeqCst) < slow {
+                assert!(Instant::now() < deadline, "the slow clients never paused");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         let mut burst = Vec::new();
         for i in 0..CHANNELS {
             let relay = relay.clone();
             let pad = pad[..size].to_string();
             burst.push(tokio::spawn(async move {
+                let mut top = 0;
                 for n in 0..count {
-                    relay
-                        .publish(&channel(i), json!({"round": round, "n": n, "pad": pad}))
+                    top = relay
+                        .publish_seq(&channel(i), json!({"round": round, "n": n, "pad": pad}))
                         .await;
                 }
+                top
             }));
         }
+        let mut tops = Vec::new();
         for b in burst {
-            b.await.unwrap();
+            tops.push(b.await.unwrap());
+        }
+        run.burst_done.store(true, Ordering::SeqCst);
+        if big {
+            // Nothing else is published or sent until every client has the whole burst.
+            let began = Instant::now();
+            let deadline = began + STALL;
+            for k in 0..CLIENTS {
+                let top = tops[(k + k / 6) % CHANNELS];
+                while run.seen[k].load(Ordering::SeqCst) < top {
+                    assert!(
+                        Instant::now() < deadline,
+                        "client {k} ({:?}) stuck at {} of {top} after a big burst",
+                        kind(k),
+                        run.seen[k].load(Ordering::SeqCst)
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            drained = drained.max(began.elapsed());
+            run.quiet.store(false, Ordering::SeqCst);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -383,7 +468,8 @@ async fn churn_over_parked_sessions_loses_and_reorders_nothing() {
     let count = |name| sample(&metrics, name).unwrap_or(0.0);
     eprintln!(
         "churn: {messages} messages checked, {} reconnections, up to {max_parked} sessions \
-         parked, {} direct writes, {} writer wakes, ends {ends:?}",
+         parked, {} direct writes, {} writer wakes, big bursts drained within {drained:?}, \
+         ends {ends:?}",
         run.reconnects.load(Ordering::SeqCst),
         count("relay_direct_writes_total"),
         count("relay_writer_wakes_total"),
