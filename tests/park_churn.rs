@@ -27,6 +27,14 @@ const CLIENTS: usize = 120;
 const CHANNELS: usize = 4;
 /// The channel some clients join while parked.
 const EXTRA: &str = "churn-x";
+/// The channel of the slow clients only: each big burst sends it a few 60 KB messages, then
+/// one of 6 MB, more than the kernel's socket buffers hold (a 4 MiB send buffer at most,
+/// `net.ipv4.tcp_wmem`), while they read nothing: the one direct write of that message to a
+/// parked socket blocks with most of it left, which only the session, woken, can finish.
+const HUGE: &str = "churn-huge";
+const HUGE_COUNT: usize = 20;
+const HUGE_PAD: usize = 60_000;
+const HUGEST_PAD: usize = 6_000_000;
 /// Small bursts per channel, and every how many of them a big one follows.
 const ROUNDS: usize = 14;
 const BIG_EVERY: usize = 5;
@@ -37,7 +45,7 @@ const BIG_PAD: usize = 12_000;
 
 /// A client that gets no frame for this long while it still waits for some has stalled (the
 /// publisher never pauses for more than a fraction of it).
-const STALL: Duration = Duration::from_secs(10);
+const STALL: Duration = Duration::from_secs(20);
 
 fn channel(i: usize) -> String {
     format!("churn-{i}")
@@ -62,6 +70,11 @@ fn server_args() -> Vec<&'static str> {
         "100000",
         "--history-max-bytes",
         "256MiB",
+        // What the kernel does not take of a huge burst waits in the outbox.
+        "--max-outbox-bytes",
+        "16MiB",
+        "--max-message-size",
+        "8MiB",
     ]
 }
 
@@ -106,8 +119,9 @@ struct Run {
     /// no later publish or command carries on a blocked direct write (its session must be
     /// woken to finish it).
     quiet: AtomicBool,
-    /// The last seq of its home channel each client has seen.
+    /// The last seq of its home channel each client has seen, and of [`HUGE`].
     seen: Vec<AtomicU64>,
+    seen_huge: Vec<AtomicU64>,
     /// Big bursts begun; slow clients stop reading through each (until `burst_done`), and
     /// count themselves in `pausing` first.
     episode: AtomicU64,
@@ -218,6 +232,11 @@ async fn client(k: usize, run: Arc<Run>) -> Track {
     let mut track = Track::default();
     let mut ws = Ws::connect(&run.url).await;
     subscribe_all(&mut ws, &mut track, &home).await;
+    if kind == Kind::Slow {
+        track.pending += 1;
+        ws.send_json(json!({"type":"subscribe","channel":HUGE}))
+            .await;
+    }
     // Actions come at different periods per client, all longer than the park period.
     let period = Duration::from_millis(150 + (k as u64 * 37) % 200);
     let mut next = Instant::now() + period;
@@ -309,6 +328,9 @@ async fn client(k: usize, run: Arc<Run>) -> Track {
                 if let Some(&seq) = track.last.get(&home) {
                     run.seen[k].store(seq, Ordering::SeqCst);
                 }
+                if let Some(&seq) = track.last.get(HUGE) {
+                    run.seen_huge[k].store(seq, Ordering::SeqCst);
+                }
                 if kind == Kind::Joiner
                     && was_pending > track.pending
                     && v["channel"] == json!(EXTRA)
@@ -357,6 +379,7 @@ async fn churn_over_parked_sessions_loses_and_reorders_nothing() {
         reconnects: AtomicU64::new(0),
         quiet: AtomicBool::new(false),
         seen: (0..CLIENTS).map(|_| AtomicU64::new(0)).collect(),
+        seen_huge: (0..CLIENTS).map(|_| AtomicU64::new(0)).collect(),
         episode: AtomicU64::new(0),
         pausing: AtomicUsize::new(0),
         burst_done: AtomicBool::new(false),
@@ -373,6 +396,9 @@ async fn churn_over_parked_sessions_loses_and_reorders_nothing() {
             .wait_subscribers(&channel(i), on as u64, RECV_TIMEOUT)
             .await;
     }
+    relay
+        .wait_subscribers(HUGE, slow as u64, RECV_TIMEOUT)
+        .await;
     let watching = Arc::new(AtomicBool::new(false));
     let watcher = tokio::spawn(watch_parked(relay.clone(), watching.clone()));
 
@@ -408,6 +434,19 @@ async fn churn_over_parked_sessions_loses_and_reorders_nothing() {
                 top
             }));
         }
+        let mut huge_top = 0;
+        if big {
+            let huge = "h".repeat(HUGE_PAD);
+            for n in 0..HUGE_COUNT {
+                relay
+                    .publish_seq(HUGE, json!({"round": round, "n": n, "pad": huge}))
+                    .await;
+            }
+            let hugest = "H".repeat(HUGEST_PAD);
+            huge_top = relay
+                .publish_seq(HUGE, json!({"round": round, "pad": hugest}))
+                .await;
+        }
         let mut tops = Vec::new();
         for b in burst {
             tops.push(b.await.unwrap());
@@ -419,7 +458,10 @@ async fn churn_over_parked_sessions_loses_and_reorders_nothing() {
             let deadline = began + STALL;
             for k in 0..CLIENTS {
                 let top = tops[(k + k / 6) % CHANNELS];
-                while run.seen[k].load(Ordering::SeqCst) < top {
+                let huge = if kind(k) == Kind::Slow { huge_top } else { 0 };
+                while run.seen[k].load(Ordering::SeqCst) < top
+                    || run.seen_huge[k].load(Ordering::SeqCst) < huge
+                {
                     assert!(
                         Instant::now() < deadline,
                         "client {k} ({:?}) stuck at {} of {top} after a big burst",
@@ -444,7 +486,10 @@ async fn churn_over_parked_sessions_loses_and_reorders_nothing() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut ends = HashMap::new();
-    for ch in (0..CHANNELS).map(channel).chain([EXTRA.to_string()]) {
+    for ch in (0..CHANNELS)
+        .map(channel)
+        .chain([EXTRA.to_string(), HUGE.to_string()])
+    {
         let seq = relay.publish_seq(&ch, json!({"end": true})).await;
         ends.insert(ch, seq);
     }
