@@ -38,8 +38,8 @@ const HUGEST_PAD: usize = 6_000_000;
 /// Small bursts per channel, and every how many of them a big one follows.
 const ROUNDS: usize = 14;
 const BIG_EVERY: usize = 5;
-/// A big burst: this many messages of this many padding bytes, per channel; ~500 KB, more than
-/// a socket takes from a client that does not read, well under the 1 MiB outbox limit.
+/// A big burst: this many messages of this many padding bytes, per channel (~500 KB; the
+/// kernel's socket buffers usually take it all, see [`HUGE`]).
 const BIG_COUNT: usize = 40;
 const BIG_PAD: usize = 12_000;
 
@@ -70,7 +70,8 @@ fn server_args() -> Vec<&'static str> {
         "100000",
         "--history-max-bytes",
         "256MiB",
-        // What the kernel does not take of a huge burst waits in the outbox.
+        // What the kernel does not take of a huge burst (~2 MB) waits in the outbox: nobody is
+        // closed as a slow consumer (asserted).
         "--max-outbox-bytes",
         "16MiB",
         "--max-message-size",
