@@ -19,18 +19,7 @@ const KEY: &str = "server-api-key";
 
 /// A token for user `sub` that may subscribe anywhere.
 fn token(sub: &str) -> String {
-    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 300;
-    encode(
-        &Header::new(Algorithm::HS256),
-        &json!({"sub": sub, "exp": exp, "channels": {"subscribe": ["*"]}}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    hs256_token(SECRET, sub, json!({"subscribe": ["*"]}))
 }
 
 /// Sessions park after 100 ms without input.
@@ -198,16 +187,7 @@ async fn a_restart_closes_parked_connections_with_1012() {
         clients.push(ws);
     }
     wait_parked(&relay, 4.0).await;
-    relay.signal("TERM");
-    for ws in &mut clients {
-        assert_eq!(ws.expect_close().await, 1012);
-    }
-    drop(clients);
-    let status = relay
-        .wait_exit(Duration::from_secs(6))
-        .await
-        .expect("the relay exits");
-    assert!(status.success(), "{status:?}");
+    relay.terminate_expecting_1012(clients).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

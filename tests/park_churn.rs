@@ -573,14 +573,5 @@ async fn a_restart_with_most_sessions_parked_closes_each_with_1012() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    relay.signal("TERM");
-    for ws in &mut clients {
-        assert_eq!(ws.expect_close().await, 1012);
-    }
-    drop(clients);
-    let status = relay
-        .wait_exit(Duration::from_secs(6))
-        .await
-        .expect("the relay exits");
-    assert!(status.success(), "{status:?}");
+    relay.terminate_expecting_1012(clients).await;
 }

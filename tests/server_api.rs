@@ -5,25 +5,14 @@
 
 mod common;
 
-use common::{assert_http_error, Relay, Ws};
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use common::{assert_http_error, hs256_token, Relay, Ws};
 use serde_json::{json, Value};
 
 const SECRET: &str = "test-secret-0123456789abcdef";
 const KEY: &str = "server-api-key";
 
 fn token(sub: &str, grants: Value) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 300;
-    encode(
-        &Header::new(Algorithm::HS256),
-        &json!({"sub": sub, "exp": exp, "channels": grants}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    hs256_token(SECRET, sub, grants)
 }
 
 fn relay() -> Relay {

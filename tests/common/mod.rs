@@ -287,6 +287,20 @@ impl Relay {
         }
     }
 
+    /// SIGTERM: every one of `clients` gets its close 1012, then the relay exits cleanly
+    /// within 6 s.
+    pub async fn terminate_expecting_1012(&mut self, clients: Vec<Ws>) {
+        self.signal("TERM");
+        for mut ws in clients {
+            assert_eq!(ws.expect_close().await, 1012);
+        }
+        let status = self
+            .wait_exit(Duration::from_secs(6))
+            .await
+            .expect("the relay exits");
+        assert!(status.success(), "{status:?}");
+    }
+
     fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.api_key {
             Some(k) => rb.header("authorization", format!("Bearer {k}")),
@@ -481,6 +495,23 @@ pub fn first_stdout_lines(args: &[&str], n: usize) -> Vec<String> {
     let _ = child.kill();
     let _ = child.wait();
     lines
+}
+
+/// An HS256 token signed with `secret` for user `sub`, valid five more minutes, with the
+/// `channels` grants (e.g. `{"subscribe": ["*"]}`).
+pub fn hs256_token(secret: &str, sub: &str, channels: Value) -> String {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 300;
+    encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": sub, "exp": exp, "channels": channels}),
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
 }
 
 /// A reqwest client for loopback API calls: no proxy, bounded per request.
