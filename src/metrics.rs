@@ -17,7 +17,7 @@ pub fn install() {
         let builder = PrometheusBuilder::new()
             .set_buckets_for_metric(
                 Matcher::Full("relay_frames_per_write".into()),
-                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
+                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 256.0, 1024.0],
             )
             .and_then(|b| {
                 b.set_buckets_for_metric(

@@ -23,8 +23,13 @@ const PAD: usize = 60_000;
 
 /// A subscriber whose socket has a small receive buffer (set before connecting).
 async fn slow_subscriber(relay: &Relay) -> Ws {
+    subscriber_with_rcvbuf(relay, 4096).await
+}
+
+/// A subscriber whose socket's receive buffer is `rcvbuf` bytes (set before connecting).
+async fn subscriber_with_rcvbuf(relay: &Relay, rcvbuf: u32) -> Ws {
     let sock = TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
+    sock.set_recv_buffer_size(rcvbuf).unwrap();
     let stream = tokio::time::timeout(RECV_TIMEOUT, sock.connect(relay.addr()))
         .await
         .expect("connect timed out")
@@ -116,4 +121,63 @@ async fn every_subscriber_gets_every_message_once_in_order_whoever_writes_it() {
             .expect("subscribers finish")
             .expect("subscriber");
     }
+}
+
+/// A subscriber that stops reading while thousands of messages are published has them queued
+/// in its outbox once its socket is full (on loopback the kernel takes a megabyte or more
+/// first: hence 8,000 messages of ~560 bytes); when it reads again the backlog goes out in
+/// writes of more than 64 frames (up to 1,024: `engine/outbox.rs`), and it still gets every
+/// message once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_goes_out_in_writes_of_many_frames_once_and_in_order() {
+    const PUBLISHERS: u64 = 4;
+    const EACH: u64 = 2_000;
+    let mut relay = Relay::start(&["--max-outbox-bytes", "16MiB"]);
+    let mut ws = subscriber_with_rcvbuf(&relay, 65_536).await;
+    let reply = ws.subscribe("backlog").await;
+    assert_eq!(reply["seq"], json!(0), "{reply}");
+    // It reads nothing while everything is published, from several publishers at once.
+    let url = relay.http("/api/publish");
+    let pad = "x".repeat(500);
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            let client = relay.client().clone();
+            let url = url.clone();
+            let pad = pad.clone();
+            tokio::spawn(async move {
+                for n in 0..EACH {
+                    let body = json!({"channel": "backlog", "data": {"p": p, "n": n, "pad": pad}});
+                    let r = client.post(&url).json(&body).send().await.expect("publish");
+                    assert_eq!(r.status().as_u16(), 200);
+                }
+            })
+        })
+        .collect();
+    for p in publishers {
+        tokio::time::timeout(Duration::from_secs(60), p)
+            .await
+            .expect("publishers finish")
+            .expect("publisher");
+    }
+    let total = PUBLISHERS * EACH;
+    // Each publisher's messages in its own order, every seq once and in order.
+    let mut next = vec![0u64; PUBLISHERS as usize];
+    for seq in 1..=total {
+        let m = ws.recv_json().await;
+        assert_eq!(m["type"], "message", "{m}");
+        assert_eq!(m["seq"], json!(seq), "once and in order: {m}");
+        let p = m["data"]["p"].as_u64().expect("p") as usize;
+        assert_eq!(m["data"]["n"], json!(next[p]), "{m}");
+        next[p] += 1;
+    }
+    assert_eq!(ws.recv_json_within(Duration::from_millis(200)).await, None);
+    let metrics = relay.scrape().await;
+    let writes = sample(&metrics, "relay_frames_per_write_count").expect("writes");
+    let small = sample(&metrics, "relay_frames_per_write_bucket{le=\"64\"}").expect("le=64");
+    assert!(
+        writes > small,
+        "no write carried more than 64 frames ({writes} writes, {small} of at most 64)"
+    );
+    relay.signal("TERM");
+    assert!(relay.wait_exit(Duration::from_secs(15)).await.is_some());
 }
