@@ -21,6 +21,18 @@ const MESSAGES: u64 = 120;
 /// Big frames: what a slow reader leaves unread must outgrow the kernel's socket buffers.
 const PAD: usize = 60_000;
 
+/// Waits for every task of `tasks` (each a `what`), a minute at most in all; panics if one
+/// failed or they did not finish.
+async fn join_within_a_minute(tasks: Vec<tokio::task::JoinHandle<()>>, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for t in tasks {
+        tokio::time::timeout_at(deadline, t)
+            .await
+            .unwrap_or_else(|_| panic!("every {what} finishes within a minute"))
+            .unwrap_or_else(|e| panic!("a {what} failed: {e}"));
+    }
+}
+
 /// A subscriber whose socket has a small receive buffer (set before connecting).
 async fn slow_subscriber(relay: &Relay) -> Ws {
     subscriber_with_rcvbuf(relay, 4096).await
@@ -109,18 +121,8 @@ async fn every_subscriber_gets_every_message_once_in_order_whoever_writes_it() {
             })
         })
         .collect();
-    for p in publishers {
-        tokio::time::timeout(Duration::from_secs(60), p)
-            .await
-            .expect("publishers finish")
-            .expect("publisher");
-    }
-    for r in readers {
-        tokio::time::timeout(Duration::from_secs(60), r)
-            .await
-            .expect("subscribers finish")
-            .expect("subscriber");
-    }
+    join_within_a_minute(publishers, "publisher").await;
+    join_within_a_minute(readers, "subscriber").await;
 }
 
 /// A subscriber that stops reading while thousands of messages are published has them queued
@@ -153,12 +155,7 @@ async fn a_backlog_goes_out_in_writes_of_many_frames_once_and_in_order() {
             })
         })
         .collect();
-    for p in publishers {
-        tokio::time::timeout(Duration::from_secs(60), p)
-            .await
-            .expect("publishers finish")
-            .expect("publisher");
-    }
+    join_within_a_minute(publishers, "publisher").await;
     let total = PUBLISHERS * EACH;
     // Each publisher's messages in its own order, every seq once and in order.
     let mut next = vec![0u64; PUBLISHERS as usize];
