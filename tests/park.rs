@@ -27,18 +27,7 @@ const PARK: &[&str] = &["--ws-park-after", "100ms"];
 
 /// Waits (10 s at most) until `want` sessions are parked; panics otherwise.
 async fn wait_parked(relay: &Relay, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let n = relay.metric("relay_parked_sessions").await;
-        if n == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{n} sessions parked, never {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    relay.wait_metric("relay_parked_sessions", want).await;
 }
 
 fn args<'a>(more: &[&'a str]) -> Vec<&'a str> {

@@ -357,19 +357,6 @@ async fn watch_parked(relay: Arc<Relay>, stop: Arc<AtomicBool>) -> f64 {
     max
 }
 
-/// Waits (10 s at most) until the metric `name` reads `want`.
-async fn wait_metric(relay: &Relay, name: &str, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let n = relay.metric(name).await;
-        if n == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{name} is {n}, never {want}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_over_parked_sessions_loses_and_reorders_nothing() {
     let relay = Arc::new(Relay::start(&server_args()));
@@ -528,8 +515,10 @@ async fn churn_over_parked_sessions_loses_and_reorders_nothing() {
     assert!(run.reconnects.load(Ordering::SeqCst) > 0);
 
     // Everybody is gone: nothing is left parked or counted.
-    wait_metric(&relay, "relay_connections{transport=\"ws\"}", 0.0).await;
-    wait_metric(&relay, "relay_parked_sessions", 0.0).await;
+    relay
+        .wait_metric("relay_connections{transport=\"ws\"}", 0.0)
+        .await;
+    relay.wait_metric("relay_parked_sessions", 0.0).await;
     assert_eq!(
         relay.metric("relay_slow_consumers_total").await,
         0.0,

@@ -365,24 +365,24 @@ impl Sink for TcpStream {
 /// 1,000 channels, 11–14 % of the server's CPU sat between the syscall entry and `tcp_sendmsg`
 /// with `writev`, 9 % with `send`/`sendmsg` (`benches/RESULTS.md`, "send, not writev").
 pub fn try_send(tcp: &TcpStream, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    tcp.try_io(tokio::io::Interest::WRITABLE, || send_now(tcp, bufs))
+}
+
+/// One write of `bufs` to a non-blocking socket: `send(2)` for one slice, `sendmsg(2)` for
+/// more (`MSG_NOSIGNAL`: a closed peer is an error, not a signal).
+fn send_now(sock: &impl std::os::fd::AsFd, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    let sock = socket2::SockRef::from(sock);
     match bufs {
-        // std's `TcpStream::write` is `send(…, MSG_NOSIGNAL)`.
-        [one] => tcp.try_write(one),
-        _ => tcp.try_io(tokio::io::Interest::WRITABLE, || {
-            socket2::SockRef::from(tcp).send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL)
-        }),
+        [one] => sock.send_with_flags(one, libc::MSG_NOSIGNAL),
+        _ => sock.send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL),
     }
 }
 
 /// A parked session's socket (`super::park`): out of the runtime, written by pump passes
-/// without waiting, `send(2)` or `sendmsg(2)` as [`try_send`] does (no readiness to clear).
+/// without waiting, as [`try_send`] does (no readiness to clear).
 impl Sink for std::net::TcpStream {
     fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        match bufs {
-            // std's `TcpStream::write` is `send(…, MSG_NOSIGNAL)`.
-            [one] => io::Write::write(&mut &*self, one),
-            _ => socket2::SockRef::from(self).send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL),
-        }
+        send_now(self, bufs)
     }
 }
 

@@ -367,6 +367,19 @@ impl Relay {
             .cloned()
     }
 
+    /// Waits (10 s at most) until the metric `name` reads `want`; panics otherwise.
+    pub async fn wait_metric(&self, name: &str, want: f64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = self.metric(name).await;
+            if n == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{name} is {n}, never {want}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Poll `/api/channels` until `channel` reports `want` subscribers (or time out).
     pub async fn wait_subscribers(&self, channel: &str, want: u64, timeout: Duration) {
         let deadline = Instant::now() + timeout;
