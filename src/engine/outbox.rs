@@ -533,6 +533,10 @@ impl Inner {
     /// Calls `f` once with the queued frames (at most [`MAX_IOV`]) as I/O slices, the front
     /// one past what was written of it: what the writer and a direct write send.
     fn with_slices<R>(&self, f: impl FnOnce(&[IoSlice<'_>]) -> R) -> R {
+        // One frame, the usual direct write of a quiet subscriber: no array to fill.
+        if let (1, Some(only)) = (self.queue.len(), self.queue.front()) {
+            return f(&[IoSlice::new(&only.frame()[self.front_written..])]);
+        }
         if self.queue.len() <= FEW_IOV {
             let mut slices = [IoSlice::new(&[]); FEW_IOV];
             let count = self.slices(&mut slices);
