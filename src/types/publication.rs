@@ -2,7 +2,7 @@
 //! and the [`Encoder`] the hub calls to build each frame once per encoding. They sit below both
 //! `engine` and `protocol` so that neither imports the other.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -86,39 +86,64 @@ impl Publication {
 }
 
 /// The frames of one publication or presence event, by encoding slot, each built once. A node
-/// builds one or two encodings of a message (its clients' protocols), so the first frame built
-/// is kept inline and the others in a table allocated when a second encoding is asked for:
-/// 64 bytes in every ring entry instead of 240 for six inline slots (a message of a ring of
-/// 1,000 costs its payload plus about 200 bytes, not 380).
-#[derive(Default)]
+/// builds one or two encodings of a message (its clients' protocols), so the first slot asked
+/// for keeps its frame inline and the others theirs in a table allocated when a second slot is
+/// asked for: 64 bytes in every ring entry instead of 240 for six inline slots (a message of a
+/// ring of 1,000 costs its payload plus about 200 bytes, not 380). Building one slot may ask for
+/// another (the compressed frame is made from the plain one): each slot has its own cell, so
+/// that never waits on the cell being built.
 struct Frames {
-    /// The first frame built, with its slot.
-    first: OnceLock<(u8, Bytes)>,
+    /// The slot that owns `first` ([`NO_FRAME`] until one is asked for).
+    first_slot: AtomicU8,
+    /// The frame of `first_slot`.
+    first: OnceLock<Bytes>,
     /// The frames of the other slots.
     rest: OnceLock<Box<[OnceLock<Bytes>; FRAME_SLOTS]>>,
 }
 
+/// `Frames::first_slot` before any slot is asked for.
+const NO_FRAME: u8 = u8::MAX;
+
+impl Default for Frames {
+    fn default() -> Self {
+        Self {
+            first_slot: AtomicU8::new(NO_FRAME),
+            first: OnceLock::new(),
+            rest: OnceLock::new(),
+        }
+    }
+}
+
 impl Frames {
-    /// The frame of `slot`, built by `build` the first time any thread asks for that slot.
+    /// The frame of `slot`, built by `build` the first time any thread asks for that slot
+    /// (one asking meanwhile waits for it).
     fn get_or_build(&self, slot: usize, build: impl FnOnce() -> Bytes) -> Bytes {
         let slot = slot % FRAME_SLOTS;
-        let mut build = Some(build);
-        let mut built = || build.take().map_or_else(Bytes::new, |f| f());
-        let (first, frame) = self.first.get_or_init(|| (slot as u8, built()));
-        if usize::from(*first) == slot {
-            return frame.clone();
-        }
-        self.rest.get_or_init(Box::default)[slot]
-            .get_or_init(built)
-            .clone()
+        let tag = slot as u8;
+        let owns_first = match self.first_slot.compare_exchange(
+            NO_FRAME,
+            tag,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => true,
+            Err(owner) => owner == tag,
+        };
+        let cell = if owns_first {
+            &self.first
+        } else {
+            &self.rest.get_or_init(Box::default)[slot]
+        };
+        cell.get_or_init(build).clone()
     }
 
     /// The frame built for `slot`, if any.
     fn get(&self, slot: usize) -> Option<&Bytes> {
         let slot = slot % FRAME_SLOTS;
-        match self.first.get()? {
-            (first, frame) if usize::from(*first) == slot => Some(frame),
-            _ => self.rest.get()?[slot].get(),
+        if self.first_slot.load(Ordering::Acquire) == slot as u8 {
+            self.first.get()
+        } else {
+            self.rest.get()?[slot].get()
         }
     }
 }
@@ -279,6 +304,18 @@ mod tests {
         assert_eq!(&p.frame(FRAME_SLOTS, |_| build(b"again"))[..], b"zero");
         assert_eq!(&p.frame(5, |_| build(b"five"))[..], b"five");
         assert_eq!(builds.get(), 3, "one build per slot");
+        // Building a slot may ask for another, as the compressed frame asks for the plain one,
+        // including while the first slot is being built.
+        let q = Publication::new(2, Instant::now(), DataKind::Json, Bytes::from_static(b"{}"));
+        let outer = q.frame(4, |q| {
+            let inner = q.frame(1, |_| Bytes::from_static(b"plain"));
+            Bytes::from([&b"z:"[..], &inner[..]].concat())
+        });
+        assert_eq!(&outer[..], b"z:plain");
+        assert_eq!(
+            (q.built_frame(4), q.built_frame(1)),
+            (&b"z:plain"[..], &b"plain"[..])
+        );
         assert_eq!(
             (
                 p.built_frame(3),
