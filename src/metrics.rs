@@ -253,6 +253,10 @@ fn describe() {
         "The most channels one expiry tick examined (bounded, whatever the channel count)."
     );
     describe_counter!(
+        "relay_messages_joined_total",
+        "Messages a fan-out pass queued for a subscriber in one entry with the pass's other messages of their channel (a run: for WebSocket, their frames joined in one buffer)."
+    );
+    describe_counter!(
         "relay_messages_replayed_total",
         "Messages queued from resume replays (paged out of history as outboxes drain)."
     );
@@ -365,6 +369,8 @@ pub struct ShardMetrics {
     pub protocol_errors: Counter,
     /// Messages replayed for resumes.
     pub replayed: Counter,
+    /// Messages queued joined with others of their channel.
+    pub joined: Counter,
 }
 
 impl ShardMetrics {
@@ -399,6 +405,7 @@ impl ShardMetrics {
             fanout_latency: histogram!("relay_fanout_latency_seconds"),
             protocol_errors: counter!("relay_protocol_errors_total"),
             replayed: counter!("relay_messages_replayed_total"),
+            joined: counter!("relay_messages_joined_total"),
         }
     }
 
@@ -413,6 +420,10 @@ impl ShardMetrics {
         }
         if replayed > 0 {
             self.replayed.increment(replayed as u64);
+        }
+        let joined = st.joined();
+        if joined > 0 {
+            self.joined.increment(joined as u64);
         }
         if let Some(age) = st.oldest_age() {
             self.fanout_latency.record(age.as_secs_f64());
@@ -429,6 +440,8 @@ pub trait Pumped {
     fn skipped(&self) -> usize;
     /// Messages queued from resume replays.
     fn replayed(&self) -> usize;
+    /// Messages queued joined with others of their channel in one entry.
+    fn joined(&self) -> usize;
     /// Age of the oldest publication pulled, if any.
     fn oldest_age(&self) -> Option<std::time::Duration>;
 }

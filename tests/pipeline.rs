@@ -457,3 +457,87 @@ async fn a_chunked_publish_body_in_several_pieces_is_published_whole() {
         [(1, json!({"text": "one two three"}))]
     );
 }
+
+/// Raw inflate of a permessage-deflate message (RFC 7692 §7.2.2: its bytes, then 00 00 ff ff).
+fn inflate(data: &[u8]) -> Vec<u8> {
+    let mut d = flate2::Decompress::new(false);
+    let mut input = data.to_vec();
+    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut out = Vec::with_capacity(1 << 16);
+    d.decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync)
+        .expect("valid deflate data");
+    out
+}
+
+#[tokio::test]
+async fn a_pipelined_batch_to_one_channel_reaches_every_subscriber_as_its_messages_in_order() {
+    // A separate process: the test reads its metrics.
+    let relay = Relay::start(&["--shards", "1", "--api-rate-limit", "0"]);
+    const N: u64 = 40;
+    let mut ws = Ws::connect(&relay.ws_url()).await;
+    ws.subscribe("one").await;
+    let offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
+    let (mut zipped, head) = common::RawWs::connect_with(relay.addr(), offer).await;
+    assert!(head.contains("permessage-deflate"), "{head}");
+    zipped
+        .send_json(json!({"type": "subscribe", "channel": "one"}))
+        .await;
+    common::assert_subscribed(&zipped.recv_json().await, "one");
+    let mut sse = common::Sse::connect(&relay.http("/sse?channel=one")).await;
+    sse.expect_event("subscribed").await;
+    // One write: the pass that fans it out carries every message of the batch, which joined
+    // subscribers get as one queue entry. Every other message is big enough to be compressed.
+    let data = |i: u64| {
+        if i % 2 == 0 {
+            json!({"i": i, "text": "a rather repetitive payload ".repeat(20)})
+        } else {
+            json!({"i": i})
+        }
+    };
+    let wire: String = (1..=N)
+        .map(|i| publish_request("one", &data(i), ""))
+        .collect();
+    let mut conn = connect(relay.addr()).await;
+    conn.write_all(wire.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    for (i, a) in answers(&mut conn, &mut buf, N as usize)
+        .await
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(a.json()["seq"], i as u64 + 1, "{a:?}");
+    }
+    let expect: Vec<(u64, Value)> = (1..=N).map(|i| (i, data(i))).collect();
+    assert_eq!(collect(&mut ws, N as usize).await, expect, "one frame each");
+    let mut got = Vec::new();
+    let mut compressed = 0;
+    while got.len() < N as usize {
+        let f = match zipped.read_frame(RECV_TIMEOUT).await {
+            common::RawRead::Frame(f) if f.opcode == common::OP_TEXT => f,
+            common::RawRead::Frame(_) => continue,
+            other => panic!("no data frame: {other:?}"),
+        };
+        let text = if f.rsv == 0b100 {
+            compressed += 1;
+            inflate(&f.payload)
+        } else {
+            f.payload.clone()
+        };
+        let m: Value = serde_json::from_slice(&text).unwrap();
+        got.push((m["seq"].as_u64().unwrap(), m["data"].clone()));
+    }
+    assert_eq!(got, expect, "each message its own frame, decoded");
+    assert_eq!(
+        compressed,
+        N / 2,
+        "the big ones compressed, each on its own"
+    );
+    for i in 1..=N {
+        let m = sse.expect_message("one", i).await;
+        assert_eq!(m.json()["data"], data(i), "SSE: one event and id each");
+    }
+    assert!(
+        relay.metric("relay_messages_joined_total").await > 0.0,
+        "the WebSocket subscribers got the batch joined"
+    );
+}

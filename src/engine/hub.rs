@@ -9,9 +9,10 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use indexmap::IndexMap;
 
-use super::outbox::{Gauge, Out, Outbox, OutboxState};
+use super::outbox::{Gauge, Out, Outbox, OutboxState, Run};
 use super::presence::PresenceEvent;
 use super::{
     Channel, Engine, Join, Publication, SlowPolicy, SubscribeError, Subscribed, FRAME_SLOTS,
@@ -30,6 +31,15 @@ pub type ConnId = u64;
 
 /// Most publications a replay reads from the ring under one lock.
 const REPLAY_PAGE: usize = 256;
+
+/// Most payload bytes joined in one run (`outbox::Run`): a pass that pulled more of a channel
+/// queues several runs, so that a burst of large messages is not copied into one buffer (and
+/// a large message gains nothing from joining: it goes alone).
+const RUN_BYTES: usize = 64 << 10;
+
+/// What [`RUN_BYTES`] counts per message besides its payload (about a frame's header and
+/// envelope).
+const RUN_ENTRY: usize = 64;
 
 /// One local subscription.
 pub struct Subscriber {
@@ -119,6 +129,8 @@ pub struct PumpStats {
     pub skipped: usize,
     /// Messages queued from resume replays.
     pub replayed: usize,
+    /// Messages queued joined with others of their channel in one entry (`outbox::Run`).
+    pub joined: usize,
     /// Bytes queued into outboxes (frames and entries), added to the shard's gauge once per
     /// pass rather than once per delivery.
     pub queued: usize,
@@ -326,17 +338,40 @@ impl Hub {
                 // resumes from its own last seq.
                 close_for_resume(&mut stats, local);
             }
-            // Merge in the order things happened: an event recorded at seq N came after
-            // message N and before message N + 1.
-            let mut events = self.events.iter().peekable();
-            for p in &self.pubs {
-                while let Some(e) = events.next_if(|e| e.seq < p.seq) {
+            if self.events.is_empty() && self.pubs.len() > 1 {
+                // In runs of at most RUN_BYTES (a single message over it goes alone): each
+                // subscriber gets the runs in order.
+                let mut rest = &self.pubs[..];
+                while !rest.is_empty() {
+                    let mut bytes = 0;
+                    let n = rest
+                        .iter()
+                        .take_while(|p| {
+                            bytes += p.data.len() + RUN_ENTRY;
+                            bytes <= RUN_BYTES
+                        })
+                        .count()
+                        .max(1);
+                    let (run, after) = rest.split_at(n);
+                    match run {
+                        [p] => deliver_publication(&mut stats, local, self.encode, p),
+                        _ => deliver_run(&mut stats, local, self.encode, run),
+                    }
+                    rest = after;
+                }
+            } else {
+                // Merge in the order things happened: an event recorded at seq N came after
+                // message N and before message N + 1.
+                let mut events = self.events.iter().peekable();
+                for p in &self.pubs {
+                    while let Some(e) = events.next_if(|e| e.seq < p.seq) {
+                        deliver_presence(&mut stats, local, self.encode, e);
+                    }
+                    deliver_publication(&mut stats, local, self.encode, p);
+                }
+                for e in events {
                     deliver_presence(&mut stats, local, self.encode, e);
                 }
-                deliver_publication(&mut stats, local, self.encode, p);
-            }
-            for e in events {
-                deliver_presence(&mut stats, local, self.encode, e);
             }
             stats.publications += self.pubs.len();
             if let Some(first) = self.pubs.first() {
@@ -438,34 +473,154 @@ fn deliver_publication(
     let mut queued = 0;
     let mut origin = None;
     for sub in local.subs.values_mut() {
-        if p.seq <= sub.after {
-            continue;
-        }
-        if sub.tag != 0 && *origin.get_or_insert_with(|| (encode.origin)(p)) == sub.tag {
-            continue;
-        }
-        let enc = usize::from(sub.encoding);
-        let len = *lens[enc]
-            .get_or_insert_with(|| p.frame(enc, |p| (encode.publication)(enc, name, p)).len());
-        if policy != SlowPolicy::Disconnect {
-            flush_sub(stats, sub, name, encode);
-            if sub.pending() || !sub.outbox.has_room(len) {
-                // Skip it (drop: widen the gap; conflate: keep it as the latest) and flush
-                // when the writer frees room.
-                sub.deferred = match (policy, &sub.deferred) {
-                    (SlowPolicy::Drop, Deferred::Gap(from, _)) => Deferred::Gap(*from, p.seq),
-                    (SlowPolicy::Drop, _) => Deferred::Gap(p.seq, p.seq),
-                    _ => Deferred::Stash(p.clone()),
-                };
-                sub.outbox.set_deferred();
-                stats.skipped += 1;
-                continue;
-            }
-        }
-        queued += deliver(stats, sub, Out::message(p.clone(), enc, sub.slot));
+        queued += offer(
+            stats,
+            sub,
+            (policy, name, encode),
+            p,
+            &mut lens,
+            &mut origin,
+        );
     }
     stats.queued += queued;
     local.cursor = p.seq;
+}
+
+/// Delivers several publications of one channel, with no presence event among them (one
+/// pass's worth, or a part of it under [`RUN_BYTES`]): each subscriber that takes them all
+/// gets them as one entry, an `outbox::Run` built once per encoding and shared (their frames
+/// joined in a [`Encoder::joinable`] encoding); any other (it joined in the middle of them,
+/// one of them is its own, its outbox has no room for them all under a `drop` or `conflate`
+/// policy) gets them one by one as [`deliver_publication`] would.
+fn deliver_run(
+    stats: &mut PumpStats,
+    local: &mut Local,
+    encode: Encoder,
+    pubs: &[Arc<Publication>],
+) {
+    let (Some(first), Some(last)) = (pubs.first(), pubs.last()) else {
+        return;
+    };
+    let mut runs: [Option<Arc<Run>>; FRAME_SLOTS] = Default::default();
+    // Each publication's origin tag, read once per pass if a subscriber has a tag.
+    let mut origins: Vec<u64> = Vec::new();
+    let policy = local.channel.policy();
+    let name = local.channel.name();
+    let mut queued = 0;
+    for sub in local.subs.values_mut() {
+        let enc = usize::from(sub.encoding);
+        let mut whole = sub.after < first.seq;
+        if whole && sub.tag != 0 {
+            if origins.is_empty() {
+                origins.extend(pubs.iter().map(|p| (encode.origin)(p)));
+            }
+            whole = !origins.contains(&sub.tag);
+        }
+        if whole {
+            let run = runs[enc].get_or_insert_with(|| build_run(pubs, enc, name, encode));
+            if policy != SlowPolicy::Disconnect {
+                flush_sub(stats, sub, name, encode);
+                whole = !sub.pending() && sub.outbox.has_room(run.len());
+            }
+            if whole {
+                let out = Out::Run {
+                    r: run.clone(),
+                    slot: sub.slot,
+                };
+                let cost = Outbox::cost(&out);
+                if sub.outbox.push_uncounted(out) {
+                    stats.deliveries += pubs.len();
+                    stats.joined += pubs.len();
+                    queued += cost;
+                } else if sub.outbox.state() == OutboxState::Overflowed {
+                    stats.slow += 1;
+                }
+                continue;
+            }
+        }
+        for (i, p) in pubs.iter().enumerate() {
+            let mut lens: [Option<usize>; FRAME_SLOTS] = Default::default();
+            let mut origin = origins.get(i).copied();
+            queued += offer(
+                stats,
+                sub,
+                (policy, name, encode),
+                p,
+                &mut lens,
+                &mut origin,
+            );
+        }
+    }
+    stats.queued += queued;
+    local.cursor = last.seq;
+}
+
+/// The run of `pubs` in encoding `enc`: each frame built once (and cached in its publication
+/// as usual), and in a joinable encoding copied back to back into one buffer, counted in the
+/// node's frame gauge.
+fn build_run(
+    pubs: &[Arc<Publication>],
+    enc: usize,
+    name: &ChannelName,
+    encode: Encoder,
+) -> Arc<Run> {
+    let len: usize = pubs
+        .iter()
+        .map(|p| p.frame(enc, |p| (encode.publication)(enc, name, p)).len())
+        .sum();
+    let joined = if encode.joinable & (1 << enc) != 0 {
+        let mut buf = Vec::with_capacity(len);
+        for p in pubs {
+            buf.extend_from_slice(p.built_frame(enc));
+        }
+        match pubs.first().and_then(|p| p.gauge.as_ref()) {
+            Some(g) => g.count(buf.into()),
+            None => buf.into(),
+        }
+    } else {
+        Bytes::new()
+    };
+    Arc::new(Run::new(pubs.into(), enc, joined))
+}
+
+/// Offers `p` to `sub` under the channel's `policy`: skipped (it has it already, or it is its
+/// own), deferred (no room under `drop` or `conflate`) or queued. Returns what it adds to
+/// [`PumpStats::queued`]. `lens` and `origin` carry what was learned of `p` (its frame lengths,
+/// its origin tag) from one subscriber to the next.
+#[inline]
+fn offer(
+    stats: &mut PumpStats,
+    sub: &mut Subscriber,
+    (policy, name, encode): (SlowPolicy, &ChannelName, Encoder),
+    p: &Arc<Publication>,
+    lens: &mut [Option<usize>; FRAME_SLOTS],
+    origin: &mut Option<u64>,
+) -> usize {
+    if p.seq <= sub.after {
+        return 0;
+    }
+    if sub.tag != 0 && *origin.get_or_insert_with(|| (encode.origin)(p)) == sub.tag {
+        return 0;
+    }
+    let enc = usize::from(sub.encoding);
+    let len = *lens[enc]
+        .get_or_insert_with(|| p.frame(enc, |p| (encode.publication)(enc, name, p)).len());
+    if policy != SlowPolicy::Disconnect {
+        flush_sub(stats, sub, name, encode);
+        if sub.pending() || !sub.outbox.has_room(len) {
+            // Skip it (drop: widen the gap; conflate: keep it as the latest) and flush
+            // when the writer frees room.
+            sub.deferred = match (policy, &sub.deferred) {
+                (SlowPolicy::Drop, Deferred::Gap(from, _)) => Deferred::Gap(*from, p.seq),
+                (SlowPolicy::Drop, _) => Deferred::Gap(p.seq, p.seq),
+                _ => Deferred::Stash(p.clone()),
+            };
+            sub.outbox.set_deferred();
+            stats.skipped += 1;
+            return 0;
+        }
+    }
+    deliver(stats, sub, Out::message(p.clone(), enc, sub.slot))
 }
 
 /// Queues what `sub` deferred, in order, as far as its outbox has room.
@@ -534,7 +689,6 @@ mod tests {
     use super::*;
     use crate::engine::outbox::OutboxState;
     use crate::engine::EngineConfig;
-    use bytes::Bytes;
     use std::time::Duration;
 
     fn encode_pub(enc: usize, _: &ChannelName, p: &Publication) -> Bytes {
@@ -558,6 +712,19 @@ mod tests {
         presence: encode_presence,
         gap: encode_gap,
         origin,
+        joinable: 0,
+    };
+
+    /// Frames that can be told apart when joined; every encoding but 1 (the SSE of these
+    /// tests) joinable.
+    fn encode_marked(enc: usize, _: &ChannelName, p: &Publication) -> Bytes {
+        Bytes::from(format!("<{enc}:{}>", p.seq))
+    }
+
+    const JOINED: Encoder = Encoder {
+        publication: encode_marked,
+        joinable: !(1 << 1),
+        ..ENC
     };
 
     fn setup(shards: usize) -> Arc<Engine> {
@@ -582,9 +749,17 @@ mod tests {
         Subscriber::new(outbox.clone(), encoding, 0)
     }
 
+    /// What `o` holds, one string per entry: a run's joined frames as one, the messages of a
+    /// run that is not joined one by one (as SSE reads them).
     fn frames(o: &Outbox) -> Vec<String> {
         let mut v = Vec::new();
-        o.drain_into(|out| v.push(String::from_utf8_lossy(out.frame()).into_owned()));
+        o.drain_into(|out| {
+            if out.frame().is_empty() && !out.is_empty() {
+                out.each(|_, f| v.push(String::from_utf8_lossy(f).into_owned()));
+            } else {
+                v.push(String::from_utf8_lossy(out.frame()).into_owned());
+            }
+        });
         v
     }
 
@@ -954,16 +1129,16 @@ mod tests {
         let per = std::mem::size_of::<Out>();
         assert_eq!(
             g.get(),
-            2 * 3 * per,
-            "six entries; the frames are the node's"
+            2 * per,
+            "one entry each (a run of the three); the frames are the node's"
         );
         assert_eq!(
             e.meter().frames().bytes(),
             3 * 3,
-            "three 3-byte frames, once each"
+            "three 3-byte frames, once each (not joined in this encoding)"
         );
-        frames(&a);
-        assert_eq!(g.get(), 3 * per);
+        assert_eq!(frames(&a), ["0:1", "0:2", "0:3"]);
+        assert_eq!(g.get(), per);
         drop(hub);
         drop(b);
         assert_eq!(g.get(), 0);
@@ -1029,6 +1204,111 @@ mod tests {
             o.state(),
             OutboxState::Overflowed,
             "closed for resume, not skipped"
+        );
+    }
+
+    #[test]
+    fn a_pass_of_several_messages_queues_them_as_one_entry_per_subscriber_in_order() {
+        use crate::types::DataKind;
+        let e = setup(1);
+        let g = Gauge::default();
+        let mut hub = Hub::with_gauge(0, e.clone(), JOINED, g.clone());
+        let name = ChannelName::new("runs").unwrap();
+        let now = Instant::now();
+        let outbox = || Rc::new(Outbox::with_gauge(1 << 20, g.clone()));
+        let (ws, ws2, sse, own, late) = (outbox(), outbox(), outbox(), outbox(), outbox());
+        hub.subscribe(1, &name, None, None, sub(&ws, 0), now)
+            .unwrap();
+        hub.subscribe(2, &name, None, None, sub(&ws2, 0), now)
+            .unwrap();
+        hub.subscribe(3, &name, None, None, sub(&sse, 1), now)
+            .unwrap();
+        let mut tagged = sub(&own, 2);
+        tagged.tag = 8;
+        hub.subscribe(4, &name, None, None, tagged, now).unwrap();
+        for b in [7u8, 8, 9] {
+            e.publish(&name, DataKind::Json, Bytes::from(vec![b]), now)
+                .unwrap();
+            if b == 7 {
+                // Joins after message 1 (before this shard's pass): positioned after it.
+                hub.subscribe(5, &name, None, None, sub(&late, 0), now)
+                    .unwrap();
+            }
+        }
+        let stats = hub.pump();
+        assert_eq!(stats.publications, 3);
+        assert_eq!(stats.deliveries, 3 + 3 + 3 + 2 + 2);
+        assert_eq!(stats.joined, 3 + 3 + 3, "ws, ws2 and sse");
+        assert_eq!(frames(&ws), ["<0:1><0:2><0:3>"], "one entry, in order");
+        assert_eq!(
+            frames(&sse),
+            ["<1:1>", "<1:2>", "<1:3>"],
+            "a run, not joined"
+        );
+        assert_eq!(frames(&own), ["<2:1>", "<2:3>"], "not its own message");
+        assert_eq!(frames(&late), ["<0:2>", "<0:3>"], "only what follows it");
+        // The joined frames are shared, and weigh once for the node: the run beside the
+        // messages' own frames (which the ring keeps), counted until its last entry goes.
+        let frame = "<0:1><0:2><0:3>".len();
+        // In the ring: 3 frames in encodings 0 and 1, 2 in encoding 2 (not message 2).
+        let own_frames = (3 + 3 + 2) * "<0:1>".len();
+        assert_eq!(e.meter().frames().bytes(), own_frames + frame);
+        assert_eq!(g.get(), std::mem::size_of::<Out>(), "ws2's entry only");
+        assert_eq!(frames(&ws2), ["<0:1><0:2><0:3>"]);
+        assert_eq!(g.get(), 0);
+        assert_eq!(e.meter().frames().bytes(), own_frames, "the run is gone");
+        // A pass of one message queues the message itself.
+        e.publish(&name, DataKind::Json, Bytes::from_static(b"x"), now)
+            .unwrap();
+        hub.pump();
+        assert_eq!(frames(&ws), ["<0:4>"]);
+    }
+
+    #[test]
+    fn a_run_that_does_not_fit_a_drop_policy_outbox_goes_one_by_one_and_announces_the_gap() {
+        use crate::types::DataKind;
+        let e = setup(1);
+        let mut hub = Hub::new(0, e.clone(), JOINED);
+        let name = ChannelName::new("drop:runs").unwrap();
+        let now = Instant::now();
+        // Room for two of the three frames.
+        let small = Rc::new(Outbox::new(2 * "<0:1>".len()));
+        let roomy = Rc::new(Outbox::new(1 << 20));
+        hub.subscribe(1, &name, None, None, sub(&small, 0), now)
+            .unwrap();
+        hub.subscribe(2, &name, None, None, sub(&roomy, 0), now)
+            .unwrap();
+        for _ in 0..3 {
+            e.publish(&name, DataKind::Json, Bytes::from_static(b"x"), now)
+                .unwrap();
+        }
+        hub.pump();
+        assert_eq!(frames(&roomy), ["<0:1><0:2><0:3>"]);
+        assert_eq!(frames(&small), ["<0:1>", "<0:2>"], "what fits, in order");
+        hub.flush(1, std::slice::from_ref(&name));
+        assert_eq!(frames(&small), ["gap:3-3"], "then the gap");
+        assert_eq!(small.state(), OutboxState::Open);
+    }
+
+    #[test]
+    fn a_large_message_goes_alone_between_runs_of_small_ones() {
+        use crate::types::DataKind;
+        let e = setup(1);
+        let mut hub = Hub::new(0, e.clone(), JOINED);
+        let name = ChannelName::new("mixed").unwrap();
+        let now = Instant::now();
+        let o = Rc::new(Outbox::new(1 << 20));
+        hub.subscribe(1, &name, None, None, sub(&o, 0), now)
+            .unwrap();
+        for size in [10, 10, RUN_BYTES, 10, 10, RUN_BYTES / 2, RUN_BYTES / 2] {
+            e.publish(&name, DataKind::Binary, Bytes::from(vec![0; size]), now)
+                .unwrap();
+        }
+        hub.pump();
+        assert_eq!(
+            frames(&o),
+            ["<0:1><0:2>", "<0:3>", "<0:4><0:5><0:6>", "<0:7>"],
+            "runs of at most RUN_BYTES, in order"
         );
     }
 }

@@ -40,9 +40,68 @@ pub enum Out {
         /// The encoding slot of its frame.
         enc: u8,
     },
+    /// Several consecutive messages of one channel (see [`Run`]).
+    Run {
+        /// The messages, gathered once per pass, channel and encoding, shared by every
+        /// subscriber that takes them all.
+        r: Arc<Run>,
+        /// The connection's subscription slot.
+        slot: u16,
+    },
     /// A frame of this connection's own (replies, gap notices, control frames), boxed so that
     /// the entries of shared frames stay one pointer wide.
     Private(Box<Bytes>),
+}
+
+/// The messages one fan-out pass carries for one channel, in one encoding: what the pass
+/// queues for each subscriber that takes them all, one entry instead of one per message (see
+/// `hub::Hub::pump`). A subscriber that falls behind then holds one entry per pass, not one
+/// per message. In an encoding whose frames go to the wire back to back unchanged (WebSocket,
+/// `Encoder::joinable`) the run also holds them *joined*, copied into one buffer once, so that
+/// a writer gathers one slice per pass; a stream that writes something of its own before each
+/// message (SSE's `id:` line) reads them one by one ([`Out::each`]). Each message is still
+/// encoded once: a run holds the publications, whose frames are cached in them.
+pub struct Run {
+    /// The publications, in seq order, each with its frame in `enc` built.
+    pubs: Box<[Arc<Publication>]>,
+    /// The encoding slot of their frames.
+    enc: u8,
+    /// Their frames back to back (empty if not joined); counted in the node's frame gauge
+    /// when the publications' frames are.
+    joined: Bytes,
+    /// Bytes of their frames.
+    len: usize,
+}
+
+impl Run {
+    /// The run of `pubs` (consecutive, in seq order, their frames in `enc` built), with
+    /// `joined`, their frames back to back, or an empty buffer.
+    pub fn new(pubs: Box<[Arc<Publication>]>, enc: usize, joined: Bytes) -> Self {
+        let enc = enc % FRAME_SLOTS;
+        let len = pubs.iter().map(|p| p.built_frame(enc).len()).sum();
+        debug_assert!(joined.is_empty() || joined.len() == len);
+        Self {
+            pubs,
+            enc: enc as u8,
+            joined,
+            len,
+        }
+    }
+
+    /// How many messages it holds.
+    pub fn count(&self) -> usize {
+        self.pubs.len()
+    }
+
+    /// Bytes of their frames.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no message.
+    pub fn is_empty(&self) -> bool {
+        self.pubs.is_empty()
+    }
 }
 
 impl Out {
@@ -69,11 +128,49 @@ impl Out {
         }
     }
 
-    /// The bytes to write.
+    /// Bytes of its frames: what it counts against the outbox's limit.
+    pub fn len(&self) -> usize {
+        match self {
+            Out::Run { r, .. } => r.len,
+            _ => self.frame().len(),
+        }
+    }
+
+    /// Whether it has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How many messages it holds (a run's count; 1 for any other frame).
+    pub fn messages(&self) -> usize {
+        match self {
+            Out::Run { r, .. } => r.count(),
+            _ => 1,
+        }
+    }
+
+    /// Calls `f` with the seq (0 for frames that are not messages) and frame of each message
+    /// it holds, in order: what a stream that writes something of its own before each message
+    /// (SSE) reads.
+    pub fn each(&self, mut f: impl FnMut(u64, &[u8])) {
+        match self {
+            Out::Run { r, .. } => {
+                let enc = usize::from(r.enc);
+                for p in r.pubs.iter() {
+                    f(p.seq, p.built_frame(enc));
+                }
+            }
+            _ => f(self.seq(), self.frame()),
+        }
+    }
+
+    /// The bytes to write, all of its frames (nothing for a run whose frames are not joined:
+    /// those are read with [`Out::each`]).
     pub fn frame(&self) -> &[u8] {
         match self {
             Out::Message { p, enc, .. } => p.built_frame(usize::from(*enc)),
             Out::Event { e, enc } => e.built_frame(usize::from(*enc)),
+            Out::Run { r, .. } => &r.joined,
             Out::Private(b) => b,
         }
     }
@@ -81,15 +178,16 @@ impl Out {
     /// The connection's subscription slot the frame belongs to, or [`NO_SLOT`].
     pub fn slot(&self) -> u16 {
         match self {
-            Out::Message { slot, .. } => *slot,
+            Out::Message { slot, .. } | Out::Run { slot, .. } => *slot,
             _ => NO_SLOT,
         }
     }
 
-    /// The message's seq (0 for frames that are not messages).
+    /// The message's seq, the last one's for a run (0 for frames that are not messages).
     pub fn seq(&self) -> u64 {
         match self {
             Out::Message { p, .. } => p.seq,
+            Out::Run { r, .. } => r.pubs.last().map_or(0, |p| p.seq),
             _ => 0,
         }
     }
@@ -100,6 +198,8 @@ impl Out {
     fn private_len(&self) -> usize {
         match self {
             Out::Message { p, .. } if p.counts_frames() => 0,
+            Out::Run { r, .. } if r.pubs.first().is_some_and(|p| p.counts_frames()) => 0,
+            Out::Run { r, .. } => r.len,
             Out::Private(b) => b.len() + PRIVATE_BOX,
             _ => self.frame().len(),
         }
@@ -109,7 +209,7 @@ impl Out {
 impl std::fmt::Debug for Out {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Out")
-            .field("len", &self.frame().len())
+            .field("len", &self.len())
             .field("slot", &self.slot())
             .field("seq", &self.seq())
             .finish()
@@ -294,12 +394,12 @@ impl Outbox {
         if inner.state != OutboxState::Open {
             return false;
         }
-        if inner.bytes + out.frame().len() > inner.limit() {
+        if inner.bytes + out.len() > inner.limit() {
             drop(inner);
             self.mark_overflowed();
             return false;
         }
-        inner.bytes += out.frame().len();
+        inner.bytes += out.len();
         inner.private += out.private_len();
         inner.queue.push_back(out);
         wake(&mut inner, me);
@@ -328,7 +428,7 @@ impl Outbox {
         }
         inner.state = OutboxState::Closing;
         let out = Out::control(frame);
-        inner.bytes += out.frame().len();
+        inner.bytes += out.len();
         inner.private += out.private_len();
         inner.queue.push_back(out);
         inner.recount(before);
@@ -432,9 +532,14 @@ impl Outbox {
         self.inner.borrow().queue.capacity()
     }
 
-    /// Frames waiting.
+    /// Frames waiting (queue entries: a run is one).
     pub fn frames(&self) -> usize {
         self.inner.borrow().queue.len()
+    }
+
+    /// Messages and other frames waiting (a run counts its messages).
+    pub fn messages(&self) -> usize {
+        self.inner.borrow().queue.iter().map(Out::messages).sum()
     }
 
     /// Whether nothing is waiting.
@@ -478,7 +583,7 @@ impl Outbox {
         let mut n = 0;
         let mut freed = 0;
         while let Some(out) = inner.queue.pop_front() {
-            inner.bytes -= out.frame().len() - inner.front_written;
+            inner.bytes -= out.len() - inner.front_written;
             inner.private -= out.private_len();
             inner.front_written = 0;
             freed += Self::cost(&out);
@@ -578,7 +683,7 @@ impl Inner {
             let Some(front) = self.queue.front() else {
                 break;
             };
-            let left = front.frame().len() - self.front_written;
+            let left = front.len() - self.front_written;
             if n >= left {
                 n -= left;
                 self.front_written = 0;
@@ -615,7 +720,7 @@ impl Inner {
 
     /// Sets `bytes` and `private` from the queue (after it was cut).
     fn recount_queue(&mut self) {
-        self.bytes = self.queue.iter().map(|o| o.frame().len()).sum::<usize>() - self.front_written;
+        self.bytes = self.queue.iter().map(Out::len).sum::<usize>() - self.front_written;
         self.private = self.queue.iter().map(Out::private_len).sum();
     }
 

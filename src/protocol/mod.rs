@@ -321,4 +321,13 @@ pub const ENCODER: Encoder = Encoder {
     presence: encode_presence,
     gap: encode_gap,
     origin: pusher::origin,
+    joinable: JOINABLE,
 };
+
+/// Every WebSocket encoding: its frames are written as built, one after the other (an SSE
+/// stream writes an `id:` line before each message's frame).
+const JOINABLE: u8 = 1 << ENC_WS_JSON
+    | 1 << ENC_WS_BIN
+    | 1 << ENC_WS_JSON_DEFLATE
+    | 1 << ENC_WS_BIN_DEFLATE
+    | 1 << ENC_PUSHER;

@@ -445,6 +445,9 @@ impl crate::metrics::Pumped for crate::engine::hub::PumpStats {
     fn replayed(&self) -> usize {
         self.replayed
     }
+    fn joined(&self) -> usize {
+        self.joined
+    }
     fn oldest_age(&self) -> Option<std::time::Duration> {
         self.oldest_age
     }

@@ -460,7 +460,7 @@ impl HttpBody for SseBody {
         // this thread's state, not the node's shared token): a stream that always has
         // something queued would otherwise never reach its timers below (what is queued then
         // is resumed by the client, as after any end of stream).
-        let frames = this.outbox.frames();
+        let frames = this.outbox.messages();
         let ending = this.expires.as_ref().is_some_and(|e| e.is_elapsed())
             || this.ctx.alarms.shutting_down();
         if frames > 0 && !ending {
@@ -468,14 +468,19 @@ impl HttpBody for SseBody {
                 this.outbox.queued_bytes() + frames * (8 + 40 * this.cursor.len()),
             );
             let cursor = &mut this.cursor;
+            // Each message after its `id:` line, those of a run (a pass's messages of a
+            // channel, queued as one entry) too.
             let n = this.outbox.drain_into(|out| {
-                if out.slot() != NO_SLOT {
-                    if let Some(p) = cursor.get_mut(out.slot() as usize) {
-                        p.seq = out.seq();
+                let slot = out.slot();
+                out.each(|seq, frame| {
+                    if slot != NO_SLOT {
+                        if let Some(p) = cursor.get_mut(slot as usize) {
+                            p.seq = seq;
+                        }
+                        sse::write_id(cursor, &mut buf);
                     }
-                    sse::write_id(cursor, &mut buf);
-                }
-                buf.put_slice(out.frame());
+                    buf.put_slice(frame);
+                });
             });
             this.ctx.metrics.frames_per_write.record(n as f64);
             this.flush_deferred();

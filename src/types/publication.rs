@@ -231,6 +231,11 @@ pub struct Encoder {
     /// publication, and only when a subscriber of the channel has a tag): a subscriber with
     /// that tag (the hub's `Subscriber::tag`) does not receive it.
     pub origin: fn(p: &Publication) -> u64,
+    /// The encodings (bit `1 << encoding`) whose frames go to the wire back to back, unchanged:
+    /// a pass that carries several messages of a channel may queue them for a subscriber in
+    /// one of these as one entry (`outbox::Run`). Not SSE, whose stream writes each message's
+    /// `id:` cursor before it.
+    pub joinable: u8,
 }
 
 /// Bytes of encoded message frames alive on the node. A frame is encoded once and shared by
