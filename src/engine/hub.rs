@@ -527,14 +527,11 @@ fn deliver_run(
                     r: run.clone(),
                     slot: sub.slot,
                 };
-                let cost = Outbox::cost(&out);
-                if sub.outbox.push_uncounted(out) {
-                    stats.deliveries += pubs.len();
+                let cost = deliver(stats, sub, out);
+                if cost > 0 {
                     stats.joined += pubs.len();
-                    queued += cost;
-                } else if sub.outbox.state() == OutboxState::Overflowed {
-                    stats.slow += 1;
                 }
+                queued += cost;
                 continue;
             }
         }
@@ -672,8 +669,9 @@ fn deliver_presence(
 /// adds to [`PumpStats::queued`] (0 when the outbox did not take it).
 fn deliver(stats: &mut PumpStats, sub: &Subscriber, out: Out) -> usize {
     let cost = Outbox::cost(&out);
+    let messages = out.messages();
     if sub.outbox.push_uncounted(out) {
-        stats.deliveries += 1;
+        stats.deliveries += messages;
         cost
     } else {
         if sub.outbox.state() == OutboxState::Overflowed {

@@ -1286,4 +1286,52 @@ mod tests {
         assert!(w.finished);
         assert!(!o.push(frame(1)));
     }
+
+    #[test]
+    fn a_run_counts_its_messages_goes_out_whole_and_reads_one_by_one_unjoined() {
+        use crate::types::DataKind;
+        let pubs: Vec<Arc<Publication>> = (1..=3)
+            .map(|seq| {
+                let p =
+                    Publication::new(seq, std::time::Instant::now(), DataKind::Json, Bytes::new());
+                p.frame(0, |p| Bytes::from(format!("[{}]", p.seq)));
+                Arc::new(p)
+            })
+            .collect();
+        let run = |joined: &'static [u8]| Out::Run {
+            r: Arc::new(Run::new(pubs.clone().into(), 0, Bytes::from_static(joined))),
+            slot: 4,
+        };
+        let o = Outbox::new(1000);
+        assert!(o.push(Out::control(Bytes::from_static(b"<r>"))));
+        assert!(o.push(run(b"[1][2][3]")));
+        assert_eq!((o.frames(), o.messages(), o.queued_bytes()), (2, 4, 3 + 9));
+        let mut wire = Vec::new();
+        write_in_short_writes(&o, &mut wire);
+        assert_eq!(
+            wire, b"<r>[1][2][3]",
+            "whole, in order, across short writes"
+        );
+        // Not joined (SSE): its messages count against the limit all the same, and are read
+        // one by one with their seqs.
+        let small = Outbox::new(8);
+        assert!(!small.push(run(b"")), "9 bytes of frames do not fit in 8");
+        assert_eq!(small.state(), OutboxState::Overflowed);
+        let o = Outbox::new(1000);
+        assert!(o.push(run(b"")));
+        assert_eq!(o.queued_bytes(), 9);
+        let mut seen = Vec::new();
+        o.drain_into(|out| {
+            out.each(|seq, f| seen.push((out.slot(), seq, String::from_utf8_lossy(f).into_owned())))
+        });
+        assert_eq!(
+            seen,
+            [
+                (4, 1, "[1]".into()),
+                (4, 2, "[2]".into()),
+                (4, 3, "[3]".into())
+            ]
+        );
+        assert_eq!(o.queued_bytes(), 0);
+    }
 }
