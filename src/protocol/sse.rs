@@ -45,34 +45,30 @@ pub fn parse_cursor(s: &str, max: usize) -> Result<Vec<StreamPosition>, CursorEr
 }
 
 /// Writes `id: <cursor>\n`. Once per delivery (the cursor is the stream's own), so the numbers
-/// are written digit by digit rather than through `fmt`'s machinery.
+/// are written without `fmt`'s machinery: the epoch's hex digits by shifts, the seq by `itoa`
+/// (a division by a radix only known at run time was a quarter of an SSE stream's CPU).
 pub fn write_id(cursor: &[StreamPosition], out: &mut BytesMut) {
     out.put_slice(b"id: ");
     for (i, p) in cursor.iter().enumerate() {
         if i > 0 {
             out.put_u8(b',');
         }
-        put_radix(out, p.epoch.0, 16);
+        put_hex(out, p.epoch.0);
         out.put_u8(b':');
-        put_radix(out, p.seq, 10);
+        out.put_slice(itoa::Buffer::new().format(p.seq).as_bytes());
     }
     out.put_u8(b'\n');
 }
 
-/// `v` in base 10 or 16 (lowercase, no leading zeros): what `{}` and `{:x}` write.
-fn put_radix(out: &mut BytesMut, mut v: u64, radix: u64) {
+/// `v` in lowercase hex without leading zeros: what `{:x}` writes.
+fn put_hex(out: &mut BytesMut, v: u64) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut b = [0u8; 20];
-    let mut i = b.len();
-    loop {
-        i -= 1;
-        b[i] = DIGITS[(v % radix) as usize];
-        v /= radix;
-        if v == 0 {
-            break;
-        }
+    let digits = ((64 - v.leading_zeros() as usize).div_ceil(4)).max(1);
+    let mut b = [0u8; 16];
+    for (i, d) in b[..digits].iter_mut().enumerate() {
+        *d = DIGITS[((v >> (4 * (digits - 1 - i))) & 0xf) as usize];
     }
-    out.put_slice(&b[i..]);
+    out.put_slice(&b[..digits]);
 }
 
 /// The `message` event body (everything after the `id:` line), shared by every SSE subscriber
