@@ -16,11 +16,12 @@ use crate::types::{PresenceEvent, Publication, FRAME_SLOTS};
 /// `Out::slot` of a frame that belongs to no subscription (replies, control frames).
 pub const NO_SLOT: u16 = u16::MAX;
 
-/// One queued frame: 16 bytes. Fan-out queues one per subscriber and message, so when
-/// subscribers fall behind (the top step of a max search at 10,000 subscribers) these entries
-/// are most of what the node holds: an entry names the publication or presence event whose
-/// frame it writes (cached there, shared by every subscriber; see `Publication::frame`) with
-/// one pointer, instead of a 32-byte `Bytes` handle plus its seq and slot (48 bytes).
+/// One queued frame: 16 bytes. Fan-out queues one per subscriber and message, or one per
+/// subscriber for all of a pass's messages of a channel (a [`Run`]), so that subscribers who
+/// fall behind (the top step of a max search at 10,000 subscribers) hold one entry per pass:
+/// an entry names the publication, presence event or run whose frames it writes (cached there,
+/// shared by every subscriber; see `Publication::frame`) with one pointer, instead of a 32-byte
+/// `Bytes` handle plus its seq and slot (48 bytes).
 #[derive(Clone)]
 pub enum Out {
     /// A publication's frame in encoding `enc`, built (`Publication::frame`) before it is
