@@ -343,16 +343,7 @@ impl Hub {
                 // subscriber gets the runs in order.
                 let mut rest = &self.pubs[..];
                 while !rest.is_empty() {
-                    let mut bytes = 0;
-                    let n = rest
-                        .iter()
-                        .take_while(|p| {
-                            bytes += p.data.len() + RUN_ENTRY;
-                            bytes <= RUN_BYTES
-                        })
-                        .count()
-                        .max(1);
-                    let (run, after) = rest.split_at(n);
+                    let (run, after) = rest.split_at(run_len(rest));
                     match run {
                         [p] => deliver_publication(&mut stats, local, self.encode, p),
                         _ => deliver_run(&mut stats, local, self.encode, run),
@@ -484,6 +475,18 @@ fn deliver_publication(
     }
     stats.queued += queued;
     local.cursor = p.seq;
+}
+
+/// How many of `pubs` (at least one) go in the next run: as many as fit in [`RUN_BYTES`].
+fn run_len(pubs: &[Arc<Publication>]) -> usize {
+    let mut bytes = 0;
+    pubs.iter()
+        .take_while(|p| {
+            bytes += p.data.len() + RUN_ENTRY;
+            bytes <= RUN_BYTES
+        })
+        .count()
+        .max(1)
 }
 
 /// Delivers several publications of one channel, with no presence event among them (one
