@@ -483,8 +483,22 @@ async fn a_pipelined_batch_to_one_channel_reaches_every_subscriber_as_its_messag
         .send_json(json!({"type": "subscribe", "channel": "one"}))
         .await;
     common::assert_subscribed(&zipped.recv_json().await, "one");
+    // A stream of the channel alone (its `id:` lines are the channel's own) and one of two
+    // channels (each `id:` names both).
     let mut sse = common::Sse::connect(&relay.http("/sse?channel=one")).await;
-    sse.expect_event("subscribed").await;
+    let epoch = |ev: &common::SseEvent| {
+        let id = ev.id.clone().unwrap_or_default();
+        id.split(':').next().unwrap_or_default().to_string()
+    };
+    let e1 = epoch(&sse.expect_event("subscribed").await);
+    let mut both = common::Sse::connect(&relay.http("/sse?channel=one&channel=two")).await;
+    let first = both.expect_event("subscribed").await;
+    let id = first.id.clone().unwrap_or_default();
+    // Channel two's position, which the batch does not move.
+    let two = id
+        .split_once(',')
+        .map_or(String::new(), |(_, t)| t.to_string());
+    assert_eq!(id, format!("{e1}:0,{two}"));
     // One write: the pass that fans it out carries every message of the batch, which joined
     // subscribers get as one queue entry. Every other message is big enough to be compressed.
     let data = |i: u64| {
@@ -535,6 +549,20 @@ async fn a_pipelined_batch_to_one_channel_reaches_every_subscriber_as_its_messag
     for i in 1..=N {
         let m = sse.expect_message("one", i).await;
         assert_eq!(m.json()["data"], data(i), "SSE: one event and id each");
+        assert_eq!(m.id, Some(format!("{e1}:{i}")));
+        let m = both.expect_message("one", i).await;
+        assert_eq!(m.json()["data"], data(i));
+        assert_eq!(m.id, Some(format!("{e1}:{i},{two}")), "both positions");
+    }
+    // A stream resumed from the middle of the batch gets the rest, each once.
+    let from = format!("{e1}:{}", N / 2);
+    let mut again =
+        common::Sse::connect_with(&relay.http("/sse?channel=one"), &[("Last-Event-ID", &from)])
+            .await;
+    again.expect_event("subscribed").await;
+    for i in N / 2 + 1..=N {
+        let m = again.expect_message("one", i).await;
+        assert_eq!(m.id, Some(format!("{e1}:{i}")));
     }
     assert!(
         relay.metric("relay_messages_joined_total").await > 0.0,

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use indexmap::IndexMap;
 
 use super::outbox::{Gauge, Out, Outbox, OutboxState, Run};
@@ -507,8 +507,9 @@ fn deliver_run(
     let mut runs: [Option<Arc<Run>>; FRAME_SLOTS] = Default::default();
     // Each publication's origin tag, read once per pass if a subscriber has a tag.
     let mut origins: Vec<u64> = Vec::new();
-    let policy = local.channel.policy();
-    let name = local.channel.name();
+    let channel = &local.channel;
+    let policy = channel.policy();
+    let name = channel.name();
     let mut queued = 0;
     for sub in local.subs.values_mut() {
         let enc = usize::from(sub.encoding);
@@ -520,7 +521,7 @@ fn deliver_run(
             whole = !origins.contains(&sub.tag);
         }
         if whole {
-            let run = runs[enc].get_or_insert_with(|| build_run(pubs, enc, name, encode));
+            let run = runs[enc].get_or_insert_with(|| build_run(pubs, enc, channel, encode));
             if policy != SlowPolicy::Disconnect {
                 flush_sub(stats, sub, name, encode);
                 whole = !sub.pending() && sub.outbox.has_room(run.len());
@@ -556,31 +557,44 @@ fn deliver_run(
 }
 
 /// The run of `pubs` in encoding `enc`: each frame built once (and cached in its publication
-/// as usual), and in a joinable encoding copied back to back into one buffer, counted in the
-/// node's frame gauge.
+/// as usual), and in a joinable encoding copied back to back into one buffer, in a stamped one
+/// each after its stamp at the channel's epoch, counted in the node's frame gauge.
 fn build_run(
     pubs: &[Arc<Publication>],
     enc: usize,
-    name: &ChannelName,
+    channel: &Channel,
     encode: Encoder,
 ) -> Arc<Run> {
+    let name = channel.name();
     let len: usize = pubs
         .iter()
         .map(|p| p.frame(enc, |p| (encode.publication)(enc, name, p)).len())
         .sum();
-    let joined = if encode.joinable & (1 << enc) != 0 {
-        let mut buf = Vec::with_capacity(len);
+    let bit = 1 << enc;
+    let stamped = (encode.stamped & bit != 0).then(|| channel.position().epoch);
+    let joined = if encode.joinable & bit != 0 || stamped.is_some() {
+        // A stamp (an SSE `id:` line) is under 64 bytes.
+        let stamps = if stamped.is_some() {
+            64 * pubs.len()
+        } else {
+            0
+        };
+        let mut buf = BytesMut::with_capacity(len + stamps);
         for p in pubs {
+            if let Some(epoch) = stamped {
+                (encode.stamp)(epoch, p.seq, &mut buf);
+            }
             buf.extend_from_slice(p.built_frame(enc));
         }
+        let buf = buf.freeze();
         match pubs.first().and_then(|p| p.gauge.as_ref()) {
-            Some(g) => g.count(buf.into()),
-            None => buf.into(),
+            Some(g) => g.count(buf),
+            None => buf,
         }
     } else {
         Bytes::new()
     };
-    Arc::new(Run::new(pubs.into(), enc, joined))
+    Arc::new(Run::new(pubs.into(), enc, joined, stamped))
 }
 
 /// Offers `p` to `sub` under the channel's `policy`: skipped (it has it already, or it is its
@@ -714,7 +728,14 @@ mod tests {
         gap: encode_gap,
         origin,
         joinable: 0,
+        stamped: 0,
+        stamp: stamp_id,
     };
+
+    /// `[epoch:seq]`, as a stream of one channel would stamp a message.
+    fn stamp_id(epoch: crate::types::Epoch, seq: u64, out: &mut BytesMut) {
+        out.extend_from_slice(format!("[{:x}:{seq}]", epoch.0).as_bytes());
+    }
 
     /// Frames that can be told apart when joined; every encoding but 1 (the SSE of these
     /// tests) joinable.
@@ -1263,6 +1284,56 @@ mod tests {
             .unwrap();
         hub.pump();
         assert_eq!(frames(&ws), ["<0:4>"]);
+    }
+
+    #[test]
+    fn a_run_in_a_stamped_encoding_is_joined_with_each_stamp_at_the_channels_epoch() {
+        use crate::types::DataKind;
+        const STAMPED: Encoder = Encoder {
+            stamped: 1 << 1,
+            ..JOINED
+        };
+        let e = setup(1);
+        let mut hub = Hub::new(0, e.clone(), STAMPED);
+        let name = ChannelName::new("stamps").unwrap();
+        let now = Instant::now();
+        let o = Rc::new(Outbox::new(1 << 20));
+        let s = hub
+            .subscribe(1, &name, None, None, sub(&o, 1), now)
+            .unwrap();
+        let epoch = s.position.epoch;
+        let publish = |n| {
+            for _ in 0..n {
+                e.publish(&name, DataKind::Json, Bytes::from_static(b"x"), now)
+                    .unwrap();
+            }
+        };
+        publish(2);
+        hub.pump();
+        let mut got = Vec::new();
+        o.drain_into(|out| {
+            let (at, joined) = out.stamped().unwrap();
+            let mut each = Vec::new();
+            out.each(|seq, f| each.push((seq, f.to_vec())));
+            got.push((at, joined.clone(), out.frame().len(), out.seq(), each));
+        });
+        let stamped = format!("[{:x}:1]<1:1>[{:x}:2]<1:2>", epoch.0, epoch.0);
+        assert_eq!(
+            got,
+            [(
+                epoch,
+                Bytes::from(stamped),
+                0,
+                2,
+                vec![(1, b"<1:1>".to_vec()), (2, b"<1:2>".to_vec())]
+            )],
+            "stamped once for every stream of the channel alone; still readable one by one"
+        );
+        // A pass of one message queues the message itself, unstamped.
+        publish(1);
+        hub.pump();
+        assert_eq!(o.frames(), 1);
+        o.drain_into(|out| assert!(out.stamped().is_none() && out.frame() == b"<1:3>"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
-use crate::types::{PresenceEvent, Publication, FRAME_SLOTS};
+use crate::types::{Epoch, PresenceEvent, Publication, FRAME_SLOTS};
 
 /// `Out::slot` of a frame that belongs to no subscription (replies, control frames).
 pub const NO_SLOT: u16 = u16::MAX;
@@ -59,32 +59,44 @@ pub enum Out {
 /// `hub::Hub::pump`). A subscriber that falls behind then holds one entry per pass, not one
 /// per message. In an encoding whose frames go to the wire back to back unchanged (WebSocket,
 /// `Encoder::joinable`) the run also holds them *joined*, copied into one buffer once, so that
-/// a writer gathers one slice per pass; a stream that writes something of its own before each
-/// message (SSE's `id:` line) reads them one by one ([`Out::each`]). Each message is still
-/// encoded once: a run holds the publications, whose frames are cached in them.
+/// a writer gathers one slice per pass. A stream that writes something of its own before each
+/// message (SSE's `id:` line) reads them one by one ([`Out::each`]), or, when the stamp it
+/// would write is the channel's alone (an SSE stream of one channel), takes them joined with
+/// those stamps (`Encoder::stamped`, [`Out::stamped`]), built once for all such streams. Each
+/// message is still encoded once: a run holds the publications, whose frames are cached in
+/// them.
 pub struct Run {
     /// The publications, in seq order, each with its frame in `enc` built.
     pubs: Box<[Arc<Publication>]>,
     /// The encoding slot of their frames.
     enc: u8,
-    /// Their frames back to back (empty if not joined); counted in the node's frame gauge
-    /// when the publications' frames are.
+    /// Their frames back to back (empty if not joined), each after its stamp if `stamped`;
+    /// counted in the node's frame gauge when the publications' frames are.
     joined: Bytes,
+    /// The channel's epoch whose stamps `joined` carries, if it carries stamps.
+    stamped: Option<Epoch>,
     /// Bytes of their frames.
     len: usize,
 }
 
 impl Run {
     /// The run of `pubs` (consecutive, in seq order, their frames in `enc` built), with
-    /// `joined`, their frames back to back, or an empty buffer.
-    pub fn new(pubs: Box<[Arc<Publication>]>, enc: usize, joined: Bytes) -> Self {
+    /// `joined`, their frames back to back (each after its stamp for `stamped`, an epoch of
+    /// their channel), or an empty buffer.
+    pub fn new(
+        pubs: Box<[Arc<Publication>]>,
+        enc: usize,
+        joined: Bytes,
+        stamped: Option<Epoch>,
+    ) -> Self {
         let enc = enc % FRAME_SLOTS;
         let len = pubs.iter().map(|p| p.built_frame(enc).len()).sum();
-        debug_assert!(joined.is_empty() || joined.len() == len);
+        debug_assert!(joined.is_empty() || stamped.is_some() || joined.len() == len);
         Self {
             pubs,
             enc: enc as u8,
             joined,
+            stamped,
             len,
         }
     }
@@ -165,12 +177,22 @@ impl Out {
         }
     }
 
-    /// The bytes to write, all of its frames (nothing for a run whose frames are not joined:
-    /// those are read with [`Out::each`]).
+    /// A run's frames joined with their stamps (`Encoder::stamped`), and the channel's epoch
+    /// those name: what a stream of that channel alone, at that epoch, writes as it is.
+    pub fn stamped(&self) -> Option<(Epoch, &Bytes)> {
+        match self {
+            Out::Run { r, .. } => r.stamped.map(|e| (e, &r.joined)),
+            _ => None,
+        }
+    }
+
+    /// The bytes to write, all of its frames (nothing for a run whose frames are not joined
+    /// as they are: those are read with [`Out::each`] or [`Out::stamped`]).
     pub fn frame(&self) -> &[u8] {
         match self {
             Out::Message { p, enc, .. } => p.built_frame(usize::from(*enc)),
             Out::Event { e, enc } => e.built_frame(usize::from(*enc)),
+            Out::Run { r, .. } if r.stamped.is_some() => &[],
             Out::Run { r, .. } => &r.joined,
             Out::Private(b) => b,
         }
@@ -1300,7 +1322,12 @@ mod tests {
             })
             .collect();
         let run = |joined: &'static [u8]| Out::Run {
-            r: Arc::new(Run::new(pubs.clone().into(), 0, Bytes::from_static(joined))),
+            r: Arc::new(Run::new(
+                pubs.clone().into(),
+                0,
+                Bytes::from_static(joined),
+                None,
+            )),
             slot: 4,
         };
         let o = Outbox::new(1000);

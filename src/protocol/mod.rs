@@ -322,6 +322,8 @@ pub const ENCODER: Encoder = Encoder {
     gap: encode_gap,
     origin: pusher::origin,
     joinable: JOINABLE,
+    stamped: 1 << ENC_SSE,
+    stamp: sse::stamp,
 };
 
 /// Every WebSocket encoding: its frames are written as built, one after the other (an SSE

@@ -60,6 +60,12 @@ pub fn write_id(cursor: &[StreamPosition], out: &mut BytesMut) {
     out.put_u8(b'\n');
 }
 
+/// Writes the `id:` line of message `seq` of a channel at `epoch` for a stream of that channel
+/// alone: what [`write_id`] writes for its one-position cursor (`Encoder::stamp`).
+pub fn stamp(epoch: Epoch, seq: u64, out: &mut BytesMut) {
+    write_id(&[StreamPosition { epoch, seq }], out);
+}
+
 /// `v` in lowercase hex without leading zeros: what `{:x}` writes.
 fn put_hex(out: &mut BytesMut, v: u64) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

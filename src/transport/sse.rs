@@ -464,13 +464,30 @@ impl HttpBody for SseBody {
         let ending = this.expires.as_ref().is_some_and(|e| e.is_elapsed())
             || this.ctx.alarms.shutting_down();
         if frames > 0 && !ending {
-            let mut buf = BytesMut::with_capacity(
-                this.outbox.queued_bytes() + frames * (8 + 40 * this.cursor.len()),
-            );
+            let size = this.outbox.queued_bytes() + frames * (8 + 40 * this.cursor.len());
+            let mut buf = BytesMut::new();
+            // A run stamped for a stream of its channel alone (see `Out::stamped`), when it
+            // is all that is queued, goes out as it is, shared with the channel's other
+            // streams.
+            let mut shared = None;
+            let alone = this.outbox.frames() == 1;
             let cursor = &mut this.cursor;
             // Each message after its `id:` line, those of a run (a pass's messages of a
             // channel, queued as one entry) too.
             let n = this.outbox.drain_into(|out| {
+                if let ([pos], Some((epoch, joined))) = (&mut cursor[..], out.stamped()) {
+                    if pos.epoch == epoch {
+                        pos.seq = out.seq();
+                        if alone {
+                            shared = Some(joined.clone());
+                        } else {
+                            reserve_once(&mut buf, size);
+                            buf.put_slice(joined);
+                        }
+                        return;
+                    }
+                }
+                reserve_once(&mut buf, size);
                 let slot = out.slot();
                 out.each(|seq, frame| {
                     if slot != NO_SLOT {
@@ -484,7 +501,8 @@ impl HttpBody for SseBody {
             });
             this.ctx.metrics.frames_per_write.record(n as f64);
             this.flush_deferred();
-            return Poll::Ready(Some(Ok(Frame::data(buf.freeze()))));
+            let chunk = shared.unwrap_or_else(|| buf.freeze());
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         this.flush_deferred();
         if this
@@ -518,6 +536,14 @@ impl HttpBody for SseBody {
             }
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+/// Sizes `buf` for everything queued (`size`) the first time something is copied into it, so
+/// that copying never reallocates and a chunk that goes out shared allocates nothing.
+fn reserve_once(buf: &mut BytesMut, size: usize) {
+    if buf.capacity() == 0 {
+        buf.reserve(size);
     }
 }
 

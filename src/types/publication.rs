@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
-use super::{ChannelName, DataKind};
+use super::{ChannelName, DataKind, Epoch};
 
 /// How many encodings of one publication can be cached (see [`Publication::frame`]).
 pub const FRAME_SLOTS: usize = 6;
@@ -236,6 +236,14 @@ pub struct Encoder {
     /// one of these as one entry (`outbox::Run`). Not SSE, whose stream writes each message's
     /// `id:` cursor before it.
     pub joinable: u8,
+    /// The encodings (bit `1 << encoding`) whose stream writes a stamp of its own before each
+    /// message (SSE: the `id:` line, the stream's cursor): a run in one of these is joined
+    /// too, each frame after the stamp [`Encoder::stamp`] writes for a stream of that channel
+    /// alone, which such a stream (one channel, at that epoch) writes as it is.
+    pub stamped: u8,
+    /// Appends the stamp of message `seq` of a channel at `epoch`, for a stream of that
+    /// channel alone.
+    pub stamp: fn(epoch: Epoch, seq: u64, out: &mut BytesMut),
 }
 
 /// Bytes of encoded message frames alive on the node. A frame is encoded once and shared by
