@@ -568,4 +568,11 @@ async fn a_pipelined_batch_to_one_channel_reaches_every_subscriber_as_its_messag
         relay.metric("relay_messages_joined_total").await > 0.0,
         "the WebSocket subscribers got the batch joined"
     );
+    // Every message frame written counts in relay_frames_per_write, joined or not: N to each
+    // of the two WebSocket subscribers and the two first streams, N / 2 to the resumed one.
+    let written = relay.metric("relay_frames_per_write_sum").await;
+    assert!(
+        written >= (4 * N + N / 2) as f64,
+        "{written} frames written"
+    );
 }

@@ -600,7 +600,8 @@ impl Outbox {
         Poll::Ready(Ok(inner.consume(n)))
     }
 
-    /// Pops whole frames (for transports that copy, like SSE bodies) while `f` accepts them.
+    /// Pops every entry (for transports that copy, like SSE bodies) into `f`; returns the
+    /// frames they held (a run counts its messages).
     pub fn drain_into(&self, mut f: impl FnMut(&Out)) -> usize {
         let mut inner = self.inner.borrow_mut();
         let mut n = 0;
@@ -611,7 +612,7 @@ impl Outbox {
             inner.front_written = 0;
             freed += Self::cost(&out);
             f(&out);
-            n += 1;
+            n += out.messages();
         }
         inner.release_if_idle();
         inner.gauge.set(inner.gauge.get().wrapping_sub(freed));
@@ -633,7 +634,8 @@ pub struct DirectWrite {
 pub struct Written {
     /// Bytes written.
     pub bytes: usize,
-    /// Frames completed by this write.
+    /// Frames completed by this write (a run counts its messages: each is a frame on the
+    /// wire).
     pub frames: usize,
     /// Whether the queue is now empty and the outbox closing (the close frame went out).
     pub finished: bool,
@@ -712,8 +714,8 @@ impl Inner {
                 self.front_written = 0;
                 if let Some(out) = self.queue.pop_front() {
                     self.private -= out.private_len();
+                    w.frames += out.messages();
                 }
-                w.frames += 1;
             } else {
                 self.front_written += n;
                 n = 0;
@@ -1340,6 +1342,15 @@ mod tests {
             wire, b"<r>[1][2][3]",
             "whole, in order, across short writes"
         );
+        // One write of it all: four frames on the wire (relay_frames_per_write).
+        let o = Outbox::new(1000);
+        assert!(o.push(Out::control(Bytes::from_static(b"<r>"))));
+        assert!(o.push(run(b"[1][2][3]")));
+        let w = o.write_with::<()>(|iov| Poll::Ready(Ok(iov.iter().map(|s| s.len()).sum())));
+        match w {
+            Poll::Ready(Ok(w)) => assert_eq!((w.bytes, w.frames), (12, 4)),
+            other => panic!("{other:?}"),
+        }
         // Not joined (SSE): its messages count against the limit all the same, and are read
         // one by one with their seqs.
         let small = Outbox::new(8);
@@ -1349,9 +1360,10 @@ mod tests {
         assert!(o.push(run(b"")));
         assert_eq!(o.queued_bytes(), 9);
         let mut seen = Vec::new();
-        o.drain_into(|out| {
+        let n = o.drain_into(|out| {
             out.each(|seq, f| seen.push((out.slot(), seq, String::from_utf8_lossy(f).into_owned())))
         });
+        assert_eq!(n, 3, "three frames drained (relay_frames_per_write)");
         assert_eq!(
             seen,
             [
