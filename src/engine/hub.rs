@@ -507,6 +507,10 @@ fn deliver_run(
     let mut runs: [Option<Arc<Run>>; FRAME_SLOTS] = Default::default();
     // Each publication's origin tag, read once per pass if a subscriber has a tag.
     let mut origins: Vec<u64> = Vec::new();
+    // What the subscribers that take them one by one learned of each publication (its frame
+    // lengths, its origin), kept from one such subscriber to the next: made when the first
+    // one comes.
+    let mut learned: Vec<([Option<usize>; FRAME_SLOTS], Option<u64>)> = Vec::new();
     let channel = &local.channel;
     let policy = channel.policy();
     let name = channel.name();
@@ -539,17 +543,13 @@ fn deliver_run(
                 continue;
             }
         }
-        for (i, p) in pubs.iter().enumerate() {
-            let mut lens: [Option<usize>; FRAME_SLOTS] = Default::default();
-            let mut origin = origins.get(i).copied();
-            queued += offer(
-                stats,
-                sub,
-                (policy, name, encode),
-                p,
-                &mut lens,
-                &mut origin,
-            );
+        if learned.is_empty() {
+            learned = (0..pubs.len())
+                .map(|i| (Default::default(), origins.get(i).copied()))
+                .collect();
+        }
+        for (p, (lens, origin)) in pubs.iter().zip(learned.iter_mut()) {
+            queued += offer(stats, sub, (policy, name, encode), p, lens, origin);
         }
     }
     stats.queued += queued;
