@@ -433,7 +433,7 @@ for s in $SCENARIOS; do
         bench sse "$t" "$TMAX" sse --step-up --subs 1000 --p99-max 50ms --start-rate "$RATE1K" "${MAXARGS[@]}" ;;
       steady)
         bench steady "$t" "$TONE" fanout --subs 1000 --rate 20 --duration 10s --warmup 2s \
-          --publish "$PUBLISH" --quiet-wait "$STEP_QUIET" ;;
+          --publish "$PUBLISH" --quiet-wait "$STEP_QUIET" --spans ;;
       idle)
         bench idle "$t" 300 idle --points 10000,19000 --procs 2 ;;
       connect)
@@ -541,6 +541,10 @@ fmt() { awk -v a="$1" -v d="${2:-0}" 'BEGIN { if (a == "") print "-"; else print
   row steady '.best.loss' 'loss' 0 '0'
   row steady '.best.cost.server_cpu_ns_per_delivery' 'server CPU ns per delivery' 0 ''
   row steady '.best.cost.syscalls_per_delivery' 'read/write-family syscalls per delivery' 3 ''
+  row steady '.best.spans.first_p50_ms' 'per publish: its first delivery, p50 ms' 2 ''
+  row steady '.best.spans.last_p50_ms' 'per publish: its last delivery (the pass's end), p50 ms' 2 ''
+  row steady '.best.spans.last_p99_ms' 'per publish: its last delivery, p99 ms' 2 ''
+  row steady '.best.spans.spread_p50_ms' 'per publish: last − first delivery (the pass as seen), p50 ms' 2 ''
   row cost '.best.cost.server_cpu_ns_per_delivery' 'fixed 500/s to 1,000: server CPU ns per delivery' 0 ''
   row cost '.best.cost.all_syscalls_per_delivery' 'fixed 500/s to 1,000: all server syscalls per delivery (perf)' 3 ''
   row cost '.best.cost.wakeups_per_publish' 'fixed 500/s to 1,000: wake-ups per publish' 3 ''

@@ -155,6 +155,11 @@ struct LoadArgs {
     /// Record the latency of one message in N (per subscriber).
     #[arg(long, default_value_t = 1)]
     sample: u32,
+    /// Also report, over the step's publishes, the latency of each publish's first and last
+    /// delivery and the spread between them (where a fan-out pass starts and ends as the
+    /// subscribers see it). Keeps two numbers per publish: for steady rates.
+    #[arg(long)]
+    spans: bool,
     /// Also count every syscall of the server in each step with `perf stat -e
     /// raw_syscalls:sys_enter` (all syscalls, not only reads and writes; adds a little cost to
     /// each of the server's syscalls).
@@ -376,6 +381,37 @@ struct StepResult {
 }
 
 impl StepResult {
+    /// With `--spans`, over the step's publishes: p50 and p99 (ms) of the first delivery's
+    /// latency, of the last one's, and of the time between them.
+    fn spans(&self) -> Option<[f64; 6]> {
+        let sp = &self.stats.spans;
+        if sp.is_empty() {
+            return None;
+        }
+        let mut by: std::collections::HashMap<u64, (u32, u32)> = Default::default();
+        for &(k, f, l) in sp {
+            let e = by.entry(k).or_insert((f, l));
+            e.0 = e.0.min(f);
+            e.1 = e.1.max(l);
+        }
+        let q = |mut v: Vec<u32>, p: f64| {
+            v.sort_unstable();
+            let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
+            f64::from(v[i]) / 1e3
+        };
+        let first: Vec<u32> = by.values().map(|v| v.0).collect();
+        let last: Vec<u32> = by.values().map(|v| v.1).collect();
+        let spread: Vec<u32> = by.values().map(|v| v.1 - v.0).collect();
+        Some([
+            q(first.clone(), 0.5),
+            q(first, 0.99),
+            q(last.clone(), 0.5),
+            q(last, 0.99),
+            q(spread.clone(), 0.5),
+            q(spread, 0.99),
+        ])
+    }
+
     fn passed(&self, p99_max: Duration) -> bool {
         self.loss == 0
             && self.stats.closed == 0
@@ -455,6 +491,13 @@ impl StepResult {
         ) + &self
             .cost()
             .map_or(String::new(), |k| format!("\n         cost: {}", k.line()))
+            + &self.spans().map_or(String::new(), |s| {
+                format!(
+                    "\n         per publish (p50/p99 ms): first delivery {:.2}/{:.2}, \
+                     last {:.2}/{:.2}, last − first {:.2}/{:.2}",
+                    s[0], s[1], s[2], s[3], s[4], s[5]
+                )
+            })
             + &self
                 .bench_cost()
                 .map_or(String::new(), |(ns, reads, bytes)| {
@@ -477,6 +520,10 @@ impl StepResult {
             "bench_cpu": self.self_cpu, "bench_bound": self.bench_bound(),
             "other_cpu": self.other_cpu, "pub_conns": self.pub_conns,
             "published": self.published, "cost": self.cost().map(|k| k.json()),
+            "spans": self.spans().map(|s| json!({
+                "first_p50_ms": s[0], "first_p99_ms": s[1], "last_p50_ms": s[2],
+                "last_p99_ms": s[3], "spread_p50_ms": s[4], "spread_p99_ms": s[5],
+            })),
             "bench_cost": self.bench_cost().map(|(ns, reads, bytes)| json!({
                 "cpu_ns_per_delivery": ns, "reads_per_delivery": reads,
                 "bytes_per_delivery": bytes,
@@ -556,6 +603,7 @@ async fn run_load(a: &MaxArgs, sse: bool, stepping: bool) -> Result<()> {
         concurrency: c.concurrency,
         reconnect: None,
         pusher: c.pusher_app.clone(),
+        spans: l.spans,
     };
     let groups = Groups::new(spec, procs_for(c, l.subs))?;
     let t0 = Instant::now();
@@ -889,6 +937,7 @@ async fn run_idle(a: &IdleArgs) -> Result<()> {
         concurrency: c.concurrency,
         reconnect: None,
         pusher: c.pusher_app.clone(),
+        spans: false,
     };
     let total = a.points.last().copied().unwrap_or(a.conns);
     let procs = procs_for(c, total);
@@ -1203,6 +1252,7 @@ async fn run_hold(a: &HoldArgs) -> Result<()> {
         concurrency: c.concurrency,
         reconnect: None,
         pusher: c.pusher_app.clone(),
+        spans: false,
     };
     let groups = Groups::new(spec, procs_for(c, a.subs))?;
     let s = groups.open(0, a.subs).await?;

@@ -194,6 +194,7 @@ pub async fn run(a: &SoakArgs) -> Result<()> {
             concurrency: c.concurrency,
             reconnect: None,
             pusher: c.pusher_app.clone(),
+            spans: false,
         },
         procs_for(c, a.subs),
     )?;

@@ -174,6 +174,7 @@ pub async fn run(a: &StormArgs) -> Result<()> {
             give_up_ms: a.max_storm.as_millis() as u64,
         }),
         pusher: c.pusher_app.clone(),
+        spans: false,
     };
     let groups = Groups::new(spec, procs_for(c, a.subs))?;
     let opened = groups.open(0, a.subs).await?;

@@ -9,7 +9,7 @@
 
 use std::borrow::Cow;
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
@@ -89,6 +89,9 @@ pub struct SubSpec {
     /// The app of the `pusher` target.
     #[serde(default)]
     pub pusher: PusherApp,
+    /// Keep each publish's first and last arrival (`--spans`).
+    #[serde(default)]
+    pub spans: bool,
 }
 
 impl SubSpec {
@@ -145,6 +148,10 @@ pub struct Stats {
     /// Sum over the connections of the last server seq each has seen (one channel: the tail
     /// a connection misses is top − its last seq).
     pub last_seq_sum: u64,
+    /// With `--spans`: per publish (publisher << 40 | sequence), the latency in µs of its
+    /// first and of its last delivery.
+    #[serde(default)]
+    pub spans: Vec<(u64, u32, u32)>,
 }
 
 impl Stats {
@@ -182,6 +189,7 @@ impl Stats {
             self.first_unrecovered = o.first_unrecovered;
         }
         self.last_seq_sum += o.last_seq_sum;
+        self.spans.extend(o.spans);
     }
 
     pub fn histogram(&self) -> Result<Histogram<u64>> {
@@ -211,6 +219,8 @@ struct Agg {
     hist: Histogram<u64>,
     /// Last server seq seen, per connection index (only with `reconnect`).
     last_seq: Vec<u64>,
+    /// First and last delivery latency (µs) per publish (only with `spans`).
+    spans: HashMap<u64, (u32, u32)>,
 }
 
 impl Agg {
@@ -241,6 +251,7 @@ impl Group {
                 stats: Stats::default(),
                 hist: new_hist()?,
                 last_seq: Vec::new(),
+                spans: HashMap::new(),
             })),
             buf: Rc::new(RefCell::new(vec![0; SHARED_BUF])),
             finders: Rc::new(Finders::default()),
@@ -346,6 +357,7 @@ impl Group {
         let mut a = self.agg.borrow_mut();
         let mut s = a.stats.clone();
         s.last_seq_sum = a.last_seq.iter().sum();
+        s.spans = a.spans.iter().map(|(&k, &(f, l))| (k, f, l)).collect();
         s.lat_us = a
             .hist
             .iter_recorded()
@@ -366,6 +378,7 @@ impl Group {
             };
             a.stats = keep;
             a.hist.reset();
+            a.spans.clear();
         }
         s
     }
@@ -787,6 +800,15 @@ impl Conn {
             st.reordered += 1;
         }
         self.nmsg = self.nmsg.wrapping_add(1);
+        if spec.spans {
+            let us = u32::try_from(now.saturating_sub(stamp.t) / 1000).unwrap_or(u32::MAX);
+            let e = agg
+                .spans
+                .entry(u64::from(stamp.p) << 40 | stamp.s)
+                .or_insert((us, us));
+            e.0 = e.0.min(us);
+            e.1 = e.1.max(us);
+        }
         if self.nmsg % spec.sample.max(1) == 0 {
             let us = now.saturating_sub(stamp.t) / 1000;
             agg.hist.saturating_record(us.max(1));
