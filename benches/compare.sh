@@ -542,7 +542,7 @@ fmt() { awk -v a="$1" -v d="${2:-0}" 'BEGIN { if (a == "") print "-"; else print
   row steady '.best.cost.server_cpu_ns_per_delivery' 'server CPU ns per delivery' 0 ''
   row steady '.best.cost.syscalls_per_delivery' 'read/write-family syscalls per delivery' 3 ''
   row steady '.best.spans.first_p50_ms' 'per publish: its first delivery, p50 ms' 2 ''
-  row steady '.best.spans.last_p50_ms' 'per publish: its last delivery (the pass's end), p50 ms' 2 ''
+  row steady '.best.spans.last_p50_ms' 'per publish: its last delivery (the end of the pass), p50 ms' 2 ''
   row steady '.best.spans.last_p99_ms' 'per publish: its last delivery, p99 ms' 2 ''
   row steady '.best.spans.spread_p50_ms' 'per publish: last − first delivery (the pass as seen), p50 ms' 2 ''
   row cost '.best.cost.server_cpu_ns_per_delivery' 'fixed 500/s to 1,000: server CPU ns per delivery' 0 ''

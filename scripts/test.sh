@@ -27,6 +27,12 @@ fi
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
+# A script is parsed only as far as it runs: a quoting slip in a late line (compare.sh's summary)
+# would surface only at the end of a long benchmark. Every shell script of the project must parse.
+log "bash -n (every shell script parses)"
+find . -name '*.sh' -not -path './target/*' -not -path '*/node_modules/*' -print0 \
+  | xargs -0 -r -n1 bash -n
+
 log "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
