@@ -663,10 +663,9 @@ async fn the_rss_floor_refuses_what_no_counter_sees() {
         relay.metric("relay_memory_rss_bytes").await > 0.0
     })
     .await;
-    const FRAME: usize = 60 << 10;
-    let mut header = vec![0x81, 0x80 | 127];
-    header.extend_from_slice(&(FRAME as u64).to_be_bytes());
-    header.extend_from_slice(&[0; 4]); // the mask
+    // A masked 60 KiB text frame without its last KiB: the relay holds what came.
+    let mut partial = encode_frame(true, 0, OP_TEXT, &[b'a'; 60 << 10], Some(MASK));
+    partial.truncate(partial.len() - 1024);
     let mut stalled = Vec::new();
     while relay.metric("relay_memory_pressure").await < 2.0 {
         // At most 200 connections: counted at 4 KiB each, they stay under 1 MiB.
@@ -679,9 +678,7 @@ async fn the_rss_floor_refuses_what_no_counter_sees() {
             let mut ws = RawWs::connect(relay.addr()).await;
             // Refusing may begin meanwhile (the relay closes new sessions with 1013): a write
             // that fails then is not this test's concern.
-            let mut frame = header.clone();
-            frame.resize(header.len() + FRAME - 1024, b'a');
-            let _ = tokio::time::timeout(RECV_TIMEOUT, ws.stream.write_all(&frame)).await;
+            let _ = tokio::time::timeout(RECV_TIMEOUT, ws.stream.write_all(&partial)).await;
             stalled.push(ws);
         }
         tokio::time::sleep(Duration::from_millis(150)).await; // the next sample
