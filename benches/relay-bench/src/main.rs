@@ -160,6 +160,11 @@ struct LoadArgs {
     /// subscribers see it). Keeps two numbers per publish: for steady rates.
     #[arg(long)]
     spans: bool,
+    /// With --spans, also write each publish's first and last delivery latency (µs) to this
+    /// file, one line per publish in publish order (`step publisher seq first_us last_us`): to
+    /// see whether slow passes come alone or in runs, whatever the server.
+    #[arg(long, requires = "spans")]
+    spans_out: Option<std::path::PathBuf>,
     /// Also count every syscall of the server in each step with `perf stat -e
     /// raw_syscalls:sys_enter` (all syscalls, not only reads and writes; adds a little cost to
     /// each of the server's syscalls).
@@ -170,6 +175,15 @@ struct LoadArgs {
     /// skews every figure. 0: do not wait.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     quiet_wait: Duration,
+    /// Before each step, publish this long at the step's rate, wait for those deliveries and
+    /// start the step right after them, uncounted. A step that starts after a pause longer than
+    /// the TCP retransmission timeout (200 ms on loopback; the quiet wait and the previous
+    /// step's drain are longer) finds every subscriber's socket in quick-ack mode: its first 16
+    /// segments are each acknowledged at once, and on loopback the server's send carries that
+    /// acknowledgement's processing too (the first 16 publishes of a 20/s step fan out about
+    /// 30 % slower, for every server). 0: none.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    lead_in: Duration,
     /// Cores the rest of the machine may use for a step to count as quiet.
     #[arg(long, default_value_t = 0.25)]
     quiet: f64,
@@ -384,16 +398,10 @@ impl StepResult {
     /// With `--spans`, over the step's publishes: p50 and p99 (ms) of the first delivery's
     /// latency, of the last one's, and of the time between them.
     fn spans(&self) -> Option<[f64; 6]> {
-        let sp = &self.stats.spans;
-        if sp.is_empty() {
+        if self.stats.spans.is_empty() {
             return None;
         }
-        let mut by: std::collections::HashMap<u64, (u32, u32)> = Default::default();
-        for &(k, f, l) in sp {
-            let e = by.entry(k).or_insert((f, l));
-            e.0 = e.0.min(f);
-            e.1 = e.1.max(l);
-        }
+        let by = per_publish(&self.stats.spans);
         let q = |mut v: Vec<u32>, p: f64| {
             v.sort_unstable();
             let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
@@ -410,6 +418,22 @@ impl StepResult {
             q(spread.clone(), 0.5),
             q(spread, 0.99),
         ])
+    }
+
+    /// Appends the step's publishes to `path` (see `--spans-out`).
+    fn write_spans(&self, path: &std::path::Path, step: u32) -> Result<()> {
+        use std::io::Write;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("--spans-out {}", path.display()))?;
+        let mut w = std::io::BufWriter::new(file);
+        for (k, (f, l)) in per_publish(&self.stats.spans) {
+            writeln!(w, "{step} {} {} {f} {l}", k >> 40, k & ((1 << 40) - 1))?;
+        }
+        w.flush()?;
+        Ok(())
     }
 
     fn passed(&self, p99_max: Duration) -> bool {
@@ -681,6 +705,9 @@ async fn run_load(a: &MaxArgs, sse: bool, stepping: bool) -> Result<()> {
             }
             let r = step(&groups, &mut publisher, l, rate, &per_channel).await?;
             println!("step {:>2}: {}", steps + 1, r.line());
+            if let Some(path) = &l.spans_out {
+                r.write_spans(path, steps + 1)?;
+            }
             if !stepping || r.passed(a.p99_max) || r.stats.closed > 0 {
                 break r;
             }
@@ -832,6 +859,14 @@ async fn step(
     per_channel: &[u64],
 ) -> Result<StepResult> {
     let (c, dur, perf_syscalls) = (&l.common, l.duration, l.perf_syscalls);
+    if !l.lead_in.is_zero() {
+        let acked0 = publisher.acked_per_channel();
+        publisher.run(rate, l.lead_in).await?;
+        publisher.settle(Duration::from_secs(3)).await;
+        let expected = expected_since(publisher, &acked0, per_channel);
+        drain(groups, expected, Duration::from_millis(2)).await?;
+        groups.stats(true).await?;
+    }
     let server = server_pids(c);
     let me = self_pids(groups);
     let acked0 = publisher.acked_per_channel();
@@ -854,32 +889,8 @@ async fn step(
         .map(|m| (m - server_cpu.unwrap_or(0.0) - self_cpu.unwrap_or(0.0)).max(0.0));
     publisher.settle(Duration::from_secs(3)).await;
     let acked1 = publisher.acked_per_channel();
-    let expected: u64 = acked1
-        .iter()
-        .zip(&acked0)
-        .zip(per_channel)
-        .map(|((a1, a0), n)| (a1 - a0) * n)
-        .sum();
-    // Drain: until everything expected arrived, or nothing moved for 1 s (at most 30 s: an
-    // overloaded server may deliver seconds late, and what arrives after the drain would be
-    // counted in the next step).
-    let until = Instant::now() + Duration::from_secs(30);
-    let mut last = u64::MAX;
-    let mut last_move = Instant::now();
-    while Instant::now() < until {
-        let s = groups.stats(false).await?;
-        let got = s.received - s.dups;
-        if got >= expected {
-            break;
-        }
-        if got != last {
-            last = got;
-            last_move = Instant::now();
-        } else if last_move.elapsed() > Duration::from_secs(1) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let expected = expected_since(publisher, &acked0, per_channel);
+    drain(groups, expected, Duration::from_millis(20)).await?;
     let server_usage = Usage::now(&server).zip(usage0).map(|(u1, u0)| u1.since(u0));
     let bench_usage = Usage::now(&me).zip(bench0).map(|(u1, u0)| u1.since(u0));
     let perf_syscalls = perf.and_then(procfs::PerfSyscalls::stop);
@@ -917,6 +928,54 @@ async fn step(
         perf_syscalls,
         bench_usage,
     })
+}
+
+/// Each publish's first and last delivery latency (µs), merged over the subscriber groups'
+/// entries (`publisher << 40 | sequence`, first, last), in publisher then sequence order.
+fn per_publish(spans: &[(u64, u32, u32)]) -> std::collections::BTreeMap<u64, (u32, u32)> {
+    let mut by = std::collections::BTreeMap::new();
+    for &(k, f, l) in spans {
+        let e = by.entry(k).or_insert((f, l));
+        e.0 = e.0.min(f);
+        e.1 = e.1.max(l);
+    }
+    by
+}
+
+/// Deliveries owed for the publishes acknowledged since `acked0` (per channel: × its subscribers).
+fn expected_since(publisher: &Publisher, acked0: &[u64], per_channel: &[u64]) -> u64 {
+    publisher
+        .acked_per_channel()
+        .iter()
+        .zip(acked0)
+        .zip(per_channel)
+        .map(|((a1, a0), n)| (a1 - a0) * n)
+        .sum()
+}
+
+/// Waits until `expected` deliveries arrived since the last reset, or nothing moved for 1 s (at
+/// most 30 s: an overloaded server may deliver seconds late, and what arrives after the drain
+/// would be counted in the next step). Polls every `poll` (after a lead-in, often: the step
+/// starts right after its last delivery).
+async fn drain(groups: &Groups, expected: u64, poll: Duration) -> Result<()> {
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut last = u64::MAX;
+    let mut last_move = Instant::now();
+    while Instant::now() < until {
+        let s = groups.stats(false).await?;
+        let got = s.received - s.dups;
+        if got >= expected {
+            break;
+        }
+        if got != last {
+            last = got;
+            last_move = Instant::now();
+        } else if last_move.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        tokio::time::sleep(poll).await;
+    }
+    Ok(())
 }
 
 async fn run_idle(a: &IdleArgs) -> Result<()> {
@@ -1284,4 +1343,30 @@ async fn run_hold(a: &HoldArgs) -> Result<()> {
         println!("RESULT {out}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::per_publish;
+
+    #[test]
+    fn a_publish_spans_from_its_first_group_delivery_to_its_last() {
+        let key = |p: u64, s: u64| p << 40 | s;
+        // Two groups (processes) saw publish 0/7; one saw 1/2; publish 0/3 once.
+        let spans = [
+            (key(0, 7), 400, 3_900),
+            (key(1, 2), 350, 4_100),
+            (key(0, 7), 380, 4_200),
+            (key(0, 3), 300, 3_000),
+        ];
+        let by: Vec<_> = per_publish(&spans).into_iter().collect();
+        assert_eq!(
+            by,
+            [
+                (key(0, 3), (300, 3_000)),
+                (key(0, 7), (380, 4_200)),
+                (key(1, 2), (350, 4_100)),
+            ]
+        );
+    }
 }
