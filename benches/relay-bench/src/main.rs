@@ -161,8 +161,9 @@ struct LoadArgs {
     #[arg(long)]
     spans: bool,
     /// With --spans, also write each publish's first and last delivery latency (µs) to this
-    /// file, one line per publish in publish order (`step publisher seq first_us last_us`): to
-    /// see whether slow passes come alone or in runs, whatever the server.
+    /// file, one line per publish by publisher and sequence (`step publisher seq first_us
+    /// last_us`; with one publisher, publish order): to see whether slow passes come alone or
+    /// in runs, whatever the server.
     #[arg(long, requires = "spans")]
     spans_out: Option<std::path::PathBuf>,
     /// Also count every syscall of the server in each step with `perf stat -e
