@@ -345,6 +345,33 @@ impl Outbox {
         self.inner.borrow_mut().direct = sink;
     }
 
+    /// Asks the CPU to start loading this outbox (its `Rc` allocation) for a direct write a
+    /// little later in the same loop, so that the load overlaps the write before it: a pass
+    /// over many subscribers finds each one's state out of cache (at 19,462 publishes/s to
+    /// 10,000 subscribers over 1,000 channels, the misses were ~5 % of the server's CPU). A
+    /// hint: it changes nothing the outbox does. See [`Outbox::prefetch_parts`].
+    pub fn prefetch(this: &Rc<Self>) {
+        let at = Rc::as_ptr(this).cast::<u8>();
+        // The allocation (reference counts, then the value) is at most 128 bytes (see
+        // `an_outbox_fits_a_128_byte_allocation`): its first, middle and last byte.
+        for offset in [-16_isize, 48, 111] {
+            prefetch(at.wrapping_offset(offset));
+        }
+    }
+
+    /// The second step of [`Outbox::prefetch`], once the outbox itself is (nearly) in cache:
+    /// the direct socket and the front of the queue, which a direct write reads next.
+    pub fn prefetch_parts(&self) {
+        if let Ok(inner) = self.inner.try_borrow() {
+            if let Some(sink) = &inner.direct {
+                prefetch(Rc::as_ptr(sink).cast::<u8>().wrapping_sub(16));
+            }
+            if let Some(front) = inner.queue.front() {
+                prefetch(std::ptr::from_ref(front).cast::<u8>());
+            }
+        }
+    }
+
     /// Writes what a pump pass queued to the socket itself, once, if the writer is still idle
     /// (parked on this outbox with nothing of its own in flight); see [`collect_wakes`]. All
     /// of it written: the writer stays parked. Otherwise (a partial write, `WouldBlock`, an
@@ -784,6 +811,20 @@ fn register(inner: &mut Inner, cx: &Context<'_>) {
 thread_local! {
     /// The wakes that pushes on this thread hold back while [`collect_wakes`] runs.
     static HELD: RefCell<Option<Writers>> = const { RefCell::new(None) };
+}
+
+/// A hint to the CPU to load the cache line holding `at` (see [`Outbox::prefetch`]).
+#[inline(always)]
+fn prefetch(at: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    // SAFETY: a prefetch only hints the cache: it reads nothing into the program and never
+    // faults, whatever the address (a stale or unmapped one is ignored).
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(at.cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
 }
 
 /// What a pump pass leaves to do for the writers it queued frames for.
