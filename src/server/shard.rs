@@ -88,23 +88,23 @@ pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) 
                     pump_ctx.alarms.fanned_out();
                     // The idle writers' sockets are written here, without waking their
                     // tasks; then the writers with something left are woken. Both a group at
-                    // a time, going to the back of the run queue between groups.
-                    // Each outbox is prefetched two writes ahead and its socket and queue one
-                    // ahead, so that loading them overlaps the writes before (see
-                    // `Outbox::prefetch`). The counters are added once per group.
+                    // a time, going to the back of the run queue between groups. Each outbox
+                    // is prefetched two writes ahead, its socket and queue one ahead, so that
+                    // loading them overlaps the writes before (see `Outbox::prefetch`); the
+                    // counters are added once per group.
                     let m = &pump_ctx.metrics;
-                    let direct = std::mem::take(&mut writers.direct);
+                    let mut direct = std::mem::take(&mut writers.direct);
                     let mut at = 0;
-                    while at < direct.len() {
-                        let group = direct.get(at..direct.len().min(at + WRITERS_AT_ONCE));
+                    for group in direct.chunks(WRITERS_AT_ONCE) {
                         let (mut writes, mut bytes) = (0, 0);
-                        for (i, outbox) in group.unwrap_or_default().iter().enumerate() {
-                            if let Some(ahead) = direct.get(at + i + 2) {
+                        for outbox in group {
+                            if let Some(ahead) = direct.get(at + 2) {
                                 crate::engine::outbox::Outbox::prefetch(ahead);
                             }
-                            if let Some(next) = direct.get(at + i + 1) {
+                            if let Some(next) = direct.get(at + 1) {
                                 next.prefetch_parts();
                             }
+                            at += 1;
                             let done = outbox.write_direct();
                             let w = done.written;
                             if w.bytes > 0 {
@@ -116,14 +116,13 @@ pub(super) async fn serve(node: Arc<Node>, index: usize, listener: StdListener) 
                         }
                         m.direct_writes.increment(writes);
                         m.bytes_written.increment(bytes);
-                        at += WRITERS_AT_ONCE;
                         if at < direct.len() || !writers.wakes.is_empty() {
                             to_the_back().await;
                         }
                     }
                     // Back for the next pass, with its capacity.
+                    direct.clear();
                     writers.direct = direct;
-                    writers.direct.clear();
                     if !writers.wakes.is_empty() {
                         m.writer_wakes.increment(writers.wakes.len() as u64);
                     }

@@ -431,7 +431,8 @@ impl StepResult {
             .with_context(|| format!("--spans-out {}", path.display()))?;
         let mut w = std::io::BufWriter::new(file);
         for (k, (f, l)) in per_publish(&self.stats.spans) {
-            writeln!(w, "{step} {} {} {f} {l}", k >> 40, k & ((1 << 40) - 1))?;
+            let (publisher, seq) = subs::span_publish(k);
+            writeln!(w, "{step} {publisher} {seq} {f} {l}")?;
         }
         w.flush()?;
         Ok(())
@@ -936,13 +937,11 @@ async fn step(
 }
 
 /// Each publish's first and last delivery latency (µs), merged over the subscriber groups'
-/// entries (`publisher << 40 | sequence`, first, last), in publisher then sequence order.
+/// entries (`subs::span_key`, first, last), in publisher then sequence order.
 fn per_publish(spans: &[(u64, u32, u32)]) -> std::collections::BTreeMap<u64, (u32, u32)> {
     let mut by = std::collections::BTreeMap::new();
     for &(k, f, l) in spans {
-        let e = by.entry(k).or_insert((f, l));
-        e.0 = e.0.min(f);
-        e.1 = e.1.max(l);
+        subs::widen_span(by.entry(k).or_insert((f, l)), f, l);
     }
     by
 }

@@ -802,12 +802,8 @@ impl Conn {
         self.nmsg = self.nmsg.wrapping_add(1);
         if spec.spans {
             let us = u32::try_from(now.saturating_sub(stamp.t) / 1000).unwrap_or(u32::MAX);
-            let e = agg
-                .spans
-                .entry(u64::from(stamp.p) << 40 | stamp.s)
-                .or_insert((us, us));
-            e.0 = e.0.min(us);
-            e.1 = e.1.max(us);
+            let key = span_key(stamp.p, stamp.s);
+            widen_span(agg.spans.entry(key).or_insert((us, us)), us, us);
         }
         if self.nmsg % spec.sample.max(1) == 0 {
             let us = now.saturating_sub(stamp.t) / 1000;
@@ -1022,4 +1018,20 @@ pub async fn worker_main(spec: SubSpec) -> Result<()> {
         stdout.flush()?;
     }
     Ok(())
+}
+
+/// A publish's key in [`Stats::spans`]: its publisher and sequence.
+pub fn span_key(publisher: u32, seq: u64) -> u64 {
+    u64::from(publisher) << 40 | seq
+}
+
+/// The publisher and sequence of a [`span_key`].
+pub fn span_publish(key: u64) -> (u64, u64) {
+    (key >> 40, key & ((1 << 40) - 1))
+}
+
+/// Widens a publish's span (its first and last delivery latency) to take in `first..=last`.
+pub fn widen_span(span: &mut (u32, u32), first: u32, last: u32) {
+    span.0 = span.0.min(first);
+    span.1 = span.1.max(last);
 }
