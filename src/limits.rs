@@ -1,6 +1,7 @@
 //! Limits against abuse: open connections per client IP (shared by every shard), the inbound
 //! message rate of one connection and the HTTP API request rate per key and per client IP
-//! (token buckets), the refusal counter and its log, and the throttled log of accept errors.
+//! (token buckets), the refusal counter and its log, the throttled log of accept errors, and
+//! the file table sized at start.
 //!
 //! **Invariants:** an [`IpGuard`] exists for every connection counted and gives its slot back
 //! when dropped, so the count per IP is exactly the connections alive; a refusal is counted in
@@ -16,6 +17,48 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+
+/// Most descriptor slots [`reserve_descriptors`] sizes the file table for: 512 KiB of kernel
+/// memory at 8 bytes a slot. A node past it grows the table as before, one doubling at a time.
+pub const RESERVED_DESCRIPTORS: u64 = 65_536;
+
+/// Sizes the process's file-descriptor table once, at start, for as many descriptors as the
+/// soft `RLIMIT_NOFILE` allows, at most [`RESERVED_DESCRIPTORS`], so that connections arriving
+/// do not grow it. Linux grows the table by doubling when a new descriptor does not fit, and in
+/// a process of more than one thread each growth waits for an RCU grace period
+/// (`synchronize_rcu` in `expand_fdtable`) inside that `accept`, while every other accept of
+/// the node waits for the resize: 10–40 ms each on a 2-vCPU VM, nine of them as 10,000
+/// connections arrive (benches/RESULTS.md, session 16). A single-threaded server never pays
+/// it. The table never shrinks, so one descriptor placed at the top and closed again leaves
+/// it sized. Returns the slots reserved (0 under a limit too low to matter); an error (no
+/// `/dev/null` to duplicate, for one) leaves the table to grow as before.
+#[allow(unsafe_code)]
+pub fn reserve_descriptors() -> std::io::Result<u64> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given, which outlives the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let slots = limit.rlim_cur.min(RESERVED_DESCRIPTORS);
+    if slots < 1024 {
+        return Ok(0);
+    }
+    let probe = std::fs::File::open("/dev/null")?;
+    let top = libc::c_int::try_from(slots - 1).map_err(std::io::Error::other)?;
+    // SAFETY: F_DUPFD_CLOEXEC duplicates `probe`, a descriptor this function owns, to the
+    // lowest free descriptor from `top` on; it takes no pointer.
+    let fd = unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_DUPFD_CLOEXEC, top) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just made by fcntl and nothing else owns it; dropping it closes it.
+    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    Ok(slots)
+}
 
 /// Why something was refused: the `cause` label of `relay_refused_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,6 +1,7 @@
 //! Abuse limits (issue 7): origin allow-list, connections per IP, handshake timeout and a
 //! slowloris, header size, inbound message rate, message size and subscriptions. Each limit
 //! triggers, is counted in `relay_refused_total`, and the node keeps serving everyone else.
+//! And the file table, sized at start so that connections arriving never grow it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -293,4 +294,69 @@ async fn message_size_and_subscription_limits() {
     let m = relay.scrape().await;
     assert!(refused_count(&m, "message_too_large") >= 2, "{m}");
     assert!(refused_count(&m, "too_many_subscriptions") >= 1, "{m}");
+}
+
+/// A field of `/proc/<pid>/status` (`FDSize`, `VmRSS`, …) as a number.
+fn proc_status(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+/// `limits::reserve_descriptors`: the server's file table is sized at start for its soft
+/// descriptor limit (at most `RESERVED_DESCRIPTORS`), and 1,500 connections arriving leave it
+/// as it was: growing it would stall every accept for an RCU grace period per doubling.
+#[tokio::test]
+async fn the_file_table_is_sized_at_start_and_arrivals_do_not_grow_it() {
+    let relay = Relay::start(&["--handshake-timeout", "30s"]);
+    let pid = relay.pid();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .expect("Max open files in /proc/<pid>/limits");
+    let want = if soft < 1024 {
+        0
+    } else {
+        soft.min(relay::limits::RESERVED_DESCRIPTORS)
+    };
+    let at_start = proc_status(pid, "FDSize");
+    assert!(
+        at_start >= want,
+        "FDSize {at_start} at start, soft limit {soft}: want at least {want}"
+    );
+
+    let n = 1_500.min(soft.saturating_sub(200) as usize);
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        conns.push(TcpStream::connect(relay.addr()).await.unwrap());
+    }
+    let open = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while open() < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server accepted {} of {n} connections",
+            open()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        proc_status(pid, "FDSize"),
+        at_start,
+        "{n} connections grew the file table"
+    );
+    // Still serving.
+    let mut ws = Ws::connect(&relay.ws_url()).await;
+    ws.subscribe("fd-table").await;
+    drop(conns);
 }

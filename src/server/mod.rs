@@ -117,6 +117,12 @@ fn launch(
              reconnects at once"
         );
     }
+    // Before the shards accept: a table that grows under arriving connections stalls every
+    // accept of the node for an RCU grace period at each doubling (see the function).
+    match crate::limits::reserve_descriptors() {
+        Ok(slots) => tracing::debug!(slots, "file descriptor table sized"),
+        Err(e) => tracing::warn!(error = %e, "cannot size the file descriptor table at start"),
+    }
     let node = build_node(config, shards, auth, tls, Runs::OwnThread)?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let pin = shards <= cores.len();
