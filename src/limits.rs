@@ -28,9 +28,9 @@ pub const RESERVED_DESCRIPTORS: u64 = 65_536;
 /// a process of more than one thread each growth waits for an RCU grace period
 /// (`synchronize_rcu` in `expand_fdtable`) inside that `accept`, while every other accept of
 /// the node waits for the resize: 10–40 ms each on a 2-vCPU VM, six of them (256 to 16,384
-/// slots) as 10,000 connections arrive (benches/RESULTS.md, session 16). A single-threaded server never pays
-/// it. The table never shrinks, so one descriptor placed at the top and closed again leaves
-/// it sized. Returns the slots reserved (0 under a limit too low to matter); an error (no
+/// slots) as 10,000 connections arrive (benches/RESULTS.md, session 16). A single-threaded
+/// server never pays it. The table never shrinks, so one descriptor placed at the top and
+/// closed again leaves it sized. Returns the slots reserved (0 under a limit too low to matter); an error (no
 /// `/dev/null` to duplicate, for one) leaves the table to grow as before.
 #[allow(unsafe_code)]
 pub fn reserve_descriptors() -> std::io::Result<u64> {

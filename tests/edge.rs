@@ -46,17 +46,6 @@ async fn upgrade(addr: SocketAddr, extra: &str) -> (String, TcpStream) {
     (head.lines().next().unwrap_or("").to_owned(), s)
 }
 
-/// Resident memory of a process, bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024
-}
-
 /// 60 KB of JSON string.
 fn big() -> serde_json::Value {
     json!("x".repeat(60_000))
@@ -129,7 +118,7 @@ async fn responses_nobody_reads_are_dropped_at_the_write_timeout() {
         relay.publish("big", big()).await;
     }
     let responses = "relay_memory_bytes{kind=\"responses\"}";
-    let before = rss(relay.pid());
+    let before = relay.rss_kib() * 1024;
     let request = "GET /api/history/big?since=0 HTTP/1.1\r\nHost: x\r\n\r\n".repeat(15);
     let mut conns = Vec::new();
     for _ in 0..4 {
@@ -138,7 +127,7 @@ async fn responses_nobody_reads_are_dropped_at_the_write_timeout() {
         conns.push(s);
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let held = rss(relay.pid());
+    let held = relay.rss_kib() * 1024;
     assert!(
         held > before + 4_000_000,
         "the unread answers were held ({before} -> {held})"
@@ -159,7 +148,7 @@ async fn responses_nobody_reads_are_dropped_at_the_write_timeout() {
     }
     assert!(refused_count(&relay.scrape().await, "write_timeout") >= 4);
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    let after = rss(relay.pid());
+    let after = relay.rss_kib() * 1024;
     eprintln!("RSS before {before}, held {held}, after {after}");
     assert!(
         held - after.min(held) > (held - before) / 3,

@@ -296,16 +296,6 @@ async fn message_size_and_subscription_limits() {
     assert!(refused_count(&m, "too_many_subscriptions") >= 1, "{m}");
 }
 
-/// A field of `/proc/<pid>/status` (`FDSize`, `VmRSS`, …) as a number.
-fn proc_status(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
-}
-
 /// `limits::reserve_descriptors`: the server's file table is sized at start for its soft
 /// descriptor limit (at most `RESERVED_DESCRIPTORS`), and 1,500 connections arriving leave it
 /// as it was: growing it would stall every accept for an RCU grace period per doubling.
@@ -325,7 +315,7 @@ async fn the_file_table_is_sized_at_start_and_arrivals_do_not_grow_it() {
     } else {
         soft.min(relay::limits::RESERVED_DESCRIPTORS)
     };
-    let at_start = proc_status(pid, "FDSize");
+    let at_start = relay.proc_status("FDSize");
     assert!(
         at_start >= want,
         "FDSize {at_start} at start, soft limit {soft}: want at least {want}"
@@ -351,7 +341,7 @@ async fn the_file_table_is_sized_at_start_and_arrivals_do_not_grow_it() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(
-        proc_status(pid, "FDSize"),
+        relay.proc_status("FDSize"),
         at_start,
         "{n} connections grew the file table"
     );

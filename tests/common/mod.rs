@@ -437,13 +437,18 @@ impl Relay {
 
     /// The child's resident set size, KiB (`VmRSS` in `/proc/<pid>/status`).
     pub fn rss_kib(&self) -> u64 {
+        self.proc_status("VmRSS")
+    }
+
+    /// A numeric field of the child's `/proc/<pid>/status` (`VmRSS` in KiB, `FDSize`, …).
+    pub fn proc_status(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
             .expect("read /proc/<pid>/status");
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc/<pid>/status")
+            .unwrap_or_else(|| panic!("{field} in /proc/<pid>/status"))
     }
 }
 
